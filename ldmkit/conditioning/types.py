@@ -1,0 +1,44 @@
+"""The conditioning a denoiser receives, whatever produced it (labels, text, images)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything a backbone may be conditioned on; every field is optional.
+
+    context: (B, T, D) token features for cross-attention (text encoders).
+    context_mask: (B, T) bool, True where a token is real; None means all tokens are real.
+    pooled: (B, D') one vector per sample (pooled text embedding).
+    labels: (B,) int64 class indices; the value `num_classes` means "no label" (the null class for guidance).
+    concat: (B, C, H, W) channels concatenated to the latent input (inpainting masks, low-res images).
+    """
+
+    context: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    concat: torch.Tensor | None = None
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def map(self, fn) -> "Conditioning":
+        """Apply `fn` to every tensor present (device moves, repeats, slicing)."""
+        return replace(self, **{k: fn(v) for k, v in self.fields().items()})
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        """Concatenate along the batch axis; every item must carry the same fields."""
+        keys = items[0].fields().keys()
+        for it in items[1:]:
+            if it.fields().keys() != keys:
+                raise ValueError(f"cannot batch conditionings with fields {sorted(keys)} and {sorted(it.fields())}")
+        return Conditioning(**{k: torch.cat([getattr(it, k) for it in items]) for k in keys})
+
+    def __len__(self) -> int:
+        f = self.fields()
+        return next(iter(f.values())).shape[0] if f else 0
