@@ -1,0 +1,246 @@
+"""Frozen dataclasses for every component, TOML presets and dotted command-line overrides.
+
+A run's configuration is plain values only: it round-trips through `to_dict` / `from_dict` (and so through JSON in
+a checkpoint's metadata) without loss. Overrides look like `train.steps=200` or `unet.channel_mult=1,2,2`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+# --- components ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    kind: str = "kl"  # "kl" (Gaussian posterior, KL term) or "vq" (codebook, commitment term)
+    in_channels: int = 3  # image channels (1 for grayscale data)
+    base_channels: int = 64  # channels of the first level; level i has base_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; downsampling factor is 2 ** (levels - 1)
+    num_res_blocks: int = 1  # residual blocks per level in the encoder (the decoder uses one more)
+    latent_channels: int = 4  # channels of the latent z
+    mid_attention: bool = True  # a self-attention block at the lowest resolution
+    norm_groups: int = 32  # GroupNorm groups; every level's channel count must be divisible by it
+    codebook_size: int = 512  # VQ only: number of code vectors
+    commitment_beta: float = 0.25  # VQ only: weight of the encoder-commitment term
+    scaling_factor: float = 1.0  # latents are multiplied by this before diffusion; set to 1/std after training
+    shift_factor: float = 0.0  # subtracted from latents before scaling (0 for SD-style autoencoders)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class AutoencoderLossConfig:
+    pixel_weight: float = 1.0  # weight of the L1 reconstruction term
+    perceptual_weight: float = 1.0  # weight of the perceptual term (0 disables it)
+    kl_weight: float = 1e-6  # KL term weight (KL autoencoder)
+    codebook_weight: float = 1.0  # VQ term weight (VQ autoencoder)
+    disc_start: int = 2000  # optimizer step at which the patch-GAN discriminator starts to train and to count
+    disc_weight: float = 0.5  # multiplier on the adaptive GAN weight
+    disc_layers: int = 3  # strided conv layers of the patch discriminator
+    disc_channels: int = 64  # channels of the discriminator's first layer
+    disc_lr: float = 0.0  # discriminator learning rate; 0 means "same as the autoencoder's"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # latent channels plus any concatenated conditioning channels
+    out_channels: int = 4  # latent channels
+    model_channels: int = 64  # channels of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # per level; the U-Net downsamples between levels
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (1, 2)  # levels that get transformer blocks after each residual block
+    num_heads: tuple[int, ...] = (4,)  # heads per level (one value broadcasts); ignored where head_dim is set
+    head_dim: int = 0  # if > 0, heads = channels // head_dim at each level
+    transformer_depth: int = 1  # transformer blocks per attention site
+    context_dim: int = 0  # cross-attention context width; 0 means self-attention only
+    num_classes: int = 0  # class-label embedding; 0 means unconditional. Label num_classes is the null label
+    use_linear_projection: bool = False  # linear (SD 2.x) instead of 1x1 conv (SD 1.x) in/out of transformers
+    upcast_attention: bool = False  # compute attention scores in float32 (SD 2.1 needs it in fp16)
+    mid_attention: bool = True  # transformer in the middle block
+    norm_groups: int = 32  # GroupNorm groups
+    dropout: float = 0.0  # dropout in residual blocks
+    flip_sin_to_cos: bool = True  # sinusoidal embedding order (cos, sin), as Stable Diffusion
+    freq_shift: float = 0.0  # shift of the frequency denominator in the sinusoidal embedding
+
+    def heads_at(self, level: int) -> int:
+        ch = self.model_channels * self.channel_mult[level]
+        if self.head_dim > 0:
+            return max(1, ch // self.head_dim)
+        return self.num_heads[level] if len(self.num_heads) > 1 else self.num_heads[0]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    parameterisation: str = "eps"  # "eps", "v" (both discrete-time, 1000 steps) or "edm" (continuous sigma)
+    schedule: str = "scaled_linear"  # beta schedule: "linear", "scaled_linear" or "cosine"
+    num_timesteps: int = 1000  # discrete training timesteps (eps / v)
+    beta_start: float = 0.00085  # first beta (linear / scaled_linear)
+    beta_end: float = 0.012  # last beta (linear / scaled_linear)
+    zero_terminal_snr: bool = False  # rescale betas so the last timestep is pure noise (use with v)
+    sigma_data: float = 1.0  # std of the (scaled) latents; EDM preconditioning
+    min_snr_gamma: float = 0.0  # min-SNR loss weighting with this gamma; 0 disables it
+    p_mean: float = -1.2  # EDM training: log-sigma mean
+    p_std: float = 1.2  # EDM training: log-sigma std
+    sigma_min: float = 0.002  # EDM sampling range
+    sigma_max: float = 80.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"  # a built-in name ("fashion-mnist", "emoji") or a folder of images
+    split: str = "train"  # built-in data sets: "train" or "test"
+    resolution: int = 32  # images are resized and cropped to resolution x resolution
+    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    crop: str = "center"  # "center" or "random"
+    flip: bool = False  # random horizontal flips
+    limit: int = 0  # use only the first N images; 0 means all
+    holdout: int = 256  # images held out (from the end) for reconstruction metrics
+    caption_dropout: float = 0.1  # probability of dropping the label / caption (classifier-free guidance)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # images per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # AdamW learning rate
+    warmup_steps: int = 100  # linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.999  # EMA of weights; 0 disables it
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "bf16" or "no"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    log_every: int = 10  # JSONL log interval (steps)
+    sample_every: int = 0  # sample grid interval (steps); 0 disables
+    ckpt_every: int = 500  # checkpoint interval (steps); a final checkpoint is always written
+    num_workers: int = 0  # DataLoader workers
+
+
+# --- runs ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutoencoderRun:
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class DenoiserRun:
+    autoencoder: str = ""  # path of the trained autoencoder checkpoint
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    text_encoder: str = ""  # "" for label / unconditional models, else a text-encoder name
+    class_names: tuple[str, ...] = ()  # label names, for grids and `ldmkit info`
+
+
+# --- conversion ---------------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """A nested dict of plain values (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table of settings, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return tuple(_coerce(item, v, where) for v in value)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{where}: {value!r} is not a boolean; use true or false")
+        return bool(value)
+    if tp in (int, float):
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {value!r} is not a valid {tp.__name__}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ValueError(f"{where}: {value!r} is not a whole number")
+        return out
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict[str, Any], where: str = ""):
+    """Build dataclass `cls` from a (partial) nested dict; unknown keys are an error naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ValueError(f"unknown setting {where + '.' if where else ''}{key}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.steps=10", "unet.channel_mult=1,2"]` -> nested dict of strings (coerced later by type)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.steps=200")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value.strip()
+    return out
+
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def load_run(cls, preset: str | None = None, overrides: list[str] | None = None):
+    """A run config from a TOML preset (a name in ldmkit/presets or a path) plus dotted overrides."""
+    data: dict[str, Any] = {}
+    if preset:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.toml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+            raise FileNotFoundError(f"config {preset!r} not found; give a .toml path or one of: {known}")
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    data = merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)
