@@ -1,0 +1,160 @@
+"""The latent-diffusion U-Net backbone: residual blocks, noise-level embedding, self/cross-attention transformers.
+
+Called as `unet(x_in, c_noise, cond)`: x_in (B, in_channels - concat channels, H, W) is the preconditioned latent,
+c_noise (B,) the noise level as the parameterisation encodes it (a timestep for discrete-time models), cond a
+`Conditioning` (context for cross-attention, labels for the class embedding, concat channels).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import UNetConfig
+from ..conditioning.types import Conditioning
+from ..nn.attention import SpatialTransformer
+from ..nn.blocks import Downsample, ResBlock, Upsample, group_norm
+from ..nn.embeddings import TimestepMLP, timestep_embedding
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: residual blocks, each optionally followed by a transformer, then a resampler."""
+
+    def __init__(self, res: list[ResBlock], attn: list[SpatialTransformer] | None, resample: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn) if attn else None
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """Latent-diffusion U-Net (Rombach et al. 2022), laid out block for block like Stable Diffusion's."""
+
+    def __init__(self, cfg: UNetConfig):
+        """cfg: every architectural choice; see `UNetConfig` for each field."""
+        super().__init__()
+        self.cfg = cfg
+        ch0 = cfg.model_channels
+        emb_dim = 4 * ch0
+        chans = [ch0 * m for m in cfg.channel_mult]
+        n_levels = len(chans)
+        self.time_mlp = TimestepMLP(ch0, emb_dim)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, emb_dim, cfg.norm_groups, eps=1e-5, dropout=cfg.dropout)
+
+        def attn(level, ch):
+            return SpatialTransformer(ch, cfg.heads_at(level), cfg.transformer_depth, cfg.context_dim,
+                                      cfg.norm_groups, cfg.use_linear_projection, cfg.upcast_attention)
+
+        # Encoder path: remember every skip connection's channel count.
+        skips, ch = [ch0], ch0
+        self.down = nn.ModuleList()
+        for i, cout in enumerate(chans):
+            has_attn = i in cfg.attention_levels
+            rs, ats = [], []
+            for _ in range(cfg.num_res_blocks):
+                rs.append(res(ch, cout))
+                ats.append(attn(i, cout)) if has_attn else None
+                ch = cout
+                skips.append(ch)
+            last = i == n_levels - 1
+            self.down.append(Level(rs, ats if has_attn else None, None if last else Downsample(ch)))
+            if not last:
+                skips.append(ch)
+
+        # Middle: residual, transformer, residual at the lowest resolution.
+        self.mid_res1 = res(ch, ch)
+        self.mid_attn = attn(n_levels - 1, ch) if cfg.mid_attention else None
+        self.mid_res2 = res(ch, ch)
+
+        # Decoder path: each block consumes one skip connection.
+        self.up = nn.ModuleList()
+        for i in reversed(range(n_levels)):
+            cout = chans[i]
+            has_attn = i in cfg.attention_levels
+            rs, ats = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                rs.append(res(ch + skips.pop(), cout))
+                ats.append(attn(i, cout)) if has_attn else None
+                ch = cout
+            self.up.append(Level(rs, ats if has_attn else None, Upsample(ch) if i > 0 else None))
+
+        self.norm_out = group_norm(ch, cfg.norm_groups, eps=1e-5)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """PyTorch defaults everywhere, except: the output convolution and every block's last layer start at zero,
+        so each residual branch starts as the identity and the untrained model predicts zero."""
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight)
+                nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, SpatialTransformer):
+                nn.init.zeros_(m.proj_out.weight)
+                nn.init.zeros_(m.proj_out.bias)
+
+    def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        t = timestep_embedding(c_noise, cfg.model_channels, cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_mlp(t.to(self.conv_in.weight.dtype))  # (B, 4 * ch0)
+        if self.class_emb is not None:
+            if labels is None:
+                labels = torch.full((len(c_noise),), cfg.num_classes, device=c_noise.device, dtype=torch.long)
+            emb = emb + self.class_emb(labels)
+        return emb
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        cond = cond or Conditioning()
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(x.shape[0])
+        if cond.concat is not None:
+            x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
+        if x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"U-Net expects {self.cfg.in_channels} input channels (latent + concat), got "
+                             f"{x.shape[1]}; check the conditioning's concat channels")
+        emb = self.embed(c_noise, cond.labels)
+        ctx, mask = cond.context, cond.context_mask
+        if ctx is not None:
+            ctx = ctx.to(x.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for j, block in enumerate(level.res):
+                h = block(h, emb)
+                if level.attn is not None:
+                    h = level.attn[j](h, ctx, mask)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid_res1(h, emb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h, ctx, mask)
+        h = self.mid_res2(h, emb)
+
+        for level in self.up:
+            for j, block in enumerate(level.res):
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+                if level.attn is not None:
+                    h = level.attn[j](h, ctx, mask)
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def check_resolution(cfg: UNetConfig, height: int, width: int):
+    """The U-Net halves the latent len(channel_mult) - 1 times; odd sizes would not line up with their skips."""
+    f = 2 ** (len(cfg.channel_mult) - 1)
+    for name, v in (("height", height), ("width", width)):
+        if v % f:
+            raise ValueError(f"latent {name} {v} is not a multiple of {f} (the U-Net downsamples "
+                             f"{len(cfg.channel_mult) - 1} times); use a latent size of {v // f * f or f} "
+                             f"or {(v // f + 1) * f}")
