@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from ldmkit import checkpoint
+from ldmkit.autoencoder import build_autoencoder
+from ldmkit.config import AutoencoderConfig, UNetConfig
+from ldmkit.conditioning.types import Conditioning
+from ldmkit.denoisers.unet import UNet
+
+
+def test_round_trip_gives_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=(2,), norm_groups=8,
+                     context_dim=8, num_classes=3)
+    unet = UNet(cfg)
+    for p in unet.parameters():  # zero-initialised layers would hide a loading bug
+        torch.nn.init.normal_(p, std=0.05)
+    path = checkpoint.save(tmp_path / "u.safetensors", unet.state_dict(), "unet", {"a": 1}, step=5)
+    tensors, meta = checkpoint.load(path, "unet")
+    assert meta["config"] == {"a": 1} and meta["step"] == 5
+    other = UNet(cfg)
+    checkpoint.load_state(other, tensors, path, "U-Net")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0])
+    cond = Conditioning(context=torch.randn(2, 5, 8), labels=torch.tensor([0, 3]))
+    assert torch.equal(unet(x, t, cond), other(x, t, cond))
+    assert unet(x, t, cond).abs().sum() > 0
+
+
+def test_wrong_kind_missing_file_and_truncation(tmp_path):
+    path = checkpoint.save(tmp_path / "a.safetensors", {"w": torch.ones(3)}, "autoencoder")
+    with pytest.raises(checkpoint.CheckpointError, match="holds a 'autoencoder' checkpoint, but a 'ldm'"):
+        checkpoint.load(path, "ldm")
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load(tmp_path / "nope.safetensors")
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(checkpoint.CheckpointError, match="cut.safetensors"):
+        checkpoint.load(bad)
+
+
+def test_mismatched_weights_name_the_keys(tmp_path):
+    ae = build_autoencoder(AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), norm_groups=4))
+    state = ae.state_dict()
+    state.pop("decoder.conv_out.bias")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing keys: decoder.conv_out.bias.*unexpected keys: "
+                                                          r"extra.weight"):
+        checkpoint.load_state(ae, state, "x.safetensors", "autoencoder")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = checkpoint.save(tmp_path / "c.safetensors", {"w": torch.ones(2)}, "k")
+
+    def boom(tmp):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(path, boom)
+    assert torch.equal(checkpoint.load(path)[0]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]

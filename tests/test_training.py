@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from ldmkit import checkpoint
+from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
+from ldmkit.training.autoencoder import AutoencoderTask, load_autoencoder
+from ldmkit.training.loop import STATE_FILE, batch_indices, train
+
+CPU = torch.device("cpu")
+
+
+def tiny_ae_run(steps=6, **train_kw):
+    return AutoencoderRun(
+        model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2,
+                                norm_groups=4, mid_attention=False),
+        loss=AutoencoderLossConfig(perceptual_weight=0.0, disc_start=2, disc_channels=8, disc_layers=2),
+        data=DataConfig(resolution=16, channels=1),
+        train=TrainConfig(steps=steps, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=2, ema_decay=0.9,
+                          log_every=1, ckpt_every=100, **train_kw))
+
+
+def final_state(out):
+    tensors, _ = checkpoint.load(out / STATE_FILE, "train-state")
+    return tensors
+
+
+def test_resume_equals_uninterrupted(tmp_path, blobs):
+    run = tiny_ae_run()
+    torch.manual_seed(0)
+    train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "a", CPU, progress=False)
+    torch.manual_seed(0)
+    train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "b", CPU, progress=False, stop_after=3)
+    assert checkpoint.read_metadata(tmp_path / "b" / STATE_FILE)["step"] == 3
+    torch.manual_seed(123)  # a fresh process: different initial weights, overwritten by the resumed state
+    train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "b", CPU, progress=False, resume=True)
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("module.discriminator") for k in a) and any(k.startswith("opt.discriminator") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_reduces_reconstruction_loss_and_exports(tmp_path, blobs):
+    run = tiny_ae_run(steps=40)
+    torch.manual_seed(0)
+    res = train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path, CPU, progress=False)
+    first = sum(h["l1"] for h in res.history[:5]) / 5
+    last = sum(h["l1"] for h in res.history[-5:]) / 5
+    assert last < 0.7 * first
+    model, loaded = load_autoencoder(res.export_path)
+    z = model.latents(blobs.images[:16])
+    # the stored scale factor makes latents unit-variance on the training data
+    assert abs(float((z * loaded.model.scaling_factor).std()) - 1.0) < 0.2
+    assert {"d_loss", "g_loss", "d_weight"} <= res.history[-1].keys()
+
+
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 10, 4
+    idx = torch.cat([batch_indices(0, s, b, n) for s in range(5)])  # 20 draws = two epochs
+    assert sorted(idx[:10].tolist()) == list(range(10)) and sorted(idx[10:].tolist()) == list(range(10))
+    assert not torch.equal(idx[:10], idx[10:])  # reshuffled each epoch
+
+
+def test_resume_without_state_is_an_error(tmp_path, blobs):
+    run = tiny_ae_run()
+    with pytest.raises(FileNotFoundError, match="no train-state.safetensors"):
+        train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path, CPU, progress=False, resume=True)
+
+
+def test_channel_mismatch_is_explained(blobs):
+    run = tiny_ae_run()
+    bad = AutoencoderRun(model=run.model, loss=run.loss, data=DataConfig(channels=3), train=run.train)
+    with pytest.raises(ValueError, match="model.in_channels=1 but data.channels=3"):
+        AutoencoderTask(bad, blobs, CPU)
