@@ -38,3 +38,41 @@ def blobs():
         else:
             x[i, :, 8 - o:14 - o, 8 - o:14 - o] = 1
     return TensorDataset(x, labels, class_names=["top-left", "bottom-right"])
+
+
+@pytest.fixture(scope="session")
+def tiny_ae(tmp_path_factory):
+    """A 2-step trained f=2 KL autoencoder checkpoint for 16x16 grayscale images."""
+    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
+    from ldmkit.training.autoencoder import export_autoencoder
+    from ldmkit.autoencoder import build_autoencoder
+
+    run = AutoencoderRun(model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2),
+                                                 latent_channels=2, norm_groups=4),
+                         loss=AutoencoderLossConfig(perceptual_weight=0), data=DataConfig(resolution=16, channels=1),
+                         train=TrainConfig(steps=1))
+    torch.manual_seed(0)
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    path = tmp_path_factory.mktemp("ae") / "autoencoder.safetensors"
+    return export_autoencoder(path, build_autoencoder(run.model), run, TensorDataset(images), 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm(tmp_path_factory, tiny_ae):
+    """An untrained but complete class-conditional model (2 classes) on the tiny autoencoder."""
+    from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
+    from ldmkit.denoisers.unet import UNet
+    from ldmkit.ldm import LatentDiffusion
+    from ldmkit.training.autoencoder import load_autoencoder
+
+    ae, ae_run = load_autoencoder(tiny_ae)
+    run = DenoiserRun(autoencoder=str(tiny_ae),
+                      unet=UNetConfig(in_channels=2, out_channels=2, model_channels=16, channel_mult=(1, 2),
+                                      num_res_blocks=1, attention_levels=(1,), num_heads=(2,), norm_groups=8,
+                                      num_classes=2),
+                      data=DataConfig(resolution=16, channels=1), class_names=("top-left", "bottom-right"))
+    torch.manual_seed(0)
+    unet = UNet(run.unet)
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return LatentDiffusion(ae, ae_run.model, unet, run).save(tmp_path_factory.mktemp("ldm") / "model.safetensors")
