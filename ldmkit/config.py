@@ -68,6 +68,7 @@ class UNetConfig:
     upcast_attention: bool = False  # compute attention scores in float32 (SD 2.1 needs it in fp16)
     mid_attention: bool = True  # transformer in the middle block
     norm_groups: int = 32  # GroupNorm groups
+    norm_eps: float = 1e-5  # GroupNorm epsilon of the residual blocks and the output norm (diffusers' norm_eps)
     dropout: float = 0.0  # dropout in residual blocks
     flip_sin_to_cos: bool = True  # sinusoidal embedding order (cos, sin), as Stable Diffusion
     freq_shift: float = 0.0  # shift of the frequency denominator in the sinusoidal embedding

@@ -43,7 +43,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
         def res(cin, cout):
-            return ResBlock(cin, cout, emb_dim, cfg.norm_groups, eps=1e-5, dropout=cfg.dropout)
+            return ResBlock(cin, cout, emb_dim, cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
 
         def attn(level, ch):
             return SpatialTransformer(ch, cfg.heads_at(level), cfg.transformer_depth, cfg.context_dim,
@@ -82,7 +82,7 @@ class UNet(nn.Module):
                 ch = cout
             self.up.append(Level(rs, ats if has_attn else None, Upsample(ch) if i > 0 else None))
 
-        self.norm_out = group_norm(ch, cfg.norm_groups, eps=1e-5)
+        self.norm_out = group_norm(ch, cfg.norm_groups, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         self.initialize_weights()
 
