@@ -1,0 +1,167 @@
+"""`convert(src, dst)`: between ldmkit's "ldm" checkpoint, a diffusers pipeline folder and an SD single file.
+
+Formats are told from the paths:
+- "diffusers": a folder holding model_index.json (a destination folder: any path without a file suffix);
+- "ldm": a .safetensors file with ldmkit metadata (kind "ldm");
+- "single-file": any other .safetensors, or a .ckpt (read only, and only with unsafe_pickle=True).
+A .safetensors destination is "single-file" when the source is ldmkit's and "ldm" when the source is foreign;
+from a diffusers folder it is ambiguous, so name the format with `to=`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoint
+from ..config import AutoencoderConfig, DataConfig, DenoiserRun, from_dict, to_dict
+from .bundle import ModelWeights, clip_config_from_options, clip_encoder_options, clip_state_from_encoder
+from .bundle import clip_state_to_encoder
+from .diffusers_pipeline import is_pipeline_folder, read_pipeline, write_pipeline
+from .files import PICKLE_SUFFIXES
+from .single_file import read_single_file, write_single_file
+
+FORMATS = ("ldm", "diffusers", "single-file")
+LDM_KIND = "ldm"
+
+
+def source_format(path: str | Path) -> str:
+    """The format of an existing checkpoint path (ValueError saying what was expected when it has none)."""
+    path = Path(path)
+    if path.is_dir():
+        if is_pipeline_folder(path):
+            return "diffusers"
+        hint = " (it looks like one diffusers model; give the pipeline folder above it)" \
+            if (path / "config.json").is_file() else ""
+        raise ValueError(f"{path} is a folder without model_index.json, so not a diffusers pipeline{hint}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give a .safetensors / .ckpt file or a diffusers folder")
+    if path.suffix in PICKLE_SUFFIXES:
+        return "single-file"
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .safetensors "
+                         f"(ldmkit or Stable Diffusion), .ckpt, or a diffusers folder")
+    meta = read_tensors_metadata(path)
+    if meta.get("format") == checkpoint.FORMAT:
+        if meta.get("kind") != LDM_KIND:
+            raise ValueError(f"{path} is an ldmkit {meta.get('kind')!r} checkpoint; only complete models "
+                             f"(kind 'ldm', written by `ldmkit train` / LatentDiffusion.save) can be converted")
+        return "ldm"
+    return "single-file"
+
+
+def read_tensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated") \
+            from None
+
+
+def destination_format(path: str | Path, src_format: str, to: str | None = None) -> str:
+    path = Path(path)
+    if to is not None:
+        if to not in FORMATS:
+            raise ValueError(f"unknown format {to!r}; use one of {', '.join(FORMATS)}")
+        return to
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: ldmkit writes no pickle files; name the destination .safetensors")
+    if path.suffix == "":
+        return "diffusers"
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: cannot tell the destination format from {path.suffix!r}; use a .safetensors "
+                         f"file or a folder (diffusers)")
+    if src_format == "diffusers":
+        raise ValueError(f"{path}: a .safetensors destination may be an ldmkit checkpoint or a single-file "
+                         f"checkpoint; say which with to='ldm' or to='single-file'")
+    return "single-file" if src_format == "ldm" else "ldm"
+
+
+# --- ldmkit's "ldm" bundle ------------------------------------------------------------------------------------------
+
+
+def read_ldm(path: str | Path) -> ModelWeights:
+    """An ldmkit "ldm" checkpoint -> ModelWeights (a text encoder must be "clip" to have SD equivalents)."""
+    tensors, meta = checkpoint.load(path, LDM_KIND)
+    run = from_dict(DenoiserRun, meta["config"])
+    ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"])
+    text_cfg = text = None
+    if run.text_encoder:
+        if run.text_encoder != "clip":
+            raise ValueError(f"{path} uses the {run.text_encoder!r} text encoder, which Stable Diffusion formats "
+                             f"cannot hold; only models with the 'clip' text encoder convert")
+        from ..conditioning.text import build_text_encoder
+
+        options = meta.get("text_encoder_options", {})
+        state = checkpoint.subset(tensors, "text_encoder")
+        if not state:
+            raise checkpoint.CheckpointError(f"{path} has no text_encoder.* weights; its CLIP encoder was random "
+                                             f"and cannot be exported")
+        text_cfg = clip_config_from_options(options)
+        text = clip_state_from_encoder(build_text_encoder("clip", **options), state)
+    w = ModelWeights(run.unet, checkpoint.subset(tensors, "unet"), ae_cfg, checkpoint.subset(tensors, "autoencoder"),
+                     run.diffusion, run.data.resolution, text_cfg, text, tuple(run.class_names), str(path))
+    return w.validate()
+
+
+def write_ldm(path: str | Path, w: ModelWeights) -> Path:
+    """ModelWeights -> an ldmkit "ldm" checkpoint, as LatentDiffusion.save lays it out (CLIP weights included)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: ldmkit checkpoints are .safetensors files; rename it")
+    tensors = checkpoint.prefixed(w.unet, "unet")
+    tensors.update(checkpoint.prefixed(w.autoencoder, "autoencoder"))
+    options = {}
+    if w.text is not None:
+        from ..conditioning.text import build_text_encoder
+
+        options = clip_encoder_options(w.text_config)
+        encoder = build_text_encoder("clip", **options)
+        options = encoder.options
+        tensors.update(checkpoint.prefixed(clip_state_to_encoder(encoder, w.text), "text_encoder"))
+    run = DenoiserRun(unet=w.unet_config, diffusion=w.diffusion, text_encoder="clip" if w.text is not None else "",
+                      data=DataConfig(resolution=w.resolution, channels=w.ae_config.in_channels),
+                      class_names=tuple(w.class_names))
+    return checkpoint.save(path, tensors, LDM_KIND, to_dict(run), autoencoder=to_dict(w.ae_config),
+                           text_encoder_options=options, converted_from=w.source)
+
+
+# --- convert --------------------------------------------------------------------------------------------------------
+
+
+def read_any(path: str | Path, *, unsafe_pickle: bool = False, prediction: str | None = None,
+             heads=None) -> ModelWeights:
+    """Any supported checkpoint -> ModelWeights (format told from the path)."""
+    if prediction not in (None, "eps", "v"):
+        raise ValueError(f"prediction={prediction!r} is not known; use 'eps' or 'v'")
+    fmt = source_format(path)
+    if fmt == "ldm":
+        if prediction:
+            raise ValueError(f"{path} is an ldmkit checkpoint, which records its parameterisation; leave "
+                             f"prediction unset for it")
+        return read_ldm(path)
+    if fmt == "diffusers":
+        return read_pipeline(path, prediction=prediction, unsafe_pickle=unsafe_pickle)
+    return read_single_file(path, unsafe_pickle=unsafe_pickle, prediction=prediction, heads=heads)
+
+
+def convert(src: str | Path, dst: str | Path, *, unsafe_pickle: bool = False, prediction: str | None = None,
+            to: str | None = None, heads=None, overwrite: bool = False) -> Path:
+    """Convert a model between ldmkit's "ldm" checkpoint, a diffusers pipeline folder and an SD single file.
+
+    unsafe_pickle: allow reading a .ckpt pickle (torch.load(weights_only=True)); prediction: "eps" or "v" for
+    foreign sources (default from the scheduler config, or by SD version for single files); to: "ldm",
+    "diffusers" or "single-file" when the destination path does not say; heads: U-Net attention heads for a
+    single file that is neither SD 1.x nor 2.x; overwrite: replace an existing destination (a folder is
+    replaced component by component). Returns the written path.
+    """
+    src_fmt = source_format(src)
+    dst_fmt = destination_format(dst, src_fmt, to)
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"source and destination are the same path ({dst}); write to a new path")
+    if Path(dst).exists() and not overwrite and not (Path(dst).is_dir() and not any(Path(dst).iterdir())):
+        raise FileExistsError(f"{dst} already exists; choose a new path or pass overwrite=True (--overwrite)")
+    w = read_any(src, unsafe_pickle=unsafe_pickle, prediction=prediction, heads=heads)
+    writers = {"ldm": write_ldm, "diffusers": write_pipeline, "single-file": write_single_file}
+    return writers[dst_fmt](dst, w)
