@@ -69,6 +69,37 @@ def cmd_sample(args):
         print(p)
 
 
+def cmd_generate(args):
+    import re
+
+    from .models import resolve_model
+    from .pipelines.txt2img import SampleRequest, generate_to_file
+
+    path = resolve_model(args.model)
+    prompts = list(args.prompt) or None
+    if prompts and args.label is not None:
+        raise ValueError("give prompts (text models) or --label (class models), not both")
+    slug = re.sub(r"[^a-z0-9]+", "-", (prompts[0] if prompts else f"{args.model}").lower()).strip("-")[:40] or "image"
+    out = Path(args.out) if args.out else Path("generated") / f"{Path(slug).name}.png"
+    n = args.n * len(prompts) if prompts else args.n
+    req = SampleRequest(n=n, labels=args.label, prompts=[p for p in prompts for _ in range(args.n)] if prompts
+                        else None, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
+                        cfg=args.cfg, seed=args.seed, device=args.device)
+    for p in generate_to_file(path, req, out):
+        print(f"wrote {p}")
+
+
+def cmd_evaluate(args):
+    from .evaluation.evaluate import evaluate, format_table, write_result
+
+    result = evaluate(args.checkpoint, dataset=args.data, split=args.split, n=args.n, sampler=args.sampler,
+                      steps=args.steps, cfg=args.cfg, seed=args.seed, device=args.device,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    print(format_table(result))
+    out = args.out or Path(args.checkpoint).with_name(f"eval-{Path(result['data']).name}-{args.split}-n{args.n}.json")
+    print(f"written {write_result(result, out)}")
+
+
 def cmd_info(args):
     from .checkpoint import read_metadata
 
@@ -119,6 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument("--out", default="samples.png", help="output PNG (a folder with --separate)")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("generate", help="generate with a shipped model (emoji by default) or any checkpoint")
+    p.add_argument("prompt", nargs="*", help="one or more prompts (text models); each gets --n images")
+    p.add_argument("--model", default="emoji", help="emoji, fashion-mnist, or a model.safetensors path")
+    p.add_argument("--label", type=int, action="append", help="class label for class-conditional models")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="FID/KID of a model, or PSNR/SSIM/rFID of an autoencoder")
+    p.add_argument("checkpoint", help="model.safetensors or autoencoder.safetensors")
+    p.add_argument("--data", help="reference data set (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", help="train or test for built-in data sets (default test)")
+    p.add_argument("--n", type=int, default=10000, help="images to generate / reconstruct (default 10000)")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON result (default: eval-DATA-SPLIT-nN.json beside the checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("convert", help="convert between an ldmkit checkpoint, a diffusers folder and an SD file")
     p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")

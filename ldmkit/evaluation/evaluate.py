@@ -1,0 +1,122 @@
+"""`ldmkit evaluate`: the numbers the field reports, for either kind of checkpoint.
+
+- an "ldm" model: n images are generated (class-conditional: every class in turn; text: the reference set's
+  captions in turn; unconditional: no condition) and compared with n reference images by FID and KID;
+- an "autoencoder": n reference images are reconstructed and scored by PSNR, SSIM and reconstruction FID (rFID:
+  FID between the reconstructions and the originals).
+
+The reference statistics are cached (see `fid.reference_stats`), so a second evaluation against the same set only
+pays for the generated images.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checkpoint
+from ..config import DataConfig
+from .fid import FeatureStats, InceptionFeatures, compute_stats, reference_indices, reference_stats
+
+
+def _reference_data(data_cfg: DataConfig, dataset: str | None, split: str, n: int):
+    """The reference data set at the model's resolution and channels, and n clipped to its size."""
+    from ..data import build_dataset
+
+    cfg = replace(data_cfg, dataset=dataset or data_cfg.dataset, split=split, limit=0, holdout=0, crop="center",
+                  flip=False)
+    ds = build_dataset(cfg)
+    if n < 2:
+        raise ValueError(f"--n {n}: FID needs at least 2 images (10,000 is the usual figure)")
+    if n > len(ds):
+        raise ValueError(f"--n {n} is more than the {len(ds)} images of {cfg.dataset!r} ({split}); use --n {len(ds)}")
+    return cfg, ds
+
+
+def _kid(a: FeatureStats, b: FeatureStats) -> tuple[float, float]:
+    size = min(1000, a.n, b.n)
+    return a.kid(b, subsets=100, subset_size=size)
+
+
+def _generated(ldm, ds, idx: list[int], sampler: str, steps: int, cfg: float, seed: int, batch: int, progress: bool):
+    """Generated images in batches of `batch` (image i always drawn with seed + i); a text model is prompted with
+    the captions of the reference images `idx`, so both sets share their caption distribution."""
+    from ..pipelines.txt2img import SampleRequest, generate
+
+    captions = [ds.captions[i] for i in idx] if ldm.text_encoder is not None and ds.captions else None
+    n = len(idx)
+    for s in tqdm(range(0, n, batch), desc="generating", disable=not progress):
+        e = min(n, s + batch)
+        labels = [i % ldm.num_classes for i in range(s, e)] if ldm.num_classes else None
+        prompts = captions[s:e] if captions else None
+        req = SampleRequest(n=e - s, labels=labels, prompts=prompts, sampler=sampler, steps=steps, cfg=cfg,
+                            seed=seed + s, batch_size=batch)
+        yield generate(ldm, req)[0]
+
+
+def evaluate(path: str | Path, *, dataset: str | None = None, split: str = "test", n: int = 10000,
+             sampler: str = "dpmpp_2m", steps: int = 25, cfg: float = 3.0, seed: int = 0, device: str = "auto",
+             batch_size: int = 50, progress: bool = True) -> dict:
+    """Metrics of a checkpoint against `dataset` (default: the one it was trained on), `split`, n images."""
+    from ..training.loop import resolve_device
+
+    kind = checkpoint.read_metadata(path)["kind"]
+    dev = resolve_device(device)
+    features = InceptionFeatures(device=dev, batch_size=batch_size)
+    start = time.time()
+    if kind == "autoencoder":
+        from ..training.autoencoder import load_autoencoder, reconstruction_metrics
+
+        model, run = load_autoencoder(path, dev)
+        data_cfg, ds = _reference_data(run.data, dataset, split, n)
+        ref = reference_stats(data_cfg.dataset, ds, n, split=split, features=features, progress=progress,
+                              keep_features=True)
+        subset = torch.utils.data.Subset(ds, reference_indices(len(ds), n))
+        result = reconstruction_metrics(model, subset, dev, batch=batch_size, progress=progress)
+        recon = compute_stats(_reconstructions(model, subset, dev, batch_size), features, keep_features=True,
+                              progress=progress)
+        result = {"psnr": result["psnr"], "ssim": result["ssim"], "rfid": recon.fid(ref)}
+    elif kind == "ldm":
+        from ..ldm import LatentDiffusion
+
+        ldm = LatentDiffusion.load(path, dev)
+        data_cfg, ds = _reference_data(ldm.run.data, dataset, split, n)
+        ref = reference_stats(data_cfg.dataset, ds, n, split=split, features=features, progress=progress,
+                              keep_features=True)
+        images = _generated(ldm, ds, reference_indices(len(ds), n), sampler, steps, cfg, seed, batch_size, progress)
+        gen = compute_stats(images, features, batch_size=batch_size, keep_features=True)
+        kid_mean, kid_std = _kid(gen, ref)
+        result = {"fid": gen.fid(ref), "kid": kid_mean, "kid_std": kid_std, "sampler": sampler, "steps": steps,
+                  "cfg": cfg, "seed": seed}
+    else:
+        raise ValueError(f"{path} is a {kind!r} checkpoint; evaluate takes a model (`ldmkit train`) or an "
+                         f"autoencoder (`ldmkit train-autoencoder`)")
+    return {"checkpoint": str(path), "kind": kind, "data": data_cfg.dataset, "split": split, "n": n,
+            "resolution": data_cfg.resolution, **result, "seconds": round(time.time() - start, 1)}
+
+
+@torch.no_grad()
+def _reconstructions(model, subset, device, batch: int):
+    from ..training.autoencoder import stack_images
+
+    for i in range(0, len(subset), batch):
+        x = stack_images(subset, range(i, min(i + batch, len(subset)))).to(device)
+        yield model(x, sample=False)[0].float().clamp(-1, 1).cpu()
+
+
+def format_table(result: dict) -> str:
+    """A two-column text table of a result dict."""
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in result.items()]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def write_result(result: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    return out
