@@ -1,0 +1,90 @@
+"""Denoiser wrappers: conditioning bound in, classifier-free guidance, inpainting blend.
+
+A sampler only sees `denoise(x (B,C,H,W), sigma (B,)) -> x0 (B,C,H,W)`. Guidance and blends are built by wrapping
+that function (or a `Denoiser` with its conditioning), never by flags on a model or a sampler. Wrappers hold no
+mutable state, so one model can serve concurrent requests.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..conditioning.types import Conditioning
+from .noise import Generators, randn_like
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def bind(denoiser, cond: Conditioning | None) -> DenoiseFn:
+    """The plain conditional denoiser (x, sigma) -> D(x, sigma, cond)."""
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return denoiser(x, sigma, cond)
+
+    return denoise
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, eq. 15-16): x_rescaled = x_cfg * std(x_pos) / std(x_cfg) per sample, then
+    phi * x_rescaled + (1 - phi) * x_cfg. Tensors (B, ...) in the model's prediction space."""
+    dims = tuple(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return phi * guided * ratio + (1 - phi) * guided
+
+
+class CFGDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022): D = D_u + s (D_c - D_u), both branches in one batched pass.
+
+    The combination is linear, so it is the same in x0 space as in the model's eps or v space. Guidance rescale is
+    not linear: it is applied to the model's own prediction (eps or v, via `denoiser.prediction`), as trained.
+    """
+
+    def __init__(self, denoiser, cond: Conditioning, uncond: Conditioning, scale: float, rescale: float = 0.0):
+        """denoiser: a `Denoiser` (called (x, sigma, cond), with `prediction` / `from_prediction` for rescale);
+        cond / uncond: conditionings for the B samples (the same fields in both); scale: guidance scale s (1 means
+        no guidance: one conditional pass); rescale: guidance rescale phi in [0, 1]."""
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance rescale {rescale} must be between 0 and 1 (0.7 is the paper's choice)")
+        if rescale > 0 and not hasattr(denoiser, "prediction"):
+            raise ValueError("guidance rescale needs a Denoiser with prediction(); wrap the backbone with "
+                             "make_denoiser or set rescale=0")
+        self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
+        self.scale, self.rescale = float(scale), float(rescale)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.scale == 1.0:
+            return self.denoiser(x, sigma, self.cond)
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma  # (B,)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([self.cond, self.uncond]))
+        d_cond, d_uncond = both[:b], both[b:]  # (B, C, H, W) each
+        guided = d_uncond + self.scale * (d_cond - d_uncond)
+        if self.rescale == 0.0:
+            return guided
+        f_guided = self.denoiser.prediction(x, sigma, guided)
+        f_cond = self.denoiser.prediction(x, sigma, d_cond)
+        return self.denoiser.from_prediction(x, sigma, rescale_guidance(f_guided, f_cond, self.rescale))
+
+
+class InpaintBlend:
+    """Inpainting by replacement (Song et al. 2021; RePaint without resampling): before every denoiser call the
+    known region of x is replaced with the original noised to the current level, x0_known + sigma * n, and the
+    known region of the x0 prediction with x0_known. The noise n is drawn once, so the wrapper has no state."""
+
+    def __init__(self, denoise: DenoiseFn, x0_known: torch.Tensor, mask: torch.Tensor, generator: Generators = None):
+        """denoise: (x, sigma) -> x0; x0_known: (B, C, H, W) latents of the original; mask: (B or 1, 1 or C, H, W),
+        1 where the original is kept, 0 where it is generated; generator: seeds the fixed noise n (one per sample
+        for batch-size independence)."""
+        if mask.shape[-2:] != x0_known.shape[-2:]:
+            raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the latent size "
+                             f"{tuple(x0_known.shape[-2:])}; resize the mask to the latent resolution")
+        self.denoise, self.x0_known = denoise, x0_known
+        self.mask = mask.to(device=x0_known.device, dtype=x0_known.dtype)
+        self.noise = randn_like(x0_known, generator)  # (B, C, H, W)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        known = self.x0_known + s * self.noise
+        x = self.mask * known + (1 - self.mask) * x
+        return self.mask * self.x0_known + (1 - self.mask) * self.denoise(x, sigma)
