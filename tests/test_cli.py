@@ -42,9 +42,13 @@ def test_info_prints_config(capsys, tiny_ldm):
 
 
 def test_resolution_not_divisible(capsys, tmp_path, tiny_ae):
-    code, _, err = run(capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "30", "--out",
+    code, _, err = run(capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "31", "--out",
                        str(tmp_path / "r"), "--quiet")
     assert code == 2 and "not divisible by the autoencoder's factor 2" in err
+    # 30 px gives 15x15 latents, which the default U-Net (two downsamplings) cannot halve twice.
+    code, _, err = run(capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "30", "--out",
+                       str(tmp_path / "r2"), "--quiet")
+    assert code == 2 and "latent height 15 is not a multiple of 4" in err
 
 
 def test_train_without_autoencoder(capsys, tmp_path):
