@@ -125,7 +125,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     log_every: int = 10  # JSONL log interval (steps)
     sample_every: int = 0  # sample grid interval (steps); 0 disables
-    ckpt_every: int = 500  # checkpoint interval (steps); a final checkpoint is always written
+    ckpt_every: int = 500  # checkpoint interval (steps); 0: only the final checkpoint, which is always written
     num_workers: int = 0  # DataLoader workers
 
 

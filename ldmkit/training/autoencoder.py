@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..autoencoder import build_autoencoder
+from ..autoencoder.vae import AutoencoderKL
 from ..autoencoder.losses import AutoencoderLoss
 from ..config import AutoencoderRun, to_dict
 from .ema import EMA
@@ -77,11 +78,21 @@ class AutoencoderTask:
 
 @torch.no_grad()
 def latent_scale(model: nn.Module, dataset, device, n: int = 512, batch: int = 64) -> float:
-    """1 / std of the unscaled latents over up to n training images (Rombach et al. 2022, section 4.3.2)."""
+    """1 / std of the unscaled latents the denoiser trains on, over up to n training images (Rombach et al. 2022,
+    section 4.3.2). For a KL autoencoder those are posterior samples, so the posterior's own variance counts:
+    std^2 = var(means) + mean(posterior variances), computed exactly without drawing noise."""
     model.eval()
-    zs = [model.latents(stack_images(dataset, range(i, min(i + batch, n, len(dataset)))).to(device)).float().cpu()
-          for i in range(0, min(n, len(dataset)), batch)]
-    return float(1.0 / torch.cat(zs).std().clamp_min(1e-6))
+    means, variances = [], []
+    for i in range(0, min(n, len(dataset)), batch):
+        x = stack_images(dataset, range(i, min(i + batch, n, len(dataset)))).to(device)
+        if isinstance(model, AutoencoderKL):
+            post = model.encode(x)
+            means.append(post.mean.float().cpu())
+            variances.append(post.std.float().cpu() ** 2)
+        else:
+            means.append(model.latents(x).float().cpu())
+    var = torch.cat(means).var() + (torch.cat(variances).mean() if variances else 0.0)
+    return float(1.0 / var.sqrt().clamp_min(1e-6))
 
 
 def export_autoencoder(path: Path, model: nn.Module, run: AutoencoderRun, dataset, step: int) -> Path:

@@ -137,7 +137,7 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             bar.update(1)
             if cfg.sample_every and done % cfg.sample_every == 0:
                 task.sample(out_dir, ema, done)
-            if done % cfg.ckpt_every == 0 or done == end or interrupted.flag:
+            if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end or interrupted.flag:
                 save_state(out_dir / STATE_FILE, task, ema, done, config_dict)
             if interrupted.flag:
                 bar.close()
