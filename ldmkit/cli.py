@@ -72,13 +72,23 @@ def cmd_sample(args):
 def cmd_generate(args):
     import re
 
-    from .models import resolve_model
+    from .models import default_model, resolve_model
     from .pipelines.txt2img import SampleRequest, generate_to_file
 
+    args.model = args.model or default_model()
     path = resolve_model(args.model)
     prompts = list(args.prompt) or None
     if prompts and args.label is not None:
         raise ValueError("give prompts (text models) or --label (class models), not both")
+    if prompts:
+        from .checkpoint import read_metadata
+
+        meta = read_metadata(path)["config"]
+        if not meta.get("text_encoder"):
+            names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
+            raise ValueError(f"the model {args.model!r} is not text-conditional, so it takes no prompt; use --label N"
+                             f" ({names or 'unconditional: no label'}). Prompts need a text model such as emoji "
+                             f"(python recipes/build.py emoji trains it)")
     slug = re.sub(r"[^a-z0-9]+", "-", (prompts[0] if prompts else f"{args.model}").lower()).strip("-")[:40] or "image"
     out = Path(args.out) if args.out else Path("generated") / f"{Path(slug).name}.png"
     n = args.n * len(prompts) if prompts else args.n
@@ -153,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate with a shipped model (emoji by default) or any checkpoint")
     p.add_argument("prompt", nargs="*", help="one or more prompts (text models); each gets --n images")
-    p.add_argument("--model", default="emoji", help="emoji, fashion-mnist, or a model.safetensors path")
+    p.add_argument("--model", help="emoji, fashion-mnist, or a model.safetensors path (default: emoji when "
+                                   "shipped, else fashion-mnist)")
     p.add_argument("--label", type=int, action="append", help="class label for class-conditional models")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--negative-prompt", default="")

@@ -20,6 +20,14 @@ SHIPPED = {
 }
 
 
+def default_model() -> str:
+    """The model `ldmkit generate` uses without --model: emoji when its weights are present, else fashion-mnist."""
+    for name in (DEFAULT_MODEL, *SHIPPED):
+        if (weights_dir() / f"{name}.safetensors").is_file():
+            return name
+    return DEFAULT_MODEL
+
+
 def weights_dir() -> Path:
     """The folder of shipped weights: $LDMKIT_WEIGHTS, else `weights/` beside the package."""
     env = os.environ.get("LDMKIT_WEIGHTS")
