@@ -76,3 +76,26 @@ def tiny_ldm(tmp_path_factory, tiny_ae):
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return LatentDiffusion(ae, ae_run.model, unet, run).save(tmp_path_factory.mktemp("ldm") / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_ldm(tmp_path_factory, tiny_ae):
+    """An untrained text-conditional model (small trainable text encoder) on the tiny autoencoder."""
+    from ldmkit.conditioning.text import build_text_encoder
+    from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
+    from ldmkit.denoisers.unet import UNet
+    from ldmkit.ldm import LatentDiffusion
+    from ldmkit.training.autoencoder import load_autoencoder
+
+    ae, ae_run = load_autoencoder(tiny_ae)
+    torch.manual_seed(0)
+    text = build_text_encoder("trainable", dim=32, layers=1, heads=2, max_length=16)
+    run = DenoiserRun(autoencoder=str(tiny_ae), text_encoder="trainable",
+                      unet=UNetConfig(in_channels=2, out_channels=2, model_channels=16, channel_mult=(1, 2),
+                                      num_res_blocks=1, attention_levels=(1,), num_heads=(2,), norm_groups=8,
+                                      context_dim=32),
+                      data=DataConfig(resolution=16, channels=1))
+    unet = UNet(run.unet)
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return LatentDiffusion(ae, ae_run.model, unet, run, text).save(tmp_path_factory.mktemp("t") / "model.safetensors")

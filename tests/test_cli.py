@@ -65,3 +65,41 @@ def test_sample_writes_png_with_parameters(capsys, tmp_path, tiny_ldm):
     assert code == 0
     params = json.loads(Image.open(out).text["ldmkit"])
     assert params["seed"] == 5 and params["sampler"] == "euler" and params["labels"] == [1]
+
+
+def _png_params(path):
+    from PIL import Image
+
+    return json.loads(Image.open(path).text["ldmkit"])
+
+
+def test_prompt_negative_prompt_and_guidance_rescale_reach_the_image(capsys, tmp_path, tiny_text_ldm):
+    out = tmp_path / "p.png"
+    code, _, err = run(capsys, "sample", str(tiny_text_ldm), "--prompt", "red apple", "--negative-prompt", "green",
+                       "--cfg", "5", "--guidance-rescale", "0.7", "--n", "2", "--steps", "3", "--out", str(out))
+    assert code == 0, err
+    p = _png_params(out)
+    assert p["prompts"] == ["red apple", "red apple"] and p["negative_prompt"] == "green" and p["cfg_rescale"] == 0.7
+
+
+def test_prompt_file_gives_one_image_per_line_in_batches(capsys, tmp_path, tiny_text_ldm):
+    from ldmkit.ldm import LatentDiffusion
+    from ldmkit.pipelines.txt2img import SampleRequest, generate
+
+    lines = ["red apple", "", "blue whale", "snowy mountain", "green leaf"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    code, out, err = run(capsys, "sample", str(tiny_text_ldm), "--prompt-file", str(tmp_path / "prompts.txt"),
+                         "--steps", "2", "--batch-size", "2", "--separate", "--out", str(tmp_path / "imgs"))
+    assert code == 0, err
+    files = sorted((tmp_path / "imgs").glob("*.png"))
+    assert [_png_params(f)["caption"] for f in files] == [l for l in lines if l]
+    # Batched generation equals one-at-a-time generation: image i depends on its own prompt and seed only.
+    ldm = LatentDiffusion.load(tiny_text_ldm)
+    a, _ = generate(ldm, SampleRequest(n=2, prompts=["red apple", "blue whale"], steps=2, batch_size=2))
+    b, _ = generate(ldm, SampleRequest(n=2, prompts=["red apple", "blue whale"], steps=2, batch_size=1))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_prompt_to_a_class_model_is_a_clear_error(capsys, tiny_ldm):
+    code, _, err = run(capsys, "sample", str(tiny_ldm), "--prompt", "a cat", "--steps", "2")
+    assert code == 2 and "not text-conditional" in err
