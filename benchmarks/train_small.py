@@ -1,8 +1,8 @@
 """Train the demo-sized autoencoder and denoiser and report their speed and final losses.
 
-    .venv/bin/python benchmarks/train_small.py [--device cpu|cuda] [--ae-steps 300] [--steps 1500]
+    .venv/bin/python benchmarks/train_small.py [--device cpu|cuda] [--ae-steps 150] [--steps 700]
 
-Prints a table and writes benchmarks/out/train_small.json. The configuration is the `make demo` one (presets
+Prints a table and writes benchmarks/out/train_small.json. The configuration is the `make demo-train` one (presets
 demo-autoencoder and demo-denoiser), so the figures say how long the demo takes on this machine.
 """
 from __future__ import annotations
