@@ -23,8 +23,23 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of the wrong kind."""
 
 
+def file_mode() -> int:
+    """The mode a plain open() would give a new file now: 0o666 less the process umask (mkstemp's own is 0o600).
+    On Linux the umask is read from /proc, which, unlike os.umask, does not change it even for an instant."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp_path) then move tmp_path over `path` in one rename."""
+    """Call write(tmp_path) then move tmp_path over `path` in one rename. The file gets the usual permissions
+    (readable by the group and others under the common umask 022), not the temporary file's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +48,7 @@ def atomic_write(path: str | Path, write) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

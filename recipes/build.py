@@ -53,7 +53,13 @@ def train_stages(name: str, args) -> tuple[dict, dict, dict]:
     resume = (out / "ldm" / "train-state.safetensors").exists()
     dn = train_denoiser(dn_run, out / "ldm", resume=resume)
     times["denoiser_s"] = round(time.time() - t, 1)
-    return ae, dn, {"autoencoder": to_dict(ae_run), "denoiser": to_dict(dn_run), **times}
+    return ae, dn, {"autoencoder": to_dict(ae_run), "denoiser": to_dict(dn_run), **times, "command": command(name, args)}
+
+
+def command(name: str, args) -> str:
+    """The build command line that reproduces this model, overrides included."""
+    parts = ["python recipes/build.py", name] + [f"--ae-set {s}" for s in args.ae_set] + [f"--set {s}" for s in args.set]
+    return " ".join(parts + ([f"--eval-n {args.eval_n}"] if args.eval_n != 10000 else []))
 
 
 def model_card(name: str, recipe: dict, ae: dict, dn: dict, ev: dict, ae_ev: dict, size_mb: float, dev: str) -> str:
@@ -80,8 +86,11 @@ the autoencoder held out its last {a['data']['holdout']} images for the reconstr
 
 ## Recipe
 
-`recipes/{name}/autoencoder.toml` and `recipes/{name}/denoiser.toml`, built with
-`python recipes/build.py {name}` on {dev}.
+`recipes/{name}/autoencoder.toml` and `recipes/{name}/denoiser.toml`, built on {dev} with
+
+```sh
+{recipe['command']}
+```
 
 | stage | steps | batch | parameters | training time |
 | --- | --- | --- | --- | --- |

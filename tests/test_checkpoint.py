@@ -58,3 +58,21 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         checkpoint.atomic_write(path, boom)
     assert torch.equal(checkpoint.load(path)[0]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_written_files_get_the_umask_permissions_not_the_temporary_files(tmp_path):
+    """Checkpoints and PNGs are shared between users (a serving account reads what a training account wrote)."""
+    import os
+
+    from ldmkit.data.images import save_grid
+
+    old = os.umask(0o022)
+    try:
+        ckpt = checkpoint.save(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, "unet")
+        png = save_grid(torch.zeros(1, 1, 8, 8), tmp_path / "g.png")
+        assert checkpoint.file_mode() == 0o644
+        for path in (ckpt, png):
+            assert os.stat(path).st_mode & 0o777 == 0o644, path
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    finally:
+        os.umask(old)

@@ -7,14 +7,14 @@ half-written PNG behind.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
+
+from ..checkpoint import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -89,21 +89,6 @@ def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
     if arr.shape[2] == 1:
         return Image.fromarray(arr[:, :, 0], "L")
     return Image.fromarray(arr, "RGB" if arr.shape[2] == 3 else "RGBA")
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp_path) for a temporary file beside `path`, then os.replace it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
