@@ -1,0 +1,51 @@
+"""The models in weights/: small enough to ship, half precision, documented, and drawing what they are asked for.
+
+Skipped where the weights are absent (a checkout without them, or a user's own LDMKIT_WEIGHTS folder).
+"""
+import pytest
+import torch
+
+from ldmkit import checkpoint
+from ldmkit.config import DataConfig
+from ldmkit.ldm import LatentDiffusion
+from ldmkit.models import SHIPPED, weights_dir
+from ldmkit.pipelines.txt2img import SampleRequest, generate
+
+PRESENT = [n for n in sorted(SHIPPED) if (weights_dir() / f"{n}.safetensors").exists()]
+
+
+def needs(name: str):
+    return pytest.mark.skipif(name not in PRESENT, reason=f"weights/{name}.safetensors is not in this checkout")
+
+
+@pytest.mark.skipif(not PRESENT, reason="no shipped weights in this checkout")
+def test_shipped_weights_are_small_half_precision_and_documented():
+    total = 0
+    for name in PRESENT:
+        path = weights_dir() / f"{name}.safetensors"
+        total += path.stat().st_size
+        meta = checkpoint.read_metadata(path)
+        assert meta["kind"] == "ldm" and meta["stored_dtype"] == "float16", name
+        for suffix in (".md", ".png", ".json"):
+            assert (weights_dir() / f"{name}{suffix}").exists(), f"{name}{suffix}"
+        assert "recipes/build.py" in (weights_dir() / f"{name}.md").read_text()
+    assert total < 40 * 2**20
+
+
+@needs("fashion-mnist")
+def test_fashion_mnist_model_draws_the_requested_class():
+    """Generated images are classified by the nearest class mean of real test images (a crude classifier: 67% on
+    real images, chance 10%). Ignoring the label would score about 10%; the shipped model scores about 90%."""
+    from ldmkit.data.fashion_mnist import FashionMNIST
+
+    ds = FashionMNIST(DataConfig(dataset="fashion-mnist", resolution=32, channels=1, split="test"))
+    real = torch.stack([ds[i]["image"] for i in range(2000)]).flatten(1)
+    labels = torch.tensor([ds[i]["label"] for i in range(2000)])
+    means = torch.stack([real[labels == c].mean(0) for c in range(10)])
+    ldm = LatentDiffusion.load(weights_dir() / "fashion-mnist.safetensors")
+    images, captions = generate(ldm, SampleRequest(n=40, steps=20, device="cpu"))  # every class in turn
+    assert images.shape == (40, 1, 32, 32) and torch.isfinite(images).all()
+    assert captions[:10] == ldm.class_names
+    wanted = torch.arange(40) % 10
+    accuracy = (torch.cdist(images.flatten(1), means).argmin(1) == wanted).float().mean()
+    assert accuracy >= 0.7, f"only {accuracy:.0%} of the images look like their class"
