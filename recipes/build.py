@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     generate_to_file(dst, req, weights_dir() / f"{name}.png")
     card = model_card(name, recipe, ae, dn, ev, ae_ev, dst.stat().st_size / 2**20, device_name(args.device))
     (weights_dir() / f"{name}.md").write_text(card)
-    (weights_dir() / f"{name}.json").write_text(json.dumps({"recipe": recipe, "eval": ev, "autoencoder_eval": ae_ev},
-                                                           indent=2))
+    record = json.dumps({"recipe": recipe, "eval": ev, "autoencoder_eval": ae_ev}, indent=2)
+    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))  # paths relative to the repository
     print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
     return 0
 
