@@ -49,3 +49,29 @@ def test_fashion_mnist_model_draws_the_requested_class():
     wanted = torch.arange(40) % 10
     accuracy = (torch.cdist(images.flatten(1), means).argmin(1) == wanted).float().mean()
     assert accuracy >= 0.7, f"only {accuracy:.0%} of the images look like their class"
+
+
+def _foreground_colour(x: torch.Tensor) -> torch.Tensor:
+    """Mean RGB (B, 3) of the pixels that are not near-white (emoji are drawn on white); x (B, 3, H, W) in [-1, 1]."""
+    x = x.flatten(2)
+    fg = (x.min(1).values < 0.8).float()  # (B, HW)
+    return (x * fg[:, None]).sum(-1) / fg.sum(-1, keepdim=True).clamp_min(1)
+
+
+@needs("emoji")
+def test_emoji_model_follows_its_prompt():
+    """Images for "red apple" and "grinning face" each take the colour of their own real emoji (red vs yellow) rather
+    than the other's. A model ignoring the prompt would get about half of them right."""
+    from ldmkit.data.emoji import load_or_render
+    from ldmkit.data.images import uint8_to_tensor
+
+    prompts = ["red apple", "grinning face"]
+    arr, captions = load_or_render(("noto",), 64, progress=False)
+    real = _foreground_colour(torch.stack([uint8_to_tensor(arr[captions.index(p)]) for p in prompts]))
+    ldm = LatentDiffusion.load(weights_dir() / "emoji.safetensors")
+    images, caps = generate(ldm, SampleRequest(n=8, prompts=[p for p in prompts for _ in range(4)], steps=20,
+                                               device="cpu"))
+    assert images.shape == (8, 3, 64, 64) and torch.isfinite(images).all() and caps[0] == "red apple"
+    nearest = torch.cdist(_foreground_colour(images), real).argmin(1)
+    right = int((nearest == torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])).sum())
+    assert right >= 7, f"only {right} of 8 images took their prompt's colour"
