@@ -23,10 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ldmkit.interop.diffusers import unet_to_diffusers, vae_to_diffusers  # noqa: E402
+from ldmkit.interop.diffusers import vae_to_diffusers  # noqa: E402
 from ldmkit.interop.diffusers_config import diffusion_config_to_scheduler  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.pipelines.txt2img import SampleRequest, generate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import diffusers_copy  # noqa: E402
 
 
 def conditions(ldm: LatentDiffusion, n: int, prompt: str):
@@ -45,9 +48,7 @@ def run_diffusers(ldm, unet, vae, scheduler, n, steps, cfg, labels, prompts):
     """The usual diffusers sampling loop (as its pipelines write it) with batched guidance."""
     cond, uncond = ldm.conditioning(labels=labels, prompts=prompts, n=n), ldm.null_conditioning(n)
     both = type(cond).cat([cond, uncond])
-    kwargs = {}
-    if both.context is not None:
-        kwargs["encoder_hidden_states"] = both.context
+    kwargs = {"encoder_hidden_states": both.context}  # None for a class-only U-Net (no cross-attention)
     if both.labels is not None:
         kwargs["class_labels"] = both.labels
     scheduler.set_timesteps(steps)
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     from diffusers import DPMSolverMultistepScheduler
 
     ldm = LatentDiffusion.load(args.checkpoint, "cpu")
-    unet = unet_to_diffusers(ldm.unet).eval()
+    unet = diffusers_copy(ldm.unet).eval()  # a class-only U-Net too (see peers.py)
     vae = vae_to_diffusers(ldm.autoencoder).eval()
     sched_cfg = {k: v for k, v in diffusion_config_to_scheduler(ldm.run.diffusion).items()
                  if k not in ("_class_name", "clip_sample", "set_alpha_to_one")}

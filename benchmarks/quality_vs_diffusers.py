@@ -41,17 +41,19 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ldmkit.config import DenoiserRun, UNetConfig, load_run  # noqa: E402
+from ldmkit.config import DenoiserRun, load_run  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.latents import LatentCache, encode_dataset  # noqa: E402
 from ldmkit.diffusion.noise import generators_from_seed, randn  # noqa: E402
 from ldmkit.evaluation.fid import InceptionFeatures, compute_stats, reference_stats  # noqa: E402
-from ldmkit.interop.diffusers_config import unet_config_to_diffusers  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.pipelines.txt2img import SampleRequest, generate  # noqa: E402
 from ldmkit.training.autoencoder import load_autoencoder  # noqa: E402
 from ldmkit.training.loop import autocast, batch_indices, resolve_device, step_generator  # noqa: E402
 from ldmkit.training.runs import train_denoiser  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import diffusers_unet  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "fashion-mnist" / "denoiser.toml"
 DEFAULT_AE = ROOT / "runs" / "recipes" / "fashion-mnist" / "ae" / "autoencoder.safetensors"
@@ -105,21 +107,6 @@ def cached_latents(run: DenoiserRun, device: torch.device, progress: bool) -> tu
     with autocast(run.train, device):
         latents = encode_dataset(ae, run.autoencoder, build_dataset(run.data), run.data, device, progress=progress)
     return run, latents
-
-
-def diffusers_unet(cfg: UNetConfig):
-    """diffusers' UNet2DConditionModel with ldmkit's layout: without a context, each transformer block takes the
-    form diffusers builds for cross_attention_dim=None (self-attention and feed-forward only)."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention import BasicTransformerBlock
-
-    config = unet_config_to_diffusers(replace(cfg, context_dim=cfg.context_dim or 1))
-    unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
-    if not cfg.context_dim:
-        for block in unet.modules():
-            if isinstance(block, BasicTransformerBlock):
-                block.attn2, block.norm2 = None, None
-    return unet
 
 
 def train_diffusers(unet, ldm: LatentDiffusion, latents: LatentCache, run: DenoiserRun, device: torch.device,

@@ -63,6 +63,12 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16:  # nearest upsampling in bf16 is unsupported on some backends
-            return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest_2x(x))
+
+
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 2H, 2W), each pixel repeated 2x2: the values of F.interpolate(x, scale_factor=2,
+    mode="nearest"), written as a broadcast copy. On the CPU that is several times faster than interpolate's NCHW
+    kernel, and it works in every dtype (interpolate lacks bf16 nearest on some backends)."""
+    B, C, H, W = x.shape
+    return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
