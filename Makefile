@@ -33,7 +33,7 @@ test-all: install
 # The shipped models answer in seconds; `make demo-train` trains a small model from scratch (about 5 CPU minutes).
 demo: install
 	@if [ -f weights/emoji.safetensors ]; then \
-	  $(VENV)/bin/ldmkit generate "red apple" "grinning face" "blue heart" --out $(DEMO)/emoji.png; fi
+	  $(VENV)/bin/ldmkit generate "red apple" "grinning face" "blue heart" --cfg 5 --out $(DEMO)/emoji.png; fi
 	@if [ -f weights/fashion-mnist.safetensors ]; then \
 	  $(VENV)/bin/ldmkit generate --model fashion-mnist --n 20 --out $(DEMO)/fashion-mnist.png; \
 	else echo "no shipped weights in weights/: training a demo model instead"; $(MAKE) demo-train; fi
