@@ -44,12 +44,13 @@ sys.path.insert(0, str(ROOT))
 from ldmkit.config import DenoiserRun, load_run  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.latents import LatentCache, encode_dataset  # noqa: E402
-from ldmkit.diffusion.noise import generators_from_seed, randn  # noqa: E402
+from ldmkit.noise import generators_from_seed, randn  # noqa: E402
 from ldmkit.evaluation.fid import InceptionFeatures, compute_stats, reference_stats  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.pipelines.txt2img import SampleRequest, generate  # noqa: E402
-from ldmkit.training.autoencoder import load_autoencoder  # noqa: E402
-from ldmkit.training.loop import autocast, batch_indices, resolve_device, step_generator  # noqa: E402
+from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
+from ldmkit.runtime import autocast, resolve_device  # noqa: E402
+from ldmkit.training.loop import batch_indices, step_generator  # noqa: E402
 from ldmkit.training.runs import train_denoiser  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,7 +105,7 @@ def cached_latents(run: DenoiserRun, device: torch.device, progress: bool) -> tu
     ae, ae_run = load_autoencoder(run.autoencoder, device)
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
-    with autocast(run.train, device):
+    with autocast(run.train.mixed_precision, device):
         latents = encode_dataset(ae, run.autoencoder, build_dataset(run.data), run.data, device, progress=progress)
     return run, latents
 
@@ -139,7 +140,7 @@ def train_diffusers(unet, ldm: LatentDiffusion, latents: LatentCache, run: Denoi
         noise = torch.randn(z.shape, generator=gen).to(device)
         timesteps = torch.randint(0, ddpm.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
         noisy = ddpm.add_noise(z, noise, timesteps)
-        with autocast(t, device):
+        with autocast(t.mixed_precision, device):
             pred = unet(noisy, timesteps, None, class_labels=labels).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()

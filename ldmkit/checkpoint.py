@@ -16,11 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
+
 FORMAT = "ldmkit"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or of the wrong kind."""
 
 
 def file_mode() -> int:

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from .errors import InputError, LdmkitError
 
 
 def _run_options(p: argparse.ArgumentParser, default_out: str):
@@ -57,7 +58,7 @@ def cmd_sample(args):
     if args.prompt_file:
         prompts = [ln.strip() for ln in Path(args.prompt_file).read_text().splitlines() if ln.strip()]
         if not prompts:
-            raise ValueError(f"{args.prompt_file} has no prompts (one per line)")
+            raise InputError(f"{args.prompt_file} has no prompts (one per line)")
     elif args.prompt is not None:
         prompts = [args.prompt] * args.n
     req = SampleRequest(n=len(prompts) if prompts else args.n, labels=args.label, prompts=prompts,
@@ -79,14 +80,14 @@ def cmd_generate(args):
     path = resolve_model(args.model)
     prompts = list(args.prompt) or None
     if prompts and args.label is not None:
-        raise ValueError("give prompts (text models) or --label (class models), not both")
+        raise InputError("give prompts (text models) or --label (class models), not both")
     if prompts:
         from .checkpoint import read_metadata
 
         meta = read_metadata(path)["config"]
         if not meta.get("text_encoder"):
             names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
-            raise ValueError(f"the model {args.model!r} is not text-conditional, so it takes no prompt; use --label N"
+            raise InputError(f"the model {args.model!r} is not text-conditional, so it takes no prompt; use --label N"
                              f" ({names or 'unconditional: no label'}). Prompts need a text model such as emoji "
                              f"(python recipes/build.py emoji trains it)")
     slug = re.sub(r"[^a-z0-9]+", "-", (prompts[0] if prompts else f"{args.model}").lower()).strip("-")[:40] or "image"
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
 
     ap = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion: train, sample, evaluate, serve.")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-autoencoder", help="train the first stage (KL or VQ autoencoder)")
@@ -210,13 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         args.fn(args)
     except KeyboardInterrupt as e:
+        if args.debug:
+            raise
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except LdmkitError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

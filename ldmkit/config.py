@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from .errors import ConfigError, MissingFileError
 
 
 # --- components ---------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def _coerce(tp, value, where: str):
         return None if value is None else _coerce(args[0], value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a table of settings, got {value!r}")
+            raise ConfigError(f"{where}: expected a table of settings, got {value!r}")
         return from_dict(tp, value, where)
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
@@ -179,15 +180,15 @@ def _coerce(tp, value, where: str):
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"{where}: {value!r} is not a boolean; use true or false")
+            raise ConfigError(f"{where}: {value!r} is not a boolean; use true or false")
         return bool(value)
     if tp in (int, float):
         try:
             out = tp(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: {value!r} is not a valid {tp.__name__}") from None
+            raise ConfigError(f"{where}: {value!r} is not a valid {tp.__name__}") from None
         if tp is int and isinstance(value, float) and value != out:
-            raise ValueError(f"{where}: {value!r} is not a whole number")
+            raise ConfigError(f"{where}: {value!r} is not a whole number")
         return out
     if tp is str:
         return str(value)
@@ -201,7 +202,7 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
     unknown = set(data) - names
     if unknown:
         key = sorted(unknown)[0]
-        raise ValueError(f"unknown setting {where + '.' if where else ''}{key}; known: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown setting {where + '.' if where else ''}{key}; known: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -218,7 +219,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.steps=200")
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=200")
         key, value = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
@@ -240,7 +241,7 @@ def load_run(cls, preset: str | None = None, overrides: list[str] | None = None)
             path = PRESET_DIR / f"{preset}.toml"
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
-            raise FileNotFoundError(f"config {preset!r} not found; give a .toml path or one of: {known}")
+            raise MissingFileError(f"config {preset!r} not found; give a .toml path or one of: {known}")
         with path.open("rb") as f:
             data = tomllib.load(f)
     data = merge(data, parse_overrides(overrides or []))

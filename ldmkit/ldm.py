@@ -17,6 +17,7 @@ from .conditioning.types import Conditioning
 from .config import AutoencoderConfig, DenoiserRun, from_dict, to_dict
 from .denoisers.unet import UNet
 from .diffusion.parameterisation import make_denoiser
+from .errors import InputError
 
 KIND = "ldm"
 
@@ -80,16 +81,16 @@ class LatentDiffusion:
             with torch.no_grad():
                 return self.text_encoder.encode(list(prompts)).map(lambda t: t.to(self.device))
         if prompts is not None and any(prompts):
-            raise ValueError("this model is not text-conditional; use --label (class-conditional) or no condition")
+            raise InputError("this model is not text-conditional; use --label (class-conditional) or no condition")
         if not self.num_classes:
             if labels is not None and any(int(l) >= 0 for l in labels):
-                raise ValueError("this model is unconditional; it takes no --label")
+                raise InputError("this model is unconditional; it takes no --label")
             return Conditioning()
         labels = [-1] * (n or 1) if labels is None else list(labels)
         for l in labels:
             if not -1 <= int(l) < self.num_classes:
                 names = ", ".join(f"{i}={c}" for i, c in enumerate(self.class_names)) or f"0..{self.num_classes - 1}"
-                raise ValueError(f"label {l} is out of range; this model knows {self.num_classes} classes: {names}")
+                raise InputError(f"label {l} is out of range; this model knows {self.num_classes} classes: {names}")
         t = torch.tensor([self.num_classes if int(l) < 0 else int(l) for l in labels], dtype=torch.long)
         return Conditioning(labels=t.to(self.device))
 

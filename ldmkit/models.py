@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .errors import InputError, MissingFileError
 
 DEFAULT_MODEL = "emoji"
 SHIPPED = {
@@ -39,15 +40,15 @@ def resolve_model(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or p.exists():
         if not p.is_file():
-            raise FileNotFoundError(f"{p} does not exist; give a model.safetensors from `ldmkit train` or one of "
+            raise MissingFileError(f"{p} does not exist; give a model.safetensors from `ldmkit train` or one of "
                                     f"the shipped models: {', '.join(SHIPPED)}")
         return p
     if name_or_path not in SHIPPED:
-        raise ValueError(f"unknown model {name_or_path!r}; shipped models: {', '.join(SHIPPED)} (or give a path to "
+        raise InputError(f"unknown model {name_or_path!r}; shipped models: {', '.join(SHIPPED)} (or give a path to "
                          f"a model.safetensors)")
     path = weights_dir() / f"{name_or_path}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"the shipped model {name_or_path!r} is missing at {path}; restore it with "
+        raise MissingFileError(f"the shipped model {name_or_path!r} is missing at {path}; restore it with "
                                 f"`git checkout -- weights/` or train it with `python recipes/build.py {name_or_path}`")
     return path
 

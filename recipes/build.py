@@ -25,7 +25,7 @@ from ldmkit.config import AutoencoderRun, DenoiserRun, load_run, to_dict  # noqa
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
 from ldmkit.models import SHIPPED, export_half, weights_dir  # noqa: E402
 from ldmkit.pipelines.txt2img import SampleRequest, generate_to_file  # noqa: E402
-from ldmkit.training.loop import resolve_device  # noqa: E402
+from ldmkit.runtime import resolve_device  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
 
 GRID_PROMPTS = ["red apple", "grinning face", "blue heart", "rocket", "pizza", "cat face", "sun", "christmas tree"]

@@ -44,7 +44,7 @@ def blobs():
 def tiny_ae(tmp_path_factory):
     """A 2-step trained f=2 KL autoencoder checkpoint for 16x16 grayscale images."""
     from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
-    from ldmkit.training.autoencoder import export_autoencoder
+    from ldmkit.autoencoder.files import save_autoencoder
     from ldmkit.autoencoder import build_autoencoder
 
     run = AutoencoderRun(model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2),
@@ -54,7 +54,7 @@ def tiny_ae(tmp_path_factory):
     torch.manual_seed(0)
     images = torch.rand(8, 1, 16, 16) * 2 - 1
     path = tmp_path_factory.mktemp("ae") / "autoencoder.safetensors"
-    return export_autoencoder(path, build_autoencoder(run.model), run, TensorDataset(images), 0)
+    return save_autoencoder(path, build_autoencoder(run.model), run, TensorDataset(images), 0)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +63,7 @@ def tiny_ldm(tmp_path_factory, tiny_ae):
     from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
     from ldmkit.denoisers.unet import UNet
     from ldmkit.ldm import LatentDiffusion
-    from ldmkit.training.autoencoder import load_autoencoder
+    from ldmkit.autoencoder.files import load_autoencoder
 
     ae, ae_run = load_autoencoder(tiny_ae)
     run = DenoiserRun(autoencoder=str(tiny_ae),
@@ -85,7 +85,7 @@ def tiny_text_ldm(tmp_path_factory, tiny_ae):
     from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
     from ldmkit.denoisers.unet import UNet
     from ldmkit.ldm import LatentDiffusion
-    from ldmkit.training.autoencoder import load_autoencoder
+    from ldmkit.autoencoder.files import load_autoencoder
 
     ae, ae_run = load_autoencoder(tiny_ae)
     torch.manual_seed(0)

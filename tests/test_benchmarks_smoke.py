@@ -47,7 +47,7 @@ def _tiny_autoencoder(path: Path) -> Path:
     from conftest import TensorDataset
     from ldmkit.autoencoder import build_autoencoder
     from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
-    from ldmkit.training.autoencoder import export_autoencoder
+    from ldmkit.autoencoder.files import save_autoencoder
 
     run = AutoencoderRun(model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2, 2),
                                                  latent_channels=2, norm_groups=4),
@@ -55,7 +55,7 @@ def _tiny_autoencoder(path: Path) -> Path:
                          train=TrainConfig(steps=1))
     torch.manual_seed(0)
     images = torch.rand(8, 1, 32, 32) * 2 - 1
-    return export_autoencoder(path, build_autoencoder(run.model), run, TensorDataset(images), 0)
+    return save_autoencoder(path, build_autoencoder(run.model), run, TensorDataset(images), 0)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ldmkit.diffusion.noise import generators_from_seed
+from ldmkit.noise import generators_from_seed
 from ldmkit.diffusion.schedules import karras_sigmas
 from ldmkit.samplers import SAMPLERS, get_sampler
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ldmkit.config import DataConfig, DenoiserRun, TrainConfig, UNetConfig, DiffusionConfig
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.diffusion.noise import generators_from_seed
+from ldmkit.noise import generators_from_seed
 from ldmkit.diffusion.sample import sample_latents
 from ldmkit.training.runs import train_denoiser
 
@@ -47,7 +47,7 @@ def _autoencoder(path, data):
     from ldmkit.autoencoder import build_autoencoder
     from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun
     from ldmkit.data import build_dataset
-    from ldmkit.training.autoencoder import export_autoencoder
+    from ldmkit.autoencoder.files import save_autoencoder
 
     cfg = AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4)
     run = AutoencoderRun(model=cfg, loss=AutoencoderLossConfig(perceptual_weight=0),
@@ -57,7 +57,7 @@ def _autoencoder(path, data):
     with torch.no_grad():
         model.quant_conv.weight[cfg.latent_channels:] = 0
         model.quant_conv.bias[cfg.latent_channels:] = -30.0
-    return export_autoencoder(path, model, run, build_dataset(run.data), 0)
+    return save_autoencoder(path, model, run, build_dataset(run.data), 0)
 
 
 def _train(tmp_path, captions):

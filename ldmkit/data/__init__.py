@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DataConfig
+from ..errors import InputError
 
 
 def _fashion_mnist(cfg: DataConfig):
@@ -40,11 +41,11 @@ BUILTINS = {
 def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
     """The data set named by cfg.dataset (a built-in name or an image folder path), with cfg.limit applied."""
     if cfg.crop not in ("center", "random"):
-        raise ValueError(f"data.crop={cfg.crop!r} is not supported; use center or random")
+        raise InputError(f"data.crop={cfg.crop!r} is not supported; use center or random")
     if cfg.channels not in (1, 3):
-        raise ValueError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+        raise InputError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
     if cfg.resolution < 1:
-        raise ValueError(f"data.resolution={cfg.resolution} must be a positive number of pixels, e.g. 32")
+        raise InputError(f"data.resolution={cfg.resolution} must be a positive number of pixels, e.g. 32")
     if cfg.dataset in BUILTINS:
         return BUILTINS[cfg.dataset](cfg)
     from .folder import ImageFolder
@@ -74,9 +75,14 @@ class Subset(torch.utils.data.Dataset):
 def split_holdout(ds, n: int) -> tuple[Subset, Subset]:
     """(train, holdout): the last n items are held out for evaluation, the rest train; deterministic."""
     if n < 0 or n >= len(ds):
-        raise ValueError(f"cannot hold out {n} of {len(ds)} images; set data.holdout between 0 and {len(ds) - 1}")
+        raise InputError(f"cannot hold out {n} of {len(ds)} images; set data.holdout between 0 and {len(ds) - 1}")
     cut = len(ds) - n
     return Subset(ds, range(cut)), Subset(ds, range(cut, len(ds)))
 
 
-__all__ = ["BUILTINS", "Subset", "build_dataset", "split_holdout"]
+def stack_images(dataset, idx) -> torch.Tensor:
+    """The images of items `idx` of a data set in ldmkit's item format, stacked."""
+    return torch.stack([dataset[int(i)]["image"] for i in idx])  # (B, C, H, W)
+
+
+__all__ = ["BUILTINS", "Subset", "build_dataset", "split_holdout", "stack_images"]

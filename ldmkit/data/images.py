@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from ..checkpoint import atomic_write
+from ..errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -22,7 +23,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3); transparency is composited on white."""
     if channels not in (1, 3):
-        raise ValueError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+        raise InputError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("RGB", "L") and "transparency" in img.info):
@@ -49,7 +50,7 @@ def resize_and_crop(img: Image.Image, size: int, crop: str = "center") -> Image.
     crop="random" draws the offset from torch's global RNG, so a seeded DataLoader reproduces it.
     """
     if crop not in ("center", "random"):
-        raise ValueError(f"crop={crop!r} is not supported; use 'center' or 'random'")
+        raise InputError(f"crop={crop!r} is not supported; use 'center' or 'random'")
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -83,7 +84,7 @@ def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
     if x.ndim == 4:
         return [to_pil(t) for t in x]
     if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
-        raise ValueError(f"to_pil expects (C, H, W) or (B, C, H, W) with C in 1, 3, 4; got {tuple(x.shape)}")
+        raise InputError(f"to_pil expects (C, H, W) or (B, C, H, W) with C in 1, 3, 4; got {tuple(x.shape)}")
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, H, W)
     arr = arr.permute(1, 2, 0).numpy()  # (H, W, C)
     if arr.shape[2] == 1:
@@ -108,7 +109,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, labels: lis
         images = images[None]
     b, c, h, w = images.shape
     if labels is not None and len(labels) != b:
-        raise ValueError(f"save_grid got {b} images but {len(labels)} labels; pass one label per image or None")
+        raise InputError(f"save_grid got {b} images but {len(labels)} labels; pass one label per image or None")
     nrow = max(1, min(nrow, b))
     rows = math.ceil(b / nrow)
     font = ImageFont.load_default()

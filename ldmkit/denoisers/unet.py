@@ -15,6 +15,7 @@ from ..conditioning.types import Conditioning
 from ..nn.attention import SpatialTransformer
 from ..nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from ..nn.embeddings import TimestepMLP, timestep_embedding
+from ..errors import InputError
 
 
 class Level(nn.Module):
@@ -116,7 +117,7 @@ class UNet(nn.Module):
         if cond.concat is not None:
             x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
         if x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"U-Net expects {self.cfg.in_channels} input channels (latent + concat), got "
+            raise InputError(f"U-Net expects {self.cfg.in_channels} input channels (latent + concat), got "
                              f"{x.shape[1]}; check the conditioning's concat channels")
         emb = self.embed(c_noise, cond.labels)
         ctx, mask = cond.context, cond.context_mask
@@ -155,6 +156,6 @@ def check_resolution(cfg: UNetConfig, height: int, width: int):
     f = 2 ** (len(cfg.channel_mult) - 1)
     for name, v in (("height", height), ("width", width)):
         if v % f:
-            raise ValueError(f"latent {name} {v} is not a multiple of {f} (the U-Net downsamples "
+            raise InputError(f"latent {name} {v} is not a multiple of {f} (the U-Net downsamples "
                              f"{len(cfg.channel_mult) - 1} times); use a latent size of {v // f * f or f} "
                              f"or {(v // f + 1) * f}")

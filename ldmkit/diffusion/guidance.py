@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from ..conditioning.types import Conditioning
-from .noise import Generators, randn_like
+from ..noise import Generators, randn_like
+from ..errors import InputError
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,9 +45,9 @@ class CFGDenoiser:
         cond / uncond: conditionings for the B samples (the same fields in both); scale: guidance scale s (1 means
         no guidance: one conditional pass); rescale: guidance rescale phi in [0, 1]."""
         if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance rescale {rescale} must be between 0 and 1 (0.7 is the paper's choice)")
+            raise InputError(f"guidance rescale {rescale} must be between 0 and 1 (0.7 is the paper's choice)")
         if rescale > 0 and not hasattr(denoiser, "prediction"):
-            raise ValueError("guidance rescale needs a Denoiser with prediction(); wrap the backbone with "
+            raise InputError("guidance rescale needs a Denoiser with prediction(); wrap the backbone with "
                              "make_denoiser or set rescale=0")
         self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
         self.scale, self.rescale = float(scale), float(rescale)
@@ -77,7 +78,7 @@ class InpaintBlend:
         1 where the original is kept, 0 where it is generated; generator: seeds the fixed noise n (one per sample
         for batch-size independence)."""
         if mask.shape[-2:] != x0_known.shape[-2:]:
-            raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the latent size "
+            raise InputError(f"mask size {tuple(mask.shape[-2:])} differs from the latent size "
                              f"{tuple(x0_known.shape[-2:])}; resize the mask to the latent resolution")
         self.denoise, self.x0_known = denoise, x0_known
         self.mask = mask.to(device=x0_known.device, dtype=x0_known.dtype)

@@ -20,8 +20,9 @@ from torch import nn
 
 from ..conditioning.types import Conditioning
 from ..config import DiffusionConfig
-from .noise import Generators, randn_like
+from ..noise import Generators, randn_like
 from .schedules import discrete_sigmas, karras_sigmas, schedule_from_config, sigma_to_t
+from ..errors import InputError
 
 PARAMETERISATIONS = ("eps", "v", "edm")
 ZERO_SNR_ABAR = 2.0 ** -24  # abar used for a zero-terminal-SNR last timestep, as diffusers' schedulers do
@@ -79,7 +80,7 @@ class Denoiser(nn.Module):
         if s.ndim == 0:
             s = s.expand(x.shape[0])
         if s.shape != (x.shape[0],):
-            raise ValueError(f"sigma has shape {tuple(s.shape)} for a batch of {x.shape[0]}; pass a number or one "
+            raise InputError(f"sigma has shape {tuple(s.shape)} for a batch of {x.shape[0]}; pass a number or one "
                              f"sigma per sample")
         return s
 
@@ -217,7 +218,7 @@ class EDMDenoiser(Denoiser):
     def sigmas(self, steps: int, spacing: str = "karras", rho: float = 7.0) -> torch.Tensor:
         """Karras et al. 2022 grid (steps + 1,) between sigma_max and sigma_min, then 0."""
         if spacing != "karras":
-            raise ValueError(f"an EDM model samples on a Karras grid; use spacing='karras', not {spacing!r}")
+            raise InputError(f"an EDM model samples on a Karras grid; use spacing='karras', not {spacing!r}")
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho).float()
 
 
@@ -229,5 +230,5 @@ def make_denoiser(backbone: nn.Module, cfg: DiffusionConfig) -> Denoiser:
     if cfg.parameterisation == "edm":
         return EDMDenoiser(backbone, cfg.sigma_data, cfg.p_mean, cfg.p_std, cfg.sigma_min, cfg.sigma_max,
                            cfg.min_snr_gamma)
-    raise ValueError(f"unknown parameterisation {cfg.parameterisation!r}; set diffusion.parameterisation to one of "
+    raise InputError(f"unknown parameterisation {cfg.parameterisation!r}; set diffusion.parameterisation to one of "
                      f"{', '.join(PARAMETERISATIONS)}")

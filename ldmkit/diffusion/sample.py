@@ -6,7 +6,7 @@ import torch
 from ..conditioning.types import Conditioning
 from ..samplers import get_sampler
 from .guidance import CFGDenoiser, bind
-from .noise import Generators, randn
+from ..noise import Generators, randn
 
 
 @torch.no_grad()

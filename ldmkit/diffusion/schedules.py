@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..config import DiffusionConfig
+from ..errors import InputError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -37,7 +38,7 @@ def betas_for(schedule: str, n: int = 1000, beta_start: float = 0.00085, beta_en
         return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
     if schedule == "cosine":
         return cosine_betas(n)
-    raise ValueError(f"unknown beta schedule {schedule!r}; use one of {', '.join(BETA_SCHEDULES)}")
+    raise InputError(f"unknown beta schedule {schedule!r}; use one of {', '.join(BETA_SCHEDULES)}")
 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
 def schedule_from_config(cfg: DiffusionConfig) -> torch.Tensor:
     """The discrete training sigmas (N,) float64, increasing in t, of an eps / v model's configuration."""
     if cfg.parameterisation == "edm":
-        raise ValueError("an EDM model has a continuous sigma range, not a discrete schedule; use "
+        raise InputError("an EDM model has a continuous sigma range, not a discrete schedule; use "
                          "karras_sigmas(steps, cfg.sigma_min, cfg.sigma_max) or set parameterisation to eps or v")
     betas = betas_for(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
     if cfg.zero_terminal_snr:
@@ -87,7 +88,7 @@ def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0; (n+1,)."""
     if n < 1:
-        raise ValueError(f"steps {n} must be at least 1")
+        raise InputError(f"steps {n} must be at least 1")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return append_zero((hi + ramp * (lo - hi)) ** rho)
@@ -126,7 +127,7 @@ def spaced_timesteps(steps: int, num_timesteps: int = 1000, spacing: str = "trai
     linspace(0, N-1, n) (unrounded as Euler; DDIM and DDPM round it). DPM-Solver's "linspace" / "leading" are these
     with steps + 1 points and the last (lowest) dropped."""
     if steps < 1 or steps > num_timesteps:
-        raise ValueError(f"steps {steps} must be between 1 and the {num_timesteps} training timesteps")
+        raise InputError(f"steps {steps} must be between 1 and the {num_timesteps} training timesteps")
     n, N = steps, num_timesteps
     if spacing == "leading":
         return (torch.arange(n, dtype=torch.float64) * (N // n)).flip(0) + steps_offset
@@ -134,7 +135,7 @@ def spaced_timesteps(steps: int, num_timesteps: int = 1000, spacing: str = "trai
         return torch.round(N - torch.arange(n, dtype=torch.float64) * (N / n)) - 1
     if spacing == "linspace":
         return torch.linspace(0, N - 1, n, dtype=torch.float64).flip(0)
-    raise ValueError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)} (or karras)")
+    raise InputError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)} (or karras)")
 
 
 def discrete_sigmas(table: torch.Tensor, steps: int, spacing: str = "trailing", steps_offset: int = 0,

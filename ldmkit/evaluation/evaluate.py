@@ -20,7 +20,12 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import DataConfig
+from ..runtime import resolve_device
+from ..autoencoder.files import load_autoencoder
+from ..data import stack_images
+from .metrics import reconstruction_metrics
 from .fid import FeatureStats, InceptionFeatures, compute_stats, reference_indices, reference_stats
+from ..errors import InputError
 
 
 def _reference_data(data_cfg: DataConfig, dataset: str | None, split: str, n: int):
@@ -31,9 +36,9 @@ def _reference_data(data_cfg: DataConfig, dataset: str | None, split: str, n: in
                   flip=False)
     ds = build_dataset(cfg)
     if n < 2:
-        raise ValueError(f"--n {n}: FID needs at least 2 images (10,000 is the usual figure)")
+        raise InputError(f"--n {n}: FID needs at least 2 images (10,000 is the usual figure)")
     if n > len(ds):
-        raise ValueError(f"--n {n} is more than the {len(ds)} images of {cfg.dataset!r} ({split}); use --n {len(ds)}")
+        raise InputError(f"--n {n} is more than the {len(ds)} images of {cfg.dataset!r} ({split}); use --n {len(ds)}")
     return cfg, ds
 
 
@@ -62,15 +67,11 @@ def evaluate(path: str | Path, *, dataset: str | None = None, split: str = "test
              sampler: str = "dpmpp_2m", steps: int = 25, cfg: float = 3.0, seed: int = 0, device: str = "auto",
              batch_size: int = 50, progress: bool = True) -> dict:
     """Metrics of a checkpoint against `dataset` (default: the one it was trained on), `split`, n images."""
-    from ..training.loop import resolve_device
-
     kind = checkpoint.read_metadata(path)["kind"]
     dev = resolve_device(device)
     features = InceptionFeatures(device=dev, batch_size=batch_size)
     start = time.time()
     if kind == "autoencoder":
-        from ..training.autoencoder import load_autoencoder, reconstruction_metrics
-
         model, run = load_autoencoder(path, dev)
         data_cfg, ds = _reference_data(run.data, dataset, split, n)
         ref = reference_stats(data_cfg.dataset, ds, n, split=split, features=features, progress=progress,
@@ -93,7 +94,7 @@ def evaluate(path: str | Path, *, dataset: str | None = None, split: str = "test
         result = {"fid": gen.fid(ref), "kid": kid_mean, "kid_std": kid_std, "sampler": sampler, "steps": steps,
                   "cfg": cfg, "seed": seed}
     else:
-        raise ValueError(f"{path} is a {kind!r} checkpoint; evaluate takes a model (`ldmkit train`) or an "
+        raise InputError(f"{path} is a {kind!r} checkpoint; evaluate takes a model (`ldmkit train`) or an "
                          f"autoencoder (`ldmkit train-autoencoder`)")
     return {"checkpoint": str(path), "kind": kind, "data": data_cfg.dataset, "split": split, "n": n,
             "resolution": data_cfg.resolution, **result, "seconds": round(time.time() - start, 1)}
@@ -101,8 +102,6 @@ def evaluate(path: str | Path, *, dataset: str | None = None, split: str = "test
 
 @torch.no_grad()
 def _reconstructions(model, subset, device, batch: int):
-    from ..training.autoencoder import stack_images
-
     for i in range(0, len(subset), batch):
         x = stack_images(subset, range(i, min(i + batch, len(subset)))).to(device)
         yield model(x, sample=False)[0].float().clamp(-1, 1).cpu()

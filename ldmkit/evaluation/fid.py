@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write
 from ..data.latents import cache_dir as default_cache_dir
 from ..nn.inception import load_inception
+from ..errors import InputError
 
 INCEPTION_SIZE = 299  # input side of the feature network
 FEATURE_DIM = 2048  # pool_3 features
@@ -53,7 +54,7 @@ def tf_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def inception_inputs(images: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] with C = 1 or 3 -> network inputs (B, 3, 299, 299) in [-1, 0.9921875]."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}; convert to "
+        raise InputError(f"expected images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}; convert to "
                          f"grayscale or RGB first")
     x = images.float()
     if x.shape[1] == 1:
@@ -97,7 +98,7 @@ def inception_trunk(n_layers: int, device: torch.device | str = "cpu") -> nn.Mod
     net = load_inception(device)
     layers = list(net.net.layers.children())
     if not 1 <= n_layers <= len(layers):
-        raise ValueError(f"n_layers={n_layers} is out of range; TF-Inception has {len(layers)} layers, pick 1 to "
+        raise InputError(f"n_layers={n_layers} is out of range; TF-Inception has {len(layers)} layers, pick 1 to "
                          f"{len(layers)} (3 ends after conv 64, 6 after conv 192)")
     trunk = nn.Sequential(*layers[:n_layers]).eval()
     return trunk.requires_grad_(False)
@@ -152,7 +153,7 @@ class FeatureStats:
             if keep_features:
                 kept.append(f.astype(np.float32))
         if moments.n < 2:
-            raise ValueError(f"need at least 2 images for a covariance, got {moments.n}; use more images")
+            raise InputError(f"need at least 2 images for a covariance, got {moments.n}; use more images")
         mu, sigma = moments.result()
         return cls(mu, sigma, moments.n, np.concatenate(kept) if keep_features else None)
 
@@ -163,7 +164,7 @@ class FeatureStats:
     def kid(self, other: FeatureStats, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
         """KID (mean, std) between this set and `other`; both must have been computed with keep_features=True."""
         if self.features is None or other.features is None:
-            raise ValueError("KID needs raw features; compute both statistics with keep_features=True")
+            raise InputError("KID needs raw features; compute both statistics with keep_features=True")
         return kid(self.features, other.features, subsets, subset_size)
 
     def save(self, path: str | Path) -> Path:
@@ -184,7 +185,7 @@ class FeatureStats:
         with np.load(path, allow_pickle=False) as z:
             missing = {"mu", "sigma", "n"} - set(z.files)
             if missing:
-                raise ValueError(f"{path} lacks {sorted(missing)}; it is not a FeatureStats file, delete it and "
+                raise InputError(f"{path} lacks {sorted(missing)}; it is not a FeatureStats file, delete it and "
                                  f"recompute the statistics")
             features = z["features"] if "features" in z.files else None
             return cls(z["mu"], z["sigma"], int(z["n"]), features)
@@ -202,7 +203,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}; both "
+        raise InputError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}; both "
                          f"statistics must come from the same feature network")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)  # S1 = V diag(w) V^T
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2, (D, D)
@@ -232,7 +233,7 @@ def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size:
     x, y = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     m = min(subset_size, x.shape[0], y.shape[0])
     if m < 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"KID needs two feature sets (N, D) with the same D and N >= 2, got {x.shape} and "
+        raise InputError(f"KID needs two feature sets (N, D) with the same D and N >= 2, got {x.shape} and "
                          f"{y.shape}; use more images")
     rng = np.random.default_rng(seed)
     vals = [_mmd2_unbiased(x[rng.choice(x.shape[0], m, replace=False)], y[rng.choice(y.shape[0], m, replace=False)])
@@ -289,7 +290,7 @@ def reference_stats(name: str, dataset, n: int | None = None, cache_dir: str | P
     total = len(dataset)
     n = total if n is None else n
     if not 2 <= n <= total:
-        raise ValueError(f"n={n} is out of range for {name!r} ({total} items); pick 2 to {total}")
+        raise InputError(f"n={n} is out of range for {name!r} ({total} items); pick 2 to {total}")
     first = next(iter(_batches([dataset[0]], 1)))[0]  # (C, H, W)
     shape = "x".join(str(s) for s in first.shape)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-{split}")

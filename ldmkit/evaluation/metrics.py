@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import stack_images
+from ..errors import InputError
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
     if x.shape != y.shape:
-        raise ValueError(f"{name}: shapes {tuple(x.shape)} and {tuple(y.shape)} differ; pass two image batches of "
+        raise InputError(f"{name}: shapes {tuple(x.shape)} and {tuple(y.shape)} differ; pass two image batches of "
                          f"the same (B, C, H, W) shape")
     if x.ndim != 4:
-        raise ValueError(f"{name}: expected (B, C, H, W) image batches, got {x.ndim} dimensions; add a batch "
+        raise InputError(f"{name}: expected (B, C, H, W) image batches, got {x.ndim} dimensions; add a batch "
                          f"dimension with x.unsqueeze(0) for a single image")
 
 
@@ -56,7 +60,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int 
     side = min(x.shape[-2:])
     k = min(window, side if side % 2 else side - 1)
     if k < 1:
-        raise ValueError(f"ssim: image of size {tuple(x.shape[-2:])} is too small; SSIM needs at least 1x1 pixels")
+        raise InputError(f"ssim: image of size {tuple(x.shape[-2:])} is too small; SSIM needs at least 1x1 pixels")
     x, y = x.float(), y.float()
     g = gaussian_window(k, sigma, device=x.device)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
@@ -71,3 +75,15 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int 
     den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
     return (num / den).mean(dim=(2, 3)).mean(dim=1)  # (B,)
 
+
+@torch.no_grad()
+def reconstruction_metrics(model: nn.Module, dataset, device, batch: int = 64, progress: bool = True) -> dict:
+    """PSNR and SSIM (mean over images) of deterministic reconstructions of `dataset`."""
+    model.eval()
+    ps, ss = [], []
+    for i in tqdm(range(0, len(dataset), batch), desc="reconstruction metrics", disable=not progress, leave=False):
+        x = stack_images(dataset, range(i, min(i + batch, len(dataset)))).to(device)
+        r = model(x, sample=False)[0].float().clamp(-1, 1)
+        ps.append(psnr(r, x).cpu())
+        ss.append(ssim(r, x).cpu())
+    return {"psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()), "n": len(dataset)}

@@ -14,6 +14,7 @@ from ..autoencoder import build_autoencoder
 from ..checkpoint import CheckpointError
 from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig
 from ..denoisers.unet import UNet
+from ..errors import InputError
 
 CLIP_VOCAB = 49408  # CLIP's BPE vocabulary: 512 byte symbols, 48,894 merges, start and end tokens
 CLIP_POSITIONS = 77
@@ -78,7 +79,7 @@ def clip_config(width: int, layers: int, heads: int, act: str, mlp_width: int | 
     """A transformers `CLIPTextConfig` dict. act "quick_gelu" is OpenAI CLIP (SD 1.x, pads with the end token),
     "gelu" OpenCLIP (SD 2.x, pads with 0); token ids as Stable Diffusion's published configs give them."""
     if act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"CLIP activation {act!r} is not known; use 'quick_gelu' (SD 1.x) or 'gelu' (SD 2.x)")
+        raise InputError(f"CLIP activation {act!r} is not known; use 'quick_gelu' (SD 1.x) or 'gelu' (SD 2.x)")
     return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": width,
             "intermediate_size": mlp_width or 4 * width, "num_hidden_layers": layers, "num_attention_heads": heads,
             "hidden_act": act, "vocab_size": vocab, "max_position_embeddings": positions, "layer_norm_eps": 1e-5,

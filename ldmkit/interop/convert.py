@@ -18,6 +18,7 @@ from .bundle import clip_state_to_encoder
 from .diffusers_pipeline import is_pipeline_folder, read_pipeline, write_pipeline
 from .files import PICKLE_SUFFIXES
 from .single_file import read_single_file, write_single_file
+from ..errors import InputError, MissingFileError, OutputExistsError
 
 FORMATS = ("ldm", "diffusers", "single-file")
 LDM_KIND = "ldm"
@@ -31,18 +32,18 @@ def source_format(path: str | Path) -> str:
             return "diffusers"
         hint = " (it looks like one diffusers model; give the pipeline folder above it)" \
             if (path / "config.json").is_file() else ""
-        raise ValueError(f"{path} is a folder without model_index.json, so not a diffusers pipeline{hint}")
+        raise InputError(f"{path} is a folder without model_index.json, so not a diffusers pipeline{hint}")
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give a .safetensors / .ckpt file or a diffusers folder")
+        raise MissingFileError(f"{path} does not exist; give a .safetensors / .ckpt file or a diffusers folder")
     if path.suffix in PICKLE_SUFFIXES:
         return "single-file"
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .safetensors "
+        raise InputError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .safetensors "
                          f"(ldmkit or Stable Diffusion), .ckpt, or a diffusers folder")
     meta = read_tensors_metadata(path)
     if meta.get("format") == checkpoint.FORMAT:
         if meta.get("kind") != LDM_KIND:
-            raise ValueError(f"{path} is an ldmkit {meta.get('kind')!r} checkpoint; only complete models "
+            raise InputError(f"{path} is an ldmkit {meta.get('kind')!r} checkpoint; only complete models "
                              f"(kind 'ldm', written by `ldmkit train` / LatentDiffusion.save) can be converted")
         return "ldm"
     return "single-file"
@@ -63,17 +64,17 @@ def destination_format(path: str | Path, src_format: str, to: str | None = None)
     path = Path(path)
     if to is not None:
         if to not in FORMATS:
-            raise ValueError(f"unknown format {to!r}; use one of {', '.join(FORMATS)}")
+            raise InputError(f"unknown format {to!r}; use one of {', '.join(FORMATS)}")
         return to
     if path.suffix in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: ldmkit writes no pickle files; name the destination .safetensors")
+        raise InputError(f"{path}: ldmkit writes no pickle files; name the destination .safetensors")
     if path.suffix == "":
         return "diffusers"
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: cannot tell the destination format from {path.suffix!r}; use a .safetensors "
+        raise InputError(f"{path}: cannot tell the destination format from {path.suffix!r}; use a .safetensors "
                          f"file or a folder (diffusers)")
     if src_format == "diffusers":
-        raise ValueError(f"{path}: a .safetensors destination may be an ldmkit checkpoint or a single-file "
+        raise InputError(f"{path}: a .safetensors destination may be an ldmkit checkpoint or a single-file "
                          f"checkpoint; say which with to='ldm' or to='single-file'")
     return "single-file" if src_format == "ldm" else "ldm"
 
@@ -89,7 +90,7 @@ def read_ldm(path: str | Path) -> ModelWeights:
     text_cfg = text = None
     if run.text_encoder:
         if run.text_encoder != "clip":
-            raise ValueError(f"{path} uses the {run.text_encoder!r} text encoder, which Stable Diffusion formats "
+            raise InputError(f"{path} uses the {run.text_encoder!r} text encoder, which Stable Diffusion formats "
                              f"cannot hold; only models with the 'clip' text encoder convert")
         from ..conditioning.text import build_text_encoder
 
@@ -109,7 +110,7 @@ def write_ldm(path: str | Path, w: ModelWeights) -> Path:
     """ModelWeights -> an ldmkit "ldm" checkpoint, as LatentDiffusion.save lays it out (CLIP weights included)."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: ldmkit checkpoints are .safetensors files; rename it")
+        raise InputError(f"{path}: ldmkit checkpoints are .safetensors files; rename it")
     tensors = checkpoint.prefixed(w.unet, "unet")
     tensors.update(checkpoint.prefixed(w.autoencoder, "autoencoder"))
     options = {}
@@ -134,11 +135,11 @@ def read_any(path: str | Path, *, unsafe_pickle: bool = False, prediction: str |
              heads=None) -> ModelWeights:
     """Any supported checkpoint -> ModelWeights (format told from the path)."""
     if prediction not in (None, "eps", "v"):
-        raise ValueError(f"prediction={prediction!r} is not known; use 'eps' or 'v'")
+        raise InputError(f"prediction={prediction!r} is not known; use 'eps' or 'v'")
     fmt = source_format(path)
     if fmt == "ldm":
         if prediction:
-            raise ValueError(f"{path} is an ldmkit checkpoint, which records its parameterisation; leave "
+            raise InputError(f"{path} is an ldmkit checkpoint, which records its parameterisation; leave "
                              f"prediction unset for it")
         return read_ldm(path)
     if fmt == "diffusers":
@@ -159,9 +160,9 @@ def convert(src: str | Path, dst: str | Path, *, unsafe_pickle: bool = False, pr
     src_fmt = source_format(src)
     dst_fmt = destination_format(dst, src_fmt, to)
     if Path(src).resolve() == Path(dst).resolve():
-        raise ValueError(f"source and destination are the same path ({dst}); write to a new path")
+        raise InputError(f"source and destination are the same path ({dst}); write to a new path")
     if Path(dst).exists() and not overwrite and not (Path(dst).is_dir() and not any(Path(dst).iterdir())):
-        raise FileExistsError(f"{dst} already exists; choose a new path or pass overwrite=True (--overwrite)")
+        raise OutputExistsError(f"{dst} already exists; choose a new path or pass overwrite=True (--overwrite)")
     w = read_any(src, unsafe_pickle=unsafe_pickle, prediction=prediction, heads=heads)
     writers = {"ldm": write_ldm, "diffusers": write_pipeline, "single-file": write_single_file}
     return writers[dst_fmt](dst, w)

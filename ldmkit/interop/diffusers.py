@@ -20,6 +20,7 @@ from . import keymaps
 from .diffusers_config import (unet_config_from_diffusers, unet_config_to_diffusers, vae_config_from_diffusers,
                                vae_config_to_diffusers)
 from .files import read_model_folder, write_model_folder
+from ..errors import InputError, MissingDependencyError
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
@@ -37,7 +38,7 @@ def _config_and_state(x, what: str, unsafe_pickle: bool) -> tuple[dict[str, Any]
 def _check_class(config: dict[str, Any], expected: str, source: str):
     name = config.get("_class_name", expected)
     if name != expected:
-        raise ValueError(f"{source} holds a {name}, not a {expected}")
+        raise InputError(f"{source} holds a {name}, not a {expected}")
 
 
 # --- U-Net ----------------------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def _export(config: dict[str, Any], state: dict[str, torch.Tensor], path, class_
         write_model_folder(path, WEIGHTS_STEM, config, state)
     if version is None:
         if path is None:
-            raise ImportError(f"building a diffusers {class_name} needs diffusers (`pip install diffusers`); or pass "
+            raise MissingDependencyError(f"building a diffusers {class_name} needs diffusers (`pip install diffusers`); or pass "
                               f"a folder path to write it without diffusers")
         return None
     import diffusers

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig
+from ..errors import InputError
 
 # diffusers' defaults, for configs written by older versions that omit newer keys.
 UNET_DEFAULTS: dict[str, Any] = {
@@ -48,7 +49,7 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squared
 
 
 def _unsupported(model: str, key: str, value, hint: str = "") -> ValueError:
-    return ValueError(f"{model} option {key}={value!r} is not supported by ldmkit" + (f"; {hint}" if hint else "")
+    return InputError(f"{model} option {key}={value!r} is not supported by ldmkit" + (f"; {hint}" if hint else "")
                       + "; only models built like Stable Diffusion 1.x / 2.x can be converted")
 
 
@@ -60,7 +61,7 @@ def _check_options(model: str, cfg: dict, defaults: dict, fixed: dict, ignored: 
         if key not in fixed:
             if value in (None, False):
                 continue
-            raise ValueError(f"{model} option {key}={value!r} is unknown to ldmkit; it cannot tell whether the "
+            raise InputError(f"{model} option {key}={value!r} is unknown to ldmkit; it cannot tell whether the "
                              f"weights still mean the same; remove the option if it is inert")
         accepted = fixed[key]
         if isinstance(value, (list, tuple)) and not isinstance(accepted, (list, tuple)):
@@ -140,14 +141,14 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) ->
     """UNetConfig -> a `UNet2DConditionModel` config dict (ValueError if diffusers cannot express it)."""
     n = len(cfg.channel_mult)
     if cfg.channel_mult[0] != 1:
-        raise ValueError(f"channel_mult={cfg.channel_mult} starts with {cfg.channel_mult[0]}; diffusers' U-Net "
+        raise InputError(f"channel_mult={cfg.channel_mult} starts with {cfg.channel_mult[0]}; diffusers' U-Net "
                          f"needs the first level at model_channels, so set channel_mult[0] = 1")
     attn = set(cfg.attention_levels)
     if not cfg.mid_attention:
-        raise ValueError("this U-Net has no transformer in its middle block (mid_attention=False); diffusers' "
+        raise InputError("this U-Net has no transformer in its middle block (mid_attention=False); diffusers' "
                          "UNet2DConditionModel has no middle block of two residual blocks alone")
     if not cfg.context_dim:
-        raise ValueError("this U-Net has self-attention only (context_dim=0); diffusers' UNet2DConditionModel always "
+        raise InputError("this U-Net has self-attention only (context_dim=0); diffusers' UNet2DConditionModel always "
                          "adds cross-attention to its attention blocks, so it cannot hold these weights")
     heads = [cfg.heads_at(i) for i in range(n)]
     out = {"_class_name": "UNet2DConditionModel", **UNET_DEFAULTS, **UNET_FIXED}
@@ -197,7 +198,7 @@ def vae_config_from_diffusers(raw: dict[str, Any]) -> AutoencoderConfig:
 def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int | None = None) -> dict[str, Any]:
     """AutoencoderConfig (kind "kl") -> an `AutoencoderKL` config dict."""
     if cfg.kind != "kl":
-        raise ValueError(f"a {cfg.kind!r} autoencoder has no diffusers AutoencoderKL equivalent; only KL "
+        raise InputError(f"a {cfg.kind!r} autoencoder has no diffusers AutoencoderKL equivalent; only KL "
                          f"autoencoders (kind='kl') can be exported")
     n = len(cfg.channel_mult)
     out = {"_class_name": "AutoencoderKL", **VAE_DEFAULTS, **VAE_FIXED, "force_upcast": False}
@@ -234,7 +235,7 @@ def diffusion_config_to_scheduler(cfg: DiffusionConfig) -> dict[str, Any]:
     """DiffusionConfig (eps or v) -> a DDIMScheduler config with Stable Diffusion's inference settings."""
     pred = {v: k for k, v in PREDICTION.items()}
     if cfg.parameterisation not in pred:
-        raise ValueError(f"parameterisation {cfg.parameterisation!r} has no diffusers scheduler equivalent; only "
+        raise InputError(f"parameterisation {cfg.parameterisation!r} has no diffusers scheduler equivalent; only "
                          f"discrete-time eps and v models can be exported")
     sched = {v: k for k, v in BETA_SCHEDULES.items()}[cfg.schedule]
     return {"_class_name": "DDIMScheduler", "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,

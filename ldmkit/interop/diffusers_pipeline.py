@@ -18,6 +18,7 @@ from .diffusers import WEIGHTS_STEM, diffusers_version, unet_state_from_diffuser
 from .diffusers_config import diffusion_config_from_scheduler, diffusion_config_to_scheduler
 from .diffusers_config import unet_config_to_diffusers, vae_config_to_diffusers
 from .files import read_json, read_model_folder, write_json, write_model_folder
+from ..errors import InputError
 
 INDEX = "model_index.json"
 EXTRA = "_ldmkit"  # model_index.json entry with what diffusers has no place for (class names)
@@ -59,7 +60,7 @@ def read_text_encoder(folder: str | Path, *, unsafe_pickle: bool = False) -> tup
     config, state, path = read_model_folder(folder, "model", unsafe_pickle=unsafe_pickle)
     arch = config.get("architectures") or ["CLIPTextModel"]
     if arch != ["CLIPTextModel"] or config.get("model_type", "clip_text_model") != "clip_text_model":
-        raise ValueError(f"{path}: the text encoder is a {arch[0]}; ldmkit converts CLIPTextModel (SD 1.x / 2.x) only")
+        raise InputError(f"{path}: the text encoder is a {arch[0]}; ldmkit converts CLIPTextModel (SD 1.x / 2.x) only")
     act = config.get("hidden_act", "quick_gelu")
     try:
         cfg = clip_config(config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"], act,
@@ -79,7 +80,7 @@ def write_pipeline(folder: str | Path, w: ModelWeights) -> Path:
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; a diffusers pipeline is written to a folder")
+        raise InputError(f"{folder} is a file; a diffusers pipeline is written to a folder")
     sample = w.resolution // w.ae_config.factor
     write_model_folder(folder / "unet", WEIGHTS_STEM, _versioned(unet_config_to_diffusers(w.unet_config, sample)),
                        keymaps.unet_to_layout(w.unet, w.unet_config, "diffusers"))

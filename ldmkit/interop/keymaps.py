@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import AutoencoderConfig, UNetConfig
+from ..errors import InputError
 
 Leaf = tuple[tuple[str, str], ...]  # (our segment(s), their segment(s)), dotted, e.g. ("skip", "conv_shortcut")
 Rule = tuple[str, str, Leaf]
@@ -47,7 +48,7 @@ def unet_rules(cfg: UNetConfig, layout: str) -> list[Rule]:
         return _unet_rules_diffusers(cfg)
     if layout == "ldm":
         return _unet_rules_ldm(cfg)
-    raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'ldm'")
+    raise InputError(f"unknown layout {layout!r}; use 'diffusers' or 'ldm'")
 
 
 def _unet_rules_diffusers(cfg: UNetConfig) -> list[Rule]:
@@ -102,7 +103,7 @@ def _unet_rules_ldm(cfg: UNetConfig) -> list[Rule]:
 def vae_rules(cfg: AutoencoderConfig, layout: str) -> list[Rule]:
     """The block map of `AutoencoderKL(cfg)` to the "diffusers" or "ldm" layout."""
     if layout not in ("diffusers", "ldm"):
-        raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'ldm'")
+        raise InputError(f"unknown layout {layout!r}; use 'diffusers' or 'ldm'")
     d = layout == "diffusers"
     n = len(cfg.channel_mult)
     res, attn = (RES_DIFFUSERS, VAE_ATTN_DIFFUSERS) if d else (RES_LDM_VAE, VAE_ATTN_LDM)

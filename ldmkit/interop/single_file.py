@@ -23,6 +23,7 @@ from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, from_dict, 
 from . import keymaps
 from .bundle import ModelWeights, infer_clip_config
 from .files import read_tensors, write_tensors
+from ..errors import InputError
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_SD1, CLIP_SD2 = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -131,7 +132,7 @@ def read_single_file(path: str | Path, *, unsafe_pickle: bool = False, predictio
     .ckpt pickles need unsafe_pickle=True.
     """
     if prediction not in (None, "eps", "v"):
-        raise ValueError(f"prediction={prediction!r} is not known; use 'eps' or 'v'")
+        raise InputError(f"prediction={prediction!r} is not known; use 'eps' or 'v'")
     tensors, meta = read_tensors(path, unsafe_pickle=unsafe_pickle)
     source = str(path)
     hints = json.loads(meta[HINTS]) if HINTS in meta else {}
@@ -182,7 +183,7 @@ def write_single_file(path: str | Path, w: ModelWeights) -> Path:
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: single-file checkpoints are written as .safetensors only; rename it to "
+        raise InputError(f"{path}: single-file checkpoints are written as .safetensors only; rename it to "
                          f"{path.with_suffix('.safetensors').name}")
     hints = {"unet": to_dict(w.unet_config), "autoencoder": to_dict(w.ae_config), "diffusion": to_dict(w.diffusion),
              "resolution": w.resolution, "class_names": list(w.class_names), "text": w.text_config}

@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import group_norm
+from ..errors import InputError
 
 
 class Attention(nn.Module):
@@ -17,7 +18,7 @@ class Attention(nn.Module):
         qkv_bias: biases on the q/k/v projections; upcast: compute attention in float32 (fp16 overflow guard)."""
         super().__init__()
         if dim % heads:
-            raise ValueError(f"attention width {dim} is not divisible by {heads} heads; change the head count")
+            raise InputError(f"attention width {dim} is not divisible by {heads} heads; change the head count")
         self.heads, self.upcast = heads, upcast
         kv_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -75,7 +76,7 @@ class TransformerBlock(nn.Module):
         x = x + self.attn1(self.norm1(x))
         if self.attn2 is not None:
             if context is None:
-                raise ValueError("this model uses cross-attention but got no context; pass a text conditioning")
+                raise InputError("this model uses cross-attention but got no context; pass a text conditioning")
             x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff_out(self.ff_in(self.norm3(x)))
 

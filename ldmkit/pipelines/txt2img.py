@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.noise import generators_from_seed
+from ..noise import generators_from_seed
 from ..diffusion.sample import sample_latents
 from ..ldm import LatentDiffusion
+from ..runtime import resolve_device
 from ..samplers import get_sampler
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class SampleRequest:
 def _labels_for(ldm: LatentDiffusion, req: SampleRequest) -> list[int] | None:
     if not ldm.num_classes:
         if req.labels:
-            raise ValueError("this model is not class-conditional; drop --label")
+            raise InputError("this model is not class-conditional; drop --label")
         return None
     base = req.labels or list(range(ldm.num_classes))
     return [base[i % len(base)] for i in range(req.n)]
@@ -46,7 +48,7 @@ def resolution(ldm: LatentDiffusion, req: SampleRequest) -> tuple[int, int]:
     f = ldm.factor * 2 ** (len(ldm.run.unet.channel_mult) - 1)
     for name, v in (("height", h), ("width", w)):
         if v % f:
-            raise ValueError(f"{name} {v} is not a multiple of {f} (autoencoder factor {ldm.factor} times the "
+            raise InputError(f"{name} {v} is not a multiple of {f} (autoencoder factor {ldm.factor} times the "
                              f"U-Net's downsampling); use {v // f * f or f} or {(v // f + 1) * f}")
     return h, w
 
@@ -56,7 +58,7 @@ def generate(ldm: LatentDiffusion, req: SampleRequest) -> tuple[torch.Tensor, li
     """Images (n, C, H, W) in [-1, 1] and a caption per image."""
     get_sampler(req.sampler)  # fail before any work on an unknown sampler
     if req.n < 1:
-        raise ValueError(f"--n {req.n}: ask for at least one image")
+        raise InputError(f"--n {req.n}: ask for at least one image")
     labels = _labels_for(ldm, req)
     prompts = req.prompts
     if prompts is not None and len(prompts) != req.n:
@@ -82,7 +84,6 @@ def generate(ldm: LatentDiffusion, req: SampleRequest) -> tuple[torch.Tensor, li
 def generate_to_file(checkpoint: str | Path, req: SampleRequest, out: str | Path, grid: bool = True) -> list[Path]:
     """Generate and write a labelled grid PNG (or one PNG per image) with the parameters in PNG text chunks."""
     from ..data.images import save_grid
-    from ..training.loop import resolve_device
 
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device))
     images, captions = generate(ldm, req)

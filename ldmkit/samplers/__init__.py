@@ -12,6 +12,7 @@ from __future__ import annotations
 from .ddim import sample_ddim, sample_ddpm
 from .dpm import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral, sample_heun
+from ..errors import InputError
 
 SAMPLERS = {
     "ddpm": sample_ddpm,
@@ -29,7 +30,7 @@ def get_sampler(name: str):
     try:
         return SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
+        raise InputError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
 
 
 __all__ = ["SAMPLERS", "get_sampler", *(f.__name__ for f in SAMPLERS.values())]

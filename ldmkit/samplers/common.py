@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from ..errors import InputError
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,H,W), sigma (B,)) -> x0 (B,C,H,W)
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (i, x, x0_pred, sigma)
@@ -12,7 +13,7 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (i
 def check_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """sigmas as a 1-D float tensor on x's device, at least two long."""
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels ending in 0, got shape "
+        raise InputError(f"sigmas must be a 1-D tensor of at least 2 noise levels ending in 0, got shape "
                          f"{tuple(sigmas.shape)}; build one with denoiser.sigmas(steps)")
     return sigmas.to(device=x.device, dtype=torch.float32)
 

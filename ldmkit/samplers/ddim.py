@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.noise import Generators, randn_like
+from ..noise import Generators, randn_like
 from .common import Callback, DenoiseFn, ancestral_step, check_sigmas, denoise_at, report
 
 

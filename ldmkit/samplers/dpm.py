@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.noise import Generators, randn_like
+from ..noise import Generators, randn_like
 from .common import Callback, DenoiseFn, check_sigmas, denoise_at, report
+from ..errors import InputError
 
 
 def sample_dpmpp_2m(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
@@ -39,7 +40,7 @@ def sample_dpmpp_2m_sde(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tenso
     or 1 - phi / ((1+eta) h) ("heun"); first order on the first step, D itself on the last step to sigma = 0;
     eta = 0 is the deterministic 2M solver."""
     if solver not in ("midpoint", "heun"):
-        raise ValueError(f"unknown dpmpp_2m_sde solver {solver!r}; use 'midpoint' (as diffusers) or 'heun'")
+        raise InputError(f"unknown dpmpp_2m_sde solver {solver!r}; use 'midpoint' (as diffusers) or 'heun'")
     sigmas = check_sigmas(x, sigmas)
     x0_prev, h_prev = None, None
     for i in range(len(sigmas) - 1):

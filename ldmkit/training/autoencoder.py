@@ -5,18 +5,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .. import checkpoint
 from ..autoencoder import build_autoencoder
-from ..autoencoder.vae import AutoencoderKL
+from ..autoencoder.files import save_autoencoder
 from ..autoencoder.losses import AutoencoderLoss
-from ..config import AutoencoderRun, to_dict
+from ..config import AutoencoderRun
+from ..data import stack_images
+from ..errors import InputError
 from .ema import EMA
-
-
-def stack_images(dataset, idx) -> torch.Tensor:
-    return torch.stack([dataset[int(i)]["image"] for i in idx])  # (B, C, H, W)
 
 
 class AutoencoderTask:
@@ -25,10 +21,10 @@ class AutoencoderTask:
     def __init__(self, run: AutoencoderRun, dataset, device: torch.device, model: nn.Module | None = None):
         """run: the whole configuration; dataset: training images; device: where to train."""
         if run.model.in_channels != run.data.channels:
-            raise ValueError(f"model.in_channels={run.model.in_channels} but data.channels={run.data.channels}; "
+            raise InputError(f"model.in_channels={run.model.in_channels} but data.channels={run.data.channels}; "
                              f"set both to the same value")
         if run.data.resolution % run.model.factor:
-            raise ValueError(f"data.resolution={run.data.resolution} is not divisible by the autoencoder's factor "
+            raise InputError(f"data.resolution={run.data.resolution} is not divisible by the autoencoder's factor "
                              f"{run.model.factor}")
         self.run, self.data, self.device = run, dataset, device
         self.size = len(dataset)
@@ -64,7 +60,7 @@ class AutoencoderTask:
 
     def export(self, out_dir: Path, ema: EMA | None, step: int) -> Path:
         model = ema.model if ema is not None else self.model
-        return export_autoencoder(out_dir / "autoencoder.safetensors", model, self.run, self.data, step)
+        return save_autoencoder(out_dir / "autoencoder.safetensors", model, self.run, self.data, step)
 
     def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
         from ..data.images import save_grid
@@ -74,56 +70,3 @@ class AutoencoderTask:
         with torch.no_grad():
             recon = model(x, sample=False)[0].float()
         return save_grid(torch.cat([x, recon.clamp(-1, 1)]).cpu(), out_dir / f"recon-{step:07d}.png", nrow=len(x))
-
-
-@torch.no_grad()
-def latent_scale(model: nn.Module, dataset, device, n: int = 512, batch: int = 64) -> float:
-    """1 / std of the unscaled latents the denoiser trains on, over up to n training images (Rombach et al. 2022,
-    section 4.3.2). For a KL autoencoder those are posterior samples, so the posterior's own variance counts:
-    std^2 = var(means) + mean(posterior variances), computed exactly without drawing noise."""
-    model.eval()
-    means, variances = [], []
-    for i in range(0, min(n, len(dataset)), batch):
-        x = stack_images(dataset, range(i, min(i + batch, n, len(dataset)))).to(device)
-        if isinstance(model, AutoencoderKL):
-            post = model.encode(x)
-            means.append(post.mean.float().cpu())
-            variances.append(post.std.float().cpu() ** 2)
-        else:
-            means.append(model.latents(x).float().cpu())
-    var = torch.cat(means).var() + (torch.cat(variances).mean() if variances else 0.0)
-    return float(1.0 / var.sqrt().clamp_min(1e-6))
-
-
-def export_autoencoder(path: Path, model: nn.Module, run: AutoencoderRun, dataset, step: int) -> Path:
-    """Write the autoencoder checkpoint with the latent scale factor measured on the training data."""
-    from dataclasses import replace
-
-    scale = latent_scale(model, dataset, next(model.parameters()).device)
-    cfg = replace(run, model=replace(run.model, scaling_factor=scale))
-    return checkpoint.save(path, model.state_dict(), "autoencoder", to_dict(cfg), step=step)
-
-
-def load_autoencoder(path: str | Path, device="cpu") -> tuple[nn.Module, AutoencoderRun]:
-    from ..config import from_dict
-
-    tensors, meta = checkpoint.load(path, "autoencoder")
-    run = from_dict(AutoencoderRun, meta["config"])
-    model = build_autoencoder(run.model)
-    checkpoint.load_state(model, tensors, path, "autoencoder")
-    return model.to(device).eval().requires_grad_(False), run
-
-
-@torch.no_grad()
-def reconstruction_metrics(model: nn.Module, dataset, device, batch: int = 64, progress: bool = True) -> dict:
-    """PSNR and SSIM (mean over images) of deterministic reconstructions of `dataset`."""
-    from ..evaluation.metrics import psnr, ssim
-
-    model.eval()
-    ps, ss = [], []
-    for i in tqdm(range(0, len(dataset), batch), desc="reconstruction metrics", disable=not progress, leave=False):
-        x = stack_images(dataset, range(i, min(i + batch, len(dataset)))).to(device)
-        r = model(x, sample=False)[0].float().clamp(-1, 1)
-        ps.append(psnr(r, x).cpu())
-        ss.append(ssim(r, x).cpu())
-    return {"psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()), "n": len(dataset)}

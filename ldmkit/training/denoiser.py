@@ -11,7 +11,7 @@ from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun
 from ..data.latents import LatentCache
 from ..denoisers.unet import UNet, check_resolution
-from ..diffusion.noise import generators_from_seed
+from ..noise import generators_from_seed
 from ..diffusion.sample import sample_latents
 from ..ldm import LatentDiffusion
 from .ema import EMA

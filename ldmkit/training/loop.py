@@ -7,7 +7,6 @@ had never stopped.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -22,29 +21,13 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import TrainConfig
+from ..errors import NonFiniteError
+from ..runtime import autocast
 from .ema import EMA
 from .logging import JsonlLog
+from ..errors import InputError, MissingFileError
 
 STATE_FILE = "train-state.safetensors"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use train.device=cpu")
-    return dev
-
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA ("auto" or "bf16"); full precision otherwise."""
-    on = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    if cfg.mixed_precision not in ("auto", "bf16", "no"):
-        raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r}; use auto, bf16 or no")
-    if on:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -90,10 +73,6 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.device, resume: bool = False,
           config_dict: dict | None = None, stop_after: int | None = None, progress: bool = True) -> LoopResult:
     """Run (or resume) training to cfg.steps. stop_after: leave after that many steps (tests of resume)."""
@@ -102,11 +81,11 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
     ema = EMA(task.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = load_state(out_dir / STATE_FILE, task, ema) if resume else 0
     if resume and start == 0 and not (out_dir / STATE_FILE).exists():
-        raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out_dir}; start without --resume")
+        raise MissingFileError(f"--resume: no {STATE_FILE} in {out_dir}; start without --resume")
     log = JsonlLog(out_dir / "log.jsonl", resume_step=start)
     micro = cfg.batch_size // cfg.grad_accum
     if micro * cfg.grad_accum != cfg.batch_size:
-        raise ValueError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
+        raise InputError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     history: list[dict] = []
     interrupted = _InterruptFlag()
@@ -118,7 +97,7 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             if not all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss")):
                 bad += 1
                 if bad >= 5:
-                    raise NonFiniteLoss(f"loss was not finite for {bad} steps in a row at step {step}; lower "
+                    raise NonFiniteError(f"loss was not finite for {bad} steps in a row at step {step}; lower "
                                         f"train.lr, keep train.grad_clip > 0, or use train.mixed_precision=no")
                 continue
             bad = 0
@@ -160,7 +139,7 @@ def _one_step(task: Task, cfg: TrainConfig, step: int, micro: int, device: torch
             g["lr"] = lr * g.get("lr_scale", 1.0)
     totals: dict[str, float] = {}
     for m in range(cfg.grad_accum):
-        with autocast(cfg, device):
+        with autocast(cfg.mixed_precision, device):
             logs = task.micro_step(step, idx[m * micro:(m + 1) * micro], gen, 1.0 / cfg.grad_accum)
         for k, v in logs.items():
             totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum

@@ -11,9 +11,13 @@ from ..config import AutoencoderRun, DenoiserRun, to_dict
 from ..data.latents import encode_dataset
 from ..denoisers.unet import UNet
 from ..ldm import LatentDiffusion
-from .autoencoder import AutoencoderTask, load_autoencoder, reconstruction_metrics
+from ..autoencoder.files import load_autoencoder
+from ..evaluation.metrics import reconstruction_metrics
+from .autoencoder import AutoencoderTask
 from .denoiser import DenoiserTask, resolve_run
-from .loop import autocast, dump_config, resolve_device, train
+from ..runtime import autocast, resolve_device
+from .loop import dump_config, train
+from ..errors import InputError
 
 
 def _datasets(data_cfg, holdout: int):
@@ -21,7 +25,7 @@ def _datasets(data_cfg, holdout: int):
 
     ds = build_dataset(data_cfg)
     if holdout and len(ds) <= holdout:
-        raise ValueError(f"the data set has {len(ds)} images, too few to hold out data.holdout={holdout} for "
+        raise InputError(f"the data set has {len(ds)} images, too few to hold out data.holdout={holdout} for "
                          f"evaluation; lower data.holdout or add images")
     return split_holdout(ds, holdout) if holdout else (ds, None)
 
@@ -31,7 +35,7 @@ def train_autoencoder(run: AutoencoderRun, out_dir: str | Path, resume: bool = F
     """Train the first stage; writes autoencoder.safetensors, log.jsonl and metrics.json into out_dir."""
     out_dir = Path(out_dir)
     torch.manual_seed(run.train.seed)
-    device = resolve_device(run.train.device)
+    device = resolve_device(run.train.device, "train.device")
     train_set, held = _datasets(run.data, run.data.holdout)
     task = AutoencoderTask(run, train_set, device)
     dump_config(out_dir / "config.json", to_dict(run))
@@ -62,18 +66,18 @@ def train_denoiser(run: DenoiserRun, out_dir: str | Path, resume: bool = False, 
     """Train the second stage on latents of run.autoencoder; writes model.safetensors (self-contained)."""
     out_dir = Path(out_dir)
     if not run.autoencoder:
-        raise ValueError("no autoencoder given: pass --autoencoder PATH (a checkpoint from `ldmkit train-autoencoder`)")
+        raise InputError("no autoencoder given: pass --autoencoder PATH (a checkpoint from `ldmkit train-autoencoder`)")
     torch.manual_seed(run.train.seed)
-    device = resolve_device(run.train.device)
+    device = resolve_device(run.train.device, "train.device")
     ae, ae_run = load_autoencoder(run.autoencoder, device)
     if run.data.resolution % ae_run.model.factor:
         f = ae_run.model.factor
-        raise ValueError(f"data.resolution={run.data.resolution} is not divisible by the autoencoder's factor {f}; "
+        raise InputError(f"data.resolution={run.data.resolution} is not divisible by the autoencoder's factor {f}; "
                          f"use {run.data.resolution // f * f or f} or {(run.data.resolution // f + 1) * f}")
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
     train_set, _ = _datasets(run.data, 0)
-    with autocast(run.train, device):
+    with autocast(run.train.mixed_precision, device):
         latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
     text, text_cache = text_setup(run, latents.captions, device)
     run = resolve_run(run, ae_run.model, latents, text_dim=getattr(text, "dim", 0))

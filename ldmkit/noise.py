@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from .errors import InputError
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -22,7 +23,7 @@ def randn(shape: Sequence[int], generator: Generators = None, device=None, dtype
     shape = tuple(shape)
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
+            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
         out = torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator])
     else:
         out = torch.randn(shape, generator=generator, dtype=torch.float32)
