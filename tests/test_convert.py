@@ -11,7 +11,8 @@ from ldmkit.autoencoder.vae import AutoencoderKL
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import AutoencoderConfig, DenoiserRun, DiffusionConfig, UNetConfig, to_dict
 from ldmkit.denoisers.unet import UNet
-from ldmkit.interop.bundle import ModelWeights, clip_config, clip_shapes
+from ldmkit.conditioning.clip import clip_config, clip_shapes
+from ldmkit.interop.bundle import ModelWeights
 from ldmkit.interop.convert import convert, destination_format, read_ldm, source_format, write_ldm
 from ldmkit.interop.diffusers_pipeline import write_pipeline
 from ldmkit.interop.single_file import single_file_tensors, write_single_file

@@ -9,7 +9,8 @@ import torch
 
 from ldmkit.conditioning.types import Conditioning
 from ldmkit.config import AutoencoderConfig, UNetConfig
-from ldmkit.interop.diffusers import unet_from_diffusers, unet_to_diffusers, vae_from_diffusers, vae_to_diffusers
+from ldmkit.interop.diffusers import (unet_from_diffusers, unet_to_diffusers, vae_from_diffusers, vae_to_diffusers,
+                                     write_diffusers_unet, write_diffusers_vae)
 from ldmkit.interop.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
 from ldmkit.autoencoder.vae import AutoencoderKL
 from ldmkit.denoisers.unet import UNet
@@ -120,7 +121,8 @@ def test_vae_encode_decode_match_diffusers(diffusers, mid_attention):
 def test_unet_round_trip_through_diffusers_is_exact(diffusers, tmp_path, name):
     ref = make_unet(diffusers, name)
     ours = unet_from_diffusers(ref)
-    back = unet_to_diffusers(ours, tmp_path / "unet", sample_size=8)
+    assert write_diffusers_unet(ours, tmp_path / "unet", sample_size=8) == tmp_path / "unet"
+    back = unet_to_diffusers(ours, sample_size=8)
     def plain(v):
         return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
@@ -140,7 +142,8 @@ def test_vae_round_trip_through_diffusers_folder_is_exact(diffusers, tmp_path):
     ref = make_vae(diffusers)
     ref.save_pretrained(tmp_path / "ref")
     ours = vae_from_diffusers(tmp_path / "ref")  # read without diffusers
-    back = vae_to_diffusers(ours, tmp_path / "vae")
+    write_diffusers_vae(ours, tmp_path / "vae")
+    back = vae_to_diffusers(ours)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.state_dict().items())
     assert back.config.scaling_factor == ref.config.scaling_factor
     assert vae_from_diffusers(tmp_path / "vae").cfg == ours.cfg
@@ -154,12 +157,19 @@ sys.modules["diffusers"] = None  # any import of diffusers now fails
 from ldmkit.config import AutoencoderConfig, UNetConfig
 from ldmkit.denoisers.unet import UNet
 from ldmkit.autoencoder.vae import AutoencoderKL
-from ldmkit.interop.diffusers import unet_from_diffusers, unet_to_diffusers, vae_from_diffusers, vae_to_diffusers
+from ldmkit.errors import MissingDependencyError
+from ldmkit.interop.diffusers import (unet_from_diffusers, unet_to_diffusers, vae_from_diffusers, vae_to_diffusers,
+                                     write_diffusers_unet, write_diffusers_vae)
 torch.manual_seed(0)
 unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        num_heads=(2,), norm_groups=8, context_dim=16, use_linear_projection=True))
 vae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), norm_groups=8))
-assert unet_to_diffusers(unet, r"{tmp_path}/unet") is None and vae_to_diffusers(vae, r"{tmp_path}/vae") is None
+write_diffusers_unet(unet, r"{tmp_path}/unet"); write_diffusers_vae(vae, r"{tmp_path}/vae")
+try:
+    unet_to_diffusers(unet)
+    raise SystemExit('built a diffusers model without diffusers')
+except MissingDependencyError as e:
+    assert 'write_diffusers_unet' in str(e)
 u2, v2 = unet_from_diffusers(r"{tmp_path}/unet"), vae_from_diffusers(r"{tmp_path}/vae")
 assert u2.cfg == unet.cfg and v2.cfg == vae.cfg
 assert all(torch.equal(u2.state_dict()[k], v) for k, v in unet.state_dict().items())
@@ -236,18 +246,18 @@ def test_exporting_what_diffusers_cannot_hold_is_a_clear_error():
     self_attn = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                                 norm_groups=8))
     with pytest.raises(ValueError, match="context_dim=0"):
-        unet_to_diffusers(self_attn, "unused")
+        write_diffusers_unet(self_attn, "unused")
     wide_first = UNet(UNetConfig(model_channels=16, channel_mult=(2, 2), num_res_blocks=1, attention_levels=(),
                                  mid_attention=False, norm_groups=8))
     with pytest.raises(ValueError, match="channel_mult"):
-        unet_to_diffusers(wide_first, "unused")
+        write_diffusers_unet(wide_first, "unused")
     no_mid = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                              norm_groups=8, context_dim=16, mid_attention=False))
     with pytest.raises(ValueError, match="mid_attention=False"):
-        unet_to_diffusers(no_mid, "unused")
+        write_diffusers_unet(no_mid, "unused")
     vq = AutoencoderConfig(kind="vq", base_channels=16, channel_mult=(1, 2), norm_groups=8)
     from ldmkit.autoencoder import build_autoencoder
 
     with pytest.raises(ValueError, match="'vq'"):
-        vae_to_diffusers(build_autoencoder(vq), "unused")
+        write_diffusers_vae(build_autoencoder(vq), "unused")
     assert isinstance(build_autoencoder(vq), torch.nn.Module) and not isinstance(build_autoencoder(vq), AutoencoderKL)

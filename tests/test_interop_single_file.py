@@ -11,7 +11,8 @@ from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import AutoencoderConfig, DiffusionConfig, UNetConfig
 from ldmkit.denoisers.unet import UNet
 from ldmkit.interop import keymaps
-from ldmkit.interop.bundle import ModelWeights, clip_config, clip_shapes
+from ldmkit.conditioning.clip import clip_config, clip_shapes
+from ldmkit.interop.bundle import ModelWeights
 from ldmkit.interop.single_file import read_single_file, single_file_tensors, write_single_file
 
 UNETS = {
@@ -165,7 +166,7 @@ def test_text_weights_load_into_the_clip_text_encoder(tmp_path):
         find_bpe_vocab()
     except (ImportError, FileNotFoundError):
         pytest.skip("the CLIP vocabulary (open-clip-torch) is not installed")
-    from ldmkit.interop.bundle import clip_encoder_options, clip_state_to_encoder
+    from ldmkit.conditioning.clip import clip_encoder_options, clip_state_to_encoder
 
     cfg = clip_config(64, 2, 2, "quick_gelu")
     state = random_state(clip_shapes(cfg), 5)

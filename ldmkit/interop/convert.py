@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..config import AutoencoderConfig, DataConfig, DenoiserRun, from_dict, to_dict
-from .bundle import ModelWeights, clip_config_from_options, clip_encoder_options, clip_state_from_encoder
-from .bundle import clip_state_to_encoder
+from ..conditioning.clip import clip_config_from_options, clip_encoder_options, clip_state_from_encoder
+from ..conditioning.clip import clip_state_to_encoder
+from .bundle import ModelWeights
 from .diffusers_pipeline import is_pipeline_folder, read_pipeline, write_pipeline
 from .files import PICKLE_SUFFIXES
 from .single_file import read_single_file, write_single_file

@@ -69,16 +69,26 @@ def unet_from_diffusers(x, *, unsafe_pickle: bool = False) -> UNet:
     return unet.eval()
 
 
-def unet_to_diffusers(unet: UNet, path: str | Path | None = None, *, sample_size: int | None = None):
-    """ldmkit UNet -> diffusers UNet2DConditionModel: written as a save_pretrained folder when `path` is given
-    (no diffusers needed), returned as a diffusers object when diffusers is importable (else None).
+def _unet_export(unet: UNet, sample_size: int | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config = unet_config_to_diffusers(unet.cfg, sample_size)
+    return config, keymaps.unet_to_layout(unet.state_dict(), unet.cfg, "diffusers")
+
+
+def write_diffusers_unet(unet: UNet, path: str | Path, *, sample_size: int | None = None) -> Path:
+    """ldmkit UNet -> a UNet2DConditionModel save_pretrained folder at `path`; diffusers is not needed.
 
     sample_size: the latent size recorded in config.json (diffusers pipelines use it as the default image size / 8).
-    The call mapping is the one of `unet_from_diffusers`.
     """
-    config = unet_config_to_diffusers(unet.cfg, sample_size)
-    state = keymaps.unet_to_layout(unet.state_dict(), unet.cfg, "diffusers")
-    return _export(config, state, path, "UNet2DConditionModel")
+    config, state = _unet_export(unet, sample_size)
+    return write_model_folder(path, WEIGHTS_STEM, versioned_config(config), state)
+
+
+def unet_to_diffusers(unet: UNet, *, sample_size: int | None = None):
+    """ldmkit UNet -> a diffusers `UNet2DConditionModel` with the same weights (needs diffusers installed; to
+    write the folder without it, use `write_diffusers_unet`). The call mapping is the one of `unet_from_diffusers`.
+    """
+    config, state = _unet_export(unet, sample_size)
+    return _diffusers_model("UNet2DConditionModel", config, state)
 
 
 # --- autoencoder ----------------------------------------------------------------------------------------------------
@@ -105,14 +115,25 @@ def vae_from_diffusers(x, *, unsafe_pickle: bool = False) -> AutoencoderKL:
     return vae.eval()
 
 
-def vae_to_diffusers(vae: AutoencoderKL, path: str | Path | None = None, *, sample_size: int | None = None):
-    """ldmkit AutoencoderKL -> diffusers AutoencoderKL, written to `path` and/or returned (see unet_to_diffusers).
+def _vae_export(vae: AutoencoderKL, sample_size: int | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config = vae_config_to_diffusers(vae.cfg, sample_size)
+    return config, keymaps.vae_to_layout(vae.state_dict(), vae.cfg, "diffusers")
+
+
+def write_diffusers_vae(vae: AutoencoderKL, path: str | Path, *, sample_size: int | None = None) -> Path:
+    """ldmkit AutoencoderKL -> a diffusers AutoencoderKL save_pretrained folder at `path`; diffusers is not needed.
 
     sample_size: the image size recorded in config.json (informational in diffusers).
     """
-    config = vae_config_to_diffusers(vae.cfg, sample_size)
-    state = keymaps.vae_to_layout(vae.state_dict(), vae.cfg, "diffusers")
-    return _export(config, state, path, "AutoencoderKL")
+    config, state = _vae_export(vae, sample_size)
+    return write_model_folder(path, WEIGHTS_STEM, versioned_config(config), state)
+
+
+def vae_to_diffusers(vae: AutoencoderKL, *, sample_size: int | None = None):
+    """ldmkit AutoencoderKL -> a diffusers `AutoencoderKL` with the same weights (needs diffusers installed; to
+    write the folder without it, use `write_diffusers_vae`)."""
+    config, state = _vae_export(vae, sample_size)
+    return _diffusers_model("AutoencoderKL", config, state)
 
 
 # --- shared ---------------------------------------------------------------------------------------------------------
@@ -126,19 +147,20 @@ def diffusers_version() -> str | None:
     return diffusers.__version__
 
 
-def _export(config: dict[str, Any], state: dict[str, torch.Tensor], path, class_name: str):
+def versioned_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as save_pretrained writes it: with the installed diffusers version when there is one."""
     version = diffusers_version()
-    if version:
-        config = {**config, "_diffusers_version": version}
-    if path is not None:
-        write_model_folder(path, WEIGHTS_STEM, config, state)
-    if version is None:
-        if path is None:
-            raise MissingDependencyError(f"building a diffusers {class_name} needs diffusers (`pip install diffusers`); or pass "
-                              f"a folder path to write it without diffusers")
-        return None
-    import diffusers
+    return {**config, "_diffusers_version": version} if version else dict(config)
 
+
+def _diffusers_model(class_name: str, config: dict[str, Any], state: dict[str, torch.Tensor]):
+    """A diffusers model object of `class_name` built from `config` holding `state` exactly."""
+    try:
+        import diffusers
+    except ImportError:
+        raise MissingDependencyError(f"building a diffusers {class_name} needs diffusers (`pip install diffusers`); "
+                                     f"to write its folder without diffusers, use write_diffusers_unet / "
+                                     f"write_diffusers_vae") from None
     cls = getattr(diffusers, class_name)
     model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -13,8 +13,9 @@ from typing import Any
 from ..checkpoint import CheckpointError
 from ..config import DiffusionConfig
 from . import keymaps
-from .bundle import ModelWeights, clip_config
-from .diffusers import WEIGHTS_STEM, diffusers_version, unet_state_from_diffusers, vae_state_from_diffusers
+from ..conditioning.clip import clip_config
+from .bundle import ModelWeights
+from .diffusers import WEIGHTS_STEM, unet_state_from_diffusers, vae_state_from_diffusers, versioned_config
 from .diffusers_config import diffusion_config_from_scheduler, diffusion_config_to_scheduler
 from .diffusers_config import unet_config_to_diffusers, vae_config_to_diffusers
 from .files import read_json, read_model_folder, write_json, write_model_folder
@@ -82,11 +83,11 @@ def write_pipeline(folder: str | Path, w: ModelWeights) -> Path:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; a diffusers pipeline is written to a folder")
     sample = w.resolution // w.ae_config.factor
-    write_model_folder(folder / "unet", WEIGHTS_STEM, _versioned(unet_config_to_diffusers(w.unet_config, sample)),
+    write_model_folder(folder / "unet", WEIGHTS_STEM, versioned_config(unet_config_to_diffusers(w.unet_config, sample)),
                        keymaps.unet_to_layout(w.unet, w.unet_config, "diffusers"))
-    write_model_folder(folder / "vae", WEIGHTS_STEM, _versioned(vae_config_to_diffusers(w.ae_config, w.resolution)),
+    write_model_folder(folder / "vae", WEIGHTS_STEM, versioned_config(vae_config_to_diffusers(w.ae_config, w.resolution)),
                        keymaps.vae_to_layout(w.autoencoder, w.ae_config, "diffusers"))
-    write_json(folder / "scheduler" / "scheduler_config.json", _versioned(diffusion_config_to_scheduler(w.diffusion)))
+    write_json(folder / "scheduler" / "scheduler_config.json", versioned_config(diffusion_config_to_scheduler(w.diffusion)))
     index: dict[str, Any] = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                              "scheduler": ["diffusers", "DDIMScheduler"],
                              EXTRA: {"resolution": w.resolution, "class_names": list(w.class_names)}}
@@ -101,13 +102,8 @@ def write_pipeline(folder: str | Path, w: ModelWeights) -> Path:
                      else "StableDiffusionPipeline")
     else:
         index["_class_name"] = "DiffusionPipeline"
-    write_json(folder / INDEX, _versioned(index))
+    write_json(folder / INDEX, versioned_config(index))
     return folder
-
-
-def _versioned(config: dict[str, Any]) -> dict[str, Any]:
-    version = diffusers_version()
-    return {**config, "_diffusers_version": version} if version else dict(config)
 
 
 def write_tokenizer(folder: Path, text_config: dict[str, Any]) -> bool:

@@ -21,7 +21,8 @@ import torch
 from ..checkpoint import CheckpointError
 from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, from_dict, to_dict
 from . import keymaps
-from .bundle import ModelWeights, infer_clip_config
+from ..conditioning.clip import infer_clip_config
+from .bundle import ModelWeights
 from .files import read_tensors, write_tensors
 from ..errors import InputError
 
