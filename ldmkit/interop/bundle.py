@@ -15,7 +15,7 @@ from ..checkpoint import CheckpointError
 from ..conditioning.clip import clip_shapes
 from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig
 from ..denoisers.unet import UNet
-from ..errors import InputError
+
 
 @dataclass
 class ModelWeights:
