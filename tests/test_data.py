@@ -11,7 +11,8 @@ from PIL import Image
 from ldmkit.config import DataConfig
 from ldmkit.data import build_dataset, split_holdout
 from ldmkit.data.folder import ImageFolder
-from ldmkit.data.images import load_image, resize_and_crop, save_grid, to_pil, to_tensor
+from ldmkit.data.images import load_image, resize_and_crop, save_grid, to_mode, to_pil, to_tensor
+from ldmkit.errors import InputError
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -174,3 +175,37 @@ def test_fashion_mnist_shapes_labels_padding():
 def test_fashion_mnist_bad_split():
     with pytest.raises(ValueError, match="'train' or 'test'"):
         build_dataset(DataConfig(dataset="fashion-mnist", split="valid"))
+
+
+def test_16bit_grayscale_keeps_its_brightness(tmp_path):
+    """16-bit pixels are scaled by the bit depth, not stretched to each image's own maximum."""
+    arr = np.full((8, 8), 1000, np.uint16)
+    arr[0, 0] = 0
+    Image.fromarray(arr).save(tmp_path / "dark16.png")  # a 16-bit PNG ("I;16"), max 1000 of 65535
+    for channels in (1, 3):
+        img = np.asarray(load_image(tmp_path / "dark16.png", channels))
+        assert abs(int(img.max()) - round(1000 / 65535 * 255)) <= 1  # about 4: dark, not white
+    for mode in ("I;16B", "I;16L"):
+        assert np.asarray(to_mode(Image.fromarray(arr).convert("I").convert(mode), 1)).max() <= 5
+    assert np.asarray(to_mode(Image.fromarray(arr.astype(np.int32), "I"), 1)).max() <= 5  # "I" within 16 bits
+    full = Image.fromarray(np.array([[0, 1 << 24, (1 << 31) - 1]], np.int32), "I")  # beyond 16 bits: 32-bit range
+    assert np.asarray(to_mode(full, 1)).tolist() == [[0, 2, 255]]
+
+
+def test_metadata_rows_naming_no_image_warn(tmp_path):
+    _solid(tmp_path / "a.png", (255, 0, 0))
+    rows = [{"file_name": "a.png", "text": "red"}, {"file_name": "gone.png", "text": "lost"},
+            {"file_name": "./a.png", "text": "red again"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.warns(UserWarning, match=r"metadata.jsonl line 2 .*gone.png"):
+        ds = build_dataset(_cfg(tmp_path))
+    assert ds.captions == ["red again"]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/../../x.png"])
+def test_metadata_paths_outside_the_folder_are_refused(tmp_path, name):
+    _solid(tmp_path / "a.png", (255, 0, 0))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "ok"}) + "\n"
+                                             + json.dumps({"file_name": name, "text": "x"}) + "\n")
+    with pytest.raises(InputError, match=r"metadata.jsonl line 2\b.*outside"):
+        build_dataset(_cfg(tmp_path))

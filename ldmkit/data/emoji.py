@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
+from . import digest
 from .images import atomic_write, uint8_to_tensor
 from ..errors import InputError, MissingDependencyError, MissingFileError
 
@@ -232,6 +233,13 @@ class EmojiDataset(torch.utils.data.Dataset):
             images = images.clip(0, 255).astype(np.uint8)  # (N, R, R)
         self.images, self.cfg, self.styles = images, cfg, tuple(styles)
         self.class_names: list[str] = []
+        # the render cache's name covers the sources (font file size and mtime, package versions) and the settings
+        self._fingerprint = digest(["emoji", cache_path(self.styles, cfg.resolution, max(cfg.limit, 0)).name,
+                                    cfg.channels, cfg.flip])
+
+    def fingerprint(self) -> str:
+        """Content key for caches: the sources rendered (see cache_path) and the settings that change pixels."""
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.images)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
+from . import digest, file_stamp
 from .images import resize_and_crop, to_tensor, uint8_to_tensor
 from ..errors import InputError, MissingFileError
 
@@ -22,6 +23,14 @@ ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot"]
 _PREFIX = {"train": "train", "test": "t10k"}
+
+
+def split_files(split: str, root: str | Path = ROOT) -> tuple[Path, Path]:
+    """The images and labels IDX files of one split."""
+    if split not in _PREFIX:
+        raise InputError(f"data.split={split!r} is not a Fashion-MNIST split; use 'train' or 'test'")
+    base = Path(root)
+    return base / f"{_PREFIX[split]}-images-idx3-ubyte.gz", base / f"{_PREFIX[split]}-labels-idx1-ubyte.gz"
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -44,11 +53,7 @@ def read_idx(path: Path) -> np.ndarray:
 @lru_cache(maxsize=2)
 def load_arrays(split: str, root: str = str(ROOT)) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) int64 of one split, read once per process."""
-    if split not in _PREFIX:
-        raise InputError(f"data.split={split!r} is not a Fashion-MNIST split; use 'train' or 'test'")
-    base = Path(root)
-    img_path = base / f"{_PREFIX[split]}-images-idx3-ubyte.gz"
-    lab_path = base / f"{_PREFIX[split]}-labels-idx1-ubyte.gz"
+    img_path, lab_path = split_files(split, root)
     for p in (img_path, lab_path):
         if not p.is_file():
             raise MissingFileError(f"Fashion-MNIST file {p} is missing; install it with "
@@ -74,6 +79,14 @@ class FashionMNIST(torch.utils.data.Dataset):
         self.cfg = cfg
         self.class_names = list(CLASS_NAMES)
         self.captions = [CLASS_NAMES[int(y)] for y in self.labels]
+        # the arrays are read once here, so the key describes the files as they were then
+        c = cfg
+        self._fingerprint = digest(["fashion-mnist", c.split, c.resolution, c.channels, c.crop, c.flip, n,
+                                    [[str(f.resolve()), file_stamp(f)] for f in split_files(c.split, root)]])
+
+    def fingerprint(self) -> str:
+        """Content key for caches: the split's IDX files (path, size, mtime) and the settings that change pixels."""
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.images)

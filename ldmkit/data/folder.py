@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from PIL import Image
 
 from ..config import DataConfig
+from . import digest, file_stamp
 from .images import IMAGE_SUFFIXES, load_image, resize_and_crop, to_tensor
 from ..errors import InputError, MissingFileError
 
@@ -37,9 +38,10 @@ def find_images(root: Path) -> list[Path]:
     return sorted(out, key=lambda r: r.as_posix())
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """Captions from a metadata.jsonl: relative file name (posix) -> text."""
-    out: dict[str, str] = {}
+def read_metadata(path: Path) -> dict[str, tuple[int, str | None]]:
+    """Rows of a metadata.jsonl: relative file name (posix) -> (line number, caption or None); a later line for
+    the same file wins. A file_name that leaves the folder (absolute, or with a ".." part) is refused."""
+    out: dict[str, tuple[int, str | None]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -50,9 +52,13 @@ def read_metadata(path: Path) -> dict[str, str]:
         if not isinstance(row, dict) or "file_name" not in row:
             raise InputError(f"{path} line {n} has no \"file_name\"; each line must look like "
                              f"{{\"file_name\": \"sub/img.png\", \"text\": \"a caption\"}}")
+        name = str(row["file_name"])
+        rel = PurePosixPath(name.replace("\\", "/"))
+        if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
+            raise InputError(f"{path} line {n}: file_name {name!r} points outside the data folder {path.parent}; "
+                             f"give the image's path relative to that folder, e.g. \"sub/img.png\"")
         text = next((row[k] for k in CAPTION_KEYS if k in row), None)
-        if text is not None:
-            out[Path(str(row["file_name"])).as_posix()] = str(text).strip()  # Path drops a leading "./"
+        out[rel.as_posix()] = (n, None if text is None else str(text).strip())  # "./a.png" -> "a.png"
     return out
 
 
@@ -77,6 +83,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if not files:
             raise MissingFileError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; add images "
                                     f"there (one subfolder per class for labels) or point data.dataset elsewhere")
+        found = {f.as_posix() for f in files}
         if cfg.limit > 0:
             files = files[:cfg.limit]
         self._warned: set[str] = set()
@@ -89,7 +96,7 @@ class ImageFolder(torch.utils.data.Dataset):
             raise InputError(f"none of the {len(files)} images under {self.root} could be read; check the files "
                              f"or point data.dataset at another folder")
         self._labels()
-        self._captions()
+        self._captions(found)
 
     def _check_root(self) -> None:
         if not self.root.exists():
@@ -108,18 +115,37 @@ class ImageFolder(torch.utils.data.Dataset):
         index = {c: i for i, c in enumerate(self.class_names)}
         self.labels = [index[f.parts[0]] if len(f.parts) > 1 else -1 for f in self.files]
 
-    def _captions(self) -> None:
-        """Caption of each file: metadata.jsonl first, then a sidecar .txt with the same stem; None if none."""
+    def _captions(self, found: set[str]) -> None:
+        """Caption of each file: metadata.jsonl first, then a sidecar .txt with the same stem; None if none.
+
+        found: every image under root (before data.limit), to warn about metadata rows that name none of them.
+        """
         meta_path = self.root / "metadata.jsonl"
         meta = read_metadata(meta_path) if meta_path.is_file() else {}
+        orphans = [(n, name) for name, (n, _) in meta.items() if name not in found]
+        if orphans:
+            shown = ", ".join(f"line {n} ({name!r})" for n, name in sorted(orphans)[:5])
+            more = f" and {len(orphans) - 5} more" if len(orphans) > 5 else ""
+            warnings.warn(f"{meta_path} {shown}{more}: no such image under {self.root}, so the caption is "
+                          f"unused; fix the file_name or delete the line", stacklevel=3)
         caps = []
         for f in self.files:
-            cap = meta.get(f.as_posix())
+            cap = meta.get(f.as_posix(), (0, None))[1]
             side = (self.root / f).with_suffix(".txt")
             if cap is None and side.is_file():
                 cap = side.read_text(encoding="utf-8", errors="replace").strip()
             caps.append(cap or "")
         self.captions = caps if any(caps) else None
+
+    def fingerprint(self) -> str:
+        """A short content key for caches: the absolute folder, the settings that change pixels, and for every
+        image its relative path, size and modification time (ns), with its sidecar caption's and metadata.jsonl's.
+        Read from the disk when called, as the images are read when loaded."""
+        c = self.cfg
+        files = [[f.as_posix(), file_stamp(self.root / f), file_stamp((self.root / f).with_suffix(".txt"))]
+                 for f in self.files]
+        return digest(["folder", str(self.root.resolve()), c.resolution, c.channels, c.crop, c.flip, c.limit,
+                       file_stamp(self.root / "metadata.jsonl"), files])
 
     def _warn(self, rel: Path, why: str) -> None:
         if str(rel) not in self._warned:

@@ -2,8 +2,9 @@
 
 For a KL autoencoder the posterior mean and std are stored, so training still samples z ~ q(z|x) each time; for a
 VQ autoencoder the pre-quantisation latents. Labels and captions travel with the latents. The cache file is keyed
-by the autoencoder file's content hash and the data configuration, so a retrained autoencoder or another resolution
-never reuses stale latents.
+by the autoencoder file's content hash, the data set's content key (`dataset_fingerprint`: its files with sizes and
+modification times, captions included, and the settings that change pixels) and the data configuration, so a
+retrained autoencoder, replaced images or another resolution never reuse stale latents.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import DataConfig, to_dict
+from . import dataset_fingerprint
 
 
 def cache_dir() -> Path:
@@ -54,8 +56,15 @@ class LatentCache:
 @torch.no_grad()
 def encode_dataset(autoencoder, ae_path: str | Path, dataset, data_cfg: DataConfig, device, batch: int = 64,
                    progress: bool = True, cache: bool = True) -> LatentCache:
-    """Encode `dataset` (or load the cached result for this autoencoder file and data configuration)."""
-    key = hashlib.sha256(json.dumps([file_digest(ae_path), to_dict(data_cfg), len(dataset)]).encode()).hexdigest()[:20]
+    """Encode `dataset` (or load the cached result for this autoencoder file, data contents and configuration).
+
+    A data set without a content key (`dataset_fingerprint` is None: a large set of a class without fingerprint())
+    is encoded every time, never cached.
+    """
+    content = dataset_fingerprint(dataset) if cache else None
+    cache = content is not None
+    settings = {k: v for k, v in to_dict(data_cfg).items() if k != "caption_dropout"}  # dropout: a training choice
+    key = hashlib.sha256(json.dumps([file_digest(ae_path), content, settings, len(dataset)]).encode()).hexdigest()[:20]
     path = cache_dir() / "latents" / f"{key}.safetensors"
     if cache and path.exists():
         try:

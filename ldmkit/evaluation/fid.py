@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
+from ..data import dataset_fingerprint
 from ..data.latents import cache_dir as default_cache_dir
 from ..nn.inception import load_inception
 from ..errors import InputError
@@ -86,22 +86,6 @@ class InceptionFeatures:
             x = inception_inputs(images[i : i + self.batch_size].to(self.device), self.quantize)
             out.append(self.net(x).double().cpu().numpy())  # (b, 2048)
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
-
-
-def inception_trunk(n_layers: int, device: torch.device | str = "cpu") -> nn.Module:
-    """The first `n_layers` layers of TF-Inception (conv 32, conv 32, conv 64, max-pool, conv 80, conv 192, ...).
-
-    Frozen (no parameter requires grad, batch norm always uses its stored statistics) but differentiable with
-    respect to its input, and fully convolutional, so it runs at any resolution of at least 32 px.
-    (B, 3, H, W) in [-1, 1) -> the activations after layer n_layers - 1.
-    """
-    net = load_inception(device)
-    layers = list(net.net.layers.children())
-    if not 1 <= n_layers <= len(layers):
-        raise InputError(f"n_layers={n_layers} is out of range; TF-Inception has {len(layers)} layers, pick 1 to "
-                         f"{len(layers)} (3 ends after conv 64, 6 after conv 192)")
-    trunk = nn.Sequential(*layers[:n_layers]).eval()
-    return trunk.requires_grad_(False)
 
 
 class _Moments:
@@ -280,12 +264,15 @@ def reference_indices(total: int, n: int) -> list[int]:
 def reference_stats(name: str, dataset, n: int | None = None, cache_dir: str | Path | None = None, *,
                     split: str = "train", features: Callable[[torch.Tensor], np.ndarray] | None = None,
                     batch_size: int = 50, keep_features: bool = False, progress: bool = True) -> FeatureStats:
-    """Statistics of a reference set, cached in <cache_dir>/fid/<name>-<split>-n<n>-<C>x<H>x<W>.npz.
+    """Statistics of a reference set, cached in <cache_dir>/fid/<name>-<split>-n<n>-<C>x<H>x<W>-<key>.npz.
 
+    name: a readable label for the file (e.g. the --data string); the cache is keyed by `key`, the data set's
+    content key (`ldmkit.data.dataset_fingerprint`: its files with sizes and modification times, absolute folder,
+    pixel settings), so another folder of the same name or edited images get statistics of their own.
     dataset: indexable, len() items that are images (C, H, W) in [-1, 1], dicts with an "image" entry or
     (image, label) pairs; n: how many items (default all), a seeded random subset (seed 0) when fewer than all;
     cache_dir: default $LDMKIT_CACHE or ~/.cache/ldmkit. A cached file without raw features is recomputed when
-    keep_features=True.
+    keep_features=True; a data set without a content key is never cached.
     """
     total = len(dataset)
     n = total if n is None else n
@@ -294,12 +281,14 @@ def reference_stats(name: str, dataset, n: int | None = None, cache_dir: str | P
     first = next(iter(_batches([dataset[0]], 1)))[0]  # (C, H, W)
     shape = "x".join(str(s) for s in first.shape)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-{split}")
-    path = Path(cache_dir or default_cache_dir()) / "fid" / f"{safe}-n{n}-{shape}.npz"
-    if path.exists():
+    content = dataset_fingerprint(dataset)
+    path = Path(cache_dir or default_cache_dir()) / "fid" / f"{safe}-n{n}-{shape}-{content}.npz" if content else None
+    if path is not None and path.exists():
         stats = FeatureStats.load(path)
         if stats.features is not None or not keep_features:
             return stats
     items = (dataset[i] for i in reference_indices(total, n))
     stats = compute_stats(items, features, batch_size=batch_size, keep_features=keep_features, progress=progress)
-    stats.save(path)
+    if path is not None:
+        stats.save(path)
     return stats
