@@ -209,7 +209,7 @@ def train_both(args, progress: bool) -> dict:
     run, latents = cached_latents(run, dev, progress)
     out = Path(args.out_dir)
     t0 = time.time()
-    res = train_denoiser(run, out / "ldmkit", progress=progress)
+    res = train_denoiser(run, out / "ldmkit", progress=progress, overwrite=True)
     t_ours = time.time() - t0
     ldm = LatentDiffusion.load(res["checkpoint"], dev)  # EMA weights; ldm.run is the resolved run
     torch.manual_seed(ldm.run.train.seed)

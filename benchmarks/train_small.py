@@ -35,14 +35,14 @@ def main():
     ae_over = [f"train.device={args.device}"] + ([f"train.steps={args.ae_steps}"] if args.ae_steps else [])
     ae_run = load_run(AutoencoderRun, "demo-autoencoder", ae_over)
     t0 = time.time()
-    ae = train_autoencoder(ae_run, out / "autoencoder", progress=True)
+    ae = train_autoencoder(ae_run, out / "autoencoder", progress=True, overwrite=True)
     t_ae = time.time() - t0
 
     dn_over = [f"autoencoder={ae['checkpoint']}", f"train.device={args.device}"]
     dn_over += [f"train.steps={args.steps}"] if args.steps else []
     dn_run = load_run(DenoiserRun, "demo-denoiser", dn_over)
     t0 = time.time()
-    dn = train_denoiser(dn_run, out / "denoiser", progress=True)
+    dn = train_denoiser(dn_run, out / "denoiser", progress=True, overwrite=True)
     t_dn = time.time() - t0
 
     ae_log = [json.loads(l) for l in (out / "autoencoder" / "log.jsonl").read_text().splitlines()]

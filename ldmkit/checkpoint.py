@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,42 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+# A temporary file of atomic_write untouched for this long belongs to a writer that died (a crash, kill -9). A live
+# writer keeps touching its file while it writes, so only one stalled for this long between mkstemp and rename
+# (e.g. a multi-minute fsync on a very slow disk) could lose its file to a concurrent writer of the same target.
+STALE_TMP_AGE_S = 120.0
+
+
+def remove_stale_temporaries(path: Path, max_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """Delete `.{name}.XXXXXXXX.tmp` files of target `path` left by crashed writers (older than max_age_s).
+    Temporaries of other targets are left alone: the random middle of mkstemp's names never holds a dot, so
+    `.a.b.XXXXXXXX.tmp` (target a.b) is not mistaken for one of target `a`."""
+    prefix, removed = f".{path.name}.", []
+    now = time.time()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        middle = entry.name[len(prefix):-len(".tmp")]
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp") and middle and "." not in middle):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > max_age_s:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except FileNotFoundError:  # removed meanwhile by another writer's clean-up
+            pass
+    return removed
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Call write(tmp_path) then move tmp_path over `path` in one rename. The file gets the usual permissions
-    (readable by the group and others under the common umask 022), not the temporary file's private 0o600."""
+    (readable by the group and others under the common umask 022), not the temporary file's private 0o600.
+    Temporary files of the same target orphaned by crashed writers are removed first (remove_stale_temporaries)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -77,7 +109,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not an ldmkit checkpoint (no ldmkit metadata); "
                               f"import Stable Diffusion or diffusers weights with `ldmkit convert`")
-    return {k: (v if k in ("format", "kind") else json.loads(v)) for k, v in raw.items()}
+    return {k: (v if k in ("format", "kind") else _json_value(path, k, v)) for k, v in raw.items()}
+
+
+def _json_value(path: Path, key: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata value {key!r} is not valid JSON ({e}); the file was not written by "
+                              f"ldmkit or was altered; re-export it or convert the original with `ldmkit convert`") \
+            from None
 
 
 def load(path: str | Path, kind: str | tuple[str, ...] | None = None,

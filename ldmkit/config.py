@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from .errors import ConfigError, MissingFileError
 
 
@@ -127,7 +129,6 @@ class TrainConfig:
     log_every: int = 10  # JSONL log interval (steps)
     sample_every: int = 0  # sample grid interval (steps); 0 disables
     ckpt_every: int = 500  # checkpoint interval (steps); 0: only the final checkpoint, which is always written
-    num_workers: int = 0  # DataLoader workers
 
 
 # --- runs ---------------------------------------------------------------------------------------------------------
@@ -150,6 +151,138 @@ class DenoiserRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     text_encoder: str = ""  # "" for label / unconditional models, else a text-encoder name
     class_names: tuple[str, ...] = ()  # label names, for grids and `ldmkit info`
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of a numeric setting (of each entry, for a tuple setting). Every bound rejects nan / inf."""
+
+    lo: float = -math.inf  # smallest allowed value
+    hi: float = math.inf  # largest allowed value
+    lo_open: bool = False  # True: lo itself is not allowed
+    hi_open: bool = False  # True: hi itself is not allowed
+    integer: bool = False  # describe the range as whole numbers (the setting is an int)
+    choices: tuple = ()  # if given, only these values are allowed
+
+    def admits(self, v) -> bool:
+        if self.choices:
+            return v in self.choices
+        if not math.isfinite(v):
+            return False
+        return (v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.choices:
+            return " or ".join(str(c) for c in self.choices)
+        kind = "an integer" if self.integer else "a number"
+        lo, hi = (f"{x:.0f}" if self.integer else f"{x:g}" for x in (self.lo, self.hi))
+        if math.isinf(self.lo) and math.isinf(self.hi):
+            return "any finite number"
+        if math.isinf(self.hi):
+            return f"{kind} {'>' if self.lo_open else '>='} {lo}"
+        return f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+COUNT = Bound(1, integer=True)  # how many of something, at least one
+OPTIONAL_COUNT = Bound(0, integer=True)  # a count or interval where 0 means none / off
+WEIGHT = Bound(0)  # a loss weight, rate or norm where 0 switches the term off
+POSITIVE = Bound(0, lo_open=True)
+PROBABILITY = Bound(0, 1)
+DECAY = Bound(0, 1, hi_open=True)  # a fraction in [0, 1): EMA and Adam decays, dropout
+OPEN_UNIT = Bound(0, 1, lo_open=True, hi_open=True)
+FINITE = Bound()
+SEED = Bound(0, 2**32 - 1, integer=True)
+
+# dataclass -> {numeric setting -> its allowed values}; tests check that every int and float setting is listed
+BOUNDS: dict[type, dict[str, Bound]] = {
+    AutoencoderConfig: dict(in_channels=COUNT, base_channels=COUNT, channel_mult=COUNT, num_res_blocks=COUNT,
+                            latent_channels=COUNT, norm_groups=COUNT, codebook_size=COUNT, commitment_beta=WEIGHT,
+                            scaling_factor=POSITIVE, shift_factor=FINITE),
+    AutoencoderLossConfig: dict(pixel_weight=WEIGHT, perceptual_weight=WEIGHT, kl_weight=WEIGHT, codebook_weight=WEIGHT,
+                                disc_start=OPTIONAL_COUNT, disc_weight=WEIGHT, disc_layers=COUNT, disc_channels=COUNT,
+                                disc_lr=WEIGHT),
+    UNetConfig: dict(in_channels=COUNT, out_channels=COUNT, model_channels=COUNT, channel_mult=COUNT,
+                     num_res_blocks=COUNT, attention_levels=OPTIONAL_COUNT, num_heads=COUNT, head_dim=OPTIONAL_COUNT,
+                     transformer_depth=COUNT, context_dim=OPTIONAL_COUNT, num_classes=OPTIONAL_COUNT,
+                     norm_groups=COUNT, norm_eps=POSITIVE, dropout=DECAY, freq_shift=FINITE),
+    DiffusionConfig: dict(num_timesteps=COUNT, beta_start=OPEN_UNIT, beta_end=OPEN_UNIT, sigma_data=POSITIVE,
+                          min_snr_gamma=WEIGHT, p_mean=FINITE, p_std=POSITIVE, sigma_min=POSITIVE, sigma_max=POSITIVE),
+    DataConfig: dict(resolution=COUNT, channels=Bound(choices=(1, 3)), limit=OPTIONAL_COUNT, holdout=OPTIONAL_COUNT,
+                     caption_dropout=PROBABILITY),
+    TrainConfig: dict(steps=COUNT, batch_size=COUNT, grad_accum=COUNT, lr=POSITIVE, warmup_steps=OPTIONAL_COUNT,
+                      weight_decay=WEIGHT, adam_betas=DECAY, grad_clip=WEIGHT, ema_decay=DECAY, seed=SEED,
+                      log_every=COUNT, sample_every=OPTIONAL_COUNT, ckpt_every=OPTIONAL_COUNT),
+}
+
+# settings that no longer exist: still accepted (and ignored) so that files written before their removal load
+RETIRED: dict[type, set[str]] = {TrainConfig: {"num_workers"}}
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _check_bounds(cfg, where: str):
+    for name, bound in BOUNDS.get(type(cfg), {}).items():
+        value = getattr(cfg, name)
+        items = value if isinstance(value, tuple) else (value,)
+        if all(bound.admits(v) for v in items):
+            continue
+        if not all(bound.choices or math.isfinite(v) for v in items):
+            raise ConfigError(f"{_key(where, name)} = {value!r} is not a finite number; use {bound.describe()}")
+        every = "every entry must be" if isinstance(value, tuple) else "use"
+        raise ConfigError(f"{_key(where, name)} = {value!r} is out of range; {every} {bound.describe()}")
+
+
+def _check_levels(cfg, where: str):
+    """Autoencoder and U-Net: at least one level; U-Net attention levels and per-level heads match the levels."""
+    if not cfg.channel_mult:
+        raise ConfigError(f"{_key(where, 'channel_mult')} = () is empty; give at least one level, e.g. 1,2,2")
+    if not isinstance(cfg, UNetConfig):
+        return
+    n = len(cfg.channel_mult)
+    if any(level >= n for level in cfg.attention_levels):
+        raise ConfigError(f"{_key(where, 'attention_levels')} = {cfg.attention_levels!r} names a level the U-Net "
+                          f"does not have; with {n} entries in channel_mult use levels 0 to {n - 1}")
+    if len(cfg.num_heads) not in (1, n):
+        raise ConfigError(f"{_key(where, 'num_heads')} = {cfg.num_heads!r} must be one value or one per level ({n})")
+
+
+def _check_diffusion(cfg: DiffusionConfig, where: str):
+    if cfg.sigma_max <= cfg.sigma_min:
+        raise ConfigError(f"{_key(where, 'sigma_max')} = {cfg.sigma_max!r} must be larger than "
+                          f"{_key(where, 'sigma_min')} = {cfg.sigma_min!r}")
+
+
+def _check_train(cfg: TrainConfig, where: str):
+    if len(cfg.adam_betas) != 2:
+        raise ConfigError(f"{_key(where, 'adam_betas')} = {cfg.adam_betas!r} must be two values (beta1, beta2), "
+                          f"e.g. 0.9,0.999")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"{_key(where, 'batch_size')} = {cfg.batch_size} is not a multiple of "
+                          f"{_key(where, 'grad_accum')} = {cfg.grad_accum}; make the batch size a multiple of it, "
+                          f"e.g. {cfg.batch_size // cfg.grad_accum * cfg.grad_accum or cfg.grad_accum}")
+
+
+# checks across the settings of one dataclass, after each setting passed its own bound
+CROSS_CHECKS = {AutoencoderConfig: _check_levels, UNetConfig: _check_levels, DiffusionConfig: _check_diffusion,
+                TrainConfig: _check_train}
+
+
+def validate(cfg, where: str = ""):
+    """Raise ConfigError (naming the dotted key, the value and the allowed range) for any out-of-range setting of
+    `cfg` or of the dataclasses nested in it; `where` is cfg's own dotted name ("train" for a run's TrainConfig)."""
+    _check_bounds(cfg, where)
+    if type(cfg) in CROSS_CHECKS:
+        CROSS_CHECKS[type(cfg)](cfg, where)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, _key(where, f.name))
+    return cfg
 
 
 # --- conversion ---------------------------------------------------------------------------------------------------
@@ -196,15 +329,17 @@ def _coerce(tp, value, where: str):
 
 
 def from_dict(cls, data: dict[str, Any], where: str = ""):
-    """Build dataclass `cls` from a (partial) nested dict; unknown keys are an error naming the key."""
+    """Build dataclass `cls` from a (partial) nested dict and validate it; unknown keys and out-of-range values are
+    errors naming the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in RETIRED.get(cls, ())}
     unknown = set(data) - names
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(f"unknown setting {where + '.' if where else ''}{key}; known: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    return validate(cls(**kwargs), where)
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -242,7 +377,12 @@ def load_run(cls, preset: str | None = None, overrides: list[str] | None = None)
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
             raise MissingFileError(f"config {preset!r} not found; give a .toml path or one of: {known}")
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML ({e}); fix the file, see https://toml.io") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)

@@ -76,3 +76,31 @@ def test_written_files_get_the_umask_permissions_not_the_temporary_files(tmp_pat
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     finally:
         os.umask(old)
+
+
+def test_atomic_write_removes_stale_temporary_files_of_its_target_only(tmp_path):
+    import os
+    import time
+
+    from ldmkit.checkpoint import STALE_TMP_AGE_S
+
+    target = tmp_path / "c.safetensors"
+    old = time.time() - STALE_TMP_AGE_S - 5
+    orphan = tmp_path / ".c.safetensors.ab12cd34.tmp"  # left by a writer that crashed
+    busy = tmp_path / ".c.safetensors.ef56gh78.tmp"  # a concurrent writer of the same target, still writing
+    other = tmp_path / ".c.safetensors.x.ij90kl12.tmp"  # an old orphan of another target (c.safetensors.x)
+    for p in (orphan, busy, other):
+        p.write_bytes(b"partial")
+    for p in (orphan, other):
+        os.utime(p, (old, old))
+    checkpoint.save(target, {"w": torch.ones(1)}, "k")
+    assert not orphan.exists() and busy.exists() and other.exists()
+
+
+def test_metadata_that_is_not_json_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "crafted.safetensors"
+    save_file({"w": torch.ones(1)}, str(path), metadata={"format": "ldmkit", "kind": "ldm", "config": "{not json"})
+    with pytest.raises(checkpoint.CheckpointError, match=r"crafted.safetensors.*config.*not valid JSON"):
+        checkpoint.read_metadata(path)

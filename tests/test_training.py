@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -81,3 +82,47 @@ def test_channel_mismatch_is_explained(blobs):
     bad = AutoencoderRun(model=run.model, loss=run.loss, data=DataConfig(channels=3), train=run.train)
     with pytest.raises(ValueError, match="model.in_channels=1 but data.channels=3"):
         AutoencoderTask(bad, blobs, CPU)
+
+
+# --- the run log ------------------------------------------------------------------------------------------------
+
+
+def test_resume_drops_a_torn_final_log_line_with_a_warning(tmp_path):
+    from ldmkit.training.logging import JsonlLog
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')  # killed mid-write
+    with pytest.warns(UserWarning, match=r"log.jsonl.*line 4.*cut off"):
+        log = JsonlLog(path, resume_step=3)
+    log.write(step=4)
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_damaged_line_inside_the_log_is_an_error_naming_it(tmp_path):
+    from ldmkit.errors import InputError
+    from ldmkit.training.logging import JsonlLog
+
+    path = tmp_path / "log.jsonl"
+    text = '{"step": 1}\n{"st\n{"step": 3}\n'
+    path.write_text(text)
+    with pytest.raises(InputError, match=r"log.jsonl line 2 is not valid JSON.*delete or repair"):
+        JsonlLog(path, resume_step=3)
+    assert path.read_text() == text  # left as it was for the user to inspect
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(steps=0), r"train.steps = 0 .*integer >= 1"),
+    (dict(steps=-5), r"train.steps = -5 .*integer >= 1"),
+    (dict(grad_accum=0), r"train.grad_accum = 0 .*integer >= 1"),
+    (dict(log_every=0), r"train.log_every = 0 .*integer >= 1"),
+    (dict(batch_size=0), r"train.batch_size = 0 .*integer >= 1"),
+    (dict(ema_decay=1.0), r"train.ema_decay = 1.0 .*\[0, 1\)"),
+])
+def test_the_loop_refuses_bad_numbers_before_writing(tmp_path, blobs, setting, message):
+    from ldmkit.errors import ConfigError
+
+    run = tiny_ae_run()
+    bad = dataclasses.replace(run.train, **setting)
+    with pytest.raises(ConfigError, match=message):
+        train(AutoencoderTask(run, blobs, CPU), bad, tmp_path / "r", CPU, progress=False)
+    assert not (tmp_path / "r").exists()

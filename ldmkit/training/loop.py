@@ -7,7 +7,6 @@ had never stopped.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -20,12 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint
-from ..config import TrainConfig
-from ..errors import NonFiniteError
+from ..config import TrainConfig, validate
+from ..errors import MissingFileError, NonFiniteError
 from ..runtime import autocast
 from .ema import EMA
 from .logging import JsonlLog
-from ..errors import InputError, MissingFileError
 
 STATE_FILE = "train-state.safetensors"
 
@@ -76,6 +74,7 @@ class LoopResult:
 def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.device, resume: bool = False,
           config_dict: dict | None = None, stop_after: int | None = None, progress: bool = True) -> LoopResult:
     """Run (or resume) training to cfg.steps. stop_after: leave after that many steps (tests of resume)."""
+    validate(cfg, "train")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ema = EMA(task.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -83,9 +82,7 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
     if resume and start == 0 and not (out_dir / STATE_FILE).exists():
         raise MissingFileError(f"--resume: no {STATE_FILE} in {out_dir}; start without --resume")
     log = JsonlLog(out_dir / "log.jsonl", resume_step=start)
-    micro = cfg.batch_size // cfg.grad_accum
-    if micro * cfg.grad_accum != cfg.batch_size:
-        raise InputError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
+    micro = cfg.batch_size // cfg.grad_accum  # validate() checked that grad_accum divides batch_size
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     history: list[dict] = []
     interrupted = _InterruptFlag()
@@ -218,7 +215,3 @@ class _InterruptFlag:
         for sig, h in self._old.items():
             signal.signal(sig, h)
         return False
-
-
-def dump_config(path: Path, config_dict: dict):
-    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))

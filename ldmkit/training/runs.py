@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import AutoencoderRun, DenoiserRun, to_dict
+from ..config import AutoencoderRun, DenoiserRun, to_dict, validate
 from ..data.latents import encode_dataset
 from ..denoisers.unet import UNet
 from ..ldm import LatentDiffusion
@@ -16,7 +16,8 @@ from ..evaluation.metrics import reconstruction_metrics
 from .autoencoder import AutoencoderTask
 from .denoiser import DenoiserTask, resolve_run
 from ..runtime import autocast, resolve_device
-from .loop import dump_config, train
+from .loop import train
+from .rundir import RunFolder
 from ..errors import InputError
 
 
@@ -31,21 +32,23 @@ def _datasets(data_cfg, holdout: int):
 
 
 def train_autoencoder(run: AutoencoderRun, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                      stop_after: int | None = None) -> dict:
-    """Train the first stage; writes autoencoder.safetensors, log.jsonl and metrics.json into out_dir."""
-    out_dir = Path(out_dir)
-    torch.manual_seed(run.train.seed)
-    device = resolve_device(run.train.device, "train.device")
-    train_set, held = _datasets(run.data, run.data.holdout)
-    task = AutoencoderTask(run, train_set, device)
-    dump_config(out_dir / "config.json", to_dict(run))
-    res = train(task, run.train, out_dir, device, resume=resume, config_dict=to_dict(run), progress=progress,
-                stop_after=stop_after)
-    result = {"checkpoint": str(res.export_path), "step": res.step}
-    if res.step >= run.train.steps and held is not None:
-        model, _ = load_autoencoder(res.export_path, device)
-        result["holdout"] = reconstruction_metrics(model, held, device, progress=progress)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+                      stop_after: int | None = None, overwrite: bool = False) -> dict:
+    """Train the first stage; writes autoencoder.safetensors, log.jsonl and metrics.json into out_dir.
+    resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules)."""
+    validate(run)
+    with RunFolder(out_dir, resume=resume, overwrite=overwrite) as folder:
+        folder.write_config(to_dict(run))
+        torch.manual_seed(run.train.seed)
+        device = resolve_device(run.train.device, "train.device")
+        train_set, held = _datasets(run.data, run.data.holdout)
+        task = AutoencoderTask(run, train_set, device)
+        res = train(task, run.train, folder.path, device, resume=resume, config_dict=to_dict(run),
+                    progress=progress, stop_after=stop_after)
+        result = {"checkpoint": str(res.export_path), "step": res.step}
+        if res.step >= run.train.steps and held is not None:
+            model, _ = load_autoencoder(res.export_path, device)
+            result["holdout"] = reconstruction_metrics(model, held, device, progress=progress)
+        (folder.path / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -61,14 +64,36 @@ def text_setup(run: DenoiserRun, captions: list[str], device):
     return enc, EmbeddingCache(enc, sorted(set(captions) | {""}))
 
 
+# settings of a denoiser run that are filled in from the autoencoder and the data (resolve_run): a resume can
+# compare them only after loading both
+RESOLVED_KEYS = ("unet.in_channels", "unet.out_channels", "unet.context_dim", "unet.num_classes", "class_names",
+                 "data.channels")
+
+
 def train_denoiser(run: DenoiserRun, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                   stop_after: int | None = None) -> dict:
-    """Train the second stage on latents of run.autoencoder; writes model.safetensors (self-contained)."""
-    out_dir = Path(out_dir)
+                   stop_after: int | None = None, overwrite: bool = False) -> dict:
+    """Train the second stage on latents of run.autoencoder; writes model.safetensors (self-contained).
+    resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules)."""
     if not run.autoencoder:
         raise InputError("no autoencoder given: pass --autoencoder PATH (a checkpoint from `ldmkit train-autoencoder`)")
-    torch.manual_seed(run.train.seed)
-    device = resolve_device(run.train.device, "train.device")
+    validate(run)
+    with RunFolder(out_dir, resume=resume, overwrite=overwrite, keep=[run.autoencoder]) as folder:
+        folder.check_config(to_dict(run), ignore=RESOLVED_KEYS)  # refuse a changed model before the slow setup
+        torch.manual_seed(run.train.seed)
+        device = resolve_device(run.train.device, "train.device")
+        run, task = _denoiser_task(run, device, progress)
+        folder.write_config(to_dict(run))
+        res = train(task, run.train, folder.path, device, resume=resume, config_dict=to_dict(run),
+                    progress=progress, stop_after=stop_after)
+        result = {"checkpoint": str(res.export_path), "step": res.step,
+                  "final_loss": res.history[-1]["loss"] if res.history else None,
+                  "parameters": sum(p.numel() for p in task.ldm.unet.parameters())}
+        (folder.path / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRun, DenoiserTask]:
+    """Load the autoencoder, encode (or load the cached) latents, build the U-Net: (resolved run, task)."""
     ae, ae_run = load_autoencoder(run.autoencoder, device)
     if run.data.resolution % ae_run.model.factor:
         f = ae_run.model.factor
@@ -84,12 +109,4 @@ def train_denoiser(run: DenoiserRun, out_dir: str | Path, resume: bool = False, 
     torch.manual_seed(run.train.seed)
     unet = UNet(run.unet).to(device)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
-    task = DenoiserTask(run, ldm, latents, device, text_cache)
-    dump_config(out_dir / "config.json", to_dict(run))
-    res = train(task, run.train, out_dir, device, resume=resume, config_dict=to_dict(run), progress=progress,
-                stop_after=stop_after)
-    result = {"checkpoint": str(res.export_path), "step": res.step,
-              "final_loss": res.history[-1]["loss"] if res.history else None,
-              "parameters": sum(p.numel() for p in unet.parameters())}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    return result
+    return run, DenoiserTask(run, ldm, latents, device, text_cache)
