@@ -1,7 +1,8 @@
 """A complete latent diffusion model: autoencoder + denoiser + conditioner, saved as one self-contained file.
 
 An "ldm" checkpoint holds `unet.*` (EMA weights), `autoencoder.*`, optionally `text_encoder.*` (a jointly trained
-encoder, or CLIP weights imported from Stable Diffusion; MiniLM's frozen weights ship in its package), and in its metadata the denoiser run's resolved configuration and the autoencoder's.
+encoder, or CLIP weights imported from Stable Diffusion; MiniLM's frozen weights ship in its package), and in its
+metadata the denoiser run's resolved configuration and the autoencoder's.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .conditioning.types import Conditioning
 from .config import AutoencoderConfig, DenoiserRun, from_dict, to_dict
 from .denoisers.unet import UNet
 from .diffusion.parameterisation import make_denoiser
-from .errors import InputError
+from .errors import CheckpointError, InputError, NonFiniteError
 
 KIND = "ldm"
 
@@ -29,6 +30,7 @@ class LatentDiffusion:
     unet: UNet
     run: DenoiserRun
     text_encoder: nn.Module | None = None
+    source: Path | None = None  # the file it was loaded from (named in error messages); None when built in memory
 
     def __post_init__(self):
         self.denoiser = make_denoiser(self.unet, self.run.diffusion)
@@ -83,15 +85,15 @@ class LatentDiffusion:
         if prompts is not None and any(prompts):
             raise InputError("this model is not text-conditional; use --label (class-conditional) or no condition")
         if not self.num_classes:
-            if labels is not None and any(int(l) >= 0 for l in labels):
+            if labels is not None and any(int(lab) >= 0 for lab in labels):
                 raise InputError("this model is unconditional; it takes no --label")
             return Conditioning()
         labels = [-1] * (n or 1) if labels is None else list(labels)
-        for l in labels:
-            if not -1 <= int(l) < self.num_classes:
+        for lab in labels:
+            if not -1 <= int(lab) < self.num_classes:
                 names = ", ".join(f"{i}={c}" for i, c in enumerate(self.class_names)) or f"0..{self.num_classes - 1}"
-                raise InputError(f"label {l} is out of range; this model knows {self.num_classes} classes: {names}")
-        t = torch.tensor([self.num_classes if int(l) < 0 else int(l) for l in labels], dtype=torch.long)
+                raise InputError(f"label {lab} is out of range; this model knows {self.num_classes} classes: {names}")
+        t = torch.tensor([self.num_classes if int(lab) < 0 else int(lab) for lab in labels], dtype=torch.long)
         return Conditioning(labels=t.to(self.device))
 
     def null_conditioning(self, n: int, negative: list[str] | None = None) -> Conditioning:
@@ -110,7 +112,16 @@ class LatentDiffusion:
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "LatentDiffusion":
+        """The model in ldm file `path`, on `device`, in eval mode. CheckpointError when the file lacks the metadata
+        that rebuilds it; NonFiniteError naming the first tensor with NaN or infinite values (it would sample
+        black images)."""
         tensors, meta = checkpoint.load(path, KIND)
+        for key in ("config", "autoencoder"):
+            if not isinstance(meta.get(key), dict):
+                raise CheckpointError(f"{path} has no {key!r} metadata (the {'denoiser' if key == 'config' else key}"
+                                      f"'s configuration), so the model cannot be rebuilt; use an ldm file written "
+                                      f"by `ldmkit train` or `ldmkit convert`")
+        check_finite_weights(tensors, path)
         run = from_dict(DenoiserRun, meta["config"])
         ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"])
         ae = build_autoencoder(ae_cfg)
@@ -128,4 +139,14 @@ class LatentDiffusion:
             text = text.to(device).eval().requires_grad_(False)
         for m in (ae, unet):
             m.to(device).eval().requires_grad_(False)
-        return cls(ae, ae_cfg, unet, run, text)
+        return cls(ae, ae_cfg, unet, run, text, source=Path(path))
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """NonFiniteError naming `path` and its first floating-point tensor holding NaN or infinite values."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"{path}: the weights are not finite ({bad} of {t.numel()} values of {name} are NaN "
+                                 f"or infinite), so every sample would be black; use an earlier checkpoint of the run "
+                                 f"(training diverged: retrain with a lower learning rate)")

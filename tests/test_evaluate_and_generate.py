@@ -68,3 +68,23 @@ def test_half_precision_export_loads_back_with_nearly_the_same_outputs(tiny_ldm,
     cond = a.conditioning(labels=[0, 1])
     ya, yb = a.denoiser(x, torch.tensor([1.0, 1.0]), cond), b.denoiser(x, torch.tensor([1.0, 1.0]), cond)
     assert torch.allclose(ya, yb, atol=1e-2) and not torch.equal(ya, yb)
+
+
+def test_generate_writes_the_format_its_out_names(tiny_ldm, tmp_path, capsys):
+    from PIL import Image
+
+    from ldmkit.data.images import read_parameters
+
+    out = tmp_path / "g.jpg"
+    assert main(["generate", "--model", str(tiny_ldm), "--label", "0", "--n", "1", "--steps", "1", "--seed", "4",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.format == "JPEG"  # was PNG bytes under a .jpg name
+    assert json.loads(read_parameters(out)["ldmkit"])["seed"] == 4
+
+
+def test_generate_refuses_an_unknown_extension_before_loading_or_sampling(tiny_ldm, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_ldm), "--label", "0", "--steps", "1",
+                 "--out", str(tmp_path / "g.tiff")]) == 2
+    err = capsys.readouterr().err
+    assert ".png, .jpg, .jpeg, .webp" in err and not (tmp_path / "g.tiff").exists()

@@ -6,12 +6,13 @@ half-written PNG behind.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from ..checkpoint import atomic_write
@@ -21,7 +22,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3); transparency is composited on white."""
+    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3); transparency is composited on white.
+
+    16-bit grayscale ("I;16", "I;16B", "I;16L") is scaled by its bit depth, v * 255 / 65535, like Pillow's 16-bit
+    RGB, so a dark image stays dark. Mode "I" (32-bit signed) holds 16-bit data when every value is in 0..65535
+    (the usual case: Pillow opens many 16-bit files so) and is scaled the same way; otherwise by the int32 range,
+    v * 255 / (2^31 - 1), negative values clipped to black.
+    """
     if channels not in (1, 3):
         raise InputError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)")
     if img.mode == "P":
@@ -31,8 +38,9 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr / max(arr.max(), 1.0) * 255.0, 0, 255).astype(np.uint8), "L")
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        top = 65535.0 if img.mode != "I" or arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535) else 2.0**31 - 1
+        img = Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
     return img.convert("L" if channels == 1 else "RGB")
 
 
@@ -93,18 +101,85 @@ def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """Shorten `text` with an ellipsis until it fits in `width` pixels."""
+    """`text` on one line (line breaks shown as spaces), cut with an ellipsis to fit in `width` pixels. The cut is
+    found by binary search on its length: a few measurements whatever the length, not one per removed character."""
+    text = " ".join(text.splitlines())
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+    lo, hi = 0, len(text) - 1  # the longest k with text[:k] + "..." fitting lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + "...", font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "..."
+
+
+# Image files ldmkit writes, by extension. Parameters go into PNG text chunks; in JPEG and WebP into the EXIF
+# UserComment as one JSON object (ASCII; a JPEG holds at most 64 KiB of EXIF). Read them back with read_parameters.
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_ASCII_COMMENT = b"ASCII\0\0\0"  # EXIF UserComment character-code prefix
+_JPEG_EXIF_MAX = 65533  # bytes in one JPEG APP1 marker, "Exif\0\0" included
+
+
+def output_format(path: str | Path) -> str:
+    """The Pillow format the extension of `path` names; InputError listing the supported extensions otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        what = f"the extension {suffix!r}" if suffix else "no extension"
+        raise InputError(f"cannot write images to {path}: {what} is not an image format ldmkit writes; use one of "
+                         f"{', '.join(OUTPUT_FORMATS)}")
+    return OUTPUT_FORMATS[suffix]
+
+
+def _save_options(path: str | Path, metadata: dict[str, str] | None) -> tuple[str, dict]:
+    """(format, Pillow save options carrying `metadata`) for `path`; InputError when the format cannot hold it."""
+    fmt = output_format(path)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if fmt == "PNG":
+        info = PngInfo()
+        for k, v in meta.items():
+            info.add_itxt(k, v.encode("utf-8", "replace").decode("utf-8"))  # lone surrogates -> "?"
+        return fmt, {"pnginfo": info}
+    options = {"quality": 95}
+    if meta:
+        exif = Image.Exif()
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _ASCII_COMMENT + json.dumps(meta).encode("ascii")
+        options["exif"] = exif.tobytes()
+        if fmt == "JPEG" and len(options["exif"]) > _JPEG_EXIF_MAX:
+            raise InputError(f"the generation parameters ({len(options['exif'])} bytes) do not fit in the 64 KiB a "
+                             f"JPEG file holds; write {Path(path).with_suffix('.png')} or .webp instead")
+    return fmt, options
+
+
+def check_writable(path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Everything write_image would check before writing, without writing: the extension and that `metadata` fits."""
+    _save_options(path, metadata)
+
+
+def write_image(img: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `img` atomically in the format its extension names (OUTPUT_FORMATS) with `metadata`. Returns the path."""
+    fmt, options = _save_options(path, metadata)
+    return atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **options))
+
+
+def read_parameters(path: str | Path) -> dict[str, str]:
+    """The metadata write_image stored in `path`: PNG text chunks, or the JPEG / WebP EXIF UserComment object."""
+    with Image.open(path) as im:
+        if im.format == "PNG":
+            return dict(im.text)
+        raw = im.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    raw = bytes(raw or b"")
+    return json.loads(raw[len(_ASCII_COMMENT):].decode("ascii")) if raw.startswith(_ASCII_COMMENT) else {}
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, labels: list[str] | None = None,
               metadata: dict[str, str] | None = None, padding: int = 2) -> Path:
-    """Tile images (B, C, H, W) in [-1, 1] into one PNG, with a text label under each tile and `metadata`
-    stored as PNG text chunks; written atomically. Returns the path."""
+    """Tile images (B, C, H, W) in [-1, 1] into one image file with a one-line text label under each tile, in the
+    format the extension of `path` names (.png, .jpg, .jpeg, .webp) with `metadata` (see write_image); written
+    atomically. Returns the path."""
+    check_writable(path, metadata)  # before any drawing
     if images.ndim == 3:
         images = images[None]
     b, c, h, w = images.shape
@@ -122,7 +197,4 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, labels: lis
         canvas.paste(tile.convert("RGB"), (x0, y0))
         if label_h and labels[i]:
             draw.text((x0 + 1, y0 + h), _fit_text(draw, str(labels[i]), font, w - 2), fill=(0, 0, 0), font=font)
-    info = PngInfo()
-    for k, v in (metadata or {}).items():
-        info.add_itxt(str(k), str(v))
-    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info))
+    return write_image(canvas, path, metadata)

@@ -1,36 +1,112 @@
-"""Generation from labels or prompts: conditioning, guided sampling in batches, decoding, PNGs with parameters."""
+"""Generation from labels or prompts: conditioning, guided sampling in batches, decoding, image files with parameters.
+
+Everything that can be checked is checked before the first sampling step: the request's numbers where it is built
+(SampleRequest.__post_init__), labels, prompts and size against the model (plan), and the output path
+(check_output). After the expensive work only writing remains.
+"""
 from __future__ import annotations
 
+import inspect
 import json
+import math
+import operator
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
-from ..noise import generators_from_seed
+from ..data.images import check_writable, save_grid
 from ..diffusion.sample import sample_latents
+from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
+from ..noise import generators_from_seed
 from ..runtime import resolve_device
-from ..samplers import get_sampler
-from ..errors import InputError
+from ..samplers import SAMPLERS
+
+MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger values are typing mistakes
+SEED_END = 2 ** 63  # torch generators take seeds below this; image i uses seed + i
+UNCONDITIONAL = "unconditional"  # the caption of an image drawn without a label (label -1)
+ETA_SAMPLERS = tuple(name for name, fn in SAMPLERS.items() if "eta" in inspect.signature(fn).parameters)
 
 
 @dataclass(frozen=True)
 class SampleRequest:
+    """What to generate. Values are checked here, naming the command-line option to change (--cfg, --seed, ...)."""
+
     n: int = 16  # number of images
-    labels: list[int] | None = None  # class labels, cycled over the n images; None: every class in turn
-    prompts: list[str] | None = None  # one prompt per image (text models)
+    labels: list[int] | None = None  # class labels, cycled over the n images; None: every class in turn; -1: none
+    prompts: list[str] | None = None  # one prompt per image (text models), cycled when fewer
     negative_prompt: str = ""  # the guidance's unconditional branch (text models)
     sampler: str = "dpmpp_2m"
     steps: int = 25
     cfg: float = 3.0  # classifier-free guidance scale; 1 disables guidance
-    cfg_rescale: float = 0.0  # guidance rescale phi
+    cfg_rescale: float = 0.0  # guidance rescale phi in [0, 1]
     seed: int = 0  # image i is drawn with seed + i, whatever the batch size
     height: int = 0  # pixels; 0: the training resolution
     width: int = 0
     batch_size: int = 16  # images per forward pass
     device: str = "auto"
     eta: float | None = None  # stochasticity of ddim / ancestral / sde samplers (None: the sampler's default)
+
+    def __post_init__(self):
+        n = _whole("--n", self.n, low=1, hint="ask for at least one image")
+        _whole("--steps", self.steps, low=1, high=MAX_STEPS, hint="25 to 50 is usual")
+        _whole("--batch-size", self.batch_size, low=1, hint="use 1 or more images per forward pass")
+        _whole("--height", self.height, low=0, hint="use 0 for the training resolution")
+        _whole("--width", self.width, low=0, hint="use 0 for the training resolution")
+        seed = _whole("--seed", self.seed, low=0, hint="use a seed from 0 upwards")
+        if seed + n > SEED_END:
+            raise InputError(f"--seed {seed}: image i uses seed + i, and {n} images need seeds below 2**63 "
+                             f"({SEED_END}); use a seed of at most {SEED_END - n}")
+        _finite("--cfg", self.cfg, "use a guidance scale such as 3 (1 turns guidance off)")
+        if not 0.0 <= _finite("--guidance-rescale", self.cfg_rescale, "use a value in [0, 1]") <= 1.0:
+            raise InputError(f"--guidance-rescale {self.cfg_rescale} is outside [0, 1]; 0 turns it off, 0.7 is usual")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"--sampler {self.sampler!r} is not known; choose one of: {', '.join(SAMPLERS)}")
+        if self.eta is not None:
+            if _finite("--eta", self.eta, "use 0 (deterministic) to 1") < 0:
+                raise InputError(f"--eta {self.eta} is negative; use 0 (deterministic) to 1 (ancestral)")
+            if self.sampler not in ETA_SAMPLERS:
+                raise InputError(f"--eta applies to the {', '.join(ETA_SAMPLERS)} samplers, not --sampler "
+                                 f"{self.sampler}; drop --eta or choose one of those")
+        for label in self.labels or ():
+            _whole("--label", label, low=-1, hint="use a class number, or -1 for no label")
+        if self.prompts is not None:
+            if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
+                raise InputError("prompts must be a list of strings, one per image")
+            if not self.prompts:
+                raise InputError("the prompt list is empty; give at least one prompt, or none for unconditional")
+        if not isinstance(self.negative_prompt, str):
+            raise InputError(f"--negative-prompt must be a string, not {type(self.negative_prompt).__name__}")
+
+
+def _whole(option: str, value, low: int, high: int | None = None, hint: str = "") -> int:
+    """`value` as an int in [low, high]; InputError naming `option` otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise InputError(f"{option} {value!r} is not a whole number; {hint}") from None
+    if v < low or (high is not None and v > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise InputError(f"{option} {v} is out of range: it must be {bounds}; {hint}")
+    return v
+
+
+def _finite(option: str, value, hint: str) -> float:
+    """`value` as a finite float; InputError naming `option` otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{option} {value!r} is not a number; {hint}") from None
+    if not math.isfinite(v):
+        raise InputError(f"{option} {value} is not a finite number; {hint}")
+    return v
 
 
 def _labels_for(ldm: LatentDiffusion, req: SampleRequest) -> list[int] | None:
@@ -53,49 +129,145 @@ def resolution(ldm: LatentDiffusion, req: SampleRequest) -> tuple[int, int]:
     return h, w
 
 
-@torch.no_grad()
-def generate(ldm: LatentDiffusion, req: SampleRequest) -> tuple[torch.Tensor, list[str]]:
-    """Images (n, C, H, W) in [-1, 1] and a caption per image."""
-    get_sampler(req.sampler)  # fail before any work on an unknown sampler
-    if req.n < 1:
-        raise InputError(f"--n {req.n}: ask for at least one image")
+@dataclass(frozen=True)
+class _Plan:
+    labels: list[int] | None  # one per image
+    prompts: list[str] | None  # one per image
+    height: int
+    width: int
+
+
+def plan(ldm: LatentDiffusion, req: SampleRequest) -> _Plan:
+    """The request checked against the model before any sampling: labels in range and only for class models,
+    prompts only for text models, a size the model can sample."""
     labels = _labels_for(ldm, req)
+    if labels is not None:
+        ldm.conditioning(labels=sorted(set(labels)))  # InputError naming the classes for a label out of range
     prompts = req.prompts
-    if prompts is not None and len(prompts) != req.n:
+    if prompts is not None:
         prompts = [prompts[i % len(prompts)] for i in range(req.n)]
-    h, w = resolution(ldm, req)
+        if ldm.text_encoder is None:
+            ldm.conditioning(prompts=sorted(set(prompts)))  # InputError: this model takes no prompt
+    return _Plan(labels, prompts, *resolution(ldm, req))
+
+
+def _caption(ldm: LatentDiffusion, label: int) -> str:
+    return UNCONDITIONAL if label < 0 else ldm.class_names[label] if label < len(ldm.class_names) else str(label)
+
+
+def _blame(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError) -> NonFiniteError:
+    """The sampler's non-finite error with the likely cause named in the options of the command."""
+    where = f"step {err.step} of {err.steps}" if hasattr(err, "step") else "some step"
+    weights = (f"the weights of {ldm.source} are finite (checked when loaded), so the options are the likely cause"
+               if ldm.source is not None else "check that the model's weights are finite, and the options")
+    eta = f", --eta {req.eta}" if req.eta is not None else ""
+    return NonFiniteError(f"sampling produced NaN or infinite values at {where} with --cfg {req.cfg}, "
+                          f"--guidance-rescale {req.cfg_rescale}{eta}, --sampler {req.sampler}; {weights}: lower "
+                          f"--cfg, or try another --sampler")
+
+
+@torch.no_grad()
+def generate_batches(ldm: LatentDiffusion, req: SampleRequest,
+                     progress: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(images (b, C, H, W) in [-1, 1] on the CPU, a caption per image) for each batch of req.batch_size images.
+    The request is checked against the model before the first batch; image i always uses seed + i. progress: a
+    progress bar over images on stderr when there is more than one batch (off by default: library callers have
+    their own; the command line turns it on)."""
+    p = plan(ldm, req)
     opts = {} if req.eta is None else {"eta": req.eta}
+    shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
+    bar = tqdm(total=req.n, unit="image", desc="sampling", disable=not progress or req.n <= req.batch_size)
+    with bar:
+        for s in range(0, req.n, req.batch_size):
+            e = min(req.n, s + req.batch_size)
+            lab = p.labels[s:e] if p.labels is not None else None
+            pr = p.prompts[s:e] if p.prompts is not None else None
+            cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
+            uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
+            gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
+            try:
+                z = sample_latents(ldm.denoiser, (e - s, *shape), cond, uncond, sampler=req.sampler,
+                                   steps=req.steps, cfg_scale=req.cfg, cfg_rescale=req.cfg_rescale, generator=gens,
+                                   device=ldm.device, **opts)
+            except NonFiniteError as err:
+                raise _blame(ldm, req, err) from None
+            captions = [_caption(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
+            yield ldm.decode(z).cpu(), captions
+            bar.update(e - s)
+
+
+def generate(ldm: LatentDiffusion, req: SampleRequest, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Images (n, C, H, W) in [-1, 1] and a caption per image (see generate_batches)."""
     images, captions = [], []
-    for s in range(0, req.n, req.batch_size):
-        e = min(req.n, s + req.batch_size)
-        lab = labels[s:e] if labels is not None else None
-        pr = prompts[s:e] if prompts is not None else None
-        cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
-        uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
-        gens = [g for g in generators_from_seed(req.seed, req.n)[s:e]]
-        z = sample_latents(ldm.denoiser, (e - s, ldm.latent_channels, h // ldm.factor, w // ldm.factor), cond,
-                           uncond, sampler=req.sampler, steps=req.steps, cfg_scale=req.cfg,
-                           cfg_rescale=req.cfg_rescale, generator=gens, device=ldm.device, **opts)
-        images.append(ldm.decode(z).cpu())
-        captions += [ldm.class_names[l] for l in lab] if lab is not None else (pr or [""] * (e - s))
+    for x, caps in generate_batches(ldm, req, progress):
+        images.append(x)
+        captions += caps
     return torch.cat(images), captions
 
 
-def generate_to_file(checkpoint: str | Path, req: SampleRequest, out: str | Path, grid: bool = True) -> list[Path]:
-    """Generate and write a labelled grid PNG (or one PNG per image) with the parameters in PNG text chunks."""
-    from ..data.images import save_grid
+def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None = None) -> Path:
+    """Refuse, before any work, an output the writing would fail on: an extension ldmkit does not write (or
+    parameters a JPEG cannot hold), a folder where a file is expected or the reverse, a parent folder that cannot
+    be created or written. folder: `out` is a folder of PNGs (--separate) rather than one image file."""
+    out = Path(out)
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file, but --separate writes one PNG per image into a folder; name a "
+                             f"folder")
+        target = out
+    else:
+        if out.is_dir():
+            raise InputError(f"--out {out} is a folder; name an image file such as {out / 'samples.png'}")
+        check_writable(out, metadata)
+        target = out.parent
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, so the folder {target} cannot be created there; "
+                         f"choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: the folder {existing} is not writable; choose another --out")
+    return out
 
-    ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device))
-    images, captions = generate(ldm, req)
+
+def _write_or_rescue(write, out: Path) -> Path:
+    """write(out); when that fails (a full disk, a folder removed meanwhile) write to a temporary file instead and
+    raise the error naming it, so sampled images are never lost."""
+    try:
+        return write(out)
+    except OSError as e:
+        fd, rescue = tempfile.mkstemp(prefix="ldmkit-rescued-", suffix=out.suffix)
+        os.close(fd)
+        try:
+            write(Path(rescue))
+        except OSError:
+            os.unlink(rescue)
+            raise e from None
+        raise OSError(e.errno, f"could not write {out} ({e.strerror or e}); the images were saved to {rescue} "
+                               f"instead") from e
+
+
+def generate_to_file(checkpoint: str | Path, req: SampleRequest, out: str | Path, grid: bool = True,
+                     progress: bool = True) -> list[Path]:
+    """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it) or, with grid=False,
+    one PNG per image into the folder `out`, with the parameters embedded. The output, the model and the request
+    are all checked before sampling; progress: a bar over images when there is more than one batch."""
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")}
     meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params})}
-    out = Path(out)
+    out = check_output(out, folder=not grid, metadata=meta if grid else None)
+    ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     if grid:
-        return [save_grid(images, out, nrow=min(8, len(images)), labels=captions, metadata=meta)]
+        images, captions = generate(ldm, req, progress)
+        return [_write_or_rescue(lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions,
+                                                     metadata=meta), out)]
+    # One file per image, written batch by batch: memory stays bounded and finished images are kept.
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (img, cap) in enumerate(zip(images, captions)):
-        m = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1,
-                                   "index": i, "caption": cap})}
-        paths.append(save_grid(img[None], out / f"{i:05d}.png", nrow=1, metadata=m))
+    for images, captions in generate_batches(ldm, req, progress):
+        for img, cap in zip(images, captions, strict=True):
+            i = len(paths)
+            m = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1,
+                                       "index": i, "caption": cap})}
+            paths.append(save_grid(img[None], out / f"{i:05d}.png", nrow=1, metadata=m))
     return paths
