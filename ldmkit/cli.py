@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from .errors import InputError, LdmkitError
+
+from .errors import InputError, LdmkitError, MissingFileError
 
 
 def _run_options(p: argparse.ArgumentParser, default_out: str):
@@ -17,9 +18,66 @@ def _run_options(p: argparse.ArgumentParser, default_out: str):
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (train.device)")
     p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or stopped run in --out instead of refusing")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, e.g. --set train.lr=1e-4 --set unet.channel_mult=1,2,2 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _sampling_options(p: argparse.ArgumentParser, *, n: int, n_help: str, batch_size: int | None = None):
+    """The options of sample, generate and evaluate, declared here once; only --n and --batch-size defaults differ."""
+    from .samplers import SAMPLERS
+
+    p.add_argument("--n", type=int, default=n, help=f"{n_help} (default {n})")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, at any batch size")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=int, default=batch_size,
+                       help=f"images per forward pass (default {batch_size})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _conditioning_options(p: argparse.ArgumentParser):
+    """--label and --negative-prompt, shared by sample and generate."""
+    p.add_argument("--label", type=int, action="append",
+                   help="class label for class-conditional models (repeat for several; default: all classes in turn)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
+
+
+def _utf8(text: str, what: str, fix: str) -> str:
+    """`text`, or an InputError when it holds bytes that are not UTF-8 (decoded from argv or a file with
+    surrogateescape, they are lone surrogates, which would fail later when the prompt is encoded)."""
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        return text
+    shown = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    raise InputError(f"the {what} {shown!r} is not valid UTF-8 (\ufffd marks the bytes that are not); {fix}")
+
+
+_ARGV_FIX = "type it again in a UTF-8 terminal (check the locale, e.g. LANG=C.UTF-8)"
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (one prompt each), stripped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MissingFileError(f"prompt file {path} does not exist; give a text file with one prompt per line") \
+            from None
+    except IsADirectoryError:
+        raise InputError(f"prompt file {path} is a folder; give a text file with one prompt per line") from None
+    except OSError as e:
+        raise InputError(f"prompt file {path} cannot be read ({e.strerror}); check its permissions") from None
+    lines = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff").splitlines()
+    prompts = [_utf8(ln.strip(), f"prompt on line {i} of {path}", "save the file as UTF-8")
+               for i, ln in enumerate(lines, 1)]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise InputError(f"{path} has no prompts (one per line)")
+    return prompts
 
 
 def _overrides(args) -> list[str]:
@@ -33,7 +91,7 @@ def cmd_train_autoencoder(args):
     from .training.runs import train_autoencoder
 
     run = load_run(AutoencoderRun, args.config, _overrides(args))
-    result = train_autoencoder(run, args.out, resume=args.resume, progress=not args.quiet)
+    result = train_autoencoder(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     print(f"autoencoder written to {result['checkpoint']}")
 
@@ -46,7 +104,7 @@ def cmd_train(args):
     if args.text_encoder:
         extra.append(f"text_encoder={args.text_encoder}")
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
-    result = train_denoiser(run, args.out, resume=args.resume, progress=not args.quiet)
+    result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     print(f"model written to {result['checkpoint']}")
 
@@ -56,47 +114,29 @@ def cmd_sample(args):
 
     prompts = None
     if args.prompt_file:
-        prompts = [ln.strip() for ln in Path(args.prompt_file).read_text().splitlines() if ln.strip()]
-        if not prompts:
-            raise InputError(f"{args.prompt_file} has no prompts (one per line)")
+        prompts = _read_prompt_file(args.prompt_file)
     elif args.prompt is not None:
-        prompts = [args.prompt] * args.n
+        prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
+    negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)
     req = SampleRequest(n=len(prompts) if prompts else args.n, labels=args.label, prompts=prompts,
-                        negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
+                        negative_prompt=negative, sampler=args.sampler, steps=args.steps,
                         cfg=args.cfg, cfg_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
                         device=args.device, eta=args.eta)
-    out = generate_to_file(args.checkpoint, req, args.out, grid=not args.separate)
+    out = generate_to_file(args.checkpoint, req, args.out, grid=not args.separate, progress=not args.quiet)
     for p in out:
         print(p)
 
 
 def cmd_generate(args):
-    import re
-
-    from .models import default_model, resolve_model
+    from .models import plan_generation
     from .pipelines.txt2img import SampleRequest, generate_to_file
 
-    args.model = args.model or default_model()
-    path = resolve_model(args.model)
-    prompts = list(args.prompt) or None
-    if prompts and args.label is not None:
-        raise InputError("give prompts (text models) or --label (class models), not both")
-    if prompts:
-        from .checkpoint import read_metadata
-
-        meta = read_metadata(path)["config"]
-        if not meta.get("text_encoder"):
-            names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
-            raise InputError(f"the model {args.model!r} is not text-conditional, so it takes no prompt; use --label N"
-                             f" ({names or 'unconditional: no label'}). Prompts need a text model such as emoji "
-                             f"(python recipes/build.py emoji trains it)")
-    slug = re.sub(r"[^a-z0-9]+", "-", (prompts[0] if prompts else f"{args.model}").lower()).strip("-")[:40] or "image"
-    out = Path(args.out) if args.out else Path("generated") / f"{Path(slug).name}.png"
-    n = args.n * len(prompts) if prompts else args.n
-    req = SampleRequest(n=n, labels=args.label, prompts=[p for p in prompts for _ in range(args.n)] if prompts
-                        else None, negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
-                        cfg=args.cfg, seed=args.seed, device=args.device)
-    for p in generate_to_file(path, req, out):
+    prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
+    negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)
+    plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
+    req = SampleRequest(n=plan.n, labels=args.label, prompts=plan.prompts, negative_prompt=negative,
+                        sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed, device=args.device)
+    for p in generate_to_file(plan.checkpoint, req, plan.out, progress=not args.quiet):
         print(f"wrote {p}")
 
 
@@ -127,73 +167,31 @@ def cmd_convert(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .samplers import SAMPLERS
-
     ap = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion: train, sample, evaluate, serve.")
-    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    debug_help = "show the full traceback of any error"
+    ap.add_argument("--debug", action="store_true", help=debug_help)
+    # Every command takes --debug too (`ldmkit generate --debug ...`); SUPPRESS keeps a command that was not given
+    # it from resetting the value given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-autoencoder", help="train the first stage (KL or VQ autoencoder)")
-    _run_options(p, "runs/autoencoder")
-    p.set_defaults(fn=cmd_train_autoencoder)
+    def command(name: str, help: str, fn) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(fn=fn)
+        return p
 
-    p = sub.add_parser("train", help="train the denoiser on latents of a trained autoencoder")
+    p = command("train-autoencoder", "train the first stage (KL or VQ autoencoder)", cmd_train_autoencoder)
+    _run_options(p, "runs/autoencoder")
+
+    p = command("train", "train the denoiser on latents of a trained autoencoder", cmd_train)
     p.add_argument("--autoencoder", help="autoencoder checkpoint (from train-autoencoder)")
     p.add_argument("--text-encoder", help="minilm, clip or trainable: makes a text-to-image model")
     _run_options(p, "runs/denoiser")
-    p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("sample", help="generate images from a trained model")
-    p.add_argument("checkpoint", help="model checkpoint (model.safetensors from `ldmkit train`)")
-    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
-    p.add_argument("--label", type=int, action="append", help="class label (repeat for several; default: all "
-                                                              "classes in turn)")
-    p.add_argument("--prompt", help="text prompt (text-conditional models)")
-    p.add_argument("--prompt-file", help="a file with one prompt per line; one image per line")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
-    p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, at any batch size")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
-    p.add_argument("--out", default="samples.png", help="output PNG (a folder with --separate)")
-    p.set_defaults(fn=cmd_sample)
+    _sampling_commands(command)
 
-    p = sub.add_parser("generate", help="generate with a shipped model (emoji by default) or any checkpoint")
-    p.add_argument("prompt", nargs="*", help="one or more prompts (text models); each gets --n images")
-    p.add_argument("--model", help="emoji, fashion-mnist, or a model.safetensors path (default: emoji when "
-                                   "shipped, else fashion-mnist)")
-    p.add_argument("--label", type=int, action="append", help="class label for class-conditional models")
-    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
-    p.set_defaults(fn=cmd_generate)
-
-    p = sub.add_parser("evaluate", help="FID/KID of a model, or PSNR/SSIM/rFID of an autoencoder")
-    p.add_argument("checkpoint", help="model.safetensors or autoencoder.safetensors")
-    p.add_argument("--data", help="reference data set (default: the one the checkpoint was trained on)")
-    p.add_argument("--split", default="test", help="train or test for built-in data sets (default test)")
-    p.add_argument("--n", type=int, default=10000, help="images to generate / reconstruct (default 10000)")
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="JSON result (default: eval-DATA-SPLIT-nN.json beside the checkpoint)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=cmd_evaluate)
-
-    p = sub.add_parser("convert", help="convert between an ldmkit checkpoint, a diffusers folder and an SD file")
+    p = command("convert", "convert between an ldmkit checkpoint, a diffusers folder and an SD file", cmd_convert)
     p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")
     p.add_argument("dst", help="destination file or folder (the format follows from the path, or use --to)")
     p.add_argument("--to", choices=["ldm", "diffusers", "single-file"], help="destination format when ambiguous")
@@ -203,12 +201,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="allow reading a .ckpt pickle (loaded with torch.load(weights_only=True))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("info", help="print a checkpoint's kind and configuration")
+    p = command("info", "print a checkpoint's kind and configuration", cmd_info)
     p.add_argument("checkpoint")
-    p.set_defaults(fn=cmd_info)
     return ap
+
+
+def _sampling_commands(command):
+    """sample, generate and evaluate; command(name, help, fn) adds one and returns its parser."""
+    p = command("sample", "generate images from a trained model", cmd_sample)
+    p.add_argument("checkpoint", help="model checkpoint (model.safetensors from `ldmkit train`)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="text prompt (text-conditional models)")
+    text.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line; one image per line")
+    _conditioning_options(p)
+    _sampling_options(p, n=16, n_help="number of images", batch_size=16)
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
+    p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
+    p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
+    p.add_argument("--out", default="samples.png", help="output PNG (a folder with --separate)")
+
+    p = command("generate", "generate with a shipped model (emoji by default) or any checkpoint", cmd_generate)
+    p.add_argument("prompt", nargs="*", help="one or more prompts (text models); each gets --n images")
+    p.add_argument("--model", help="emoji, fashion-mnist, or a model.safetensors path (default: emoji when "
+                                   "shipped, else fashion-mnist)")
+    _conditioning_options(p)
+    _sampling_options(p, n=4, n_help="images per prompt")
+    p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
+
+    p = command("evaluate", "FID/KID of a model, or PSNR/SSIM/rFID of an autoencoder", cmd_evaluate)
+    p.add_argument("checkpoint", help="model.safetensors or autoencoder.safetensors")
+    p.add_argument("--data", help="reference data set (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", help="train or test for built-in data sets (default test)")
+    _sampling_options(p, n=10000, n_help="images to generate / reconstruct", batch_size=50)
+    p.add_argument("--out", help="JSON result (default: eval-DATA-SPLIT-nN.json beside the checkpoint)")
 
 
 def main(argv: list[str] | None = None) -> int:

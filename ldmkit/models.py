@@ -7,9 +7,9 @@ a sample grid `weights/NAME.png`; the recipe that trains it is `recipes/NAME/`.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from . import checkpoint
 from .errors import InputError, MissingFileError
@@ -51,6 +51,40 @@ def resolve_model(name_or_path: str) -> Path:
         raise MissingFileError(f"the shipped model {name_or_path!r} is missing at {path}; restore it with "
                                 f"`git checkout -- weights/` or train it with `python recipes/build.py {name_or_path}`")
     return path
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """What `ldmkit generate` runs."""
+
+    checkpoint: Path  # the resolved model file
+    prompts: list[str] | None  # one prompt per image (each given prompt repeated n times); None for class models
+    n: int  # images in all
+    out: Path  # the PNG to write
+
+
+def plan_generation(model: str | None, prompts: list[str], labels: list[int] | None, n: int,
+                    out: str | Path | None = None) -> GenerationPlan:
+    """A shipped model's name (default: `default_model()`) or a checkpoint path, prompts or labels, and n images
+    per prompt -> the checkpoint, one prompt per image and the output (default generated/PROMPT.png).
+
+    Prompts go to text models only: given to a class model they are refused with its class list.
+    """
+    model = model or default_model()
+    path = resolve_model(model)
+    if prompts and labels is not None:
+        raise InputError("give prompts (text models) or --label (class models), not both")
+    if prompts:
+        meta = checkpoint.read_metadata(path)["config"]
+        if not meta.get("text_encoder"):
+            names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
+            raise InputError(f"the model {model!r} is not text-conditional, so it takes no prompt; use --label N"
+                             f" ({names or 'unconditional: no label'}). Prompts need a text model such as emoji "
+                             f"(python recipes/build.py emoji trains it)")
+    slug = re.sub(r"[^a-z0-9]+", "-", (prompts[0] if prompts else model).lower()).strip("-")[:40] or "image"
+    return GenerationPlan(checkpoint=path, prompts=[p for p in prompts for _ in range(n)] if prompts else None,
+                          n=n * len(prompts) if prompts else n,
+                          out=Path(out) if out else Path("generated") / f"{slug}.png")
 
 
 def export_half(src: str | Path, dst: str | Path) -> Path:

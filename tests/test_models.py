@@ -61,3 +61,29 @@ def test_presets_sizes():
 def test_resolution_check_message():
     with pytest.raises(ValueError, match="latent height 6 is not a multiple of 4"):
         check_resolution(UNetConfig(channel_mult=(1, 2, 2)), 6, 8)
+
+
+# --- ldmkit.models: what `ldmkit generate` runs ------------------------------------------------------------------
+
+def test_generation_plan_for_a_text_model(tiny_text_ldm):
+    from pathlib import Path
+
+    from ldmkit.models import plan_generation
+
+    plan = plan_generation(str(tiny_text_ldm), ["Red Apple!", "blue whale"], None, 2)
+    assert plan.checkpoint == Path(tiny_text_ldm) and plan.n == 4
+    assert plan.prompts == ["Red Apple!", "Red Apple!", "blue whale", "blue whale"]
+    assert plan.out == Path("generated/red-apple.png")
+    assert plan_generation(str(tiny_text_ldm), ["x"], None, 1, out="a/b.png").out == Path("a/b.png")
+
+
+def test_generation_plan_for_a_class_model(tiny_ldm):
+    from ldmkit.errors import InputError
+    from ldmkit.models import plan_generation
+
+    plan = plan_generation(str(tiny_ldm), [], [1], 3)
+    assert plan.prompts is None and plan.n == 3 and plan.out.parent.name == "generated"
+    with pytest.raises(InputError, match=r"not text-conditional.*--label N \(0=top-left, 1=bottom-right\)"):
+        plan_generation(str(tiny_ldm), ["a cat"], None, 1)
+    with pytest.raises(InputError, match="not both"):
+        plan_generation(str(tiny_ldm), ["a cat"], [0], 1)

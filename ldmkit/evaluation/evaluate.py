@@ -116,6 +116,11 @@ def format_table(result: dict) -> str:
 
 def write_result(result: dict, out: str | Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name a JSON file such as {out / 'eval.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise InputError(f"--out {out} cannot be written ({e.strerror}); choose another --out") from None
     return out

@@ -30,7 +30,14 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RunFolderError(f"run folder {self.folder}: it, or a folder above it, is a file; give another "
+                                 f"--out") from None
+        except OSError as e:
+            raise RunFolderError(f"run folder {self.folder} cannot be created ({e.strerror}); give another --out") \
+                from None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
