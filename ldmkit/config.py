@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, MissingFileError
+from .errors import ConfigError, InputError, MissingFileError
 
 
 # --- components ---------------------------------------------------------------------------------------------------
@@ -75,6 +75,11 @@ class UNetConfig:
     dropout: float = 0.0  # dropout in residual blocks
     flip_sin_to_cos: bool = True  # sinusoidal embedding order (cos, sin), as Stable Diffusion
     freq_shift: float = 0.0  # shift of the frequency denominator in the sinusoidal embedding
+
+    @property
+    def factor(self) -> int:
+        """How many times the U-Net halves its input: latent sides must be multiples of this."""
+        return 2 ** (len(self.channel_mult) - 1)
 
     def heads_at(self, level: int) -> int:
         ch = self.model_channels * self.channel_mult[level]
@@ -283,6 +288,17 @@ def validate(cfg, where: str = ""):
         if dataclasses.is_dataclass(value):
             validate(value, _key(where, f.name))
     return cfg
+
+
+# --- checks shared by training and sampling -----------------------------------------------------------------------
+
+
+def check_multiple(what: str, value: int, factor: int, why: str) -> None:
+    """InputError unless `value` (a size in pixels or latents, named `what`) is a multiple of `factor`; the message
+    gives the reason (`why`) and the two nearest sizes that work."""
+    if value % factor:
+        sizes = dict.fromkeys(v for v in (value // factor * factor, (value // factor + 1) * factor) if v > 0)
+        raise InputError(f"{what} {value} is not a multiple of {factor} ({why}); use {' or '.join(map(str, sizes))}")
 
 
 # --- conversion ---------------------------------------------------------------------------------------------------

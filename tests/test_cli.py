@@ -1,5 +1,6 @@
 """The command line's error handling: bad input gets a clear message and a non-zero exit."""
 import json
+import time
 
 import pytest
 import torch
@@ -44,11 +45,14 @@ def test_info_prints_config(capsys, tiny_ldm):
 def test_resolution_not_divisible(capsys, tmp_path, tiny_ae):
     code, _, err = run(capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "31", "--out",
                        str(tmp_path / "r"), "--quiet")
-    assert code == 2 and "not divisible by the autoencoder's factor 2" in err
-    # 30 px gives 15x15 latents, which the default U-Net (two downsamplings) cannot halve twice.
+    assert code == 2 and "data.resolution 31 is not a multiple of 8 (the autoencoder downsamples by 2, then" in err
+    # 30 px gives 15x15 latents, which the default U-Net (two downsamplings) cannot halve twice; refused before
+    # the data set is encoded, so in well under a second.
+    start = time.time()
     code, _, err = run(capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "30", "--out",
                        str(tmp_path / "r2"), "--quiet")
-    assert code == 2 and "latent height 15 is not a multiple of 4" in err
+    assert code == 2 and "data.resolution 30 is not a multiple of 8" in err and "use 24 or 32" in err
+    assert time.time() - start < 20
 
 
 def test_train_without_autoencoder(capsys, tmp_path):

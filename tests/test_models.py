@@ -5,7 +5,8 @@ from ldmkit.autoencoder import build_autoencoder
 from ldmkit.config import AutoencoderConfig, UNetConfig
 from ldmkit.conditioning.types import Conditioning
 from ldmkit.denoisers import UNET_PRESETS
-from ldmkit.denoisers.unet import UNet, check_resolution
+from ldmkit.config import check_multiple
+from ldmkit.denoisers.unet import UNet
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
@@ -59,8 +60,12 @@ def test_presets_sizes():
 
 
 def test_resolution_check_message():
-    with pytest.raises(ValueError, match="latent height 6 is not a multiple of 4"):
-        check_resolution(UNetConfig(channel_mult=(1, 2, 2)), 6, 8)
+    assert UNetConfig(channel_mult=(1, 2, 2)).factor == 4
+    check_multiple("--height", 24, 8, "why")  # a multiple: no error
+    with pytest.raises(ValueError, match=r"--height 20 is not a multiple of 8 \(the reason\); use 16 or 24"):
+        check_multiple("--height", 20, 8, "the reason")
+    with pytest.raises(ValueError, match=r"\(x\); use 8$"):
+        check_multiple("--width", 3, 8, "x")
 
 
 # --- ldmkit.models: what `ldmkit generate` runs ------------------------------------------------------------------

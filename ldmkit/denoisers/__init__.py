@@ -1,6 +1,5 @@
 """Denoiser backbones. One small registry of U-Net size presets, from test-sized to Stable Diffusion 1.5."""
 from ..config import UNetConfig
-from .unet import UNet
 
 UNET_PRESETS: dict[str, UNetConfig] = {
     # Under 1M parameters: unit tests and smoke runs.

@@ -150,12 +150,3 @@ class UNet(nn.Module):
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-
-def check_resolution(cfg: UNetConfig, height: int, width: int):
-    """The U-Net halves the latent len(channel_mult) - 1 times; odd sizes would not line up with their skips."""
-    f = 2 ** (len(cfg.channel_mult) - 1)
-    for name, v in (("height", height), ("width", width)):
-        if v % f:
-            raise InputError(f"latent {name} {v} is not a multiple of {f} (the U-Net downsamples "
-                             f"{len(cfg.channel_mult) - 1} times); use a latent size of {v // f * f or f} "
-                             f"or {(v // f + 1) * f}")

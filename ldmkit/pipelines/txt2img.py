@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import check_writable, save_grid
 from ..diffusion.sample import sample_latents
+from ..config import check_multiple
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed
@@ -121,11 +122,9 @@ def _labels_for(ldm: LatentDiffusion, req: SampleRequest) -> list[int] | None:
 def resolution(ldm: LatentDiffusion, req: SampleRequest) -> tuple[int, int]:
     res = ldm.run.data.resolution
     h, w = req.height or res, req.width or res
-    f = ldm.factor * 2 ** (len(ldm.run.unet.channel_mult) - 1)
-    for name, v in (("height", h), ("width", w)):
-        if v % f:
-            raise InputError(f"{name} {v} is not a multiple of {f} (autoencoder factor {ldm.factor} times the "
-                             f"U-Net's downsampling); use {v // f * f or f} or {(v // f + 1) * f}")
+    why = f"the autoencoder downsamples by {ldm.factor}, then the U-Net by {ldm.run.unet.factor}"
+    for name, v in (("--height", h), ("--width", w)):
+        check_multiple(name, v, ldm.factor * ldm.run.unet.factor, why)
     return h, w
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from ..autoencoder import build_autoencoder
 from ..autoencoder.files import save_autoencoder
 from ..autoencoder.losses import AutoencoderLoss
-from ..config import AutoencoderRun
+from ..config import AutoencoderRun, check_multiple
 from ..data import stack_images
 from ..errors import InputError
 from .ema import EMA
@@ -23,9 +23,8 @@ class AutoencoderTask:
         if run.model.in_channels != run.data.channels:
             raise InputError(f"model.in_channels={run.model.in_channels} but data.channels={run.data.channels}; "
                              f"set both to the same value")
-        if run.data.resolution % run.model.factor:
-            raise InputError(f"data.resolution={run.data.resolution} is not divisible by the autoencoder's factor "
-                             f"{run.model.factor}")
+        check_multiple("data.resolution", run.data.resolution, run.model.factor,
+                       f"the autoencoder downsamples by {run.model.factor}")
         self.run, self.data, self.device = run, dataset, device
         self.size = len(dataset)
         self.model = (model or build_autoencoder(run.model)).to(device)

@@ -10,7 +10,6 @@ from torch import nn
 from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun
 from ..data.latents import LatentCache
-from ..denoisers.unet import UNet, check_resolution
 from ..noise import generators_from_seed
 from ..diffusion.sample import sample_latents
 from ..ldm import LatentDiffusion
@@ -29,8 +28,6 @@ def resolve_run(run: DenoiserRun, ae_cfg: AutoencoderConfig, latents: LatentCach
         unet = replace(unet, num_classes=len(names))
     if unet.num_classes and not names:
         names = tuple(str(i) for i in range(unet.num_classes))
-    h, w = latents.mean.shape[-2:]
-    check_resolution(unet, h, w)
     return replace(run, unet=unet, class_names=names)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import AutoencoderRun, DenoiserRun, to_dict, validate
+from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, validate
 from ..data.latents import encode_dataset
 from ..denoisers.unet import UNet
 from ..ldm import LatentDiffusion
@@ -95,10 +95,9 @@ def train_denoiser(run: DenoiserRun, out_dir: str | Path, resume: bool = False, 
 def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRun, DenoiserTask]:
     """Load the autoencoder, encode (or load the cached) latents, build the U-Net: (resolved run, task)."""
     ae, ae_run = load_autoencoder(run.autoencoder, device)
-    if run.data.resolution % ae_run.model.factor:
-        f = ae_run.model.factor
-        raise InputError(f"data.resolution={run.data.resolution} is not divisible by the autoencoder's factor {f}; "
-                         f"use {run.data.resolution // f * f or f} or {(run.data.resolution // f + 1) * f}")
+    f_ae, f_unet = ae_run.model.factor, run.unet.factor
+    check_multiple("data.resolution", run.data.resolution, f_ae * f_unet,
+                   f"the autoencoder downsamples by {f_ae}, then the U-Net by {f_unet}")  # before the slow encoding
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
     train_set, _ = _datasets(run.data, 0)
