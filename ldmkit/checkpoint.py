@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -95,17 +95,21 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, config: 
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The decoded metadata only (config and extras parsed from JSON), without loading tensors."""
+def read_header(path: str | Path) -> dict[str, str]:
+    """The raw metadata strings of any safetensors file (ldmkit's or not), without loading tensors."""
     path = _existing(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated or another "
                               f"format? Convert other formats with `ldmkit convert`") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The decoded metadata of an ldmkit checkpoint (config and extras parsed from JSON), without loading tensors."""
+    path = Path(path)
+    raw = read_header(path)
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not an ldmkit checkpoint (no ldmkit metadata); "
                               f"import Stable Diffusion or diffusers weights with `ldmkit convert`")

@@ -6,14 +6,17 @@ metadata the denoiser run's resolved configuration and the autoencoder's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import checkpoint
 from .autoencoder import build_autoencoder
+from .conditioning.labels import LabelConditioner
+from .conditioning.text import build_text_encoder
 from .conditioning.types import Conditioning
 from .config import AutoencoderConfig, DenoiserRun, from_dict, to_dict
 from .denoisers.unet import UNet
@@ -21,6 +24,45 @@ from .diffusion.parameterisation import make_denoiser
 from .errors import CheckpointError, InputError, NonFiniteError
 
 KIND = "ldm"
+
+
+@dataclass
+class LdmFile:
+    """The contents of an "ldm" file, the one place its layout is written down: tensors `unet.*`, `autoencoder.*`
+    and `text_encoder.*`; metadata `config` (the resolved DenoiserRun), `autoencoder` (its AutoencoderConfig),
+    `text_encoder_options` (rebuilds the text encoder) and any extras (step, converted_from, stored_dtype)."""
+
+    run: DenoiserRun
+    ae_config: AutoencoderConfig
+    unet: dict[str, torch.Tensor]  # the U-Net's state dict (EMA weights after training)
+    autoencoder: dict[str, torch.Tensor]
+    text: dict[str, torch.Tensor] = field(default_factory=dict)  # empty: none, or shipped in its package (minilm)
+    text_options: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "LdmFile":
+        """Read and check an ldm file: CheckpointError when the metadata that rebuilds the model is missing."""
+        tensors, meta = checkpoint.load(path, KIND)
+        for key in ("config", "autoencoder"):
+            if not isinstance(meta.get(key), dict):
+                raise CheckpointError(f"{path} has no {key!r} metadata (the {'denoiser' if key == 'config' else key}"
+                                      f"'s configuration), so the model cannot be rebuilt; use an ldm file written "
+                                      f"by `ldmkit train` or `ldmkit convert`")
+        extra = {k: v for k, v in meta.items() if k not in ("format", "kind", "config", "autoencoder",
+                                                            "text_encoder_options")}
+        return cls(from_dict(DenoiserRun, meta["config"]), from_dict(AutoencoderConfig, meta["autoencoder"]),
+                   checkpoint.subset(tensors, "unet"), checkpoint.subset(tensors, "autoencoder"),
+                   checkpoint.subset(tensors, "text_encoder"), meta.get("text_encoder_options") or {}, extra)
+
+    def write(self, path: str | Path) -> Path:
+        return checkpoint.save(path, self.tensors(), KIND, to_dict(self.run), autoencoder=to_dict(self.ae_config),
+                               text_encoder_options=self.text_options, **self.extra)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor under its name in the file (unet.*, autoencoder.*, text_encoder.*)."""
+        return (checkpoint.prefixed(self.unet, "unet") | checkpoint.prefixed(self.autoencoder, "autoencoder")
+                | checkpoint.prefixed(self.text, "text_encoder"))
 
 
 @dataclass
@@ -56,6 +98,11 @@ class LatentDiffusion:
     def num_classes(self) -> int:
         return self.run.unet.num_classes
 
+    @property
+    def labels(self) -> LabelConditioner:
+        """Class labels (indices, names, -1 / None for none) -> Conditioning; a class model only."""
+        return LabelConditioner(self.num_classes, self.class_names)
+
     def to_latent(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.ae_config.shift_factor) * self.ae_config.scaling_factor
 
@@ -88,13 +135,7 @@ class LatentDiffusion:
             if labels is not None and any(int(lab) >= 0 for lab in labels):
                 raise InputError("this model is unconditional; it takes no --label")
             return Conditioning()
-        labels = [-1] * (n or 1) if labels is None else list(labels)
-        for lab in labels:
-            if not -1 <= int(lab) < self.num_classes:
-                names = ", ".join(f"{i}={c}" for i, c in enumerate(self.class_names)) or f"0..{self.num_classes - 1}"
-                raise InputError(f"label {lab} is out of range; this model knows {self.num_classes} classes: {names}")
-        t = torch.tensor([self.num_classes if int(lab) < 0 else int(lab) for lab in labels], dtype=torch.long)
-        return Conditioning(labels=t.to(self.device))
+        return self.labels([None] * (n or 1) if labels is None else list(labels), self.device)
 
     def null_conditioning(self, n: int, negative: list[str] | None = None) -> Conditioning:
         if self.text_encoder is not None:
@@ -103,43 +144,35 @@ class LatentDiffusion:
 
     # --- files --------------------------------------------------------------------------------------------------
     def save(self, path: str | Path, unet_state: dict | None = None, text_state: dict | None = None, **extra) -> Path:
-        tensors = checkpoint.prefixed(unet_state or self.unet.state_dict(), "unet")
-        tensors.update(checkpoint.prefixed(self.autoencoder.state_dict(), "autoencoder"))
+        """Write the model as one ldm file; unet_state / text_state: weights to store instead of the modules' own
+        (training exports its EMA weights so). MiniLM's frozen weights ship in its package and are not stored."""
+        text = {}
         if self.text_encoder is not None and self.text_encoder.name != "minilm":
-            tensors.update(checkpoint.prefixed(text_state or self.text_encoder.state_dict(), "text_encoder"))
-        return checkpoint.save(path, tensors, KIND, to_dict(self.run), autoencoder=to_dict(self.ae_config),
-                               text_encoder_options=getattr(self.text_encoder, "options", {}), **extra)
+            text = text_state or self.text_encoder.state_dict()
+        return LdmFile(self.run, self.ae_config, unet_state or self.unet.state_dict(), self.autoencoder.state_dict(),
+                       text, getattr(self.text_encoder, "options", {}), extra).write(path)
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "LatentDiffusion":
         """The model in ldm file `path`, on `device`, in eval mode. CheckpointError when the file lacks the metadata
         that rebuilds it; NonFiniteError naming the first tensor with NaN or infinite values (it would sample
         black images)."""
-        tensors, meta = checkpoint.load(path, KIND)
-        for key in ("config", "autoencoder"):
-            if not isinstance(meta.get(key), dict):
-                raise CheckpointError(f"{path} has no {key!r} metadata (the {'denoiser' if key == 'config' else key}"
-                                      f"'s configuration), so the model cannot be rebuilt; use an ldm file written "
-                                      f"by `ldmkit train` or `ldmkit convert`")
-        check_finite_weights(tensors, path)
-        run = from_dict(DenoiserRun, meta["config"])
-        ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"])
-        ae = build_autoencoder(ae_cfg)
-        checkpoint.load_state(ae, checkpoint.subset(tensors, "autoencoder"), path, "autoencoder")
+        f = LdmFile.read(path)
+        check_finite_weights(f.tensors(), path)
+        run = f.run
+        ae = build_autoencoder(f.ae_config)
+        checkpoint.load_state(ae, f.autoencoder, path, "autoencoder")
         unet = UNet(run.unet)
-        checkpoint.load_state(unet, checkpoint.subset(tensors, "unet"), path, "U-Net")
+        checkpoint.load_state(unet, f.unet, path, "U-Net")
         text = None
         if run.text_encoder:
-            from .conditioning.text import build_text_encoder
-
-            text = build_text_encoder(run.text_encoder, **meta.get("text_encoder_options", {}))
-            state = checkpoint.subset(tensors, "text_encoder")
-            if state:
-                checkpoint.load_state(text, state, path, "text encoder")
+            text = build_text_encoder(run.text_encoder, **f.text_options)
+            if f.text:
+                checkpoint.load_state(text, f.text, path, "text encoder")
             text = text.to(device).eval().requires_grad_(False)
         for m in (ae, unet):
             m.to(device).eval().requires_grad_(False)
-        return cls(ae, ae_cfg, unet, run, text, source=Path(path))
+        return cls(ae, f.ae_config, unet, run, text, source=Path(path))
 
 
 def check_finite_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from . import checkpoint
 from .errors import InputError, MissingFileError
+from .ldm import LdmFile
 
 DEFAULT_MODEL = "emoji"
 SHIPPED = {
@@ -92,7 +95,10 @@ def export_half(src: str | Path, dst: str | Path) -> Path:
 
     The autoencoder is decoded in float32 at run time, so half-precision storage does not bring fp16 overflow.
     """
-    tensors, meta = checkpoint.load(src, "ldm")
-    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    extra = {k: v for k, v in meta.items() if k not in ("format", "kind", "config")}
-    return checkpoint.save(dst, half, "ldm", meta["config"], **extra, stored_dtype="float16")
+    f = LdmFile.read(src)
+
+    def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    return replace(f, unet=half(f.unet), autoencoder=half(f.autoencoder), text=half(f.text),
+                   extra={**f.extra, "stored_dtype": "float16"}).write(dst)

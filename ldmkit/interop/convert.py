@@ -12,9 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import checkpoint
-from ..config import AutoencoderConfig, DataConfig, DenoiserRun, from_dict, to_dict
+from ..config import DataConfig, DenoiserRun
 from ..conditioning.clip import clip_config_from_options, clip_encoder_options, clip_state_from_encoder
 from ..conditioning.clip import clip_state_to_encoder
+from ..conditioning.text import build_text_encoder
+from ..ldm import KIND as LDM
+from ..ldm import LdmFile
 from .bundle import ModelWeights
 from .diffusers_pipeline import is_pipeline_folder, read_pipeline, write_pipeline
 from .files import PICKLE_SUFFIXES
@@ -22,7 +25,6 @@ from .single_file import read_single_file, write_single_file
 from ..errors import InputError, MissingFileError, OutputExistsError
 
 FORMATS = ("ldm", "diffusers", "single-file")
-LDM_KIND = "ldm"
 
 
 def source_format(path: str | Path) -> str:
@@ -41,24 +43,13 @@ def source_format(path: str | Path) -> str:
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .safetensors "
                          f"(ldmkit or Stable Diffusion), .ckpt, or a diffusers folder")
-    meta = read_tensors_metadata(path)
+    meta = checkpoint.read_header(path)
     if meta.get("format") == checkpoint.FORMAT:
-        if meta.get("kind") != LDM_KIND:
+        if meta.get("kind") != LDM:
             raise InputError(f"{path} is an ldmkit {meta.get('kind')!r} checkpoint; only complete models "
                              f"(kind 'ldm', written by `ldmkit train` / LatentDiffusion.save) can be converted")
         return "ldm"
     return "single-file"
-
-
-def read_tensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated") \
-            from None
 
 
 def destination_format(path: str | Path, src_format: str, to: str | None = None) -> str:
@@ -85,48 +76,36 @@ def destination_format(path: str | Path, src_format: str, to: str | None = None)
 
 def read_ldm(path: str | Path) -> ModelWeights:
     """An ldmkit "ldm" checkpoint -> ModelWeights (a text encoder must be "clip" to have SD equivalents)."""
-    tensors, meta = checkpoint.load(path, LDM_KIND)
-    run = from_dict(DenoiserRun, meta["config"])
-    ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"])
+    f = LdmFile.read(path)
+    run = f.run
     text_cfg = text = None
     if run.text_encoder:
         if run.text_encoder != "clip":
             raise InputError(f"{path} uses the {run.text_encoder!r} text encoder, which Stable Diffusion formats "
                              f"cannot hold; only models with the 'clip' text encoder convert")
-        from ..conditioning.text import build_text_encoder
-
-        options = meta.get("text_encoder_options", {})
-        state = checkpoint.subset(tensors, "text_encoder")
-        if not state:
-            raise checkpoint.CheckpointError(f"{path} has no text_encoder.* weights; its CLIP encoder was random "
-                                             f"and cannot be exported")
-        text_cfg = clip_config_from_options(options)
-        text = clip_state_from_encoder(build_text_encoder("clip", **options), state)
-    w = ModelWeights(run.unet, checkpoint.subset(tensors, "unet"), ae_cfg, checkpoint.subset(tensors, "autoencoder"),
-                     run.diffusion, run.data.resolution, text_cfg, text, tuple(run.class_names), str(path))
+        if not f.text:
+            raise checkpoint.CheckpointError(f"{path} has no text_encoder.* weights; its CLIP encoder was random and cannot be "
+                                  f"exported")
+        text_cfg = clip_config_from_options(f.text_options)
+        text = clip_state_from_encoder(build_text_encoder("clip", **f.text_options), f.text)
+    w = ModelWeights(run.unet, f.unet, f.ae_config, f.autoencoder, run.diffusion, run.data.resolution, text_cfg, text,
+                     tuple(run.class_names), str(path))
     return w.validate()
 
 
 def write_ldm(path: str | Path, w: ModelWeights) -> Path:
-    """ModelWeights -> an ldmkit "ldm" checkpoint, as LatentDiffusion.save lays it out (CLIP weights included)."""
+    """ModelWeights -> an ldmkit "ldm" checkpoint (CLIP weights included)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: ldmkit checkpoints are .safetensors files; rename it")
-    tensors = checkpoint.prefixed(w.unet, "unet")
-    tensors.update(checkpoint.prefixed(w.autoencoder, "autoencoder"))
-    options = {}
+    text, options = {}, {}
     if w.text is not None:
-        from ..conditioning.text import build_text_encoder
-
-        options = clip_encoder_options(w.text_config)
-        encoder = build_text_encoder("clip", **options)
-        options = encoder.options
-        tensors.update(checkpoint.prefixed(clip_state_to_encoder(encoder, w.text), "text_encoder"))
+        encoder = build_text_encoder("clip", **clip_encoder_options(w.text_config))
+        text, options = clip_state_to_encoder(encoder, w.text), encoder.options
     run = DenoiserRun(unet=w.unet_config, diffusion=w.diffusion, text_encoder="clip" if w.text is not None else "",
                       data=DataConfig(resolution=w.resolution, channels=w.ae_config.in_channels),
                       class_names=tuple(w.class_names))
-    return checkpoint.save(path, tensors, LDM_KIND, to_dict(run), autoencoder=to_dict(w.ae_config),
-                           text_encoder_options=options, converted_from=w.source)
+    return LdmFile(run, w.ae_config, w.unet, w.autoencoder, text, options, {"converted_from": w.source}).write(path)
 
 
 # --- convert --------------------------------------------------------------------------------------------------------

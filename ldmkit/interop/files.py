@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError, atomic_write, read_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -25,10 +25,9 @@ def read_tensors(path: str | Path, *, unsafe_pickle: bool = False) -> tuple[dict
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path, unsafe_pickle), {}
+    meta = read_header(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or in "
                               f"another format") from None
