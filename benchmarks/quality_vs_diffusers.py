@@ -47,7 +47,7 @@ from ldmkit.data.latents import LatentCache, encode_dataset  # noqa: E402
 from ldmkit.noise import generators_from_seed, randn  # noqa: E402
 from ldmkit.evaluation.fid import InceptionFeatures, compute_stats, reference_stats  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.txt2img import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
 from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
 from ldmkit.runtime import autocast, resolve_device  # noqa: E402
 from ldmkit.training.loop import batch_indices, step_generator  # noqa: E402

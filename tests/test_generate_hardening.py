@@ -18,15 +18,15 @@ from ldmkit.data.images import _fit_text, save_grid
 from ldmkit.diffusion.sample import sample_latents
 from ldmkit.errors import CheckpointError, InputError, NonFiniteError
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines import txt2img
-from ldmkit.pipelines.txt2img import SampleRequest, generate, generate_to_file
+from ldmkit.pipelines import generate as generate_module
+from ldmkit.pipelines.generate import SampleRequest, generate, generate_to_file
 
 
 def _no_sampling(monkeypatch):
     """Make any sampling fail loudly, so a test shows that a check ran before the expensive work."""
     def boom(*a, **k):
         raise AssertionError("sampling started before the request was checked")
-    monkeypatch.setattr(txt2img, "sample_latents", boom)
+    monkeypatch.setattr(generate_module, "sample_latents", boom)
 
 
 def _rewrite(src: Path, dst: Path, change_tensors=None, drop_meta=()):
@@ -217,13 +217,13 @@ def test_ldm_file_without_autoencoder_metadata_is_a_checkpoint_error(tiny_ldm, t
 def test_only_each_batchs_generators_are_built_and_image_i_ignores_the_batch_size(tiny_ldm, monkeypatch):
     ldm = LatentDiffusion.load(tiny_ldm)
     built = []
-    real = txt2img.generators_from_seed
+    real = generate_module.generators_from_seed
 
     def counting(seed, n):
         built.append(n)
         return real(seed, n)
 
-    monkeypatch.setattr(txt2img, "generators_from_seed", counting)
+    monkeypatch.setattr(generate_module, "generators_from_seed", counting)
     a, _ = generate(ldm, SampleRequest(n=5, steps=2, sampler="euler_ancestral", seed=3, batch_size=2))
     assert sum(built) == 5
     b, _ = generate(ldm, SampleRequest(n=5, steps=2, sampler="euler_ancestral", seed=3, batch_size=5))
@@ -249,7 +249,7 @@ def test_sample_on_missing_cuda_names_the_device_option(tiny_ldm, tmp_path, monk
 
 
 def test_a_failed_write_after_sampling_keeps_the_images_elsewhere(tiny_ldm, tmp_path, monkeypatch):
-    real = txt2img.save_grid
+    real = generate_module.save_grid
     out = tmp_path / "s.png"
 
     def disk_full(images, path, **kw):
@@ -257,7 +257,7 @@ def test_a_failed_write_after_sampling_keeps_the_images_elsewhere(tiny_ldm, tmp_
             raise OSError(28, "No space left on device")
         return real(images, path, **kw)
 
-    monkeypatch.setattr(txt2img, "save_grid", disk_full)
+    monkeypatch.setattr(generate_module, "save_grid", disk_full)
     with pytest.raises(OSError, match="saved to") as e:
         generate_to_file(tiny_ldm, SampleRequest(n=2, steps=1), out, progress=False)
     rescued = Path(str(e.value).split("saved to ")[1].split(" instead")[0])

@@ -68,12 +68,12 @@ def test_resolution_check_message():
         check_multiple("--width", 3, 8, "x")
 
 
-# --- ldmkit.models: what `ldmkit generate` runs ------------------------------------------------------------------
+# --- ldmkit.shipped: what `ldmkit generate` runs ------------------------------------------------------------------
 
 def test_generation_plan_for_a_text_model(tiny_text_ldm):
     from pathlib import Path
 
-    from ldmkit.models import plan_generation
+    from ldmkit.shipped import plan_generation
 
     plan = plan_generation(str(tiny_text_ldm), ["Red Apple!", "blue whale"], None, 2)
     assert plan.checkpoint == Path(tiny_text_ldm) and plan.n == 4
@@ -84,7 +84,7 @@ def test_generation_plan_for_a_text_model(tiny_text_ldm):
 
 def test_generation_plan_for_a_class_model(tiny_ldm):
     from ldmkit.errors import InputError
-    from ldmkit.models import plan_generation
+    from ldmkit.shipped import plan_generation
 
     plan = plan_generation(str(tiny_ldm), [], [1], 3)
     assert plan.prompts is None and plan.n == 3 and plan.out.parent.name == "generated"

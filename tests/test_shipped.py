@@ -8,8 +8,8 @@ import torch
 from ldmkit import checkpoint
 from ldmkit.config import DataConfig
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.models import SHIPPED, weights_dir
-from ldmkit.pipelines.txt2img import SampleRequest, generate
+from ldmkit.shipped import SHIPPED, weights_dir
+from ldmkit.pipelines.generate import SampleRequest, generate
 
 PRESENT = [n for n in sorted(SHIPPED) if (weights_dir() / f"{n}.safetensors").exists()]
 

@@ -50,7 +50,7 @@ def _kid(a: FeatureStats, b: FeatureStats) -> tuple[float, float]:
 def _generated(ldm, ds, idx: list[int], sampler: str, steps: int, cfg: float, seed: int, batch: int, progress: bool):
     """Generated images in batches of `batch` (image i always drawn with seed + i); a text model is prompted with
     the captions of the reference images `idx`, so both sets share their caption distribution."""
-    from ..pipelines.txt2img import SampleRequest, generate
+    from ..pipelines.generate import SampleRequest, generate
 
     captions = [ds.captions[i] for i in idx] if ldm.text_encoder is not None and ds.captions else None
     n = len(idx)
