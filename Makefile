@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEBS   := dataset-fashion-mnist fonts-noto-color-emoji libcairo2
 DEMO   := runs/demo
 
-.PHONY: test test-all demo demo-train debs install clean
+.PHONY: test test-all lint format demo demo-train debs install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Lint and format check (ruff, pinned in the `lint` extra); `make format` rewrites the files in place.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The shipped models answer in seconds; `make demo-train` trains a small model from scratch (about 5 CPU minutes).
 demo: install

@@ -9,6 +9,7 @@ UNet2DConditionModel, AutoencoderKL and DPMSolverMultistepScheduler, built from 
 `ldmkit.interop.diffusers`. Each side runs once to warm up, then `--repeats` times; the best time counts.
 Writes benchmarks/out/cpu_sampling.json. diffusers is needed only here (it is the peer, not a dependency).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,25 +90,37 @@ def main(argv=None) -> int:
     ldm = LatentDiffusion.load(args.checkpoint, "cpu")
     unet = diffusers_copy(ldm.unet).eval()  # a class-only U-Net too (see peers.py)
     vae = vae_to_diffusers(ldm.autoencoder).eval()
-    sched_cfg = {k: v for k, v in diffusion_config_to_scheduler(ldm.run.diffusion).items()
-                 if k not in ("_class_name", "clip_sample", "set_alpha_to_one")}
+    sched_cfg = {
+        k: v
+        for k, v in diffusion_config_to_scheduler(ldm.run.diffusion).items()
+        if k not in ("_class_name", "clip_sample", "set_alpha_to_one")
+    }
     sched_cfg["timestep_spacing"] = "trailing"  # the spacing ldmkit's grids use, so both take the same steps
     scheduler = DPMSolverMultistepScheduler(**sched_cfg)
     labels, prompts = conditions(ldm, args.n, args.prompt)
     t_ours, a = best_of(lambda: run_ldmkit(ldm, args.n, args.steps, args.cfg, labels, prompts), args.repeats)
-    t_peer, b = best_of(lambda: run_diffusers(ldm, unet, vae, scheduler, args.n, args.steps, args.cfg, labels,
-                                              prompts), args.repeats)
+    t_peer, b = best_of(
+        lambda: run_diffusers(ldm, unet, vae, scheduler, args.n, args.steps, args.cfg, labels, prompts), args.repeats
+    )
     rows = [("ldmkit", args.n / t_ours, t_ours), ("diffusers", args.n / t_peer, t_peer)]
     print(f"{'pipeline':<10} {'images/s':>9} {'seconds':>8}")
     for name, ips, s in rows:
         print(f"{name:<10} {ips:>9.2f} {s:>8.2f}")
     ratio = t_peer / t_ours
     print(f"ldmkit / diffusers speed: {ratio:.2f}x  (target >= 1.0)")
-    result = {"checkpoint": args.checkpoint, "n": args.n, "steps": args.steps, "cfg": args.cfg,
-              "ldmkit_images_per_s": args.n / t_ours, "diffusers_images_per_s": args.n / t_peer,
-              "speed_ratio": ratio, "threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "both_finite": bool(torch.isfinite(a).all() and torch.isfinite(b).all())}
+    result = {
+        "checkpoint": args.checkpoint,
+        "n": args.n,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "ldmkit_images_per_s": args.n / t_ours,
+        "diffusers_images_per_s": args.n / t_peer,
+        "speed_ratio": ratio,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "both_finite": bool(torch.isfinite(a).all() and torch.isfinite(b).all()),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"written {args.out}")

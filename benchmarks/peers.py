@@ -5,6 +5,7 @@ UNet2DConditionModel always builds it. A class-only ldmkit U-Net still has an ex
 model built with a dummy context size whose transformer blocks drop their cross-attention (attn2 and norm2 set to
 None, the form diffusers itself builds for a block with cross_attention_dim=None).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

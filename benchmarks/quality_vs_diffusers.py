@@ -24,6 +24,7 @@ against the Fashion-MNIST test set (min(--n, 10000) images), one InceptionFeatur
 FID(ldmkit, 25 steps) <= 0.7 * FID(diffusers, 25 steps), and FID(ldmkit, 10 steps) <= FID(diffusers, 25 steps).
 Writes benchmarks/out/quality_vs_diffusers.json. diffusers is needed only here (it is the peer, not a dependency).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,14 +42,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
 from ldmkit.config import DenoiserRun, load_run  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.latents import LatentCache, encode_dataset  # noqa: E402
-from ldmkit.noise import generators_from_seed, randn  # noqa: E402
 from ldmkit.evaluation.fid import InceptionFeatures, compute_stats, reference_stats  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
+from ldmkit.noise import generators_from_seed, randn  # noqa: E402
 from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
-from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
 from ldmkit.runtime import autocast, resolve_device  # noqa: E402
 from ldmkit.training.loop import batch_indices, step_generator  # noqa: E402
 from ldmkit.training.runs import train_denoiser  # noqa: E402
@@ -64,15 +65,23 @@ TARGET_RATIO = 0.7  # FID(ldmkit, 25) / FID(diffusers, 25) must not exceed this
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--autoencoder", default=str(DEFAULT_AE),
-                    help="an autoencoder checkpoint (`python recipes/build.py fashion-mnist` writes the default)")
+    ap.add_argument(
+        "--autoencoder",
+        default=str(DEFAULT_AE),
+        help="an autoencoder checkpoint (`python recipes/build.py fashion-mnist` writes the default)",
+    )
     ap.add_argument("--recipe", default=str(RECIPE), help="ldmkit's denoiser recipe (TOML)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of both sides (default: the recipe's)")
     ap.add_argument("--batch-size", type=int, default=None, help="batch of both sides (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate of both sides (default: the recipe's)")
     ap.add_argument("--limit", type=int, default=0, help="train on the first N images only (0: all)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="more overrides of the recipe (both sides build the same U-Net from it)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more overrides of the recipe (both sides build the same U-Net from it)",
+    )
     ap.add_argument("--n", type=int, default=10000, help="generated images per FID (and reference images, <= 10000)")
     ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of both sides")
     ap.add_argument("--sample-steps", type=int, nargs="+", default=[25, 10], help="sampler steps to measure")
@@ -89,14 +98,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_recipe(args) -> DenoiserRun:
     """ldmkit's recipe with the benchmark's overrides; no intermediate checkpoints or sample grids."""
-    over = [f"autoencoder={args.autoencoder}", f"train.device={args.device}", "train.ckpt_every=0",
-            "train.sample_every=0", f"data.limit={args.limit}"]
+    over = [
+        f"autoencoder={args.autoencoder}",
+        f"train.device={args.device}",
+        "train.ckpt_every=0",
+        "train.sample_every=0",
+        f"data.limit={args.limit}",
+    ]
     over += [f"train.steps={args.steps}"] if args.steps else []
     over += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     over += [f"train.lr={args.lr}"] if args.lr else []
     if not Path(args.autoencoder).is_file():
-        raise FileNotFoundError(f"no autoencoder at {args.autoencoder}; train one with `python recipes/build.py "
-                                f"fashion-mnist` or pass --autoencoder PATH")
+        raise FileNotFoundError(
+            f"no autoencoder at {args.autoencoder}; train one with `python recipes/build.py "
+            f"fashion-mnist` or pass --autoencoder PATH"
+        )
     return load_run(DenoiserRun, args.recipe, over + list(args.set))
 
 
@@ -110,8 +126,9 @@ def cached_latents(run: DenoiserRun, device: torch.device, progress: bool) -> tu
     return run, latents
 
 
-def train_diffusers(unet, ldm: LatentDiffusion, latents: LatentCache, run: DenoiserRun, device: torch.device,
-                    progress: bool) -> list[float]:
+def train_diffusers(
+    unet, ldm: LatentDiffusion, latents: LatentCache, run: DenoiserRun, device: torch.device, progress: bool
+) -> list[float]:
     """diffusers' eps-prediction DDPM training loop (as its examples write it); leaves the EMA weights in `unet`."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -184,8 +201,9 @@ def sample_ldmkit(ldm: LatentDiffusion, n: int, steps: int, cfg: float, batch: i
     """ldmkit's DPM-Solver++ 2M with guidance; yields decoded image batches (b, C, H, W) in [-1, 1]."""
     for s in range(0, n, batch):
         e = min(n, s + batch)
-        req = SampleRequest(n=e - s, labels=class_labels(ldm, s, e), sampler="dpmpp_2m", steps=steps, cfg=cfg,
-                            seed=s, batch_size=batch)
+        req = SampleRequest(
+            n=e - s, labels=class_labels(ldm, s, e), sampler="dpmpp_2m", steps=steps, cfg=cfg, seed=s, batch_size=batch
+        )
         yield generate(ldm, req)[0]
 
 
@@ -217,15 +235,23 @@ def train_both(args, progress: bool) -> dict:
     n_ours, n_peer = (sum(p.numel() for p in m.parameters()) for m in (ldm.unet, peer))
     print(f"parameters: ldmkit {n_ours:,}  diffusers {n_peer:,}")
     if n_ours != n_peer:
-        raise RuntimeError(f"the diffusers U-Net has {n_peer:,} parameters, ldmkit's {n_ours:,}; the comparison "
-                           f"needs equal sizes: check unet_config_to_diffusers for this UNetConfig")
+        raise RuntimeError(
+            f"the diffusers U-Net has {n_peer:,} parameters, ldmkit's {n_ours:,}; the comparison "
+            f"needs equal sizes: check unet_config_to_diffusers for this UNetConfig"
+        )
     t0 = time.time()
     losses = train_diffusers(peer, ldm, latents, ldm.run, dev, progress)
     t_peer = time.time() - t0
     peer.save_pretrained(out / "diffusers")
-    return {"run": ldm.run, "ldm": ldm, "peer": peer, "device": dev, "parameters": n_ours,
-            "train_s": {"ldmkit": t_ours, "diffusers": t_peer},
-            "final_loss": {"ldmkit": res["final_loss"], "diffusers": losses[-1] if losses else None}}
+    return {
+        "run": ldm.run,
+        "ldm": ldm,
+        "peer": peer,
+        "device": dev,
+        "parameters": n_ours,
+        "train_s": {"ldmkit": t_ours, "diffusers": t_peer},
+        "final_loss": {"ldmkit": res["final_loss"], "diffusers": losses[-1] if losses else None},
+    }
 
 
 def measure(args, trained: dict, progress: bool) -> list[dict]:
@@ -240,11 +266,21 @@ def measure(args, trained: dict, progress: bool) -> list[dict]:
     for side in ("ldmkit", "diffusers"):
         for steps in args.sample_steps:
             t0 = time.time()
-            images = (sample_ldmkit(ldm, args.n, steps, args.cfg, args.sample_batch) if side == "ldmkit" else
-                      sample_diffusers(peer, dpm, ldm, args.n, steps, args.cfg, args.sample_batch))
+            images = (
+                sample_ldmkit(ldm, args.n, steps, args.cfg, args.sample_batch)
+                if side == "ldmkit"
+                else sample_diffusers(peer, dpm, ldm, args.n, steps, args.cfg, args.sample_batch)
+            )
             fid = compute_stats(images, features, progress=progress).fid(ref)
-            rows.append({"side": side, "sampler": "dpmpp_2m" if side == "ldmkit" else "DPMSolverMultistep",
-                         "steps": steps, "fid": fid, "seconds": round(time.time() - t0, 1)})
+            rows.append(
+                {
+                    "side": side,
+                    "sampler": "dpmpp_2m" if side == "ldmkit" else "DPMSolverMultistep",
+                    "steps": steps,
+                    "fid": fid,
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
             print(f"{side:<10} {steps:>3} steps  FID {fid:.3f}")
     return rows
 
@@ -273,21 +309,38 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['side']:<10} {r['sampler']:<20} {r['steps']:>5} {r['fid']:>9.3f}")
     if "ratio_25" in verdict:
-        print(f"FID ldmkit/diffusers at 25 steps: {verdict['ratio_25']:.3f} (target <= {TARGET_RATIO}): "
-              f"{'pass' if verdict['ratio_25_pass'] else 'FAIL'}")
+        print(
+            f"FID ldmkit/diffusers at 25 steps: {verdict['ratio_25']:.3f} (target <= {TARGET_RATIO}): "
+            f"{'pass' if verdict['ratio_25_pass'] else 'FAIL'}"
+        )
     if "ldmkit10_le_diffusers25" in verdict:
-        print(f"ldmkit at 10 steps <= diffusers at 25 steps: "
-              f"{'pass' if verdict['ldmkit10_le_diffusers25'] else 'FAIL'}")
+        print(
+            f"ldmkit at 10 steps <= diffusers at 25 steps: {'pass' if verdict['ldmkit10_le_diffusers25'] else 'FAIL'}"
+        )
     ts = trained["train_s"]
-    print(f"training: ldmkit {ts['ldmkit']:.1f} s, diffusers {ts['diffusers']:.1f} s ({run.train.steps} steps x "
-          f"{run.train.batch_size} images, lr {run.train.lr}) on {device_name(trained['device'])}")
-    result = {"device": device_name(trained["device"]), "torch": torch.__version__,
-              "diffusers": __import__("diffusers").__version__, "autoencoder": args.autoencoder,
-              "steps": run.train.steps, "batch_size": run.train.batch_size, "lr": run.train.lr,
-              "images_seen": run.train.steps * run.train.batch_size, "parameters": trained["parameters"],
-              "n": args.n, "cfg": args.cfg, "train_seconds": {k: round(v, 1) for k, v in ts.items()},
-              "final_loss": trained["final_loss"], "results": rows, **verdict,
-              "all_finite": all(math.isfinite(r["fid"]) for r in rows), "argv": sys.argv[1:] if argv is None else argv}
+    print(
+        f"training: ldmkit {ts['ldmkit']:.1f} s, diffusers {ts['diffusers']:.1f} s ({run.train.steps} steps x "
+        f"{run.train.batch_size} images, lr {run.train.lr}) on {device_name(trained['device'])}"
+    )
+    result = {
+        "device": device_name(trained["device"]),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "autoencoder": args.autoencoder,
+        "steps": run.train.steps,
+        "batch_size": run.train.batch_size,
+        "lr": run.train.lr,
+        "images_seen": run.train.steps * run.train.batch_size,
+        "parameters": trained["parameters"],
+        "n": args.n,
+        "cfg": args.cfg,
+        "train_seconds": {k: round(v, 1) for k, v in ts.items()},
+        "final_loss": trained["final_loss"],
+        "results": rows,
+        **verdict,
+        "all_finite": all(math.isfinite(r["fid"]) for r in rows),
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"written {args.json}")

@@ -10,6 +10,7 @@ reports how often the classifier recovers the intended caption, against chance (
 classifier on images generated for a random other caption (what a model ignoring its condition would score).
 Writes benchmarks/out/text2img_quality.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,10 +60,19 @@ def real_images(ldm: LatentDiffusion, k: int, max_per: int, seed: int):
 class SmallCNN(nn.Module):
     def __init__(self, channels: int, k: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
-                                 nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
-                                 nn.Conv2d(64, 128, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
-                                 nn.Flatten(), nn.Linear(128, k))
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(128, k),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -74,7 +84,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     p = max(1, h // 8)
     x = F.pad(x, (p, p, p, p), mode="replicate")
     dy, dx = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
-    x = x[:, :, dy:dy + h, dx:dx + w]
+    x = x[:, :, dy : dy + h, dx : dx + w]
     return x + 0.1 * torch.randn(x.shape, generator=g)
 
 
@@ -96,12 +106,19 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, k: int, steps: int, seed:
 def generated(ldm: LatentDiffusion, names: list[str], per: int, args) -> torch.Tensor:
     """(K * per, C, H, W): per images for each caption / class in turn."""
     if ldm.text_encoder is not None:
-        req = SampleRequest(n=len(names) * per, prompts=[n for n in names for _ in range(per)], sampler=args.sampler,
-                            steps=args.steps, cfg=args.cfg, seed=args.seed)
+        req = SampleRequest(
+            n=len(names) * per,
+            prompts=[n for n in names for _ in range(per)],
+            sampler=args.sampler,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+        )
     else:
         labels = [ldm.class_names.index(n) for n in names for _ in range(per)]
-        req = SampleRequest(n=len(labels), labels=labels, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
-                            seed=args.seed)
+        req = SampleRequest(
+            n=len(labels), labels=labels, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed
+        )
     return generate(ldm, req)[0]
 
 
@@ -130,15 +147,27 @@ def main(argv=None) -> int:
         pred = clf(images).argmax(1)
     target = torch.arange(k).repeat_interleave(args.per)
     shuffled = (target + torch.randint(1, k, target.shape, generator=torch.Generator().manual_seed(1))) % k
-    rows = {"captions (K)": k, "generated per caption": args.per, "classifier accuracy on real images": real_acc,
-            "retrieval accuracy": float((pred == target).float().mean()),
-            "accuracy against a wrong caption": float((pred == shuffled).float().mean()), "chance": 1 / k}
+    rows = {
+        "captions (K)": k,
+        "generated per caption": args.per,
+        "classifier accuracy on real images": real_acc,
+        "retrieval accuracy": float((pred == target).float().mean()),
+        "accuracy against a wrong caption": float((pred == shuffled).float().mean()),
+        "chance": 1 / k,
+    }
     w = max(len(r) for r in rows)
     print(f"{'measure':<{w}}  value")
     for r, v in rows.items():
         print(f"{r:<{w}}  {v:.3f}" if isinstance(v, float) else f"{r:<{w}}  {v}")
-    result = {"checkpoint": args.checkpoint, **rows, "names": names, "sampler": args.sampler, "steps": args.steps,
-              "cfg": args.cfg, "seconds": round(time.time() - t0, 1)}
+    result = {
+        "checkpoint": args.checkpoint,
+        **rows,
+        "names": names,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "seconds": round(time.time() - t0, 1),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"written {args.out}")

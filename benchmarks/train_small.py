@@ -5,6 +5,7 @@
 Prints a table and writes benchmarks/out/train_small.json. The configuration is the `make demo-train` one (presets
 demo-autoencoder and demo-denoiser), so the figures say how long the demo takes on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,22 +46,43 @@ def main():
     dn = train_denoiser(dn_run, out / "denoiser", progress=True, overwrite=True)
     t_dn = time.time() - t0
 
-    ae_log = [json.loads(l) for l in (out / "autoencoder" / "log.jsonl").read_text().splitlines()]
+    ae_log = [json.loads(line) for line in (out / "autoencoder" / "log.jsonl").read_text().splitlines()]
     rows = [
-        ("autoencoder", ae_run.train.steps, ae_run.train.batch_size, t_ae, ae_log[-1]["loss"],
-         ae.get("holdout", {}).get("psnr")),
+        (
+            "autoencoder",
+            ae_run.train.steps,
+            ae_run.train.batch_size,
+            t_ae,
+            ae_log[-1]["loss"],
+            ae.get("holdout", {}).get("psnr"),
+        ),
         ("denoiser", dn_run.train.steps, dn_run.train.batch_size, t_dn, dn["final_loss"], None),
     ]
     device = ae_run.train.device if ae_run.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"\ntrain_small on {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"{'stage':<12}{'steps':>7}{'batch':>7}{'seconds':>10}{'steps/s':>9}{'img/s':>9}{'final loss':>12}{'PSNR':>8}")
+    print(
+        f"\ntrain_small on {device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
+    print(
+        f"{'stage':<12}{'steps':>7}{'batch':>7}{'seconds':>10}{'steps/s':>9}{'img/s':>9}{'final loss':>12}{'PSNR':>8}"
+    )
     result = {"date": str(date.today()), "device": device, "torch": torch.__version__, "stages": []}
     for name, steps, batch, secs, loss, psnr in rows:
-        print(f"{name:<12}{steps:>7}{batch:>7}{secs:>10.1f}{steps / secs:>9.2f}{steps * batch / secs:>9.1f}"
-              f"{loss:>12.4f}{psnr if psnr is None else round(psnr, 2)!s:>8}")
-        result["stages"].append({"stage": name, "steps": steps, "batch_size": batch, "seconds": round(secs, 2),
-                                 "steps_per_s": round(steps / secs, 3), "final_loss": loss, "holdout_psnr": psnr})
+        print(
+            f"{name:<12}{steps:>7}{batch:>7}{secs:>10.1f}{steps / secs:>9.2f}{steps * batch / secs:>9.1f}"
+            f"{loss:>12.4f}{psnr if psnr is None else round(psnr, 2)!s:>8}"
+        )
+        result["stages"].append(
+            {
+                "stage": name,
+                "steps": steps,
+                "batch_size": batch,
+                "seconds": round(secs, 2),
+                "steps_per_s": round(steps / secs, 3),
+                "final_loss": loss,
+                "holdout_psnr": psnr,
+            }
+        )
     result["holdout_ssim"] = ae.get("holdout", {}).get("ssim")
     (out.parent).mkdir(parents=True, exist_ok=True)
     path = out.parent / "train_small.json"

@@ -1,2 +1,3 @@
 """ldmkit: latent diffusion training, sampling, evaluation and serving."""
+
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ Every file ldmkit writes has metadata keys `format` ("ldmkit"), `kind` (what the
 "ldm", "train-state") and `config` (JSON). Writes are atomic: a temporary file in the same folder, fsync, rename;
 a crash never leaves a half-written checkpoint under the final name.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ def remove_stale_temporaries(path: Path, max_age_s: float = STALE_TMP_AGE_S) -> 
     except OSError:
         return removed
     for entry in entries:
-        middle = entry.name[len(prefix):-len(".tmp")]
+        middle = entry.name[len(prefix) : -len(".tmp")]
         if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp") and middle and "." not in middle):
             continue
         try:
@@ -86,8 +87,9 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
-def save(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, config: dict[str, Any] | None = None,
-         **extra: Any) -> Path:
+def save(
+    path: str | Path, tensors: dict[str, torch.Tensor], kind: str, config: dict[str, Any] | None = None, **extra: Any
+) -> Path:
     """Write `tensors` with metadata {format, kind, config, **extra}; extra values are stored as JSON."""
     meta = {"format": FORMAT, "kind": kind, "config": json.dumps(config or {})}
     meta.update({k: json.dumps(v) for k, v in extra.items()})
@@ -102,8 +104,10 @@ def read_header(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated or another "
-                              f"format? Convert other formats with `ldmkit convert`") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); is it truncated or another "
+            f"format? Convert other formats with `ldmkit convert`"
+        ) from None
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -111,8 +115,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     raw = read_header(path)
     if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not an ldmkit checkpoint (no ldmkit metadata); "
-                              f"import Stable Diffusion or diffusers weights with `ldmkit convert`")
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an ldmkit checkpoint (no ldmkit metadata); "
+            f"import Stable Diffusion or diffusers weights with `ldmkit convert`"
+        )
     return {k: (v if k in ("format", "kind") else _json_value(path, k, v)) for k, v in raw.items()}
 
 
@@ -120,19 +126,22 @@ def _json_value(path: Path, key: str, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: metadata value {key!r} is not valid JSON ({e}); the file was not written by "
-                              f"ldmkit or was altered; re-export it or convert the original with `ldmkit convert`") \
-            from None
+        raise CheckpointError(
+            f"{path}: metadata value {key!r} is not valid JSON ({e}); the file was not written by "
+            f"ldmkit or was altered; re-export it or convert the original with `ldmkit convert`"
+        ) from None
 
 
-def load(path: str | Path, kind: str | tuple[str, ...] | None = None,
-         device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load(
+    path: str | Path, kind: str | tuple[str, ...] | None = None, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata); `kind` (one or several) is checked against the file's kind with a clear error."""
     meta = read_metadata(path)
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds and meta["kind"] not in kinds:
-        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, but a {' or '.join(kinds)!r} "
-                              f"checkpoint is needed here")
+        raise CheckpointError(
+            f"{path} holds a {meta['kind']!r} checkpoint, but a {' or '.join(kinds)!r} checkpoint is needed here"
+        )
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -143,7 +152,7 @@ def load(path: str | Path, kind: str | tuple[str, ...] | None = None,
 def subset(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix.` with the prefix removed."""
     p = prefix + "."
-    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -154,8 +163,10 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     """load_state_dict with an error naming the file and the missing / unexpected keys."""
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
         parts = []
         if missing:
             parts.append(f"missing keys: {show(missing)}")
@@ -167,6 +178,8 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder; for a diffusers folder use "
-                              "`ldmkit convert`)" if path.is_dir() else ""))
+        raise CheckpointError(
+            f"checkpoint {path} does not exist"
+            + (" (it is a folder; for a diffusers folder use `ldmkit convert`)" if path.is_dir() else "")
+        )
     return path

@@ -1,4 +1,5 @@
 """The `ldmkit` command: parse -> config -> call. Nothing else lives here."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,17 @@ def _run_options(p: argparse.ArgumentParser, default_out: str):
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (train.device)")
     p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished or stopped run in --out instead of refusing")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set train.lr=1e-4 --set unet.channel_mult=1,2,2 (repeatable)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a finished or stopped run in --out instead of refusing"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting, e.g. --set train.lr=1e-4 --set unet.channel_mult=1,2,2 (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -35,16 +43,21 @@ def _sampling_options(p: argparse.ArgumentParser, *, n: int, n_help: str, batch_
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, at any batch size")
     if batch_size is not None:
-        p.add_argument("--batch-size", type=int, default=batch_size,
-                       help=f"images per forward pass (default {batch_size})")
+        p.add_argument(
+            "--batch-size", type=int, default=batch_size, help=f"images per forward pass (default {batch_size})"
+        )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _conditioning_options(p: argparse.ArgumentParser):
     """--label and --negative-prompt, shared by sample and generate."""
-    p.add_argument("--label", type=int, action="append",
-                   help="class label for class-conditional models (repeat for several; default: all classes in turn)")
+    p.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        help="class label for class-conditional models (repeat for several; default: all classes in turn)",
+    )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
 
 
@@ -65,15 +78,17 @@ def _read_prompt_file(path: str) -> list[str]:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise MissingFileError(f"prompt file {path} does not exist; give a text file with one prompt per line") \
-            from None
+        raise MissingFileError(
+            f"prompt file {path} does not exist; give a text file with one prompt per line"
+        ) from None
     except IsADirectoryError:
         raise InputError(f"prompt file {path} is a folder; give a text file with one prompt per line") from None
     except OSError as e:
         raise InputError(f"prompt file {path} cannot be read ({e.strerror}); check its permissions") from None
     lines = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff").splitlines()
-    prompts = [_utf8(ln.strip(), f"prompt on line {i} of {path}", "save the file as UTF-8")
-               for i, ln in enumerate(lines, 1)]
+    prompts = [
+        _utf8(ln.strip(), f"prompt on line {i} of {path}", "save the file as UTF-8") for i, ln in enumerate(lines, 1)
+    ]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise InputError(f"{path} has no prompts (one per line)")
@@ -81,8 +96,13 @@ def _read_prompt_file(path: str) -> list[str]:
 
 
 def _overrides(args) -> list[str]:
-    pairs = [("data.dataset", args.data), ("data.resolution", args.resolution), ("train.steps", args.steps),
-             ("train.batch_size", args.batch_size), ("train.device", args.device)]
+    pairs = [
+        ("data.dataset", args.data),
+        ("data.resolution", args.resolution),
+        ("train.steps", args.steps),
+        ("train.batch_size", args.batch_size),
+        ("train.device", args.device),
+    ]
     return [f"{k}={v}" for k, v in pairs if v is not None] + list(args.overrides)
 
 
@@ -118,24 +138,43 @@ def cmd_sample(args):
     elif args.prompt is not None:
         prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
     negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)
-    req = SampleRequest(n=len(prompts) if prompts else args.n, labels=args.label, prompts=prompts,
-                        negative_prompt=negative, sampler=args.sampler, steps=args.steps,
-                        cfg=args.cfg, cfg_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
-                        device=args.device, eta=args.eta)
+    req = SampleRequest(
+        n=len(prompts) if prompts else args.n,
+        labels=args.label,
+        prompts=prompts,
+        negative_prompt=negative,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        cfg_rescale=args.guidance_rescale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        eta=args.eta,
+    )
     out = generate_to_file(args.checkpoint, req, args.out, grid=not args.separate, progress=not args.quiet)
     for p in out:
         print(p)
 
 
 def cmd_generate(args):
-    from .shipped import plan_generation
     from .pipelines.generate import SampleRequest, generate_to_file
+    from .shipped import plan_generation
 
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
-    req = SampleRequest(n=plan.n, labels=args.label, prompts=plan.prompts, negative_prompt=negative,
-                        sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed, device=args.device)
+    req = SampleRequest(
+        n=plan.n,
+        labels=args.label,
+        prompts=plan.prompts,
+        negative_prompt=negative,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        device=args.device,
+    )
     for p in generate_to_file(plan.checkpoint, req, plan.out, progress=not args.quiet):
         print(f"wrote {p}")
 
@@ -143,9 +182,19 @@ def cmd_generate(args):
 def cmd_evaluate(args):
     from .evaluation.evaluate import evaluate, format_table, write_result
 
-    result = evaluate(args.checkpoint, dataset=args.data, split=args.split, n=args.n, sampler=args.sampler,
-                      steps=args.steps, cfg=args.cfg, seed=args.seed, device=args.device,
-                      batch_size=args.batch_size, progress=not args.quiet)
+    result = evaluate(
+        args.checkpoint,
+        dataset=args.data,
+        split=args.split,
+        n=args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     print(format_table(result))
     out = args.out or Path(args.checkpoint).with_name(f"eval-{Path(result['data']).name}-{args.split}-n{args.n}.json")
     print(f"written {write_result(result, out)}")
@@ -161,8 +210,15 @@ def cmd_info(args):
 def cmd_convert(args):
     from .interop.convert import convert
 
-    out = convert(args.src, args.dst, unsafe_pickle=args.unsafe_pickle, prediction=args.prediction, to=args.to,
-                  heads=args.heads, overwrite=args.overwrite)
+    out = convert(
+        args.src,
+        args.dst,
+        unsafe_pickle=args.unsafe_pickle,
+        prediction=args.prediction,
+        to=args.to,
+        heads=args.heads,
+        overwrite=args.overwrite,
+    )
     print(f"written {out}")
 
 
@@ -195,11 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")
     p.add_argument("dst", help="destination file or folder (the format follows from the path, or use --to)")
     p.add_argument("--to", choices=["ldm", "diffusers", "single-file"], help="destination format when ambiguous")
-    p.add_argument("--prediction", choices=["eps", "v"], help="the model's prediction type, for foreign sources "
-                                                              "(default: scheduler config, or SD 1.x eps / 2.x v)")
+    p.add_argument(
+        "--prediction",
+        choices=["eps", "v"],
+        help="the model's prediction type, for foreign sources (default: scheduler config, or SD 1.x eps / 2.x v)",
+    )
     p.add_argument("--heads", type=int, help="U-Net attention heads, for single files that are neither SD 1.x nor 2.x")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow reading a .ckpt pickle (loaded with torch.load(weights_only=True))")
+    p.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="allow reading a .ckpt pickle (loaded with torch.load(weights_only=True))",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
     p = command("info", "print a checkpoint's kind and configuration", cmd_info)
@@ -223,8 +285,10 @@ def _sampling_commands(command):
 
     p = command("generate", "generate with a shipped model (emoji by default) or any checkpoint", cmd_generate)
     p.add_argument("prompt", nargs="*", help="one or more prompts (text models); each gets --n images")
-    p.add_argument("--model", help="emoji, fashion-mnist, or a model.safetensors path (default: emoji when "
-                                   "shipped, else fashion-mnist)")
+    p.add_argument(
+        "--model",
+        help="emoji, fashion-mnist, or a model.safetensors path (default: emoji when shipped, else fashion-mnist)",
+    )
     _conditioning_options(p)
     _sampling_options(p, n=4, n_help="images per prompt")
     p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")

@@ -3,6 +3,7 @@
 A run's configuration is plain values only: it round-trips through `to_dict` / `from_dict` (and so through JSON in
 a checkpoint's metadata) without loss. Overrides look like `train.steps=200` or `unet.channel_mult=1,2,2`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InputError, MissingFileError
-
 
 # --- components ---------------------------------------------------------------------------------------------------
 
@@ -203,23 +203,79 @@ SEED = Bound(0, 2**32 - 1, integer=True)
 
 # dataclass -> {numeric setting -> its allowed values}; tests check that every int and float setting is listed
 BOUNDS: dict[type, dict[str, Bound]] = {
-    AutoencoderConfig: dict(in_channels=COUNT, base_channels=COUNT, channel_mult=COUNT, num_res_blocks=COUNT,
-                            latent_channels=COUNT, norm_groups=COUNT, codebook_size=COUNT, commitment_beta=WEIGHT,
-                            scaling_factor=POSITIVE, shift_factor=FINITE),
-    AutoencoderLossConfig: dict(pixel_weight=WEIGHT, perceptual_weight=WEIGHT, kl_weight=WEIGHT, codebook_weight=WEIGHT,
-                                disc_start=OPTIONAL_COUNT, disc_weight=WEIGHT, disc_layers=COUNT, disc_channels=COUNT,
-                                disc_lr=WEIGHT),
-    UNetConfig: dict(in_channels=COUNT, out_channels=COUNT, model_channels=COUNT, channel_mult=COUNT,
-                     num_res_blocks=COUNT, attention_levels=OPTIONAL_COUNT, num_heads=COUNT, head_dim=OPTIONAL_COUNT,
-                     transformer_depth=COUNT, context_dim=OPTIONAL_COUNT, num_classes=OPTIONAL_COUNT,
-                     norm_groups=COUNT, norm_eps=POSITIVE, dropout=DECAY, freq_shift=FINITE),
-    DiffusionConfig: dict(num_timesteps=COUNT, beta_start=OPEN_UNIT, beta_end=OPEN_UNIT, sigma_data=POSITIVE,
-                          min_snr_gamma=WEIGHT, p_mean=FINITE, p_std=POSITIVE, sigma_min=POSITIVE, sigma_max=POSITIVE),
-    DataConfig: dict(resolution=COUNT, channels=Bound(choices=(1, 3)), limit=OPTIONAL_COUNT, holdout=OPTIONAL_COUNT,
-                     caption_dropout=PROBABILITY),
-    TrainConfig: dict(steps=COUNT, batch_size=COUNT, grad_accum=COUNT, lr=POSITIVE, warmup_steps=OPTIONAL_COUNT,
-                      weight_decay=WEIGHT, adam_betas=DECAY, grad_clip=WEIGHT, ema_decay=DECAY, seed=SEED,
-                      log_every=COUNT, sample_every=OPTIONAL_COUNT, ckpt_every=OPTIONAL_COUNT),
+    AutoencoderConfig: dict(
+        in_channels=COUNT,
+        base_channels=COUNT,
+        channel_mult=COUNT,
+        num_res_blocks=COUNT,
+        latent_channels=COUNT,
+        norm_groups=COUNT,
+        codebook_size=COUNT,
+        commitment_beta=WEIGHT,
+        scaling_factor=POSITIVE,
+        shift_factor=FINITE,
+    ),
+    AutoencoderLossConfig: dict(
+        pixel_weight=WEIGHT,
+        perceptual_weight=WEIGHT,
+        kl_weight=WEIGHT,
+        codebook_weight=WEIGHT,
+        disc_start=OPTIONAL_COUNT,
+        disc_weight=WEIGHT,
+        disc_layers=COUNT,
+        disc_channels=COUNT,
+        disc_lr=WEIGHT,
+    ),
+    UNetConfig: dict(
+        in_channels=COUNT,
+        out_channels=COUNT,
+        model_channels=COUNT,
+        channel_mult=COUNT,
+        num_res_blocks=COUNT,
+        attention_levels=OPTIONAL_COUNT,
+        num_heads=COUNT,
+        head_dim=OPTIONAL_COUNT,
+        transformer_depth=COUNT,
+        context_dim=OPTIONAL_COUNT,
+        num_classes=OPTIONAL_COUNT,
+        norm_groups=COUNT,
+        norm_eps=POSITIVE,
+        dropout=DECAY,
+        freq_shift=FINITE,
+    ),
+    DiffusionConfig: dict(
+        num_timesteps=COUNT,
+        beta_start=OPEN_UNIT,
+        beta_end=OPEN_UNIT,
+        sigma_data=POSITIVE,
+        min_snr_gamma=WEIGHT,
+        p_mean=FINITE,
+        p_std=POSITIVE,
+        sigma_min=POSITIVE,
+        sigma_max=POSITIVE,
+    ),
+    DataConfig: dict(
+        resolution=COUNT,
+        channels=Bound(choices=(1, 3)),
+        limit=OPTIONAL_COUNT,
+        holdout=OPTIONAL_COUNT,
+        caption_dropout=PROBABILITY,
+    ),
+    TrainConfig: dict(
+        steps=COUNT,
+        batch_size=COUNT,
+        grad_accum=COUNT,
+        lr=POSITIVE,
+        warmup_steps=OPTIONAL_COUNT,
+        weight_decay=WEIGHT,
+        adam_betas=DECAY,
+        grad_clip=WEIGHT,
+        ema_decay=DECAY,
+        seed=SEED,
+        log_every=COUNT,
+        sample_every=OPTIONAL_COUNT,
+        ckpt_every=OPTIONAL_COUNT,
+    ),
 }
 
 # settings that no longer exist: still accepted (and ignored) so that files written before their removal load
@@ -250,31 +306,42 @@ def _check_levels(cfg, where: str):
         return
     n = len(cfg.channel_mult)
     if any(level >= n for level in cfg.attention_levels):
-        raise ConfigError(f"{_key(where, 'attention_levels')} = {cfg.attention_levels!r} names a level the U-Net "
-                          f"does not have; with {n} entries in channel_mult use levels 0 to {n - 1}")
+        raise ConfigError(
+            f"{_key(where, 'attention_levels')} = {cfg.attention_levels!r} names a level the U-Net "
+            f"does not have; with {n} entries in channel_mult use levels 0 to {n - 1}"
+        )
     if len(cfg.num_heads) not in (1, n):
         raise ConfigError(f"{_key(where, 'num_heads')} = {cfg.num_heads!r} must be one value or one per level ({n})")
 
 
 def _check_diffusion(cfg: DiffusionConfig, where: str):
     if cfg.sigma_max <= cfg.sigma_min:
-        raise ConfigError(f"{_key(where, 'sigma_max')} = {cfg.sigma_max!r} must be larger than "
-                          f"{_key(where, 'sigma_min')} = {cfg.sigma_min!r}")
+        raise ConfigError(
+            f"{_key(where, 'sigma_max')} = {cfg.sigma_max!r} must be larger than "
+            f"{_key(where, 'sigma_min')} = {cfg.sigma_min!r}"
+        )
 
 
 def _check_train(cfg: TrainConfig, where: str):
     if len(cfg.adam_betas) != 2:
-        raise ConfigError(f"{_key(where, 'adam_betas')} = {cfg.adam_betas!r} must be two values (beta1, beta2), "
-                          f"e.g. 0.9,0.999")
+        raise ConfigError(
+            f"{_key(where, 'adam_betas')} = {cfg.adam_betas!r} must be two values (beta1, beta2), e.g. 0.9,0.999"
+        )
     if cfg.batch_size % cfg.grad_accum:
-        raise ConfigError(f"{_key(where, 'batch_size')} = {cfg.batch_size} is not a multiple of "
-                          f"{_key(where, 'grad_accum')} = {cfg.grad_accum}; make the batch size a multiple of it, "
-                          f"e.g. {cfg.batch_size // cfg.grad_accum * cfg.grad_accum or cfg.grad_accum}")
+        raise ConfigError(
+            f"{_key(where, 'batch_size')} = {cfg.batch_size} is not a multiple of "
+            f"{_key(where, 'grad_accum')} = {cfg.grad_accum}; make the batch size a multiple of it, "
+            f"e.g. {cfg.batch_size // cfg.grad_accum * cfg.grad_accum or cfg.grad_accum}"
+        )
 
 
 # checks across the settings of one dataclass, after each setting passed its own bound
-CROSS_CHECKS = {AutoencoderConfig: _check_levels, UNetConfig: _check_levels, DiffusionConfig: _check_diffusion,
-                TrainConfig: _check_train}
+CROSS_CHECKS = {
+    AutoencoderConfig: _check_levels,
+    UNetConfig: _check_levels,
+    DiffusionConfig: _check_diffusion,
+    TrainConfig: _check_train,
+}
 
 
 def validate(cfg, where: str = ""):

@@ -5,6 +5,7 @@ defect or an environment failure (out of memory, a shape bug) and keeps its trac
 from the built-in exception it refines, so `except ValueError` in calling code keeps working.
 Every message says what was wrong and what to do instead.
 """
+
 from __future__ import annotations
 
 

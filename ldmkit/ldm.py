@@ -4,6 +4,7 @@ An "ldm" checkpoint holds `unet.*` (EMA weights), `autoencoder.*`, optionally `t
 encoder, or CLIP weights imported from Stable Diffusion; MiniLM's frozen weights ship in its package), and in its
 metadata the denoiser run's resolved configuration and the autoencoder's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,23 +47,44 @@ class LdmFile:
         tensors, meta = checkpoint.load(path, KIND)
         for key in ("config", "autoencoder"):
             if not isinstance(meta.get(key), dict):
-                raise CheckpointError(f"{path} has no {key!r} metadata (the {'denoiser' if key == 'config' else key}"
-                                      f"'s configuration), so the model cannot be rebuilt; use an ldm file written "
-                                      f"by `ldmkit train` or `ldmkit convert`")
-        extra = {k: v for k, v in meta.items() if k not in ("format", "kind", "config", "autoencoder",
-                                                            "text_encoder_options")}
-        return cls(from_dict(DenoiserRun, meta["config"]), from_dict(AutoencoderConfig, meta["autoencoder"]),
-                   checkpoint.subset(tensors, "unet"), checkpoint.subset(tensors, "autoencoder"),
-                   checkpoint.subset(tensors, "text_encoder"), meta.get("text_encoder_options") or {}, extra)
+                raise CheckpointError(
+                    f"{path} has no {key!r} metadata (the {'denoiser' if key == 'config' else key}"
+                    f"'s configuration), so the model cannot be rebuilt; use an ldm file written "
+                    f"by `ldmkit train` or `ldmkit convert`"
+                )
+        extra = {
+            k: v
+            for k, v in meta.items()
+            if k not in ("format", "kind", "config", "autoencoder", "text_encoder_options")
+        }
+        return cls(
+            from_dict(DenoiserRun, meta["config"]),
+            from_dict(AutoencoderConfig, meta["autoencoder"]),
+            checkpoint.subset(tensors, "unet"),
+            checkpoint.subset(tensors, "autoencoder"),
+            checkpoint.subset(tensors, "text_encoder"),
+            meta.get("text_encoder_options") or {},
+            extra,
+        )
 
     def write(self, path: str | Path) -> Path:
-        return checkpoint.save(path, self.tensors(), KIND, to_dict(self.run), autoencoder=to_dict(self.ae_config),
-                               text_encoder_options=self.text_options, **self.extra)
+        return checkpoint.save(
+            path,
+            self.tensors(),
+            KIND,
+            to_dict(self.run),
+            autoencoder=to_dict(self.ae_config),
+            text_encoder_options=self.text_options,
+            **self.extra,
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor under its name in the file (unet.*, autoencoder.*, text_encoder.*)."""
-        return (checkpoint.prefixed(self.unet, "unet") | checkpoint.prefixed(self.autoencoder, "autoencoder")
-                | checkpoint.prefixed(self.text, "text_encoder"))
+        return (
+            checkpoint.prefixed(self.unet, "unet")
+            | checkpoint.prefixed(self.autoencoder, "autoencoder")
+            | checkpoint.prefixed(self.text, "text_encoder")
+        )
 
 
 @dataclass
@@ -149,8 +171,15 @@ class LatentDiffusion:
         text = {}
         if self.text_encoder is not None and self.text_encoder.name != "minilm":
             text = text_state or self.text_encoder.state_dict()
-        return LdmFile(self.run, self.ae_config, unet_state or self.unet.state_dict(), self.autoencoder.state_dict(),
-                       text, getattr(self.text_encoder, "options", {}), extra).write(path)
+        return LdmFile(
+            self.run,
+            self.ae_config,
+            unet_state or self.unet.state_dict(),
+            self.autoencoder.state_dict(),
+            text,
+            getattr(self.text_encoder, "options", {}),
+            extra,
+        ).write(path)
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "LatentDiffusion":
@@ -180,6 +209,8 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], path: str | Path) -> 
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"{path}: the weights are not finite ({bad} of {t.numel()} values of {name} are NaN "
-                                 f"or infinite), so every sample would be black; use an earlier checkpoint of the run "
-                                 f"(training diverged: retrain with a lower learning rate)")
+            raise NonFiniteError(
+                f"{path}: the weights are not finite ({bad} of {t.numel()} values of {name} are NaN "
+                f"or infinite), so every sample would be black; use an earlier checkpoint of the run "
+                f"(training diverged: retrain with a lower learning rate)"
+            )

@@ -3,11 +3,13 @@
 Noise is always drawn on the CPU in float32 and then moved, so the same seed gives the same image on a CPU and a
 GPU. With one generator per sample, sample i's noise does not depend on how many samples share its batch.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
 from .errors import InputError
 
 Generators = torch.Generator | Sequence[torch.Generator] | None

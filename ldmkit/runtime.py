@@ -1,4 +1,5 @@
 """Where models run: device choice and autocast. Below everything that runs a model."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ PRECISIONS = ("auto", "bf16", "no")
 
 
 def resolve_device(name: str, option: str = "--device") -> torch.device:
-    """"auto" -> CUDA when available, else the CPU; "cpu", "cuda", "cuda:1", ... as given.
+    """ "auto" -> CUDA when available, else the CPU; "cpu", "cuda", "cuda:1", ... as given.
 
     option: the setting that named the device (e.g. "train.device" or "--device"), so an error names what to change.
     """
@@ -23,11 +24,14 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
         raise InputError(f"{option} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"{option} {name!r} was requested but CUDA is not available on this machine; "
-                              f"use {option} cpu (or auto)")
+            raise DeviceError(
+                f"{option} {name!r} was requested but CUDA is not available on this machine; use {option} cpu (or auto)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise DeviceError(
+                f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     return dev
 
 

@@ -4,6 +4,7 @@ Shipped models are ordinary "ldm" checkpoints stored in half precision under `we
 (override the folder with the environment variable LDMKIT_WEIGHTS). Each has a model card `weights/NAME.md` and
 a sample grid `weights/NAME.png`; the recipe that trains it is `recipes/NAME/`.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,16 +44,22 @@ def resolve_model(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or p.exists():
         if not p.is_file():
-            raise MissingFileError(f"{p} does not exist; give a model.safetensors from `ldmkit train` or one of "
-                                    f"the shipped models: {', '.join(SHIPPED)}")
+            raise MissingFileError(
+                f"{p} does not exist; give a model.safetensors from `ldmkit train` or one of "
+                f"the shipped models: {', '.join(SHIPPED)}"
+            )
         return p
     if name_or_path not in SHIPPED:
-        raise InputError(f"unknown model {name_or_path!r}; shipped models: {', '.join(SHIPPED)} (or give a path to "
-                         f"a model.safetensors)")
+        raise InputError(
+            f"unknown model {name_or_path!r}; shipped models: {', '.join(SHIPPED)} (or give a path to "
+            f"a model.safetensors)"
+        )
     path = weights_dir() / f"{name_or_path}.safetensors"
     if not path.is_file():
-        raise MissingFileError(f"the shipped model {name_or_path!r} is missing at {path}; restore it with "
-                                f"`git checkout -- weights/` or train it with `python recipes/build.py {name_or_path}`")
+        raise MissingFileError(
+            f"the shipped model {name_or_path!r} is missing at {path}; restore it with "
+            f"`git checkout -- weights/` or train it with `python recipes/build.py {name_or_path}`"
+        )
     return path
 
 
@@ -66,8 +73,9 @@ class GenerationPlan:
     out: Path  # the PNG to write
 
 
-def plan_generation(model: str | None, prompts: list[str], labels: list[int] | None, n: int,
-                    out: str | Path | None = None) -> GenerationPlan:
+def plan_generation(
+    model: str | None, prompts: list[str], labels: list[int] | None, n: int, out: str | Path | None = None
+) -> GenerationPlan:
     """A shipped model's name (default: `default_model()`) or a checkpoint path, prompts or labels, and n images
     per prompt -> the checkpoint, one prompt per image and the output (default generated/PROMPT.png).
 
@@ -81,13 +89,18 @@ def plan_generation(model: str | None, prompts: list[str], labels: list[int] | N
         meta = checkpoint.read_metadata(path)["config"]
         if not meta.get("text_encoder"):
             names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
-            raise InputError(f"the model {model!r} is not text-conditional, so it takes no prompt; use --label N"
-                             f" ({names or 'unconditional: no label'}). Prompts need a text model such as emoji "
-                             f"(python recipes/build.py emoji trains it)")
+            raise InputError(
+                f"the model {model!r} is not text-conditional, so it takes no prompt; use --label N"
+                f" ({names or 'unconditional: no label'}). Prompts need a text model such as emoji "
+                f"(python recipes/build.py emoji trains it)"
+            )
     slug = re.sub(r"[^a-z0-9]+", "-", (prompts[0] if prompts else model).lower()).strip("-")[:40] or "image"
-    return GenerationPlan(checkpoint=path, prompts=[p for p in prompts for _ in range(n)] if prompts else None,
-                          n=n * len(prompts) if prompts else n,
-                          out=Path(out) if out else Path("generated") / f"{slug}.png")
+    return GenerationPlan(
+        checkpoint=path,
+        prompts=[p for p in prompts for _ in range(n)] if prompts else None,
+        n=n * len(prompts) if prompts else n,
+        out=Path(out) if out else Path("generated") / f"{slug}.png",
+    )
 
 
 def export_half(src: str | Path, dst: str | Path) -> Path:
@@ -100,5 +113,10 @@ def export_half(src: str | Path, dst: str | Path) -> Path:
     def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
-    return replace(f, unet=half(f.unet), autoencoder=half(f.autoencoder), text=half(f.text),
-                   extra={**f.extra, "stored_dtype": "float16"}).write(dst)
+    return replace(
+        f,
+        unet=half(f.unet),
+        autoencoder=half(f.autoencoder),
+        text=half(f.text),
+        extra={**f.extra, "stored_dtype": "float16"},
+    ).write(dst)

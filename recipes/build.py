@@ -7,6 +7,7 @@
 Stages are resumable: rerunning continues a killed run in runs/recipes/NAME/ (both stages use `--resume`).
 Overrides given with --ae-set apply to the autoencoder and --set to the denoiser.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from ldmkit.config import AutoencoderRun, DenoiserRun, load_run, to_dict  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
-from ldmkit.shipped import SHIPPED, export_half, weights_dir  # noqa: E402
 from ldmkit.pipelines.generate import SampleRequest, generate_to_file  # noqa: E402
 from ldmkit.runtime import resolve_device  # noqa: E402
+from ldmkit.shipped import SHIPPED, export_half, weights_dir  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
 
 GRID_PROMPTS = ["red apple", "grinning face", "blue heart", "rocket", "pizza", "cat face", "sun", "christmas tree"]
@@ -53,20 +54,32 @@ def train_stages(name: str, args) -> tuple[dict, dict, dict]:
     resume = (out / "ldm" / "train-state.safetensors").exists()
     dn = train_denoiser(dn_run, out / "ldm", resume=resume)
     times["denoiser_s"] = round(time.time() - t, 1)
-    return ae, dn, {"autoencoder": to_dict(ae_run), "denoiser": to_dict(dn_run), **times, "command": command(name, args)}
+    return (
+        ae,
+        dn,
+        {"autoencoder": to_dict(ae_run), "denoiser": to_dict(dn_run), **times, "command": command(name, args)},
+    )
 
 
 def command(name: str, args) -> str:
     """The build command line that reproduces this model, overrides included."""
-    parts = ["python recipes/build.py", name] + [f"--ae-set {s}" for s in args.ae_set] + [f"--set {s}" for s in args.set]
+    parts = (
+        ["python recipes/build.py", name] + [f"--ae-set {s}" for s in args.ae_set] + [f"--set {s}" for s in args.set]
+    )
     return " ".join(parts + ([f"--eval-n {args.eval_n}"] if args.eval_n != 10000 else []))
 
 
 def model_card(name: str, recipe: dict, ae: dict, dn: dict, ev: dict, ae_ev: dict, size_mb: float, dev: str) -> str:
     a, d = recipe["autoencoder"], recipe["denoiser"]
-    rows = [("FID", ev["fid"]), ("KID", ev["kid"]), ("rFID (autoencoder)", ae_ev["rfid"]),
-            ("PSNR (autoencoder, dB)", ae_ev["psnr"]), ("SSIM (autoencoder)", ae_ev["ssim"])]
+    rows = [
+        ("FID", ev["fid"]),
+        ("KID", ev["kid"]),
+        ("rFID (autoencoder)", ae_ev["rfid"]),
+        ("PSNR (autoencoder, dB)", ae_ev["psnr"]),
+        ("SSIM (autoencoder)", ae_ev["ssim"]),
+    ]
     table = "\n".join(f"| {k} | {v:.4g} |" for k, v in rows)
+    params = f"{dn.get('parameters', 0) / 1e6:.2f} M"
     return f"""# {name}
 
 {SHIPPED[name]}.
@@ -76,35 +89,35 @@ def model_card(name: str, recipe: dict, ae: dict, dn: dict, ev: dict, ae_ev: dic
 ## Use
 
 ```sh
-.venv/bin/ldmkit generate {'"red apple"' if name == 'emoji' else '--model fashion-mnist --label 7'}
+.venv/bin/ldmkit generate {'"red apple"' if name == "emoji" else "--model fashion-mnist --label 7"}
 ```
 
 ## Data
 
-`{d['data']['dataset']}`, {d['data']['resolution']}x{d['data']['resolution']}, {d['data']['channels']} channel(s);
-the autoencoder held out its last {a['data']['holdout']} images for the reconstruction metrics.
+`{d["data"]["dataset"]}`, {d["data"]["resolution"]}x{d["data"]["resolution"]}, {d["data"]["channels"]} channel(s);
+the autoencoder held out its last {a["data"]["holdout"]} images for the reconstruction metrics.
 
 ## Recipe
 
 `recipes/{name}/autoencoder.toml` and `recipes/{name}/denoiser.toml`, built on {dev} with
 
 ```sh
-{recipe['command']}
+{recipe["command"]}
 ```
 
 | stage | steps | batch | parameters | training time |
 | --- | --- | --- | --- | --- |
-| autoencoder | {a['train']['steps']} | {a['train']['batch_size']} | | {recipe['autoencoder_s'] / 60:.1f} min |
-| denoiser | {d['train']['steps']} | {d['train']['batch_size']} | {dn.get('parameters', 0) / 1e6:.2f} M | {recipe['denoiser_s'] / 60:.1f} min |
+| autoencoder | {a["train"]["steps"]} | {a["train"]["batch_size"]} | | {recipe["autoencoder_s"] / 60:.1f} min |
+| denoiser | {d["train"]["steps"]} | {d["train"]["batch_size"]} | {params} | {recipe["denoiser_s"] / 60:.1f} min |
 
-Diffusion: {d['diffusion']['parameterisation']}-prediction, {d['diffusion']['schedule']} schedule,
-min-SNR gamma {d['diffusion']['min_snr_gamma']}. Text encoder: {d.get('text_encoder') or 'none'}.
+Diffusion: {d["diffusion"]["parameterisation"]}-prediction, {d["diffusion"]["schedule"]} schedule,
+min-SNR gamma {d["diffusion"]["min_snr_gamma"]}. Text encoder: {d.get("text_encoder") or "none"}.
 Weights: half precision, {size_mb:.1f} MB.
 
 ## Quality
 
-Measured with `ldmkit evaluate` against the {ev['split']} split, {ev['n']} images, {ev['sampler']} sampler,
-{ev['steps']} steps, guidance {ev['cfg']} (TF-Inception features):
+Measured with `ldmkit evaluate` against the {ev["split"]} split, {ev["n"]} images, {ev["sampler"]} sampler,
+{ev["steps"]} steps, guidance {ev["cfg"]} (TF-Inception features):
 
 | metric | value |
 | --- | --- |

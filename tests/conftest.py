@@ -21,8 +21,12 @@ class TensorDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return {"image": self.images[i], "label": int(self.labels[i]) if self.labels is not None else -1,
-                "caption": self.caps[i] if self.caps else "", "index": i}
+        return {
+            "image": self.images[i],
+            "label": int(self.labels[i]) if self.labels is not None else -1,
+            "caption": self.caps[i] if self.caps else "",
+            "index": i,
+        }
 
 
 @pytest.fixture
@@ -34,23 +38,25 @@ def blobs():
     for i in range(64):
         o = int(torch.randint(0, 3, (1,), generator=g))
         if labels[i] == 0:
-            x[i, :, 1 + o:7 + o, 1 + o:7 + o] = 1
+            x[i, :, 1 + o : 7 + o, 1 + o : 7 + o] = 1
         else:
-            x[i, :, 8 - o:14 - o, 8 - o:14 - o] = 1
+            x[i, :, 8 - o : 14 - o, 8 - o : 14 - o] = 1
     return TensorDataset(x, labels, class_names=["top-left", "bottom-right"])
 
 
 @pytest.fixture(scope="session")
 def tiny_ae(tmp_path_factory):
     """A 2-step trained f=2 KL autoencoder checkpoint for 16x16 grayscale images."""
-    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
-    from ldmkit.autoencoder.files import save_autoencoder
     from ldmkit.autoencoder import build_autoencoder
+    from ldmkit.autoencoder.files import save_autoencoder
+    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
 
-    run = AutoencoderRun(model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2),
-                                                 latent_channels=2, norm_groups=4),
-                         loss=AutoencoderLossConfig(perceptual_weight=0), data=DataConfig(resolution=16, channels=1),
-                         train=TrainConfig(steps=1))
+    run = AutoencoderRun(
+        model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4),
+        loss=AutoencoderLossConfig(perceptual_weight=0),
+        data=DataConfig(resolution=16, channels=1),
+        train=TrainConfig(steps=1),
+    )
     torch.manual_seed(0)
     images = torch.rand(8, 1, 16, 16) * 2 - 1
     path = tmp_path_factory.mktemp("ae") / "autoencoder.safetensors"
@@ -60,17 +66,28 @@ def tiny_ae(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ldm(tmp_path_factory, tiny_ae):
     """An untrained but complete class-conditional model (2 classes) on the tiny autoencoder."""
+    from ldmkit.autoencoder.files import load_autoencoder
     from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
     from ldmkit.denoisers.unet import UNet
     from ldmkit.ldm import LatentDiffusion
-    from ldmkit.autoencoder.files import load_autoencoder
 
     ae, ae_run = load_autoencoder(tiny_ae)
-    run = DenoiserRun(autoencoder=str(tiny_ae),
-                      unet=UNetConfig(in_channels=2, out_channels=2, model_channels=16, channel_mult=(1, 2),
-                                      num_res_blocks=1, attention_levels=(1,), num_heads=(2,), norm_groups=8,
-                                      num_classes=2),
-                      data=DataConfig(resolution=16, channels=1), class_names=("top-left", "bottom-right"))
+    run = DenoiserRun(
+        autoencoder=str(tiny_ae),
+        unet=UNetConfig(
+            in_channels=2,
+            out_channels=2,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_heads=(2,),
+            norm_groups=8,
+            num_classes=2,
+        ),
+        data=DataConfig(resolution=16, channels=1),
+        class_names=("top-left", "bottom-right"),
+    )
     torch.manual_seed(0)
     unet = UNet(run.unet)
     for p in unet.parameters():
@@ -81,20 +98,31 @@ def tiny_ldm(tmp_path_factory, tiny_ae):
 @pytest.fixture(scope="session")
 def tiny_text_ldm(tmp_path_factory, tiny_ae):
     """An untrained text-conditional model (small trainable text encoder) on the tiny autoencoder."""
+    from ldmkit.autoencoder.files import load_autoencoder
     from ldmkit.conditioning.text import build_text_encoder
     from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
     from ldmkit.denoisers.unet import UNet
     from ldmkit.ldm import LatentDiffusion
-    from ldmkit.autoencoder.files import load_autoencoder
 
     ae, ae_run = load_autoencoder(tiny_ae)
     torch.manual_seed(0)
     text = build_text_encoder("trainable", dim=32, layers=1, heads=2, max_length=16)
-    run = DenoiserRun(autoencoder=str(tiny_ae), text_encoder="trainable",
-                      unet=UNetConfig(in_channels=2, out_channels=2, model_channels=16, channel_mult=(1, 2),
-                                      num_res_blocks=1, attention_levels=(1,), num_heads=(2,), norm_groups=8,
-                                      context_dim=32),
-                      data=DataConfig(resolution=16, channels=1))
+    run = DenoiserRun(
+        autoencoder=str(tiny_ae),
+        text_encoder="trainable",
+        unet=UNetConfig(
+            in_channels=2,
+            out_channels=2,
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_heads=(2,),
+            norm_groups=8,
+            context_dim=32,
+        ),
+        data=DataConfig(resolution=16, channels=1),
+    )
     unet = UNet(run.unet)
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.02)

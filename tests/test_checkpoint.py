@@ -3,15 +3,22 @@ import torch
 
 from ldmkit import checkpoint
 from ldmkit.autoencoder import build_autoencoder
-from ldmkit.config import AutoencoderConfig, UNetConfig
 from ldmkit.conditioning.types import Conditioning
+from ldmkit.config import AutoencoderConfig, UNetConfig
 from ldmkit.denoisers.unet import UNet
 
 
 def test_round_trip_gives_same_outputs(tmp_path):
     torch.manual_seed(0)
-    cfg = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=(2,), norm_groups=8,
-                     context_dim=8, num_classes=3)
+    cfg = UNetConfig(
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        num_heads=(2,),
+        norm_groups=8,
+        context_dim=8,
+        num_classes=3,
+    )
     unet = UNet(cfg)
     for p in unet.parameters():  # zero-initialised layers would hide a loading bug
         torch.nn.init.normal_(p, std=0.05)
@@ -43,8 +50,11 @@ def test_mismatched_weights_name_the_keys(tmp_path):
     state = ae.state_dict()
     state.pop("decoder.conv_out.bias")
     state["extra.weight"] = torch.zeros(1)
-    with pytest.raises(checkpoint.CheckpointError, match=r"missing keys: decoder.conv_out.bias.*unexpected keys: "
-                                                          r"extra.weight"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"missing keys: decoder.conv_out.bias.*unexpected keys: "
+        r"extra.weight",
+    ):
         checkpoint.load_state(ae, state, "x.safetensors", "autoencoder")
 
 

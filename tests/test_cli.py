@@ -1,4 +1,5 @@
 """The command line's error handling: bad input gets a clear message and a non-zero exit."""
+
 import json
 import time
 
@@ -43,14 +44,16 @@ def test_info_prints_config(capsys, tiny_ldm):
 
 
 def test_resolution_not_divisible(capsys, tmp_path, tiny_ae):
-    code, _, err = run(capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "31", "--out",
-                       str(tmp_path / "r"), "--quiet")
+    code, _, err = run(
+        capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "31", "--out", str(tmp_path / "r"), "--quiet"
+    )
     assert code == 2 and "data.resolution 31 is not a multiple of 8 (the autoencoder downsamples by 2, then" in err
     # 30 px gives 15x15 latents, which the default U-Net (two downsamplings) cannot halve twice; refused before
     # the data set is encoded, so in well under a second.
     start = time.time()
-    code, _, err = run(capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "30", "--out",
-                       str(tmp_path / "r2"), "--quiet")
+    code, _, err = run(
+        capsys, "train", "--autoencoder", str(tiny_ae), "--resolution", "30", "--out", str(tmp_path / "r2"), "--quiet"
+    )
     assert code == 2 and "data.resolution 30 is not a multiple of 8" in err and "use 24 or 32" in err
     assert time.time() - start < 20
 
@@ -64,8 +67,23 @@ def test_sample_writes_png_with_parameters(capsys, tmp_path, tiny_ldm):
     from PIL import Image
 
     out = tmp_path / "grid.png"
-    code, _, _ = run(capsys, "sample", str(tiny_ldm), "--n", "3", "--label", "1", "--steps", "3", "--sampler",
-                     "euler", "--seed", "5", "--out", str(out))
+    code, _, _ = run(
+        capsys,
+        "sample",
+        str(tiny_ldm),
+        "--n",
+        "3",
+        "--label",
+        "1",
+        "--steps",
+        "3",
+        "--sampler",
+        "euler",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    )
     assert code == 0
     params = json.loads(Image.open(out).text["ldmkit"])
     assert params["seed"] == 5 and params["sampler"] == "euler" and params["labels"] == [1]
@@ -79,8 +97,25 @@ def _png_params(path):
 
 def test_prompt_negative_prompt_and_guidance_rescale_reach_the_image(capsys, tmp_path, tiny_text_ldm):
     out = tmp_path / "p.png"
-    code, _, err = run(capsys, "sample", str(tiny_text_ldm), "--prompt", "red apple", "--negative-prompt", "green",
-                       "--cfg", "5", "--guidance-rescale", "0.7", "--n", "2", "--steps", "3", "--out", str(out))
+    code, _, err = run(
+        capsys,
+        "sample",
+        str(tiny_text_ldm),
+        "--prompt",
+        "red apple",
+        "--negative-prompt",
+        "green",
+        "--cfg",
+        "5",
+        "--guidance-rescale",
+        "0.7",
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     p = _png_params(out)
     assert p["prompts"] == ["red apple", "red apple"] and p["negative_prompt"] == "green" and p["cfg_rescale"] == 0.7
@@ -92,11 +127,23 @@ def test_prompt_file_gives_one_image_per_line_in_batches(capsys, tmp_path, tiny_
 
     lines = ["red apple", "", "blue whale", "snowy mountain", "green leaf"]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
-    code, out, err = run(capsys, "sample", str(tiny_text_ldm), "--prompt-file", str(tmp_path / "prompts.txt"),
-                         "--steps", "2", "--batch-size", "2", "--separate", "--out", str(tmp_path / "imgs"))
+    code, out, err = run(
+        capsys,
+        "sample",
+        str(tiny_text_ldm),
+        "--prompt-file",
+        str(tmp_path / "prompts.txt"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--separate",
+        "--out",
+        str(tmp_path / "imgs"),
+    )
     assert code == 0, err
     files = sorted((tmp_path / "imgs").glob("*.png"))
-    assert [_png_params(f)["caption"] for f in files] == [l for l in lines if l]
+    assert [_png_params(f)["caption"] for f in files] == [line for line in lines if line]
     # Batched generation equals one-at-a-time generation: image i depends on its own prompt and seed only.
     ldm = LatentDiffusion.load(tiny_text_ldm)
     a, _ = generate(ldm, SampleRequest(n=2, prompts=["red apple", "blue whale"], steps=2, batch_size=2))
@@ -110,6 +157,7 @@ def test_prompt_to_a_class_model_is_a_clear_error(capsys, tiny_ldm):
 
 
 # --- options declared once, --debug anywhere, --overwrite -----------------------------------------------------
+
 
 def _subparsers():
     from ldmkit.cli import build_parser
@@ -127,8 +175,11 @@ def test_sampling_commands_declare_the_shared_options_identically():
             if acts:
                 declared[cmd] = (tuple(acts[0].option_strings), acts[0].type, acts[0].default, acts[0].help)
         assert len(set(declared.values())) == 1, (dest, declared)
-    defaults = {cmd: subs[cmd].parse_args(["x"] if cmd != "generate" else []) for cmd in subs if
-                cmd in ("sample", "generate", "evaluate")}
+    defaults = {
+        cmd: subs[cmd].parse_args(["x"] if cmd != "generate" else [])
+        for cmd in subs
+        if cmd in ("sample", "generate", "evaluate")
+    }
     assert [defaults[c].n for c in ("sample", "generate", "evaluate")] == [16, 4, 10000]
     assert defaults["sample"].batch_size == 16 and defaults["evaluate"].batch_size == 50
 
@@ -186,6 +237,7 @@ def test_overwrite_reaches_the_training_function(capsys, monkeypatch, tmp_path, 
 
 # --- prompts that are not valid UTF-8, prompt files -------------------------------------------------------------
 
+
 def test_invalid_utf8_prompt_from_the_shell_is_one_line(tmp_path, tiny_text_ldm):
     import os
     import subprocess
@@ -194,17 +246,36 @@ def test_invalid_utf8_prompt_from_the_shell_is_one_line(tmp_path, tiny_text_ldm)
 
     exe = Path(sys.executable).parent / "ldmkit"
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    r = subprocess.run([str(exe), "generate", b"red apple\xff", "--model", str(tiny_text_ldm), "--steps", "1",
-                        "--out", str(tmp_path / "x.png")], capture_output=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            str(exe),
+            "generate",
+            b"red apple\xff",
+            "--model",
+            str(tiny_text_ldm),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     err = r.stderr.decode("utf-8")
     assert r.returncode == 2 and "Traceback" not in err, err
     assert "not valid UTF-8" in err and "red apple\ufffd" in err and not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("argv", [["sample", "{m}", "--prompt", "red apple\udcff"],
-                                  ["sample", "{m}", "--prompt", "red apple", "--negative-prompt", "gr\udce9en"],
-                                  ["generate", "red apple\udcff", "--model", "{m}"],
-                                  ["generate", "red apple", "--negative-prompt", "gr\udce9en", "--model", "{m}"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "{m}", "--prompt", "red apple\udcff"],
+        ["sample", "{m}", "--prompt", "red apple", "--negative-prompt", "gr\udce9en"],
+        ["generate", "red apple\udcff", "--model", "{m}"],
+        ["generate", "red apple", "--negative-prompt", "gr\udce9en", "--model", "{m}"],
+    ],
+)
 def test_invalid_utf8_prompts_are_user_errors(capsys, tmp_path, tiny_text_ldm, argv):
     argv = [a.replace("{m}", str(tiny_text_ldm)) for a in argv] + ["--steps", "1", "--out", str(tmp_path / "x.png")]
     code, _, err = run(capsys, *argv)
@@ -219,8 +290,16 @@ def test_prompt_file_mistakes_are_one_line_naming_the_file(capsys, tmp_path, tin
     bad.write_bytes("red apple\ngr\xfcn\n".encode("latin-1"))
     cases = [(tmp_path / "missing.txt", "does not exist"), (tmp_path, "is a folder"), (bad, "not valid UTF-8")]
     for path, words in cases:
-        argv = ["sample", str(tiny_text_ldm), "--prompt-file", str(path), "--steps", "1",
-                "--out", str(tmp_path / "x.png")]
+        argv = [
+            "sample",
+            str(tiny_text_ldm),
+            "--prompt-file",
+            str(path),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
         code, _, err = run(capsys, *argv)
         assert code == 2 and str(path) in err and words in err and err.count("\n") == 1, err
         with pytest.raises(LdmkitError):
@@ -232,16 +311,19 @@ def test_prompt_file_mistakes_are_one_line_naming_the_file(capsys, tmp_path, tin
 def test_prompt_file_with_a_byte_order_mark(capsys, tmp_path, tiny_text_ldm):
     f = tmp_path / "p.txt"
     f.write_bytes("\ufeffred apple\n".encode("utf-8"))
-    code, _, err = run(capsys, "sample", str(tiny_text_ldm), "--prompt-file", str(f), "--steps", "1", "--out",
-                       str(tmp_path / "p.png"))
+    code, _, err = run(
+        capsys, "sample", str(tiny_text_ldm), "--prompt-file", str(f), "--steps", "1", "--out", str(tmp_path / "p.png")
+    )
     assert code == 0, err
     assert _png_params(tmp_path / "p.png")["prompts"] == ["red apple"]
 
 
 # --- configuration files ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content,words", [(b"[train\nsteps = 1\n", "not valid TOML"),
-                                           (b"[data]\ndataset = \"gr\xfcn\"\n", "not UTF-8")])
+
+@pytest.mark.parametrize(
+    "content,words", [(b"[train\nsteps = 1\n", "not valid TOML"), (b'[data]\ndataset = "gr\xfcn"\n', "not UTF-8")]
+)
 def test_broken_config_file_is_one_line(capsys, tmp_path, content, words):
     cfg = tmp_path / "run.toml"
     cfg.write_bytes(content)
@@ -272,8 +354,9 @@ def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path
     import ldmkit.pipelines.generate as t2i
 
     seen = []
-    monkeypatch.setattr(t2i, "generate_to_file", lambda ckpt, req, out, grid=True, progress=True:
-                        seen.append(progress) or [out])
+    monkeypatch.setattr(
+        t2i, "generate_to_file", lambda ckpt, req, out, grid=True, progress=True: seen.append(progress) or [out]
+    )
     for quiet in ([], ["--quiet"]):
         assert main(["sample", str(tiny_ldm), *quiet]) == 0
         assert main(["generate", "--model", str(tiny_ldm), "--label", "0", *quiet]) == 0

@@ -1,4 +1,5 @@
 """`ldmkit.interop.convert`: formats told from paths, and exact round trips through every format."""
+
 import importlib
 import json
 
@@ -9,23 +10,33 @@ from safetensors.torch import load_file
 from ldmkit import checkpoint
 from ldmkit.autoencoder.vae import AutoencoderKL
 from ldmkit.checkpoint import CheckpointError
+from ldmkit.conditioning.clip import clip_config, clip_shapes
 from ldmkit.config import AutoencoderConfig, DenoiserRun, DiffusionConfig, UNetConfig, to_dict
 from ldmkit.denoisers.unet import UNet
-from ldmkit.conditioning.clip import clip_config, clip_shapes
 from ldmkit.interop.bundle import ModelWeights
 from ldmkit.interop.convert import convert, destination_format, read_ldm, source_format, write_ldm
 from ldmkit.interop.diffusers_pipeline import write_pipeline
 from ldmkit.interop.single_file import single_file_tensors, write_single_file
 
-UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=(2, 4),
-                  context_dim=32, use_linear_projection=True, norm_groups=32)
-AE = AutoencoderConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=32,
-                       scaling_factor=0.18215)
+UNET = UNetConfig(
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(0, 1),
+    num_heads=(2, 4),
+    context_dim=32,
+    use_linear_projection=True,
+    norm_groups=32,
+)
+AE = AutoencoderConfig(
+    base_channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=32, scaling_factor=0.18215
+)
 
 
 def have_clip_encoder() -> bool:
     try:
         from ldmkit.conditioning.clip_tokenizer import find_bpe_vocab
+
         importlib.import_module("ldmkit.conditioning.text")
         importlib.import_module("transformers")
 
@@ -58,8 +69,14 @@ def ldm_file(request, tmp_path_factory):
 
 
 def assert_same_weights(a: ModelWeights, b: ModelWeights):
-    assert (a.unet_config, a.ae_config, a.diffusion, a.resolution, a.text_config, a.class_names) == \
-        (b.unet_config, b.ae_config, b.diffusion, b.resolution, b.text_config, b.class_names)
+    assert (a.unet_config, a.ae_config, a.diffusion, a.resolution, a.text_config, a.class_names) == (
+        b.unet_config,
+        b.ae_config,
+        b.diffusion,
+        b.resolution,
+        b.text_config,
+        b.class_names,
+    )
     for x, y in ((a.unet, b.unet), (a.autoencoder, b.autoencoder), (a.text or {}, b.text or {})):
         assert set(x) == set(y)
         assert all(torch.equal(x[k], y[k]) for k in x)
@@ -111,8 +128,11 @@ def test_ldm_to_diffusers_to_ldm_is_exact(tmp_path, ldm_file):
     convert(tmp_path / "pipe", tmp_path / "back.safetensors", to="ldm")
     assert_same_weights(read_ldm(tmp_path / "back.safetensors"), w)
     sched = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
-    assert (sched["prediction_type"], sched["beta_schedule"], sched["rescale_betas_zero_snr"]) == \
-        ("v_prediction", "scaled_linear", True)
+    assert (sched["prediction_type"], sched["beta_schedule"], sched["rescale_betas_zero_snr"]) == (
+        "v_prediction",
+        "scaled_linear",
+        True,
+    )
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert ("text_encoder" in index) == (w.text is not None)
 
@@ -134,15 +154,19 @@ def test_diffusers_to_single_file_to_diffusers_keeps_every_tensor(tmp_path, ldm_
     convert(tmp_path / "a", tmp_path / "sd.safetensors", to="single-file")
     convert(tmp_path / "sd.safetensors", tmp_path / "mid.safetensors", to="ldm")  # and through ldmkit's format
     convert(tmp_path / "mid.safetensors", tmp_path / "b")
-    for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                       ("text_encoder", "model")):
+    for part, stem in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
         if part == "text_encoder" and w.text is None:
             assert not (tmp_path / "b" / part).exists()
             continue
         a, b = (load_file(tmp_path / d / part / f"{stem}.safetensors") for d in "ab")
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), part
-        assert json.loads((tmp_path / "a" / part / "config.json").read_text()) == \
-            json.loads((tmp_path / "b" / part / "config.json").read_text())
+        assert json.loads((tmp_path / "a" / part / "config.json").read_text()) == json.loads(
+            (tmp_path / "b" / part / "config.json").read_text()
+        )
 
 
 def test_converted_model_loads_as_latent_diffusion(tmp_path, ldm_file):
@@ -212,7 +236,8 @@ def test_unconvertible_models_are_clear_errors(tmp_path):
         convert(tmp_path / "ok.safetensors", tmp_path / "sd.safetensors")
     convert(tmp_path / "ok.safetensors", tmp_path / "sd.safetensors", overwrite=True)
     del tensors["unet.conv_out.bias"]
-    checkpoint.save(tmp_path / "cut.safetensors", tensors, "ldm", to_dict(DenoiserRun(unet=UNET)),
-                    autoencoder=to_dict(AE))
+    checkpoint.save(
+        tmp_path / "cut.safetensors", tensors, "ldm", to_dict(DenoiserRun(unet=UNET)), autoencoder=to_dict(AE)
+    )
     with pytest.raises(CheckpointError, match=r"cut\.safetensors.*missing keys: conv_out\.bias"):
         convert(tmp_path / "cut.safetensors", tmp_path / "out2")

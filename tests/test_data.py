@@ -1,4 +1,5 @@
 """Data sets: image folders (classes, captions, damaged files, modes, crops), Fashion-MNIST, holdout, image I/O."""
+
 import json
 import warnings
 from pathlib import Path
@@ -194,8 +195,11 @@ def test_16bit_grayscale_keeps_its_brightness(tmp_path):
 
 def test_metadata_rows_naming_no_image_warn(tmp_path):
     _solid(tmp_path / "a.png", (255, 0, 0))
-    rows = [{"file_name": "a.png", "text": "red"}, {"file_name": "gone.png", "text": "lost"},
-            {"file_name": "./a.png", "text": "red again"}]
+    rows = [
+        {"file_name": "a.png", "text": "red"},
+        {"file_name": "gone.png", "text": "lost"},
+        {"file_name": "./a.png", "text": "red again"},
+    ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.warns(UserWarning, match=r"metadata.jsonl line 2 .*gone.png"):
         ds = build_dataset(_cfg(tmp_path))
@@ -205,7 +209,8 @@ def test_metadata_rows_naming_no_image_warn(tmp_path):
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/../../x.png"])
 def test_metadata_paths_outside_the_folder_are_refused(tmp_path, name):
     _solid(tmp_path / "a.png", (255, 0, 0))
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "ok"}) + "\n"
-                                             + json.dumps({"file_name": name, "text": "x"}) + "\n")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "ok"}) + "\n" + json.dumps({"file_name": name, "text": "x"}) + "\n"
+    )
     with pytest.raises(InputError, match=r"metadata.jsonl line 2\b.*outside"):
         build_dataset(_cfg(tmp_path))

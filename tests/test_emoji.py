@@ -1,4 +1,5 @@
 """Emoji data set: Noto glyphs render non-blank with human captions, the .npz cache is reused, styles combine."""
+
 import importlib.util
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_noto_emoji_render_non_blank_with_names(cache):
 
 
 def test_known_emoji_caption_and_colour():
-    arr = emoji_mod.finish(emoji_mod.NotoRenderer()("\U0001F34E"), 32)  # red apple
+    arr = emoji_mod.finish(emoji_mod.NotoRenderer()("\U0001f34e"), 32)  # red apple
     assert arr.shape == (32, 32, 3)
     centre = arr[10:22, 10:22].reshape(-1, 3).astype(int)
     assert (centre[:, 0] - centre[:, 1]).mean() > 80  # mostly red

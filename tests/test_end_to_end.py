@@ -1,4 +1,5 @@
 """Both stages trained for a few steps on real Fashion-MNIST images, then sampled with every sampler."""
+
 import json
 from pathlib import Path
 
@@ -11,20 +12,43 @@ from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.samplers import SAMPLERS
 from ldmkit.training.runs import train_autoencoder, train_denoiser
 
-pytestmark = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="needs Debian's dataset-fashion-mnist (make test installs it)",
+)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    ae_run = load_run(AutoencoderRun, "demo-autoencoder", [
-        "data.limit=96", "data.holdout=16", "train.steps=4", "train.batch_size=8", "model.base_channels=16",
-        "model.norm_groups=8", "loss.disc_start=2", "train.device=cpu"])
+    ae_run = load_run(
+        AutoencoderRun,
+        "demo-autoencoder",
+        [
+            "data.limit=96",
+            "data.holdout=16",
+            "train.steps=4",
+            "train.batch_size=8",
+            "model.base_channels=16",
+            "model.norm_groups=8",
+            "loss.disc_start=2",
+            "train.device=cpu",
+        ],
+    )
     ae = train_autoencoder(ae_run, out / "ae", progress=False)
-    dn_run = load_run(DenoiserRun, "demo-denoiser", [
-        f"autoencoder={ae['checkpoint']}", "data.limit=96", "train.steps=4", "train.batch_size=8",
-        "unet.model_channels=16", "unet.norm_groups=8", "train.device=cpu"])
+    dn_run = load_run(
+        DenoiserRun,
+        "demo-denoiser",
+        [
+            f"autoencoder={ae['checkpoint']}",
+            "data.limit=96",
+            "train.steps=4",
+            "train.batch_size=8",
+            "unet.model_channels=16",
+            "unet.norm_groups=8",
+            "train.device=cpu",
+        ],
+    )
     dn = train_denoiser(dn_run, out / "ldm", progress=False)
     return out, ae, dn
 
@@ -33,7 +57,7 @@ def test_both_stages_write_checkpoints_logs_and_metrics(trained):
     out, ae, dn = trained
     assert Path(ae["checkpoint"]).is_file() and Path(dn["checkpoint"]).is_file()
     assert 0 < ae["holdout"]["ssim"] <= 1 and ae["holdout"]["n"] == 16 and ae["holdout"]["psnr"] > 0
-    log = [json.loads(l) for l in (out / "ldm" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "ldm" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert dn["final_loss"] is not None
 

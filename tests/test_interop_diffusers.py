@@ -1,4 +1,5 @@
 """diffusers parity: the same weights in diffusers' and ldmkit's U-Net and autoencoder give the same numbers."""
+
 import json
 import subprocess
 import sys
@@ -7,32 +8,58 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldmkit.autoencoder.vae import AutoencoderKL
 from ldmkit.conditioning.types import Conditioning
 from ldmkit.config import AutoencoderConfig, UNetConfig
-from ldmkit.interop.diffusers import (unet_from_diffusers, unet_to_diffusers, vae_from_diffusers, vae_to_diffusers,
-                                     write_diffusers_unet, write_diffusers_vae)
-from ldmkit.interop.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
-from ldmkit.autoencoder.vae import AutoencoderKL
 from ldmkit.denoisers.unet import UNet
+from ldmkit.interop.diffusers import (
+    unet_from_diffusers,
+    unet_to_diffusers,
+    vae_from_diffusers,
+    vae_to_diffusers,
+    write_diffusers_unet,
+    write_diffusers_vae,
+)
+from ldmkit.interop.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BASE_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, norm_num_groups=8)
+BASE_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    norm_num_groups=8,
+)
 UNET_CONFIGS = {
     # SD 1.x: 1x1 convolution projections, one head count for every block.
     "sd1": dict(attention_head_dim=2),
     # SD 2.x: linear projections, one head count per block, float32 attention scores, attention at every level.
-    "sd2": dict(attention_head_dim=[2, 4], use_linear_projection=True, upcast_attention=True,
-                down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2),
+    "sd2": dict(
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        upcast_attention=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2,
+    ),
     # Inpainting: 9 input channels (latent, mask, masked-image latent).
     "inpaint": dict(attention_head_dim=4, in_channels=9),
     # Three levels, two residual blocks, two transformer blocks per site, shifted sinusoid, other norm epsilon.
-    "deep": dict(attention_head_dim=[2, 2, 4], block_out_channels=(32, 32, 64), layers_per_block=2,
-                 transformer_layers_per_block=2, freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6,
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "deep": dict(
+        attention_head_dim=[2, 2, 4],
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=2,
+        freq_shift=1,
+        flip_sin_to_cos=False,
+        norm_eps=1e-6,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
     # Class-conditional.
     "classes": dict(attention_head_dim=2, num_class_embeds=3),
 }
@@ -61,9 +88,17 @@ def make_unet(diffusers, name):
 
 
 def make_vae(diffusers, **kw):
-    cfg = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-               norm_num_groups=8, layers_per_block=1, scaling_factor=0.13025)
+    cfg = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        scaling_factor=0.13025,
+    )
     return randomize(diffusers.AutoencoderKL(**{**cfg, **kw}))
 
 
@@ -123,6 +158,7 @@ def test_unet_round_trip_through_diffusers_is_exact(diffusers, tmp_path, name):
     ours = unet_from_diffusers(ref)
     assert write_diffusers_unet(ours, tmp_path / "unet", sample_size=8) == tmp_path / "unet"
     back = unet_to_diffusers(ours, sample_size=8)
+
     def plain(v):
         return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
@@ -205,14 +241,27 @@ def test_legacy_vae_attention_names_are_read(diffusers, tmp_path):
 # --- what ldmkit cannot express --------------------------------------------------------------------------------------
 
 UNSUPPORTED_UNET = [
-    ("class_embed_type", "timestep"), ("addition_embed_type", "text"), ("only_cross_attention", True),
-    ("dual_cross_attention", True), ("resnet_time_scale_shift", "scale_shift"), ("time_cond_proj_dim", 8),
-    ("transformer_layers_per_block", [1, 2]), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("mid_block_type", "UNetMidBlock2D"), ("mid_block_type", None),
-    ("attention_type", "gated"), ("num_attention_heads", 8), ("act_fn", "gelu"), ("conv_in_kernel", 7),
-    ("encoder_hid_dim", 32), ("time_embedding_type", "fourier"), ("cross_attention_dim", [16, 32]),
-    ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]), ("block_out_channels", [32, 48]),
-    ("up_block_types", ["CrossAttnUpBlock2D", "UpBlock2D"]), ("some_future_option", "on"),
+    ("class_embed_type", "timestep"),
+    ("addition_embed_type", "text"),
+    ("only_cross_attention", True),
+    ("dual_cross_attention", True),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("time_cond_proj_dim", 8),
+    ("transformer_layers_per_block", [1, 2]),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("mid_block_type", "UNetMidBlock2D"),
+    ("mid_block_type", None),
+    ("attention_type", "gated"),
+    ("num_attention_heads", 8),
+    ("act_fn", "gelu"),
+    ("conv_in_kernel", 7),
+    ("encoder_hid_dim", 32),
+    ("time_embedding_type", "fourier"),
+    ("cross_attention_dim", [16, 32]),
+    ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+    ("block_out_channels", [32, 48]),
+    ("up_block_types", ["CrossAttnUpBlock2D", "UpBlock2D"]),
+    ("some_future_option", "on"),
 ]
 
 
@@ -224,35 +273,65 @@ def test_unsupported_unet_option_is_a_clear_error(key, value):
         unet_config_from_diffusers({**base, key: value})
 
 
-@pytest.mark.parametrize("key,value", [("latents_mean", [0.0] * 4), ("use_quant_conv", False), ("act_fn", "relu"),
-                                       ("up_block_types", ["UpDecoderBlock2D"]), ("out_channels", 1)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("latents_mean", [0.0] * 4),
+        ("use_quant_conv", False),
+        ("act_fn", "relu"),
+        ("up_block_types", ["UpDecoderBlock2D"]),
+        ("out_channels", 1),
+    ],
+)
 def test_unsupported_vae_option_is_a_clear_error(key, value):
-    base = dict(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-                up_block_types=["UpDecoderBlock2D"] * 2)
+    base = dict(
+        block_out_channels=[16, 32],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    )
     assert vae_config_from_diffusers(base).channel_mult == (1, 2)
     with pytest.raises(ValueError, match=key):
         vae_config_from_diffusers({**base, key: value})
 
 
 def test_head_counts_and_classes_map_as_diffusers_means_them():
-    cfg = unet_config_from_diffusers({**BASE_UNET, "attention_head_dim": [5, 10], "num_class_embeds": 4,
-                                      "block_out_channels": [320, 640]})
+    cfg = unet_config_from_diffusers(
+        {**BASE_UNET, "attention_head_dim": [5, 10], "num_class_embeds": 4, "block_out_channels": [320, 640]}
+    )
     assert [cfg.heads_at(i) for i in range(2)] == [5, 10]  # attention_head_dim counts heads
     assert cfg.num_classes == 3  # the 4th embedding is ldmkit's null label
     assert unet_config_from_diffusers({**BASE_UNET, "force_upcast": None}).context_dim == 16  # inert unknown option
 
 
 def test_exporting_what_diffusers_cannot_hold_is_a_clear_error():
-    self_attn = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                                norm_groups=8))
+    self_attn = UNet(
+        UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), norm_groups=8)
+    )
     with pytest.raises(ValueError, match="context_dim=0"):
         write_diffusers_unet(self_attn, "unused")
-    wide_first = UNet(UNetConfig(model_channels=16, channel_mult=(2, 2), num_res_blocks=1, attention_levels=(),
-                                 mid_attention=False, norm_groups=8))
+    wide_first = UNet(
+        UNetConfig(
+            model_channels=16,
+            channel_mult=(2, 2),
+            num_res_blocks=1,
+            attention_levels=(),
+            mid_attention=False,
+            norm_groups=8,
+        )
+    )
     with pytest.raises(ValueError, match="channel_mult"):
         write_diffusers_unet(wide_first, "unused")
-    no_mid = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                             norm_groups=8, context_dim=16, mid_attention=False))
+    no_mid = UNet(
+        UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            norm_groups=8,
+            context_dim=16,
+            mid_attention=False,
+        )
+    )
     with pytest.raises(ValueError, match="mid_attention=False"):
         write_diffusers_unet(no_mid, "unused")
     vq = AutoencoderConfig(kind="vq", base_channels=16, channel_mult=(1, 2), norm_groups=8)

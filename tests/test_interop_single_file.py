@@ -1,5 +1,6 @@
 """Stable Diffusion single-file checkpoints: layout (checked against diffusers' own converter), inference of the
 architecture from shapes, exact round trips, and errors for unsafe, truncated or incomplete files."""
+
 import dataclasses
 
 import pytest
@@ -8,25 +9,50 @@ from safetensors.torch import load_file, save_file
 
 from ldmkit.autoencoder.vae import AutoencoderKL
 from ldmkit.checkpoint import CheckpointError
+from ldmkit.conditioning.clip import clip_config, clip_shapes
 from ldmkit.config import AutoencoderConfig, DiffusionConfig, UNetConfig
 from ldmkit.denoisers.unet import UNet
 from ldmkit.interop import keymaps
-from ldmkit.conditioning.clip import clip_config, clip_shapes
 from ldmkit.interop.bundle import ModelWeights
 from ldmkit.interop.single_file import read_single_file, single_file_tensors, write_single_file
 
 UNETS = {
-    "sd1": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
-                      num_heads=(8,), context_dim=768, norm_groups=32),
-    "sd2": UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                      num_heads=(1, 2), context_dim=1024, use_linear_projection=True, upcast_attention=True,
-                      norm_groups=32),
-    "sd2-inpaint": UNetConfig(in_channels=9, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
-                              attention_levels=(0,), num_heads=(1, 2), context_dim=1024, use_linear_projection=True,
-                              upcast_attention=True, norm_groups=32),
+    "sd1": UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_levels=(0, 1),
+        num_heads=(8,),
+        context_dim=768,
+        norm_groups=32,
+    ),
+    "sd2": UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(0, 1),
+        num_heads=(1, 2),
+        context_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_groups=32,
+    ),
+    "sd2-inpaint": UNetConfig(
+        in_channels=9,
+        model_channels=64,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(0,),
+        num_heads=(1, 2),
+        context_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_groups=32,
+    ),
 }
-AE = AutoencoderConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=32,
-                       scaling_factor=0.18215)
+AE = AutoencoderConfig(
+    base_channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=32, scaling_factor=0.18215
+)
 TEXT = {"sd1": clip_config(64, 2, 1, "quick_gelu"), "sd2": clip_config(64, 3, 1, "gelu")}
 
 
@@ -42,8 +68,9 @@ def weights(name, text=True, diffusion=None):
     text_cfg = TEXT["sd1" if unet_cfg.context_dim == 768 else "sd2"] if text else None
     text_cfg = dict(text_cfg, vocab_size=100) if text_cfg else None
     state = random_state(clip_shapes(text_cfg), 2) if text else None
-    return ModelWeights(unet_cfg, unet, AE, ae, diffusion or DiffusionConfig(), 512, text_cfg, state,
-                        source="test").validate()
+    return ModelWeights(
+        unet_cfg, unet, AE, ae, diffusion or DiffusionConfig(), 512, text_cfg, state, source="test"
+    ).validate()
 
 
 def strip_metadata(path):
@@ -65,6 +92,7 @@ def test_layout_matches_diffusers_converter(name):
     """diffusers' single-file converter reads our export back to exactly the diffusers-layout weights."""
     pytest.importorskip("diffusers")
     from diffusers.loaders import single_file_utils as sfu
+
     from ldmkit.interop.diffusers_config import unet_config_to_diffusers, vae_config_to_diffusers
 
     w = weights(name)
@@ -85,15 +113,21 @@ def test_layout_matches_diffusers_converter(name):
 
 def test_sd1_keys_are_the_original_names(tmp_path):
     flat = single_file_tensors(weights("sd1"))
-    for key in ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.2.bias",
-                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-                "model.diffusion_model.input_blocks.3.0.op.weight",
-                "model.diffusion_model.output_blocks.2.1.conv.weight",  # level 2 has no attention: upsampler at .1
-                "model.diffusion_model.output_blocks.5.2.conv.weight",  # level 1 has attention: upsampler at .2
-                "model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.out.2.weight",
-                "first_stage_model.encoder.down.0.downsample.conv.weight", "first_stage_model.decoder.up.1.upsample"
-                ".conv.weight", "first_stage_model.encoder.mid.attn_1.q.weight", "first_stage_model.quant_conv.weight",
-                "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight"]:
+    for key in [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.time_embed.2.bias",
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.input_blocks.3.0.op.weight",
+        "model.diffusion_model.output_blocks.2.1.conv.weight",  # level 2 has no attention: upsampler at .1
+        "model.diffusion_model.output_blocks.5.2.conv.weight",  # level 1 has attention: upsampler at .2
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.encoder.down.0.downsample.conv.weight",
+        "first_stage_model.decoder.up.1.upsample.conv.weight",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+        "first_stage_model.quant_conv.weight",
+        "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight",
+    ]:
         assert key in flat, key
     assert flat["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
 
@@ -106,15 +140,20 @@ def test_round_trip_is_exact(tmp_path, name):
     w = weights(name, diffusion=DiffusionConfig(parameterisation="v", beta_end=0.02))
     write_single_file(tmp_path / "m.safetensors", w)
     r = read_single_file(tmp_path / "m.safetensors")
-    assert (r.unet_config, r.ae_config, r.diffusion, r.text_config) == (w.unet_config, w.ae_config, w.diffusion,
-                                                                         w.text_config)
+    assert (r.unet_config, r.ae_config, r.diffusion, r.text_config) == (
+        w.unet_config,
+        w.ae_config,
+        w.diffusion,
+        w.text_config,
+    )
     assert_same(r.unet, w.unet)
     assert_same(r.autoencoder, w.autoencoder)
     assert_same(r.text, w.text)
 
 
-@pytest.mark.parametrize("name,prediction,resolution", [("sd1", "eps", 512), ("sd2", "v", 768),
-                                                        ("sd2-inpaint", "eps", 512)])
+@pytest.mark.parametrize(
+    "name,prediction,resolution", [("sd1", "eps", 512), ("sd2", "v", 768), ("sd2-inpaint", "eps", 512)]
+)
 def test_architecture_is_inferred_from_shapes(tmp_path, name, prediction, resolution):
     w = weights(name)
     path = tmp_path / "m.safetensors"
@@ -172,8 +211,9 @@ def test_text_weights_load_into_the_clip_text_encoder(tmp_path):
     state = random_state(clip_shapes(cfg), 5)
     encoder = text_mod.build_text_encoder("clip", **clip_encoder_options(cfg))
     encoder.load_state_dict(clip_state_to_encoder(encoder, state))
-    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**{k: v for k, v in cfg.items()
-                                                                    if k not in ("architectures", "model_type")}))
+    ref = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    )
     ref.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items()})
     ids = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 73])
     with torch.no_grad():
@@ -238,8 +278,9 @@ def test_unexpected_keys_and_non_sd_files_are_named(tmp_path):
 def test_unknown_head_count_asks_for_heads(tmp_path):
     cfg = dataclasses.replace(UNETS["sd1"], context_dim=32, num_heads=(4,))
     w = weights("sd1", text=False)
-    w = dataclasses.replace(w, unet_config=cfg, unet=random_state({k: v.shape for k, v in UNet(cfg).state_dict()
-                                                                    .items()}, 0))
+    w = dataclasses.replace(
+        w, unet_config=cfg, unet=random_state({k: v.shape for k, v in UNet(cfg).state_dict().items()}, 0)
+    )
     path = tmp_path / "m.safetensors"
     write_single_file(path, w)
     strip_metadata(path)
@@ -250,22 +291,55 @@ def test_unknown_head_count_asks_for_heads(tmp_path):
 
 # --- full-size Stable Diffusion shapes (meta tensors: no memory, no weights) ----------------------------------------
 
-SD15_UNET = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-             "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
-             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "downsample_padding": 1,
-             "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-             "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
-             "sample_size": 64, "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
-SD21_UNET = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "upcast_attention": True,
-             "use_linear_projection": True, "dual_cross_attention": False, "num_class_embeds": None,
-             "only_cross_attention": False, "sample_size": 96}
-SD_VAE = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-          "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-          "norm_num_groups": 32, "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+SD21_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "sample_size": 96,
+}
+SD_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
 
 
-@pytest.mark.parametrize("raw,params", [(SD15_UNET, 859_520_964), (SD21_UNET, 865_910_724),
-                                        ({**SD15_UNET, "in_channels": 9}, 859_535_364)])
+@pytest.mark.parametrize(
+    "raw,params", [(SD15_UNET, 859_520_964), (SD21_UNET, 865_910_724), ({**SD15_UNET, "in_channels": 9}, 859_535_364)]
+)
 def test_full_size_stable_diffusion_layouts(raw, params):
     from ldmkit.denoisers import UNET_PRESETS
     from ldmkit.interop.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
@@ -280,18 +354,28 @@ def test_full_size_stable_diffusion_layouts(raw, params):
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     w = ModelWeights(cfg, unet.state_dict(), ae_cfg, vae.state_dict(), DiffusionConfig())
     flat = single_file_tensors(w)
-    for key in ["input_blocks.3.0.op.weight", "input_blocks.9.0.op.weight", "input_blocks.11.0.out_layers.3.weight",
-                "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
-                "output_blocks.11.1.transformer_blocks.0.ff.net.2.weight", "middle_block.2.emb_layers.1.weight"]:
+    for key in [
+        "input_blocks.3.0.op.weight",
+        "input_blocks.9.0.op.weight",
+        "input_blocks.11.0.out_layers.3.weight",
+        "output_blocks.2.1.conv.weight",
+        "output_blocks.5.2.conv.weight",
+        "output_blocks.8.2.conv.weight",
+        "output_blocks.11.1.transformer_blocks.0.ff.net.2.weight",
+        "middle_block.2.emb_layers.1.weight",
+    ]:
         assert "model.diffusion_model." + key in flat, key
-    unet_raw = {k[len("model.diffusion_model."):]: v for k, v in flat.items() if k.startswith("model.diffusion_model.")}
+    unet_raw = {
+        k[len("model.diffusion_model.") :]: v for k, v in flat.items() if k.startswith("model.diffusion_model.")
+    }
     assert infer_unet_config(unet_raw) == cfg
-    vae_raw = {k[len("first_stage_model."):]: v for k, v in flat.items() if k.startswith("first_stage_model.")}
+    vae_raw = {k[len("first_stage_model.") :]: v for k, v in flat.items() if k.startswith("first_stage_model.")}
     assert infer_vae_config(vae_raw) == ae_cfg
     try:
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     except ImportError:
         return
     theirs = convert_ldm_unet_checkpoint(flat, raw)
-    assert {k: tuple(v.shape) for k, v in theirs.items()} == \
-        {k: tuple(v.shape) for k, v in keymaps.unet_to_layout(w.unet, cfg, "diffusers").items()}
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {
+        k: tuple(v.shape) for k, v in keymaps.unet_to_layout(w.unet, cfg, "diffusers").items()
+    }

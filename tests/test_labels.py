@@ -1,4 +1,5 @@
 """Label conditioner: class indices, names, the null class for guidance and range errors."""
+
 import pytest
 import torch
 

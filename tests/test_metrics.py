@@ -1,4 +1,5 @@
 """PSNR and SSIM: known answers and agreement with an independent scipy computation of Wang et al. (2004)."""
+
 import math
 
 import numpy as np
@@ -6,7 +7,6 @@ import pytest
 import torch
 
 from ldmkit.evaluation.metrics import psnr, ssim
-
 
 
 def _images(b=3, c=3, h=32, w=32, seed=0):

@@ -2,18 +2,18 @@ import pytest
 import torch
 
 from ldmkit.autoencoder import build_autoencoder
-from ldmkit.config import AutoencoderConfig, UNetConfig
 from ldmkit.conditioning.types import Conditioning
+from ldmkit.config import AutoencoderConfig, UNetConfig, check_multiple
 from ldmkit.denoisers import UNET_PRESETS
-from ldmkit.config import check_multiple
 from ldmkit.denoisers.unet import UNet
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
 @pytest.mark.parametrize("mult", [(1, 2, 2), (1, 2, 2, 4)])
 def test_autoencoder_shapes(kind, mult):
-    cfg = AutoencoderConfig(kind=kind, in_channels=3, base_channels=8, channel_mult=mult, latent_channels=4,
-                            norm_groups=4, codebook_size=16)
+    cfg = AutoencoderConfig(
+        kind=kind, in_channels=3, base_channels=8, channel_mult=mult, latent_channels=4, norm_groups=4, codebook_size=16
+    )
     ae = build_autoencoder(cfg)
     x = torch.randn(2, 3, 32, 32)
     z = ae.latents(x)
@@ -26,8 +26,17 @@ def test_autoencoder_shapes(kind, mult):
 
 def test_unet_conditioning_paths():
     torch.manual_seed(0)
-    cfg = UNetConfig(in_channels=6, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                     num_heads=(2,), norm_groups=8, context_dim=8, num_classes=3)
+    cfg = UNetConfig(
+        in_channels=6,
+        out_channels=4,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        num_heads=(2,),
+        norm_groups=8,
+        context_dim=8,
+        num_classes=3,
+    )
     unet = UNet(cfg)
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -36,11 +45,17 @@ def test_unet_conditioning_paths():
     out = unet(x, t, base)
     assert out.shape == (2, 4, 8, 8)
     # Each input changes the output: labels, context, context mask, concat channels and the noise level.
-    for changed in (base.map(lambda v: v) .__class__(context=base.context, labels=torch.tensor([1, 2]), concat=base.concat),
-                    base.__class__(context=base.context * 2, labels=base.labels, concat=base.concat),
-                    base.__class__(context=base.context, context_mask=torch.tensor([[1, 0, 0], [1, 1, 0]]).bool(),
-                                   labels=base.labels, concat=base.concat),
-                    base.__class__(context=base.context, labels=base.labels, concat=base.concat + 1)):
+    for changed in (
+        base.map(lambda v: v).__class__(context=base.context, labels=torch.tensor([1, 2]), concat=base.concat),
+        base.__class__(context=base.context * 2, labels=base.labels, concat=base.concat),
+        base.__class__(
+            context=base.context,
+            context_mask=torch.tensor([[1, 0, 0], [1, 1, 0]]).bool(),
+            labels=base.labels,
+            concat=base.concat,
+        ),
+        base.__class__(context=base.context, labels=base.labels, concat=base.concat + 1),
+    ):
         assert not torch.allclose(unet(x, t, changed), out)
     assert not torch.allclose(unet(x, t * 50, base), out)
     with pytest.raises(ValueError, match="expects 6 input channels"):
@@ -69,6 +84,7 @@ def test_resolution_check_message():
 
 
 # --- ldmkit.shipped: what `ldmkit generate` runs ------------------------------------------------------------------
+
 
 def test_generation_plan_for_a_text_model(tiny_text_ldm):
     from pathlib import Path

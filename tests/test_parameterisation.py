@@ -1,4 +1,5 @@
 """Parameterisations: exact targets give zero loss, ideal backbones give the ideal denoiser, min-SNR weights."""
+
 import math
 
 import pytest
@@ -10,8 +11,11 @@ from ldmkit.config import DiffusionConfig
 from ldmkit.diffusion.parameterisation import EDMDenoiser, EpsDenoiser, VDenoiser, make_denoiser
 from ldmkit.diffusion.schedules import schedule_from_config
 
-CONFIGS = {"eps": DiffusionConfig(parameterisation="eps"), "v": DiffusionConfig(parameterisation="v"),
-           "edm": DiffusionConfig(parameterisation="edm", sigma_data=0.5)}
+CONFIGS = {
+    "eps": DiffusionConfig(parameterisation="eps"),
+    "v": DiffusionConfig(parameterisation="v"),
+    "edm": DiffusionConfig(parameterisation="edm", sigma_data=0.5),
+}
 
 
 class Oracle(nn.Module):
@@ -37,11 +41,12 @@ def sigma_of(den, c_noise: torch.Tensor) -> torch.Tensor:
 
 def ideal_backbone(den, sd: float):
     """The output F that makes D the ideal Gaussian denoiser, built from the preconditioning's inverse."""
+
     def fn(x_in, c_noise):
         sigma = sigma_of(den, c_noise)
         c_skip, c_out, c_in = (c.float().view(-1, 1, 1, 1) for c in den.scalings(sigma))
         x = x_in / c_in
-        return (x * sd ** 2 / (sigma.float().view(-1, 1, 1, 1) ** 2 + sd ** 2) - c_skip * x) / c_out
+        return (x * sd**2 / (sigma.float().view(-1, 1, 1, 1) ** 2 + sd**2) - c_skip * x) / c_out
 
     return fn
 
@@ -80,8 +85,10 @@ def test_a_backbone_returning_the_exact_target_has_zero_loss(kind):
     g = torch.Generator().manual_seed(7)
     den.sample_training_sigma(6, g)
     noise = torch.randn(x0.shape, generator=g)
-    target = {"eps": noise, "v": (noise - sigma.float().view(-1, 1, 1, 1) * x0) / (sigma.float() ** 2 + 1).sqrt()
-              .view(-1, 1, 1, 1)}.get(kind)
+    target = {
+        "eps": noise,
+        "v": (noise - sigma.float().view(-1, 1, 1, 1) * x0) / (sigma.float() ** 2 + 1).sqrt().view(-1, 1, 1, 1),
+    }.get(kind)
     if kind == "edm":
         c_skip, c_out, _ = (c.float().view(-1, 1, 1, 1) for c in den.scalings(sigma))
         target = (x0 - c_skip * (x0 + sigma.float().view(-1, 1, 1, 1) * noise)) / c_out
@@ -108,19 +115,19 @@ def test_eps_wrapper_reproduces_exact_integer_timesteps_and_input_scaling():
 
 def test_zero_terminal_snr_gives_a_finite_sigma_max():
     den = make_denoiser(Oracle(), DiffusionConfig(parameterisation="v", zero_terminal_snr=True))
-    assert den.sigma_max == pytest.approx(math.sqrt(2.0 ** 24 - 1)) and math.isfinite(den.sigmas(5)[0].item())
+    assert den.sigma_max == pytest.approx(math.sqrt(2.0**24 - 1)) and math.isfinite(den.sigmas(5)[0].item())
 
 
 def test_min_snr_weights_have_the_form_of_each_prediction():
     table = schedule_from_config(DiffusionConfig())
     sigma = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
-    snr = 1 / sigma ** 2
+    snr = 1 / sigma**2
     eps = EpsDenoiser(Oracle(), table, min_snr_gamma=5.0)
     v = VDenoiser(Oracle(), table, min_snr_gamma=5.0)
     edm = EDMDenoiser(Oracle(), sigma_data=0.5, min_snr_gamma=5.0)
     torch.testing.assert_close(eps.loss_weight(sigma), snr.clamp(max=5) / snr)
     torch.testing.assert_close(v.loss_weight(sigma), snr.clamp(max=5) / (snr + 1))
-    snr_edm = 0.25 / sigma ** 2
+    snr_edm = 0.25 / sigma**2
     torch.testing.assert_close(edm.loss_weight(sigma), snr_edm.clamp(max=5) / (snr_edm + 1))
     assert eps.loss_weight(sigma)[0].item() == pytest.approx(5 / 100)  # SNR 100 -> gamma / SNR
     assert EpsDenoiser(Oracle(), table).loss_weight(sigma).eq(1).all()

@@ -1,4 +1,5 @@
 """Run-folder rules: a used folder is never silently replaced, one run at a time, a resume keeps its architecture."""
+
 import json
 import os
 import signal
@@ -10,8 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from ldmkit.config import (AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, DenoiserRun,
-                           TrainConfig, UNetConfig)
+from ldmkit.config import (
+    AutoencoderConfig,
+    AutoencoderLossConfig,
+    AutoencoderRun,
+    DataConfig,
+    DenoiserRun,
+    TrainConfig,
+    UNetConfig,
+)
 from ldmkit.errors import ConfigError, InputError, MissingFileError, RunFolderError
 from ldmkit.training import runs
 from ldmkit.training.loop import STATE_FILE
@@ -23,10 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def ae_run(steps=2, **train_kw):
     kw = dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.0, log_every=1, ckpt_every=100)
     return AutoencoderRun(
-        model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2,
-                                norm_groups=4, mid_attention=False),
+        model=AutoencoderConfig(
+            in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4, mid_attention=False
+        ),
         loss=AutoencoderLossConfig(perceptual_weight=0.0, disc_start=100, disc_channels=8, disc_layers=2),
-        data=DataConfig(resolution=16, channels=1, holdout=0), train=TrainConfig(**(kw | train_kw)))
+        data=DataConfig(resolution=16, channels=1, holdout=0),
+        train=TrainConfig(**(kw | train_kw)),
+    )
 
 
 @pytest.fixture
@@ -95,8 +106,12 @@ def test_overwrite_keeps_the_autoencoder_the_new_run_reads(tmp_path, tiny_ae, mo
 
     monkeypatch.setattr(runs, "_datasets", stop)
     with pytest.raises(KeyboardInterrupt):
-        runs.train_denoiser(DenoiserRun(autoencoder=str(ae), data=DataConfig(resolution=16, channels=1)), out,
-                            progress=False, overwrite=True)
+        runs.train_denoiser(
+            DenoiserRun(autoencoder=str(ae), data=DataConfig(resolution=16, channels=1)),
+            out,
+            progress=False,
+            overwrite=True,
+        )
     assert ae.is_file() and not (out / "log.jsonl").exists()
 
 
@@ -146,10 +161,19 @@ def test_resume_with_the_same_configuration_is_silent(tmp_path, data):
 
 def test_denoiser_resume_with_another_unet_is_refused_before_encoding(tmp_path, tiny_ae, data, monkeypatch):
     out = tmp_path / "run"
-    run = DenoiserRun(autoencoder=str(tiny_ae), data=DataConfig(resolution=16, channels=1, holdout=0),
-                      unet=UNetConfig(model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(),
-                                      norm_groups=4, mid_attention=False),
-                      train=TrainConfig(steps=2, batch_size=8, warmup_steps=1, ema_decay=0.0, log_every=1))
+    run = DenoiserRun(
+        autoencoder=str(tiny_ae),
+        data=DataConfig(resolution=16, channels=1, holdout=0),
+        unet=UNetConfig(
+            model_channels=8,
+            channel_mult=(1,),
+            num_res_blocks=1,
+            attention_levels=(),
+            norm_groups=4,
+            mid_attention=False,
+        ),
+        train=TrainConfig(steps=2, batch_size=8, warmup_steps=1, ema_decay=0.0, log_every=1),
+    )
     runs.train_denoiser(run, out, progress=False)
     saved = json.loads((out / "config.json").read_text())
     assert saved["unet"]["in_channels"] == 2 and saved["unet"]["num_classes"] == 2  # resolved values are stored
@@ -163,14 +187,21 @@ def test_denoiser_resume_with_another_unet_is_refused_before_encoding(tmp_path, 
 
 # --- one run per folder -----------------------------------------------------------------------------------------
 
-HOLD = "import sys, time\nfrom ldmkit.training.runlock import RunLock\nwith RunLock(sys.argv[1]):\n" \
-       "    print('locked', flush=True)\n    time.sleep(60)\n"
+HOLD = (
+    "import sys, time\nfrom ldmkit.training.runlock import RunLock\nwith RunLock(sys.argv[1]):\n"
+    "    print('locked', flush=True)\n    time.sleep(60)\n"
+)
 
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that takes the folder's lock and keeps it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=os.environ | {"PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 

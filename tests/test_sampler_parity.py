@@ -11,6 +11,7 @@ Conventions that differ, and how each test lines them up:
 - Final step: DDIM with SD's set_alpha_to_one=False ends at abar_0 (sigma_min), not 0: we pass that grid.
   DPM-Solver with final_sigmas_type="zero" takes a first-order last step (lower_order_final), as ours does.
 """
+
 import pytest
 import torch
 
@@ -22,8 +23,7 @@ from ldmkit.diffusion.parameterisation import EpsDenoiser  # noqa: E402
 from ldmkit.diffusion.schedules import append_zero, schedule_from_config, spaced_timesteps, t_to_sigma  # noqa: E402
 from ldmkit.samplers import SAMPLERS  # noqa: E402
 
-SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-          steps_offset=1)
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 STEPS, SHAPE = 20, (2, 4, 8, 8)
 
 
@@ -47,8 +47,14 @@ def ours(name: str, sigmas: torch.Tensor, x: torch.Tensor, seed: int, **options)
     backbone = ToyBackbone()
     den = EpsDenoiser(backbone, schedule_from_config(DiffusionConfig()))
     traj = []
-    out = SAMPLERS[name](bind(den, None), x, sigmas, generator=torch.Generator().manual_seed(seed),
-                         callback=lambda i, xi, x0, s: traj.append(xi), **options)
+    out = SAMPLERS[name](
+        bind(den, None),
+        x,
+        sigmas,
+        generator=torch.Generator().manual_seed(seed),
+        callback=lambda i, xi, x0, s: traj.append(xi),
+        **options,
+    )
     return traj + [out], backbone.timesteps
 
 
@@ -90,7 +96,7 @@ def test_ddim_matches_diffusers(alpha_to_one):
     mine, t_mine = ours("ddim", sigmas, noise * (sigmas[0] ** 2 + 1).sqrt(), 0)
     ref, t_ref = theirs(sched, noise, 0, vp=True, eta=0.0)
     final_abar = 1.0 if alpha_to_one else float(sched.alphas_cumprod[0])
-    ref[-1] = ref[-1] / final_abar ** 0.5
+    ref[-1] = ref[-1] / final_abar**0.5
     assert t_mine == t_ref  # exact integer timesteps reach the model
     assert_same_trajectory(mine, ref)
 
@@ -106,8 +112,9 @@ def test_ddpm_matches_diffusers_with_the_same_noise():
     assert_same_trajectory(mine, ref)
 
 
-@pytest.mark.parametrize("name,cls", [("euler", "EulerDiscreteScheduler"),
-                                      ("euler_ancestral", "EulerAncestralDiscreteScheduler")])
+@pytest.mark.parametrize(
+    "name,cls", [("euler", "EulerDiscreteScheduler"), ("euler_ancestral", "EulerAncestralDiscreteScheduler")]
+)
 def test_euler_schedulers_match_diffusers(name, cls):
     table, noise = table_and_noise()
     sched = getattr(diffusers, cls)(**SD)
@@ -124,8 +131,9 @@ def test_euler_schedulers_match_diffusers(name, cls):
 @pytest.mark.parametrize("name,algorithm", [("dpmpp_2m", "dpmsolver++"), ("dpmpp_2m_sde", "sde-dpmsolver++")])
 def test_dpm_solver_matches_diffusers(name, algorithm):
     table, noise = table_and_noise()
-    sched = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type=algorithm, solver_order=2,
-                                                  solver_type="midpoint")
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **SD, algorithm_type=algorithm, solver_order=2, solver_type="midpoint"
+    )
     sched.set_timesteps(STEPS)
     ts = spaced_timesteps(STEPS + 1, 1000, "linspace").round()[:-1]  # DPM-Solver's own "linspace"
     sigmas = sigma_grid(table, ts)

@@ -1,9 +1,10 @@
 """Samplers driven by the ideal denoiser of zero-mean Gaussian data: right spread, right order, seeded noise."""
+
 import pytest
 import torch
 
-from ldmkit.noise import generators_from_seed
 from ldmkit.diffusion.schedules import karras_sigmas
+from ldmkit.noise import generators_from_seed
 from ldmkit.samplers import SAMPLERS, get_sampler
 
 # discretisation order of each method, and the largest relative error of std(output) allowed at 50 Karras steps.
@@ -11,20 +12,27 @@ from ldmkit.samplers import SAMPLERS, get_sampler
 # dpmpp_2m 0.4-0.7 %, dpmpp_2m_sde 1.2-1.8 %; the bounds leave room for the 0.3 % sampling error of the std of
 # 65,536 values (sd / sqrt(2N)) in the stochastic samplers.
 ORDER = {"euler": 1, "ddim": 1, "ddpm": 1, "euler_ancestral": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_2m_sde": 2}
-TOL_50 = {"euler": 0.07, "ddim": 0.07, "ddpm": 0.13, "euler_ancestral": 0.13, "heun": 0.012, "dpmpp_2m": 0.012,
-          "dpmpp_2m_sde": 0.03}
+TOL_50 = {
+    "euler": 0.07,
+    "ddim": 0.07,
+    "ddpm": 0.13,
+    "euler_ancestral": 0.13,
+    "heun": 0.012,
+    "dpmpp_2m": 0.012,
+    "dpmpp_2m_sde": 0.03,
+}
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde"}
 
 
 def gaussian_denoiser(sd: float):
     """E[x0 | x] for x0 ~ N(0, sd^2): x sd^2 / (sigma^2 + sd^2)."""
-    return lambda x, sigma: x * sd ** 2 / (sigma.view(-1, 1, 1, 1) ** 2 + sd ** 2)
+    return lambda x, sigma: x * sd**2 / (sigma.view(-1, 1, 1, 1) ** 2 + sd**2)
 
 
 def relative_std_error(name: str, sd: float, steps: int, n: int = 1024) -> float:
     sigmas = karras_sigmas(steps, 0.002, 80.0)
     noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    x = noise / noise.std() * float(sigmas[0] ** 2 + sd ** 2) ** 0.5  # exactly the marginal std at sigma_max
+    x = noise / noise.std() * float(sigmas[0] ** 2 + sd**2) ** 0.5  # exactly the marginal std at sigma_max
     out = SAMPLERS[name](gaussian_denoiser(sd), x, sigmas, generator=torch.Generator().manual_seed(1))
     return out.std().item() / sd - 1
 
@@ -65,8 +73,9 @@ def test_callback_sees_every_step_before_its_update():
     sigmas = karras_sigmas(5, 0.002, 80.0)
     x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * sigmas[0]
     seen = []
-    out = SAMPLERS["euler"](gaussian_denoiser(1.0), x, sigmas,
-                            callback=lambda i, xi, x0, s: seen.append((i, xi.clone(), x0, float(s))))
+    out = SAMPLERS["euler"](
+        gaussian_denoiser(1.0), x, sigmas, callback=lambda i, xi, x0, s: seen.append((i, xi.clone(), x0, float(s)))
+    )
     assert [s[0] for s in seen] == list(range(5)) and torch.equal(seen[0][1], x)
     assert seen[-1][3] == pytest.approx(0.002, rel=1e-5)
     torch.testing.assert_close(out, seen[-1][2])  # the last step to sigma 0 lands on the x0 prediction
@@ -92,8 +101,9 @@ def test_dpmpp_2m_sde_solver_variants_and_eta_zero(solver):
     sigmas = karras_sigmas(50, 0.002, 80.0)
     noise = torch.randn(1024, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     x = noise / noise.std() * float(sigmas[0] ** 2 + 1) ** 0.5
-    out = SAMPLERS["dpmpp_2m_sde"](gaussian_denoiser(1.0), x, sigmas, generator=torch.Generator().manual_seed(1),
-                                   solver=solver)
+    out = SAMPLERS["dpmpp_2m_sde"](
+        gaussian_denoiser(1.0), x, sigmas, generator=torch.Generator().manual_seed(1), solver=solver
+    )
     assert abs(out.std().item() - 1) < 0.03  # as TOL_50 above
     ode = SAMPLERS["dpmpp_2m_sde"](gaussian_denoiser(1.0), x, sigmas, eta=0.0, solver="midpoint")
     torch.testing.assert_close(ode, SAMPLERS["dpmpp_2m"](gaussian_denoiser(1.0), x, sigmas), rtol=1e-4, atol=1e-5)

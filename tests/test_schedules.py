@@ -1,13 +1,23 @@
 """Noise schedules: closed-form values, zero terminal SNR, timestep <-> sigma round trips, spacings."""
+
 import math
 
 import pytest
 import torch
 
 from ldmkit.config import DiffusionConfig
-from ldmkit.diffusion.schedules import (alphas_cumprod, betas_for, discrete_sigmas, karras_sigmas,
-                                        rescale_zero_terminal_snr, schedule_from_config, sigma_to_t,
-                                        sigmas_from_alphas_cumprod, spaced_timesteps, t_to_sigma)
+from ldmkit.diffusion.schedules import (
+    alphas_cumprod,
+    betas_for,
+    discrete_sigmas,
+    karras_sigmas,
+    rescale_zero_terminal_snr,
+    schedule_from_config,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+    t_to_sigma,
+)
 
 
 def test_scaled_linear_alphas_cumprod_matches_closed_form():
@@ -22,7 +32,10 @@ def test_linear_and_cosine_betas():
     lin = betas_for("linear", 1000, 1e-4, 0.02)
     assert (lin[0].item(), lin[-1].item()) == pytest.approx((1e-4, 0.02))
     cos = betas_for("cosine", 1000)
-    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    def f(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
     assert cos[0].item() == pytest.approx(1 - f(1e-3) / f(0), rel=1e-12)
     assert cos.max().item() == pytest.approx(0.999) and (cos > 0).all()
     with pytest.raises(ValueError, match="linear, scaled_linear, cosine"):

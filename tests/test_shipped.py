@@ -2,14 +2,15 @@
 
 Skipped where the weights are absent (a checkout without them, or a user's own LDMKIT_WEIGHTS folder).
 """
+
 import pytest
 import torch
 
 from ldmkit import checkpoint
 from ldmkit.config import DataConfig
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.shipped import SHIPPED, weights_dir
 from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.shipped import SHIPPED, weights_dir
 
 PRESENT = [n for n in sorted(SHIPPED) if (weights_dir() / f"{n}.safetensors").exists()]
 
@@ -69,8 +70,9 @@ def test_emoji_model_follows_its_prompt():
     arr, captions = load_or_render(("noto",), 64, progress=False)
     real = _foreground_colour(torch.stack([uint8_to_tensor(arr[captions.index(p)]) for p in prompts]))
     ldm = LatentDiffusion.load(weights_dir() / "emoji.safetensors")
-    images, caps = generate(ldm, SampleRequest(n=8, prompts=[p for p in prompts for _ in range(4)], steps=20,
-                                               device="cpu"))
+    images, caps = generate(
+        ldm, SampleRequest(n=8, prompts=[p for p in prompts for _ in range(4)], steps=20, device="cpu")
+    )
     assert images.shape == (8, 3, 64, 64) and torch.isfinite(images).all() and caps[0] == "red apple"
     nearest = torch.cdist(_foreground_colour(images), real).argmin(1)
     right = int((nearest == torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])).sum())

@@ -1,12 +1,13 @@
 """Text encoders, the CLIP tokenizer and the embedding cache."""
+
 import importlib.util
 import warnings
 
 import pytest
 import torch
 
-from ldmkit.conditioning.clip_tokenizer import CLIPTokenizer, find_bpe_vocab
 from ldmkit.conditioning.clip import CLIP_PRESETS
+from ldmkit.conditioning.clip_tokenizer import CLIPTokenizer, find_bpe_vocab
 from ldmkit.conditioning.encoder import PromptTruncatedWarning
 from ldmkit.conditioning.text import TEXT_ENCODERS, EmbeddingCache, TrainableTextEncoder, build_text_encoder
 
@@ -99,9 +100,11 @@ def test_minilm_deterministic_even_after_train(minilm):
 
 
 def test_minilm_similar_prompts_are_closer(minilm):
-    triples = [("a red car", "a crimson automobile", "the stock market fell today"),
-               ("a dog running on the beach", "a puppy playing by the sea", "a bowl of tomato soup"),
-               ("an old castle on a hill", "a medieval fortress on a mountain", "a laptop keyboard")]
+    triples = [
+        ("a red car", "a crimson automobile", "the stock market fell today"),
+        ("a dog running on the beach", "a puppy playing by the sea", "a bowl of tomato soup"),
+        ("an old castle on a hill", "a medieval fortress on a mountain", "a laptop keyboard"),
+    ]
     for anchor, near, far in triples:
         p = sentence_embedding(minilm.encode([anchor, near, far]))
         assert cosine(p[0], p[1]) > cosine(p[0], p[2]) + 0.2, (anchor, near, far)
@@ -210,8 +213,12 @@ def test_clip_loads_diffusers_named_weights(clip_tiny):
 def test_clip_presets_and_sd_padding():
     sd1 = build_text_encoder("clip", preset="sd1", layers=1)
     cfg = sd1.model.config
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act) == (768, 12, 3072,
-                                                                                               "quick_gelu")
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act) == (
+        768,
+        12,
+        3072,
+        "quick_gelu",
+    )
     cond = sd1.encode(["a cat", ""])
     ids, _ = sd1.tokenize(["a cat", ""])
     assert cond.context.shape == (2, 77, 768) and cond.context_mask.all()  # SD attends to padding

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ldmkit import checkpoint
-from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
 from ldmkit.autoencoder.files import load_autoencoder
+from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
 from ldmkit.training.autoencoder import AutoencoderTask
 from ldmkit.training.loop import STATE_FILE, batch_indices, train
 
@@ -15,12 +15,23 @@ CPU = torch.device("cpu")
 
 def tiny_ae_run(steps=6, **train_kw):
     return AutoencoderRun(
-        model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2,
-                                norm_groups=4, mid_attention=False),
+        model=AutoencoderConfig(
+            in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4, mid_attention=False
+        ),
         loss=AutoencoderLossConfig(perceptual_weight=0.0, disc_start=2, disc_channels=8, disc_layers=2),
         data=DataConfig(resolution=16, channels=1),
-        train=TrainConfig(steps=steps, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=2, ema_decay=0.9,
-                          log_every=1, ckpt_every=100, **train_kw))
+        train=TrainConfig(
+            steps=steps,
+            batch_size=8,
+            grad_accum=2,
+            lr=1e-3,
+            warmup_steps=2,
+            ema_decay=0.9,
+            log_every=1,
+            ckpt_every=100,
+            **train_kw,
+        ),
+    )
 
 
 def final_state(out):
@@ -42,7 +53,7 @@ def test_resume_equals_uninterrupted(tmp_path, blobs):
     assert any(k.startswith("module.discriminator") for k in a) and any(k.startswith("opt.discriminator") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -110,14 +121,17 @@ def test_a_damaged_line_inside_the_log_is_an_error_naming_it(tmp_path):
     assert path.read_text() == text  # left as it was for the user to inspect
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(steps=0), r"train.steps = 0 .*integer >= 1"),
-    (dict(steps=-5), r"train.steps = -5 .*integer >= 1"),
-    (dict(grad_accum=0), r"train.grad_accum = 0 .*integer >= 1"),
-    (dict(log_every=0), r"train.log_every = 0 .*integer >= 1"),
-    (dict(batch_size=0), r"train.batch_size = 0 .*integer >= 1"),
-    (dict(ema_decay=1.0), r"train.ema_decay = 1.0 .*\[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(steps=0), r"train.steps = 0 .*integer >= 1"),
+        (dict(steps=-5), r"train.steps = -5 .*integer >= 1"),
+        (dict(grad_accum=0), r"train.grad_accum = 0 .*integer >= 1"),
+        (dict(log_every=0), r"train.log_every = 0 .*integer >= 1"),
+        (dict(batch_size=0), r"train.batch_size = 0 .*integer >= 1"),
+        (dict(ema_decay=1.0), r"train.ema_decay = 1.0 .*\[0, 1\)"),
+    ],
+)
 def test_the_loop_refuses_bad_numbers_before_writing(tmp_path, blobs, setting, message):
     from ldmkit.errors import ConfigError
 

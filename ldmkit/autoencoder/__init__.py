@@ -1,8 +1,9 @@
 """First-stage autoencoders: `build_autoencoder(cfg)` gives the KL or VQ variant."""
+
 from ..config import AutoencoderConfig
+from ..errors import InputError
 from .vae import AutoencoderKL
 from .vq import AutoencoderVQ
-from ..errors import InputError
 
 AUTOENCODERS = {"kl": AutoencoderKL, "vq": AutoencoderVQ}
 

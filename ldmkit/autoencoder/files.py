@@ -1,5 +1,6 @@
 """Autoencoder checkpoints: writing one with its measured latent scale, and loading one for training,
 evaluation or sampling. Used by training and evaluation alike, so it lives below both."""
+
 from __future__ import annotations
 
 from dataclasses import replace

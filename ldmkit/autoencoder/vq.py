@@ -1,4 +1,8 @@
-"""The VQ-regularised autoencoder: a codebook between encoder and decoder (van den Oord et al. 2017; Esser et al. 2021)."""
+"""The VQ-regularised autoencoder: a codebook between encoder and decoder.
+
+van den Oord et al. 2017; Esser et al. 2021.
+"""
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ rank order, then <start_of_text> = 49406 and <end_of_text> = 49407. A prompt bec
 when longer than the context it is cut to the context length with the end token kept last. As in open_clip, the
 literal text "<start_of_text>" / "<end_of_text>" inside a prompt is read as the special token.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -22,6 +23,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+
 from ..errors import InputError, MissingDependencyError, MissingFileError
 
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses: a 49,152-symbol BPE vocabulary less bytes and specials
@@ -34,8 +36,10 @@ def find_bpe_vocab() -> Path:
     spec = importlib.util.find_spec("open_clip")
     path = None if spec is None else Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     if path is None or not path.is_file():
-        raise MissingFileError("the CLIP BPE vocabulary was not found; install it with "
-                                "`pip install --no-deps open-clip-torch` (only its vocabulary file is used)")
+        raise MissingFileError(
+            "the CLIP BPE vocabulary was not found; install it with "
+            "`pip install --no-deps open-clip-torch` (only its vocabulary file is used)"
+        )
     return path
 
 
@@ -61,8 +65,10 @@ def _import_text_libs():
         import ftfy
         import regex
     except ImportError as e:
-        raise MissingDependencyError(f"the CLIP tokenizer needs `ftfy` and `regex` ({e.name} is missing); "
-                          "install them with `pip install ftfy regex`") from None
+        raise MissingDependencyError(
+            f"the CLIP tokenizer needs `ftfy` and `regex` ({e.name} is missing); "
+            "install them with `pip install ftfy regex`"
+        ) from None
     return ftfy, regex
 
 
@@ -79,7 +85,7 @@ class CLIPTokenizer:
             raise InputError(f"context_length={context_length} leaves no room for the start and end tokens; use >= 2")
         self._ftfy, regex = _import_text_libs()
         lines = gzip.open(vocab_path or find_bpe_vocab()).read().decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]  # line 0 is a version header
+        merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]  # line 0 is a version header
         self.bytes = byte_symbols()
         base = sorted(self.bytes)  # in code point order: the visible bytes first, then chr(256), chr(257), ...
         vocab = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + [START, END]
@@ -91,8 +97,9 @@ class CLIPTokenizer:
         self.context_length, self.pad_with = context_length, pad_with
         # Words: the two special names, English contractions, runs of letters, single digits, runs of anything
         # else that is not whitespace (punctuation, symbols, emoji, combining marks).
-        self.word_re = regex.compile(rf"{START}|{END}|'(?:s|t|re|ve|m|ll|d)|\p{{L}}+|\p{{N}}|[^\s\p{{L}}\p{{N}}]+",
-                                     regex.IGNORECASE)
+        self.word_re = regex.compile(
+            rf"{START}|{END}|'(?:s|t|re|ve|m|ll|d)|\p{{L}}+|\p{{N}}|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE
+        )
         self._cache: dict[str, list[str]] = {}
 
     @property
@@ -157,6 +164,6 @@ class CLIPTokenizer:
         out = torch.full((len(prompts), self.context_length), self.pad_id, dtype=torch.long)
         for row, ids in enumerate(self.token_lists(prompts)):
             if len(ids) > self.context_length:
-                ids = ids[:self.context_length - 1] + [self.end_id]
-            out[row, :len(ids)] = torch.tensor(ids)
+                ids = ids[: self.context_length - 1] + [self.end_id]
+            out[row, : len(ids)] = torch.tensor(ids)
         return out

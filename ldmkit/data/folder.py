@@ -11,6 +11,7 @@ order, so item i is the same file on every machine. Each file's header is checke
 unreadable there or later, at load time, is reported once with a warning naming it and replaced by the next
 readable item, so one bad file never stops an epoch.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
+from ..errors import InputError, MissingFileError
 from . import digest, file_stamp
 from .images import IMAGE_SUFFIXES, load_image, resize_and_crop, to_tensor
-from ..errors import InputError, MissingFileError
 
 CAPTION_KEYS = ("text", "caption")  # metadata.jsonl keys read as the caption, first found wins
 
@@ -50,13 +51,17 @@ def read_metadata(path: Path) -> dict[str, tuple[int, str | None]]:
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line") from None
         if not isinstance(row, dict) or "file_name" not in row:
-            raise InputError(f"{path} line {n} has no \"file_name\"; each line must look like "
-                             f"{{\"file_name\": \"sub/img.png\", \"text\": \"a caption\"}}")
+            raise InputError(
+                f'{path} line {n} has no "file_name"; each line must look like '
+                f'{{"file_name": "sub/img.png", "text": "a caption"}}'
+            )
         name = str(row["file_name"])
         rel = PurePosixPath(name.replace("\\", "/"))
         if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
-            raise InputError(f"{path} line {n}: file_name {name!r} points outside the data folder {path.parent}; "
-                             f"give the image's path relative to that folder, e.g. \"sub/img.png\"")
+            raise InputError(
+                f"{path} line {n}: file_name {name!r} points outside the data folder {path.parent}; "
+                f'give the image\'s path relative to that folder, e.g. "sub/img.png"'
+            )
         text = next((row[k] for k in CAPTION_KEYS if k in row), None)
         out[rel.as_posix()] = (n, None if text is None else str(text).strip())  # "./a.png" -> "a.png"
     return out
@@ -81,11 +86,13 @@ class ImageFolder(torch.utils.data.Dataset):
         self._check_root()
         files = find_images(self.root)
         if not files:
-            raise MissingFileError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; add images "
-                                    f"there (one subfolder per class for labels) or point data.dataset elsewhere")
+            raise MissingFileError(
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; add images "
+                f"there (one subfolder per class for labels) or point data.dataset elsewhere"
+            )
         found = {f.as_posix() for f in files}
         if cfg.limit > 0:
-            files = files[:cfg.limit]
+            files = files[: cfg.limit]
         self._warned: set[str] = set()
         bad = [f for f in files if not header_ok(self.root / f)]
         for f in bad:
@@ -93,8 +100,10 @@ class ImageFolder(torch.utils.data.Dataset):
         bad_set = set(bad)
         self.files = [f for f in files if f not in bad_set]
         if not self.files:
-            raise InputError(f"none of the {len(files)} images under {self.root} could be read; check the files "
-                             f"or point data.dataset at another folder")
+            raise InputError(
+                f"none of the {len(files)} images under {self.root} could be read; check the files "
+                f"or point data.dataset at another folder"
+            )
         self._labels()
         self._captions(found)
 
@@ -102,11 +111,12 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.exists():
             from . import BUILTINS
 
-            raise MissingFileError(f"data folder {self.root} does not exist; set data.dataset to a folder of images "
-                                    f"or to a built-in data set ({', '.join(BUILTINS)})")
+            raise MissingFileError(
+                f"data folder {self.root} does not exist; set data.dataset to a folder of images "
+                f"or to a built-in data set ({', '.join(BUILTINS)})"
+            )
         if not self.root.is_dir():
-            raise InputError(f"data.dataset={self.root} is a file, not a folder; give the folder that "
-                                     f"holds the images")
+            raise InputError(f"data.dataset={self.root} is a file, not a folder; give the folder that holds the images")
 
     def _labels(self) -> None:
         """Class of each file: its first path component when images live in subfolders, else none (-1)."""
@@ -126,8 +136,11 @@ class ImageFolder(torch.utils.data.Dataset):
         if orphans:
             shown = ", ".join(f"line {n} ({name!r})" for n, name in sorted(orphans)[:5])
             more = f" and {len(orphans) - 5} more" if len(orphans) > 5 else ""
-            warnings.warn(f"{meta_path} {shown}{more}: no such image under {self.root}, so the caption is "
-                          f"unused; fix the file_name or delete the line", stacklevel=3)
+            warnings.warn(
+                f"{meta_path} {shown}{more}: no such image under {self.root}, so the caption is "
+                f"unused; fix the file_name or delete the line",
+                stacklevel=3,
+            )
         caps = []
         for f in self.files:
             cap = meta.get(f.as_posix(), (0, None))[1]
@@ -142,16 +155,32 @@ class ImageFolder(torch.utils.data.Dataset):
         image its relative path, size and modification time (ns), with its sidecar caption's and metadata.jsonl's.
         Read from the disk when called, as the images are read when loaded."""
         c = self.cfg
-        files = [[f.as_posix(), file_stamp(self.root / f), file_stamp((self.root / f).with_suffix(".txt"))]
-                 for f in self.files]
-        return digest(["folder", str(self.root.resolve()), c.resolution, c.channels, c.crop, c.flip, c.limit,
-                       file_stamp(self.root / "metadata.jsonl"), files])
+        files = [
+            [f.as_posix(), file_stamp(self.root / f), file_stamp((self.root / f).with_suffix(".txt"))]
+            for f in self.files
+        ]
+        return digest(
+            [
+                "folder",
+                str(self.root.resolve()),
+                c.resolution,
+                c.channels,
+                c.crop,
+                c.flip,
+                c.limit,
+                file_stamp(self.root / "metadata.jsonl"),
+                files,
+            ]
+        )
 
     def _warn(self, rel: Path, why: str) -> None:
         if str(rel) not in self._warned:
             self._warned.add(str(rel))
-            warnings.warn(f"skipping image {self.root / rel}: {why}; another image is used in its place. "
-                          f"Delete or replace the file to silence this warning", stacklevel=3)
+            warnings.warn(
+                f"skipping image {self.root / rel}: {why}; another image is used in its place. "
+                f"Delete or replace the file to silence this warning",
+                stacklevel=3,
+            )
 
     def __len__(self) -> int:
         return len(self.files)

@@ -4,6 +4,7 @@ Tensors are float images in [-1, 1], shaped (C, H, W) or (B, C, H, W). Every fil
 temporary file in the target folder first, then `os.replace`d over the destination, so a crash never leaves a
 half-written PNG behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,8 +129,10 @@ def output_format(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         what = f"the extension {suffix!r}" if suffix else "no extension"
-        raise InputError(f"cannot write images to {path}: {what} is not an image format ldmkit writes; use one of "
-                         f"{', '.join(OUTPUT_FORMATS)}")
+        raise InputError(
+            f"cannot write images to {path}: {what} is not an image format ldmkit writes; use one of "
+            f"{', '.join(OUTPUT_FORMATS)}"
+        )
     return OUTPUT_FORMATS[suffix]
 
 
@@ -148,8 +151,10 @@ def _save_options(path: str | Path, metadata: dict[str, str] | None) -> tuple[st
         exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _ASCII_COMMENT + json.dumps(meta).encode("ascii")
         options["exif"] = exif.tobytes()
         if fmt == "JPEG" and len(options["exif"]) > _JPEG_EXIF_MAX:
-            raise InputError(f"the generation parameters ({len(options['exif'])} bytes) do not fit in the 64 KiB a "
-                             f"JPEG file holds; write {Path(path).with_suffix('.png')} or .webp instead")
+            raise InputError(
+                f"the generation parameters ({len(options['exif'])} bytes) do not fit in the 64 KiB a "
+                f"JPEG file holds; write {Path(path).with_suffix('.png')} or .webp instead"
+            )
     return fmt, options
 
 
@@ -171,11 +176,17 @@ def read_parameters(path: str | Path) -> dict[str, str]:
             return dict(im.text)
         raw = im.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
     raw = bytes(raw or b"")
-    return json.loads(raw[len(_ASCII_COMMENT):].decode("ascii")) if raw.startswith(_ASCII_COMMENT) else {}
+    return json.loads(raw[len(_ASCII_COMMENT) :].decode("ascii")) if raw.startswith(_ASCII_COMMENT) else {}
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, labels: list[str] | None = None,
-              metadata: dict[str, str] | None = None, padding: int = 2) -> Path:
+def save_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int = 8,
+    labels: list[str] | None = None,
+    metadata: dict[str, str] | None = None,
+    padding: int = 2,
+) -> Path:
     """Tile images (B, C, H, W) in [-1, 1] into one image file with a one-line text label under each tile, in the
     format the extension of `path` names (.png, .jpg, .jpeg, .webp) with `metadata` (see write_image); written
     atomically. Returns the path."""

@@ -6,6 +6,7 @@ by the autoencoder file's content hash, the data set's content key (`dataset_fin
 modification times, captions included, and the settings that change pixels) and the data configuration, so a
 retrained autoencoder, replaced images or another resolution never reuse stale latents.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,16 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_dataset(autoencoder, ae_path: str | Path, dataset, data_cfg: DataConfig, device, batch: int = 64,
-                   progress: bool = True, cache: bool = True) -> LatentCache:
+def encode_dataset(
+    autoencoder,
+    ae_path: str | Path,
+    dataset,
+    data_cfg: DataConfig,
+    device,
+    batch: int = 64,
+    progress: bool = True,
+    cache: bool = True,
+) -> LatentCache:
     """Encode `dataset` (or load the cached result for this autoencoder file, data contents and configuration).
 
     A data set without a content key (`dataset_fingerprint` is None: a large set of a class without fingerprint())
@@ -69,8 +78,9 @@ def encode_dataset(autoencoder, ae_path: str | Path, dataset, data_cfg: DataConf
     if cache and path.exists():
         try:
             tensors, meta = checkpoint.load(path, "latent-cache")
-            return LatentCache(tensors["mean"], tensors.get("std"), tensors["labels"], meta["captions"],
-                               meta["class_names"])
+            return LatentCache(
+                tensors["mean"], tensors.get("std"), tensors["labels"], meta["captions"], meta["class_names"]
+            )
         except checkpoint.CheckpointError:
             path.unlink(missing_ok=True)  # a damaged cache is rebuilt
     autoencoder.eval()
@@ -87,10 +97,16 @@ def encode_dataset(autoencoder, ae_path: str | Path, dataset, data_cfg: DataConf
             means.append(autoencoder.latents(x).float().cpu())
         labels += [int(it["label"]) for it in items]
         captions += [it["caption"] for it in items]
-    out = LatentCache(torch.cat(means), torch.cat(stds) if stds else None, torch.tensor(labels, dtype=torch.long),
-                      captions, list(getattr(dataset, "class_names", []) or []))
+    out = LatentCache(
+        torch.cat(means),
+        torch.cat(stds) if stds else None,
+        torch.tensor(labels, dtype=torch.long),
+        captions,
+        list(getattr(dataset, "class_names", []) or []),
+    )
     if cache:
         tensors = {"mean": out.mean, "labels": out.labels} | ({"std": out.std} if out.std is not None else {})
-        checkpoint.save(path, tensors, "latent-cache", to_dict(data_cfg), captions=captions,
-                        class_names=out.class_names)
+        checkpoint.save(
+            path, tensors, "latent-cache", to_dict(data_cfg), captions=captions, class_names=out.class_names
+        )
     return out

@@ -1,17 +1,39 @@
 """Denoiser backbones. One small registry of U-Net size presets, from test-sized to Stable Diffusion 1.5."""
+
 from ..config import UNetConfig
 
 UNET_PRESETS: dict[str, UNetConfig] = {
     # Under 1M parameters: unit tests and smoke runs.
-    "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                       num_heads=(2,), norm_groups=8),
+    "tiny": UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=(2,), norm_groups=8
+    ),
     # The demo and Fashion-MNIST-sized models (about 5M parameters).
-    "small": UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
-                        num_heads=(4,), norm_groups=32),
+    "small": UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_levels=(1, 2),
+        num_heads=(4,),
+        norm_groups=32,
+    ),
     # 64-px data sets such as emoji (about 35M parameters).
-    "base": UNetConfig(model_channels=128, channel_mult=(1, 2, 2, 4), num_res_blocks=2, attention_levels=(1, 2, 3),
-                       head_dim=32, norm_groups=32),
+    "base": UNetConfig(
+        model_channels=128,
+        channel_mult=(1, 2, 2, 4),
+        num_res_blocks=2,
+        attention_levels=(1, 2, 3),
+        head_dim=32,
+        norm_groups=32,
+    ),
     # Stable Diffusion 1.x layout (860M parameters).
-    "sd15": UNetConfig(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                       num_heads=(8,), context_dim=768, norm_groups=32, mid_attention=True),
+    "sd15": UNetConfig(
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        num_heads=(8,),
+        context_dim=768,
+        norm_groups=32,
+        mid_attention=True,
+    ),
 }

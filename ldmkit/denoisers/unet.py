@@ -4,18 +4,19 @@ Called as `unet(x_in, c_noise, cond)`: x_in (B, in_channels - concat channels, H
 c_noise (B,) the noise level as the parameterisation encodes it (a timestep for discrete-time models), cond a
 `Conditioning` (context for cross-attention, labels for the class embedding, concat channels).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import UNetConfig
 from ..conditioning.types import Conditioning
+from ..config import UNetConfig
+from ..errors import InputError
 from ..nn.attention import SpatialTransformer
 from ..nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from ..nn.embeddings import TimestepMLP, timestep_embedding
-from ..errors import InputError
 
 
 class Level(nn.Module):
@@ -47,8 +48,15 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_dim, cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
 
         def attn(level, ch):
-            return SpatialTransformer(ch, cfg.heads_at(level), cfg.transformer_depth, cfg.context_dim,
-                                      cfg.norm_groups, cfg.use_linear_projection, cfg.upcast_attention)
+            return SpatialTransformer(
+                ch,
+                cfg.heads_at(level),
+                cfg.transformer_depth,
+                cfg.context_dim,
+                cfg.norm_groups,
+                cfg.use_linear_projection,
+                cfg.upcast_attention,
+            )
 
         # Encoder path: remember every skip connection's channel count.
         skips, ch = [ch0], ch0
@@ -117,8 +125,10 @@ class UNet(nn.Module):
         if cond.concat is not None:
             x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
         if x.shape[1] != self.cfg.in_channels:
-            raise InputError(f"U-Net expects {self.cfg.in_channels} input channels (latent + concat), got "
-                             f"{x.shape[1]}; check the conditioning's concat channels")
+            raise InputError(
+                f"U-Net expects {self.cfg.in_channels} input channels (latent + concat), got "
+                f"{x.shape[1]}; check the conditioning's concat channels"
+            )
         emb = self.embed(c_noise, cond.labels)
         ctx, mask = cond.context, cond.context_mask
         if ctx is not None:
@@ -149,4 +159,3 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-

@@ -4,6 +4,7 @@ A sampler only sees `denoise(x (B,C,H,W), sigma (B,)) -> x0 (B,C,H,W)`. Guidance
 that function (or a `Denoiser` with its conditioning), never by flags on a model or a sampler. Wrappers hold no
 mutable state, so one model can serve concurrent requests.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -11,14 +12,15 @@ from typing import Callable
 import torch
 
 from ..conditioning.types import Conditioning
-from ..noise import Generators, randn_like
 from ..errors import InputError
+from ..noise import Generators, randn_like
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def bind(denoiser, cond: Conditioning | None) -> DenoiseFn:
     """The plain conditional denoiser (x, sigma) -> D(x, sigma, cond)."""
+
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return denoiser(x, sigma, cond)
 
@@ -47,8 +49,10 @@ class CFGDenoiser:
         if not 0.0 <= rescale <= 1.0:
             raise InputError(f"guidance rescale {rescale} must be between 0 and 1 (0.7 is the paper's choice)")
         if rescale > 0 and not hasattr(denoiser, "prediction"):
-            raise InputError("guidance rescale needs a Denoiser with prediction(); wrap the backbone with "
-                             "make_denoiser or set rescale=0")
+            raise InputError(
+                "guidance rescale needs a Denoiser with prediction(); wrap the backbone with "
+                "make_denoiser or set rescale=0"
+            )
         self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
         self.scale, self.rescale = float(scale), float(rescale)
 
@@ -78,8 +82,10 @@ class InpaintBlend:
         1 where the original is kept, 0 where it is generated; generator: seeds the fixed noise n (one per sample
         for batch-size independence)."""
         if mask.shape[-2:] != x0_known.shape[-2:]:
-            raise InputError(f"mask size {tuple(mask.shape[-2:])} differs from the latent size "
-                             f"{tuple(x0_known.shape[-2:])}; resize the mask to the latent resolution")
+            raise InputError(
+                f"mask size {tuple(mask.shape[-2:])} differs from the latent size "
+                f"{tuple(x0_known.shape[-2:])}; resize the mask to the latent resolution"
+            )
         self.denoise, self.x0_known = denoise, x0_known
         self.mask = mask.to(device=x0_known.device, dtype=x0_known.dtype)
         self.noise = randn_like(x0_known, generator)  # (B, C, H, W)

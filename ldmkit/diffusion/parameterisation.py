@@ -11,6 +11,7 @@ F* = (x0 - c_skip x) / c_out (the noise for eps, the velocity for v), so one set
   c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1), c_in = 1 / sqrt(sigma^2 + 1).
 - `EDMDenoiser`: continuous sigma with EDM's preconditioning and c_noise = log(sigma) / 4.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,12 +21,12 @@ from torch import nn
 
 from ..conditioning.types import Conditioning
 from ..config import DiffusionConfig
+from ..errors import InputError
 from ..noise import Generators, randn_like
 from .schedules import discrete_sigmas, karras_sigmas, schedule_from_config, sigma_to_t
-from ..errors import InputError
 
 PARAMETERISATIONS = ("eps", "v", "edm")
-ZERO_SNR_ABAR = 2.0 ** -24  # abar used for a zero-terminal-SNR last timestep, as diffusers' schedulers do
+ZERO_SNR_ABAR = 2.0**-24  # abar used for a zero-terminal-SNR last timestep, as diffusers' schedulers do
 
 
 def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +81,9 @@ class Denoiser(nn.Module):
         if s.ndim == 0:
             s = s.expand(x.shape[0])
         if s.shape != (x.shape[0],):
-            raise InputError(f"sigma has shape {tuple(s.shape)} for a batch of {x.shape[0]}; pass a number or one "
-                             f"sigma per sample")
+            raise InputError(
+                f"sigma has shape {tuple(s.shape)} for a batch of {x.shape[0]}; pass a number or one sigma per sample"
+            )
         return s
 
     def forward(self, x: torch.Tensor, sigma, cond: Conditioning | None = None) -> torch.Tensor:
@@ -105,7 +107,7 @@ class Denoiser(nn.Module):
 
     def snr(self, sigma: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio sigma_data^2 / sigma^2 (= abar / (1 - abar) for discrete models)."""
-        return self.sigma_data ** 2 / sigma.double() ** 2
+        return self.sigma_data**2 / sigma.double() ** 2
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Weight (B,) of the F-space MSE. Min-SNR-gamma (Hang et al. 2023) weights the x0-space error by
@@ -114,7 +116,7 @@ class Denoiser(nn.Module):
         if self.min_snr_gamma <= 0:
             return torch.ones_like(sigma, dtype=torch.float64)
         _, c_out, _ = self.scalings(sigma.double())
-        return self.snr(sigma).clamp(max=self.min_snr_gamma) * c_out ** 2 / self.sigma_data ** 2
+        return self.snr(sigma).clamp(max=self.min_snr_gamma) * c_out**2 / self.sigma_data**2
 
     def loss(self, x0: torch.Tensor, cond: Conditioning | None = None, generator: Generators = None) -> torch.Tensor:
         """Per-sample training loss (B,): w(sigma) * mean |F(c_in x, c_noise, cond) - F*|^2, x = x0 + sigma eps."""
@@ -181,22 +183,30 @@ class EpsDenoiser(DiscreteDenoiser):
 
     def scalings(self, sigma):
         one = torch.ones_like(sigma)
-        return one, -sigma, 1 / (sigma ** 2 + 1).sqrt()
+        return one, -sigma, 1 / (sigma**2 + 1).sqrt()
 
 
 class VDenoiser(DiscreteDenoiser):
     """v-prediction (Salimans & Ho 2022): D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) v_theta(...)."""
 
     def scalings(self, sigma):
-        s2 = sigma ** 2 + 1
+        s2 = sigma**2 + 1
         return 1 / s2, -sigma / s2.sqrt(), 1 / s2.sqrt()
 
 
 class EDMDenoiser(Denoiser):
     """EDM preconditioning (Karras et al. 2022, Table 1) with log-normal training sigmas."""
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, min_snr_gamma: float = 0.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        sigma_data: float = 1.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        min_snr_gamma: float = 0.0,
+    ):
         """backbone: see `Denoiser`; sigma_data: data standard deviation; p_mean, p_std: ln sigma ~ N(p_mean,
         p_std^2) in training; sigma_min, sigma_max: the sampling range; min_snr_gamma: 0 disables the weighting."""
         super().__init__(backbone, min_snr_gamma, sigma_data)
@@ -204,8 +214,8 @@ class EDMDenoiser(Denoiser):
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def scalings(self, sigma):
-        sd2 = self.sigma_data ** 2
-        return sd2 / (sigma ** 2 + sd2), sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt(), 1 / (sigma ** 2 + sd2).sqrt()
+        sd2 = self.sigma_data**2
+        return sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(), 1 / (sigma**2 + sd2).sqrt()
 
     def c_noise(self, sigma):
         return (sigma.double().log() / 4).float()
@@ -228,7 +238,10 @@ def make_denoiser(backbone: nn.Module, cfg: DiffusionConfig) -> Denoiser:
         cls = EpsDenoiser if cfg.parameterisation == "eps" else VDenoiser
         return cls(backbone, schedule_from_config(cfg), cfg.min_snr_gamma)
     if cfg.parameterisation == "edm":
-        return EDMDenoiser(backbone, cfg.sigma_data, cfg.p_mean, cfg.p_std, cfg.sigma_min, cfg.sigma_max,
-                           cfg.min_snr_gamma)
-    raise InputError(f"unknown parameterisation {cfg.parameterisation!r}; set diffusion.parameterisation to one of "
-                     f"{', '.join(PARAMETERISATIONS)}")
+        return EDMDenoiser(
+            backbone, cfg.sigma_data, cfg.p_mean, cfg.p_std, cfg.sigma_min, cfg.sigma_max, cfg.min_snr_gamma
+        )
+    raise InputError(
+        f"unknown parameterisation {cfg.parameterisation!r}; set diffusion.parameterisation to one of "
+        f"{', '.join(PARAMETERISATIONS)}"
+    )

@@ -5,6 +5,7 @@ Conventions: a discrete-time model has timesteps t = 0 .. N-1 with cumulative si
 sigma_t = sqrt((1 - abar_t) / abar_t), so x_sigma = x_t / sqrt(abar_t) for the VP latent x_t. Tables are float64;
 sampling grids run from high to low noise and end with a final 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 
 def cosine_betas(n: int, max_beta: float = 0.999, s: float = 0.008) -> torch.Tensor:
-    """Nichol & Dhariwal 2021: abar(t) = cos^2(((t/N + s) / (1 + s)) * pi/2), beta_t = min(1 - abar(t+1)/abar(t), max)."""
+    """Nichol & Dhariwal 2021: abar(t) = cos^2(((t/N + s) / (1 + s)) * pi/2),
+    beta_t = min(1 - abar(t+1)/abar(t), max)."""
+
     def abar(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
@@ -35,7 +38,7 @@ def betas_for(schedule: str, n: int = 1000, beta_start: float = 0.00085, beta_en
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
     if schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
     if schedule == "cosine":
         return cosine_betas(n)
     raise InputError(f"unknown beta schedule {schedule!r}; use one of {', '.join(BETA_SCHEDULES)}")
@@ -51,7 +54,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     sqrt_abar = alphas_cumprod(betas).sqrt()  # (N,)
     first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
     sqrt_abar = (sqrt_abar - last) * first / (first - last)
-    abar = sqrt_abar ** 2
+    abar = sqrt_abar**2
     alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
     return 1 - alphas
 
@@ -65,8 +68,10 @@ def sigmas_from_alphas_cumprod(abar: torch.Tensor) -> torch.Tensor:
 def schedule_from_config(cfg: DiffusionConfig) -> torch.Tensor:
     """The discrete training sigmas (N,) float64, increasing in t, of an eps / v model's configuration."""
     if cfg.parameterisation == "edm":
-        raise InputError("an EDM model has a continuous sigma range, not a discrete schedule; use "
-                         "karras_sigmas(steps, cfg.sigma_min, cfg.sigma_max) or set parameterisation to eps or v")
+        raise InputError(
+            "an EDM model has a continuous sigma range, not a discrete schedule; use "
+            "karras_sigmas(steps, cfg.sigma_min, cfg.sigma_max) or set parameterisation to eps or v"
+        )
     betas = betas_for(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
     if cfg.zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
@@ -81,7 +86,8 @@ def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0; (n+1,)."""
+    """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    then 0; (n+1,)."""
     if n < 1:
         raise InputError(f"steps {n} must be at least 1")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
@@ -115,8 +121,9 @@ def t_to_sigma(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.where(w == 0, table[lo], torch.where(w == 1, table[lo + 1], between))
 
 
-def spaced_timesteps(steps: int, num_timesteps: int = 1000, spacing: str = "trailing",
-                     steps_offset: int = 0) -> torch.Tensor:
+def spaced_timesteps(
+    steps: int, num_timesteps: int = 1000, spacing: str = "trailing", steps_offset: int = 0
+) -> torch.Tensor:
     """Descending timesteps (steps,) float64 as diffusers' DDIM / DDPM / Euler schedulers space them (Lin et al.
     2023, Table 2): "leading" k * (N // n) + steps_offset, "trailing" round(N - k * N / n) - 1, "linspace"
     linspace(0, N-1, n) (unrounded as Euler; DDIM and DDPM round it). DPM-Solver's "linspace" / "leading" are these
@@ -133,8 +140,9 @@ def spaced_timesteps(steps: int, num_timesteps: int = 1000, spacing: str = "trai
     raise InputError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)} (or karras)")
 
 
-def discrete_sigmas(table: torch.Tensor, steps: int, spacing: str = "trailing", steps_offset: int = 0,
-                    rho: float = 7.0) -> torch.Tensor:
+def discrete_sigmas(
+    table: torch.Tensor, steps: int, spacing: str = "trailing", steps_offset: int = 0, rho: float = 7.0
+) -> torch.Tensor:
     """A sampling grid (steps + 1,) float32 ending in 0 for a discrete model with training sigmas `table` (N,):
     the sigmas of spaced timesteps, or a Karras grid between the table's ends (spacing "karras")."""
     if spacing == "karras":

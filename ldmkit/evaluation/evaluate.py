@@ -8,6 +8,7 @@
 The reference statistics are cached (see `fid.reference_stats`), so a second evaluation against the same set only
 pays for the generated images.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,21 +20,22 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoint
-from ..config import DataConfig
-from ..runtime import resolve_device
 from ..autoencoder.files import load_autoencoder
+from ..config import DataConfig
 from ..data import stack_images
-from .metrics import reconstruction_metrics
-from .fid import FeatureStats, InceptionFeatures, compute_stats, reference_indices, reference_stats
 from ..errors import InputError
+from ..runtime import resolve_device
+from .fid import FeatureStats, InceptionFeatures, compute_stats, reference_indices, reference_stats
+from .metrics import reconstruction_metrics
 
 
 def _reference_data(data_cfg: DataConfig, dataset: str | None, split: str, n: int):
     """The reference data set at the model's resolution and channels, and n clipped to its size."""
     from ..data import build_dataset
 
-    cfg = replace(data_cfg, dataset=dataset or data_cfg.dataset, split=split, limit=0, holdout=0, crop="center",
-                  flip=False)
+    cfg = replace(
+        data_cfg, dataset=dataset or data_cfg.dataset, split=split, limit=0, holdout=0, crop="center", flip=False
+    )
     ds = build_dataset(cfg)
     if n < 2:
         raise InputError(f"--n {n}: FID needs at least 2 images (10,000 is the usual figure)")
@@ -58,14 +60,33 @@ def _generated(ldm, ds, idx: list[int], sampler: str, steps: int, cfg: float, se
         e = min(n, s + batch)
         labels = [i % ldm.num_classes for i in range(s, e)] if ldm.num_classes else None
         prompts = captions[s:e] if captions else None
-        req = SampleRequest(n=e - s, labels=labels, prompts=prompts, sampler=sampler, steps=steps, cfg=cfg,
-                            seed=seed + s, batch_size=batch)
+        req = SampleRequest(
+            n=e - s,
+            labels=labels,
+            prompts=prompts,
+            sampler=sampler,
+            steps=steps,
+            cfg=cfg,
+            seed=seed + s,
+            batch_size=batch,
+        )
         yield generate(ldm, req)[0]
 
 
-def evaluate(path: str | Path, *, dataset: str | None = None, split: str = "test", n: int = 10000,
-             sampler: str = "dpmpp_2m", steps: int = 25, cfg: float = 3.0, seed: int = 0, device: str = "auto",
-             batch_size: int = 50, progress: bool = True) -> dict:
+def evaluate(
+    path: str | Path,
+    *,
+    dataset: str | None = None,
+    split: str = "test",
+    n: int = 10000,
+    sampler: str = "dpmpp_2m",
+    steps: int = 25,
+    cfg: float = 3.0,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 50,
+    progress: bool = True,
+) -> dict:
     """Metrics of a checkpoint against `dataset` (default: the one it was trained on), `split`, n images."""
     kind = checkpoint.read_metadata(path)["kind"]
     dev = resolve_device(device)
@@ -74,30 +95,50 @@ def evaluate(path: str | Path, *, dataset: str | None = None, split: str = "test
     if kind == "autoencoder":
         model, run = load_autoencoder(path, dev)
         data_cfg, ds = _reference_data(run.data, dataset, split, n)
-        ref = reference_stats(data_cfg.dataset, ds, n, split=split, features=features, progress=progress,
-                              keep_features=True)
+        ref = reference_stats(
+            data_cfg.dataset, ds, n, split=split, features=features, progress=progress, keep_features=True
+        )
         subset = torch.utils.data.Subset(ds, reference_indices(len(ds), n))
         result = reconstruction_metrics(model, subset, dev, batch=batch_size, progress=progress)
-        recon = compute_stats(_reconstructions(model, subset, dev, batch_size), features, keep_features=True,
-                              progress=progress)
+        recon = compute_stats(
+            _reconstructions(model, subset, dev, batch_size), features, keep_features=True, progress=progress
+        )
         result = {"psnr": result["psnr"], "ssim": result["ssim"], "rfid": recon.fid(ref)}
     elif kind == "ldm":
         from ..ldm import LatentDiffusion
 
         ldm = LatentDiffusion.load(path, dev)
         data_cfg, ds = _reference_data(ldm.run.data, dataset, split, n)
-        ref = reference_stats(data_cfg.dataset, ds, n, split=split, features=features, progress=progress,
-                              keep_features=True)
+        ref = reference_stats(
+            data_cfg.dataset, ds, n, split=split, features=features, progress=progress, keep_features=True
+        )
         images = _generated(ldm, ds, reference_indices(len(ds), n), sampler, steps, cfg, seed, batch_size, progress)
         gen = compute_stats(images, features, batch_size=batch_size, keep_features=True)
         kid_mean, kid_std = _kid(gen, ref)
-        result = {"fid": gen.fid(ref), "kid": kid_mean, "kid_std": kid_std, "sampler": sampler, "steps": steps,
-                  "cfg": cfg, "seed": seed}
+        result = {
+            "fid": gen.fid(ref),
+            "kid": kid_mean,
+            "kid_std": kid_std,
+            "sampler": sampler,
+            "steps": steps,
+            "cfg": cfg,
+            "seed": seed,
+        }
     else:
-        raise InputError(f"{path} is a {kind!r} checkpoint; evaluate takes a model (`ldmkit train`) or an "
-                         f"autoencoder (`ldmkit train-autoencoder`)")
-    return {"checkpoint": str(path), "kind": kind, "data": data_cfg.dataset, "split": split, "n": n,
-            "resolution": data_cfg.resolution, **result, "seconds": round(time.time() - start, 1)}
+        raise InputError(
+            f"{path} is a {kind!r} checkpoint; evaluate takes a model (`ldmkit train`) or an "
+            f"autoencoder (`ldmkit train-autoencoder`)"
+        )
+    return {
+        "checkpoint": str(path),
+        "kind": kind,
+        "data": data_cfg.dataset,
+        "split": split,
+        "n": n,
+        "resolution": data_cfg.resolution,
+        **result,
+        "seconds": round(time.time() - start, 1),
+    }
 
 
 @torch.no_grad()

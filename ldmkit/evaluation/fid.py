@@ -9,6 +9,7 @@ j * in / out, edges clamped) and mapped to the TF input range by pixel / 128 - 1
 FID: Heusel et al., "GANs trained by a two time-scale update rule converge to a local Nash equilibrium" (2017).
 KID: Binkowski et al., "Demystifying MMD GANs" (2018), the unbiased MMD^2 with a cubic polynomial kernel.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write
 from ..data import dataset_fingerprint
 from ..data.latents import cache_dir as default_cache_dir
-from ..nn.inception import load_inception
 from ..errors import InputError
+from ..nn.inception import load_inception
 
 INCEPTION_SIZE = 299  # input side of the feature network
 FEATURE_DIM = 2048  # pool_3 features
@@ -54,8 +55,9 @@ def tf_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def inception_inputs(images: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] with C = 1 or 3 -> network inputs (B, 3, 299, 299) in [-1, 0.9921875]."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise InputError(f"expected images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}; convert to "
-                         f"grayscale or RGB first")
+        raise InputError(
+            f"expected images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}; convert to grayscale or RGB first"
+        )
     x = images.float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB by replication
@@ -81,8 +83,9 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor, progress: bool = False) -> np.ndarray:
         """images (N, C, H, W) in [-1, 1], C = 1 or 3, any H, W -> (N, 2048) float64 numpy array."""
         out = []
-        for i in tqdm(range(0, images.shape[0], self.batch_size), desc="inception features", disable=not progress,
-                      leave=False):
+        for i in tqdm(
+            range(0, images.shape[0], self.batch_size), desc="inception features", disable=not progress, leave=False
+        ):
             x = inception_inputs(images[i : i + self.batch_size].to(self.device), self.quantize)
             out.append(self.net(x).double().cpu().numpy())  # (b, 2048)
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
@@ -169,8 +172,10 @@ class FeatureStats:
         with np.load(path, allow_pickle=False) as z:
             missing = {"mu", "sigma", "n"} - set(z.files)
             if missing:
-                raise InputError(f"{path} lacks {sorted(missing)}; it is not a FeatureStats file, delete it and "
-                                 f"recompute the statistics")
+                raise InputError(
+                    f"{path} lacks {sorted(missing)}; it is not a FeatureStats file, delete it and "
+                    f"recompute the statistics"
+                )
             features = z["features"] if "features" in z.files else None
             return cls(z["mu"], z["sigma"], int(z["n"]), features)
 
@@ -187,8 +192,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise InputError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}; both "
-                         f"statistics must come from the same feature network")
+        raise InputError(
+            f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}; both "
+            f"statistics must come from the same feature network"
+        )
     w, v = np.linalg.eigh((s1 + s1.T) / 2)  # S1 = V diag(w) V^T
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2, (D, D)
     m = root1 @ s2 @ root1
@@ -207,8 +214,9 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(within - 2.0 * kxy.mean())
 
 
-def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance: mean and std of the unbiased polynomial-kernel MMD^2 over random subsets.
 
     feats1 (N1, D), feats2 (N2, D); each of `subsets` rounds draws min(subset_size, N1, N2) rows of each set
@@ -217,11 +225,15 @@ def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size:
     x, y = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     m = min(subset_size, x.shape[0], y.shape[0])
     if m < 2 or x.shape[1] != y.shape[1]:
-        raise InputError(f"KID needs two feature sets (N, D) with the same D and N >= 2, got {x.shape} and "
-                         f"{y.shape}; use more images")
+        raise InputError(
+            f"KID needs two feature sets (N, D) with the same D and N >= 2, got {x.shape} and "
+            f"{y.shape}; use more images"
+        )
     rng = np.random.default_rng(seed)
-    vals = [_mmd2_unbiased(x[rng.choice(x.shape[0], m, replace=False)], y[rng.choice(y.shape[0], m, replace=False)])
-            for _ in range(subsets)]
+    vals = [
+        _mmd2_unbiased(x[rng.choice(x.shape[0], m, replace=False)], y[rng.choice(y.shape[0], m, replace=False)])
+        for _ in range(subsets)
+    ]
     return float(np.mean(vals)), float(np.std(vals))
 
 
@@ -244,13 +256,18 @@ def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
         yield torch.stack(pending)
 
 
-def compute_stats(images, features: Callable[[torch.Tensor], np.ndarray] | None = None, *, batch_size: int = 50,
-                  keep_features: bool = False, progress: bool = False) -> FeatureStats:
+def compute_stats(
+    images,
+    features: Callable[[torch.Tensor], np.ndarray] | None = None,
+    *,
+    batch_size: int = 50,
+    keep_features: bool = False,
+    progress: bool = False,
+) -> FeatureStats:
     """FeatureStats of images in [-1, 1]: a tensor (N, C, H, W) or an iterable of images, batches, dicts with an
     "image" entry or (image, label) pairs. features: the extractor (default: a new InceptionFeatures)."""
     features = features or InceptionFeatures(batch_size=batch_size)
-    batches = (features(b) for b in tqdm(_batches(images, batch_size), desc="feature statistics",
-                                         disable=not progress))
+    batches = (features(b) for b in tqdm(_batches(images, batch_size), desc="feature statistics", disable=not progress))
     return FeatureStats.from_batches(batches, keep_features)
 
 
@@ -261,9 +278,18 @@ def reference_indices(total: int, n: int) -> list[int]:
     return sorted(int(i) for i in torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n])
 
 
-def reference_stats(name: str, dataset, n: int | None = None, cache_dir: str | Path | None = None, *,
-                    split: str = "train", features: Callable[[torch.Tensor], np.ndarray] | None = None,
-                    batch_size: int = 50, keep_features: bool = False, progress: bool = True) -> FeatureStats:
+def reference_stats(
+    name: str,
+    dataset,
+    n: int | None = None,
+    cache_dir: str | Path | None = None,
+    *,
+    split: str = "train",
+    features: Callable[[torch.Tensor], np.ndarray] | None = None,
+    batch_size: int = 50,
+    keep_features: bool = False,
+    progress: bool = True,
+) -> FeatureStats:
     """Statistics of a reference set, cached in <cache_dir>/fid/<name>-<split>-n<n>-<C>x<H>x<W>-<key>.npz.
 
     name: a readable label for the file (e.g. the --data string); the cache is keyed by `key`, the data set's

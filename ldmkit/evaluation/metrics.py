@@ -5,6 +5,7 @@ SSIM follows Wang, Bovik, Sheikh and Simoncelli, "Image quality assessment: from
 similarity" (IEEE TIP 2004): an 11-tap Gaussian window of standard deviation 1.5, K1 = 0.01, K2 = 0.03, local
 statistics over the valid part of the image only (no padding), averaged per channel and then over channels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,11 +19,15 @@ from ..errors import InputError
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
     if x.shape != y.shape:
-        raise InputError(f"{name}: shapes {tuple(x.shape)} and {tuple(y.shape)} differ; pass two image batches of "
-                         f"the same (B, C, H, W) shape")
+        raise InputError(
+            f"{name}: shapes {tuple(x.shape)} and {tuple(y.shape)} differ; pass two image batches of "
+            f"the same (B, C, H, W) shape"
+        )
     if x.ndim != 4:
-        raise InputError(f"{name}: expected (B, C, H, W) image batches, got {x.ndim} dimensions; add a batch "
-                         f"dimension with x.unsqueeze(0) for a single image")
+        raise InputError(
+            f"{name}: expected (B, C, H, W) image batches, got {x.ndim} dimensions; add a batch "
+            f"dimension with x.unsqueeze(0) for a single image"
+        )
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -46,8 +51,15 @@ def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)  # (B, C, H-k+1, W-k+1)
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+def ssim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float = 2.0,
+    window: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004) per image: mean over channels and valid positions of
 
     ((2 mu_x mu_y + C1)(2 sigma_xy + C2)) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2)),

@@ -1,8 +1,10 @@
 """`ModelWeights`: a whole latent diffusion model as configs plus state dicts, the hub every format converts through.
 
 The U-Net and autoencoder weights are in ldmkit's layouts; the CLIP text encoder's in transformers'
-`CLIPTextModel` layout (`text_model.*` keys), described by a `CLIPTextConfig`-style dict (see `ldmkit.conditioning.clip.clip_config`).
+`CLIPTextModel` layout (`text_model.*` keys), described by a `CLIPTextConfig`-style dict
+(see `ldmkit.conditioning.clip.clip_config`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,14 +57,22 @@ def check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
 def check_keys(shapes: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: str, what: str):
     missing = [k for k in shapes if k not in state]
     unexpected = [k for k in state if k not in shapes]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {shapes[k]})" for k in shapes
-             if k in state and tuple(state[k].shape) != shapes[k]]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {shapes[k]})"
+        for k in shapes
+        if k in state and tuple(state[k].shape) != shapes[k]
+    ]
 
     def show(keys):
         return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
-    parts = [f"{name}: {show(keys)}" for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                        ("wrong shapes", wrong)) if keys]
+    parts = [
+        f"{name}: {show(keys)}"
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        if keys
+    ]
     if parts:
-        raise CheckpointError(f"{source or 'weights'}: the {what} weights do not match its configuration "
-                              f"({'; '.join(parts)}); the file may be truncated or from another model")
+        raise CheckpointError(
+            f"{source or 'weights'}: the {what} weights do not match its configuration "
+            f"({'; '.join(parts)}); the file may be truncated or from another model"
+        )

@@ -7,22 +7,27 @@ Formats are told from the paths:
 A .safetensors destination is "single-file" when the source is ldmkit's and "ldm" when the source is foreign;
 from a diffusers folder it is ambiguous, so name the format with `to=`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import checkpoint
-from ..config import DataConfig, DenoiserRun
-from ..conditioning.clip import clip_config_from_options, clip_encoder_options, clip_state_from_encoder
-from ..conditioning.clip import clip_state_to_encoder
+from ..conditioning.clip import (
+    clip_config_from_options,
+    clip_encoder_options,
+    clip_state_from_encoder,
+    clip_state_to_encoder,
+)
 from ..conditioning.text import build_text_encoder
+from ..config import DataConfig, DenoiserRun
+from ..errors import InputError, MissingFileError, OutputExistsError
 from ..ldm import KIND as LDM
 from ..ldm import LdmFile
 from .bundle import ModelWeights
 from .diffusers_pipeline import is_pipeline_folder, read_pipeline, write_pipeline
 from .files import PICKLE_SUFFIXES
 from .single_file import read_single_file, write_single_file
-from ..errors import InputError, MissingFileError, OutputExistsError
 
 FORMATS = ("ldm", "diffusers", "single-file")
 
@@ -33,21 +38,28 @@ def source_format(path: str | Path) -> str:
     if path.is_dir():
         if is_pipeline_folder(path):
             return "diffusers"
-        hint = " (it looks like one diffusers model; give the pipeline folder above it)" \
-            if (path / "config.json").is_file() else ""
+        hint = (
+            " (it looks like one diffusers model; give the pipeline folder above it)"
+            if (path / "config.json").is_file()
+            else ""
+        )
         raise InputError(f"{path} is a folder without model_index.json, so not a diffusers pipeline{hint}")
     if not path.exists():
         raise MissingFileError(f"{path} does not exist; give a .safetensors / .ckpt file or a diffusers folder")
     if path.suffix in PICKLE_SUFFIXES:
         return "single-file"
     if path.suffix != ".safetensors":
-        raise InputError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .safetensors "
-                         f"(ldmkit or Stable Diffusion), .ckpt, or a diffusers folder")
+        raise InputError(
+            f"{path}: cannot tell the format from the suffix {path.suffix!r}; use .safetensors "
+            f"(ldmkit or Stable Diffusion), .ckpt, or a diffusers folder"
+        )
     meta = checkpoint.read_header(path)
     if meta.get("format") == checkpoint.FORMAT:
         if meta.get("kind") != LDM:
-            raise InputError(f"{path} is an ldmkit {meta.get('kind')!r} checkpoint; only complete models "
-                             f"(kind 'ldm', written by `ldmkit train` / LatentDiffusion.save) can be converted")
+            raise InputError(
+                f"{path} is an ldmkit {meta.get('kind')!r} checkpoint; only complete models "
+                f"(kind 'ldm', written by `ldmkit train` / LatentDiffusion.save) can be converted"
+            )
         return "ldm"
     return "single-file"
 
@@ -63,11 +75,15 @@ def destination_format(path: str | Path, src_format: str, to: str | None = None)
     if path.suffix == "":
         return "diffusers"
     if path.suffix != ".safetensors":
-        raise InputError(f"{path}: cannot tell the destination format from {path.suffix!r}; use a .safetensors "
-                         f"file or a folder (diffusers)")
+        raise InputError(
+            f"{path}: cannot tell the destination format from {path.suffix!r}; use a .safetensors "
+            f"file or a folder (diffusers)"
+        )
     if src_format == "diffusers":
-        raise InputError(f"{path}: a .safetensors destination may be an ldmkit checkpoint or a single-file "
-                         f"checkpoint; say which with to='ldm' or to='single-file'")
+        raise InputError(
+            f"{path}: a .safetensors destination may be an ldmkit checkpoint or a single-file "
+            f"checkpoint; say which with to='ldm' or to='single-file'"
+        )
     return "single-file" if src_format == "ldm" else "ldm"
 
 
@@ -81,15 +97,28 @@ def read_ldm(path: str | Path) -> ModelWeights:
     text_cfg = text = None
     if run.text_encoder:
         if run.text_encoder != "clip":
-            raise InputError(f"{path} uses the {run.text_encoder!r} text encoder, which Stable Diffusion formats "
-                             f"cannot hold; only models with the 'clip' text encoder convert")
+            raise InputError(
+                f"{path} uses the {run.text_encoder!r} text encoder, which Stable Diffusion formats "
+                f"cannot hold; only models with the 'clip' text encoder convert"
+            )
         if not f.text:
-            raise checkpoint.CheckpointError(f"{path} has no text_encoder.* weights; its CLIP encoder was random and cannot be "
-                                  f"exported")
+            raise checkpoint.CheckpointError(
+                f"{path} has no text_encoder.* weights; its CLIP encoder was random and cannot be exported"
+            )
         text_cfg = clip_config_from_options(f.text_options)
         text = clip_state_from_encoder(build_text_encoder("clip", **f.text_options), f.text)
-    w = ModelWeights(run.unet, f.unet, f.ae_config, f.autoencoder, run.diffusion, run.data.resolution, text_cfg, text,
-                     tuple(run.class_names), str(path))
+    w = ModelWeights(
+        run.unet,
+        f.unet,
+        f.ae_config,
+        f.autoencoder,
+        run.diffusion,
+        run.data.resolution,
+        text_cfg,
+        text,
+        tuple(run.class_names),
+        str(path),
+    )
     return w.validate()
 
 
@@ -102,33 +131,47 @@ def write_ldm(path: str | Path, w: ModelWeights) -> Path:
     if w.text is not None:
         encoder = build_text_encoder("clip", **clip_encoder_options(w.text_config))
         text, options = clip_state_to_encoder(encoder, w.text), encoder.options
-    run = DenoiserRun(unet=w.unet_config, diffusion=w.diffusion, text_encoder="clip" if w.text is not None else "",
-                      data=DataConfig(resolution=w.resolution, channels=w.ae_config.in_channels),
-                      class_names=tuple(w.class_names))
+    run = DenoiserRun(
+        unet=w.unet_config,
+        diffusion=w.diffusion,
+        text_encoder="clip" if w.text is not None else "",
+        data=DataConfig(resolution=w.resolution, channels=w.ae_config.in_channels),
+        class_names=tuple(w.class_names),
+    )
     return LdmFile(run, w.ae_config, w.unet, w.autoencoder, text, options, {"converted_from": w.source}).write(path)
 
 
 # --- convert --------------------------------------------------------------------------------------------------------
 
 
-def read_any(path: str | Path, *, unsafe_pickle: bool = False, prediction: str | None = None,
-             heads=None) -> ModelWeights:
+def read_any(
+    path: str | Path, *, unsafe_pickle: bool = False, prediction: str | None = None, heads=None
+) -> ModelWeights:
     """Any supported checkpoint -> ModelWeights (format told from the path)."""
     if prediction not in (None, "eps", "v"):
         raise InputError(f"prediction={prediction!r} is not known; use 'eps' or 'v'")
     fmt = source_format(path)
     if fmt == "ldm":
         if prediction:
-            raise InputError(f"{path} is an ldmkit checkpoint, which records its parameterisation; leave "
-                             f"prediction unset for it")
+            raise InputError(
+                f"{path} is an ldmkit checkpoint, which records its parameterisation; leave prediction unset for it"
+            )
         return read_ldm(path)
     if fmt == "diffusers":
         return read_pipeline(path, prediction=prediction, unsafe_pickle=unsafe_pickle)
     return read_single_file(path, unsafe_pickle=unsafe_pickle, prediction=prediction, heads=heads)
 
 
-def convert(src: str | Path, dst: str | Path, *, unsafe_pickle: bool = False, prediction: str | None = None,
-            to: str | None = None, heads=None, overwrite: bool = False) -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    unsafe_pickle: bool = False,
+    prediction: str | None = None,
+    to: str | None = None,
+    heads=None,
+    overwrite: bool = False,
+) -> Path:
     """Convert a model between ldmkit's "ldm" checkpoint, a diffusers pipeline folder and an SD single file.
 
     unsafe_pickle: allow reading a .ckpt pickle (torch.load(weights_only=True)); prediction: "eps" or "v" for

@@ -5,6 +5,7 @@ function takes either a diffusers model object or a folder written by its `save_
 diffusion_pytorch_model.safetensors); folders are read and written without importing diffusers, which ldmkit
 never needs at run time.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,11 +17,15 @@ from ..autoencoder.vae import AutoencoderKL
 from ..checkpoint import CheckpointError, load_state
 from ..config import AutoencoderConfig, UNetConfig
 from ..denoisers.unet import UNet
-from . import keymaps
-from .diffusers_config import (unet_config_from_diffusers, unet_config_to_diffusers, vae_config_from_diffusers,
-                               vae_config_to_diffusers)
-from .files import read_model_folder, write_model_folder
 from ..errors import InputError, MissingDependencyError
+from . import keymaps
+from .diffusers_config import (
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+)
+from .files import read_model_folder, write_model_folder
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
@@ -44,8 +49,9 @@ def _check_class(config: dict[str, Any], expected: str, source: str):
 # --- U-Net ----------------------------------------------------------------------------------------------------------
 
 
-def unet_state_from_diffusers(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = ""
-                              ) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+def unet_state_from_diffusers(
+    config: dict[str, Any], state: dict[str, torch.Tensor], source: str = ""
+) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """A UNet2DConditionModel's (config, state dict) -> (UNetConfig, our state dict)."""
     _check_class(config, "UNet2DConditionModel", source or "config")
     cfg = unet_config_from_diffusers(config)
@@ -94,8 +100,9 @@ def unet_to_diffusers(unet: UNet, *, sample_size: int | None = None):
 # --- autoencoder ----------------------------------------------------------------------------------------------------
 
 
-def vae_state_from_diffusers(config: dict[str, Any], state: dict[str, torch.Tensor], source: str = ""
-                             ) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
+def vae_state_from_diffusers(
+    config: dict[str, Any], state: dict[str, torch.Tensor], source: str = ""
+) -> tuple[AutoencoderConfig, dict[str, torch.Tensor]]:
     """An AutoencoderKL's (config, state dict) -> (AutoencoderConfig, our state dict)."""
     _check_class(config, "AutoencoderKL", source or "config")
     cfg = vae_config_from_diffusers(config)
@@ -158,13 +165,17 @@ def _diffusers_model(class_name: str, config: dict[str, Any], state: dict[str, t
     try:
         import diffusers
     except ImportError:
-        raise MissingDependencyError(f"building a diffusers {class_name} needs diffusers (`pip install diffusers`); "
-                                     f"to write its folder without diffusers, use write_diffusers_unet / "
-                                     f"write_diffusers_vae") from None
+        raise MissingDependencyError(
+            f"building a diffusers {class_name} needs diffusers (`pip install diffusers`); "
+            f"to write its folder without diffusers, use write_diffusers_unet / "
+            f"write_diffusers_vae"
+        ) from None
     cls = getattr(diffusers, class_name)
     model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"diffusers {diffusers.__version__} {class_name} does not match the exported weights "
-                              f"(missing: {missing[:8]}; unexpected: {unexpected[:8]})")
+        raise CheckpointError(
+            f"diffusers {diffusers.__version__} {class_name} does not match the exported weights "
+            f"(missing: {missing[:8]}; unexpected: {unexpected[:8]})"
+        )
     return model.eval()

@@ -4,6 +4,7 @@ Covers `UNet2DConditionModel` (every option Stable Diffusion 1.x / 2.x and their
 `AutoencoderKL`, and the noise-schedule part of a scheduler config. An option ldmkit's networks cannot express
 raises ValueError naming the option and its value. Plain dicts in, plain dicts out: diffusers is never imported.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,35 +14,80 @@ from ..errors import InputError
 
 # diffusers' defaults, for configs written by older versions that omit newer keys.
 UNET_DEFAULTS: dict[str, Any] = {
-    "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2, "dropout": 0.0, "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 1280,
-    "transformer_layers_per_block": 1, "attention_head_dim": 8, "use_linear_projection": False,
-    "num_class_embeds": None, "upcast_attention": False, "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "dropout": 0.0,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 8,
+    "use_linear_projection": False,
+    "num_class_embeds": None,
+    "upcast_attention": False,
+    "sample_size": None,
 }
 # Options ldmkit's U-Net does not implement, with the only value it accepts.
 UNET_FIXED: dict[str, Any] = {
-    "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_attention_heads": None,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
-    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "center_input_sample": False,
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
 }
 UNET_IGNORED = {"addition_embed_type_num_heads"}  # only read when an unsupported option above is set
 
 VAE_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1,
-    "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215,
-    "shift_factor": None, "mid_block_add_attention": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "mid_block_add_attention": True,
 }
-VAE_FIXED: dict[str, Any] = {"act_fn": "silu", "latents_mean": None, "latents_std": None, "use_quant_conv": True,
-                             "use_post_quant_conv": True}
+VAE_FIXED: dict[str, Any] = {
+    "act_fn": "silu",
+    "latents_mean": None,
+    "latents_std": None,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+}
 VAE_IGNORED = {"force_upcast"}  # ldmkit always decodes in float32
 
 PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
@@ -49,8 +95,11 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squared
 
 
 def _unsupported(model: str, key: str, value, hint: str = "") -> ValueError:
-    return InputError(f"{model} option {key}={value!r} is not supported by ldmkit" + (f"; {hint}" if hint else "")
-                      + "; only models built like Stable Diffusion 1.x / 2.x can be converted")
+    return InputError(
+        f"{model} option {key}={value!r} is not supported by ldmkit"
+        + (f"; {hint}" if hint else "")
+        + "; only models built like Stable Diffusion 1.x / 2.x can be converted"
+    )
 
 
 def _check_options(model: str, cfg: dict, defaults: dict, fixed: dict, ignored: set):
@@ -61,8 +110,10 @@ def _check_options(model: str, cfg: dict, defaults: dict, fixed: dict, ignored: 
         if key not in fixed:
             if value in (None, False):
                 continue
-            raise InputError(f"{model} option {key}={value!r} is unknown to ldmkit; it cannot tell whether the "
-                             f"weights still mean the same; remove the option if it is inert")
+            raise InputError(
+                f"{model} option {key}={value!r} is unknown to ldmkit; it cannot tell whether the "
+                f"weights still mean the same; remove the option if it is inert"
+            )
         accepted = fixed[key]
         if isinstance(value, (list, tuple)) and not isinstance(accepted, (list, tuple)):
             if any(v != accepted for v in value):
@@ -85,8 +136,9 @@ def _uniform(model: str, key: str, value, n: int):
 def _mult(model: str, channels: list[int]) -> tuple[int, ...]:
     base = channels[0]
     if any(c % base for c in channels):
-        raise _unsupported(model, "block_out_channels", list(channels),
-                           f"every entry must be a multiple of the first ({base})")
+        raise _unsupported(
+            model, "block_out_channels", list(channels), f"every entry must be a multiple of the first ({base})"
+        )
     return tuple(c // base for c in channels)
 
 
@@ -104,15 +156,21 @@ def unet_config_from_diffusers(raw: dict[str, Any]) -> UNetConfig:
     c = {**UNET_DEFAULTS, **{k: v for k, v in raw.items() if k in UNET_DEFAULTS}}
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     n = len(down)
-    for key, kinds, types in (("down_block_types", ("CrossAttnDownBlock2D", "DownBlock2D"), down),
-                              ("up_block_types", ("CrossAttnUpBlock2D", "UpBlock2D"), up)):
+    for key, kinds, types in (
+        ("down_block_types", ("CrossAttnDownBlock2D", "DownBlock2D"), down),
+        ("up_block_types", ("CrossAttnUpBlock2D", "UpBlock2D"), up),
+    ):
         bad = [t for t in types if t not in kinds]
         if bad or len(types) != n:
             raise _unsupported(m, key, types, f"use {' / '.join(kinds)}, one per level")
     attn = tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn"))
     if tuple(n - 1 - i for i, t in enumerate(up) if t.startswith("CrossAttn"))[::-1] != attn:
-        raise _unsupported(m, "up_block_types", up, f"ldmkit needs attention at the same levels on the way up as on "
-                                                    f"the way down ({down})")
+        raise _unsupported(
+            m,
+            "up_block_types",
+            up,
+            f"ldmkit needs attention at the same levels on the way up as on the way down ({down})",
+        )
     if c["mid_block_type"] != "UNetMidBlock2DCrossAttn":  # UNetMidBlock2D has one residual block here, not two
         raise _unsupported(m, "mid_block_type", c["mid_block_type"], "use UNetMidBlock2DCrossAttn")
     heads = c["attention_head_dim"]
@@ -126,45 +184,70 @@ def unet_config_from_diffusers(raw: dict[str, Any]) -> UNetConfig:
         raise _unsupported(m, "num_class_embeds", 1, "ldmkit reserves one embedding as the null label, so it needs 2+")
     context = _uniform(m, "cross_attention_dim", c["cross_attention_dim"], n)
     return UNetConfig(
-        in_channels=c["in_channels"], out_channels=c["out_channels"], model_channels=c["block_out_channels"][0],
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        model_channels=c["block_out_channels"][0],
         channel_mult=_mult(m, list(c["block_out_channels"])),
-        num_res_blocks=_uniform(m, "layers_per_block", c["layers_per_block"], n), attention_levels=attn,
-        num_heads=heads, head_dim=0, transformer_depth=_uniform(m, "transformer_layers_per_block",
-                                                                 c["transformer_layers_per_block"], n),
-        context_dim=context or 0, num_classes=max(num_classes - 1, 0),
-        use_linear_projection=bool(c["use_linear_projection"]), upcast_attention=bool(c["upcast_attention"]),
-        mid_attention=True, norm_groups=c["norm_num_groups"], norm_eps=float(c["norm_eps"]),
-        dropout=float(c["dropout"]), flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]))
+        num_res_blocks=_uniform(m, "layers_per_block", c["layers_per_block"], n),
+        attention_levels=attn,
+        num_heads=heads,
+        head_dim=0,
+        transformer_depth=_uniform(m, "transformer_layers_per_block", c["transformer_layers_per_block"], n),
+        context_dim=context or 0,
+        num_classes=max(num_classes - 1, 0),
+        use_linear_projection=bool(c["use_linear_projection"]),
+        upcast_attention=bool(c["upcast_attention"]),
+        mid_attention=True,
+        norm_groups=c["norm_num_groups"],
+        norm_eps=float(c["norm_eps"]),
+        dropout=float(c["dropout"]),
+        flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
+        freq_shift=float(c["freq_shift"]),
+    )
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict[str, Any]:
     """UNetConfig -> a `UNet2DConditionModel` config dict (ValueError if diffusers cannot express it)."""
     n = len(cfg.channel_mult)
     if cfg.channel_mult[0] != 1:
-        raise InputError(f"channel_mult={cfg.channel_mult} starts with {cfg.channel_mult[0]}; diffusers' U-Net "
-                         f"needs the first level at model_channels, so set channel_mult[0] = 1")
+        raise InputError(
+            f"channel_mult={cfg.channel_mult} starts with {cfg.channel_mult[0]}; diffusers' U-Net "
+            f"needs the first level at model_channels, so set channel_mult[0] = 1"
+        )
     attn = set(cfg.attention_levels)
     if not cfg.mid_attention:
-        raise InputError("this U-Net has no transformer in its middle block (mid_attention=False); diffusers' "
-                         "UNet2DConditionModel has no middle block of two residual blocks alone")
+        raise InputError(
+            "this U-Net has no transformer in its middle block (mid_attention=False); diffusers' "
+            "UNet2DConditionModel has no middle block of two residual blocks alone"
+        )
     if not cfg.context_dim:
-        raise InputError("this U-Net has self-attention only (context_dim=0); diffusers' UNet2DConditionModel always "
-                         "adds cross-attention to its attention blocks, so it cannot hold these weights")
+        raise InputError(
+            "this U-Net has self-attention only (context_dim=0); diffusers' UNet2DConditionModel always "
+            "adds cross-attention to its attention blocks, so it cannot hold these weights"
+        )
     heads = [cfg.heads_at(i) for i in range(n)]
     out = {"_class_name": "UNet2DConditionModel", **UNET_DEFAULTS, **UNET_FIXED}
     out.update(
-        sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=_plain_number(cfg.freq_shift),
+        sample_size=sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=_plain_number(cfg.freq_shift),
         down_block_types=["CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)],
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=["CrossAttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n))],
-        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult], layers_per_block=cfg.num_res_blocks,
-        dropout=cfg.dropout, norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
+        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
+        layers_per_block=cfg.num_res_blocks,
+        dropout=cfg.dropout,
+        norm_num_groups=cfg.norm_groups,
+        norm_eps=cfg.norm_eps,
         cross_attention_dim=cfg.context_dim,
         transformer_layers_per_block=cfg.transformer_depth,
         attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
-        use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
-        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None)
+        use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
+        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
+    )
     return out
 
 
@@ -188,26 +271,42 @@ def vae_config_from_diffusers(raw: dict[str, Any]) -> AutoencoderConfig:
     if c["out_channels"] != c["in_channels"]:
         raise _unsupported(m, "out_channels", c["out_channels"], f"ldmkit decodes to in_channels ({c['in_channels']})")
     return AutoencoderConfig(
-        kind="kl", in_channels=c["in_channels"], base_channels=c["block_out_channels"][0],
-        channel_mult=_mult(m, list(c["block_out_channels"])), num_res_blocks=c["layers_per_block"],
-        latent_channels=c["latent_channels"], mid_attention=bool(c["mid_block_add_attention"]),
-        norm_groups=c["norm_num_groups"], scaling_factor=float(c["scaling_factor"]),
-        shift_factor=float(c["shift_factor"] or 0.0))
+        kind="kl",
+        in_channels=c["in_channels"],
+        base_channels=c["block_out_channels"][0],
+        channel_mult=_mult(m, list(c["block_out_channels"])),
+        num_res_blocks=c["layers_per_block"],
+        latent_channels=c["latent_channels"],
+        mid_attention=bool(c["mid_block_add_attention"]),
+        norm_groups=c["norm_num_groups"],
+        scaling_factor=float(c["scaling_factor"]),
+        shift_factor=float(c["shift_factor"] or 0.0),
+    )
 
 
 def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int | None = None) -> dict[str, Any]:
     """AutoencoderConfig (kind "kl") -> an `AutoencoderKL` config dict."""
     if cfg.kind != "kl":
-        raise InputError(f"a {cfg.kind!r} autoencoder has no diffusers AutoencoderKL equivalent; only KL "
-                         f"autoencoders (kind='kl') can be exported")
+        raise InputError(
+            f"a {cfg.kind!r} autoencoder has no diffusers AutoencoderKL equivalent; only KL "
+            f"autoencoders (kind='kl') can be exported"
+        )
     n = len(cfg.channel_mult)
     out = {"_class_name": "AutoencoderKL", **VAE_DEFAULTS, **VAE_FIXED, "force_upcast": False}
     out.update(
-        in_channels=cfg.in_channels, out_channels=cfg.in_channels, down_block_types=["DownEncoderBlock2D"] * n,
-        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.base_channels * m for m in cfg.channel_mult],
-        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_groups,
-        sample_size=sample_size or VAE_DEFAULTS["sample_size"], scaling_factor=cfg.scaling_factor,
-        shift_factor=cfg.shift_factor or None, mid_block_add_attention=cfg.mid_attention)
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=[cfg.base_channels * m for m in cfg.channel_mult],
+        layers_per_block=cfg.num_res_blocks,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_groups,
+        sample_size=sample_size or VAE_DEFAULTS["sample_size"],
+        scaling_factor=cfg.scaling_factor,
+        shift_factor=cfg.shift_factor or None,
+        mid_block_add_attention=cfg.mid_attention,
+    )
     return out
 
 
@@ -225,21 +324,36 @@ def diffusion_config_from_scheduler(raw: dict[str, Any], prediction: str | None 
     sched = raw.get("beta_schedule", "linear")
     if sched not in BETA_SCHEDULES:
         raise _unsupported(name, "beta_schedule", sched, f"use one of {', '.join(BETA_SCHEDULES)}")
-    return DiffusionConfig(parameterisation=prediction or PREDICTION[pred], schedule=BETA_SCHEDULES[sched],
-                           num_timesteps=int(raw.get("num_train_timesteps", 1000)),
-                           beta_start=float(raw.get("beta_start", 0.0001)), beta_end=float(raw.get("beta_end", 0.02)),
-                           zero_terminal_snr=bool(raw.get("rescale_betas_zero_snr", False)))
+    return DiffusionConfig(
+        parameterisation=prediction or PREDICTION[pred],
+        schedule=BETA_SCHEDULES[sched],
+        num_timesteps=int(raw.get("num_train_timesteps", 1000)),
+        beta_start=float(raw.get("beta_start", 0.0001)),
+        beta_end=float(raw.get("beta_end", 0.02)),
+        zero_terminal_snr=bool(raw.get("rescale_betas_zero_snr", False)),
+    )
 
 
 def diffusion_config_to_scheduler(cfg: DiffusionConfig) -> dict[str, Any]:
     """DiffusionConfig (eps or v) -> a DDIMScheduler config with Stable Diffusion's inference settings."""
     pred = {v: k for k, v in PREDICTION.items()}
     if cfg.parameterisation not in pred:
-        raise InputError(f"parameterisation {cfg.parameterisation!r} has no diffusers scheduler equivalent; only "
-                         f"discrete-time eps and v models can be exported")
+        raise InputError(
+            f"parameterisation {cfg.parameterisation!r} has no diffusers scheduler equivalent; only "
+            f"discrete-time eps and v models can be exported"
+        )
     sched = {v: k for k, v in BETA_SCHEDULES.items()}[cfg.schedule]
-    return {"_class_name": "DDIMScheduler", "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
-            "beta_schedule": sched, "num_train_timesteps": cfg.num_timesteps,
-            "prediction_type": pred[cfg.parameterisation],
-            "rescale_betas_zero_snr": cfg.zero_terminal_snr, "trained_betas": None, "clip_sample": False,
-            "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
+    return {
+        "_class_name": "DDIMScheduler",
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": sched,
+        "num_train_timesteps": cfg.num_timesteps,
+        "prediction_type": pred[cfg.parameterisation],
+        "rescale_betas_zero_snr": cfg.zero_terminal_snr,
+        "trained_betas": None,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    }

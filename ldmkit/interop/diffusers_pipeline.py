@@ -4,6 +4,7 @@ Read and written without importing diffusers. The tokenizer is never read (ldmki
 tokenizer); it is written from ldmkit's CLIP vocabulary when open-clip-torch is installed, so that
 `StableDiffusionPipeline.from_pretrained(folder)` works on an exported folder.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -11,15 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
-from ..config import DiffusionConfig
-from . import keymaps
 from ..conditioning.clip import clip_config
+from ..config import DiffusionConfig
+from ..errors import InputError
+from . import keymaps
 from .bundle import ModelWeights
 from .diffusers import WEIGHTS_STEM, unet_state_from_diffusers, vae_state_from_diffusers, versioned_config
-from .diffusers_config import diffusion_config_from_scheduler, diffusion_config_to_scheduler
-from .diffusers_config import unet_config_to_diffusers, vae_config_to_diffusers
+from .diffusers_config import (
+    diffusion_config_from_scheduler,
+    diffusion_config_to_scheduler,
+    unet_config_to_diffusers,
+    vae_config_to_diffusers,
+)
 from .files import read_json, read_model_folder, write_json, write_model_folder
-from ..errors import InputError
 
 INDEX = "model_index.json"
 EXTRA = "_ldmkit"  # model_index.json entry with what diffusers has no place for (class names)
@@ -48,12 +53,25 @@ def read_pipeline(folder: str | Path, *, prediction: str | None = None, unsafe_p
     if (folder / "text_encoder").is_dir():
         text_cfg, text = read_text_encoder(folder / "text_encoder", unsafe_pickle=unsafe_pickle)
     sched = folder / "scheduler" / "scheduler_config.json"
-    diffusion = diffusion_config_from_scheduler(read_json(sched), prediction) if sched.is_file() \
+    diffusion = (
+        diffusion_config_from_scheduler(read_json(sched), prediction)
+        if sched.is_file()
         else DiffusionConfig(parameterisation=prediction or "eps")
+    )
     extra = index.get(EXTRA) or {}
     resolution = extra.get("resolution") or (int(sample_size) * ae_cfg.factor if isinstance(sample_size, int) else 512)
-    return ModelWeights(unet_cfg, unet, ae_cfg, ae, diffusion, resolution, text_cfg, text,
-                        tuple(extra.get("class_names", ())), str(folder)).validate()
+    return ModelWeights(
+        unet_cfg,
+        unet,
+        ae_cfg,
+        ae,
+        diffusion,
+        resolution,
+        text_cfg,
+        text,
+        tuple(extra.get("class_names", ())),
+        str(folder),
+    ).validate()
 
 
 def read_text_encoder(folder: str | Path, *, unsafe_pickle: bool = False) -> tuple[dict[str, Any], dict]:
@@ -64,9 +82,15 @@ def read_text_encoder(folder: str | Path, *, unsafe_pickle: bool = False) -> tup
         raise InputError(f"{path}: the text encoder is a {arch[0]}; ldmkit converts CLIPTextModel (SD 1.x / 2.x) only")
     act = config.get("hidden_act", "quick_gelu")
     try:
-        cfg = clip_config(config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"], act,
-                          config["intermediate_size"], config.get("vocab_size", 49408),
-                          config.get("max_position_embeddings", 77))
+        cfg = clip_config(
+            config["hidden_size"],
+            config["num_hidden_layers"],
+            config["num_attention_heads"],
+            act,
+            config["intermediate_size"],
+            config.get("vocab_size", 49408),
+            config.get("max_position_embeddings", 77),
+        )
     except KeyError as e:
         raise CheckpointError(f"{folder}/config.json lacks {e.args[0]}; is it a CLIPTextConfig?") from None
     state = keymaps.with_text_model_prefix(state)
@@ -83,23 +107,41 @@ def write_pipeline(folder: str | Path, w: ModelWeights) -> Path:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; a diffusers pipeline is written to a folder")
     sample = w.resolution // w.ae_config.factor
-    write_model_folder(folder / "unet", WEIGHTS_STEM, versioned_config(unet_config_to_diffusers(w.unet_config, sample)),
-                       keymaps.unet_to_layout(w.unet, w.unet_config, "diffusers"))
-    write_model_folder(folder / "vae", WEIGHTS_STEM, versioned_config(vae_config_to_diffusers(w.ae_config, w.resolution)),
-                       keymaps.vae_to_layout(w.autoencoder, w.ae_config, "diffusers"))
-    write_json(folder / "scheduler" / "scheduler_config.json", versioned_config(diffusion_config_to_scheduler(w.diffusion)))
-    index: dict[str, Any] = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                             "scheduler": ["diffusers", "DDIMScheduler"],
-                             EXTRA: {"resolution": w.resolution, "class_names": list(w.class_names)}}
+    write_model_folder(
+        folder / "unet",
+        WEIGHTS_STEM,
+        versioned_config(unet_config_to_diffusers(w.unet_config, sample)),
+        keymaps.unet_to_layout(w.unet, w.unet_config, "diffusers"),
+    )
+    write_model_folder(
+        folder / "vae",
+        WEIGHTS_STEM,
+        versioned_config(vae_config_to_diffusers(w.ae_config, w.resolution)),
+        keymaps.vae_to_layout(w.autoencoder, w.ae_config, "diffusers"),
+    )
+    write_json(
+        folder / "scheduler" / "scheduler_config.json", versioned_config(diffusion_config_to_scheduler(w.diffusion))
+    )
+    index: dict[str, Any] = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        EXTRA: {"resolution": w.resolution, "class_names": list(w.class_names)},
+    }
     if w.text is not None:
         config = {**w.text_config, "torch_dtype": "float32"}
         write_model_folder(folder / "text_encoder", "model", config, w.text)
         index["text_encoder"] = ["transformers", "CLIPTextModel"]
         if write_tokenizer(folder / "tokenizer", w.text_config):
             index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False,
-                     _class_name="StableDiffusionInpaintPipeline" if w.unet_config.in_channels == 9
-                     else "StableDiffusionPipeline")
+        index.update(
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            requires_safety_checker=False,
+            _class_name="StableDiffusionInpaintPipeline"
+            if w.unet_config.in_channels == 9
+            else "StableDiffusionPipeline",
+        )
     else:
         index["_class_name"] = "DiffusionPipeline"
     write_json(folder / INDEX, versioned_config(index))
@@ -114,7 +156,9 @@ def write_tokenizer(folder: Path, text_config: dict[str, Any]) -> bool:
 
         tok = CLIPTokenizer()
     except (ImportError, FileNotFoundError, OSError) as e:
-        warnings.warn(f"no tokenizer/ written ({e}); install open-clip-torch (--no-deps), ftfy and regex to add it")
+        warnings.warn(
+            f"no tokenizer/ written ({e}); install open-clip-torch (--no-deps), ftfy and regex to add it", stacklevel=2
+        )
         return False
     names = {START: "<|startoftext|>", END: "<|endoftext|>"}
     vocab = {names.get(t, t): i for i, t in enumerate(tok.tokens)}
@@ -123,10 +167,22 @@ def write_tokenizer(folder: Path, text_config: dict[str, Any]) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "vocab.json", vocab)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
     write_json(folder / "special_tokens_map.json", special)
-    write_json(folder / "tokenizer_config.json", {**special, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True,
-                                                  "model_max_length": text_config["max_position_embeddings"],
-                                                  "errors": "replace", "add_prefix_space": False})
+    write_json(
+        folder / "tokenizer_config.json",
+        {
+            **special,
+            "tokenizer_class": "CLIPTokenizer",
+            "do_lower_case": True,
+            "model_max_length": text_config["max_position_embeddings"],
+            "errors": "replace",
+            "add_prefix_space": False,
+        },
+    )
     return True

@@ -3,6 +3,7 @@
 Pickle files (.ckpt, .pt, .pth, .bin) can run code when loaded; they are refused unless the caller passes
 `unsafe_pickle=True`, and even then are read with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,21 +30,26 @@ def read_tensors(path: str | Path, *, unsafe_pickle: bool = False) -> tuple[dict
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or in "
-                              f"another format") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or in another format"
+        ) from None
     return tensors, meta
 
 
 def _read_pickle(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     if not unsafe_pickle:
-        raise CheckpointError(f"{path} is a pickle file, which can run arbitrary code when loaded; prefer a "
-                              f".safetensors version of it, or pass unsafe_pickle=True (--unsafe-pickle) if you "
-                              f"trust its source")
+        raise CheckpointError(
+            f"{path} is a pickle file, which can run arbitrary code when loaded; prefer a "
+            f".safetensors version of it, or pass unsafe_pickle=True (--unsafe-pickle) if you "
+            f"trust its source"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or non-tensor pickles
-        raise CheckpointError(f"{path} could not be read as a tensor-only pickle ({type(e).__name__}: {e}); it may "
-                              f"be truncated or hold Python objects beside the weights") from None
+        raise CheckpointError(
+            f"{path} could not be read as a tensor-only pickle ({type(e).__name__}: {e}); it may "
+            f"be truncated or hold Python objects beside the weights"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -72,8 +78,9 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_model_folder(folder: str | Path, stem: str, *, unsafe_pickle: bool = False
-                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+def read_model_folder(
+    folder: str | Path, stem: str, *, unsafe_pickle: bool = False
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
     """(config.json, tensors, weights path) of a folder written by save_pretrained.
 
     stem: "diffusion_pytorch_model" (diffusers) or "model" (transformers). Looks for stem.safetensors, a sharded
@@ -91,8 +98,9 @@ def read_model_folder(folder: str | Path, stem: str, *, unsafe_pickle: bool = Fa
     for path in (folder / f"{stem}.fp16.safetensors", folder / f"{stem}.bin", folder / "pytorch_model.bin"):
         if path.is_file():
             return config, read_tensors(path, unsafe_pickle=unsafe_pickle)[0], path
-    raise CheckpointError(f"{folder} has a config.json but no weights ({stem}.safetensors); was the folder copied "
-                          f"completely?")
+    raise CheckpointError(
+        f"{folder} has a config.json but no weights ({stem}.safetensors); was the folder copied completely?"
+    )
 
 
 def write_model_folder(folder: str | Path, stem: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:

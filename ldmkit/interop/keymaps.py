@@ -11,6 +11,7 @@ A map is a list of rules `(our block prefix, their block prefix, leaf renames)`.
 Tensors keep their values; only the autoencoder's attention projections change shape in the "ldm" layout
 (linear (C, C) here, 1x1 convolution (C, C, 1, 1) there).
 """
+
 from __future__ import annotations
 
 import re
@@ -27,14 +28,29 @@ Rule = tuple[str, str, Leaf]
 # --- leaf renames inside one block ----------------------------------------------------------------------------------
 
 RES_DIFFUSERS: Leaf = (("emb_proj", "time_emb_proj"), ("skip", "conv_shortcut"))
-RES_LDM: Leaf = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("emb_proj", "emb_layers.1"),
-                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("skip", "skip_connection"))
+RES_LDM: Leaf = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("skip", "skip_connection"),
+)
 RES_LDM_VAE: Leaf = (("skip", "nin_shortcut"),)
 # Spatial transformer: identical in both foreign layouts.
-TRANSFORMER: Leaf = (("blocks", "transformer_blocks"), ("to_out", "to_out.0"), ("ff_in.proj", "ff.net.0.proj"),
-                     ("ff_out", "ff.net.2"))
-VAE_ATTN_DIFFUSERS: Leaf = (("norm", "group_norm"), ("attn.to_q", "to_q"), ("attn.to_k", "to_k"),
-                            ("attn.to_v", "to_v"), ("attn.to_out", "to_out.0"))
+TRANSFORMER: Leaf = (
+    ("blocks", "transformer_blocks"),
+    ("to_out", "to_out.0"),
+    ("ff_in.proj", "ff.net.0.proj"),
+    ("ff_out", "ff.net.2"),
+)
+VAE_ATTN_DIFFUSERS: Leaf = (
+    ("norm", "group_norm"),
+    ("attn.to_q", "to_q"),
+    ("attn.to_k", "to_k"),
+    ("attn.to_v", "to_v"),
+    ("attn.to_out", "to_out.0"),
+)
 VAE_ATTN_LDM: Leaf = (("attn.to_q", "q"), ("attn.to_k", "k"), ("attn.to_v", "v"), ("attn.to_out", "proj_out"))
 # Names older diffusers versions used for the autoencoder's attention (still found in some saved folders).
 LEGACY_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -53,13 +69,20 @@ def unet_rules(cfg: UNetConfig, layout: str) -> list[Rule]:
 
 def _unet_rules_diffusers(cfg: UNetConfig) -> list[Rule]:
     n = len(cfg.channel_mult)
-    rules: list[Rule] = [("conv_in", "conv_in", ()), ("time_mlp", "time_embedding", ()),
-                         ("class_emb", "class_embedding", ()), ("norm_out", "conv_norm_out", ()),
-                         ("conv_out", "conv_out", ()), ("mid_res1", "mid_block.resnets.0", RES_DIFFUSERS),
-                         ("mid_attn", "mid_block.attentions.0", TRANSFORMER),
-                         ("mid_res2", "mid_block.resnets.1", RES_DIFFUSERS)]
-    for path, theirs, count, sampler in (("down", "down_blocks", cfg.num_res_blocks, "downsamplers.0"),
-                                         ("up", "up_blocks", cfg.num_res_blocks + 1, "upsamplers.0")):
+    rules: list[Rule] = [
+        ("conv_in", "conv_in", ()),
+        ("time_mlp", "time_embedding", ()),
+        ("class_emb", "class_embedding", ()),
+        ("norm_out", "conv_norm_out", ()),
+        ("conv_out", "conv_out", ()),
+        ("mid_res1", "mid_block.resnets.0", RES_DIFFUSERS),
+        ("mid_attn", "mid_block.attentions.0", TRANSFORMER),
+        ("mid_res2", "mid_block.resnets.1", RES_DIFFUSERS),
+    ]
+    for path, theirs, count, sampler in (
+        ("down", "down_blocks", cfg.num_res_blocks, "downsamplers.0"),
+        ("up", "up_blocks", cfg.num_res_blocks + 1, "upsamplers.0"),
+    ):
         for i in range(n):
             for j in range(count):
                 rules.append((f"{path}.{i}.res.{j}", f"{theirs}.{i}.resnets.{j}", RES_DIFFUSERS))
@@ -70,10 +93,15 @@ def _unet_rules_diffusers(cfg: UNetConfig) -> list[Rule]:
 
 def _unet_rules_ldm(cfg: UNetConfig) -> list[Rule]:
     n, attn = len(cfg.channel_mult), set(cfg.attention_levels)
-    rules: list[Rule] = [("conv_in", "input_blocks.0.0", ()), ("time_mlp.linear_1", "time_embed.0", ()),
-                         ("time_mlp.linear_2", "time_embed.2", ()), ("class_emb", "label_emb", ()),
-                         ("norm_out", "out.0", ()), ("conv_out", "out.2", ()),
-                         ("mid_res1", "middle_block.0", RES_LDM)]
+    rules: list[Rule] = [
+        ("conv_in", "input_blocks.0.0", ()),
+        ("time_mlp.linear_1", "time_embed.0", ()),
+        ("time_mlp.linear_2", "time_embed.2", ()),
+        ("class_emb", "label_emb", ()),
+        ("norm_out", "out.0", ()),
+        ("conv_out", "out.2", ()),
+        ("mid_res1", "middle_block.0", RES_LDM),
+    ]
     if cfg.mid_attention:
         rules += [("mid_attn", "middle_block.1", TRANSFORMER), ("mid_res2", "middle_block.2", RES_LDM)]
     else:
@@ -110,11 +138,14 @@ def vae_rules(cfg: AutoencoderConfig, layout: str) -> list[Rule]:
     rules: list[Rule] = [("quant_conv", "quant_conv", ()), ("post_quant_conv", "post_quant_conv", ())]
     for part in ("encoder", "decoder"):
         mid = f"{part}.mid_block" if d else f"{part}.mid"
-        rules += [(f"{part}.conv_in", f"{part}.conv_in", ()), (f"{part}.conv_out", f"{part}.conv_out", ()),
-                  (f"{part}.norm_out", f"{part}.conv_norm_out" if d else f"{part}.norm_out", ()),
-                  (f"{part}.mid_res1", f"{mid}.resnets.0" if d else f"{mid}.block_1", res),
-                  (f"{part}.mid_attn", f"{mid}.attentions.0" if d else f"{mid}.attn_1", attn),
-                  (f"{part}.mid_res2", f"{mid}.resnets.1" if d else f"{mid}.block_2", res)]
+        rules += [
+            (f"{part}.conv_in", f"{part}.conv_in", ()),
+            (f"{part}.conv_out", f"{part}.conv_out", ()),
+            (f"{part}.norm_out", f"{part}.conv_norm_out" if d else f"{part}.norm_out", ()),
+            (f"{part}.mid_res1", f"{mid}.resnets.0" if d else f"{mid}.block_1", res),
+            (f"{part}.mid_attn", f"{mid}.attentions.0" if d else f"{mid}.attn_1", attn),
+            (f"{part}.mid_res2", f"{mid}.resnets.1" if d else f"{mid}.block_2", res),
+        ]
     for i in range(n):
         count = cfg.num_res_blocks
         theirs = f"encoder.down_blocks.{i}" if d else f"encoder.down.{i}"
@@ -140,26 +171,28 @@ def _rename_leaf(rest: str, leaf: Leaf, reverse: bool) -> str:
     return s[1:-1]
 
 
-def translate(state: dict[str, torch.Tensor], rules: list[Rule], *, reverse: bool = False,
-              source: str = "", what: str = "weights") -> dict[str, torch.Tensor]:
+def translate(
+    state: dict[str, torch.Tensor], rules: list[Rule], *, reverse: bool = False, source: str = "", what: str = "weights"
+) -> dict[str, torch.Tensor]:
     """Rename every key of `state` by `rules` (ours -> theirs, or theirs -> ours with reverse=True).
 
     A key that no rule covers raises CheckpointError naming `source` and the keys.
     """
-    table = sorted(((t, o, leaf) if reverse else (o, t, leaf) for o, t, leaf in rules),
-                   key=lambda r: -len(r[0]))
+    table = sorted(((t, o, leaf) if reverse else (o, t, leaf) for o, t, leaf in rules), key=lambda r: -len(r[0]))
     out, unknown = {}, []
     for key, value in state.items():
         for src, dst, leaf in table:
             if key.startswith(src + "."):
-                out[f"{dst}.{_rename_leaf(key[len(src) + 1:], leaf, reverse)}"] = value
+                out[f"{dst}.{_rename_leaf(key[len(src) + 1 :], leaf, reverse)}"] = value
                 break
         else:
             unknown.append(key)
     if unknown:
         shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-        raise CheckpointError(f"{source or 'state dict'}: unexpected {what} keys: {shown}; the file does not hold "
-                              f"the network its configuration describes")
+        raise CheckpointError(
+            f"{source or 'state dict'}: unexpected {what} keys: {shown}; the file does not hold "
+            f"the network its configuration describes"
+        )
     return out
 
 
@@ -189,8 +222,10 @@ def vae_from_layout(state, cfg: AutoencoderConfig, layout: str, source: str = ""
     if layout == "ldm":
         state = {k: v.flatten(1) if _LDM_VAE_CONV.search(k) and v.ndim == 4 else v for k, v in state.items()}
     else:
-        state = {_modern_vae_attn_key(k): v.flatten(1) if ".attentions." in k and v.ndim == 4 else v
-                 for k, v in state.items()}
+        state = {
+            _modern_vae_attn_key(k): v.flatten(1) if ".attentions." in k and v.ndim == 4 else v
+            for k, v in state.items()
+        }
     return translate(state, vae_rules(cfg, layout), reverse=True, source=source, what="autoencoder")
 
 
@@ -203,12 +238,19 @@ def _modern_vae_attn_key(key: str) -> str:
 
 # --- CLIP text encoder: transformers layout (text_model.*) <-> open_clip layout -------------------------------------
 
-_OPEN_CLIP_TOP = (("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
-                  ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
-                  ("text_model.final_layer_norm.weight", "ln_final.weight"),
-                  ("text_model.final_layer_norm.bias", "ln_final.bias"))
-_OPEN_CLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
-                    ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+_OPEN_CLIP_TOP = (
+    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("text_model.final_layer_norm.weight", "ln_final.weight"),
+    ("text_model.final_layer_norm.bias", "ln_final.bias"),
+)
+_OPEN_CLIP_LAYER = (
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("self_attn.out_proj", "attn.out_proj"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+)
 _HF_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
 _OC_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 
@@ -235,8 +277,9 @@ def clip_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def clip_from_open_clip(state: dict[str, torch.Tensor], layers: int | None = None,
-                        source: str = "") -> dict[str, torch.Tensor]:
+def clip_from_open_clip(
+    state: dict[str, torch.Tensor], layers: int | None = None, source: str = ""
+) -> dict[str, torch.Tensor]:
     """open_clip text tower -> transformers CLIPTextModel (`text_model.*`), keeping the first `layers` blocks.
 
     in_proj (3D, D) splits into q, k, v in that order. text_projection, logit_scale and attn_mask are not part

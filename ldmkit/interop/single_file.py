@@ -8,6 +8,7 @@ heads for 2.x), GroupNorm groups (32), the latent scaling factor (0.18215), the 
 0.00085..0.012) and the parameterisation (eps for 1.x and 2.x inpainting, v for 2.x; override with `prediction`).
 Files written here also carry those values in their metadata (key `ldmkit_interop`), so round trips are exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,12 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError
-from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, from_dict, to_dict
-from . import keymaps
 from ..conditioning.clip import infer_clip_config
+from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, from_dict, to_dict
+from ..errors import InputError
+from . import keymaps
 from .bundle import ModelWeights
 from .files import read_tensors, write_tensors
-from ..errors import InputError
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_SD1, CLIP_SD2 = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -33,7 +34,7 @@ SD_SCALING = 0.18215
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _fail(source, what: str) -> CheckpointError:
@@ -48,8 +49,10 @@ def infer_unet_config(s: dict[str, torch.Tensor], heads=None, source: str = "") 
     if "input_blocks.0.0.weight" not in s or "out.2.weight" not in s:
         raise _fail(source, "no U-Net weights (model.diffusion_model.input_blocks.0.0 / out.2)")
     if any(k.startswith("label_emb.0.") for k in s):
-        raise CheckpointError(f"{source}: this U-Net has a vector (ADM) label embedding (SDXL-style label_emb.0); "
-                              f"ldmkit converts Stable Diffusion 1.x / 2.x only")
+        raise CheckpointError(
+            f"{source}: this U-Net has a vector (ADM) label embedding (SDXL-style label_emb.0); "
+            f"ldmkit converts Stable Diffusion 1.x / 2.x only"
+        )
     ch0, in_ch = s["input_blocks.0.0.weight"].shape[:2]
     blocks = sorted({int(m.group(1)) for k in s if (m := re.match(r"input_blocks\.(\d+)\.", k))})
     downs = [k for k in blocks if f"input_blocks.{k}.0.op.weight" in s]
@@ -73,17 +76,27 @@ def infer_unet_config(s: dict[str, torch.Tensor], heads=None, source: str = "") 
     sd2 = context == 1024
     if heads is None:
         if context not in (768, 1024) and (attn or "middle_block.1.norm.weight" in s):
-            raise CheckpointError(f"{source}: cannot tell the attention head count of a U-Net with context width "
-                                  f"{context} (SD 1.x has 768, 2.x 1024); pass heads= (one int, or one per level)")
+            raise CheckpointError(
+                f"{source}: cannot tell the attention head count of a U-Net with context width "
+                f"{context} (SD 1.x has 768, 2.x 1024); pass heads= (one int, or one per level)"
+            )
         heads = tuple(max(1, c // 64) for c in chans) if sd2 else (8,)
     label = s.get("label_emb.weight")
-    return UNetConfig(in_channels=in_ch, out_channels=s["out.2.weight"].shape[0], model_channels=ch0,
-                      channel_mult=tuple(c // ch0 for c in chans), num_res_blocks=per_level,
-                      attention_levels=tuple(attn), num_heads=(heads,) if isinstance(heads, int) else tuple(heads),
-                      transformer_depth=max(depth, 1), context_dim=context,
-                      num_classes=label.shape[0] - 1 if label is not None else 0,
-                      use_linear_projection=bool(proj) and proj[0].ndim == 2, upcast_attention=sd2,
-                      mid_attention="middle_block.1.norm.weight" in s)
+    return UNetConfig(
+        in_channels=in_ch,
+        out_channels=s["out.2.weight"].shape[0],
+        model_channels=ch0,
+        channel_mult=tuple(c // ch0 for c in chans),
+        num_res_blocks=per_level,
+        attention_levels=tuple(attn),
+        num_heads=(heads,) if isinstance(heads, int) else tuple(heads),
+        transformer_depth=max(depth, 1),
+        context_dim=context,
+        num_classes=label.shape[0] - 1 if label is not None else 0,
+        use_linear_projection=bool(proj) and proj[0].ndim == 2,
+        upcast_attention=sd2,
+        mid_attention="middle_block.1.norm.weight" in s,
+    )
 
 
 def infer_vae_config(s: dict[str, torch.Tensor], source: str = "") -> AutoencoderConfig:
@@ -96,11 +109,20 @@ def infer_vae_config(s: dict[str, torch.Tensor], source: str = "") -> Autoencode
     chans = [s[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n)]
     latent = s["post_quant_conv.weight"].shape[0]
     if s["encoder.conv_out.weight"].shape[0] != 2 * latent:
-        raise CheckpointError(f"{source}: the autoencoder is not a KL autoencoder (its encoder gives "
-                              f"{s['encoder.conv_out.weight'].shape[0]} channels for {latent} latent channels)")
-    return AutoencoderConfig(kind="kl", in_channels=in_ch, base_channels=base,
-                             channel_mult=tuple(c // base for c in chans), num_res_blocks=res, latent_channels=latent,
-                             mid_attention="encoder.mid.attn_1.q.weight" in s, scaling_factor=SD_SCALING)
+        raise CheckpointError(
+            f"{source}: the autoencoder is not a KL autoencoder (its encoder gives "
+            f"{s['encoder.conv_out.weight'].shape[0]} channels for {latent} latent channels)"
+        )
+    return AutoencoderConfig(
+        kind="kl",
+        in_channels=in_ch,
+        base_channels=base,
+        channel_mult=tuple(c // base for c in chans),
+        num_res_blocks=res,
+        latent_channels=latent,
+        mid_attention="encoder.mid.attn_1.q.weight" in s,
+        scaling_factor=SD_SCALING,
+    )
 
 
 def _read_text(tensors, hints: dict[str, Any], source: str):
@@ -124,8 +146,9 @@ def _read_text(tensors, hints: dict[str, Any], source: str):
 # --- reading and writing --------------------------------------------------------------------------------------------
 
 
-def read_single_file(path: str | Path, *, unsafe_pickle: bool = False, prediction: str | None = None,
-                     heads=None) -> ModelWeights:
+def read_single_file(
+    path: str | Path, *, unsafe_pickle: bool = False, prediction: str | None = None, heads=None
+) -> ModelWeights:
     """A Stable Diffusion single-file checkpoint -> ModelWeights (validated against the inferred shapes).
 
     prediction: "eps" or "v" (default: eps for SD 1.x and 9-channel inpainting, v for other SD 2.x);
@@ -142,21 +165,36 @@ def read_single_file(path: str | Path, *, unsafe_pickle: bool = False, predictio
         unet_cfg = from_dict(UNetConfig, hints["unet"])
     else:
         unet_cfg = infer_unet_config(unet_raw, heads, source)
-    ae_cfg = from_dict(AutoencoderConfig, hints["autoencoder"]) if "autoencoder" in hints \
+    ae_cfg = (
+        from_dict(AutoencoderConfig, hints["autoencoder"])
+        if "autoencoder" in hints
         else infer_vae_config(vae_raw, source)
+    )
     text_cfg, text = _read_text(tensors, hints, source)
     sd2 = unet_cfg.context_dim == 1024
     default_v = sd2 and unet_cfg.in_channels != 9
-    diffusion = from_dict(DiffusionConfig, hints["diffusion"]) if "diffusion" in hints \
+    diffusion = (
+        from_dict(DiffusionConfig, hints["diffusion"])
+        if "diffusion" in hints
         else DiffusionConfig(parameterisation="v" if default_v else "eps")
+    )
     if prediction:
         diffusion = replace(diffusion, parameterisation=prediction)
     resolution = hints.get("resolution") or (768 if sd2 and diffusion.parameterisation == "v" else 512)
     used = (UNET, VAE, CLIP_SD1, CLIP_SD2)
-    w = ModelWeights(unet_cfg, keymaps.unet_from_layout(unet_raw, unet_cfg, "ldm", source), ae_cfg,
-                     keymaps.vae_from_layout(_without_loss(vae_raw), ae_cfg, "ldm", source), diffusion,
-                     int(resolution), text_cfg, text, tuple(hints.get("class_names", ())), source,
-                     unused=[k for k in tensors if not k.startswith(used)])
+    w = ModelWeights(
+        unet_cfg,
+        keymaps.unet_from_layout(unet_raw, unet_cfg, "ldm", source),
+        ae_cfg,
+        keymaps.vae_from_layout(_without_loss(vae_raw), ae_cfg, "ldm", source),
+        diffusion,
+        int(resolution),
+        text_cfg,
+        text,
+        tuple(hints.get("class_names", ())),
+        source,
+        unused=[k for k in tensors if not k.startswith(used)],
+    )
     return w.validate()
 
 
@@ -184,8 +222,16 @@ def write_single_file(path: str | Path, w: ModelWeights) -> Path:
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise InputError(f"{path}: single-file checkpoints are written as .safetensors only; rename it to "
-                         f"{path.with_suffix('.safetensors').name}")
-    hints = {"unet": to_dict(w.unet_config), "autoencoder": to_dict(w.ae_config), "diffusion": to_dict(w.diffusion),
-             "resolution": w.resolution, "class_names": list(w.class_names), "text": w.text_config}
+        raise InputError(
+            f"{path}: single-file checkpoints are written as .safetensors only; rename it to "
+            f"{path.with_suffix('.safetensors').name}"
+        )
+    hints = {
+        "unet": to_dict(w.unet_config),
+        "autoencoder": to_dict(w.ae_config),
+        "diffusion": to_dict(w.diffusion),
+        "resolution": w.resolution,
+        "class_names": list(w.class_names),
+        "text": w.text_config,
+    }
     return write_tensors(path, single_file_tensors(w), {HINTS: json.dumps(hints)})

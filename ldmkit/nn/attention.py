@@ -1,12 +1,13 @@
 """Attention layers, all computed by torch.nn.functional.scaled_dot_product_attention."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import group_norm
 from ..errors import InputError
+from .blocks import group_norm
 
 
 class Attention(nn.Module):
@@ -26,8 +27,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, N, dim); context: (B, T, context_dim) or None; mask: (B, T) bool, True for tokens to attend."""
         ctx = x if context is None else context
         B, N, _ = x.shape
@@ -71,8 +73,9 @@ class TransformerBlock(nn.Module):
         self.ff_in = GEGLU(dim, 4 * dim)
         self.ff_out = nn.Linear(4 * dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         if self.attn2 is not None:
             if context is None:
@@ -84,8 +87,16 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map: GroupNorm, project in, blocks, project out, residual."""
 
-    def __init__(self, channels: int, heads: int, depth: int = 1, context_dim: int = 0, groups: int = 32,
-                 linear_proj: bool = False, upcast: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        depth: int = 1,
+        context_dim: int = 0,
+        groups: int = 32,
+        linear_proj: bool = False,
+        upcast: bool = False,
+    ):
         """channels: feature-map channels (= token width); heads: attention heads; depth: transformer blocks;
         context_dim: cross-attention width (0: none); groups: GroupNorm groups; linear_proj: linear projections
         (Stable Diffusion 2.x) instead of 1x1 convolutions (1.x); upcast: float32 attention scores."""
@@ -97,8 +108,9 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth))
         self.proj_out = proj()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_proj:

@@ -1,24 +1,29 @@
 """Convolutional building blocks shared by the autoencoders and the U-Net."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from ..errors import InputError
 
 
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
     if channels % groups:
-        raise InputError(f"{channels} channels cannot be split into {groups} GroupNorm groups; "
-                         f"choose channel counts divisible by {groups} or set norm_groups to a divisor")
+        raise InputError(
+            f"{channels} channels cannot be split into {groups} GroupNorm groups; "
+            f"choose channel counts divisible by {groups} or set norm_groups to a divisor"
+        )
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
     """Pre-activation residual block (GroupNorm, SiLU, 3x3 conv, twice) with an optional embedding added between."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, groups: int = 32, eps: float = 1e-6,
-                 dropout: float = 0.0):
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int = 0, groups: int = 32, eps: float = 1e-6, dropout: float = 0.0
+    ):
         """in_ch/out_ch: channels; emb_dim: width of the noise/class embedding (0: none, as in autoencoders);
         groups/eps: GroupNorm settings; dropout: before the second convolution."""
         super().__init__()

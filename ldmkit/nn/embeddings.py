@@ -1,4 +1,5 @@
 """Noise-level embeddings."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,9 @@ import torch
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-                       max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 10000.0
+) -> torch.Tensor:
     """Sinusoidal embedding of a (possibly fractional) timestep, as in "Attention is all you need".
 
     Frequencies are max_period ** (-k / (half - freq_shift)) for k < half; the output is [sin, cos] or, with

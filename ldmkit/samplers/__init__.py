@@ -7,12 +7,13 @@ denoise(x (B,C,H,W), sigma (B,)) -> x0 prediction; x: the starting latent, alrea
 independent noise); callback(i, x, x0_pred, sigma) is called once per step with the state before its update.
 Samplers hold no state, so two threads may sample with one model at once.
 """
+
 from __future__ import annotations
 
+from ..errors import InputError
 from .ddim import sample_ddim, sample_ddpm
 from .dpm import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral, sample_heun
-from ..errors import InputError
 
 SAMPLERS = {
     "ddpm": sample_ddpm,

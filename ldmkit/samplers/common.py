@@ -1,9 +1,11 @@
 """Pieces every sampler shares: the per-step sigma batch, the callback, the ancestral split of a step."""
+
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
 from ..errors import InputError
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,H,W), sigma (B,)) -> x0 (B,C,H,W)
@@ -13,8 +15,10 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (i
 def check_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """sigmas as a 1-D float tensor on x's device, at least two long."""
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise InputError(f"sigmas must be a 1-D tensor of at least 2 noise levels ending in 0, got shape "
-                         f"{tuple(sigmas.shape)}; build one with denoiser.sigmas(steps)")
+        raise InputError(
+            f"sigmas must be a 1-D tensor of at least 2 noise levels ending in 0, got shape "
+            f"{tuple(sigmas.shape)}; build one with denoiser.sigmas(steps)"
+        )
     return sigmas.to(device=x.device, dtype=torch.float32)
 
 
@@ -36,6 +40,6 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
     sigma_up is DDIM's sigma_t(eta) (Song et al. 2021, eq. 16) divided by sqrt(abar_next)."""
     if eta == 0 or float(sigma_next) == 0:
         return sigma_next, torch.zeros_like(sigma_next)
-    up = eta * sigma_next * (sigma ** 2 - sigma_next ** 2).clamp_min(0).sqrt() / sigma
+    up = eta * sigma_next * (sigma**2 - sigma_next**2).clamp_min(0).sqrt() / sigma
     up = torch.minimum(up, sigma_next)
-    return (sigma_next ** 2 - up ** 2).clamp_min(0).sqrt(), up
+    return (sigma_next**2 - up**2).clamp_min(0).sqrt(), up

@@ -1,15 +1,22 @@
 """DPM-Solver++ multistep samplers (Lu et al. 2022), in sigma space: lambda = -log sigma, h = lambda_next - lambda."""
+
 from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..noise import Generators, randn_like
 from .common import Callback, DenoiseFn, check_sigmas, denoise_at, report
-from ..errors import InputError
 
 
-def sample_dpmpp_2m(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
-                    callback: Callback | None = None) -> torch.Tensor:
+def sample_dpmpp_2m(
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): x_next = (sigma_next / sigma) x - (e^{-h} - 1) D_hat with
     D_hat = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1} / h; first order on the first step and on the last step
     to sigma = 0 (where it returns D)."""
@@ -32,8 +39,16 @@ def sample_dpmpp_2m(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *
     return x
 
 
-def sample_dpmpp_2m_sde(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
-                        callback: Callback | None = None, eta: float = 1.0, solver: str = "midpoint") -> torch.Tensor:
+def sample_dpmpp_2m_sde(
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    solver: str = "midpoint",
+) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5 / diffusers' "sde-dpmsolver++"):
     x_next = (sigma_next / sigma) e^{-eta h} x + phi D + c D1 + sigma_next sqrt(1 - e^{-2 eta h}) z,
     phi = 1 - e^{-(1+eta) h}, D1 = (D - D_prev) / r, r = h_prev / h, and c = phi / 2 ("midpoint", as diffusers)

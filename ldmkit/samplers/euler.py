@@ -1,4 +1,5 @@
 """Euler, Euler ancestral and Heun samplers of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,14 @@ from ..noise import Generators, randn_like
 from .common import Callback, DenoiseFn, ancestral_step, check_sigmas, denoise_at, report
 
 
-def sample_euler(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
-                 callback: Callback | None = None) -> torch.Tensor:
+def sample_euler(
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Euler's method (Karras et al. 2022, Algorithm 2 without churn): x <- x + (sigma_next - sigma) d,
     d = (x - D(x, sigma)) / sigma. Equals deterministic DDIM in sigma space."""
     sigmas = check_sigmas(x, sigmas)
@@ -21,8 +28,15 @@ def sample_euler(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, g
     return x
 
 
-def sample_euler_ancestral(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
-                           callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+def sample_euler_ancestral(
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+) -> torch.Tensor:
     """Ancestral Euler (k-diffusion's sample_euler_ancestral): an Euler step to sigma_down, then fresh noise of
     std sigma_up (see `ancestral_step`); eta scales the noise (0 gives Euler)."""
     sigmas = check_sigmas(x, sigmas)
@@ -37,8 +51,14 @@ def sample_euler_ancestral(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Te
     return x
 
 
-def sample_heun(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
-                callback: Callback | None = None) -> torch.Tensor:
+def sample_heun(
+    denoise: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1 without churn); the last step to sigma = 0 is an
     Euler step. Two denoiser calls per step except the last."""
     sigmas = check_sigmas(x, sigmas)

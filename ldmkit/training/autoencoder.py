@@ -1,4 +1,5 @@
 """First-stage training task: the autoencoder, its patch-GAN discriminator, and what is measured at the end."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,10 +22,16 @@ class AutoencoderTask:
     def __init__(self, run: AutoencoderRun, dataset, device: torch.device, model: nn.Module | None = None):
         """run: the whole configuration; dataset: training images; device: where to train."""
         if run.model.in_channels != run.data.channels:
-            raise InputError(f"model.in_channels={run.model.in_channels} but data.channels={run.data.channels}; "
-                             f"set both to the same value")
-        check_multiple("data.resolution", run.data.resolution, run.model.factor,
-                       f"the autoencoder downsamples by {run.model.factor}")
+            raise InputError(
+                f"model.in_channels={run.model.in_channels} but data.channels={run.data.channels}; "
+                f"set both to the same value"
+            )
+        check_multiple(
+            "data.resolution",
+            run.data.resolution,
+            run.model.factor,
+            f"the autoencoder downsamples by {run.model.factor}",
+        )
         self.run, self.data, self.device = run, dataset, device
         self.size = len(dataset)
         self.model = (model or build_autoencoder(run.model)).to(device)

@@ -1,4 +1,5 @@
 """Second-stage training task: the denoiser on cached latents, with label or text conditioning and caption dropout."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -10,9 +11,9 @@ from torch import nn
 from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun
 from ..data.latents import LatentCache
-from ..noise import generators_from_seed
 from ..diffusion.sample import sample_latents
 from ..ldm import LatentDiffusion
+from ..noise import generators_from_seed
 from .ema import EMA
 
 
@@ -34,15 +35,18 @@ def resolve_run(run: DenoiserRun, ae_cfg: AutoencoderConfig, latents: LatentCach
 class DenoiserTask:
     """One micro-step: draw latents from the cache, drop conditions for guidance, loss from the parameterisation."""
 
-    def __init__(self, run: DenoiserRun, model: LatentDiffusion, latents: LatentCache, device: torch.device,
-                 text_cache=None):
+    def __init__(
+        self, run: DenoiserRun, model: LatentDiffusion, latents: LatentCache, device: torch.device, text_cache=None
+    ):
         """run: the resolved configuration; model: the bundle whose U-Net (and trainable text encoder) is trained;
         latents: the encoded training set; text_cache: embeddings of every caption for a frozen text encoder."""
         self.run, self.ldm, self.latents, self.device = run, model, latents, device
         self.text_cache = text_cache
         self.size = len(latents)
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
-        self.model = nn.ModuleDict({"unet": model.unet} | ({"text_encoder": model.text_encoder} if trainable_text else {}))
+        self.model = nn.ModuleDict(
+            {"unet": model.unet} | ({"text_encoder": model.text_encoder} if trainable_text else {})
+        )
         t = run.train
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
@@ -75,8 +79,8 @@ class DenoiserTask:
 
     def export(self, out_dir: Path, ema: EMA | None, step: int) -> Path:
         state = (ema.model if ema is not None else self.model).state_dict()
-        unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        text = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
+        unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
+        text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
         return self.ldm.save(out_dir / "model.safetensors", unet, text or None, step=step)
 
     def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
@@ -88,9 +92,15 @@ class DenoiserTask:
         cond, uncond, names = grid_conditions(ldm, self.latents)
         n = len(names)
         h, w = self.latents.mean.shape[-2:]
-        z = sample_latents(ldm.denoiser, (n, ldm.latent_channels, h, w), cond, uncond, steps=20,
-                           cfg_scale=3.0 if (ldm.num_classes or ldm.text_encoder is not None) else 1.0,
-                           generator=generators_from_seed(0, n))
+        z = sample_latents(
+            ldm.denoiser,
+            (n, ldm.latent_channels, h, w),
+            cond,
+            uncond,
+            steps=20,
+            cfg_scale=3.0 if (ldm.num_classes or ldm.text_encoder is not None) else 1.0,
+            generator=generators_from_seed(0, n),
+        )
         return save_grid(ldm.decode(z).cpu(), out_dir / f"samples-{step:07d}.png", nrow=min(n, 8), labels=names)
 
 

@@ -1,4 +1,5 @@
 """Exponential moving average of model weights."""
+
 from __future__ import annotations
 
 import copy

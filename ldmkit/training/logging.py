@@ -4,6 +4,7 @@ A run killed in the middle of a write leaves a cut-off last line; a resume drops
 line anywhere before the last one is not what a crash leaves, so it is an error naming the file and line, and the
 file is left untouched for the user to inspect and repair.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,14 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
             rec = json.loads(ln)
         except json.JSONDecodeError as e:
             if i == last:
-                warnings.warn(f"{path}: dropping line {i + 1}, cut off by a run that stopped while writing it "
-                              f"({ln[:60]!r})", stacklevel=3)
+                warnings.warn(
+                    f"{path}: dropping line {i + 1}, cut off by a run that stopped while writing it ({ln[:60]!r})",
+                    stacklevel=3,
+                )
                 break
-            raise InputError(f"{path} line {i + 1} is not valid JSON ({e.msg}) and is not the last line, so it is "
-                             f"damage rather than a cut-off write; delete or repair that line, then resume") from None
+            raise InputError(
+                f"{path} line {i + 1} is not valid JSON ({e.msg}) and is not the last line, so it is "
+                f"damage rather than a cut-off write; delete or repair that line, then resume"
+            ) from None
         out.append((ln, rec if isinstance(rec, dict) else {}))
     return out

@@ -5,6 +5,7 @@ owns everything around it. Every random draw of step s comes from a generator se
 order is a pure function of (seed, epoch), so a run resumed from its last checkpoint continues bit for bit as if it
 had never stopped.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
     while len(out) < batch:
         epoch, pos = divmod(start + len(out), n)
         perm = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(seed * 7919 + epoch))
-        out.extend(perm[pos: pos + batch - len(out)].tolist())
+        out.extend(perm[pos : pos + batch - len(out)].tolist())
     return torch.tensor(out)
 
 
@@ -71,8 +72,16 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.device, resume: bool = False,
-          config_dict: dict | None = None, stop_after: int | None = None, progress: bool = True) -> LoopResult:
+def train(
+    task: Task,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    device: torch.device,
+    resume: bool = False,
+    config_dict: dict | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> LoopResult:
     """Run (or resume) training to cfg.steps. stop_after: leave after that many steps (tests of resume)."""
     validate(cfg, "train")
     out_dir = Path(out_dir)
@@ -94,8 +103,10 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             if not all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss")):
                 bad += 1
                 if bad >= 5:
-                    raise NonFiniteError(f"loss was not finite for {bad} steps in a row at step {step}; lower "
-                                        f"train.lr, keep train.grad_clip > 0, or use train.mixed_precision=no")
+                    raise NonFiniteError(
+                        f"loss was not finite for {bad} steps in a row at step {step}; lower "
+                        f"train.lr, keep train.grad_clip > 0, or use train.mixed_precision=no"
+                    )
                 continue
             bad = 0
             if ema is not None:
@@ -104,8 +115,11 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             if done % cfg.log_every == 0 or done == end:
                 now = time.time()
                 n_steps = cfg.log_every if done % cfg.log_every == 0 else max(1, done - start)
-                rec = {"step": done, **{k: round(v, 6) for k, v in logs.items()},
-                       "images_per_s": round(n_steps * cfg.batch_size / max(now - t_last, 1e-9), 2)}
+                rec = {
+                    "step": done,
+                    **{k: round(v, 6) for k, v in logs.items()},
+                    "images_per_s": round(n_steps * cfg.batch_size / max(now - t_last, 1e-9), 2),
+                }
                 t_last = now
                 log.write(**rec)
                 history.append(rec)
@@ -117,8 +131,9 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
                 save_state(out_dir / STATE_FILE, task, ema, done, config_dict)
             if interrupted.flag:
                 bar.close()
-                raise KeyboardInterrupt(f"stopped at step {done}; state saved in {out_dir / STATE_FILE}; "
-                                        f"continue with --resume")
+                raise KeyboardInterrupt(
+                    f"stopped at step {done}; state saved in {out_dir / STATE_FILE}; continue with --resume"
+                )
         step = end
     bar.close()
     path = task.export(out_dir, ema, step)
@@ -137,7 +152,7 @@ def _one_step(task: Task, cfg: TrainConfig, step: int, micro: int, device: torch
     totals: dict[str, float] = {}
     for m in range(cfg.grad_accum):
         with autocast(cfg.mixed_precision, device):
-            logs = task.micro_step(step, idx[m * micro:(m + 1) * micro], gen, 1.0 / cfg.grad_accum)
+            logs = task.micro_step(step, idx[m * micro : (m + 1) * micro], gen, 1.0 / cfg.grad_accum)
         for k, v in logs.items():
             totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
     if not all(math.isfinite(v) for k, v in totals.items() if k.startswith("loss")):
@@ -169,8 +184,9 @@ def save_state(path: Path, task: Task, ema: EMA | None, step: int, config_dict: 
         for pid, st in sd["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{name}.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    checkpoint.save(path, tensors, "train-state", config_dict, step=step, param_groups=groups,
-                    ema_updates=ema.updates if ema else 0)
+    checkpoint.save(
+        path, tensors, "train-state", config_dict, step=step, param_groups=groups, ema_updates=ema.updates if ema else 0
+    )
 
 
 def load_state(path: Path, task: Task, ema: EMA | None) -> int:

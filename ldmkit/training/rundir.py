@@ -8,6 +8,7 @@
    change of architecture (what the weights mean, see ARCHITECTURE) is refused in one line; a changed
    hyperparameter is allowed with a warning listing old and new values.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,18 @@ RUN_FILES = (STATE_FILE, "log.jsonl", "metrics.json", "autoencoder.safetensors",
 # temporary files of interrupted writes of the run's own files
 RUN_PATTERNS = ("recon-*.png", "samples-*.png", "eval-*.json", *(f".{name}.*.tmp" for name in RUN_FILES))
 # settings whose change alters tensor shapes or what the weights mean (a dotted key or a whole section)
-ARCHITECTURE = ("model", "unet", "diffusion", "autoencoder", "text_encoder", "class_names", "data.resolution",
-                "data.channels", "loss.disc_layers", "loss.disc_channels")
+ARCHITECTURE = (
+    "model",
+    "unet",
+    "diffusion",
+    "autoencoder",
+    "text_encoder",
+    "class_names",
+    "data.resolution",
+    "data.channels",
+    "loss.disc_layers",
+    "loss.disc_channels",
+)
 SHOWN_CHANGES = 8  # a refusal lists at most this many keys, to stay on one readable line
 
 
@@ -40,8 +51,10 @@ class RunFolder:
         """path: the run folder (--out); resume: continue the run saved there; overwrite: replace the run saved there;
         keep: files the new run reads (e.g. its autoencoder), never removed by overwrite even inside the folder."""
         if resume and overwrite:
-            raise InputError("--resume and --overwrite contradict each other: pass --resume to continue the run in "
-                             f"{path}, or --overwrite to replace it")
+            raise InputError(
+                "--resume and --overwrite contradict each other: pass --resume to continue the run in "
+                f"{path}, or --overwrite to replace it"
+            )
         self.path = Path(path)
         self.resume, self.overwrite = resume, overwrite
         self.keep = [Path(p) for p in keep if p]
@@ -79,8 +92,10 @@ class RunFolder:
         if self.resume and not (self.path / STATE_FILE).is_file():
             raise MissingFileError(f"--resume: no {STATE_FILE} in {self.path}; start without --resume")
         if not self.resume and not self.overwrite and self.holds_run():
-            raise RunFolderError(f"{self.path} already holds a training run; pass --resume to continue it, "
-                                 f"--overwrite to replace it, or give a new --out")
+            raise RunFolderError(
+                f"{self.path} already holds a training run; pass --resume to continue it, "
+                f"--overwrite to replace it, or give a new --out"
+            )
 
     def _remove_previous_run(self):
         names = [n for n in RUN_FILES] + [p.name for pat in RUN_PATTERNS for p in self.path.glob(pat)]
@@ -105,9 +120,11 @@ class RunFolder:
         if refused:
             shown = [_show(c) for c in refused[:SHOWN_CHANGES]]
             more = f" and {len(refused) - SHOWN_CHANGES} more" if len(refused) > SHOWN_CHANGES else ""
-            raise ConfigError(f"cannot resume {self.path}: the model would change ({'; '.join(shown)}{more}); resume "
-                              f"with the saved settings (see {self.path / CONFIG_FILE}), or start a new run with a "
-                              f"new --out (or --overwrite to replace this one)")
+            raise ConfigError(
+                f"cannot resume {self.path}: the model would change ({'; '.join(shown)}{more}); resume "
+                f"with the saved settings (see {self.path / CONFIG_FILE}), or start a new run with a "
+                f"new --out (or --overwrite to replace this one)"
+            )
         return [_show(c) for c in changes]
 
     def write_config(self, new: dict[str, Any]) -> Path:

@@ -5,6 +5,7 @@ included, so a crashed run never blocks the next one. The file's content (JSON: 
 message that names the holder, and the warning when a new run finds a record its dead owner could not remove.
 Standard library only, so that it is cheap to import from any process.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -33,11 +34,13 @@ class RunLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise RunFolderError(f"run folder {self.folder}: it, or a folder above it, is a file; give another "
-                                 f"--out") from None
+            raise RunFolderError(
+                f"run folder {self.folder}: it, or a folder above it, is a file; give another --out"
+            ) from None
         except OSError as e:
-            raise RunFolderError(f"run folder {self.folder} cannot be created ({e.strerror}); give another --out") \
-                from None
+            raise RunFolderError(
+                f"run folder {self.folder} cannot be created ({e.strerror}); give another --out"
+            ) from None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -45,8 +48,10 @@ class RunLock:
             except BlockingIOError:
                 holder = _read_record(fd)
                 os.close(fd)
-                raise RunFolderError(f"run folder {self.folder} is in use by {_describe(holder)}; wait for that "
-                                     f"run to finish or stop it, or give another --out") from None
+                raise RunFolderError(
+                    f"run folder {self.folder} is in use by {_describe(holder)}; wait for that "
+                    f"run to finish or stop it, or give another --out"
+                ) from None
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the previous holder removed the file between our open and our lock: open the new one
@@ -119,9 +124,15 @@ def _warn_if_stale(folder: Path, record: dict):
     if not record.get("pid"):
         return
     if record.get("host") == socket.gethostname():
-        gone = "that process is no longer running" if not _pid_running(int(record["pid"])) else \
-            "its PID now belongs to another process"
+        gone = (
+            "that process is no longer running"
+            if not _pid_running(int(record["pid"]))
+            else "its PID now belongs to another process"
+        )
     else:
         gone = "it no longer holds the lock"
-    warnings.warn(f"run folder {folder}: taking over a stale lock left by {_holder(record)} "
-                  f"({gone}); that run ended without cleaning up, check its output", stacklevel=3)
+    warnings.warn(
+        f"run folder {folder}: taking over a stale lock left by {_holder(record)} "
+        f"({gone}); that run ended without cleaning up, check its output",
+        stacklevel=3,
+    )

@@ -1,4 +1,5 @@
 """The two training commands as functions: configuration in, checkpoint out."""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +8,18 @@ from pathlib import Path
 
 import torch
 
+from ..autoencoder.files import load_autoencoder
 from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, validate
 from ..data.latents import encode_dataset
 from ..denoisers.unet import UNet
-from ..ldm import LatentDiffusion
-from ..autoencoder.files import load_autoencoder
+from ..errors import InputError
 from ..evaluation.metrics import reconstruction_metrics
+from ..ldm import LatentDiffusion
+from ..runtime import autocast, resolve_device
 from .autoencoder import AutoencoderTask
 from .denoiser import DenoiserTask, resolve_run
-from ..runtime import autocast, resolve_device
 from .loop import train
 from .rundir import RunFolder
-from ..errors import InputError
 
 
 def _datasets(data_cfg, holdout: int):
@@ -26,13 +27,21 @@ def _datasets(data_cfg, holdout: int):
 
     ds = build_dataset(data_cfg)
     if holdout and len(ds) <= holdout:
-        raise InputError(f"the data set has {len(ds)} images, too few to hold out data.holdout={holdout} for "
-                         f"evaluation; lower data.holdout or add images")
+        raise InputError(
+            f"the data set has {len(ds)} images, too few to hold out data.holdout={holdout} for "
+            f"evaluation; lower data.holdout or add images"
+        )
     return split_holdout(ds, holdout) if holdout else (ds, None)
 
 
-def train_autoencoder(run: AutoencoderRun, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                      stop_after: int | None = None, overwrite: bool = False) -> dict:
+def train_autoencoder(
+    run: AutoencoderRun,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Train the first stage; writes autoencoder.safetensors, log.jsonl and metrics.json into out_dir.
     resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules)."""
     validate(run)
@@ -42,8 +51,16 @@ def train_autoencoder(run: AutoencoderRun, out_dir: str | Path, resume: bool = F
         device = resolve_device(run.train.device, "train.device")
         train_set, held = _datasets(run.data, run.data.holdout)
         task = AutoencoderTask(run, train_set, device)
-        res = train(task, run.train, folder.path, device, resume=resume, config_dict=to_dict(run),
-                    progress=progress, stop_after=stop_after)
+        res = train(
+            task,
+            run.train,
+            folder.path,
+            device,
+            resume=resume,
+            config_dict=to_dict(run),
+            progress=progress,
+            stop_after=stop_after,
+        )
         result = {"checkpoint": str(res.export_path), "step": res.step}
         if res.step >= run.train.steps and held is not None:
             model, _ = load_autoencoder(res.export_path, device)
@@ -66,12 +83,24 @@ def text_setup(run: DenoiserRun, captions: list[str], device):
 
 # settings of a denoiser run that are filled in from the autoencoder and the data (resolve_run): a resume can
 # compare them only after loading both
-RESOLVED_KEYS = ("unet.in_channels", "unet.out_channels", "unet.context_dim", "unet.num_classes", "class_names",
-                 "data.channels")
+RESOLVED_KEYS = (
+    "unet.in_channels",
+    "unet.out_channels",
+    "unet.context_dim",
+    "unet.num_classes",
+    "class_names",
+    "data.channels",
+)
 
 
-def train_denoiser(run: DenoiserRun, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                   stop_after: int | None = None, overwrite: bool = False) -> dict:
+def train_denoiser(
+    run: DenoiserRun,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Train the second stage on latents of run.autoencoder; writes model.safetensors (self-contained).
     resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules)."""
     if not run.autoencoder:
@@ -83,11 +112,22 @@ def train_denoiser(run: DenoiserRun, out_dir: str | Path, resume: bool = False, 
         device = resolve_device(run.train.device, "train.device")
         run, task = _denoiser_task(run, device, progress)
         folder.write_config(to_dict(run))
-        res = train(task, run.train, folder.path, device, resume=resume, config_dict=to_dict(run),
-                    progress=progress, stop_after=stop_after)
-        result = {"checkpoint": str(res.export_path), "step": res.step,
-                  "final_loss": res.history[-1]["loss"] if res.history else None,
-                  "parameters": sum(p.numel() for p in task.ldm.unet.parameters())}
+        res = train(
+            task,
+            run.train,
+            folder.path,
+            device,
+            resume=resume,
+            config_dict=to_dict(run),
+            progress=progress,
+            stop_after=stop_after,
+        )
+        result = {
+            "checkpoint": str(res.export_path),
+            "step": res.step,
+            "final_loss": res.history[-1]["loss"] if res.history else None,
+            "parameters": sum(p.numel() for p in task.ldm.unet.parameters()),
+        }
         (folder.path / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -96,8 +136,12 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRu
     """Load the autoencoder, encode (or load the cached) latents, build the U-Net: (resolved run, task)."""
     ae, ae_run = load_autoencoder(run.autoencoder, device)
     f_ae, f_unet = ae_run.model.factor, run.unet.factor
-    check_multiple("data.resolution", run.data.resolution, f_ae * f_unet,
-                   f"the autoencoder downsamples by {f_ae}, then the U-Net by {f_unet}")  # before the slow encoding
+    check_multiple(
+        "data.resolution",
+        run.data.resolution,
+        f_ae * f_unet,
+        f"the autoencoder downsamples by {f_ae}, then the U-Net by {f_unet}",
+    )  # before the slow encoding
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
     train_set, _ = _datasets(run.data, 0)
