@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from .checkpoint import read_metadata
+from .config import AutoencoderRun, DenoiserRun, load_run
 from .errors import InputError, LdmkitError, MissingFileError
+from .evaluation.evaluate import evaluate, format_table, write_result
+from .interop.convert import convert
+from .pipelines.generate import SampleRequest, generate_to_file
+from .samplers import SAMPLERS
+from .shipped import plan_generation
+from .training.runs import train_autoencoder, train_denoiser
 
 
 def _run_options(p: argparse.ArgumentParser, default_out: str):
@@ -35,8 +43,6 @@ def _run_options(p: argparse.ArgumentParser, default_out: str):
 
 def _sampling_options(p: argparse.ArgumentParser, *, n: int, n_help: str, batch_size: int | None = None):
     """The options of sample, generate and evaluate, declared here once; only --n and --batch-size defaults differ."""
-    from .samplers import SAMPLERS
-
     p.add_argument("--n", type=int, default=n, help=f"{n_help} (default {n})")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
@@ -107,9 +113,6 @@ def _overrides(args) -> list[str]:
 
 
 def cmd_train_autoencoder(args):
-    from .config import AutoencoderRun, load_run
-    from .training.runs import train_autoencoder
-
     run = load_run(AutoencoderRun, args.config, _overrides(args))
     result = train_autoencoder(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(result, indent=2))
@@ -117,9 +120,6 @@ def cmd_train_autoencoder(args):
 
 
 def cmd_train(args):
-    from .config import DenoiserRun, load_run
-    from .training.runs import train_denoiser
-
     extra = [f"autoencoder={args.autoencoder}"] if args.autoencoder else []
     if args.text_encoder:
         extra.append(f"text_encoder={args.text_encoder}")
@@ -130,8 +130,6 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from .pipelines.generate import SampleRequest, generate_to_file
-
     prompts = None
     if args.prompt_file:
         prompts = _read_prompt_file(args.prompt_file)
@@ -158,9 +156,6 @@ def cmd_sample(args):
 
 
 def cmd_generate(args):
-    from .pipelines.generate import SampleRequest, generate_to_file
-    from .shipped import plan_generation
-
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
@@ -180,8 +175,6 @@ def cmd_generate(args):
 
 
 def cmd_evaluate(args):
-    from .evaluation.evaluate import evaluate, format_table, write_result
-
     result = evaluate(
         args.checkpoint,
         dataset=args.data,
@@ -201,15 +194,11 @@ def cmd_evaluate(args):
 
 
 def cmd_info(args):
-    from .checkpoint import read_metadata
-
     meta = read_metadata(args.checkpoint)
     print(json.dumps(meta, indent=2))
 
 
 def cmd_convert(args):
-    from .interop.convert import convert
-
     out = convert(
         args.src,
         args.dst,

@@ -219,7 +219,7 @@ def test_without_debug_a_user_error_is_one_line(capsys, tmp_path):
 
 @pytest.mark.parametrize("cmd,fn", [("train-autoencoder", "train_autoencoder"), ("train", "train_denoiser")])
 def test_overwrite_reaches_the_training_function(capsys, monkeypatch, tmp_path, tiny_ae, cmd, fn):
-    import ldmkit.training.runs as runs
+    import ldmkit.cli as cli
 
     seen = {}
 
@@ -227,7 +227,7 @@ def test_overwrite_reaches_the_training_function(capsys, monkeypatch, tmp_path, 
         seen.update(kw, out=out)
         return {"checkpoint": str(tmp_path / "x.safetensors"), "step": 0}
 
-    monkeypatch.setattr(runs, fn, fake)
+    monkeypatch.setattr(cli, fn, fake)
     extra = ["--autoencoder", str(tiny_ae)] if cmd == "train" else []
     assert main([cmd, *extra, "--out", str(tmp_path / "r"), "--overwrite", "--quiet"]) == 0
     assert seen["overwrite"] is True and seen["out"] == str(tmp_path / "r")
@@ -340,10 +340,10 @@ def test_run_folder_that_is_a_file_is_one_line(capsys, tmp_path):
 
 
 def test_evaluate_result_that_cannot_be_written_is_one_line(capsys, monkeypatch, tmp_path):
-    import ldmkit.evaluation.evaluate as ev
+    import ldmkit.cli as cli
 
-    monkeypatch.setattr(ev, "evaluate", lambda path, **kw: {"data": "blobs", "fid": 1.0})
-    monkeypatch.setattr(ev, "format_table", lambda result: "fid 1.0")
+    monkeypatch.setattr(cli, "evaluate", lambda path, **kw: {"data": "blobs", "fid": 1.0})
+    monkeypatch.setattr(cli, "format_table", lambda result: "fid 1.0")
     (tmp_path / "afile").write_text("x")
     for out in (tmp_path, tmp_path / "afile" / "r.json"):
         code, printed, err = run(capsys, "evaluate", "model.safetensors", "--out", str(out), "--quiet")
@@ -351,11 +351,11 @@ def test_evaluate_result_that_cannot_be_written_is_one_line(capsys, monkeypatch,
 
 
 def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path, tiny_ldm):
-    import ldmkit.pipelines.generate as t2i
+    import ldmkit.cli as cli
 
     seen = []
     monkeypatch.setattr(
-        t2i, "generate_to_file", lambda ckpt, req, out, grid=True, progress=True: seen.append(progress) or [out]
+        cli, "generate_to_file", lambda ckpt, req, out, grid=True, progress=True: seen.append(progress) or [out]
     )
     for quiet in ([], ["--quiet"]):
         assert main(["sample", str(tiny_ldm), *quiet]) == 0

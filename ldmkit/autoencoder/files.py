@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..config import AutoencoderRun, from_dict, to_dict
-from ..data import stack_images
+from ..data.common import stack_images
 from . import build_autoencoder
 from .vae import AutoencoderKL
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..errors import InputError, MissingDependencyError, MissingFileError
-from . import digest
+from .common import digest
 from .images import atomic_write, uint8_to_tensor
 
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..config import DataConfig
 from ..errors import InputError, MissingFileError
-from . import digest, file_stamp
+from .common import digest, file_stamp
 from .images import resize_and_crop, to_tensor, uint8_to_tensor
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")

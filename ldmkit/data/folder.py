@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..config import DataConfig
 from ..errors import InputError, MissingFileError
-from . import digest, file_stamp
+from .common import digest, file_stamp
 from .images import IMAGE_SUFFIXES, load_image, resize_and_crop, to_tensor
 
 CAPTION_KEYS = ("text", "caption")  # metadata.jsonl keys read as the caption, first found wins
@@ -109,12 +109,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def _check_root(self) -> None:
         if not self.root.exists():
-            from . import BUILTINS
-
-            raise MissingFileError(
-                f"data folder {self.root} does not exist; set data.dataset to a folder of images "
-                f"or to a built-in data set ({', '.join(BUILTINS)})"
-            )
+            raise MissingFileError(f"data folder {self.root} does not exist; set data.dataset to a folder of images")
         if not self.root.is_dir():
             raise InputError(f"data.dataset={self.root} is a file, not a folder; give the folder that holds the images")
 

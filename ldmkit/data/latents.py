@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import DataConfig, to_dict
-from . import dataset_fingerprint
+from .common import dataset_fingerprint
 
 
 def cache_dir() -> Path:

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 from .. import checkpoint
 from ..autoencoder.files import load_autoencoder
 from ..config import DataConfig
-from ..data import stack_images
+from ..data import build_dataset, stack_images
 from ..errors import InputError
+from ..ldm import LatentDiffusion
+from ..pipelines.generate import SampleRequest, generate
 from ..runtime import resolve_device
 from .fid import FeatureStats, InceptionFeatures, compute_stats, reference_indices, reference_stats
 from .metrics import reconstruction_metrics
@@ -31,8 +33,6 @@ from .metrics import reconstruction_metrics
 
 def _reference_data(data_cfg: DataConfig, dataset: str | None, split: str, n: int):
     """The reference data set at the model's resolution and channels, and n clipped to its size."""
-    from ..data import build_dataset
-
     cfg = replace(
         data_cfg, dataset=dataset or data_cfg.dataset, split=split, limit=0, holdout=0, crop="center", flip=False
     )
@@ -52,8 +52,6 @@ def _kid(a: FeatureStats, b: FeatureStats) -> tuple[float, float]:
 def _generated(ldm, ds, idx: list[int], sampler: str, steps: int, cfg: float, seed: int, batch: int, progress: bool):
     """Generated images in batches of `batch` (image i always drawn with seed + i); a text model is prompted with
     the captions of the reference images `idx`, so both sets share their caption distribution."""
-    from ..pipelines.generate import SampleRequest, generate
-
     captions = [ds.captions[i] for i in idx] if ldm.text_encoder is not None and ds.captions else None
     n = len(idx)
     for s in tqdm(range(0, n, batch), desc="generating", disable=not progress):
@@ -105,8 +103,6 @@ def evaluate(
         )
         result = {"psnr": result["psnr"], "ssim": result["ssim"], "rfid": recon.fid(ref)}
     elif kind == "ldm":
-        from ..ldm import LatentDiffusion
-
         ldm = LatentDiffusion.load(path, dev)
         data_cfg, ds = _reference_data(ldm.run.data, dataset, split, n)
         ref = reference_stats(

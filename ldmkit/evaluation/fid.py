@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
-from ..data import dataset_fingerprint
+from ..data.common import dataset_fingerprint
 from ..data.latents import cache_dir as default_cache_dir
 from ..errors import InputError
 from ..nn.inception import load_inception

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import stack_images
+from ..data.common import stack_images
 from ..errors import InputError
 
 

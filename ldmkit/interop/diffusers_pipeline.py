@@ -13,6 +13,7 @@ from typing import Any
 
 from ..checkpoint import CheckpointError
 from ..conditioning.clip import clip_config
+from ..conditioning.clip_tokenizer import END, START, CLIPTokenizer
 from ..config import DiffusionConfig
 from ..errors import InputError
 from . import keymaps
@@ -152,8 +153,6 @@ def write_tokenizer(folder: Path, text_config: dict[str, Any]) -> bool:
     """transformers CLIPTokenizer files (vocab.json, merges.txt) from ldmkit's CLIP vocabulary; False (with a
     warning) when that vocabulary is not installed."""
     try:
-        from ..conditioning.clip_tokenizer import END, START, CLIPTokenizer
-
         tok = CLIPTokenizer()
     except (ImportError, FileNotFoundError, OSError) as e:
         warnings.warn(

@@ -11,7 +11,8 @@ from ..autoencoder import build_autoencoder
 from ..autoencoder.files import save_autoencoder
 from ..autoencoder.losses import AutoencoderLoss
 from ..config import AutoencoderRun, check_multiple
-from ..data import stack_images
+from ..data.common import stack_images
+from ..data.images import save_grid
 from ..errors import InputError
 from .ema import EMA
 
@@ -69,8 +70,6 @@ class AutoencoderTask:
         return save_autoencoder(out_dir / "autoencoder.safetensors", model, self.run, self.data, step)
 
     def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
-        from ..data.images import save_grid
-
         model = ema.model if ema is not None else self.model
         x = stack_images(self.data, range(min(8, self.size))).to(self.device)
         with torch.no_grad():

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun
+from ..data.images import save_grid
 from ..data.latents import LatentCache
 from ..diffusion.sample import sample_latents
 from ..ldm import LatentDiffusion
@@ -84,8 +85,6 @@ class DenoiserTask:
         return self.ldm.save(out_dir / "model.safetensors", unet, text or None, step=step)
 
     def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
-        from ..data.images import save_grid
-
         unet = ema.model["unet"] if ema is not None else self.ldm.unet
         unet.eval()
         ldm = LatentDiffusion(self.ldm.autoencoder, self.ldm.ae_config, unet, self.run, self.ldm.text_encoder)

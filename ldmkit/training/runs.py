@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from ..autoencoder.files import load_autoencoder
+from ..conditioning.text import EmbeddingCache, build_text_encoder
 from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, validate
+from ..data import build_dataset, split_holdout
 from ..data.latents import encode_dataset
 from ..denoisers.unet import UNet
 from ..errors import InputError
@@ -23,8 +25,6 @@ from .rundir import RunFolder
 
 
 def _datasets(data_cfg, holdout: int):
-    from ..data import build_dataset, split_holdout
-
     ds = build_dataset(data_cfg)
     if holdout and len(ds) <= holdout:
         raise InputError(
@@ -73,8 +73,6 @@ def text_setup(run: DenoiserRun, captions: list[str], device):
     """The text encoder for a text-conditional run and, for a frozen one, the per-caption embedding cache."""
     if not run.text_encoder:
         return None, None
-    from ..conditioning.text import EmbeddingCache, build_text_encoder
-
     enc = build_text_encoder(run.text_encoder).to(device)
     if getattr(enc, "trainable", False):
         return enc, None
