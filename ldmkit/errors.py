@@ -47,3 +47,8 @@ class MissingDependencyError(LdmkitError, ImportError):
 
 class OutputExistsError(LdmkitError, FileExistsError):
     """An output path exists and the command was not told to replace it."""
+
+
+class OutputWriteError(LdmkitError, OSError):
+    """An output could not be written after the work was done (a full disk, a folder removed meanwhile); the
+    message says where the results were saved instead."""

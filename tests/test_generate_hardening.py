@@ -17,7 +17,7 @@ from ldmkit import checkpoint
 from ldmkit.cli import main
 from ldmkit.data.images import _fit_text, save_grid
 from ldmkit.diffusion.sample import sample_latents
-from ldmkit.errors import CheckpointError, InputError, NonFiniteError
+from ldmkit.errors import CheckpointError, InputError, NonFiniteError, OutputWriteError
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines import generate as generate_module
 from ldmkit.pipelines.generate import SampleRequest, generate, generate_to_file
@@ -297,11 +297,24 @@ def test_a_failed_write_after_sampling_keeps_the_images_elsewhere(tiny_ldm, tmp_
         return real(images, path, **kw)
 
     monkeypatch.setattr(generate_module, "save_grid", disk_full)
-    with pytest.raises(OSError, match="saved to") as e:
+    with pytest.raises(OutputWriteError, match="saved to") as e:  # an ldmkit error: the CLI prints one line
         generate_to_file(tiny_ldm, SampleRequest(n=2, steps=1), out, progress=False)
+    assert isinstance(e.value, OSError)
     rescued = Path(str(e.value).split("saved to ")[1].split(" instead")[0])
     try:
         with Image.open(rescued) as im:
             assert im.format == "PNG" and json.loads(im.text["ldmkit"])["n"] == 2
     finally:
         rescued.unlink()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_takes_no_files_is_refused_before_sampling(tiny_ldm, monkeypatch):
+    """/proc passes a permission check for root but takes no new files: the probe finds out before any sampling."""
+
+    def boom(*a, **kw):
+        raise AssertionError("sampled although the output cannot be written")
+
+    monkeypatch.setattr(generate_module, "sample_latents", boom)
+    with pytest.raises(InputError, match="cannot write in /proc"):
+        generate_to_file(tiny_ldm, SampleRequest(n=1, steps=1), "/proc/x.png", progress=False)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..config import check_multiple
 from ..data.images import check_writable, save_grid
 from ..diffusion.sample import sample_latents
-from ..errors import InputError, NonFiniteError
+from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed
 from ..runtime import resolve_device
@@ -248,8 +248,12 @@ def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None 
         raise InputError(
             f"--out {out}: {existing} is a file, so the folder {target} cannot be created there; choose another --out"
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: the folder {existing} is not writable; choose another --out")
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems all answer it truthfully
+        fd, probe = tempfile.mkstemp(prefix=".ldmkit-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write in {existing} ({e.strerror or e}); choose another --out") from None
     return out
 
 
@@ -266,7 +270,7 @@ def _write_or_rescue(write, out: Path) -> Path:
         except OSError:
             os.unlink(rescue)
             raise e from None
-        raise OSError(
+        raise OutputWriteError(
             e.errno, f"could not write {out} ({e.strerror or e}); the images were saved to {rescue} instead"
         ) from e
 
