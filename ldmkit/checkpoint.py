@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 FORMAT = "ldmkit"
 
@@ -84,6 +84,32 @@ def atomic_write(path: str | Path, write) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def check_output_path(path: str | Path, option: str = "--out", folder: bool = False) -> Path:
+    """Refuse, before any work, an output `path` that cannot be written: a folder where a file is expected (or the
+    reverse with folder=True), a parent that is a file, or a place that takes no new files. The nearest existing
+    folder is probed with a real temporary file, which permissions, read-only mounts and pseudo file systems all
+    answer truthfully. option: the command-line option that named the path, for the message."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is a file, but a folder is written there; name a folder")
+    if not folder and path.is_dir():
+        raise InputError(f"{option} {path} is a folder; name a file in it instead")
+    target = path if folder else path.parent
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option} {path}: {existing} is a file, so the folder {target} cannot be created there")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ldmkit-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        msg = f"{option} {path}: cannot write in {existing} ({e.strerror or e}); choose another {option}"
+        raise InputError(msg) from None
     return path
 
 

@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import read_metadata
+from .checkpoint import check_output_path, read_metadata
 from .config import AutoencoderRun, DenoiserRun, load_run
 from .errors import InputError, LdmkitError, MissingFileError
-from .evaluation.evaluate import evaluate, format_table, write_result
+from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .interop.convert import convert
 from .pipelines.generate import SampleRequest, generate_to_file
 from .samplers import SAMPLERS
@@ -175,6 +175,8 @@ def cmd_generate(args):
 
 
 def cmd_evaluate(args):
+    if args.out:
+        check_output_path(args.out, "--out")  # before the long evaluation
     result = evaluate(
         args.checkpoint,
         dataset=args.data,
@@ -189,8 +191,7 @@ def cmd_evaluate(args):
         progress=not args.quiet,
     )
     print(format_table(result))
-    out = args.out or Path(args.checkpoint).with_name(f"eval-{Path(result['data']).name}-{args.split}-n{args.n}.json")
-    print(f"written {write_result(result, out)}")
+    print(f"written {write_result(result, result_path(args.checkpoint, result['data'], args.split, args.n, args.out))}")
 
 
 def cmd_info(args):

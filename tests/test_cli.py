@@ -339,15 +339,19 @@ def test_run_folder_that_is_a_file_is_one_line(capsys, tmp_path):
         assert code == 2 and str(out) in err and "--out" in err and err.count("\n") == 1, err
 
 
-def test_evaluate_result_that_cannot_be_written_is_one_line(capsys, monkeypatch, tmp_path):
+def test_evaluate_result_that_cannot_be_written_is_refused_before_evaluating(capsys, monkeypatch, tmp_path):
     import ldmkit.cli as cli
 
-    monkeypatch.setattr(cli, "evaluate", lambda path, **kw: {"data": "blobs", "fid": 1.0})
+    calls = []
+    monkeypatch.setattr(cli, "evaluate", lambda path, **kw: calls.append(path) or {"data": "blobs", "fid": 1.0})
     monkeypatch.setattr(cli, "format_table", lambda result: "fid 1.0")
     (tmp_path / "afile").write_text("x")
-    for out in (tmp_path, tmp_path / "afile" / "r.json"):
+    for out in (tmp_path, tmp_path / "afile" / "r.json", "/proc/r.json"):
         code, printed, err = run(capsys, "evaluate", "model.safetensors", "--out", str(out), "--quiet")
-        assert code == 2 and "fid 1.0" in printed and str(out) in err and err.count("\n") == 1, err
+        assert code == 2 and str(out) in err and err.count("\n") == 1, err
+    assert calls == []  # refused before the (long) evaluation ran
+    code, printed, _ = run(capsys, "evaluate", "model.safetensors", "--out", str(tmp_path / "r.json"), "--quiet")
+    assert code == 0 and "fid 1.0" in printed and calls == ["model.safetensors"]
 
 
 def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path, tiny_ldm):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..autoencoder.files import load_autoencoder
+from ..checkpoint import check_output_path
 from ..config import DataConfig
 from ..data import build_dataset, stack_images
 from ..errors import InputError
@@ -151,13 +152,15 @@ def format_table(result: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+def result_path(checkpoint_path: str | Path, data: str, split: str, n: int, out: str | Path | None = None) -> Path:
+    """Where `ldmkit evaluate` writes its JSON: `out`, or eval-DATA-SPLIT-nN.json beside the checkpoint."""
+    return Path(out) if out else Path(checkpoint_path).with_name(f"eval-{Path(data).name}-{split}-n{n}.json")
+
+
 def write_result(result: dict, out: str | Path) -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; name a JSON file such as {out / 'eval.json'}")
+    out = check_output_path(out, "--out")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
-    except (FileExistsError, NotADirectoryError, PermissionError) as e:
-        raise InputError(f"--out {out} cannot be written ({e.strerror}); choose another --out") from None
+    except OSError as e:
+        raise InputError(f"--out {out} cannot be written ({e.strerror or e}); choose another --out") from None
     return out

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint import check_output_path
 from ..config import check_multiple
 from ..data.images import check_writable, save_grid
 from ..diffusion.sample import sample_latents
@@ -229,32 +230,9 @@ def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None 
     """Refuse, before any work, an output the writing would fail on: an extension ldmkit does not write (or
     parameters a JPEG cannot hold), a folder where a file is expected or the reverse, a parent folder that cannot
     be created or written. folder: `out` is a folder of PNGs (--separate) rather than one image file."""
-    out = Path(out)
-    if folder:
-        if out.exists() and not out.is_dir():
-            raise InputError(
-                f"--out {out} is a file, but --separate writes one PNG per image into a folder; name a folder"
-            )
-        target = out
-    else:
-        if out.is_dir():
-            raise InputError(f"--out {out} is a folder; name an image file such as {out / 'samples.png'}")
+    if not folder:
         check_writable(out, metadata)
-        target = out.parent
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(
-            f"--out {out}: {existing} is a file, so the folder {target} cannot be created there; choose another --out"
-        )
-    try:  # a real probe: permissions, read-only mounts and pseudo file systems all answer it truthfully
-        fd, probe = tempfile.mkstemp(prefix=".ldmkit-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot write in {existing} ({e.strerror or e}); choose another --out") from None
-    return out
+    return check_output_path(out, "--out", folder=folder)
 
 
 def _write_or_rescue(write, out: Path) -> Path:
