@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .checkpoint import check_output_path, read_metadata
@@ -291,9 +292,17 @@ def _sampling_commands(command):
     p.add_argument("--out", help="JSON result (default: eval-DATA-SPLIT-nN.json beside the checkpoint)")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as a user reads them: `warning: message`, without the source line that raised them."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    if not args.debug:
+        warnings.showwarning = _one_line_warning
     try:
         args.fn(args)
     except KeyboardInterrupt as e:
@@ -306,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

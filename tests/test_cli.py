@@ -372,3 +372,43 @@ def test_prompt_and_prompt_file_together_are_refused(capsys, tmp_path, tiny_text
     with pytest.raises(SystemExit) as e:  # before: --prompt was silently ignored
         main(["sample", str(tiny_text_ldm), "--prompt", "red apple", "--prompt-file", str(tmp_path / "p.txt")])
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_warnings_are_one_line(capsys, tmp_path):
+    """A warning reaches the user as `warning: ...`, not with the source line of the code that raised it."""
+    meta = tmp_path / "data"
+    (meta / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(meta / "a" / "x.png")
+    (meta / "metadata.jsonl").write_text('{"file_name": "a/missing.png", "text": "gone"}\n')
+    code, _, err = run(
+        capsys,
+        "train-autoencoder",
+        "--data",
+        str(meta),
+        "--steps",
+        "1",
+        "--set",
+        "data.holdout=0",
+        "--set",
+        "data.resolution=8",
+        "--set",
+        "model.channel_mult=1",
+        "--set",
+        "model.base_channels=8",
+        "--set",
+        "model.norm_groups=4",
+        "--set",
+        "loss.perceptual_weight=0",
+        "--set",
+        "train.batch_size=1",
+        "--set",
+        "train.warmup_steps=1",
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+    )
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "missing.png" in ln]
+    assert lines and all(ln.startswith("warning: ") for ln in lines) and ".py:" not in err, err
