@@ -57,8 +57,8 @@ def _sampling_options(p: argparse.ArgumentParser, *, n: int, n_help: str, batch_
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _conditioning_options(p: argparse.ArgumentParser):
-    """--label and --negative-prompt, shared by sample and generate."""
+def _generation_options(p: argparse.ArgumentParser):
+    """What sample and generate share beyond _sampling_options: labels, the negative prompt, guidance rescale, eta."""
     p.add_argument(
         "--label",
         type=int,
@@ -66,6 +66,8 @@ def _conditioning_options(p: argparse.ArgumentParser):
         help="class label for class-conditional models (repeat for several; default: all classes in turn)",
     )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
+    p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
 
 
 def _utf8(text: str, what: str, fix: str) -> str:
@@ -168,8 +170,11 @@ def cmd_generate(args):
         sampler=args.sampler,
         steps=args.steps,
         cfg=args.cfg,
+        cfg_rescale=args.guidance_rescale,
         seed=args.seed,
+        batch_size=args.batch_size,
         device=args.device,
+        eta=args.eta,
     )
     for p in generate_to_file(plan.checkpoint, req, plan.out, progress=not args.quiet):
         print(f"wrote {p}")
@@ -267,10 +272,8 @@ def _sampling_commands(command):
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="text prompt (text-conditional models)")
     text.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line; one image per line")
-    _conditioning_options(p)
+    _generation_options(p)
     _sampling_options(p, n=16, n_help="number of images", batch_size=16)
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
-    p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument("--out", default="samples.png", help="output PNG (a folder with --separate)")
 
@@ -280,8 +283,8 @@ def _sampling_commands(command):
         "--model",
         help="emoji, fashion-mnist, or a model.safetensors path (default: emoji when shipped, else fashion-mnist)",
     )
-    _conditioning_options(p)
-    _sampling_options(p, n=4, n_help="images per prompt")
+    _generation_options(p)
+    _sampling_options(p, n=4, n_help="images per prompt", batch_size=16)
     p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
 
     p = command("evaluate", "FID/KID of a model, or PSNR/SSIM/rFID of an autoencoder", cmd_evaluate)

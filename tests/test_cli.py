@@ -168,7 +168,7 @@ def _subparsers():
 
 def test_sampling_commands_declare_the_shared_options_identically():
     subs = _subparsers()
-    for dest in ("sampler", "steps", "cfg", "seed", "device", "negative_prompt", "label"):
+    for dest in ("sampler", "steps", "cfg", "seed", "device", "negative_prompt", "label", "guidance_rescale", "eta"):
         declared = {}
         for cmd in ("sample", "generate", "evaluate"):
             acts = [a for a in subs[cmd]._actions if a.dest == dest]
@@ -181,7 +181,8 @@ def test_sampling_commands_declare_the_shared_options_identically():
         if cmd in ("sample", "generate", "evaluate")
     }
     assert [defaults[c].n for c in ("sample", "generate", "evaluate")] == [16, 4, 10000]
-    assert defaults["sample"].batch_size == 16 and defaults["evaluate"].batch_size == 50
+    assert [defaults[c].batch_size for c in ("sample", "generate", "evaluate")] == [16, 16, 50]
+    assert defaults["generate"].eta is None and defaults["generate"].guidance_rescale == 0.0
 
 
 def test_readme_commands_parse():
