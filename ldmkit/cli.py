@@ -132,51 +132,39 @@ def cmd_train(args):
     print(f"model written to {result['checkpoint']}")
 
 
+def _request(args, n: int, prompts: list[str] | None) -> SampleRequest:
+    """The SampleRequest of sample / generate: their shared options plus the images and prompts each decides."""
+    return SampleRequest(
+        n=n,
+        labels=args.label,
+        prompts=prompts,
+        negative_prompt=_utf8(args.negative_prompt, "negative prompt", _ARGV_FIX),
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        cfg_rescale=args.guidance_rescale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        eta=args.eta,
+    )
+
+
 def cmd_sample(args):
     prompts = None
     if args.prompt_file:
         prompts = _read_prompt_file(args.prompt_file)
     elif args.prompt is not None:
         prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
-    negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)
-    req = SampleRequest(
-        n=len(prompts) if prompts else args.n,
-        labels=args.label,
-        prompts=prompts,
-        negative_prompt=negative,
-        sampler=args.sampler,
-        steps=args.steps,
-        cfg=args.cfg,
-        cfg_rescale=args.guidance_rescale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        eta=args.eta,
-    )
-    out = generate_to_file(args.checkpoint, req, args.out, grid=not args.separate, progress=not args.quiet)
-    for p in out:
+    req = _request(args, len(prompts) if prompts else args.n, prompts)
+    for p in generate_to_file(args.checkpoint, req, args.out, grid=not args.separate, progress=not args.quiet):
         print(p)
 
 
 def cmd_generate(args):
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
-    negative = _utf8(args.negative_prompt, "negative prompt", _ARGV_FIX)
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
-    req = SampleRequest(
-        n=plan.n,
-        labels=args.label,
-        prompts=plan.prompts,
-        negative_prompt=negative,
-        sampler=args.sampler,
-        steps=args.steps,
-        cfg=args.cfg,
-        cfg_rescale=args.guidance_rescale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        eta=args.eta,
-    )
-    for p in generate_to_file(plan.checkpoint, req, plan.out, progress=not args.quiet):
+    for p in generate_to_file(plan.checkpoint, _request(args, plan.n, plan.prompts), plan.out, progress=not args.quiet):
         print(f"wrote {p}")
 
 
