@@ -14,6 +14,10 @@ from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .interop.convert import convert
 from .pipelines.generate import SampleRequest, generate_to_file
+from .pipelines.img2img import check_strength, img2img_to_file
+from .pipelines.inpaint import InpaintOptions, inpaint_to_file
+from .pipelines.masks import FEATHER_PX
+from .pipelines.outpaint import Border, outpaint_to_file
 from .samplers import SAMPLERS
 from .shipped import plan_generation
 from .training.runs import train_autoencoder, train_denoiser
@@ -168,6 +172,15 @@ def cmd_generate(args):
         print(f"wrote {p}")
 
 
+def cmd_img2img(args):
+    check_strength(args.strength)
+    prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
+    plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
+    req = _request(args, plan.n, plan.prompts)
+    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, plan.out, progress=not args.quiet):
+        print(f"wrote {p}")
+
+
 def cmd_evaluate(args):
     if args.out:
         check_output_path(args.out, "--out")  # before the long evaluation
@@ -186,6 +199,62 @@ def cmd_evaluate(args):
     )
     print(format_table(result))
     print(f"written {write_result(result, result_path(args.checkpoint, result['data'], args.split, args.n, args.out))}")
+
+
+def _edit_request(args, default_out: Path):
+    """(generation plan, request, inpainting options) of inpaint / outpaint: the model, prompt or labels and output
+    resolved as `generate` does them."""
+    prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
+    plan = plan_generation(args.model, prompts, args.label, args.n, args.out or default_out)
+    opts = InpaintOptions(
+        resize_mask=getattr(args, "resize_mask", False),
+        resample=args.resample,
+        jump=args.jump,
+        feather=args.feather,
+    )
+    return plan, _request(args, plan.n, plan.prompts), opts
+
+
+def cmd_inpaint(args):
+    plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png")
+    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, plan.out, opts, progress=not args.quiet):
+        print(f"wrote {p}")
+
+
+def cmd_outpaint(args):
+    border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
+    plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png")
+    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, progress=not args.quiet):
+        print(f"wrote {p}")
+
+
+def _edit_options(p: argparse.ArgumentParser, what: str):
+    """The options inpaint and outpaint share: the model, the prompt or labels, sampling, RePaint, the output."""
+    p.add_argument("image", help=f"the image to {what} (PNG, JPEG, WebP, BMP or GIF)")
+    p.add_argument("--model", help="emoji, fashion-mnist, or a model.safetensors path (default as for generate)")
+    p.add_argument("--prompt", help="text prompt (text models); class models take --label")
+    _generation_options(p)
+    _sampling_options(p, n=1, n_help="edited images (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)
+    p.add_argument("--resample", type=int, default=1, help="RePaint passes down from each jump point (default 1: none)")
+    p.add_argument("--jump", type=int, default=5, help="RePaint: steps to go back up at each jump point (default 5)")
+    p.add_argument(
+        "--feather", type=int, default=FEATHER_PX, help=f"blend ramp inside the mask in pixels (default {FEATHER_PX})"
+    )
+    p.add_argument("--out", help=f"output image (default generated/IMAGE-{what}ed.png)")
+
+
+def _edit_commands(command):
+    """inpaint and outpaint; command(name, help, fn) adds one and returns its parser."""
+    p = command("inpaint", "regenerate the white region of a mask, keeping the rest of the image exactly", cmd_inpaint)
+    _edit_options(p, "inpaint")
+    p.add_argument("--mask", required=True, help="mask image: white = regenerate, black = keep")
+    p.add_argument("--resize-mask", action="store_true", help="scale a mask of another size (nearest neighbour)")
+
+    p = command("outpaint", "enlarge an image by generating a border around it", cmd_outpaint)
+    _edit_options(p, "outpaint")
+    p.add_argument("--extend", type=int, help="pixels to add on every side")
+    for side in ("left", "right", "top", "bottom"):
+        p.add_argument(f"--{side}", type=int, help=f"pixels to add on the {side} (overrides --extend there)")
 
 
 def cmd_info(args):
@@ -231,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _sampling_commands(command)
 
+    _edit_commands(command)
+
     p = command("convert", "convert between an ldmkit checkpoint, a diffusers folder and an SD file", cmd_convert)
     p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")
     p.add_argument("dst", help="destination file or folder (the format follows from the path, or use --to)")
@@ -273,6 +344,15 @@ def _sampling_commands(command):
     )
     _generation_options(p)
     _sampling_options(p, n=4, n_help="images per prompt", batch_size=16)
+    p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
+
+    p = command("img2img", "edit an image: noise it to --strength, then denoise under a prompt or label", cmd_img2img)
+    p.add_argument("image", help="the image to start from (PNG, JPEG, WebP, BMP or GIF; at most 2048x2048 pixels)")
+    p.add_argument("--prompt", help="text prompt (text models)")
+    p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it (default 0.75)")
+    p.add_argument("--model", help="as for generate: a shipped model's name or a model.safetensors path")
+    _generation_options(p)
+    _sampling_options(p, n=4, n_help="variations of the image", batch_size=16)
     p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
 
     p = command("evaluate", "FID/KID of a model, or PSNR/SSIM/rFID of an autoencoder", cmd_evaluate)

@@ -1,11 +1,12 @@
-"""Drawing latents from a denoiser: initial noise, guidance wrapper, sampler, in one call, with a finiteness watch."""
+"""Drawing latents from a denoiser: initial noise (or a noised start image), guidance wrapper, sampler, in one call,
+with a finiteness watch."""
 
 from __future__ import annotations
 
 import torch
 
 from ..conditioning.types import Conditioning
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
 from ..noise import Generators, randn
 from ..samplers import get_sampler
 from .guidance import CFGDenoiser, bind
@@ -36,6 +37,15 @@ def finite_watch(steps: int, callback=None):
     return watch
 
 
+def start_index(steps: int, strength: float) -> int:
+    """SDEdit's start (Meng et al. 2022) on a grid of `steps` steps: img2img runs the last min(int(steps * strength),
+    steps) of them, from index t_start = steps - that (diffusers' rule); strength 1 starts at index 0 (pure noise),
+    strength 0 at index `steps` (no step: the start image itself)."""
+    if not 0.0 <= strength <= 1.0:  # also refuses NaN
+        raise InputError(f"strength {strength} is outside [0, 1]; 0 keeps the image, 1 ignores it, 0.3 to 0.8 is usual")
+    return steps - min(int(steps * strength), steps)
+
+
 @torch.no_grad()
 def sample_latents(
     denoiser,
@@ -51,10 +61,16 @@ def sample_latents(
     sigmas: torch.Tensor | None = None,
     device=None,
     callback=None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
     **sampler_options,
 ) -> torch.Tensor:
     """Latents of `shape` (B, C, h, w) sampled from `denoiser` under `cond`, with classifier-free guidance against
     `uncond` when cfg_scale != 1. Noise comes from `generator` (one per sample for batch-size independence).
+
+    init: clean scaled latents x0 of `shape` to start from (img2img, SDEdit): the sampler runs over
+    sigmas[t_start:] (`start_index`) from x = init + sigmas[t_start] * noise, the noise drawn as without init.
+    strength 1 is exactly sampling without init; strength 0 runs no step and returns init.
     NonFiniteError (with `.step`, `.steps`) at the first step whose prediction is NaN or infinite, or when the last
     update is: never latents that would decode to a black image."""
     fn = get_sampler(sampler)
@@ -62,8 +78,21 @@ def sample_latents(
     if sigmas is None:
         sigmas = denoiser.sigmas(steps)
     sigmas = sigmas.to(device)
+    if init is not None:
+        if tuple(init.shape) != tuple(shape):
+            raise InputError(f"init latents have shape {tuple(init.shape)}, not {tuple(shape)}; pass one per sample")
+        t_start = start_index(len(sigmas) - 1, strength)
+        sigmas = sigmas[t_start:]
+        if t_start == 0:  # strength 1: pure noise, exactly as without init (the start image drops out)
+            init = None
     n_steps = len(sigmas) - 1
-    x = randn(shape, generator, device=device) * sigmas[0]
+    x = randn(shape, generator, device=device) * sigmas[0]  # (B, C, h, w)
+    if init is not None:
+        x = init.to(device=device, dtype=x.dtype) + x  # x = x0 + sigma_start * noise
+        if n_steps == 0:  # strength 0: no step to run, the start is the result
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError("the start latents hold NaN or infinite values; check the encoded image")
+            return x
     if cfg_scale != 1.0 and uncond is not None:
         denoise = CFGDenoiser(denoiser, cond, uncond, cfg_scale, rescale=cfg_rescale)
     else:

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -177,14 +177,17 @@ def _blame(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError) -> Non
 
 
 @torch.no_grad()
-def generate_batches(
-    ldm: LatentDiffusion, req: SampleRequest, progress: bool = False
+def latent_batches(
+    ldm: LatentDiffusion,
+    req: SampleRequest,
+    p: _Plan,
+    progress: bool = False,
+    init: Callable[[int, int], torch.Tensor] | None = None,
+    strength: float = 1.0,
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """(images (b, C, H, W) in [-1, 1] on the CPU, a caption per image) for each batch of req.batch_size images.
-    The request is checked against the model before the first batch; image i always uses seed + i. progress: a
-    progress bar over images on stderr when there is more than one batch (off by default: library callers have
-    their own; the command line turns it on)."""
-    p = plan(ldm, req)
+    """(latents (b, c, h, w), a caption per image) for each batch of req.batch_size images of the checked plan `p`;
+    image i always uses seed + i. init(s, e): the clean latents (e - s, c, h, w) that images s..e-1 start from at
+    `strength` (img2img); None: pure noise. progress: a bar over images when there is more than one batch."""
     opts = {} if req.eta is None else {"eta": req.eta}
     shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
     bar = tqdm(total=req.n, unit="image", desc="sampling", disable=not progress or req.n <= req.batch_size)
@@ -196,6 +199,7 @@ def generate_batches(
             cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
             uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
             gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
+            start = {} if init is None else {"init": init(s, e), "strength": strength}
             try:
                 z = sample_latents(
                     ldm.denoiser,
@@ -208,22 +212,39 @@ def generate_batches(
                     cfg_rescale=req.cfg_rescale,
                     generator=gens,
                     device=ldm.device,
+                    **start,
                     **opts,
                 )
             except NonFiniteError as err:
                 raise _blame(ldm, req, err) from None
             captions = [_caption(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
-            yield ldm.decode(z).cpu(), captions
+            yield z, captions
             bar.update(e - s)
+
+
+def generate_batches(
+    ldm: LatentDiffusion, req: SampleRequest, progress: bool = False
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(images (b, C, H, W) in [-1, 1] on the CPU, a caption per image) for each batch of req.batch_size images.
+    The request is checked against the model before the first batch; image i always uses seed + i. progress: a
+    progress bar over images on stderr when there is more than one batch (off by default: library callers have
+    their own; the command line turns it on)."""
+    for z, captions in latent_batches(ldm, req, plan(ldm, req), progress):
+        yield ldm.decode(z).cpu(), captions
+
+
+def collect(batches: Iterable[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
+    """All batches of (images, captions) as one tensor (n, C, H, W) and one list of captions."""
+    images, captions = [], []
+    for x, caps in batches:
+        images.append(x)
+        captions += caps
+    return torch.cat(images), captions
 
 
 def generate(ldm: LatentDiffusion, req: SampleRequest, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
     """Images (n, C, H, W) in [-1, 1] and a caption per image (see generate_batches)."""
-    images, captions = [], []
-    for x, caps in generate_batches(ldm, req, progress):
-        images.append(x)
-        captions += caps
-    return torch.cat(images), captions
+    return collect(generate_batches(ldm, req, progress))
 
 
 def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None = None) -> Path:
@@ -259,12 +280,26 @@ def generate_to_file(
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it) or, with grid=False,
     one PNG per image into the folder `out`, with the parameters embedded. The output, the model and the request
     are all checked before sampling; progress: a bar over images when there is more than one batch."""
-    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")}
+    return write_batches(checkpoint, req, out, lambda ldm: generate_batches(ldm, req, progress), grid)
+
+
+def write_batches(
+    checkpoint: str | Path,
+    req: SampleRequest,
+    out: str | Path,
+    batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
+    grid: bool = True,
+    extra: dict | None = None,
+) -> list[Path]:
+    """The writing of generate_to_file for any pipeline: check `out`, load the model in `checkpoint`, then write the
+    (images, captions) that batches(model) yields as one grid or (grid=False) one PNG per image in the folder `out`.
+    The embedded parameters are the request's plus `extra` (JSON values: an edit's input image, its strength)."""
+    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | (extra or {})
     meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params})}
     out = check_output(out, folder=not grid, metadata=meta if grid else None)
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     if grid:
-        images, captions = generate(ldm, req, progress)
+        images, captions = collect(batches(ldm))
         return [
             _write_or_rescue(
                 lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta), out
@@ -273,7 +308,7 @@ def generate_to_file(
     # One file per image, written batch by batch: memory stays bounded and finished images are kept.
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for images, captions in generate_batches(ldm, req, progress):
+    for images, captions in batches(ldm):
         for img, cap in zip(images, captions, strict=True):
             i = len(paths)
             m = {

@@ -30,16 +30,41 @@ def load_edit_image(path: str | Path, channels: int, max_pixels: int = MAX_EDIT_
             w, h = img.size
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path} is not an image Pillow can read ({e}); give a PNG, JPEG, WebP, BMP or GIF") from None
-    if w * h > max_pixels:
-        raise InputError(
-            f"{path} is {w}x{h} = {w * h:,} pixels, over the editing limit of {max_pixels:,} "
-            f"({int(max_pixels**0.5)}x{int(max_pixels**0.5)}); resize it first, or use `ldmkit upscale`, which "
-            f"works in tiles"
-        )
+    check_edit_size(str(path), w, h, max_pixels)
     try:
         return to_tensor(load_image(path, channels))[None]  # (1, C, H, W)
     except (Image.DecompressionBombError, OSError) as e:
         raise InputError(f"{path} cannot be decoded ({e}); the file may be truncated") from None
+
+
+def check_edit_size(what: str, w: int, h: int, max_pixels: int = MAX_EDIT_PIXELS) -> None:
+    """InputError naming `what` (a file, "the image") when a w x h image is over the editing limit."""
+    if w * h > max_pixels:
+        raise InputError(
+            f"{what} is {w}x{h} = {w * h:,} pixels, over the editing limit of {max_pixels:,} "
+            f"({int(max_pixels**0.5)}x{int(max_pixels**0.5)}): an edit runs at the image's own size, in one piece; "
+            f"resize it first"
+        )
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma weights of R, G, B: what Pillow's RGB -> "L" uses
+
+
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images (B, C, H, W) with C = 1 or 3 as (B, channels, H, W): RGB -> grayscale by ITU-R 601-2 luma (as
+    Pillow's "L", without its rounding to 8 bits), grayscale -> RGB by repetition."""
+    c = x.shape[1]
+    if c not in (1, 3) or channels not in (1, 3):
+        raise InputError(
+            f"images with {c} channels cannot become {channels}; give 1 (grayscale) or 3 (RGB) channels "
+            f"(composite transparency first: load_edit_image does)"
+        )
+    if c == channels:
+        return x
+    if channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()  # (B, 3, H, W)
+    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)  # (B, 1, H, W)
 
 
 def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:

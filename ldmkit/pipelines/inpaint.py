@@ -1,0 +1,277 @@
+"""Inpainting with any model: regenerate the white region of a mask, keep every other pixel of the image exactly.
+
+The image is padded to a size the model takes and encoded; the guided denoiser is wrapped in `InpaintBlend`, which
+replaces the kept latent region with the original noised to the current level; sampling starts from noise drawn
+with one generator per image (image i uses seed + i at any batch size), optionally with RePaint resampling
+(`--resample R --jump J`); the result is decoded, composited over the input in pixel space (`masks.composite`)
+and cropped back to the input's size. A dedicated inpainting model (U-Net input: latent, mask, masked-image
+latents, as Stable Diffusion's) gets the mask and the masked image as concat conditioning instead of the blend.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..conditioning.types import Conditioning
+from ..data.images import to_pil, write_image
+from ..diffusion.guidance import CFGDenoiser, InpaintBlend, bind
+from ..diffusion.sample import finite_watch, non_finite_at
+from ..errors import InputError, NonFiniteError
+from ..ldm import LatentDiffusion
+from ..noise import Generators, generators_from_seed, randn
+from ..runtime import resolve_device
+from ..samplers import get_sampler
+from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
+from .generate import SampleRequest, _blame, _caption, _whole, _write_or_rescue, check_output, collect, plan
+from .images import crop_to, load_edit_image, pad_to_multiple
+from .img2img import checkpoint_channels, model_image
+from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
+
+
+@dataclass(frozen=True)
+class InpaintOptions:
+    """How an edit treats its mask; values are checked here, naming the command-line option to change."""
+
+    resize_mask: bool = False  # scale a mask of another size to the image's (nearest neighbour) instead of refusing
+    resample: int = 1  # RePaint: passes down from every jump point (1: no resampling)
+    jump: int = 5  # RePaint: how many steps the walk goes back up at each jump point
+    feather: int = FEATHER_PX  # pixels of the composite's ramp, inside the mask only
+
+    def __post_init__(self):
+        _whole("--resample", self.resample, low=1, hint="1 turns resampling off; RePaint uses up to 10")
+        _whole("--jump", self.jump, low=1, hint="use a few steps, smaller than --steps")
+        _whole("--feather", self.feather, low=0, hint="use 0 (a hard edge) or a few pixels")
+
+
+@torch.no_grad()
+def inpaint_latents(
+    denoiser,
+    x0_known: torch.Tensor,
+    regenerate: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int = 25,
+    cfg_scale: float = 1.0,
+    cfg_rescale: float = 0.0,
+    generator: Generators = None,
+    resample: int = 1,
+    jump: int = 5,
+    **sampler_options,
+) -> torch.Tensor:
+    """Latents (B, c, h, w) that keep x0_known (B, c, h, w) where `regenerate` (1 or B, 1, h, w) is 0 and are
+    sampled where it is 1. The initial noise comes first from `generator`, as in `sample_latents`, so a mask
+    that regenerates everything gives exactly the image `generate` draws with the same seed."""
+    sigmas = denoiser.sigmas(steps).to(x0_known.device)
+    x = randn(x0_known.shape, generator, device=x0_known.device) * sigmas[0]  # (B, c, h, w)
+    if cfg_scale != 1.0 and uncond is not None:
+        denoise = CFGDenoiser(denoiser, cond, uncond, cfg_scale, rescale=cfg_rescale)
+    else:
+        denoise = bind(denoiser, cond)
+    keep = 1 - regenerate.to(x0_known)  # InpaintBlend's mask: 1 where the original stays
+    if bool(keep.any()):
+        denoise = InpaintBlend(denoise, x0_known, keep, generator)
+    n = repaint_steps(len(sigmas) - 1, resample, jump)
+    x = sample_repaint(
+        denoise,
+        x,
+        sigmas,
+        generator=generator,
+        callback=finite_watch(n),
+        step=get_sampler(sampler),
+        resample=resample,
+        jump=jump,
+        **sampler_options,
+    )
+    if not bool(torch.isfinite(x).all()):
+        raise non_finite_at(n, n, float(sigmas[-2]))
+    return x
+
+
+def concat_channels(ldm: LatentDiffusion) -> int:
+    """The channels the model's U-Net takes beside the latent: 0 for a plain model, 1 + latent channels for a
+    dedicated inpainting model (mask and masked-image latents, as Stable Diffusion's); InputError for any other."""
+    extra = ldm.run.unet.in_channels - ldm.latent_channels
+    if extra not in (0, ldm.latent_channels + 1):
+        raise InputError(
+            f"{ldm.source or 'this model'} takes {extra} concatenated input channels, not the inpainting layout "
+            f"(1 mask + {ldm.latent_channels} masked-image latent channels); it cannot inpaint, so use a plain "
+            f"text or class model or an inpainting model"
+        )
+    return extra
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """An edit's inputs prepared for the model (see prepare_edit)."""
+
+    image: torch.Tensor  # (1, C, H', W') in [-1, 1], padded to the model's factor
+    mask: torch.Tensor  # (1, 1, H', W'), 1 = regenerate
+    size: tuple[int, int]  # the input's (H, W), to crop back to
+    x0: torch.Tensor | None  # (1, c, h, w) latents of the image; None for an empty mask (nothing sampled)
+    regenerate: torch.Tensor | None  # (1, 1, h, w) the latent cells the blend regenerates (all: no blend)
+    concat: torch.Tensor | None  # (1, 1 + c, h, w) mask and masked-image latents for an inpainting model
+
+
+def prepare_edit(ldm: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor) -> _Edit:
+    """image (1, C, H, W) in [-1, 1] and mask (1, 1, H, W) padded to the model's factor and encoded. A plain model
+    gets the latent mask of the blend; a dedicated inpainting model gets its concat channels (the mask at latent
+    size, nearest, as diffusers does, and the latents of the image with the masked pixels set to 0) and no blend."""
+    extra = concat_channels(ldm)
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or tuple(mask.shape[:2]) != (1, 1):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"the mask must be a tensor (1, 1, H, W) with 1 where the image is regenerated, got {shape}")
+    if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
+        raise InputError(
+            f"mask size {tuple(mask.shape[-2:])} differs from the image's {tuple(image.shape[-2:])}; give a mask of "
+            f"the image's size (load_mask(path, size, resize=True) scales one)"
+        )
+    x, size = model_image(ldm, image)  # (1, C, H', W')
+    m, _ = pad_to_multiple((mask.to(x) > 0.5).to(x), ldm.factor * ldm.run.unet.factor)  # (1, 1, H', W')
+    if not bool(m.any()):
+        return _Edit(x, m, size, None, None, None)
+    x0 = ldm.encode(x)  # (1, c, h, w)
+    if not extra:
+        return _Edit(x, m, size, x0, latent_mask(m, ldm.factor), None)
+    m_latent = F.interpolate(m, size=tuple(x0.shape[-2:]), mode="nearest")  # (1, 1, h, w)
+    concat = torch.cat([m_latent, ldm.encode(x * (1 - m))], dim=1)  # (1, 1 + c, h, w)
+    return _Edit(x, m, size, x0, torch.ones_like(m_latent), concat)
+
+
+def _with_concat(cond: Conditioning, concat: torch.Tensor | None, b: int) -> Conditioning:
+    return cond if concat is None else replace(cond, concat=concat.expand(b, -1, -1, -1))
+
+
+@torch.no_grad()
+def inpaint_batches(
+    ldm: LatentDiffusion,
+    req: SampleRequest,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    opts: InpaintOptions = InpaintOptions(),
+    progress: bool = False,
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(images (b, C, H, W) in [-1, 1] on the CPU, a caption per image) for each batch of req.batch_size edits of
+    `image` (1, C, H, W) in [-1, 1] under `mask` (1, 1, H, W), 1 = regenerate. An empty mask yields the input
+    unchanged, with a warning, and samples nothing."""
+    ed = prepare_edit(ldm, image, mask)
+    p = plan(ldm, replace(req, height=ed.image.shape[-2], width=ed.image.shape[-1]))
+    empty = ed.x0 is None
+    if empty:
+        warnings.warn("the mask is all black, so nothing is regenerated; the input is written unchanged", stacklevel=2)
+    opts_s = {} if req.eta is None else {"eta": req.eta}
+    bar = tqdm(total=req.n, unit="image", desc="inpainting", disable=empty or not progress or req.n <= req.batch_size)
+    with bar:
+        for s in range(0, req.n, req.batch_size):
+            e = min(req.n, s + req.batch_size)
+            lab = p.labels[s:e] if p.labels is not None else None
+            pr = p.prompts[s:e] if p.prompts is not None else None
+            captions = [_caption(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
+            if empty:
+                yield crop_to(ed.image, ed.size).cpu().expand(e - s, -1, -1, -1).clone(), captions
+                continue
+            cond = _with_concat(ldm.conditioning(labels=lab, prompts=pr, n=e - s), ed.concat, e - s)
+            negative = [req.negative_prompt] * (e - s) if req.negative_prompt else None
+            uncond = _with_concat(ldm.null_conditioning(e - s, negative), ed.concat, e - s)
+            gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
+            try:
+                z = inpaint_latents(
+                    ldm.denoiser,
+                    ed.x0.expand(e - s, -1, -1, -1),
+                    ed.regenerate,
+                    cond,
+                    uncond,
+                    sampler=req.sampler,
+                    steps=req.steps,
+                    cfg_scale=req.cfg,
+                    cfg_rescale=req.cfg_rescale,
+                    generator=gens,
+                    resample=opts.resample,
+                    jump=opts.jump,
+                    **opts_s,
+                )
+            except NonFiniteError as err:
+                raise _blame(ldm, req, err) from None
+            out = composite(ed.image, ldm.decode(z), ed.mask, opts.feather)  # (b, C, H', W')
+            yield crop_to(out, ed.size).cpu(), captions
+            bar.update(e - s)
+
+
+def inpaint(
+    ldm: LatentDiffusion,
+    req: SampleRequest,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    opts: InpaintOptions = InpaintOptions(),
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[str]]:
+    """Edited images (n, C, H, W) in [-1, 1] and a caption per image (see inpaint_batches)."""
+    return collect(inpaint_batches(ldm, req, image, mask, opts, progress))
+
+
+def edit_paths(out: str | Path, n: int) -> list[Path]:
+    """Where n edited images go: `out` itself for one image, else OUT-0.png, OUT-1.png, ... beside it."""
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def edit_to_file(
+    checkpoint: str | Path,
+    req: SampleRequest,
+    inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    out: str | Path,
+    opts: InpaintOptions,
+    about: dict,
+    progress: bool = True,
+) -> list[Path]:
+    """Load the model, take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each
+    edited image at the input's size (see edit_paths) with the parameters and `about` (the input files) embedded.
+    The options, outputs and inputs are checked before the model is loaded."""
+    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")}
+    params |= {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about}
+    paths = edit_paths(out, req.n)
+
+    def meta(i: int) -> dict[str, str]:
+        return {
+            "ldmkit": json.dumps({"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i})
+        }
+
+    check_repaint(req.steps, opts.resample, opts.jump)
+    paths = [check_output(p, folder=False, metadata=meta(i)) for i, p in enumerate(paths)]
+    image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
+    ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+    written = []
+    for images, _ in inpaint_batches(ldm, req, image, mask, opts, progress):
+        for img in images:
+            i = len(written)
+            written.append(_write_or_rescue(lambda p, img=img, i=i: write_image(to_pil(img), p, meta(i)), paths[i]))
+    return written
+
+
+def inpaint_to_file(
+    checkpoint: str | Path,
+    req: SampleRequest,
+    image: str | Path,
+    mask: str | Path,
+    out: str | Path,
+    opts: InpaintOptions = InpaintOptions(),
+    progress: bool = True,
+) -> list[Path]:
+    """Inpaint the image file `image` where the mask file `mask` is white and write the results (see edit_to_file)."""
+    require_file(image, "image", "give the picture to edit (PNG, JPEG, WebP, BMP or GIF)")
+    require_file(mask, "mask", "give an image file, white where the picture is regenerated and black where kept")
+
+    def inputs(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = load_edit_image(image, channels)  # (1, C, H, W)
+        return x, load_mask(mask, tuple(x.shape[-2:]), opts.resize_mask)
+
+    return edit_to_file(checkpoint, req, inputs, out, opts, {"image": str(image), "mask": str(mask)}, progress)
