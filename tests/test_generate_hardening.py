@@ -318,3 +318,15 @@ def test_an_output_folder_that_takes_no_files_is_refused_before_sampling(tiny_ld
     monkeypatch.setattr(generate_module, "sample_latents", boom)
     with pytest.raises(InputError, match="cannot write in /proc"):
         generate_to_file(tiny_ldm, SampleRequest(n=1, steps=1), "/proc/x.png", progress=False)
+
+
+def test_separate_writes_each_image_alone_at_the_model_size(tiny_ldm, tmp_path):
+    """--separate writes the images themselves: no grid frame, no caption strip, the model's own size."""
+    paths = generate_to_file(
+        tiny_ldm, SampleRequest(n=3, steps=1, batch_size=2), tmp_path / "s", grid=False, progress=False
+    )
+    assert [p.name for p in paths] == ["00000.png", "00001.png", "00002.png"]
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            assert im.size == (16, 16)
+            assert json.loads(im.text["ldmkit"])["seed"] == i

@@ -216,8 +216,9 @@ def test_rgba_palette_and_exif_rotated_files_are_read_upright_on_white(ldm, tiny
     up = load_edit_image(tmp_path / "r.png", 1)
     assert up.shape == (1, 1, 10, 6) and up[0, 0, 9, 5] == 1  # stored top-right -> displayed bottom-right
     # the file pipeline reads through load_edit_image: the upright size comes back, equal to the tensor pipeline's
-    paths = img2img_to_file(tiny_ldm, tmp_path / "r.png", SampleRequest(n=1, steps=2), 0.0, tmp_path / "o", grid=False)
-    written = to_tensor(Image.open(paths[0]).convert("L"))[None, :, 2:-2, 2:-2]  # inside save_grid's 2-pixel frame
+    paths = img2img_to_file(tiny_ldm, tmp_path / "r.png", SampleRequest(n=1, steps=2), 0.0, tmp_path / "o.png")
+    assert paths == [tmp_path / "o.png"]
+    written = to_tensor(Image.open(paths[0]).convert("L"))[None]  # the edited image alone, at the input's size
     assert written.shape == (1, 1, 10, 6)
     assert (written - round_trip(ldm, up)).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit rounding only
 
@@ -227,9 +228,12 @@ def test_cli_writes_the_edit_with_its_parameters(tiny_ldm, tmp_path, capsys):
     out = tmp_path / "edit.png"
     argv = ["img2img", str(tmp_path / "in.png"), "--model", str(tiny_ldm), "--strength", "0.5", "--label", "1"]
     assert main(argv + ["--steps", "2", "--n", "3", "--quiet", "--out", str(out)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
-    params = json.loads(read_parameters(out)["ldmkit"])
-    assert params["strength"] == 0.5 and params["image"] == str(tmp_path / "in.png") and params["n"] == 3
+    printed = capsys.readouterr().out
+    for i in range(3):  # one file per variation, each at the input's size, with its own seed
+        path = tmp_path / f"edit-{i}.png"
+        assert f"wrote {path}" in printed and Image.open(path).size == (14, 12)
+        params = json.loads(read_parameters(path)["ldmkit"])
+        assert params["strength"] == 0.5 and params["image"] == str(tmp_path / "in.png") and params["seed"] == i
 
 
 @pytest.mark.parametrize(

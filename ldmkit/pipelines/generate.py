@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import check_output_path
 from ..config import check_multiple
-from ..data.images import check_writable, save_grid
+from ..data.images import check_writable, save_grid, to_pil, write_image
 from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
@@ -56,12 +56,12 @@ class SampleRequest:
     eta: float | None = None  # stochasticity of ddim / ancestral / sde samplers (None: the sampler's default)
 
     def __post_init__(self):
-        n = _whole("--n", self.n, low=1, hint="ask for at least one image")
-        _whole("--steps", self.steps, low=1, high=MAX_STEPS, hint="25 to 50 is usual")
-        _whole("--batch-size", self.batch_size, low=1, hint="use 1 or more images per forward pass")
-        _whole("--height", self.height, low=0, hint="use 0 for the training resolution")
-        _whole("--width", self.width, low=0, hint="use 0 for the training resolution")
-        seed = _whole("--seed", self.seed, low=0, hint="use a seed from 0 upwards")
+        n = whole_number("--n", self.n, low=1, hint="ask for at least one image")
+        whole_number("--steps", self.steps, low=1, high=MAX_STEPS, hint="25 to 50 is usual")
+        whole_number("--batch-size", self.batch_size, low=1, hint="use 1 or more images per forward pass")
+        whole_number("--height", self.height, low=0, hint="use 0 for the training resolution")
+        whole_number("--width", self.width, low=0, hint="use 0 for the training resolution")
+        seed = whole_number("--seed", self.seed, low=0, hint="use a seed from 0 upwards")
         if seed + n > SEED_END:
             raise InputError(
                 f"--seed {seed}: image i uses seed + i, and {n} images need seeds below 2**63 "
@@ -81,7 +81,7 @@ class SampleRequest:
                     f"{self.sampler}; drop --eta or choose one of those"
                 )
         for label in self.labels or ():
-            _whole("--label", label, low=-1, hint="use a class number, or -1 for no label")
+            whole_number("--label", label, low=-1, hint="use a class number, or -1 for no label")
         if self.prompts is not None:
             if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
                 raise InputError("prompts must be a list of strings, one per image")
@@ -91,7 +91,7 @@ class SampleRequest:
             raise InputError(f"--negative-prompt must be a string, not {type(self.negative_prompt).__name__}")
 
 
-def _whole(option: str, value, low: int, high: int | None = None, hint: str = "") -> int:
+def whole_number(option: str, value, low: int, high: int | None = None, hint: str = "") -> int:
     """`value` as an int in [low, high]; InputError naming `option` otherwise."""
     try:
         if isinstance(value, bool):
@@ -156,11 +156,11 @@ def plan(ldm: LatentDiffusion, req: SampleRequest) -> _Plan:
     return _Plan(labels, prompts, *resolution(ldm, req))
 
 
-def _caption(ldm: LatentDiffusion, label: int) -> str:
+def caption_of(ldm: LatentDiffusion, label: int) -> str:
     return UNCONDITIONAL if label < 0 else ldm.class_names[label] if label < len(ldm.class_names) else str(label)
 
 
-def _blame(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError) -> NonFiniteError:
+def blame_options(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError) -> NonFiniteError:
     """The sampler's non-finite error with the likely cause named in the options of the command."""
     where = f"step {err.step} of {err.steps}" if hasattr(err, "step") else "some step"
     weights = (
@@ -216,8 +216,8 @@ def latent_batches(
                     **opts,
                 )
             except NonFiniteError as err:
-                raise _blame(ldm, req, err) from None
-            captions = [_caption(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
+                raise blame_options(ldm, req, err) from None
+            captions = [caption_of(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
             yield z, captions
             bar.update(e - s)
 
@@ -256,7 +256,7 @@ def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None 
     return check_output_path(out, "--out", folder=folder)
 
 
-def _write_or_rescue(write, out: Path) -> Path:
+def write_or_rescue(write, out: Path) -> Path:
     """write(out); when that fails (a full disk, a folder removed meanwhile) write to a temporary file instead and
     raise the error naming it, so sampled images are never lost."""
     try:
@@ -301,7 +301,7 @@ def write_batches(
     if grid:
         images, captions = collect(batches(ldm))
         return [
-            _write_or_rescue(
+            write_or_rescue(
                 lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta), out
             )
         ]
@@ -316,5 +316,38 @@ def write_batches(
                     {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}
                 )
             }
-            paths.append(save_grid(img[None], out / f"{i:05d}.png", nrow=1, metadata=m))
+            paths.append(write_or_rescue(lambda p, img=img, m=m: write_image(to_pil(img), p, m), out / f"{i:05d}.png"))
     return paths
+
+
+def edit_paths(out: str | Path, n: int) -> list[Path]:
+    """Where n edited images go: `out` itself for one image, else OUT-0.png, OUT-1.png, ... beside it."""
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def write_edits(
+    checkpoint: str | Path,
+    req: SampleRequest,
+    out: str | Path,
+    batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
+    extra: dict,
+) -> list[Path]:
+    """The writing of every edit (img2img, inpaint, outpaint): each edited image on its own, at the input's size, to
+    edit_paths(out, req.n), with the request's parameters, its seed and `extra` (the input files, the edit's
+    options) embedded. The outputs are checked before the model loads; each image is written when its batch is
+    done."""
+    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")} | extra
+
+    def meta(i: int) -> dict[str, str]:
+        about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i}
+        return {"ldmkit": json.dumps(about)}
+
+    paths = [check_output(p, folder=False, metadata=meta(i)) for i, p in enumerate(edit_paths(out, req.n))]
+    ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+    written: list[Path] = []
+    for images, _ in batches(ldm):
+        for img in images:
+            i = len(written)
+            written.append(write_or_rescue(lambda p, img=img, i=i: write_image(to_pil(img), p, meta(i)), paths[i]))
+    return written

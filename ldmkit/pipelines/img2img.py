@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import read_metadata
 from ..errors import InputError
 from ..ldm import LatentDiffusion
-from .generate import SampleRequest, collect, latent_batches, plan, write_batches
+from .generate import SampleRequest, collect, latent_batches, plan, write_edits
 from .images import check_edit_size, crop_to, load_edit_image, pad_to_multiple, to_channels
 
 RANGE_SLACK = 1e-3  # image values may leave [-1, 1] by this much (rounding) before they are refused
@@ -102,19 +102,12 @@ def img2img_to_file(
     req: SampleRequest,
     strength: float,
     out: str | Path,
-    grid: bool = True,
     progress: bool = True,
 ) -> list[Path]:
-    """img2img of the image file `image` (read by load_edit_image), written as generate_to_file writes: a labelled
-    grid, or one PNG per image into the folder `out` (grid=False), with the parameters, the input image's path
-    and the strength embedded. The strength, the image, the output and the request are checked before sampling."""
+    """img2img of the image file `image` (read by load_edit_image), each result written at the input's size as every
+    edit is (see generate.write_edits), with the parameters, the input image's path and the strength embedded. The
+    strength, the image, the output and the request are checked before sampling."""
     strength = check_strength(strength)
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W)
-    return write_batches(
-        checkpoint,
-        req,
-        out,
-        lambda ldm: img2img_batches(ldm, x, req, strength, progress),
-        grid,
-        extra={"image": str(image), "strength": strength},
-    )
+    extra = {"image": str(image), "strength": strength}
+    return write_edits(checkpoint, req, out, lambda ldm: img2img_batches(ldm, x, req, strength, progress), extra)

@@ -10,9 +10,8 @@ latents, as Stable Diffusion's) gets the mask and the masked image as concat con
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,16 +20,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..conditioning.types import Conditioning
-from ..data.images import to_pil, write_image
 from ..diffusion.guidance import CFGDenoiser, InpaintBlend, bind
 from ..diffusion.sample import finite_watch, non_finite_at
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed, randn
-from ..runtime import resolve_device
 from ..samplers import get_sampler
 from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
-from .generate import SampleRequest, _blame, _caption, _whole, _write_or_rescue, check_output, collect, plan
+from .generate import SampleRequest, blame_options, caption_of, collect, plan, whole_number, write_edits
 from .images import crop_to, load_edit_image, pad_to_multiple
 from .img2img import checkpoint_channels, model_image
 from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
@@ -46,9 +43,9 @@ class InpaintOptions:
     feather: int = FEATHER_PX  # pixels of the composite's ramp, inside the mask only
 
     def __post_init__(self):
-        _whole("--resample", self.resample, low=1, hint="1 turns resampling off; RePaint uses up to 10")
-        _whole("--jump", self.jump, low=1, hint="use a few steps, smaller than --steps")
-        _whole("--feather", self.feather, low=0, hint="use 0 (a hard edge) or a few pixels")
+        whole_number("--resample", self.resample, low=1, hint="1 turns resampling off; RePaint uses up to 10")
+        whole_number("--jump", self.jump, low=1, hint="use a few steps, smaller than --steps")
+        whole_number("--feather", self.feather, low=0, hint="use 0 (a hard edge) or a few pixels")
 
 
 @torch.no_grad()
@@ -175,7 +172,7 @@ def inpaint_batches(
             e = min(req.n, s + req.batch_size)
             lab = p.labels[s:e] if p.labels is not None else None
             pr = p.prompts[s:e] if p.prompts is not None else None
-            captions = [_caption(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
+            captions = [caption_of(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
             if empty:
                 yield crop_to(ed.image, ed.size).cpu().expand(e - s, -1, -1, -1).clone(), captions
                 continue
@@ -200,7 +197,7 @@ def inpaint_batches(
                     **opts_s,
                 )
             except NonFiniteError as err:
-                raise _blame(ldm, req, err) from None
+                raise blame_options(ldm, req, err) from None
             out = composite(ed.image, ldm.decode(z), ed.mask, opts.feather)  # (b, C, H', W')
             yield crop_to(out, ed.size).cpu(), captions
             bar.update(e - s)
@@ -218,12 +215,6 @@ def inpaint(
     return collect(inpaint_batches(ldm, req, image, mask, opts, progress))
 
 
-def edit_paths(out: str | Path, n: int) -> list[Path]:
-    """Where n edited images go: `out` itself for one image, else OUT-0.png, OUT-1.png, ... beside it."""
-    out = Path(out)
-    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
-
-
 def edit_to_file(
     checkpoint: str | Path,
     req: SampleRequest,
@@ -233,28 +224,13 @@ def edit_to_file(
     about: dict,
     progress: bool = True,
 ) -> list[Path]:
-    """Load the model, take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each
-    edited image at the input's size (see edit_paths) with the parameters and `about` (the input files) embedded.
-    The options, outputs and inputs are checked before the model is loaded."""
-    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")}
-    params |= {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about}
-    paths = edit_paths(out, req.n)
-
-    def meta(i: int) -> dict[str, str]:
-        return {
-            "ldmkit": json.dumps({"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i})
-        }
-
+    """Take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each edited image at
+    the input's size (see write_edits) with the parameters and `about` (the input files) embedded. The options and
+    inputs are checked before the model is loaded."""
     check_repaint(req.steps, opts.resample, opts.jump)
-    paths = [check_output(p, folder=False, metadata=meta(i)) for i, p in enumerate(paths)]
     image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
-    ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
-    written = []
-    for images, _ in inpaint_batches(ldm, req, image, mask, opts, progress):
-        for img in images:
-            i = len(written)
-            written.append(_write_or_rescue(lambda p, img=img, i=i: write_image(to_pil(img), p, meta(i)), paths[i]))
-    return written
+    extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about}
+    return write_edits(checkpoint, req, out, lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress), extra)
 
 
 def inpaint_to_file(

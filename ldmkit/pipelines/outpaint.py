@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .generate import SampleRequest, _whole
+from .generate import SampleRequest, whole_number
 from .images import MAX_EDIT_PIXELS, load_edit_image
 from .inpaint import InpaintOptions, edit_to_file
 from .masks import require_file
@@ -32,7 +32,9 @@ class Border:
 
     def __post_init__(self):
         for side in ("left", "right", "top", "bottom"):
-            _whole(f"--{side}", getattr(self, side), low=0, hint="give the pixels to add on that side (0 or more)")
+            whole_number(
+                f"--{side}", getattr(self, side), low=0, hint="give the pixels to add on that side (0 or more)"
+            )
         if not (self.left or self.right or self.top or self.bottom):
             raise InputError("nothing to outpaint: give --extend PX or at least one of --left/--right/--top/--bottom")
 
@@ -40,7 +42,7 @@ class Border:
     def of(cls, extend: int | None = None, left=None, right=None, top=None, bottom=None) -> "Border":
         """The border of --extend (every side) with any side given on its own taking precedence."""
         if extend is not None:
-            _whole("--extend", extend, low=0, hint="give the pixels to add on every side (0 or more)")
+            whole_number("--extend", extend, low=0, hint="give the pixels to add on every side (0 or more)")
         base = extend or 0
         pick = [base if v is None else v for v in (left, right, top, bottom)]
         return cls(*pick)
