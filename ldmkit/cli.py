@@ -130,6 +130,8 @@ def cmd_train(args):
     extra = [f"autoencoder={args.autoencoder}"] if args.autoencoder else []
     if args.text_encoder:
         extra.append(f"text_encoder={args.text_encoder}")
+    if args.task:
+        extra.append(f"task={args.task}")
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
     result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps(result, indent=2))
@@ -296,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train the denoiser on latents of a trained autoencoder", cmd_train)
     p.add_argument("--autoencoder", help="autoencoder checkpoint (from train-autoencoder)")
     p.add_argument("--text-encoder", help="minilm, clip or trainable: makes a text-to-image model")
+    p.add_argument(
+        "--task",
+        choices=["generate", "inpaint"],
+        help="generate (default) or inpaint: a model that also takes a mask and a masked image (task)",
+    )
     _run_options(p, "runs/denoiser")
 
     _sampling_commands(command)

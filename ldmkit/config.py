@@ -156,6 +156,10 @@ class DenoiserRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     text_encoder: str = ""  # "" for label / unconditional models, else a text-encoder name
     class_names: tuple[str, ...] = ()  # label names, for grids and `ldmkit info`
+    task: str = "generate"  # "generate" (from noise) or "inpaint" (the U-Net also takes a mask and a masked image)
+
+
+TASKS = ("generate", "inpaint")  # the values of DenoiserRun.task
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -335,8 +339,16 @@ def _check_train(cfg: TrainConfig, where: str):
         )
 
 
+def _check_task(cfg: DenoiserRun, where: str):
+    if cfg.task not in TASKS:
+        raise ConfigError(
+            f"{_key(where, 'task')} = {cfg.task!r} is not a task; use {' or '.join(TASKS)} (e.g. --task inpaint)"
+        )
+
+
 # checks across the settings of one dataclass, after each setting passed its own bound
 CROSS_CHECKS = {
+    DenoiserRun: _check_task,
     AutoencoderConfig: _check_levels,
     UNetConfig: _check_levels,
     DiffusionConfig: _check_diffusion,

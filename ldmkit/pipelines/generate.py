@@ -176,6 +176,24 @@ def blame_options(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError)
     )
 
 
+def check_samples_from_noise(ldm: LatentDiffusion) -> None:
+    """InputError, naming the model's task, for a model whose U-Net needs more than the latent (an inpainting
+    model takes a mask and a masked image): generate, sample and img2img cannot give it those."""
+    extra = ldm.run.unet.in_channels - ldm.latent_channels
+    if ldm.run.task == "generate" and extra == 0:
+        return
+    name = ldm.source or "this model"
+    if ldm.run.task == "inpaint" or extra == ldm.latent_channels + 1:
+        raise InputError(
+            f"{name} is an inpainting model (task inpaint: it needs an image and a mask), so it cannot generate "
+            f"from a prompt or label alone; use `ldmkit inpaint --model {name} --image IMAGE --mask MASK`"
+        )
+    raise InputError(
+        f"{name} takes {extra} input channels beside the latent (task {ldm.run.task}), so it cannot generate from "
+        f"noise alone; use it with the command it was trained for"
+    )
+
+
 @torch.no_grad()
 def latent_batches(
     ldm: LatentDiffusion,
@@ -188,6 +206,7 @@ def latent_batches(
     """(latents (b, c, h, w), a caption per image) for each batch of req.batch_size images of the checked plan `p`;
     image i always uses seed + i. init(s, e): the clean latents (e - s, c, h, w) that images s..e-1 start from at
     `strength` (img2img); None: pure noise. progress: a bar over images when there is more than one batch."""
+    check_samples_from_noise(ldm)
     opts = {} if req.eta is None else {"eta": req.eta}
     shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
     bar = tqdm(total=req.n, unit="image", desc="sampling", disable=not progress or req.n <= req.batch_size)

@@ -122,7 +122,9 @@ class _Edit:
 def prepare_edit(ldm: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor) -> _Edit:
     """image (1, C, H, W) in [-1, 1] and mask (1, 1, H, W) padded to the model's factor and encoded. A plain model
     gets the latent mask of the blend; a dedicated inpainting model gets its concat channels (the mask at latent
-    size, nearest, as diffusers does, and the latents of the image with the masked pixels set to 0) and no blend."""
+    size, and the latents of the image with the masked pixels set to 0) and no blend. The mask is brought to latent
+    size as the model was trained: max-pooling for a model trained by `ldmkit train --task inpaint`, nearest
+    neighbour (as diffusers does) for an imported one."""
     extra = concat_channels(ldm)
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or tuple(mask.shape[:2]) != (1, 1):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -139,7 +141,10 @@ def prepare_edit(ldm: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor) 
     x0 = ldm.encode(x)  # (1, c, h, w)
     if not extra:
         return _Edit(x, m, size, x0, latent_mask(m, ldm.factor), None)
-    m_latent = F.interpolate(m, size=tuple(x0.shape[-2:]), mode="nearest")  # (1, 1, h, w)
+    if ldm.run.task == "inpaint":  # trained by ldmkit: the training's rule (training/masks.py), max-pooling
+        m_latent = latent_mask(m, ldm.factor)  # (1, 1, h, w)
+    else:  # imported (Stable Diffusion inpainting): diffusers' nearest-neighbour resize
+        m_latent = F.interpolate(m, size=tuple(x0.shape[-2:]), mode="nearest")  # (1, 1, h, w)
     concat = torch.cat([m_latent, ldm.encode(x * (1 - m))], dim=1)  # (1, 1 + c, h, w)
     return _Edit(x, m, size, x0, torch.ones_like(m_latent), concat)
 

@@ -1,4 +1,12 @@
-"""Second-stage training task: the denoiser on cached latents, with label or text conditioning and caption dropout."""
+"""Second-stage training task: the denoiser on cached latents, with label or text conditioning and caption dropout.
+
+With run.task == "inpaint" the U-Net also takes, concatenated to the noisy latent, a mask and the latents of the
+masked image (Stable Diffusion's inpainting layout: latent, mask, masked-image latents). Each step draws a random
+mask per item (training/masks.py) and encodes the step's images on the fly with the frozen autoencoder, both the
+clean latents (sampled from the posterior) and the masked image's (pixels under the mask set to 0, mid-grey);
+the latent cache then supplies only labels and captions. Encoding each step suits small data sets; it also keeps
+the two latents of an item consistent under random flips and crops.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +21,19 @@ from ..config import AutoencoderConfig, DenoiserRun
 from ..data.images import save_grid
 from ..data.latents import LatentCache
 from ..diffusion.sample import sample_latents
+from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed
 from .ema import EMA
+from .masks import random_masks, training_latent_mask
 
 
 def resolve_run(run: DenoiserRun, ae_cfg: AutoencoderConfig, latents: LatentCache, text_dim: int = 0) -> DenoiserRun:
     """Fill in what the data and the autoencoder decide: channels, classes, context width, class names."""
     unet = run.unet
     concat = unet.in_channels - unet.out_channels if unet.in_channels > unet.out_channels else 0
+    if run.task == "inpaint":
+        concat = 1 + ae_cfg.latent_channels  # the mask and the masked image's latents
     unet = replace(unet, in_channels=ae_cfg.latent_channels + concat, out_channels=ae_cfg.latent_channels)
     names = tuple(run.class_names or latents.class_names)
     if run.text_encoder:
@@ -34,15 +46,25 @@ def resolve_run(run: DenoiserRun, ae_cfg: AutoencoderConfig, latents: LatentCach
 
 
 class DenoiserTask:
-    """One micro-step: draw latents from the cache, drop conditions for guidance, loss from the parameterisation."""
+    """One micro-step: draw latents from the cache (inpaint: encode the images, each under a random mask), drop
+    conditions for guidance, loss from the parameterisation."""
 
     def __init__(
-        self, run: DenoiserRun, model: LatentDiffusion, latents: LatentCache, device: torch.device, text_cache=None
+        self,
+        run: DenoiserRun,
+        model: LatentDiffusion,
+        latents: LatentCache,
+        device: torch.device,
+        text_cache=None,
+        images=None,
     ):
         """run: the resolved configuration; model: the bundle whose U-Net (and trainable text encoder) is trained;
-        latents: the encoded training set; text_cache: embeddings of every caption for a frozen text encoder."""
+        latents: the encoded training set; text_cache: embeddings of every caption for a frozen text encoder;
+        images: the training set itself (items with an "image" (C, H, W) in [-1, 1]), needed by the inpaint task."""
+        if run.task == "inpaint" and images is None:
+            raise InputError("the inpaint task needs the training images: pass images= (the data set) to DenoiserTask")
         self.run, self.ldm, self.latents, self.device = run, model, latents, device
-        self.text_cache = text_cache
+        self.text_cache, self.images = text_cache, images
         self.size = len(latents)
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
         self.model = nn.ModuleDict(
@@ -70,10 +92,31 @@ class DenoiserTask:
             return Conditioning(labels=labels.to(self.device))
         return Conditioning()
 
+    @torch.no_grad()
+    def inpaint_inputs(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean latents (B, c, h, w), concat (B, 1 + c, h, w): latent mask and masked-image latents) of items idx,
+        with a random mask per item drawn from `gen`."""
+        x = torch.stack([self.images[int(i)]["image"] for i in idx]).to(self.device)  # (B, C, H, W)
+        m, _ = random_masks(len(idx), tuple(x.shape[-2:]), gen)
+        m = m.to(x)  # (B, 1, H, W), 1 = regenerate
+        ae = self.ldm.autoencoder
+        if hasattr(ae, "encode"):  # KL: z ~ q(z | x), as the latent cache draws it
+            post = ae.encode(x)
+            eps = torch.randn(post.mean.shape, generator=gen).to(post.mean)
+            z = self.ldm.to_latent((post.mean + post.std * eps).float())
+        else:  # VQ: the pre-quantisation latents
+            z = self.ldm.to_latent(ae.latents(x).float())
+        masked = self.ldm.encode(x * (1 - m))  # (B, c, h, w): masked pixels at 0, mid-grey
+        return z, torch.cat([training_latent_mask(m, self.ldm.factor), masked], dim=1)
+
     def micro_step(self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float) -> dict[str, float]:
         self.model.train()
-        z = self.ldm.to_latent(self.latents.draw(idx, gen)).to(self.device)
-        cond = self.condition(idx, gen)
+        if self.run.task == "inpaint":
+            z, concat = self.inpaint_inputs(idx, gen)
+            cond = replace(self.condition(idx, gen), concat=concat)
+        else:
+            z = self.ldm.to_latent(self.latents.draw(idx, gen)).to(self.device)
+            cond = self.condition(idx, gen)
         loss = self.ldm.denoiser.loss(z, cond, generator=gen).mean()
         (loss * scale).backward()
         return {"loss": loss.item()}
@@ -91,6 +134,12 @@ class DenoiserTask:
         cond, uncond, names = grid_conditions(ldm, self.latents)
         n = len(names)
         h, w = self.latents.mean.shape[-2:]
+        keep = None
+        if self.run.task == "inpaint":  # the first training images, each under a fixed random mask
+            x, m, concat = self.grid_edits(n)
+            keep = (x, m)
+            cond = replace(cond, concat=concat)
+            uncond = replace(uncond, concat=concat) if uncond is not None else None
         z = sample_latents(
             ldm.denoiser,
             (n, ldm.latent_channels, h, w),
@@ -100,7 +149,20 @@ class DenoiserTask:
             cfg_scale=3.0 if (ldm.num_classes or ldm.text_encoder is not None) else 1.0,
             generator=generators_from_seed(0, n),
         )
-        return save_grid(ldm.decode(z).cpu(), out_dir / f"samples-{step:07d}.png", nrow=min(n, 8), labels=names)
+        images = ldm.decode(z)  # (n, C, H, W)
+        if keep is not None:
+            x, m = keep
+            images = m * images + (1 - m) * x  # the kept pixels are the input's
+        return save_grid(images.cpu(), out_dir / f"samples-{step:07d}.png", nrow=min(n, 8), labels=names)
+
+    @torch.no_grad()
+    def grid_edits(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a progress grid of an inpainting model: images (n, C, H, W), their masks (n, 1, H, W) drawn with seed 0,
+        and the concat conditioning (n, 1 + c, h, w)."""
+        x = torch.stack([self.images[i % len(self.images)]["image"] for i in range(n)]).to(self.device)
+        m, _ = random_masks(n, tuple(x.shape[-2:]), torch.Generator().manual_seed(0))
+        m = m.to(x)
+        return x, m, torch.cat([training_latent_mask(m, self.ldm.factor), self.ldm.encode(x * (1 - m))], dim=1)
 
 
 def grid_conditions(ldm: LatentDiffusion, latents: LatentCache, per_class: int = 1):

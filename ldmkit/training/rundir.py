@@ -36,6 +36,7 @@ ARCHITECTURE = (
     "autoencoder",
     "text_encoder",
     "class_names",
+    "task",
     "data.resolution",
     "data.channels",
     "loss.disc_layers",

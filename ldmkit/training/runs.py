@@ -150,4 +150,5 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRu
     torch.manual_seed(run.train.seed)
     unet = UNet(run.unet).to(device)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
-    return run, DenoiserTask(run, ldm, latents, device, text_cache)
+    images = train_set if run.task == "inpaint" else None  # encoded each step with a random mask
+    return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images)
