@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 from PIL import Image
+from tiny_sd import SD_SCHEDULE, tiny_sd
 
 from ldmkit.cli import build_parser, main
 from ldmkit.conditioning.types import Conditioning
-from ldmkit.config import DataConfig, DenoiserRun
 from ldmkit.data.images import read_parameters, to_tensor
 from ldmkit.diffusion.sample import sample_latents, start_index
 from ldmkit.errors import InputError, NonFiniteError
@@ -276,77 +276,17 @@ def test_text_model_takes_a_prompt(tiny_text_ldm):
 
 # --- parity with diffusers' StableDiffusionImg2ImgPipeline ------------------------------------------------------------
 
-SD_SCHEDULE = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-)
-
-
-class FixedText:
-    """A text encoder that maps each prompt to a fixed embedding (1, T, D); diffusers gets the same as
-    prompt_embeds / negative_prompt_embeds, so no tokenizer or text model is needed on either side."""
-
-    def __init__(self, table: dict[str, torch.Tensor]):
-        self.table = table
-
-    def encode(self, prompts):
-        return Conditioning(context=torch.cat([self.table[p] for p in prompts]))
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
-
 
 @pytest.fixture(scope="module")
-def tiny_sd():
-    """Tiny random diffusers U-Net and VAE (f=2), and the ldmkit model converted from them with fixed prompt
-    embeddings for "a cat" and the empty negative prompt."""
+def sd_parts():
+    """Tiny random diffusers U-Net and VAE (f=2), and the ldmkit model converted from them (tests/tiny_sd.py)."""
     diffusers = pytest.importorskip("diffusers")
-    from ldmkit.interop.diffusers import unet_from_diffusers, vae_from_diffusers
-
-    unet = _randomize(
-        diffusers.UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            norm_num_groups=8,
-            attention_head_dim=2,
-        ),
-        1,
-    )
-    vae = _randomize(
-        diffusers.AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            scaling_factor=0.5,
-        ),
-        2,
-    )
-    g = torch.Generator().manual_seed(3)
-    embeds = {"a cat": torch.randn(1, 5, 16, generator=g), "": torch.randn(1, 5, 16, generator=g)}
-    ours_unet, ours_vae = unet_from_diffusers(unet), vae_from_diffusers(vae)
-    run = DenoiserRun(unet=ours_unet.cfg, data=DataConfig(resolution=16, channels=3))  # SD's schedule, eps
-    ldm = LatentDiffusion(ours_vae, ours_vae.cfg, ours_unet, run, FixedText(embeds))
-    return diffusers, unet, vae, embeds, ldm
+    return (diffusers, *tiny_sd(diffusers))
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.8])
 @pytest.mark.parametrize("sampler,scheduler", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler")])
-def test_img2img_matches_diffusers(tiny_sd, strength, sampler, scheduler):
+def test_img2img_matches_diffusers(sd_parts, strength, sampler, scheduler):
     """ldmkit img2img's final latents equal StableDiffusionImg2ImgPipeline's (output_type="latent") to 1e-4.
 
     Lined up so: both start from the same encoded latents, ldmkit's posterior mean (diffusers' img2img samples the
@@ -355,7 +295,7 @@ def test_img2img_matches_diffusers(tiny_sd, strength, sampler, scheduler):
     timestep_spacing="trailing", ldmkit's default grid (diffusers' DDIM default is "leading"), and DDIM has
     set_alpha_to_one=True so that both grids end at sigma 0. Guidance 3 with the empty negative prompt.
     """
-    diffusers, unet, vae, embeds, ldm = tiny_sd
+    diffusers, unet, vae, embeds, ldm = sd_parts
     n, steps, seed = 2, 10, 7
     x = image(c=3, seed=5)
     captured = []

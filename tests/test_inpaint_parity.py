@@ -11,77 +11,15 @@ resize to latent size and ldmkit's max-pooling give the same latent mask; output
 import pytest
 import torch
 
-from ldmkit.conditioning.types import Conditioning
-from ldmkit.config import DataConfig, DenoiserRun
-from ldmkit.ldm import LatentDiffusion
 from ldmkit.noise import generators_from_seed, randn
 from ldmkit.pipelines.generate import SampleRequest
 from ldmkit.pipelines.inpaint import inpaint
 
 diffusers = pytest.importorskip("diffusers")
 
-from ldmkit.interop.diffusers import unet_from_diffusers, vae_from_diffusers  # noqa: E402
+from tiny_sd import SD_SCHEDULE, tiny_sd  # noqa: E402
 
-SD_SCHEDULE = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-)
 N, STEPS, SEED, CFG = 2, 10, 7, 3.0
-
-
-class FixedText:
-    """A text encoder mapping each prompt to a fixed embedding (1, T, D)."""
-
-    def __init__(self, table: dict[str, torch.Tensor]):
-        self.table = table
-
-    def encode(self, prompts):
-        return Conditioning(context=torch.cat([self.table[p] for p in prompts]))
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
-
-
-def tiny_sd(in_channels: int):
-    """(diffusers U-Net, diffusers VAE, prompt embeddings, the same model in ldmkit) with `in_channels` U-Net inputs."""
-    unet = _randomize(
-        diffusers.UNet2DConditionModel(
-            sample_size=8,
-            in_channels=in_channels,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            norm_num_groups=8,
-            attention_head_dim=2,
-        ),
-        1,
-    )
-    vae = _randomize(
-        diffusers.AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            scaling_factor=0.5,
-        ),
-        2,
-    )
-    g = torch.Generator().manual_seed(3)
-    embeds = {"a cat": torch.randn(1, 5, 16, generator=g), "": torch.randn(1, 5, 16, generator=g)}
-    ours_unet, ours_vae = unet_from_diffusers(unet), vae_from_diffusers(vae)
-    run = DenoiserRun(unet=ours_unet.cfg, data=DataConfig(resolution=16, channels=3))  # SD's schedule, eps
-    return unet, vae, embeds, LatentDiffusion(ours_vae, ours_vae.cfg, ours_unet, run, FixedText(embeds))
 
 
 def picture_and_mask():
@@ -128,7 +66,7 @@ def test_a_9_channel_inpainting_model_matches_diffusers():
     """Concat conditioning (latent, mask, masked-image latents). Alignment beyond the module's: diffusers is given
     the masked image's latents (masked_image_latents = ldmkit's posterior mean of the image with the masked pixels
     at 0), since its own encoding samples the posterior; the initial noise then comes from the generators alone."""
-    unet, vae, embeds, ldm = tiny_sd(9)
+    unet, vae, embeds, ldm = tiny_sd(diffusers, 9)
     x, m = picture_and_mask()
     ours = ldmkit_latents(ldm, x, m)
     theirs = pipeline(unet, vae)(
@@ -159,7 +97,7 @@ def test_a_4_channel_model_matches_diffusers_blend_mode():
       ldmkit blends before every call, so its first sees the original noised to sigma_max. diffusers is started
       from ldmkit's first input (its prepare_latents wrapped to blend once); every later step is diffusers' own.
     - the image latents: diffusers gets ldmkit's posterior mean (a 4-channel `image` is taken as latents)."""
-    unet, vae, embeds, ldm = tiny_sd(4)
+    unet, vae, embeds, ldm = tiny_sd(diffusers, 4)
     x, m = picture_and_mask()
     ours = ldmkit_latents(ldm, x, m)
 
