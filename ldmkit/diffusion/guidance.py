@@ -35,6 +35,14 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     return phi * guided * ratio + (1 - phi) * guided
 
 
+def guided(denoiser, cond: Conditioning, uncond: Conditioning | None, scale: float, rescale: float = 0.0) -> DenoiseFn:
+    """The denoise function a sampler walks: classifier-free guidance against `uncond` at `scale` (with guidance
+    rescale), or the plain conditional denoiser when there is no guidance (scale 1 or no uncond)."""
+    if scale != 1.0 and uncond is not None:
+        return CFGDenoiser(denoiser, cond, uncond, scale, rescale=rescale)
+    return bind(denoiser, cond)
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): D = D_u + s (D_c - D_u), both branches in one batched pass.
 

@@ -9,7 +9,7 @@ from ..conditioning.types import Conditioning
 from ..errors import InputError, NonFiniteError
 from ..noise import Generators, randn
 from ..samplers import get_sampler
-from .guidance import CFGDenoiser, bind
+from .guidance import guided
 
 
 def non_finite_at(step: int, steps: int, sigma: float) -> NonFiniteError:
@@ -93,10 +93,7 @@ def sample_latents(
             if not bool(torch.isfinite(x).all()):
                 raise NonFiniteError("the start latents hold NaN or infinite values; check the encoded image")
             return x
-    if cfg_scale != 1.0 and uncond is not None:
-        denoise = CFGDenoiser(denoiser, cond, uncond, cfg_scale, rescale=cfg_rescale)
-    else:
-        denoise = bind(denoiser, cond)
+    denoise = guided(denoiser, cond, uncond, cfg_scale, cfg_rescale)
     x = fn(denoise, x, sigmas, generator=generator, callback=finite_watch(n_steps, callback), **sampler_options)
     if not bool(torch.isfinite(x).all()):  # the last update (noise, step size) went wrong after a finite prediction
         raise non_finite_at(n_steps, n_steps, float(sigmas[-2]))

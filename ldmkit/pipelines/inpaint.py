@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..conditioning.types import Conditioning
-from ..diffusion.guidance import CFGDenoiser, InpaintBlend, bind
+from ..diffusion.guidance import InpaintBlend, guided
 from ..diffusion.sample import finite_watch, non_finite_at
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
@@ -70,10 +70,7 @@ def inpaint_latents(
     that regenerates everything gives exactly the image `generate` draws with the same seed."""
     sigmas = denoiser.sigmas(steps).to(x0_known.device)
     x = randn(x0_known.shape, generator, device=x0_known.device) * sigmas[0]  # (B, c, h, w)
-    if cfg_scale != 1.0 and uncond is not None:
-        denoise = CFGDenoiser(denoiser, cond, uncond, cfg_scale, rescale=cfg_rescale)
-    else:
-        denoise = bind(denoiser, cond)
+    denoise = guided(denoiser, cond, uncond, cfg_scale, cfg_rescale)
     keep = 1 - regenerate.to(x0_known)  # InpaintBlend's mask: 1 where the original stays
     if bool(keep.any()):
         denoise = InpaintBlend(denoise, x0_known, keep, generator)
