@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from PIL import Image
-from tiny_sd import SD_SCHEDULE, tiny_sd
+from tiny_sd import SD_SCHEDULE, sd_pipeline, tiny_sd
 
 from ldmkit.cli import build_parser, main
 from ldmkit.conditioning.types import Conditioning
@@ -310,17 +310,7 @@ def test_img2img_matches_diffusers(sd_parts, strength, sampler, scheduler):
 
     extra = {"set_alpha_to_one": True, "clip_sample": False} if scheduler == "DDIMScheduler" else {}
     sched = getattr(diffusers, scheduler)(**SD_SCHEDULE, timestep_spacing="trailing", **extra)
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd_pipeline(diffusers.StableDiffusionImg2ImgPipeline, unet, vae, sched)
     theirs = pipe(
         image=ldm.encode(x).expand(n, -1, -1, -1),
         prompt_embeds=embeds["a cat"].expand(n, -1, -1),

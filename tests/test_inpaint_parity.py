@@ -17,7 +17,7 @@ from ldmkit.pipelines.inpaint import inpaint
 
 diffusers = pytest.importorskip("diffusers")
 
-from tiny_sd import SD_SCHEDULE, tiny_sd  # noqa: E402
+from tiny_sd import SD_SCHEDULE, sd_pipeline, tiny_sd  # noqa: E402
 
 N, STEPS, SEED, CFG = 2, 10, 7, 3.0
 
@@ -44,18 +44,7 @@ def ldmkit_latents(ldm, x, m):
 
 def pipeline(unet, vae):
     sched = diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="trailing")
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd_pipeline(diffusers.StableDiffusionInpaintPipeline, unet, vae, sched)
 
 
 def relative(ours, theirs) -> float:

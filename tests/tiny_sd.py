@@ -70,3 +70,20 @@ def tiny_sd(diffusers, in_channels: int = 4):
     ours_unet, ours_vae = unet_from_diffusers(unet), vae_from_diffusers(vae)
     run = DenoiserRun(unet=ours_unet.cfg, data=DataConfig(resolution=16, channels=3))  # SD's schedule, eps
     return unet, vae, embeds, LatentDiffusion(ours_vae, ours_vae.cfg, ours_unet, run, FixedText(embeds))
+
+
+def sd_pipeline(pipeline_class, unet, vae, scheduler):
+    """A diffusers Stable Diffusion pipeline of `pipeline_class` around the tiny parts, without text encoder,
+    tokenizer or safety checker (prompt embeddings are passed directly), progress bar off."""
+    pipe = pipeline_class(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
