@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import check_output_path, read_metadata
-from .config import AutoencoderRun, DenoiserRun, load_run
+from .config import TASKS, AutoencoderRun, DenoiserRun, load_run
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .interop.convert import convert
@@ -18,6 +18,7 @@ from .pipelines.img2img import check_strength, img2img_to_file
 from .pipelines.inpaint import InpaintOptions, inpaint_to_file
 from .pipelines.masks import FEATHER_PX
 from .pipelines.outpaint import Border, outpaint_to_file
+from .pipelines.upscale import UpscaleOptions, upscale_to_file
 from .samplers import SAMPLERS
 from .shipped import plan_generation
 from .training.runs import train_autoencoder, train_denoiser
@@ -207,7 +208,7 @@ def _edit_request(args, default_out: Path):
     """(generation plan, request, inpainting options) of inpaint / outpaint: the model, prompt or labels and output
     resolved as `generate` does them."""
     prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
-    plan = plan_generation(args.model, prompts, args.label, args.n, args.out or default_out)
+    plan = plan_generation(args.model, prompts, args.label, args.n, args.out or default_out, task="inpaint")
     opts = InpaintOptions(
         resize_mask=getattr(args, "resize_mask", False),
         resample=args.resample,
@@ -228,6 +229,31 @@ def cmd_outpaint(args):
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png")
     for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, progress=not args.quiet):
         print(f"wrote {p}")
+
+
+def cmd_upscale(args):
+    prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
+    default_out = Path("generated") / f"{Path(args.image).stem}-upscaled.png"
+    plan = plan_generation(args.model, prompts, None, args.n, args.out or default_out, task="upscale")
+    opts = UpscaleOptions(noise_level=args.noise_level, tile=args.tile, overlap=args.overlap)
+    req = _request(args, plan.n, plan.prompts)
+    for p in upscale_to_file(plan.checkpoint, req, args.image, plan.out, opts, progress=not args.quiet):
+        print(f"wrote {p}")
+
+
+def _upscale_command(command):
+    p = command("upscale", "enlarge an image with an upscaler (latent super-resolution, tiled when large)", cmd_upscale)
+    p.add_argument("image", help="the image to upscale (PNG, JPEG, WebP, BMP or GIF)")
+    p.add_argument("--model", help="emoji-upscale (default) or an upscaler's model.safetensors path")
+    p.add_argument("--prompt", help="text prompt (text upscalers)")
+    _generation_options(p)
+    p.add_argument(
+        "--noise-level", type=int, help="noise added to the input: higher trusts it less (default: the model's)"
+    )
+    p.add_argument("--tile", type=int, default=0, help="tile side in input pixels (default: the training size)")
+    p.add_argument("--overlap", type=int, default=-1, help="input pixels tiles share (default: a quarter tile)")
+    _sampling_options(p, n=1, n_help="upscaled versions (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)
+    p.add_argument("--out", help="output image (default generated/IMAGE-upscaled.png)")
 
 
 def _edit_options(p: argparse.ArgumentParser, what: str):
@@ -300,14 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="minilm, clip or trainable: makes a text-to-image model")
     p.add_argument(
         "--task",
-        choices=["generate", "inpaint"],
-        help="generate (default) or inpaint: a model that also takes a mask and a masked image (task)",
+        choices=list(TASKS),
+        help="generate (default); inpaint: a model that also takes a mask and a masked image; upscale: a super-"
+        "resolution model that takes a low-resolution image (set upscale.factor, default 4) (task)",
     )
     _run_options(p, "runs/denoiser")
 
     _sampling_commands(command)
 
     _edit_commands(command)
+
+    _upscale_command(command)
 
     p = command("convert", "convert between an ldmkit checkpoint, a diffusers folder and an SD file", cmd_convert)
     p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")

@@ -136,6 +136,20 @@ class TrainConfig:
     ckpt_every: int = 500  # checkpoint interval (steps); 0: only the final checkpoint, which is always written
 
 
+@dataclass(frozen=True)
+class UpscaleConfig:
+    """Latent super-resolution (task "upscale"; Rombach et al. 2022, sec. 4.4, as Stable Diffusion's x4 upscaler):
+    the U-Net takes the low-resolution image, resized to the latent's size, concatenated to the latent, after
+    noise augmentation; the augmentation's level enters as a class-style embedding (one row per level)."""
+
+    factor: int = 4  # output side / input side
+    max_noise_level: int = 350  # training draws augmentation levels 0..max_noise_level uniformly
+    noise_level: int = 20  # the level `ldmkit upscale` adds by default (--noise-level)
+    schedule: str = "scaled_linear"  # the augmentation's beta schedule over 1000 levels (SD x4's low_res_scheduler)
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+
+
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
@@ -156,10 +170,11 @@ class DenoiserRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     text_encoder: str = ""  # "" for label / unconditional models, else a text-encoder name
     class_names: tuple[str, ...] = ()  # label names, for grids and `ldmkit info`
-    task: str = "generate"  # "generate" (from noise) or "inpaint" (the U-Net also takes a mask and a masked image)
+    task: str = "generate"  # "generate" (from noise), "inpaint" (also a mask and a masked image) or "upscale"
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
 
 
-TASKS = ("generate", "inpaint")  # the values of DenoiserRun.task
+TASKS = ("generate", "inpaint", "upscale")  # the values of DenoiserRun.task
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -265,6 +280,13 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         holdout=OPTIONAL_COUNT,
         caption_dropout=PROBABILITY,
     ),
+    UpscaleConfig: dict(
+        factor=Bound(2, 16, integer=True),
+        max_noise_level=Bound(0, 999, integer=True),
+        noise_level=Bound(0, 999, integer=True),
+        beta_start=OPEN_UNIT,
+        beta_end=OPEN_UNIT,
+    ),
     TrainConfig: dict(
         steps=COUNT,
         batch_size=COUNT,
@@ -343,6 +365,17 @@ def _check_task(cfg: DenoiserRun, where: str):
     if cfg.task not in TASKS:
         raise ConfigError(
             f"{_key(where, 'task')} = {cfg.task!r} is not a task; use {' or '.join(TASKS)} (e.g. --task inpaint)"
+        )
+    up = cfg.upscale
+    if up.schedule not in ("linear", "scaled_linear", "cosine"):
+        raise ConfigError(
+            f"{_key(where, 'upscale.schedule')} = {up.schedule!r} is not a schedule; use linear, scaled_linear "
+            f"or cosine"
+        )
+    if up.noise_level > up.max_noise_level:
+        raise ConfigError(
+            f"{_key(where, 'upscale.noise_level')} = {up.noise_level} is above {_key(where, 'upscale.max_noise_level')}"
+            f" = {up.max_noise_level}, a level the model never saw in training; use at most {up.max_noise_level}"
         )
 
 

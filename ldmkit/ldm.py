@@ -117,8 +117,15 @@ class LatentDiffusion:
         return list(self.run.class_names)
 
     @property
+    def task(self) -> str:
+        """What the model was trained for: "generate", "inpaint" or "upscale" (DenoiserRun.task)."""
+        return self.run.task
+
+    @property
     def num_classes(self) -> int:
-        return self.run.unet.num_classes
+        """The class labels a user picks from; 0 for an unconditional or text model, and for an upscaler, whose
+        class-style embedding holds its noise-augmentation levels instead."""
+        return 0 if self.task == "upscale" else self.run.unet.num_classes
 
     @property
     def labels(self) -> LabelConditioner:

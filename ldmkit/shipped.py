@@ -22,15 +22,26 @@ DEFAULT_MODEL = "emoji"
 SHIPPED = {
     "emoji": "text-conditional (MiniLM text encoder), 64x64 emoji, trained on the built-in `emoji` data set",
     "fashion-mnist": "class-conditional (10 classes), 32x32 Fashion-MNIST",
+    "fashion-mnist-inpaint": "class-conditional inpainting model (10 classes), 32x32 Fashion-MNIST",
+    "emoji-upscale": "4x upscaler, 16x16 -> 64x64 emoji, trained on the built-in `emoji` data set",
+}
+# the models each command uses without --model, first the one whose weights are present
+DEFAULTS = {
+    "generate": (DEFAULT_MODEL, "fashion-mnist"),
+    "inpaint": ("fashion-mnist-inpaint", DEFAULT_MODEL, "fashion-mnist"),
+    "upscale": ("emoji-upscale",),
 }
 
 
-def default_model() -> str:
-    """The model `ldmkit generate` uses without --model: emoji when its weights are present, else fashion-mnist."""
-    for name in (DEFAULT_MODEL, *SHIPPED):
+def default_model(task: str = "generate") -> str:
+    """The model a command of `task` uses without --model: the first of DEFAULTS[task] whose weights are present
+    (generate: emoji, else fashion-mnist; inpaint: fashion-mnist-inpaint, else the generation models, which
+    inpaint by the latent blend; upscale: emoji-upscale)."""
+    names = DEFAULTS[task]
+    for name in names:
         if (weights_dir() / f"{name}.safetensors").is_file():
             return name
-    return DEFAULT_MODEL
+    return names[0]
 
 
 def weights_dir() -> Path:
@@ -74,14 +85,19 @@ class GenerationPlan:
 
 
 def plan_generation(
-    model: str | None, prompts: list[str], labels: list[int] | None, n: int, out: str | Path | None = None
+    model: str | None,
+    prompts: list[str],
+    labels: list[int] | None,
+    n: int,
+    out: str | Path | None = None,
+    task: str = "generate",
 ) -> GenerationPlan:
-    """A shipped model's name (default: `default_model()`) or a checkpoint path, prompts or labels, and n images
+    """A shipped model's name (default: `default_model(task)`) or a checkpoint path, prompts or labels, and n images
     per prompt -> the checkpoint, one prompt per image and the output (default generated/PROMPT.png).
 
     Prompts go to text models only: given to a class model they are refused with its class list.
     """
-    model = model or default_model()
+    model = model or default_model(task)
     path = resolve_model(model)
     if prompts and labels is not None:
         raise InputError("give prompts (text models) or --label (class models), not both")

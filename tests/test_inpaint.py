@@ -231,7 +231,10 @@ def test_text_model_and_sizes_that_are_not_a_multiple(tmp_path, tiny_text_ldm):
 
 def test_models_with_other_concat_channels_are_refused():
     fake = types.SimpleNamespace(
-        run=types.SimpleNamespace(unet=types.SimpleNamespace(in_channels=8)), latent_channels=4, source="sd-up"
+        run=types.SimpleNamespace(unet=types.SimpleNamespace(in_channels=8)),
+        latent_channels=4,
+        source="sd-up",
+        task="generate",
     )
     with pytest.raises(InputError, match="sd-up takes 4 concatenated input channels, not the inpainting layout"):
         concat_channels(fake)

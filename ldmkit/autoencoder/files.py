@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..config import AutoencoderRun, from_dict, to_dict
+from ..config import AutoencoderConfig, AutoencoderRun, from_dict, to_dict
 from ..data.common import stack_images
 from . import build_autoencoder
 from .vae import AutoencoderKL
 
 KIND = "autoencoder"
+LDM_KIND = "ldm"  # a whole model's file (ldm.KIND; the ldm module sits above this one)
 
 
 @torch.no_grad()
@@ -45,8 +46,20 @@ def save_autoencoder(path: Path, model: nn.Module, run: AutoencoderRun, dataset,
 
 
 def load_autoencoder(path: str | Path, device="cpu") -> tuple[nn.Module, AutoencoderRun]:
-    tensors, meta = checkpoint.load(path, KIND)
-    run = from_dict(AutoencoderRun, meta["config"])
+    """The autoencoder in `path` (eval mode, frozen, float32) and its run: an "autoencoder" checkpoint from
+    `ldmkit train-autoencoder`, or the autoencoder inside a whole model ("ldm" file, e.g. a shipped model), so a
+    new denoiser (an inpainting model, an upscaler) can share a trained model's latent space. A whole model records
+    only the autoencoder's architecture and latent scale, so its run's other sections are the defaults."""
+    tensors, meta = checkpoint.load(path, (KIND, LDM_KIND))
+    if meta["kind"] == LDM_KIND:
+        if not isinstance(meta.get("autoencoder"), dict):
+            raise checkpoint.CheckpointError(
+                f"{path} has no 'autoencoder' metadata, so its autoencoder cannot be rebuilt"
+            )
+        run = AutoencoderRun(model=from_dict(AutoencoderConfig, meta["autoencoder"]))
+        tensors = checkpoint.subset(tensors, "autoencoder")
+    else:
+        run = from_dict(AutoencoderRun, meta["config"])
     model = build_autoencoder(run.model)
-    checkpoint.load_state(model, tensors, path, "autoencoder")
+    checkpoint.load_state(model, {k: v.float() for k, v in tensors.items()}, path, "autoencoder")
     return model.to(device).eval().requires_grad_(False), run

@@ -15,7 +15,7 @@ import torch
 from ..autoencoder import build_autoencoder
 from ..checkpoint import CheckpointError
 from ..conditioning.clip import clip_shapes
-from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig
+from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, UpscaleConfig
 from ..denoisers.unet import UNet
 
 
@@ -34,6 +34,8 @@ class ModelWeights:
     class_names: tuple[str, ...] = ()  # class-conditional models: the label names
     source: str = ""  # where the weights were read from, for messages
     unused: list[str] = field(default_factory=list)  # keys of the source that no network here uses
+    task: str = "generate"  # "generate", "inpaint" or "upscale" (DenoiserRun.task)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # an upscaler's factor and noise augmentation
 
     def validate(self) -> "ModelWeights":
         """Every network's keys and shapes match its configuration, else CheckpointError naming the source."""

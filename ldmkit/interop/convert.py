@@ -118,6 +118,8 @@ def read_ldm(path: str | Path) -> ModelWeights:
         text,
         tuple(run.class_names),
         str(path),
+        task=run.task,
+        upscale=run.upscale,
     )
     return w.validate()
 
@@ -137,6 +139,8 @@ def write_ldm(path: str | Path, w: ModelWeights) -> Path:
         text_encoder="clip" if w.text is not None else "",
         data=DataConfig(resolution=w.resolution, channels=w.ae_config.in_channels),
         class_names=tuple(w.class_names),
+        task=w.task,
+        upscale=w.upscale,
     )
     return LdmFile(run, w.ae_config, w.unet, w.autoencoder, text, options, {"converted_from": w.source}).write(path)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig
+from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, UpscaleConfig
+from ..diffusion.lowres import LEVELS as LOW_RES_LEVELS
 from ..errors import InputError
 
 # diffusers' defaults, for configs written by older versions that omit newer keys.
@@ -356,4 +357,43 @@ def diffusion_config_to_scheduler(cfg: DiffusionConfig) -> dict[str, Any]:
         "set_alpha_to_one": False,
         "steps_offset": 1,
         "timestep_spacing": "leading",
+    }
+
+
+# --- an upscaler's noise augmentation ---------------------------------------------------------------------------------
+
+
+def upscale_config_from_scheduler(raw: dict[str, Any], max_noise_level: int, factor: int) -> UpscaleConfig:
+    """An upscale pipeline's low_res_scheduler config and max_noise_level -> UpscaleConfig (default noise level 20,
+    diffusers' default, or less when the model allows less)."""
+    d = diffusion_config_from_scheduler(raw)
+    if d.num_timesteps != LOW_RES_LEVELS:
+        name = raw.get("_class_name", "low_res_scheduler")
+        raise _unsupported(
+            name, "num_train_timesteps", d.num_timesteps, f"ldmkit augments over {LOW_RES_LEVELS} levels"
+        )
+    level = int(max_noise_level)
+    return UpscaleConfig(
+        factor=factor,
+        max_noise_level=level,
+        noise_level=min(20, level),
+        schedule=d.schedule,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+    )
+
+
+def upscale_config_to_scheduler(up: UpscaleConfig) -> dict[str, Any]:
+    """UpscaleConfig -> the DDPMScheduler config diffusers' upscale pipeline noises its input with."""
+    sched = {v: k for k, v in BETA_SCHEDULES.items()}[up.schedule]
+    return {
+        "_class_name": "DDPMScheduler",
+        "beta_start": up.beta_start,
+        "beta_end": up.beta_end,
+        "beta_schedule": sched,
+        "num_train_timesteps": LOW_RES_LEVELS,
+        "clip_sample": False,
+        "prediction_type": "epsilon",
+        "trained_betas": None,
+        "variance_type": "fixed_small",
     }

@@ -8,13 +8,14 @@ tokenizer); it is written from ldmkit's CLIP vocabulary when open-clip-torch is 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
 from ..conditioning.clip import clip_config
 from ..conditioning.clip_tokenizer import END, START, CLIPTokenizer
-from ..config import DiffusionConfig
+from ..config import DiffusionConfig, UpscaleConfig
 from ..errors import InputError
 from . import keymaps
 from .bundle import ModelWeights
@@ -23,6 +24,8 @@ from .diffusers_config import (
     diffusion_config_from_scheduler,
     diffusion_config_to_scheduler,
     unet_config_to_diffusers,
+    upscale_config_from_scheduler,
+    upscale_config_to_scheduler,
     vae_config_to_diffusers,
 )
 from .files import read_json, read_model_folder, write_json, write_model_folder
@@ -61,6 +64,16 @@ def read_pipeline(folder: str | Path, *, prediction: str | None = None, unsafe_p
     )
     extra = index.get(EXTRA) or {}
     resolution = extra.get("resolution") or (int(sample_size) * ae_cfg.factor if isinstance(sample_size, int) else 512)
+    task, upscale = "generate", UpscaleConfig()
+    low_res = folder / "low_res_scheduler" / "scheduler_config.json"
+    if low_res.is_file() or index.get("_class_name") == "StableDiffusionUpscalePipeline":
+        if not low_res.is_file():
+            raise CheckpointError(f"{folder} is an upscale pipeline without low_res_scheduler/scheduler_config.json")
+        factor = (extra.get("upscale") or {}).get("factor", ae_cfg.factor)  # SD x4: the VAE's factor, 4
+        task = "upscale"
+        upscale = upscale_config_from_scheduler(read_json(low_res), index.get("max_noise_level", 350), factor)
+        if extra.get("upscale"):
+            upscale = replace(upscale, noise_level=extra["upscale"].get("noise_level", upscale.noise_level))
     return ModelWeights(
         unet_cfg,
         unet,
@@ -72,6 +85,8 @@ def read_pipeline(folder: str | Path, *, prediction: str | None = None, unsafe_p
         text,
         tuple(extra.get("class_names", ())),
         str(folder),
+        task=task,
+        upscale=upscale,
     ).validate()
 
 
@@ -129,6 +144,14 @@ def write_pipeline(folder: str | Path, w: ModelWeights) -> Path:
         "scheduler": ["diffusers", "DDIMScheduler"],
         EXTRA: {"resolution": w.resolution, "class_names": list(w.class_names)},
     }
+    if w.task == "upscale":
+        write_json(
+            folder / "low_res_scheduler" / "scheduler_config.json",
+            versioned_config(upscale_config_to_scheduler(w.upscale)),
+        )
+        index["low_res_scheduler"] = ["diffusers", "DDPMScheduler"]
+        index["max_noise_level"] = w.upscale.max_noise_level
+        index[EXTRA]["upscale"] = {"factor": w.upscale.factor, "noise_level": w.upscale.noise_level}
     if w.text is not None:
         config = {**w.text_config, "torch_dtype": "float32"}
         write_model_folder(folder / "text_encoder", "model", config, w.text)
@@ -139,14 +162,19 @@ def write_pipeline(folder: str | Path, w: ModelWeights) -> Path:
             safety_checker=[None, None],
             feature_extractor=[None, None],
             requires_safety_checker=False,
-            _class_name="StableDiffusionInpaintPipeline"
-            if w.unet_config.in_channels == 9
-            else "StableDiffusionPipeline",
+            _class_name=pipeline_class(w),
         )
     else:
         index["_class_name"] = "DiffusionPipeline"
     write_json(folder / INDEX, versioned_config(index))
     return folder
+
+
+def pipeline_class(w: ModelWeights) -> str:
+    """The diffusers pipeline that runs a text model: the upscale, inpainting (9 channels) or plain one."""
+    if w.task == "upscale":
+        return "StableDiffusionUpscalePipeline"
+    return "StableDiffusionInpaintPipeline" if w.unet_config.in_channels == 9 else "StableDiffusionPipeline"
 
 
 def write_tokenizer(folder: Path, text_config: dict[str, Any]) -> bool:

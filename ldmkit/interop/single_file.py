@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..conditioning.clip import infer_clip_config
-from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, from_dict, to_dict
+from ..config import AutoencoderConfig, DiffusionConfig, UNetConfig, UpscaleConfig, from_dict, to_dict
 from ..errors import InputError
 from . import keymaps
 from .bundle import ModelWeights
@@ -194,6 +194,8 @@ def read_single_file(
         tuple(hints.get("class_names", ())),
         source,
         unused=[k for k in tensors if not k.startswith(used)],
+        task=hints.get("task", "generate"),
+        upscale=from_dict(UpscaleConfig, hints["upscale"]) if "upscale" in hints else UpscaleConfig(),
     )
     return w.validate()
 
@@ -233,5 +235,7 @@ def write_single_file(path: str | Path, w: ModelWeights) -> Path:
         "resolution": w.resolution,
         "class_names": list(w.class_names),
         "text": w.text_config,
+        "task": w.task,
+        "upscale": to_dict(w.upscale),
     }
     return write_tensors(path, single_file_tensors(w), {HINTS: json.dumps(hints)})

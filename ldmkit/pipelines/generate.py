@@ -176,22 +176,40 @@ def blame_options(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError)
     )
 
 
-def check_samples_from_noise(ldm: LatentDiffusion) -> None:
+TASK_NEEDS = {  # what each task's model takes beside a prompt or label, and the commands that give it that
+    "generate": (
+        "a generation model",
+        "",
+        "`ldmkit generate`, `ldmkit img2img`, `ldmkit inpaint` or `ldmkit outpaint`",
+    ),
+    "inpaint": ("an inpainting model", ": it needs an image and a mask", "`ldmkit inpaint` or `ldmkit outpaint`"),
+    "upscale": ("an upscaler", ": it needs a low-resolution image", "`ldmkit upscale`"),
+}
+
+
+def wrong_task(ldm: LatentDiffusion, command: str, task: str | None = None) -> InputError:
+    """The error for a model given to a command that cannot use it, naming the model's task (`task` for an imported
+    model whose file does not record it) and the commands that can."""
+    name, task = ldm.source or "this model", task or ldm.task
+    what, needs, commands = TASK_NEEDS.get(task, (f"a {task} model", "", "the command it was trained for"))
+    return InputError(f"{name} is {what} (task {task}{needs}), so `ldmkit {command}` cannot use it; use {commands}")
+
+
+def check_samples_from_noise(ldm: LatentDiffusion, command: str = "generate") -> None:
     """InputError, naming the model's task, for a model whose U-Net needs more than the latent (an inpainting
-    model takes a mask and a masked image): generate, sample and img2img cannot give it those."""
+    model takes a mask and a masked image, an upscaler a low-resolution image): generate, sample and img2img cannot
+    give it those."""
     extra = ldm.run.unet.in_channels - ldm.latent_channels
-    if ldm.run.task == "generate" and extra == 0:
+    if ldm.task == "generate" and extra == 0:
         return
-    name = ldm.source or "this model"
-    if ldm.run.task == "inpaint" or extra == ldm.latent_channels + 1:
+    if ldm.task == "generate" and extra == ldm.latent_channels + 1:  # an imported inpainting model (9 channels)
+        raise wrong_task(ldm, command, "inpaint")
+    if ldm.task == "generate":
         raise InputError(
-            f"{name} is an inpainting model (task inpaint: it needs an image and a mask), so it cannot generate "
-            f"from a prompt or label alone; use `ldmkit inpaint --model {name} --image IMAGE --mask MASK`"
+            f"{ldm.source or 'this model'} takes {extra} input channels beside the latent, so it cannot generate "
+            f"from noise alone; use it with the command it was trained for"
         )
-    raise InputError(
-        f"{name} takes {extra} input channels beside the latent (task {ldm.run.task}), so it cannot generate from "
-        f"noise alone; use it with the command it was trained for"
-    )
+    raise wrong_task(ldm, command)
 
 
 @torch.no_grad()
@@ -202,11 +220,13 @@ def latent_batches(
     progress: bool = False,
     init: Callable[[int, int], torch.Tensor] | None = None,
     strength: float = 1.0,
+    command: str = "generate",
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(latents (b, c, h, w), a caption per image) for each batch of req.batch_size images of the checked plan `p`;
     image i always uses seed + i. init(s, e): the clean latents (e - s, c, h, w) that images s..e-1 start from at
-    `strength` (img2img); None: pure noise. progress: a bar over images when there is more than one batch."""
-    check_samples_from_noise(ldm)
+    `strength` (img2img); None: pure noise. progress: a bar over images when there is more than one batch. command:
+    the command named when the model cannot sample from noise (an inpainting model, an upscaler)."""
+    check_samples_from_noise(ldm, command)
     opts = {} if req.eta is None else {"eta": req.eta}
     shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
     bar = tqdm(total=req.n, unit="image", desc="sampling", disable=not progress or req.n <= req.batch_size)

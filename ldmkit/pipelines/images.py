@@ -43,7 +43,7 @@ def check_edit_size(what: str, w: int, h: int, max_pixels: int = MAX_EDIT_PIXELS
         raise InputError(
             f"{what} is {w}x{h} = {w * h:,} pixels, over the editing limit of {max_pixels:,} "
             f"({int(max_pixels**0.5)}x{int(max_pixels**0.5)}): an edit runs at the image's own size, in one piece; "
-            f"resize it first"
+            f"resize it first (`ldmkit upscale` makes images up to this limit from smaller ones, sampling in tiles)"
         )
 
 

@@ -77,7 +77,7 @@ def img2img_batches(
     def init(s: int, e: int) -> torch.Tensor:
         return torch.cat([z0[i // req.n] for i in range(s, e)])  # (e - s, c, h, w)
 
-    for z, captions in latent_batches(ldm, full, p, progress, init, strength):
+    for z, captions in latent_batches(ldm, full, p, progress, init, strength, "img2img"):
         yield crop_to(ldm.decode(z).cpu(), size), captions
 
 

@@ -27,7 +27,16 @@ from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed, randn
 from ..samplers import get_sampler
 from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
-from .generate import SampleRequest, blame_options, caption_of, collect, plan, whole_number, write_edits
+from .generate import (
+    SampleRequest,
+    blame_options,
+    caption_of,
+    collect,
+    plan,
+    whole_number,
+    write_edits,
+    wrong_task,
+)
 from .images import crop_to, load_edit_image, pad_to_multiple
 from .img2img import checkpoint_channels, model_image
 from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
@@ -94,6 +103,8 @@ def inpaint_latents(
 def concat_channels(ldm: LatentDiffusion) -> int:
     """The channels the model's U-Net takes beside the latent: 0 for a plain model, 1 + latent channels for a
     dedicated inpainting model (mask and masked-image latents, as Stable Diffusion's); InputError for any other."""
+    if ldm.task == "upscale":
+        raise wrong_task(ldm, "inpaint")
     extra = ldm.run.unet.in_channels - ldm.latent_channels
     if extra not in (0, ldm.latent_channels + 1):
         raise InputError(

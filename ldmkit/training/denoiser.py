@@ -6,6 +6,10 @@ mask per item (training/masks.py) and encodes the step's images on the fly with 
 clean latents (sampled from the posterior) and the masked image's (pixels under the mask set to 0, mid-grey);
 the latent cache then supplies only labels and captions. Encoding each step suits small data sets; it also keeps
 the two latents of an item consistent under random flips and crops.
+
+With run.task == "upscale" the U-Net takes the low-resolution image (the step's images downscaled by
+upscale.factor, diffusion/lowres.py) noised to a random augmentation level in 0..upscale.max_noise_level, and the
+level as its class embedding (Rombach et al. 2022, sec. 4.4). Such a model has no user-facing class labels.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun
 from ..data.images import save_grid
 from ..data.latents import LatentCache
+from ..diffusion.lowres import downscale, low_res_conditioning
 from ..diffusion.sample import sample_latents
 from ..errors import InputError
 from ..ldm import LatentDiffusion
@@ -34,7 +39,14 @@ def resolve_run(run: DenoiserRun, ae_cfg: AutoencoderConfig, latents: LatentCach
     concat = unet.in_channels - unet.out_channels if unet.in_channels > unet.out_channels else 0
     if run.task == "inpaint":
         concat = 1 + ae_cfg.latent_channels  # the mask and the masked image's latents
+    if run.task == "upscale":
+        concat = ae_cfg.in_channels  # the low-resolution image
     unet = replace(unet, in_channels=ae_cfg.latent_channels + concat, out_channels=ae_cfg.latent_channels)
+    if run.task == "upscale":  # one class embedding per augmentation level; no labels, no class names
+        unet = replace(
+            unet, num_classes=run.upscale.max_noise_level + 1, context_dim=text_dim if run.text_encoder else 0
+        )
+        return replace(run, unet=unet, class_names=())
     names = tuple(run.class_names or latents.class_names)
     if run.text_encoder:
         unet = replace(unet, context_dim=text_dim, num_classes=0)
@@ -61,8 +73,10 @@ class DenoiserTask:
         """run: the resolved configuration; model: the bundle whose U-Net (and trainable text encoder) is trained;
         latents: the encoded training set; text_cache: embeddings of every caption for a frozen text encoder;
         images: the training set itself (items with an "image" (C, H, W) in [-1, 1]), needed by the inpaint task."""
-        if run.task == "inpaint" and images is None:
-            raise InputError("the inpaint task needs the training images: pass images= (the data set) to DenoiserTask")
+        if run.task in ("inpaint", "upscale") and images is None:
+            raise InputError(
+                f"the {run.task} task needs the training images: pass images= (the data set) to DenoiserTask"
+            )
         self.run, self.ldm, self.latents, self.device = run, model, latents, device
         self.text_cache, self.images = text_cache, images
         self.size = len(latents)
@@ -86,26 +100,46 @@ class DenoiserTask:
             if self.text_cache is not None:
                 return self.text_cache.get(caps).map(lambda t: t.to(self.device))
             return self.ldm.text_encoder.encode(caps).map(lambda t: t.to(self.device))
-        if self.run.unet.num_classes:
+        if self.ldm.num_classes:
             labels = self.latents.labels[idx].clone()
             labels[drop | (labels < 0)] = self.run.unet.num_classes  # the null class
             return Conditioning(labels=labels.to(self.device))
         return Conditioning()
 
+    def batch_images(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.images[int(i)]["image"] for i in idx]).to(self.device)  # (B, C, H, W)
+
+    @torch.no_grad()
+    def encode_sample(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Scaled training latents of images x (B, C, H, W): z ~ q(z | x) for a KL autoencoder (as the latent cache
+        draws them, the noise from `gen`), the pre-quantisation latents for a VQ one."""
+        ae = self.ldm.autoencoder
+        if hasattr(ae, "encode"):
+            post = ae.encode(x)
+            eps = torch.randn(post.mean.shape, generator=gen).to(post.mean)
+            return self.ldm.to_latent((post.mean + post.std * eps).float())
+        return self.ldm.to_latent(ae.latents(x).float())
+
+    @torch.no_grad()
+    def upscale_inputs(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+        """(clean latents (B, c, h, w), the low-resolution conditioning: the images downscaled, noised to a random
+        augmentation level per item drawn from `gen`, with the levels as labels)."""
+        x = self.batch_images(idx)
+        z = self.encode_sample(x, gen)
+        up = self.run.upscale
+        low = downscale(x, up.factor)
+        levels = torch.randint(0, up.max_noise_level + 1, (len(idx),), generator=gen)
+        noise = torch.randn((len(idx), x.shape[1], *z.shape[-2:]), generator=gen)
+        return z, low_res_conditioning(low, levels.to(self.device), up, noise.to(x), tuple(z.shape[-2:]))
+
     @torch.no_grad()
     def inpaint_inputs(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean latents (B, c, h, w), concat (B, 1 + c, h, w): latent mask and masked-image latents) of items idx,
         with a random mask per item drawn from `gen`."""
-        x = torch.stack([self.images[int(i)]["image"] for i in idx]).to(self.device)  # (B, C, H, W)
+        x = self.batch_images(idx)
         m, _ = random_masks(len(idx), tuple(x.shape[-2:]), gen)
         m = m.to(x)  # (B, 1, H, W), 1 = regenerate
-        ae = self.ldm.autoencoder
-        if hasattr(ae, "encode"):  # KL: z ~ q(z | x), as the latent cache draws it
-            post = ae.encode(x)
-            eps = torch.randn(post.mean.shape, generator=gen).to(post.mean)
-            z = self.ldm.to_latent((post.mean + post.std * eps).float())
-        else:  # VQ: the pre-quantisation latents
-            z = self.ldm.to_latent(ae.latents(x).float())
+        z = self.encode_sample(x, gen)
         masked = self.ldm.encode(x * (1 - m))  # (B, c, h, w): masked pixels at 0, mid-grey
         return z, torch.cat([training_latent_mask(m, self.ldm.factor), masked], dim=1)
 
@@ -114,6 +148,9 @@ class DenoiserTask:
         if self.run.task == "inpaint":
             z, concat = self.inpaint_inputs(idx, gen)
             cond = replace(self.condition(idx, gen), concat=concat)
+        elif self.run.task == "upscale":
+            z, low = self.upscale_inputs(idx, gen)
+            cond = replace(self.condition(idx, gen), labels=low.labels, concat=low.concat)
         else:
             z = self.ldm.to_latent(self.latents.draw(idx, gen)).to(self.device)
             cond = self.condition(idx, gen)
@@ -140,6 +177,14 @@ class DenoiserTask:
             keep = (x, m)
             cond = replace(cond, concat=concat)
             uncond = replace(uncond, concat=concat) if uncond is not None else None
+        elif self.run.task == "upscale":  # the first training images, downscaled, at the default noise level
+            up = self.run.upscale
+            x = self.batch_images(torch.arange(n) % len(self.images))
+            levels = torch.full((n,), up.noise_level, dtype=torch.long)
+            noise = torch.randn((n, x.shape[1], h, w), generator=torch.Generator().manual_seed(0))
+            low = low_res_conditioning(downscale(x, up.factor), levels.to(x.device), up, noise.to(x), (h, w))
+            cond = replace(cond, labels=low.labels, concat=low.concat)
+            uncond = replace(uncond, labels=low.labels, concat=low.concat) if uncond is not None else None
         z = sample_latents(
             ldm.denoiser,
             (n, ldm.latent_channels, h, w),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,6 +141,14 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRu
         f_ae * f_unet,
         f"the autoencoder downsamples by {f_ae}, then the U-Net by {f_unet}",
     )  # before the slow encoding
+    if run.task == "upscale":
+        check_multiple(
+            "data.resolution",
+            run.data.resolution,
+            run.upscale.factor * f_ae * f_unet // math.gcd(run.upscale.factor, f_ae * f_unet),
+            f"the low-resolution input is 1/{run.upscale.factor} of it, and its latent must divide by the U-Net's "
+            f"{f_unet}",
+        )
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
     train_set, _ = _datasets(run.data, 0)
@@ -150,5 +159,5 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRu
     torch.manual_seed(run.train.seed)
     unet = UNet(run.unet).to(device)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
-    images = train_set if run.task == "inpaint" else None  # encoded each step with a random mask
+    images = train_set if run.task in ("inpaint", "upscale") else None  # encoded each step (mask, degradation)
     return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images)

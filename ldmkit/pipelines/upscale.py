@@ -1,0 +1,297 @@
+"""Latent super-resolution: sample a high-resolution image's latents conditioned on the low-resolution image.
+
+An upscaler (task "upscale", trained by `ldmkit train --task upscale` or converted from Stable Diffusion's x4
+upscaler) takes, beside its latent, the low-resolution image at the latent's size after noise augmentation to
+`noise_level` (diffusion/lowres.py), and the level itself as a class-style embedding. Each image i draws, from its
+own generator seeded seed + i, first the augmentation noise and then the initial latent noise (diffusers' order),
+so a result does not depend on the batch size.
+
+Images larger than the model's training size are sampled in tiles: at every denoiser call the latent is cut into
+overlapping tiles (each with its part of the low-resolution image), each tile is denoised, and the predictions are
+blended with weights that ramp linearly across the overlap (MultiDiffusion, Bar-Tal et al. 2023). The sampler
+steps the whole latent, so neighbouring tiles agree at every step and no seam forms; the decoder runs tile by tile
+the same way. An image that fits in one tile is sampled exactly as without tiling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import read_metadata
+from ..conditioning.types import Conditioning
+from ..diffusion.lowres import low_res_conditioning
+from ..diffusion.sample import sample_latents
+from ..errors import InputError, NonFiniteError
+from ..ldm import LatentDiffusion
+from ..noise import generators_from_seed, randn
+from .generate import SampleRequest, blame_options, collect, whole_number, write_edits, wrong_task
+from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image, pad_to_multiple
+from .img2img import checkpoint_channels, model_image
+from .masks import require_file
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """How an upscale runs; values are checked here, naming the command-line option to change."""
+
+    noise_level: int | None = None  # augmentation level of the input (None: the model's default, upscale.noise_level)
+    tile: int = 0  # tile side in input pixels (0: the model's training size / factor)
+    overlap: int = -1  # input pixels shared by neighbouring tiles (-1: a quarter of the tile)
+
+    def __post_init__(self):
+        if self.noise_level is not None:
+            whole_number("--noise-level", self.noise_level, low=0, hint="20 is usual; higher trusts the input less")
+        whole_number("--tile", self.tile, low=0, hint="use 0 for the model's training size")
+        whole_number("--overlap", self.overlap, low=-1, hint="use -1 for a quarter of the tile")
+
+
+def check_upscaler(ldm: LatentDiffusion, noise_level: int | None) -> int:
+    """The noise level to use with `ldm` (InputError naming the model's task when it is not an upscaler, or naming
+    the allowed range when the level is outside what it was trained on)."""
+    if ldm.task != "upscale":
+        raise wrong_task(ldm, "upscale")
+    up = ldm.run.upscale
+    level = up.noise_level if noise_level is None else noise_level
+    top = min(up.max_noise_level, ldm.run.unet.num_classes - 1)
+    if not 0 <= level <= top:
+        raise InputError(
+            f"--noise-level {level} is outside the levels {ldm.source or 'this model'} was trained on (0 to {top}); "
+            f"{up.noise_level} is its default"
+        )
+    return level
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Overlapping tiles over a latent (h, w): windows of side `tile` (latent pixels) `overlap` apart at most."""
+
+    tile: int
+    overlap: int
+
+    def starts(self, length: int) -> list[int]:
+        """Tile starts along an axis of `length`: 0, stride, 2 stride, ..., and the last tile flush with the end."""
+        if length <= self.tile:
+            return [0]
+        stride = self.tile - self.overlap
+        n = math.ceil((length - self.tile) / stride) + 1
+        return sorted({min(i * stride, length - self.tile) for i in range(n)})
+
+    def windows(self, h: int, w: int) -> list[tuple[slice, slice]]:
+        return [
+            (slice(y, min(y + self.tile, h)), slice(x, min(x + self.tile, w)))
+            for y in self.starts(h)
+            for x in self.starts(w)
+        ]
+
+    def weight(self, h: int, w: int, win: tuple[slice, slice], scale: int = 1) -> torch.Tensor:
+        """(h', w') blending weight of a window (coordinates times `scale`): 1 inside, ramping down linearly over
+        the overlap towards edges shared with another tile, 1 up to the image's border."""
+        (ys, xs), ov = win, self.overlap * scale
+
+        def ramp(start: int, stop: int, length: int) -> torch.Tensor:
+            n = stop - start
+            r = torch.ones(n)
+            if ov > 0:
+                k = torch.arange(n, dtype=torch.float32)
+                if start > 0:
+                    r = torch.minimum(r, (k + 1) / (ov + 1))
+                if stop < length:
+                    r = torch.minimum(r, (n - k) / (ov + 1))
+            return r
+
+        y = ramp(ys.start * scale, ys.stop * scale, h * scale)
+        x = ramp(xs.start * scale, xs.stop * scale, w * scale)
+        return y[:, None] * x[None, :]
+
+
+class TiledDenoiser:
+    """A denoiser applied tile by tile (see the module's doc); everything but the call is the wrapped denoiser's."""
+
+    def __init__(self, denoiser, tiling: Tiling):
+        self.inner, self.tiling = denoiser, tiling
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x: torch.Tensor, sigma, cond: Conditioning | None = None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        wins = self.tiling.windows(h, w)
+        if len(wins) == 1:
+            return self.inner(x, sigma, cond)
+        out = torch.zeros_like(x)
+        total = torch.zeros((h, w), dtype=x.dtype, device=x.device)
+        for win in wins:
+            part = None
+            if cond is not None:  # the spatial conditioning (the low-resolution image) cut like the latent
+                part = cond.map(lambda t, win=win: t[..., win[0], win[1]] if t.ndim == 4 else t)
+            wt = self.tiling.weight(h, w, win).to(x)
+            out[..., win[0], win[1]] += self.inner(x[..., win[0], win[1]], sigma, part) * wt
+            total[win[0], win[1]] += wt
+        return out / total
+
+
+@torch.no_grad()
+def decode_tiled(ldm: LatentDiffusion, z: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """ldm.decode(z) tile by tile with blended overlaps: images (B, C, h f, w f); one call when z fits a tile."""
+    h, w = z.shape[-2:]
+    wins = tiling.windows(h, w)
+    if len(wins) == 1:
+        return ldm.decode(z)
+    f = ldm.factor
+    out = None
+    total = torch.zeros((h * f, w * f), device=z.device)
+    for ys, xs in wins:
+        part = ldm.decode(z[..., ys, xs])  # (B, C, h' f, w' f)
+        if out is None:
+            out = torch.zeros((z.shape[0], part.shape[1], h * f, w * f), device=z.device)
+        wt = tiling.weight(h, w, (ys, xs), scale=f).to(part)
+        py, px = slice(ys.start * f, ys.stop * f), slice(xs.start * f, xs.stop * f)
+        out[..., py, px] += part * wt
+        total[py, px] += wt
+    return out / total
+
+
+def tiling_for(ldm: LatentDiffusion, opts: UpscaleOptions) -> Tiling:
+    """The latent tiling of `opts` (input pixels) for `ldm`: tiles a multiple of the U-Net's factor."""
+    per_input = ldm.run.upscale.factor / ldm.factor  # latent pixels per input pixel
+    unit = ldm.run.unet.factor
+    tile = round(opts.tile * per_input) if opts.tile else ldm.run.data.resolution // ldm.factor
+    tile = max(unit, tile // unit * unit)
+    overlap = tile // 4 if opts.overlap < 0 else round(opts.overlap * per_input)
+    if overlap >= tile:
+        raise InputError(f"--overlap {opts.overlap} is not smaller than the tile ({opts.tile or 'default'}); use less")
+    return Tiling(tile, overlap)
+
+
+def check_input_size(what: str, w: int, h: int, factor: int) -> None:
+    """InputError naming `what` when a w x h input upscaled `factor` times would pass the editing limit."""
+    limit = MAX_EDIT_PIXELS // factor**2
+    if w * h > limit:
+        side = int(limit**0.5)
+        raise InputError(
+            f"{what} is {w}x{h} pixels; upscaled {factor}x it would pass the limit of {MAX_EDIT_PIXELS:,} output "
+            f"pixels ({int(MAX_EDIT_PIXELS**0.5)}x{int(MAX_EDIT_PIXELS**0.5)}), so an input may have at most "
+            f"{limit:,} pixels (about {side}x{side}); crop it into parts or downscale it first (tiling bounds the "
+            f"memory an upscale needs, not the size of its output)"
+        )
+
+
+@torch.no_grad()
+def upscale_latents(
+    ldm: LatentDiffusion,
+    low: torch.Tensor,
+    req: SampleRequest,
+    noise_level: int,
+    gens,
+    prompts: list[str] | None,
+    tiling: Tiling | None = None,
+) -> torch.Tensor:
+    """Latents (b, c, H/f, W/f) of the upscaled images of `low` (b, C, h, w) in [-1, 1] (its size already a multiple
+    of what the model takes), each drawn with its generator in `gens` (augmentation noise, then latent noise)."""
+    b, k = low.shape[0], ldm.run.upscale.factor
+    size = (low.shape[-2] * k // ldm.factor, low.shape[-1] * k // ldm.factor)
+    noise = randn((b, low.shape[1], *size), gens, device=ldm.device)  # first draw of each generator
+    levels = torch.full((b,), noise_level, dtype=torch.long, device=ldm.device)
+    lowres = low_res_conditioning(low.to(ldm.device), levels, ldm.run.upscale, noise, size)
+    text = ldm.conditioning(prompts=prompts, n=b)
+    cond = replace(text, labels=lowres.labels, concat=lowres.concat)
+    uncond = None
+    if ldm.text_encoder is not None and req.cfg != 1.0:
+        negative = [req.negative_prompt] * b if req.negative_prompt else None
+        uncond = replace(ldm.null_conditioning(b, negative), labels=lowres.labels, concat=lowres.concat)
+    denoiser = TiledDenoiser(ldm.denoiser, tiling) if tiling is not None else ldm.denoiser
+    opts = {} if req.eta is None else {"eta": req.eta}
+    return sample_latents(
+        denoiser,
+        (b, ldm.latent_channels, *size),
+        cond,
+        uncond,
+        sampler=req.sampler,
+        steps=req.steps,
+        cfg_scale=req.cfg,
+        cfg_rescale=req.cfg_rescale,
+        generator=gens,
+        device=ldm.device,
+        **opts,
+    )
+
+
+@torch.no_grad()
+def upscale_batches(
+    ldm: LatentDiffusion,
+    image: torch.Tensor,
+    req: SampleRequest,
+    opts: UpscaleOptions = UpscaleOptions(),
+    progress: bool = False,
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(images (b, C, H*factor, W*factor) in [-1, 1] on the CPU, a caption per image) for each batch of req.n
+    upscales of `image` (1, C, H, W) in [-1, 1]; image i uses seed + i. Everything is checked before sampling."""
+    level = check_upscaler(ldm, opts.noise_level)
+    if req.height or req.width:
+        raise InputError("upscale works at --factor times the input's size; drop --height / --width")
+    if req.labels:
+        raise InputError("an upscaler takes no --label; give a --prompt (text upscalers) or nothing")
+    if req.prompts is not None and any(req.prompts) and ldm.text_encoder is None:
+        raise InputError(f"{ldm.source or 'this upscaler'} is not text-conditional; drop --prompt")
+    h, w = image.shape[-2:]
+    up = ldm.run.upscale
+    check_input_size("the image", w, h, up.factor)
+    x, _ = model_image(ldm, image)  # (1, C, H, W) checked, in the model's channels (padding redone below)
+    x = crop_to(x, (h, w))
+    # pad so that the latent (input * factor / f) is a multiple of the U-Net's factor
+    unit = ldm.factor * ldm.run.unet.factor // math.gcd(ldm.factor * ldm.run.unet.factor, up.factor)
+    x, size = pad_to_multiple(x, unit)
+    tiling = tiling_for(ldm, opts)
+    prompts = None
+    if ldm.text_encoder is not None:
+        base = req.prompts or [""]
+        prompts = [base[i % len(base)] for i in range(req.n)]
+    bar = tqdm(total=req.n, unit="image", desc="upscaling", disable=not progress or req.n <= req.batch_size)
+    with bar:
+        for s in range(0, req.n, req.batch_size):
+            e = min(req.n, s + req.batch_size)
+            pr = prompts[s:e] if prompts is not None else None
+            gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
+            try:
+                z = upscale_latents(ldm, x.expand(e - s, -1, -1, -1), req, level, gens, pr, tiling)
+            except NonFiniteError as err:
+                raise blame_options(ldm, req, err) from None
+            out = decode_tiled(ldm, z, tiling)  # (b, C, H', W')
+            yield crop_to(out, (size[0] * up.factor, size[1] * up.factor)).cpu(), pr or [""] * (e - s)
+            bar.update(e - s)
+
+
+def upscale(
+    ldm: LatentDiffusion,
+    image: torch.Tensor,
+    req: SampleRequest,
+    opts: UpscaleOptions = UpscaleOptions(),
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[str]]:
+    """Upscaled images (n, C, H*factor, W*factor) in [-1, 1] and a caption per image (see upscale_batches)."""
+    return collect(upscale_batches(ldm, image, req, opts, progress))
+
+
+def upscale_to_file(
+    checkpoint: str | Path,
+    req: SampleRequest,
+    image: str | Path,
+    out: str | Path,
+    opts: UpscaleOptions = UpscaleOptions(),
+    progress: bool = True,
+) -> list[Path]:
+    """Upscale the image file `image` and write each result (see write_edits), the parameters embedded; the input
+    and the options are checked before the model loads."""
+    require_file(image, "image", "give the picture to upscale (PNG, JPEG, WebP, BMP or GIF)")
+    x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W): input mistakes before the model
+    factor = (read_metadata(checkpoint).get("config") or {}).get("upscale", {}).get("factor")
+    if isinstance(factor, int) and factor > 0:
+        check_input_size(str(image), x.shape[-1], x.shape[-2], factor)
+    about = {"image": str(image), "noise_level": opts.noise_level, "tile": opts.tile, "overlap": opts.overlap}
+    return write_edits(checkpoint, req, out, lambda ldm: upscale_batches(ldm, x, req, opts, progress), about)
