@@ -66,6 +66,7 @@ from ldmkit.pipelines.upscale import UpscaleOptions, upscale  # noqa: E402
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8)
 COVER = 0.25  # fraction of the image each mask covers
+SECTIONS = ("inpainting", "img2img", "super-resolution")
 SR_HELD_OUT = 200  # the last emoji images, held out from the upscaler's and its autoencoder's training
 MODEL_ROW = "inpainting model (concat)"
 
@@ -361,42 +362,46 @@ def yes_no(v: bool | None) -> str:
 def print_tables(
     inpaint_rows: list[dict], inpaint_targets: dict, img2img_rows: list[dict], sr: dict, n: int, sr_n: int
 ) -> None:
-    print(f"\nInpainting, {n} held-out images (FID against the originals; small n: noisy, compare rows only)")
-    print(f"{'mask':<15} {'method':<34} {'cover':>5} {'FID':>8} {'PSNR in mask':>12} {'unmasked identical':>18}")
-    for r in inpaint_rows:
-        head = f"{r['mask']:<15} {r['method']:<34}"
-        if "status" in r:
-            print(f"{head} {r['status']}")
-        else:
-            same = "yes" if r["unmasked identical"] else "NO"
-            print(f"{head} {r['mask cover']:>5.2f} {r['fid']:>8.2f} {r['psnr in mask']:>9.2f} dB {same:>18}")
-    for mask, t in inpaint_targets.items():
+    """The tables of the sections that ran (a section that did not run has no rows)."""
+    if inpaint_rows:
+        print(f"\nInpainting, {n} held-out images (FID against the originals; small n: noisy, compare rows only)")
+        print(f"{'mask':<15} {'method':<34} {'cover':>5} {'FID':>8} {'PSNR in mask':>12} {'unmasked identical':>18}")
+        for r in inpaint_rows:
+            head = f"{r['mask']:<15} {r['method']:<34}"
+            if "status" in r:
+                print(f"{head} {r['status']}")
+            else:
+                same = "yes" if r["unmasked identical"] else "NO"
+                print(f"{head} {r['mask cover']:>5.2f} {r['fid']:>8.2f} {r['psnr in mask']:>9.2f} dB {same:>18}")
+        for mask, t in inpaint_targets.items():
+            print(
+                f"targets, {mask}: inpainting model FID <= Telea's / 2: {yes_no(t['model_fid_le_half_telea'])}; "
+                f"RePaint FID <= blend's: {yes_no(t['repaint_le_blend'])}"
+            )
+    if img2img_rows:
+        print(f"\nimg2img towards another class, {n} held-out images")
+        print(f"{'strength':>8} {'PSNR to input':>14} {'target-class acc':>16} {'source-class acc':>16}")
+        real = img2img_rows[0]["real-image accuracy"]
+        print(f"{'input':>8} {'':>14} {'':>16} {real:>16.3f}")
+        for r in img2img_rows[1:]:
+            print(
+                f"{r['strength']:>8.1f} {r['psnr to input']:>11.2f} dB {r['target-class accuracy']:>16.3f} "
+                f"{r['source-class accuracy']:>16.3f}"
+            )
+    if sr["rows"]:
+        times = f" {sr['factor']}x" if sr.get("factor") else ""
+        print(f"\nSuper-resolution{times}, {sr_n} held-out emoji (outputs as uint8; FID against the originals)")
+        print(f"{'method':<18} {'PSNR':>9} {'SSIM':>7} {'FID':>8}")
+        for r in sr["rows"]:
+            if "status" in r:
+                print(f"{r['method']:<18} {r['status']}")
+            else:
+                print(f"{r['method']:<18} {r['psnr']:>6.2f} dB {r['ssim']:>7.4f} {r['fid']:>8.2f}")
+        t = sr["targets"]
         print(
-            f"targets, {mask}: inpainting model FID <= Telea's / 2: {yes_no(t['model_fid_le_half_telea'])}; "
-            f"RePaint FID <= blend's: {yes_no(t['repaint_le_blend'])}"
+            f"targets: upscaler FID <= bicubic's / 2: {yes_no(t['fid_le_half_bicubic'])}; "
+            f"PSNR >= bicubic's - 2 dB: {yes_no(t['psnr_within_2db_of_bicubic'])}"
         )
-    print(f"\nimg2img towards another class, {n} held-out images")
-    print(f"{'strength':>8} {'PSNR to input':>14} {'target-class acc':>16} {'source-class acc':>16}")
-    real = img2img_rows[0]["real-image accuracy"]
-    print(f"{'input':>8} {'':>14} {'':>16} {real:>16.3f}")
-    for r in img2img_rows[1:]:
-        print(
-            f"{r['strength']:>8.1f} {r['psnr to input']:>11.2f} dB {r['target-class accuracy']:>16.3f} "
-            f"{r['source-class accuracy']:>16.3f}"
-        )
-    times = f" {sr['factor']}x" if sr["factor"] else ""
-    print(f"\nSuper-resolution{times}, {sr_n} held-out emoji (outputs as uint8; FID against the originals)")
-    print(f"{'method':<18} {'PSNR':>9} {'SSIM':>7} {'FID':>8}")
-    for r in sr["rows"]:
-        if "status" in r:
-            print(f"{r['method']:<18} {r['status']}")
-        else:
-            print(f"{r['method']:<18} {r['psnr']:>6.2f} dB {r['ssim']:>7.4f} {r['fid']:>8.2f}")
-    t = sr["targets"]
-    print(
-        f"targets: upscaler FID <= bicubic's / 2: {yes_no(t['fid_le_half_bicubic'])}; "
-        f"PSNR >= bicubic's - 2 dB: {yes_no(t['psnr_within_2db_of_bicubic'])}"
-    )
 
 
 def main(argv=None) -> int:
@@ -424,8 +429,16 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--sr-n", type=int, default=100, help=f"held-out emoji images, 2 to {SR_HELD_OUT}")
     ap.add_argument("--sr-steps", type=int, default=20, help="upscaler sampling steps")
+    ap.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}); recipes/build.py runs one",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "editing_quality.json"))
     args = ap.parse_args(argv)
+    sections = [x for x in args.sections.split(",") if x]
+    if not sections or any(x not in SECTIONS for x in sections):
+        ap.error(f"--sections {args.sections!r}: choose from {','.join(SECTIONS)}")
     if args.n < 2:
         ap.error("--n must be at least 2: FID needs a covariance")
     if not 2 <= args.sr_n <= SR_HELD_OUT:
@@ -452,9 +465,13 @@ def main(argv=None) -> int:
     images, labels = held_out(ldm, args.n, args.seed)
     inception = InceptionFeatures(device="cpu")
     ref = FeatureStats.from_features(inception(images))
-    inpaint_rows, inpaint_targets = run_inpainting(ldm, args, images, labels, inception, ref, model)
-    img2img_rows = run_img2img(ldm, args, images, labels)
-    sr = run_super_resolution(up, args, inception)
+    inpaint_rows, inpaint_targets, img2img_rows, sr = [], {}, [], {"rows": [], "targets": {}}
+    if "inpainting" in sections:
+        inpaint_rows, inpaint_targets = run_inpainting(ldm, args, images, labels, inception, ref, model)
+    if "img2img" in sections:
+        img2img_rows = run_img2img(ldm, args, images, labels)
+    if "super-resolution" in sections:
+        sr = run_super_resolution(up, args, inception)
     print_tables(inpaint_rows, inpaint_targets, img2img_rows, sr, args.n, args.sr_n)
     result = {
         "checkpoint": args.checkpoint,

@@ -3,28 +3,47 @@
     .venv/bin/python recipes/build.py fashion-mnist                 # the full recipe (a GPU is advised)
     .venv/bin/python recipes/build.py emoji --set train.steps=2000  # any setting, recorded in the model card
     .venv/bin/python recipes/build.py fashion-mnist --eval-n 2000   # fewer images for FID / KID
+    .venv/bin/python recipes/build.py emoji-upscale                 # an editing model on a shipped autoencoder
 
 Stages are resumable: rerunning continues a killed run in runs/recipes/NAME/ (both stages use `--resume`).
 Overrides given with --ae-set apply to the autoencoder and --set to the denoiser.
+
+An editing model (a recipe with `task = "inpaint"` or `"upscale"` and only a denoiser.toml) trains its denoiser
+on the autoencoder of the shipped model its recipe names (paths are relative to the repository root), and is
+measured by its section of benchmarks/editing_quality.py instead of generation FID; its grid shows held-out
+images before and after the edit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ldmkit.config import AutoencoderRun, DenoiserRun, load_run, to_dict  # noqa: E402
+import editing_quality  # noqa: E402
+from editing_quality import box_mask, stroke_mask  # noqa: E402
+
+from ldmkit.config import AutoencoderRun, DataConfig, DenoiserRun, load_run, to_dict  # noqa: E402
+from ldmkit.data import build_dataset  # noqa: E402
+from ldmkit.data.images import save_grid  # noqa: E402
+from ldmkit.diffusion.lowres import downscale  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
+from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.pipelines.generate import SampleRequest, generate_to_file  # noqa: E402
+from ldmkit.pipelines.inpaint import inpaint  # noqa: E402
+from ldmkit.pipelines.upscale import upscale  # noqa: E402
 from ldmkit.runtime import resolve_device  # noqa: E402
 from ldmkit.shipped import SHIPPED, export_half, weights_dir  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
@@ -37,6 +56,139 @@ def device_name(device: str) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def train_edit_stage(name: str, args) -> tuple[dict, dict]:
+    """The denoiser of an editing model on the shipped autoencoder its recipe names: (training result, record)."""
+    out = ROOT / "runs" / "recipes" / name
+    dn_run = load_run(
+        DenoiserRun, str(ROOT / "recipes" / name / "denoiser.toml"), [f"train.device={args.device}"] + args.set
+    )
+    t = time.time()
+    resume = (out / "ldm" / "train-state.safetensors").exists()
+    dn = train_denoiser(dn_run, out / "ldm", resume=resume)
+    return dn, {"denoiser": to_dict(dn_run), "denoiser_s": round(time.time() - t, 1), "command": command(name, args)}
+
+
+def held_out_edits(name: str, dst: Path) -> tuple[torch.Tensor, list[str], int]:
+    """A grid of held-out images before and after the edit: (panels (n * k, C, H, W), captions, k per row)."""
+    ldm = LatentDiffusion.load(dst)
+    if ldm.task == "inpaint":  # Fashion-MNIST test images, centre box and strokes alternating, own label
+        data = build_dataset(replace(ldm.run.data, split="test", limit=0, holdout=0, crop="center", flip=False))
+        g = torch.Generator().manual_seed(0)
+        panels, caps = [], []
+        for i in range(6):
+            item = data[i * 7]
+            x, h = item["image"][None], ldm.run.data.resolution
+            m = box_mask(h, h) if i % 2 == 0 else stroke_mask(h, h, g)
+            label = int(item["label"])
+            out, _ = inpaint(ldm, SampleRequest(n=1, labels=[label], steps=25, seed=i), x, m)
+            panels += [torch.where(m > 0.5, torch.ones_like(x), x), out, x]
+            caps += ["input (mask white)", f"inpainted: {ldm.class_names[label]}", "original"]
+        return torch.cat(panels), caps, 3
+    data = build_dataset(DataConfig(dataset="emoji", resolution=ldm.run.data.resolution, channels=3))
+    panels, caps = [], []
+    k = ldm.run.upscale.factor
+    for i in range(6):  # the last (held-out) emoji
+        x = data[len(data) - 1 - 17 * i]["image"][None]
+        low = downscale(x, k)
+        out, _ = upscale(ldm, low, SampleRequest(n=1, steps=25, cfg=1.0, seed=i))
+        bicubic = F.interpolate(low, scale_factor=k, mode="bicubic", align_corners=False).clamp(-1, 1)
+        panels += [F.interpolate(low, scale_factor=k, mode="nearest"), bicubic, out, x]
+        caps += [f"input {low.shape[-1]}px", "bicubic", "ldmkit upscale", "original"]
+    return torch.cat(panels), caps, 4
+
+
+def edit_quality(name: str, dst: Path, args) -> dict:
+    """The model's section of benchmarks/editing_quality.py, run on it (written to runs/recipes/NAME/quality.json)."""
+    out = ROOT / "runs" / "recipes" / name / "quality.json"
+    task = LatentDiffusion.load(dst).task
+    bench = ["--out", str(out), "--n", str(min(args.eval_n, 100))]
+    if task == "inpaint":
+        bench += ["--sections", "inpainting", "--inpaint-checkpoint", str(dst)]
+    else:
+        bench += ["--sections", "super-resolution", "--upscale-checkpoint", str(dst)]
+    editing_quality.main(bench)
+    return json.loads(out.read_text())
+
+
+def edit_card(name: str, recipe: dict, dn: dict, quality: dict, size_mb: float, dev: str) -> str:
+    d = recipe["denoiser"]
+    params = f"{dn.get('parameters', 0) / 1e6:.2f} M"
+    if d["task"] == "inpaint":
+        use = f".venv/bin/ldmkit inpaint shirt.png --mask hole.png --model {name} --label 0"
+        head = "| mask | method | FID | PSNR in mask |\n| --- | --- | --- | --- |"
+        rows = [
+            f"| {r['mask']} | {r['method']} | {r['fid']:.1f} | {r['psnr in mask']:.2f} dB |"
+            for r in quality["inpainting"]
+            if "fid" in r
+        ]
+        about = (
+            f"{quality['n']} held-out images of the Fashion-MNIST test split, masks covering 25% of the image, "
+            f"{quality['sampler']} sampler, {quality['steps']} steps, guidance {quality['cfg']}, each image's own "
+            f"label; FID against the originals (noisy at this n: compare rows)"
+        )
+    else:
+        use = f".venv/bin/ldmkit upscale small.png --model {name}"
+        head = "| method | PSNR | SSIM | FID |\n| --- | --- | --- | --- |"
+        sr = quality["super_resolution"]
+        rows = [
+            f"| {r['method']} | {r['psnr']:.2f} dB | {r['ssim']:.4f} | {r['fid']:.1f} |"
+            for r in sr["rows"]
+            if "fid" in r
+        ]
+        about = (
+            f"the last {quality['sr_n']} emoji (held out from training), downscaled {sr['factor']}x by "
+            f"bicubic interpolation and brought back; {quality['sr_steps']} steps; FID against the originals"
+        )
+    table = "\n".join([head, *rows])
+    return f"""# {name}
+
+{SHIPPED[name]}.
+
+![held-out images before and after]({name}.png)
+
+## Use
+
+```sh
+{use}
+```
+
+## Recipe
+
+`recipes/{name}/denoiser.toml` (task {d["task"]}), on the autoencoder of `{d["autoencoder"]}`, built on {dev} with
+
+```sh
+{recipe["command"]}
+```
+
+| stage | steps | batch | parameters | training time |
+| --- | --- | --- | --- | --- |
+| denoiser | {d["train"]["steps"]} | {d["train"]["batch_size"]} | {params} | {recipe["denoiser_s"] / 60:.1f} min |
+
+Diffusion: {d["diffusion"]["parameterisation"]}-prediction, {d["diffusion"]["schedule"]} schedule,
+min-SNR gamma {d["diffusion"]["min_snr_gamma"]}. Weights: half precision, {size_mb:.1f} MB.
+
+## Quality
+
+Measured by `benchmarks/editing_quality.py` on {about}:
+
+{table}
+"""
+
+
+def build_edit_model(name: str, args) -> int:
+    dn, recipe = train_edit_stage(name, args)
+    dst = export_half(dn["checkpoint"], weights_dir() / f"{name}.safetensors")
+    panels, caps, k = held_out_edits(name, dst)
+    save_grid(panels, weights_dir() / f"{name}.png", nrow=k, labels=caps)
+    quality = edit_quality(name, dst, args)
+    card = edit_card(name, recipe, dn, quality, dst.stat().st_size / 2**20, device_name(args.device))
+    (weights_dir() / f"{name}.md").write_text(card)
+    record = json.dumps({"recipe": recipe, "quality": quality}, indent=2)
+    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))
+    print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
+    return 0
 
 
 def train_stages(name: str, args) -> tuple[dict, dict, dict]:
@@ -135,6 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-split", default="test")
     args = ap.parse_args(argv)
     name = args.name
+    os.chdir(ROOT)  # recipes name files relative to the repository root
+    if not (ROOT / "recipes" / name / "autoencoder.toml").is_file():
+        return build_edit_model(name, args)
     ae, dn, recipe = train_stages(name, args)
     dst = export_half(dn["checkpoint"], weights_dir() / f"{name}.safetensors")
     split = args.eval_split if name == "fashion-mnist" else "train"  # the emoji set has no test split

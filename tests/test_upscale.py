@@ -19,6 +19,7 @@ from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.upscale import TiledDenoiser, Tiling, UpscaleOptions, check_input_size, upscale
 from ldmkit.training import runs
+from ldmkit.training.loop import STATE_FILE
 
 
 def upscale_run(tiny_ae, steps=2, **kw) -> DenoiserRun:
@@ -65,6 +66,18 @@ def test_training_records_the_task_the_concat_input_and_a_level_embedding(upscal
     assert run.unet.in_channels == upscaler.latent_channels + 1  # latent + the (grayscale) low-resolution image
     assert run.unet.num_classes == 101  # one embedding row per augmentation level 0..100
     assert run.class_names == () and upscaler.num_classes == 0  # the blobs' labels are not the upscaler's
+
+
+def test_upscale_resume_equals_an_uninterrupted_run(tmp_path, tiny_ae, data):
+    """The degradation noise and levels come from the step's generator, so a resumed run is bit for bit the same."""
+    run = upscale_run(tiny_ae, steps=4)
+    runs.train_denoiser(run, tmp_path / "a", progress=False)
+    runs.train_denoiser(run, tmp_path / "b", progress=False, stop_after=2)
+    torch.manual_seed(123)  # a fresh process: other initial weights, replaced by the saved state
+    runs.train_denoiser(run, tmp_path / "b", progress=False, resume=True)
+    a, _ = checkpoint.load(tmp_path / "a" / STATE_FILE, "train-state")
+    b, _ = checkpoint.load(tmp_path / "b" / STATE_FILE, "train-state")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_training_refuses_a_resolution_the_factor_cannot_divide(tmp_path, tiny_ae, data):
