@@ -21,12 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import check_output_path
+from ..conditioning.types import Conditioning
 from ..config import check_multiple
 from ..data.images import check_writable, save_grid, to_pil, write_image
 from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
-from ..noise import generators_from_seed
+from ..noise import Generators, generators_from_seed
 from ..runtime import resolve_device
 from ..samplers import SAMPLERS
 
@@ -229,7 +230,50 @@ def latent_batches(
     check_samples_from_noise(ldm, command)
     opts = {} if req.eta is None else {"eta": req.eta}
     shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
-    bar = tqdm(total=req.n, unit="image", desc="sampling", disable=not progress or req.n <= req.batch_size)
+    for b in request_batches(ldm, req, p, "sampling", progress):
+        start = {} if init is None else {"init": init(b.start, b.end), "strength": strength}
+        try:
+            z = sample_latents(
+                ldm.denoiser,
+                (b.size, *shape),
+                b.cond,
+                b.uncond,
+                sampler=req.sampler,
+                steps=req.steps,
+                cfg_scale=req.cfg,
+                cfg_rescale=req.cfg_rescale,
+                generator=b.generators,
+                device=ldm.device,
+                **start,
+                **opts,
+            )
+        except NonFiniteError as err:
+            raise blame_options(ldm, req, err) from None
+        yield z, b.captions
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a request: images start..end-1, their conditions and captions, one generator per image."""
+
+    start: int
+    end: int
+    cond: Conditioning
+    uncond: Conditioning  # the guidance's unconditional branch (the negative prompt, or no label / prompt)
+    captions: list[str]
+    generators: Generators  # image i's is seeded seed + i, whatever the batch size
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def request_batches(
+    ldm: LatentDiffusion, req: SampleRequest, p: _Plan, desc: str, progress: bool = False, quiet: bool = False
+) -> Iterator[Batch]:
+    """The batches of req.batch_size images of the checked plan `p`, every pipeline's loop: conditions from the
+    plan's labels or prompts, a progress bar `desc` over images when there is more than one batch (and not quiet)."""
+    bar = tqdm(total=req.n, unit="image", desc=desc, disable=quiet or not progress or req.n <= req.batch_size)
     with bar:
         for s in range(0, req.n, req.batch_size):
             e = min(req.n, s + req.batch_size)
@@ -237,27 +281,8 @@ def latent_batches(
             pr = p.prompts[s:e] if p.prompts is not None else None
             cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
             uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
-            gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
-            start = {} if init is None else {"init": init(s, e), "strength": strength}
-            try:
-                z = sample_latents(
-                    ldm.denoiser,
-                    (e - s, *shape),
-                    cond,
-                    uncond,
-                    sampler=req.sampler,
-                    steps=req.steps,
-                    cfg_scale=req.cfg,
-                    cfg_rescale=req.cfg_rescale,
-                    generator=gens,
-                    device=ldm.device,
-                    **start,
-                    **opts,
-                )
-            except NonFiniteError as err:
-                raise blame_options(ldm, req, err) from None
             captions = [caption_of(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
-            yield z, captions
+            yield Batch(s, e, cond, uncond, captions, generators_from_seed(req.seed + s, e - s))
             bar.update(e - s)
 
 

@@ -17,22 +17,21 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..conditioning.types import Conditioning
 from ..diffusion.guidance import InpaintBlend, guided
 from ..diffusion.sample import finite_watch, non_finite_at
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
-from ..noise import Generators, generators_from_seed, randn
+from ..noise import Generators, randn
 from ..samplers import get_sampler
 from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
 from .generate import (
     SampleRequest,
     blame_options,
-    caption_of,
     collect,
     plan,
+    request_batches,
     whole_number,
     write_edits,
     wrong_task,
@@ -179,41 +178,30 @@ def inpaint_batches(
     if empty:
         warnings.warn("the mask is all black, so nothing is regenerated; the input is written unchanged", stacklevel=2)
     opts_s = {} if req.eta is None else {"eta": req.eta}
-    bar = tqdm(total=req.n, unit="image", desc="inpainting", disable=empty or not progress or req.n <= req.batch_size)
-    with bar:
-        for s in range(0, req.n, req.batch_size):
-            e = min(req.n, s + req.batch_size)
-            lab = p.labels[s:e] if p.labels is not None else None
-            pr = p.prompts[s:e] if p.prompts is not None else None
-            captions = [caption_of(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
-            if empty:
-                yield crop_to(ed.image, ed.size).cpu().expand(e - s, -1, -1, -1).clone(), captions
-                continue
-            cond = _with_concat(ldm.conditioning(labels=lab, prompts=pr, n=e - s), ed.concat, e - s)
-            negative = [req.negative_prompt] * (e - s) if req.negative_prompt else None
-            uncond = _with_concat(ldm.null_conditioning(e - s, negative), ed.concat, e - s)
-            gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
-            try:
-                z = inpaint_latents(
-                    ldm.denoiser,
-                    ed.x0.expand(e - s, -1, -1, -1),
-                    ed.regenerate,
-                    cond,
-                    uncond,
-                    sampler=req.sampler,
-                    steps=req.steps,
-                    cfg_scale=req.cfg,
-                    cfg_rescale=req.cfg_rescale,
-                    generator=gens,
-                    resample=opts.resample,
-                    jump=opts.jump,
-                    **opts_s,
-                )
-            except NonFiniteError as err:
-                raise blame_options(ldm, req, err) from None
-            out = composite(ed.image, ldm.decode(z), ed.mask, opts.feather)  # (b, C, H', W')
-            yield crop_to(out, ed.size).cpu(), captions
-            bar.update(e - s)
+    for b in request_batches(ldm, req, p, "inpainting", progress, quiet=empty):
+        if empty:
+            yield crop_to(ed.image, ed.size).cpu().expand(b.size, -1, -1, -1).clone(), b.captions
+            continue
+        try:
+            z = inpaint_latents(
+                ldm.denoiser,
+                ed.x0.expand(b.size, -1, -1, -1),
+                ed.regenerate,
+                _with_concat(b.cond, ed.concat, b.size),
+                _with_concat(b.uncond, ed.concat, b.size),
+                sampler=req.sampler,
+                steps=req.steps,
+                cfg_scale=req.cfg,
+                cfg_rescale=req.cfg_rescale,
+                generator=b.generators,
+                resample=opts.resample,
+                jump=opts.jump,
+                **opts_s,
+            )
+        except NonFiniteError as err:
+            raise blame_options(ldm, req, err) from None
+        out = composite(ed.image, ldm.decode(z), ed.mask, opts.feather)  # (b, C, H', W')
+        yield crop_to(out, ed.size).cpu(), b.captions
 
 
 def inpaint(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import read_metadata
 from ..conditioning.types import Conditioning
@@ -29,8 +28,17 @@ from ..diffusion.lowres import low_res_conditioning
 from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
-from ..noise import generators_from_seed, randn
-from .generate import SampleRequest, blame_options, collect, whole_number, write_edits, wrong_task
+from ..noise import randn
+from .generate import (
+    SampleRequest,
+    blame_options,
+    collect,
+    plan,
+    request_batches,
+    whole_number,
+    write_edits,
+    wrong_task,
+)
 from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image, pad_to_multiple
 from .img2img import checkpoint_channels, model_image
 from .masks import require_file
@@ -186,25 +194,24 @@ def check_input_size(what: str, w: int, h: int, factor: int) -> None:
 def upscale_latents(
     ldm: LatentDiffusion,
     low: torch.Tensor,
-    req: SampleRequest,
+    cond: Conditioning,
+    uncond: Conditioning | None,
     noise_level: int,
+    req: SampleRequest,
     gens,
-    prompts: list[str] | None,
     tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """Latents (b, c, H/f, W/f) of the upscaled images of `low` (b, C, h, w) in [-1, 1] (its size already a multiple
-    of what the model takes), each drawn with its generator in `gens` (augmentation noise, then latent noise)."""
+    of what the model takes) under the text conditions cond / uncond (None: no guidance), each drawn with its
+    generator in `gens`: first the augmentation noise, then the latent noise."""
     b, k = low.shape[0], ldm.run.upscale.factor
     size = (low.shape[-2] * k // ldm.factor, low.shape[-1] * k // ldm.factor)
     noise = randn((b, low.shape[1], *size), gens, device=ldm.device)  # first draw of each generator
     levels = torch.full((b,), noise_level, dtype=torch.long, device=ldm.device)
     lowres = low_res_conditioning(low.to(ldm.device), levels, ldm.run.upscale, noise, size)
-    text = ldm.conditioning(prompts=prompts, n=b)
-    cond = replace(text, labels=lowres.labels, concat=lowres.concat)
-    uncond = None
-    if ldm.text_encoder is not None and req.cfg != 1.0:
-        negative = [req.negative_prompt] * b if req.negative_prompt else None
-        uncond = replace(ldm.null_conditioning(b, negative), labels=lowres.labels, concat=lowres.concat)
+    cond = replace(cond, labels=lowres.labels, concat=lowres.concat)
+    if uncond is not None:
+        uncond = replace(uncond, labels=lowres.labels, concat=lowres.concat)
     denoiser = TiledDenoiser(ldm.denoiser, tiling) if tiling is not None else ldm.denoiser
     opts = {} if req.eta is None else {"eta": req.eta}
     return sample_latents(
@@ -248,23 +255,16 @@ def upscale_batches(
     unit = ldm.factor * ldm.run.unet.factor // math.gcd(ldm.factor * ldm.run.unet.factor, up.factor)
     x, size = pad_to_multiple(x, unit)
     tiling = tiling_for(ldm, opts)
-    prompts = None
-    if ldm.text_encoder is not None:
-        base = req.prompts or [""]
-        prompts = [base[i % len(base)] for i in range(req.n)]
-    bar = tqdm(total=req.n, unit="image", desc="upscaling", disable=not progress or req.n <= req.batch_size)
-    with bar:
-        for s in range(0, req.n, req.batch_size):
-            e = min(req.n, s + req.batch_size)
-            pr = prompts[s:e] if prompts is not None else None
-            gens = generators_from_seed(req.seed + s, e - s)  # this batch's only: image i uses seed + i
-            try:
-                z = upscale_latents(ldm, x.expand(e - s, -1, -1, -1), req, level, gens, pr, tiling)
-            except NonFiniteError as err:
-                raise blame_options(ldm, req, err) from None
-            out = decode_tiled(ldm, z, tiling)  # (b, C, H', W')
-            yield crop_to(out, (size[0] * up.factor, size[1] * up.factor)).cpu(), pr or [""] * (e - s)
-            bar.update(e - s)
+    p = plan(ldm, req)
+    guide = ldm.text_encoder is not None  # an upscaler without text has nothing to guide against
+    for b in request_batches(ldm, req, p, "upscaling", progress):
+        try:
+            low = x.expand(b.size, -1, -1, -1)
+            z = upscale_latents(ldm, low, b.cond, b.uncond if guide else None, level, req, b.generators, tiling)
+        except NonFiniteError as err:
+            raise blame_options(ldm, req, err) from None
+        out = decode_tiled(ldm, z, tiling)  # (b, C, H', W')
+        yield crop_to(out, (size[0] * up.factor, size[1] * up.factor)).cpu(), b.captions
 
 
 def upscale(
