@@ -91,6 +91,11 @@ class SampleRequest:
         if not isinstance(self.negative_prompt, str):
             raise InputError(f"--negative-prompt must be a string, not {type(self.negative_prompt).__name__}")
 
+    def sampling(self) -> dict:
+        """The request's options as sample_latents (and inpaint_latents) take them: sampler, steps, guidance, eta."""
+        eta = {} if self.eta is None else {"eta": self.eta}
+        return dict(sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg, cfg_rescale=self.cfg_rescale, **eta)
+
 
 def whole_number(option: str, value, low: int, high: int | None = None, hint: str = "") -> int:
     """`value` as an int in [low, high]; InputError naming `option` otherwise."""
@@ -228,7 +233,6 @@ def latent_batches(
     `strength` (img2img); None: pure noise. progress: a bar over images when there is more than one batch. command:
     the command named when the model cannot sample from noise (an inpainting model, an upscaler)."""
     check_samples_from_noise(ldm, command)
-    opts = {} if req.eta is None else {"eta": req.eta}
     shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
     for b in request_batches(ldm, req, p, "sampling", progress):
         start = {} if init is None else {"init": init(b.start, b.end), "strength": strength}
@@ -238,14 +242,10 @@ def latent_batches(
                 (b.size, *shape),
                 b.cond,
                 b.uncond,
-                sampler=req.sampler,
-                steps=req.steps,
-                cfg_scale=req.cfg,
-                cfg_rescale=req.cfg_rescale,
                 generator=b.generators,
                 device=ldm.device,
                 **start,
-                **opts,
+                **req.sampling(),
             )
         except NonFiniteError as err:
             raise blame_options(ldm, req, err) from None

@@ -177,7 +177,6 @@ def inpaint_batches(
     empty = ed.x0 is None
     if empty:
         warnings.warn("the mask is all black, so nothing is regenerated; the input is written unchanged", stacklevel=2)
-    opts_s = {} if req.eta is None else {"eta": req.eta}
     for b in request_batches(ldm, req, p, "inpainting", progress, quiet=empty):
         if empty:
             yield crop_to(ed.image, ed.size).cpu().expand(b.size, -1, -1, -1).clone(), b.captions
@@ -189,14 +188,10 @@ def inpaint_batches(
                 ed.regenerate,
                 _with_concat(b.cond, ed.concat, b.size),
                 _with_concat(b.uncond, ed.concat, b.size),
-                sampler=req.sampler,
-                steps=req.steps,
-                cfg_scale=req.cfg,
-                cfg_rescale=req.cfg_rescale,
                 generator=b.generators,
                 resample=opts.resample,
                 jump=opts.jump,
-                **opts_s,
+                **req.sampling(),
             )
         except NonFiniteError as err:
             raise blame_options(ldm, req, err) from None

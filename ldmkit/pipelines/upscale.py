@@ -213,19 +213,14 @@ def upscale_latents(
     if uncond is not None:
         uncond = replace(uncond, labels=lowres.labels, concat=lowres.concat)
     denoiser = TiledDenoiser(ldm.denoiser, tiling) if tiling is not None else ldm.denoiser
-    opts = {} if req.eta is None else {"eta": req.eta}
     return sample_latents(
         denoiser,
         (b, ldm.latent_channels, *size),
         cond,
         uncond,
-        sampler=req.sampler,
-        steps=req.steps,
-        cfg_scale=req.cfg,
-        cfg_rescale=req.cfg_rescale,
         generator=gens,
         device=ldm.device,
-        **opts,
+        **req.sampling(),
     )
 
 
