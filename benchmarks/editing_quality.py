@@ -23,8 +23,10 @@ On `n` held-out images (the Fashion-MNIST test split) and the shipped class-cond
   upscaler's and its autoencoder's training) are downscaled by its factor with `diffusion.lowres.downscale`, the
   degradation it was trained on, stored as uint8, and brought back to full size by PIL bicubic, PIL Lanczos and
   `pipelines.upscale` (--sr-steps, no guidance, image i seeded seed + i). Every output is quantised to uint8
-  before PSNR and SSIM to the originals (mean over images) and FID against the originals. Targets: the upscaler's
-  FID at most half of bicubic's, and its PSNR at most 2 dB below bicubic's.
+  before PSNR and SSIM to the originals (mean over images) and FID against the originals. A last row, the
+  autoencoder's round trip of the full-size originals, is the ceiling: an upscaler samples that autoencoder's
+  latents, so it cannot do better. Targets: the upscaler's FID at most half of bicubic's, and its PSNR at most 2 dB
+  below bicubic's.
 
 FID from a few hundred images is noisy and biased upwards (it is a different number from a 10 000-image FID);
 compare the rows of one run with each other, not with FIDs from elsewhere. Writes
@@ -327,6 +329,8 @@ def run_super_resolution(up: LatentDiffusion | None, args, feats) -> dict:
         "PIL bicubic": lambda x: pil_resize(x, size, Image.BICUBIC),
         "PIL Lanczos": lambda x: pil_resize(x, size, Image.LANCZOS),
         name: ldmkit_upscale,
+        # not an upscaler: the autoencoder's own round trip of the originals, the best the upscaler can reach
+        "autoencoder round trip (ceiling)": lambda _: torch.cat([up.decode(up.encode(x[None])) for x in originals]),
     }
     rows = []
     for method, fn in methods.items():
@@ -391,12 +395,12 @@ def print_tables(
     if sr["rows"]:
         times = f" {sr['factor']}x" if sr.get("factor") else ""
         print(f"\nSuper-resolution{times}, {sr_n} held-out emoji (outputs as uint8; FID against the originals)")
-        print(f"{'method':<18} {'PSNR':>9} {'SSIM':>7} {'FID':>8}")
+        print(f"{'method':<34} {'PSNR':>9} {'SSIM':>7} {'FID':>8}")
         for r in sr["rows"]:
             if "status" in r:
-                print(f"{r['method']:<18} {r['status']}")
+                print(f"{r['method']:<34} {r['status']}")
             else:
-                print(f"{r['method']:<18} {r['psnr']:>6.2f} dB {r['ssim']:>7.4f} {r['fid']:>8.2f}")
+                print(f"{r['method']:<34} {r['psnr']:>6.2f} dB {r['ssim']:>7.4f} {r['fid']:>8.2f}")
         t = sr["targets"]
         print(
             f"targets: upscaler FID <= bicubic's / 2: {yes_no(t['fid_le_half_bicubic'])}; "

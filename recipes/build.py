@@ -64,14 +64,30 @@ def train_edit_stage(name: str, args) -> tuple[dict, dict]:
     dn_run = load_run(
         DenoiserRun, str(ROOT / "recipes" / name / "denoiser.toml"), [f"train.device={args.device}"] + args.set
     )
-    t = time.time()
     resume = (out / "ldm" / "train-state.safetensors").exists()
     dn = train_denoiser(dn_run, out / "ldm", resume=resume)
-    return dn, {"denoiser": to_dict(dn_run), "denoiser_s": round(time.time() - t, 1), "command": command(name, args)}
+    return dn, {
+        "denoiser": to_dict(dn_run),
+        "denoiser_s": training_seconds(out / "ldm"),
+        "command": command(name, args),
+    }
+
+
+def training_seconds(run_dir: Path) -> float:
+    """The training time of a run, over all its sessions: the log's images / (images per second) summed."""
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    cfg = json.loads((run_dir / "config.json").read_text())["train"]
+    total, last = 0.0, 0
+    for r in recs:
+        total += (r["step"] - last) * cfg["batch_size"] / max(r["images_per_s"], 1e-9)
+        last = r["step"]
+    return round(total, 1)
 
 
 def held_out_edits(name: str, dst: Path) -> tuple[torch.Tensor, list[str], int]:
-    """A grid of held-out images before and after the edit: (panels (n * k, C, H, W), captions, k per row)."""
+    """A grid of held-out images before and after the edit: (panels (n * k, C, H, W), captions, k per row): for an
+    inpainting model the input with its mask in white, the result and the original; for an upscaler the input
+    (enlarged by pixel repetition), bicubic interpolation, the result and the original."""
     ldm = LatentDiffusion.load(dst)
     if ldm.task == "inpaint":  # Fashion-MNIST test images, centre box and strokes alternating, own label
         data = build_dataset(replace(ldm.run.data, split="test", limit=0, holdout=0, crop="center", flip=False))
@@ -84,7 +100,7 @@ def held_out_edits(name: str, dst: Path) -> tuple[torch.Tensor, list[str], int]:
             label = int(item["label"])
             out, _ = inpaint(ldm, SampleRequest(n=1, labels=[label], steps=25, seed=i), x, m)
             panels += [torch.where(m > 0.5, torch.ones_like(x), x), out, x]
-            caps += ["input (mask white)", f"inpainted: {ldm.class_names[label]}", "original"]
+            caps += ["in", "out", "real"]  # 32-pixel tiles: captions of a few letters
         return torch.cat(panels), caps, 3
     data = build_dataset(DataConfig(dataset="emoji", resolution=ldm.run.data.resolution, channels=3))
     panels, caps = [], []
@@ -95,7 +111,7 @@ def held_out_edits(name: str, dst: Path) -> tuple[torch.Tensor, list[str], int]:
         out, _ = upscale(ldm, low, SampleRequest(n=1, steps=25, cfg=1.0, seed=i))
         bicubic = F.interpolate(low, scale_factor=k, mode="bicubic", align_corners=False).clamp(-1, 1)
         panels += [F.interpolate(low, scale_factor=k, mode="nearest"), bicubic, out, x]
-        caps += [f"input {low.shape[-1]}px", "bicubic", "ldmkit upscale", "original"]
+        caps += [f"in {low.shape[-1]}px", "bicubic", "upscaled", "original"]
     return torch.cat(panels), caps, 4
 
 

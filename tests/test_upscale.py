@@ -146,14 +146,18 @@ def test_tiles_blend_to_the_untiled_result_for_a_pointwise_denoiser():
 
     class Pointwise:
         def __call__(self, x, sigma, cond):
-            return torch.tanh(x) * 0.5 + cond.concat.mean(1, keepdim=True) / (1 + sigma)
+            assert len(cond.labels) == len(x) == len(sigma)  # every per-image tensor follows the tiles
+            s = sigma.view(-1, 1, 1, 1) if sigma.ndim == 1 else sigma
+            return torch.tanh(x) * 0.5 + cond.concat.mean(1, keepdim=True) / (1 + s)
 
     x = torch.randn(2, 4, 21, 30)
     cond = Conditioning(labels=torch.tensor([3, 3]), concat=torch.randn(2, 3, 21, 30))
-    whole = Pointwise()(x, 0.7, cond)
+    sigma = torch.tensor([0.7, 2.0])  # one per image, repeated for every tile of a batched call
+    whole = Pointwise()(x, sigma.view(-1, 1, 1, 1), cond)
     for tile, overlap in ((8, 2), (8, 0), (16, 4), (40, 8)):
-        tiled = TiledDenoiser(Pointwise(), Tiling(tile, overlap))(x, 0.7, cond)
-        assert torch.allclose(tiled, whole, atol=1e-6), (tile, overlap)
+        for max_batch in (1, 5, 64):  # one tile per call, several, all at once
+            tiled = TiledDenoiser(Pointwise(), Tiling(tile, overlap), max_batch)(x, sigma, cond)
+            assert torch.allclose(tiled, whole, atol=1e-6), (tile, overlap, max_batch)
 
 
 def test_tiling_covers_every_position_with_tiles_of_one_size():

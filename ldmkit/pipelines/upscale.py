@@ -119,10 +119,11 @@ class Tiling:
 
 
 class TiledDenoiser:
-    """A denoiser applied tile by tile (see the module's doc); everything but the call is the wrapped denoiser's."""
+    """A denoiser applied tile by tile (see the module's doc); everything but the call is the wrapped denoiser's.
+    Tiles of one size go through the network together, up to `max_batch` tile images per call."""
 
-    def __init__(self, denoiser, tiling: Tiling):
-        self.inner, self.tiling = denoiser, tiling
+    def __init__(self, denoiser, tiling: Tiling, max_batch: int = 16):
+        self.inner, self.tiling, self.max_batch = denoiser, tiling, max_batch
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -132,15 +133,24 @@ class TiledDenoiser:
         wins = self.tiling.windows(h, w)
         if len(wins) == 1:
             return self.inner(x, sigma, cond)
+        b = x.shape[0]
         out = torch.zeros_like(x)
         total = torch.zeros((h, w), dtype=x.dtype, device=x.device)
-        for win in wins:
-            part = None
-            if cond is not None:  # the spatial conditioning (the low-resolution image) cut like the latent
-                part = cond.map(lambda t, win=win: t[..., win[0], win[1]] if t.ndim == 4 else t)
-            wt = self.tiling.weight(h, w, win).to(x)
-            out[..., win[0], win[1]] += self.inner(x[..., win[0], win[1]], sigma, part) * wt
-            total[win[0], win[1]] += wt
+        per_call = max(1, self.max_batch // b)
+        for i in range(0, len(wins), per_call):
+            group = wins[i : i + per_call]  # every window of a tiling has the same size
+            k = len(group)
+
+            def cut(t: torch.Tensor, group=group, k=k) -> torch.Tensor:
+                """Spatial tensors (the latent, the low-resolution image) cut per window; others repeated."""
+                return torch.cat([t[..., ys, xs] for ys, xs in group]) if t.ndim == 4 else torch.cat([t] * k)
+
+            sig = cut(sigma) if torch.is_tensor(sigma) and sigma.ndim == 1 else sigma
+            pred = self.inner(cut(x), sig, cond.map(cut) if cond is not None else None)  # (k b, C, t, t)
+            for j, (ys, xs) in enumerate(group):
+                wt = self.tiling.weight(h, w, (ys, xs)).to(x)
+                out[..., ys, xs] += pred[j * b : (j + 1) * b] * wt
+                total[ys, xs] += wt
         return out / total
 
 
