@@ -5,12 +5,17 @@ Skipped where the weights are absent (a checkout without them, or a user's own L
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ldmkit import checkpoint
 from ldmkit.config import DataConfig
+from ldmkit.data import build_dataset
+from ldmkit.diffusion.lowres import downscale
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.generate import SampleRequest, generate
-from ldmkit.shipped import SHIPPED, weights_dir
+from ldmkit.pipelines.inpaint import inpaint
+from ldmkit.pipelines.upscale import upscale
+from ldmkit.shipped import SHIPPED, default_model, weights_dir
 
 PRESENT = [n for n in sorted(SHIPPED) if (weights_dir() / f"{n}.safetensors").exists()]
 
@@ -30,7 +35,8 @@ def test_shipped_weights_are_small_half_precision_and_documented():
         for suffix in (".md", ".png", ".json"):
             assert (weights_dir() / f"{name}{suffix}").exists(), f"{name}{suffix}"
         assert "recipes/build.py" in (weights_dir() / f"{name}.md").read_text()
-    assert total < 40 * 2**20
+    everything = sum(p.stat().st_size for p in weights_dir().iterdir() if p.is_file())
+    assert total <= everything < 60 * 2**20  # weights/ in all, cards and grids included
 
 
 @needs("fashion-mnist")
@@ -77,3 +83,32 @@ def test_emoji_model_follows_its_prompt():
     nearest = torch.cdist(_foreground_colour(images), real).argmin(1)
     right = int((nearest == torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])).sum())
     assert right >= 7, f"only {right} of 8 images took their prompt's colour"
+
+
+@needs("fashion-mnist-inpaint")
+def test_the_inpainting_model_is_the_inpaint_default_and_keeps_what_it_is_not_asked_to_change():
+    assert default_model("inpaint") == "fashion-mnist-inpaint"
+    ldm = LatentDiffusion.load(weights_dir() / "fashion-mnist-inpaint.safetensors")
+    assert ldm.task == "inpaint" and ldm.num_classes == 10
+    x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    m = torch.zeros(1, 1, 32, 32)
+    m[..., 8:24, 8:24] = 1
+    out, _ = inpaint(ldm, SampleRequest(n=1, labels=[0], steps=5), x, m)
+    assert torch.equal(out[..., m[0, 0] == 0], x[..., m[0, 0] == 0])  # every kept pixel exactly
+    assert (out - x).abs()[..., 10:22, 10:22].mean() > 0.05  # the box was regenerated
+
+
+@needs("emoji-upscale")
+def test_the_upscaler_is_the_upscale_default_and_sharper_than_its_blurred_input():
+    """A held-out emoji shrunk 4x and brought back: the result has the original's size and is closer to it than the
+    shrunk image enlarged by pixel repetition."""
+    assert default_model("upscale") == "emoji-upscale"
+    ldm = LatentDiffusion.load(weights_dir() / "emoji-upscale.safetensors")
+    assert ldm.task == "upscale" and ldm.run.upscale.factor == 4
+    data = build_dataset(DataConfig(dataset="emoji", resolution=64, channels=3))
+    x = data[len(data) - 1]["image"][None]  # held out from the upscaler's training
+    low = downscale(x, 4)
+    out, _ = upscale(ldm, low, SampleRequest(n=1, steps=10, cfg=1.0))
+    assert out.shape == (1, 3, 64, 64)
+    blocky = F.interpolate(low, scale_factor=4, mode="nearest")
+    assert (out - x).pow(2).mean() < (blocky - x).pow(2).mean()
