@@ -204,11 +204,11 @@ def cmd_evaluate(args):
     print(f"written {write_result(result, result_path(args.checkpoint, result['data'], args.split, args.n, args.out))}")
 
 
-def _edit_request(args, default_out: Path):
-    """(generation plan, request, inpainting options) of inpaint / outpaint: the model, prompt or labels and output
-    resolved as `generate` does them."""
+def _edit_request(args, default_out: Path, task: str):
+    """(generation plan, request, inpainting options) of inpaint / outpaint: the model (default: the shipped one for
+    `task`), prompt or labels and output resolved as `generate` does them."""
     prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
-    plan = plan_generation(args.model, prompts, args.label, args.n, args.out or default_out, task="inpaint")
+    plan = plan_generation(args.model, prompts, args.label, args.n, args.out or default_out, task=task)
     opts = InpaintOptions(
         resize_mask=getattr(args, "resize_mask", False),
         resample=args.resample,
@@ -219,14 +219,14 @@ def _edit_request(args, default_out: Path):
 
 
 def cmd_inpaint(args):
-    plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png")
+    plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png", "inpaint")
     for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, plan.out, opts, progress=not args.quiet):
         print(f"wrote {p}")
 
 
 def cmd_outpaint(args):
     border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
-    plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png")
+    plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
     for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, progress=not args.quiet):
         print(f"wrote {p}")
 
@@ -259,7 +259,8 @@ def _upscale_command(command):
 def _edit_options(p: argparse.ArgumentParser, what: str):
     """The options inpaint and outpaint share: the model, the prompt or labels, sampling, RePaint, the output."""
     p.add_argument("image", help=f"the image to {what} (PNG, JPEG, WebP, BMP or GIF)")
-    p.add_argument("--model", help="emoji, fashion-mnist, or a model.safetensors path (default as for generate)")
+    default = "fashion-mnist-inpaint, or emoji for a --prompt" if what == "inpaint" else "as for generate: emoji"
+    p.add_argument("--model", help=f"a shipped model's name or a model.safetensors path (default {default})")
     p.add_argument("--prompt", help="text prompt (text models); class models take --label")
     _generation_options(p)
     _sampling_options(p, n=1, n_help="edited images (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)

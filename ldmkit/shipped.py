@@ -33,15 +33,21 @@ DEFAULTS = {
 }
 
 
-def default_model(task: str = "generate") -> str:
+def default_model(task: str = "generate", text: bool = False) -> str:
     """The model a command of `task` uses without --model: the first of DEFAULTS[task] whose weights are present
     (generate: emoji, else fashion-mnist; inpaint: fashion-mnist-inpaint, else the generation models, which
-    inpaint by the latent blend; upscale: emoji-upscale)."""
+    inpaint by the latent blend; upscale: emoji-upscale). text: the first that takes prompts, when one does (a
+    prompt given to `inpaint` picks emoji over the class-conditional inpainting model)."""
     names = DEFAULTS[task]
-    for name in names:
-        if (weights_dir() / f"{name}.safetensors").is_file():
-            return name
-    return names[0]
+    present = [n for n in names if (weights_dir() / f"{n}.safetensors").is_file()]
+    if text:
+        texts = [
+            n
+            for n in present
+            if (checkpoint.read_metadata(weights_dir() / f"{n}.safetensors")["config"] or {}).get("text_encoder")
+        ]
+        present = texts or present
+    return present[0] if present else names[0]
 
 
 def weights_dir() -> Path:
@@ -97,12 +103,14 @@ def plan_generation(
 
     Prompts go to text models only: given to a class model they are refused with its class list.
     """
-    model = model or default_model(task)
+    model = model or default_model(task, text=bool(prompts))
     path = resolve_model(model)
     if prompts and labels is not None:
         raise InputError("give prompts (text models) or --label (class models), not both")
     if prompts:
         meta = checkpoint.read_metadata(path)["config"]
+        if not meta.get("text_encoder") and meta.get("task") == "upscale":
+            raise InputError(f"the upscaler {model!r} is not text-conditional, so it takes no prompt; drop --prompt")
         if not meta.get("text_encoder"):
             names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
             raise InputError(

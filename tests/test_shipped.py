@@ -11,11 +11,12 @@ from ldmkit import checkpoint
 from ldmkit.config import DataConfig
 from ldmkit.data import build_dataset
 from ldmkit.diffusion.lowres import downscale
+from ldmkit.errors import InputError
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.upscale import upscale
-from ldmkit.shipped import SHIPPED, default_model, weights_dir
+from ldmkit.shipped import SHIPPED, default_model, plan_generation, weights_dir
 
 PRESENT = [n for n in sorted(SHIPPED) if (weights_dir() / f"{n}.safetensors").exists()]
 
@@ -96,6 +97,17 @@ def test_the_inpainting_model_is_the_inpaint_default_and_keeps_what_it_is_not_as
     out, _ = inpaint(ldm, SampleRequest(n=1, labels=[0], steps=5), x, m)
     assert torch.equal(out[..., m[0, 0] == 0], x[..., m[0, 0] == 0])  # every kept pixel exactly
     assert (out - x).abs()[..., 10:22, 10:22].mean() > 0.05  # the box was regenerated
+
+
+@needs("fashion-mnist-inpaint")
+@needs("emoji")
+def test_inpaint_without_a_model_takes_the_inpainting_model_or_for_a_prompt_a_text_model():
+    assert plan_generation(None, [], [0], 1, task="inpaint").checkpoint.name == "fashion-mnist-inpaint.safetensors"
+    assert plan_generation(None, ["red apple"], None, 1, task="inpaint").checkpoint.name == "emoji.safetensors"
+    assert plan_generation(None, ["red apple"], None, 1).checkpoint.name == "emoji.safetensors"
+    assert plan_generation(None, [], None, 1, task="upscale").checkpoint.name.startswith("emoji-upscale")
+    with pytest.raises(InputError, match="the upscaler 'emoji-upscale' is not text-conditional.*drop --prompt"):
+        plan_generation(None, ["a cat"], None, 1, task="upscale")
 
 
 @needs("emoji-upscale")

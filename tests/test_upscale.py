@@ -204,7 +204,7 @@ def test_bad_upscale_requests_are_refused_naming_the_option(upscaler):
         upscale(upscaler, x, SampleRequest(n=1, steps=2, labels=[1]))
     with pytest.raises(InputError, match="not text-conditional; drop --prompt"):
         upscale(upscaler, x, SampleRequest(n=1, steps=2, prompts=["a cat"]))
-    with pytest.raises(InputError, match="--overlap"):
+    with pytest.raises(InputError, match="--overlap 4 is not smaller than the tile of 4 input pixels"):
         upscale(upscaler, x, SampleRequest(n=1, steps=2), UpscaleOptions(tile=4, overlap=4))
 
 

@@ -183,7 +183,11 @@ def tiling_for(ldm: LatentDiffusion, opts: UpscaleOptions) -> Tiling:
     tile = max(unit, tile // unit * unit)
     overlap = tile // 4 if opts.overlap < 0 else round(opts.overlap * per_input)
     if overlap >= tile:
-        raise InputError(f"--overlap {opts.overlap} is not smaller than the tile ({opts.tile or 'default'}); use less")
+        side = round(tile / per_input)
+        raise InputError(
+            f"--overlap {opts.overlap} is not smaller than the tile of {side} input pixels; use an overlap below "
+            f"{side} (a quarter of the tile is usual)"
+        )
     return Tiling(tile, overlap)
 
 
