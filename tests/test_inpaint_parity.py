@@ -8,9 +8,13 @@ generator per image seeded seed + i; the mask covers whole 2 x 2 pixel cells, so
 resize to latent size and ldmkit's max-pooling give the same latent mask; output_type="latent".
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from ldmkit.interop.convert import convert
+from ldmkit.ldm import LatentDiffusion
 from ldmkit.noise import generators_from_seed, randn
 from ldmkit.pipelines.generate import SampleRequest
 from ldmkit.pipelines.inpaint import inpaint
@@ -122,3 +126,14 @@ def test_a_4_channel_model_matches_diffusers_blend_mode():
     assert relative(ours, theirs) < 1e-4, f"relative difference {relative(ours, theirs):.2e}"
     assert torch.allclose(ours * keep, (x0 * keep).expand_as(ours), atol=1e-5)  # the kept cells end on the original
     assert ((ours - x0) * (1 - keep)).abs().max() > 1e-2  # not vacuous: the masked cells were sampled
+
+
+def test_an_ldmkit_inpainting_model_keeps_its_task_through_a_diffusers_folder(tmp_path):
+    """The folder records the task (model_index.json's _ldmkit entry); before, the model came back as "generate",
+    and inpaint brought its mask to latent size by nearest neighbour instead of the max-pooling it was trained with."""
+    _, _, _, ldm = tiny_sd(diffusers, 9)
+    ldm.run = replace(ldm.run, task="inpaint")
+    ldm.text_encoder = None  # FixedText has no weights to export; the U-Net keeps its cross-attention
+    folder = convert(ldm.save(tmp_path / "inpaint.safetensors"), tmp_path / "folder", to="diffusers")
+    back = LatentDiffusion.load(convert(folder, tmp_path / "back.safetensors", to="ldm"))
+    assert back.task == "inpaint"

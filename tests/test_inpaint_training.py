@@ -11,6 +11,7 @@ from ldmkit import checkpoint
 from ldmkit.cli import main
 from ldmkit.config import DataConfig, DenoiserRun, TrainConfig, UNetConfig, from_dict, load_run
 from ldmkit.errors import ConfigError, InputError
+from ldmkit.interop.convert import convert
 from ldmkit.ldm import LatentDiffusion, LdmFile
 from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.pipelines.inpaint import inpaint, prepare_edit
@@ -192,3 +193,14 @@ def test_the_task_option_reaches_the_training_run(monkeypatch, tmp_path, tiny_ae
     assert seen["task"] == "inpaint"
     assert main(["train", "--autoencoder", str(tiny_ae), "--out", str(tmp_path), "--quiet"]) == 0
     assert seen["task"] == "generate"
+
+
+def test_an_inpainting_model_keeps_its_task_through_conversion(tmp_path, tiny_ae, data):
+    """Converting used to drop the task: the model came back as "generate" with 2c + 1 channels, and inpaint then
+    brought its mask to latent size by nearest neighbour instead of the max-pooling it was trained with."""
+    run = inpaint_run(tiny_ae, steps=1)
+    run = replace(run, unet=replace(run.unet, attention_levels=(0,), num_heads=(2,), mid_attention=True))
+    path = runs.train_denoiser(run, tmp_path / "run", progress=False)["checkpoint"]
+    single = convert(path, tmp_path / "s.safetensors", to="single-file")
+    back = convert(single, tmp_path / "back.safetensors", to="ldm")
+    assert LatentDiffusion.load(back).task == "inpaint"  # diffusers folders: tests/test_inpaint_parity.py

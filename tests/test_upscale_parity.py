@@ -140,3 +140,12 @@ def test_an_upscaler_converts_to_a_diffusers_folder_and_back(tmp_path):
     assert back.run.upscale == ldm.run.upscale
     for k, v in ldm.unet.state_dict().items():
         assert torch.equal(back.unet.state_dict()[k], v), k
+
+
+def test_an_upscaler_survives_a_single_file_round_trip(tmp_path):
+    _, _, _, ldm = tiny_upscaler()
+    ldm.text_encoder = None
+    src = ldm.save(tmp_path / "up.safetensors")
+    single = convert(src, tmp_path / "single.safetensors", to="single-file")
+    back = LatentDiffusion.load(convert(single, tmp_path / "back.safetensors", to="ldm"))
+    assert back.task == "upscale" and back.run.upscale == ldm.run.upscale

@@ -64,7 +64,7 @@ def read_pipeline(folder: str | Path, *, prediction: str | None = None, unsafe_p
     )
     extra = index.get(EXTRA) or {}
     resolution = extra.get("resolution") or (int(sample_size) * ae_cfg.factor if isinstance(sample_size, int) else 512)
-    task, upscale = "generate", UpscaleConfig()
+    task, upscale = extra.get("task", "generate"), UpscaleConfig()  # an ldmkit-trained inpainting model keeps its task
     low_res = folder / "low_res_scheduler" / "scheduler_config.json"
     if low_res.is_file() or index.get("_class_name") == "StableDiffusionUpscalePipeline":
         if not low_res.is_file():
@@ -142,7 +142,7 @@ def write_pipeline(folder: str | Path, w: ModelWeights) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "DDIMScheduler"],
-        EXTRA: {"resolution": w.resolution, "class_names": list(w.class_names)},
+        EXTRA: {"resolution": w.resolution, "class_names": list(w.class_names), "task": w.task},
     }
     if w.task == "upscale":
         write_json(
