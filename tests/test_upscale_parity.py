@@ -9,66 +9,31 @@ EulerDiscreteScheduler with timestep_spacing="trailing" (ldmkit's grid); the low
 which both draw the augmentation noise first and the initial latent noise second; output_type="latent".
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from ldmkit.config import DataConfig, DenoiserRun, UpscaleConfig
+from ldmkit.config import UpscaleConfig
 from ldmkit.interop.convert import convert
-from ldmkit.interop.diffusers import unet_from_diffusers, vae_from_diffusers
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.generate import SampleRequest
 from ldmkit.pipelines.upscale import UpscaleOptions, upscale
 
 diffusers = pytest.importorskip("diffusers")
 
-from tiny_sd import SD_SCHEDULE, FixedText, randomize  # noqa: E402
+from tiny_sd import SD_SCHEDULE, tiny_sd  # noqa: E402
 
 STEPS, SEED, CFG, LEVEL = 8, 11, 3.0, 40
 LOW_RES = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
 
 
 def tiny_upscaler():
-    """(diffusers U-Net, VAE, prompt embeddings, the same upscaler in ldmkit)."""
-    unet = randomize(
-        diffusers.UNet2DConditionModel(
-            sample_size=8,
-            in_channels=7,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            norm_num_groups=8,
-            attention_head_dim=2,
-            num_class_embeds=400,
-        ),
-        1,
-    )
-    vae = randomize(
-        diffusers.AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            scaling_factor=0.08333,
-        ),
-        2,
-    )
-    g = torch.Generator().manual_seed(3)
-    embeds = {"a cat": torch.randn(1, 5, 16, generator=g), "": torch.randn(1, 5, 16, generator=g)}
-    ours_unet, ours_vae = unet_from_diffusers(unet), vae_from_diffusers(vae)
-    run = DenoiserRun(
-        unet=ours_unet.cfg,
-        data=DataConfig(resolution=16, channels=3),
-        task="upscale",
-        upscale=UpscaleConfig(factor=2, max_noise_level=350),
-    )
-    return unet, vae, embeds, LatentDiffusion(ours_vae, ours_vae.cfg, ours_unet, run, FixedText(embeds))
+    """(diffusers U-Net, VAE, prompt embeddings, the same upscaler in ldmkit): tiny_sd's parts with 7 U-Net inputs,
+    400 noise-level embeddings and the x4 upscaler's latent scale."""
+    unet, vae, embeds, ldm = tiny_sd(diffusers, 7, num_class_embeds=400, scaling_factor=0.08333)
+    ldm.run = replace(ldm.run, task="upscale", upscale=UpscaleConfig(factor=2, max_noise_level=350))
+    return unet, vae, embeds, ldm
 
 
 def low_res_picture():

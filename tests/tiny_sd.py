@@ -33,9 +33,10 @@ def randomize(model, seed: int):
     return model.eval()
 
 
-def tiny_sd(diffusers, in_channels: int = 4):
+def tiny_sd(diffusers, in_channels: int = 4, num_class_embeds: int | None = None, scaling_factor: float = 0.5):
     """(diffusers U-Net, diffusers VAE, prompt embeddings for "a cat" and "", the same model in ldmkit) with
-    `in_channels` U-Net inputs (4, or 9 for an inpainting model)."""
+    `in_channels` U-Net inputs (4, 9 for an inpainting model, 7 for an upscaler), `num_class_embeds` class
+    embeddings (an upscaler's noise levels) and the VAE's latent `scaling_factor`."""
     unet = randomize(
         diffusers.UNet2DConditionModel(
             sample_size=8,
@@ -48,6 +49,7 @@ def tiny_sd(diffusers, in_channels: int = 4):
             cross_attention_dim=16,
             norm_num_groups=8,
             attention_head_dim=2,
+            num_class_embeds=num_class_embeds,
         ),
         1,
     )
@@ -61,7 +63,7 @@ def tiny_sd(diffusers, in_channels: int = 4):
             latent_channels=4,
             norm_num_groups=8,
             layers_per_block=1,
-            scaling_factor=0.5,
+            scaling_factor=scaling_factor,
         ),
         2,
     )
