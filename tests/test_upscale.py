@@ -200,6 +200,8 @@ def test_bad_upscale_requests_are_refused_naming_the_option(upscaler):
         UpscaleOptions(noise_level=-1)
     with pytest.raises(InputError, match="--tile"):
         UpscaleOptions(tile=2.5)
+    with pytest.raises(InputError, match="must be a tensor"):  # it used to fail with an AttributeError
+        upscale(upscaler, "small.png", SampleRequest(n=1, steps=2))
     with pytest.raises(InputError, match="takes no --label"):
         upscale(upscaler, x, SampleRequest(n=1, steps=2, labels=[1]))
     with pytest.raises(InputError, match="not text-conditional; drop --prompt"):

@@ -38,9 +38,11 @@ def check_strength(strength) -> float:
     return s
 
 
-def model_image(ldm: LatentDiffusion, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Images (B, C, H, W) in [-1, 1] -> (B, model channels, H', W') padded to the model's total factor, on its
-    device, and the input size (H, W) to crop back to."""
+def model_image(
+    ldm: LatentDiffusion, image: torch.Tensor, multiple: int | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Images (B, C, H, W) in [-1, 1] -> (B, model channels, H', W') padded to `multiple` (default: the model's
+    total factor), on its device, and the input size (H, W) to crop back to."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or min(image.shape) == 0:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise InputError(f"the image must be a tensor (B, C, H, W) in [-1, 1], got {shape}; add a batch dimension")
@@ -56,7 +58,7 @@ def model_image(ldm: LatentDiffusion, image: torch.Tensor) -> tuple[torch.Tensor
             f"[0, 255] ones with x / 127.5 - 1"
         )
     x = to_channels(x.clamp(-1, 1), ldm.ae_config.in_channels).to(ldm.device)  # (B, C, H, W)
-    return pad_to_multiple(x, ldm.factor * ldm.run.unet.factor)  # (B, C, H', W'), (H, W)
+    return pad_to_multiple(x, multiple or ldm.factor * ldm.run.unet.factor)  # (B, C, H', W'), (H, W)
 
 
 @torch.no_grad()

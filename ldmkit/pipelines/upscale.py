@@ -39,7 +39,7 @@ from .generate import (
     write_edits,
     wrong_task,
 )
-from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image, pad_to_multiple
+from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image
 from .img2img import checkpoint_channels, model_image
 from .masks import require_file
 
@@ -255,14 +255,12 @@ def upscale_batches(
         raise InputError("an upscaler takes no --label; give a --prompt (text upscalers) or nothing")
     if req.prompts is not None and any(req.prompts) and ldm.text_encoder is None:
         raise InputError(f"{ldm.source or 'this upscaler'} is not text-conditional; drop --prompt")
-    h, w = image.shape[-2:]
     up = ldm.run.upscale
-    check_input_size("the image", w, h, up.factor)
-    x, _ = model_image(ldm, image)  # (1, C, H, W) checked, in the model's channels (padding redone below)
-    x = crop_to(x, (h, w))
-    # pad so that the latent (input * factor / f) is a multiple of the U-Net's factor
+    if isinstance(image, torch.Tensor) and image.ndim == 4:  # the output's limit, before the input's own
+        check_input_size("the image", image.shape[-1], image.shape[-2], up.factor)
+    # padded so that the latent (input * factor / f) is a multiple of the U-Net's factor
     unit = ldm.factor * ldm.run.unet.factor // math.gcd(ldm.factor * ldm.run.unet.factor, up.factor)
-    x, size = pad_to_multiple(x, unit)
+    x, size = model_image(ldm, image, unit)  # (1, C, H', W') checked, in the model's channels
     tiling = tiling_for(ldm, opts)
     p = plan(ldm, req)
     guide = ldm.text_encoder is not None  # an upscaler without text has nothing to guide against
