@@ -361,7 +361,8 @@ def _check_train(cfg: TrainConfig, where: str):
         )
 
 
-def _check_task(cfg: DenoiserRun, where: str):
+def _check_denoiser_run(cfg: DenoiserRun, where: str):
+    """The task is known, and an upscaler's schedule and default noise level are ones it can use."""
     if cfg.task not in TASKS:
         raise ConfigError(
             f"{_key(where, 'task')} = {cfg.task!r} is not a task; use {' or '.join(TASKS)} (e.g. --task inpaint)"
@@ -381,7 +382,7 @@ def _check_task(cfg: DenoiserRun, where: str):
 
 # checks across the settings of one dataclass, after each setting passed its own bound
 CROSS_CHECKS = {
-    DenoiserRun: _check_task,
+    DenoiserRun: _check_denoiser_run,
     AutoencoderConfig: _check_levels,
     UNetConfig: _check_levels,
     DiffusionConfig: _check_diffusion,
