@@ -159,6 +159,8 @@ class LatentDiffusion:
             with torch.no_grad():
                 return self.text_encoder.encode(list(prompts)).map(lambda t: t.to(self.device))
         if prompts is not None and any(prompts):
+            if self.task == "upscale":  # its class embedding holds noise levels: there is no label to suggest
+                raise InputError(f"{self.source or 'this upscaler'} is not text-conditional; drop --prompt")
             raise InputError("this model is not text-conditional; use --label (class-conditional) or no condition")
         if not self.num_classes:
             if labels is not None and any(int(lab) >= 0 for lab in labels):

@@ -253,8 +253,6 @@ def upscale_batches(
         raise InputError("upscale works at --factor times the input's size; drop --height / --width")
     if req.labels:
         raise InputError("an upscaler takes no --label; give a --prompt (text upscalers) or nothing")
-    if req.prompts is not None and any(req.prompts) and ldm.text_encoder is None:
-        raise InputError(f"{ldm.source or 'this upscaler'} is not text-conditional; drop --prompt")
     up = ldm.run.upscale
     if isinstance(image, torch.Tensor) and image.ndim == 4:  # the output's limit, before the input's own
         check_input_size("the image", image.shape[-1], image.shape[-2], up.factor)
