@@ -23,6 +23,7 @@ from .config import AutoencoderConfig, DenoiserRun, from_dict, to_dict
 from .denoisers.unet import UNet
 from .diffusion.parameterisation import make_denoiser
 from .errors import CheckpointError, InputError, NonFiniteError
+from .nn.invariant import batch_invariant
 
 KIND = "ldm"
 
@@ -140,15 +141,18 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f) (deterministic: posterior mean)."""
-        return self.to_latent(self.autoencoder.latents(images.to(self.device)).float())
+        """Images (B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f) (deterministic: posterior mean); each
+        image's latents do not depend on the batch it is encoded in (bit for bit on the CPU)."""
+        with batch_invariant(self.device):
+            return self.to_latent(self.autoencoder.latents(images.to(self.device)).float())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1], decoded in float32 (no fp16 overflow, no black images)."""
+        """Scaled latents -> images in [-1, 1], decoded in float32 (no fp16 overflow, no black images); each image
+        does not depend on the batch it is decoded in (bit for bit on the CPU)."""
         ae = self.autoencoder
         z = self.from_latent(latents.float())
-        with torch.autocast(z.device.type, enabled=False):
+        with torch.autocast(z.device.type, enabled=False), batch_invariant(z.device):
             return ae.decode(z.to(next(ae.parameters()).dtype)).float().clamp(-1, 1)
 
     # --- conditioning -------------------------------------------------------------------------------------------
@@ -156,7 +160,7 @@ class LatentDiffusion:
         """The conditioning for labels (None / -1 = no label) or prompts ("" = unconditional)."""
         if self.text_encoder is not None:
             prompts = prompts if prompts is not None else [""] * (n or 1)
-            with torch.no_grad():
+            with torch.no_grad(), batch_invariant(getattr(self.text_encoder, "device", "cpu")):
                 return self.text_encoder.encode(list(prompts)).map(lambda t: t.to(self.device))
         if prompts is not None and any(prompts):
             if self.task == "upscale":  # its class embedding holds noise levels: there is no label to suggest

@@ -75,6 +75,6 @@ def test_same_seed_same_image_at_any_batch_size(trained):
     ldm = LatentDiffusion.load(trained[2]["checkpoint"])
     a, _ = generate(ldm, SampleRequest(n=4, labels=[3], sampler="euler_ancestral", steps=4, seed=7, batch_size=4))
     b, _ = generate(ldm, SampleRequest(n=4, labels=[3], sampler="euler_ancestral", steps=4, seed=7, batch_size=1))
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(a, b)  # bit for bit on the CPU
     c, _ = generate(ldm, SampleRequest(n=4, labels=[3], sampler="euler_ancestral", steps=4, seed=8, batch_size=4))
     assert not torch.allclose(a, c, atol=1e-3)

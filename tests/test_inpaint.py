@@ -197,7 +197,7 @@ def test_image_i_is_the_same_at_any_batch_size(tmp_path, ldm):
     kw = dict(n=3, labels=[0, 1], sampler="euler_ancestral", steps=4, seed=11)
     a, _ = inpaint(ldm, SampleRequest(**kw, batch_size=3), x, m, opts)
     b, _ = inpaint(ldm, SampleRequest(**kw, batch_size=1), x, m, opts)
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(a, b)  # bit for bit on the CPU
     c, _ = inpaint(ldm, SampleRequest(**{**kw, "seed": 12}, batch_size=3), x, m, opts)
     assert not torch.allclose(a[:, :, 3:9, 6:14], c[:, :, 3:9, 6:14], atol=1e-3)
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..conditioning.types import Conditioning
 from ..config import DiffusionConfig
 from ..errors import InputError
+from ..nn.invariant import batch_invariant
 from ..noise import Generators, randn_like
 from .schedules import discrete_sigmas, karras_sigmas, schedule_from_config, sigma_to_t
 
@@ -90,7 +91,8 @@ class Denoiser(nn.Module):
         """D(x, sigma, cond): the denoised estimate of x0, same shape and dtype as x (B, C, H, W)."""
         sigma = self._sigma_batch(sigma, x)  # (B,)
         c_skip, c_out, c_in = (_bcast(c, x) for c in self.scalings(sigma.double()))
-        f = self.backbone((x.float() * c_in).to(x.dtype), self.c_noise(sigma).to(x.device), cond or Conditioning())
+        with batch_invariant(x.device):  # sample i's numbers do not depend on the batch (CPU inference)
+            f = self.backbone((x.float() * c_in).to(x.dtype), self.c_noise(sigma).to(x.device), cond or Conditioning())
         return (c_skip * x.float() + c_out * f.float()).to(x.dtype)
 
     def prediction(self, x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
