@@ -35,10 +35,19 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     return phi * guided * ratio + (1 - phi) * guided
 
 
-def guided(denoiser, cond: Conditioning, uncond: Conditioning | None, scale: float, rescale: float = 0.0) -> DenoiseFn:
-    """The denoise function a sampler walks: classifier-free guidance against `uncond` at `scale` (with guidance
-    rescale), or the plain conditional denoiser when there is no guidance (scale 1 or no uncond)."""
-    if scale != 1.0 and uncond is not None:
+Scale = float | torch.Tensor  # one guidance scale, or one per sample (B,)
+
+
+def guides(scale: Scale) -> bool:
+    """Whether `scale` asks for guidance: a scale other than 1 (for one per sample: any of them)."""
+    return bool((torch.as_tensor(scale) != 1.0).any())
+
+
+def guided(denoiser, cond: Conditioning, uncond: Conditioning | None, scale: Scale, rescale: float = 0.0) -> DenoiseFn:
+    """The denoise function a sampler walks: classifier-free guidance against `uncond` at `scale` (one number, or
+    one per sample), with guidance rescale, or the plain conditional denoiser when there is no guidance (scale 1 or
+    no uncond)."""
+    if guides(scale) and uncond is not None:
         return CFGDenoiser(denoiser, cond, uncond, scale, rescale=rescale)
     return bind(denoiser, cond)
 
@@ -50,10 +59,11 @@ class CFGDenoiser:
     not linear: it is applied to the model's own prediction (eps or v, via `denoiser.prediction`), as trained.
     """
 
-    def __init__(self, denoiser, cond: Conditioning, uncond: Conditioning, scale: float, rescale: float = 0.0):
+    def __init__(self, denoiser, cond: Conditioning, uncond: Conditioning, scale: Scale, rescale: float = 0.0):
         """denoiser: a `Denoiser` (called (x, sigma, cond), with `prediction` / `from_prediction` for rescale);
-        cond / uncond: conditionings for the B samples (the same fields in both); scale: guidance scale s (1 means
-        no guidance: one conditional pass); rescale: guidance rescale phi in [0, 1]."""
+        cond / uncond: conditionings for the B samples (the same fields in both); scale: guidance scale s, one
+        number or one per sample (B,) (1 everywhere means no guidance: one conditional pass); rescale: guidance
+        rescale phi in [0, 1]. Sample i's result is the same whether its scale comes alone or in a tensor."""
         if not 0.0 <= rescale <= 1.0:
             raise InputError(f"guidance rescale {rescale} must be between 0 and 1 (0.7 is the paper's choice)")
         if rescale > 0 and not hasattr(denoiser, "prediction"):
@@ -62,17 +72,19 @@ class CFGDenoiser:
                 "make_denoiser or set rescale=0"
             )
         self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
-        self.scale, self.rescale = float(scale), float(rescale)
+        self.guides, self.rescale = guides(scale), float(rescale)
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.scale == 1.0:
+        if not self.guides:
             return self.denoiser(x, sigma, self.cond)
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma  # (B,)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([self.cond, self.uncond]))
         d_cond, d_uncond = both[:b], both[b:]  # (B, C, H, W) each
-        guided = d_uncond + self.scale * (d_cond - d_uncond)
+        scale = self.scale.to(device=x.device, dtype=d_cond.dtype)  # (B or 1, 1, 1, 1)
+        guided = d_uncond + scale * (d_cond - d_uncond)
         if self.rescale == 0.0:
             return guided
         f_guided = self.denoiser.prediction(x, sigma, guided)

@@ -1,0 +1,108 @@
+"""Several generation requests in one forward pass, each image exactly as its request alone would give it.
+
+Requests share a pass when they agree on what shapes the computation: the model, the size, the sampler, its steps
+and eta, guidance on or off and its rescale (`share_key`). Prompts, labels, negative prompts, seeds and guidance
+scales may differ: every image keeps its own generator (seeded seed + i of its request), its own conditioning and
+its own guidance scale, and the CPU kernels are batch-invariant (nn/invariant.py), so batching changes no bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..diffusion.guidance import guides
+from ..diffusion.sample import sample_latents
+from ..errors import InputError, NonFiniteError
+from ..ldm import LatentDiffusion
+from ..noise import generators_from_seed
+from .generate import SampleRequest, blame_options, caption_of, check_samples_from_noise, plan
+
+
+def share_key(req: SampleRequest) -> tuple:
+    """What requests to one model must have in common to share a forward pass (height and width as asked: 0 means
+    the training resolution and is resolved by `plan`)."""
+    return (req.height, req.width, req.sampler, req.steps, req.eta, req.cfg_rescale, guides(req.cfg))
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One image of one request: what it is conditioned on and where its noise comes from."""
+
+    label: int | None
+    prompt: str | None
+    negative: str
+    cfg: float
+    seed: int
+
+
+def _samples(ldm: LatentDiffusion, reqs: Sequence[SampleRequest]) -> tuple[list[_Sample], tuple[int, int]]:
+    """Every image of every request, in order, and the one size they share (InputError when they do not)."""
+    out, sizes = [], set()
+    for req in reqs:
+        p = plan(ldm, req)
+        sizes.add((p.height, p.width))
+        for i in range(req.n):
+            label = p.labels[i] if p.labels is not None else None
+            prompt = p.prompts[i] if p.prompts is not None else None
+            out.append(_Sample(label, prompt, req.negative_prompt, req.cfg, req.seed + i))
+    if len(sizes) != 1 or len({share_key(r)[2:] for r in reqs}) != 1:
+        raise InputError("requests batched together must share size, sampler, steps, eta and guidance rescale")
+    return out, sizes.pop()
+
+
+@torch.no_grad()
+def _sample_chunk(ldm: LatentDiffusion, chunk: list[_Sample], shape: tuple, req: SampleRequest, callback) -> torch.Tensor:
+    """Latents (len(chunk), c, h, w) for a run of images, each with its own condition, guidance scale and seed."""
+    n = len(chunk)
+    if ldm.text_encoder is not None:
+        cond = ldm.conditioning(prompts=[s.prompt or "" for s in chunk])
+        uncond = ldm.null_conditioning(n, [s.negative for s in chunk])
+    else:
+        labels = [s.label for s in chunk] if ldm.num_classes else None
+        cond = ldm.conditioning(labels=labels, n=n)
+        uncond = ldm.null_conditioning(n)
+    generators = [g for s in chunk for g in generators_from_seed(s.seed, 1)]
+    sampling = req.sampling() | {"cfg_scale": torch.tensor([s.cfg for s in chunk])}
+    return sample_latents(
+        ldm.denoiser, (n, *shape), cond, uncond, generator=generators, device=ldm.device, callback=callback, **sampling
+    )
+
+
+def generate_together(
+    ldm: LatentDiffusion,
+    reqs: Sequence[SampleRequest],
+    batch_size: int = 16,
+    callback: Callable | None = None,
+) -> list[torch.Tensor]:
+    """Images (n, C, H, W) in [-1, 1] on the CPU for each request, sampled together in forward passes of up to
+    `batch_size` images (a pass may hold images of several requests). Each request's images are bit for bit those
+    of `generate(ldm, req)` on the CPU. Requests must agree on `share_key`; callback: the sampler's step callback
+    (it may raise to stop the work). NonFiniteError names the first request's options when any image fails: callers
+    that batch strangers rerun each request alone to find whose options caused it."""
+    if not reqs:
+        return []
+    check_samples_from_noise(ldm)
+    samples, (h, w) = _samples(ldm, reqs)
+    shape = (ldm.latent_channels, h // ldm.factor, w // ldm.factor)
+    images = []
+    for s in range(0, len(samples), batch_size):
+        chunk = samples[s : s + batch_size]
+        try:
+            z = _sample_chunk(ldm, chunk, shape, reqs[0], callback)
+        except NonFiniteError as err:
+            raise blame_options(ldm, reqs[0], err) from None
+        images.append(ldm.decode(z).cpu())
+    flat = torch.cat(images)
+    bounds = torch.tensor([0] + [r.n for r in reqs]).cumsum(0).tolist()
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def captions(ldm: LatentDiffusion, req: SampleRequest) -> list[str]:
+    """The caption of each image of a request: its label's class name, or its prompt."""
+    p = plan(ldm, req)
+    if p.labels is not None:
+        return [caption_of(ldm, int(label)) for label in p.labels]
+    return p.prompts or [""] * req.n
