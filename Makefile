@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := dataset-fashion-mnist fonts-noto-color-emoji libcairo2
+DEBS   := dataset-fashion-mnist fonts-noto-color-emoji libcairo2 chromium
 DEMO   := runs/demo
 
 .PHONY: test test-all lint format demo demo-train debs install clean

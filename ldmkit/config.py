@@ -177,6 +177,41 @@ class DenoiserRun:
 TASKS = ("generate", "inpaint", "upscale")  # the values of DenoiserRun.task
 
 
+# --- serving ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # the address to listen on; anything but loopback needs keys (no --no-auth)
+    port: int = 8000
+    models: tuple[str, ...] = ()  # shipped model names or model files; () = every shipped generation model
+    database: str = ""  # keys and audit: a SQLite path or postgresql:// URL; "" = $LDMKIT_HOME/ldmkit.db
+    device: str = "auto"
+    max_batch: int = 16  # images per forward pass, from one request or several
+    max_wait_ms: float = 25.0  # how long the oldest queued request waits for others to share its pass
+    queue_images: int = 64  # images that may wait; more gets 429 with Retry-After
+    timeout_s: float = 300.0  # a request still unanswered after this gets 504
+    jobs_kept: int = 200  # finished native jobs kept in memory for GET /v1/jobs/{id}
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_n: int = 8  # images per request
+    max_steps: int = 100  # sampling steps
+    max_side: int = 1024  # pixels per side of a generated image
+    max_prompt_chars: int = 2000  # characters of a prompt or negative prompt
+    max_upload_bytes: int = 8 * 2**20  # a request body (uploaded images in base64 included)
+    max_cfg: float = 30.0  # guidance scale; larger values overflow float32 in some models
+
+
+@dataclass(frozen=True)
+class ServeRun:
+    """`ldmkit serve --config serve.toml`: a [serve] table and a [limits] table."""
+
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+
 # --- validation ---------------------------------------------------------------------------------------------------
 
 
@@ -286,6 +321,22 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         noise_level=Bound(0, 999, integer=True),
         beta_start=OPEN_UNIT,
         beta_end=OPEN_UNIT,
+    ),
+    ServeConfig: dict(
+        port=Bound(0, 65535, integer=True),
+        max_batch=Bound(1, 256, integer=True),
+        max_wait_ms=Bound(0, 10_000),
+        queue_images=COUNT,
+        timeout_s=POSITIVE,
+        jobs_kept=COUNT,
+    ),
+    ServeLimits: dict(
+        max_n=Bound(1, 256, integer=True),
+        max_steps=Bound(1, 10_000, integer=True),
+        max_side=COUNT,
+        max_prompt_chars=COUNT,
+        max_upload_bytes=COUNT,
+        max_cfg=POSITIVE,
     ),
     TrainConfig: dict(
         steps=COUNT,

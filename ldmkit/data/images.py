@@ -7,6 +7,7 @@ half-written PNG behind.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -167,6 +168,14 @@ def write_image(img: Image.Image, path: str | Path, metadata: dict[str, str] | N
     """Write `img` atomically in the format its extension names (OUTPUT_FORMATS) with `metadata`. Returns the path."""
     fmt, options = _save_options(path, metadata)
     return atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **options))
+
+
+def png_bytes(img: Image.Image, metadata: dict[str, str] | None = None) -> bytes:
+    """`img` as the bytes of a PNG file carrying `metadata` (as write_image writes it to a .png)."""
+    _, options = _save_options("image.png", metadata)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **options)
+    return buf.getvalue()
 
 
 def read_parameters(path: str | Path) -> dict[str, str]:
