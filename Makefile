@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEBS   := dataset-fashion-mnist fonts-noto-color-emoji libcairo2 chromium
 DEMO   := runs/demo
 
-.PHONY: test test-all lint format demo demo-train debs install clean
+.PHONY: test test-all lint format demo demo-train serve debs install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ demo-train: install
 	$(VENV)/bin/ldmkit train --config demo-denoiser --autoencoder $(DEMO)/autoencoder/autoencoder.safetensors --out $(DEMO)/denoiser
 	$(VENV)/bin/ldmkit sample $(DEMO)/denoiser/model.safetensors --n 20 --sampler dpmpp_2m --steps 25 --cfg 3 --seed 0 --out $(DEMO)/samples.png
 	@echo "demo sample grid: $(abspath $(DEMO))/samples.png"
+
+# The shipped models on http://127.0.0.1:8000/ (keys and audit in $LDMKIT_HOME, default ~/.local/share/ldmkit),
+# with a fresh admin key printed first.
+serve: install
+	@echo "admin key (shown once):"
+	@$(VENV)/bin/ldmkit keys create --name admin-$$(date +%Y%m%d-%H%M%S) --role admin
+	$(VENV)/bin/ldmkit serve
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import check_output_path, read_metadata
-from .config import TASKS, AutoencoderRun, DenoiserRun, load_run
+from .config import TASKS, AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .interop.convert import convert
@@ -20,6 +20,8 @@ from .pipelines.masks import FEATHER_PX
 from .pipelines.outpaint import Border, outpaint_to_file
 from .pipelines.upscale import UpscaleOptions, upscale_to_file
 from .samplers import SAMPLERS
+from .serve.commands import add_audit_command, add_keys_command
+from .serve.server import serve
 from .shipped import plan_generation
 from .training.runs import train_autoencoder, train_denoiser
 
@@ -304,6 +306,43 @@ def cmd_convert(args):
     print(f"written {out}")
 
 
+def cmd_serve(args):
+    overrides = list(args.overrides)
+    for key in ("host", "port", "database", "device"):
+        if getattr(args, key) is not None:
+            overrides.append(f"serve.{key}={getattr(args, key)}")
+    if args.model:
+        overrides.append(f"serve.models={','.join(args.model)}")
+    serve(load_run(ServeRun, args.config, overrides), no_auth=args.no_auth)
+
+
+def _serve_command(command):
+    p = command(
+        "serve", "serve models over HTTP: OpenAI and AUTOMATIC1111 APIs, jobs, keys, audit, a web page", cmd_serve
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        help="a shipped model's name or a model.safetensors (repeatable; default: the shipped models)",
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument(
+        "--database", help="keys and audit: a SQLite file or a postgresql:// URL (default: under $LDMKIT_HOME)"
+    )
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--config", help="a serve.toml with [serve] and [limits] tables")
+    p.add_argument("--no-auth", action="store_true", help="serve without keys (loopback addresses only)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting, e.g. --set serve.max_batch=8 --set limits.max_n=4 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion: train, sample, evaluate, serve.")
     debug_help = "show the full traceback of any error"
@@ -355,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow reading a .ckpt pickle (loaded with torch.load(weights_only=True))",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    _serve_command(command)
+    add_keys_command(sub, common)
+    add_audit_command(sub, common)
 
     p = command("info", "print a checkpoint's kind and configuration", cmd_info)
     p.add_argument("checkpoint")
@@ -412,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         warnings.showwarning = _one_line_warning
     try:
-        args.fn(args)
+        status = args.fn(args) or 0
     except KeyboardInterrupt as e:
         if args.debug:
             raise
@@ -425,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = shown
-    return 0
+    return status
 
 
 if __name__ == "__main__":

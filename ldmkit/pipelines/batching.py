@@ -54,7 +54,9 @@ def _samples(ldm: LatentDiffusion, reqs: Sequence[SampleRequest]) -> tuple[list[
 
 
 @torch.no_grad()
-def _sample_chunk(ldm: LatentDiffusion, chunk: list[_Sample], shape: tuple, req: SampleRequest, callback) -> torch.Tensor:
+def _sample_chunk(
+    ldm: LatentDiffusion, chunk: list[_Sample], shape: tuple, req: SampleRequest, callback
+) -> torch.Tensor:
     """Latents (len(chunk), c, h, w) for a run of images, each with its own condition, guidance scale and seed."""
     n = len(chunk)
     if ldm.text_encoder is not None:

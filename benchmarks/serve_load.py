@@ -1,0 +1,188 @@
+"""Bounded load against `ldmkit serve` over loopback: batching on against one request at a time.
+
+    .venv/bin/python benchmarks/serve_load.py                     # emoji, 1 / 4 / 16 clients, 4 requests each
+    .venv/bin/python benchmarks/serve_load.py --clients 1,4 --requests 2 --steps 4   # a quick run
+
+Each configuration starts its own `ldmkit serve` process with the shipped emoji model and a fresh database and
+key. "batched" is the default server (max_batch 16, max_wait_ms 25); "one at a time" is the same server with
+max_batch 1, so requests run one after another as in the popular UIs. Every client sends its requests one after
+the other (n=1 image each, its own prompt and seed); the table reports images/s, p50 / p99 latency and errors
+(anything but a 200 or an intended 429). Both modes must give every request the same PNG (compared by SHA-256).
+Last, the kill test: clients keep sending while the server is killed with SIGKILL; every request that was answered
+must have its audit row (found by the X-Request-Id header), and `audit verify` must pass.
+Writes benchmarks/out/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from serve_helpers import free_port, start_process  # noqa: E402
+
+from ldmkit.serve.audit import Audit  # noqa: E402
+from ldmkit.serve.auth import Keys  # noqa: E402
+from ldmkit.serve.store import open_store  # noqa: E402
+
+PROMPTS = ["red apple", "grinning face", "blue heart", "cat face", "sun", "thumbs up", "rocket", "pizza"]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def start(folder: Path, *settings: str) -> tuple[subprocess.Popen, str, str, Path]:
+    db = folder / f"db-{len(list(folder.iterdir()))}.sqlite"
+    secret, _ = Keys(open_store(str(db))).create("bench", "user")
+    port = free_port()
+    proc = start_process(db, port, "--model", "emoji", *(x for s in settings for x in ("--set", s)), threads=None)
+    return proc, f"http://127.0.0.1:{port}", secret, db
+
+
+def load(url: str, key: str, clients: int, requests: int, steps: int) -> dict:
+    """`clients` threads each sending `requests` requests in turn; latencies, errors and the PNGs' hashes."""
+    latencies, errors, hashes, lock = [], [], {}, threading.Lock()
+
+    def client(c: int):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+            for r in range(requests):
+                i = c * requests + r
+                body = {"prompt": PROMPTS[i % len(PROMPTS)], "n": 1, "steps": steps, "seed": 1000 + i, "model": "emoji"}
+                t = time.perf_counter()
+                resp = http.post("/v1/images/generations", json=body)
+                dt = time.perf_counter() - t
+                with lock:
+                    if resp.status_code == 200:
+                        latencies.append(dt)
+                        hashes[i] = hashlib.sha256(base64.b64decode(resp.json()["data"][0]["b64_json"])).hexdigest()
+                    elif resp.status_code != 429:
+                        errors.append(f"{resp.status_code}: {resp.text[:200]}")
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "images": len(latencies),
+        "seconds": round(wall, 2),
+        "images_per_s": round(len(latencies) / wall, 3),
+        "p50_s": round(percentile(latencies, 0.5), 3),
+        "p99_s": round(percentile(latencies, 0.99), 3),
+        "errors": errors,
+        "hashes": hashes,
+    }
+
+
+def kill_test(folder: Path, clients: int, steps: int, seconds: float) -> dict:
+    """Clients send until the server is killed with SIGKILL; every answered request must have its audit row."""
+    proc, url, key, db = start(folder)
+    answered, stop = [], threading.Event()
+
+    def client(c: int):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            i = 0
+            while not stop.is_set():
+                body = {"prompt": PROMPTS[(c + i) % len(PROMPTS)], "steps": steps, "seed": i, "model": "emoji"}
+                try:
+                    resp = http.post("/v1/images/generations", json=body)
+                except httpx.TransportError:
+                    return
+                if resp.status_code == 200:
+                    answered.append(resp.headers["x-request-id"])
+                i += 1
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    audit = Audit(open_store(str(db)))
+    rows = {r["request_id"] for r in audit.tail(100_000)}
+    missing = [r for r in answered if r not in rows]
+    verdict = audit.verify()
+    return {
+        "answered": len(answered),
+        "missing_audit_rows": len(missing),
+        "audit_rows": len(rows),
+        "verify_ok": verdict.ok,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--kill-seconds", type=float, default=6.0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/out/serve_load.json"))
+    args = ap.parse_args()
+    modes = {"batched": (), "one at a time": ("serve.max_batch=1", "serve.max_wait_ms=0")}
+    rows, same = [], True
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for clients in [int(c) for c in args.clients.split(",")]:
+            got = {}
+            for mode, settings in modes.items():
+                proc, url, key, _ = start(folder, *settings)
+                try:
+                    got[mode] = load(url, key, clients, args.requests, args.steps)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(60)
+                rows.append({"mode": mode, **{k: v for k, v in got[mode].items() if k != "hashes"}})
+                print(f"{mode:>14} {clients:>3} clients: {rows[-1]['images_per_s']:.2f} images/s", flush=True)
+            same &= got["batched"]["hashes"] == got["one at a time"]["hashes"]
+        kill = kill_test(folder, clients=8, steps=args.steps, seconds=args.kill_seconds)
+    print(f"\n{'mode':>14} {'clients':>7} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
+    for r in rows:
+        cells = f"{r['images_per_s']:>9.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {len(r['errors']):>6}"
+        print(f"{r['mode']:>14} {r['clients']:>7} {cells}")
+    by = {(r["mode"], r["clients"]): r for r in rows}
+    ratios = {
+        c: round(by[("batched", c)]["images_per_s"] / by[("one at a time", c)]["images_per_s"], 2)
+        for (m, c) in by
+        if m == "batched"
+    }
+    print(f"\nbatched / one at a time, images/s: {ratios}")
+    print(f"same PNG for every request in both modes: {same}")
+    print(f"kill -9 under load: {kill}")
+    result = {
+        "machine": f"{os.cpu_count()} CPUs",
+        "steps": args.steps,
+        "requests_per_client": args.requests,
+        "rows": rows,
+        "speedup": ratios,
+        "same_images_both_modes": same,
+        "kill": kill,
+        "targets": {"speedup_at_16": 2.0, "p99_no_worse": True, "errors": 0, "missing_audit_rows": 0},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""The HTTP routes: OpenAI's images API, AUTOMATIC1111's API, native jobs, keys and audit for admins, health,
+metrics and the web page. Routes parse, authorize and answer; service.py runs the work, pipelines make images."""
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import ServeRun
+from ..errors import InputError, LdmkitError
+from .audit import Audit
+from .auth import AuthError, Keys
+from .edits import a1111_edit
+from .metrics import Metrics
+from .middleware import BodyTooLarge, ServeMiddleware
+from .scheduler import DONE, Job, QueueFull, ShuttingDown
+from .schemas import A1111_SAMPLERS, FieldError, api_models, parse_size, sample_request
+from .service import RequestFailed, Service, request_params
+
+WEB = Path(__file__).resolve().parent / "web"
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
+    """OpenAI's error shape (its client raises the matching exception), with `detail` for A1111-style clients."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}, "detail": message}
+
+
+def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
+    """The FastAPI application serving `models` (name -> ServedModel) with keys and audit in `store`."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    api = api_models()
+    OpenAIImageRequest, A1111Request, JobRequest = api.OpenAIImageRequest, api.A1111Request, api.JobRequest
+    metrics = Metrics()
+    keys, audit = Keys(store), Audit(store)
+    svc = Service(run, models, keys, audit, metrics, no_auth)
+
+    class JSON(JSONResponse):
+        """JSON in ASCII: a string the client sent (an unpaired surrogate included) is echoed escaped, never lost."""
+
+        def render(self, content) -> bytes:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+    app = FastAPI(title="ldmkit", docs_url=None, redoc_url=None, openapi_url=None, default_response_class=JSON)
+    app.state.service = svc
+
+    def fail(request: Request, status: int, message: str, param=None, code=None, headers=None, reason=None):
+        request.state.audit.setdefault("reason", reason or message[:300])
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSON(error_body(message, param, code, kind), status_code=status, headers=headers)
+
+    async def parse(request: Request, model):
+        """The JSON body as `model`, read after the key was checked (FieldError naming the first bad field)."""
+        from pydantic import ValidationError
+
+        def refuse(constant):
+            raise FieldError("body", f"the body holds {constant}, which JSON does not allow; send finite numbers")
+
+        try:
+            data = json.loads(await request.body(), parse_constant=refuse)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise FieldError("body", "the body is not valid JSON; send a JSON object") from None
+        if not isinstance(data, dict):
+            raise FieldError("body", f"the body is a JSON {type(data).__name__}; send a JSON object") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise FieldError(param, f"{param}: {first.get('msg', 'invalid value')}") from None
+
+    # --- errors ---------------------------------------------------------------------------------------------------
+    @app.exception_handler(AuthError)
+    async def _auth(request: Request, err: AuthError):
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+        if err.status == 401:
+            headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="ldmkit"'}
+        request.state.audit["decision"] = "refused-quota" if err.status == 429 else "refused-auth"
+        return fail(
+            request, err.status, str(err), code=err.reason.replace(" ", "_"), headers=headers, reason=err.reason
+        )
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, err: BodyTooLarge):
+        limit = run.limits.max_upload_bytes
+        return fail(
+            request,
+            413,
+            f"the request body is larger than the {limit} bytes this server accepts",
+            code="body_too_large",
+        )
+
+    @app.exception_handler(FieldError)
+    async def _field(request: Request, err: FieldError):
+        return fail(request, 400, str(err), param=err.field, code="invalid_value")
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, err: QueueFull):
+        return fail(request, 429, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)})
+
+    @app.exception_handler(ShuttingDown)
+    async def _down(request: Request, err: ShuttingDown):
+        return fail(request, 503, str(err), code="shutting_down", headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(request: Request, err: RequestFailed):
+        if err.status == 499:
+            request.state.audit["decision"] = "cancelled"
+        return fail(request, err.status, str(err), code="request_failed")
+
+    @app.exception_handler(LdmkitError)
+    async def _input(request: Request, err: LdmkitError):
+        return fail(request, 400, str(err), code="invalid_value")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        first = (err.errors() or [{}])[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        what = first.get("msg", "invalid value")
+        return fail(request, 400, f"{param or 'the body'}: {what}", param=param, code="invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, err: HTTPException):
+        return fail(request, err.status_code, str(err.detail), code="http_error")
+
+    @app.exception_handler(Exception)
+    async def _defect(request: Request, err: Exception):
+        import logging
+
+        logging.getLogger("ldmkit.serve").exception("request %s failed", request.state.request_id)
+        return fail(request, 500, f"internal error; request id {request.state.request_id}", reason=type(err).__name__)
+
+    # --- health, metrics, the page ----------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if svc.scheduler.draining:
+            return JSON({"status": "draining"}, status_code=503)
+        return {"status": "ready", "models": list(models)}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        svc.authorize(request, "admin")
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    # --- OpenAI images API ------------------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        svc.authorize(request, "viewer")
+        created = int(time.time())
+        data = [
+            {"id": n, "object": "model", "created": created, "owned_by": "ldmkit", **m.describe()}
+            for n, m in models.items()
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/images/generations")
+    async def openai_generate(request: Request):
+        principal = svc.authorize(request, "user")
+        body = await parse(request, OpenAIImageRequest)
+        if body.response_format not in (None, "b64_json"):
+            raise FieldError("response_format", "this server returns images inline only; use response_format b64_json")
+        served = svc.model(body.model)
+        width, height = parse_size(body.size)
+        fields = dict(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            n=body.n,
+            steps=body.steps,
+            cfg=body.cfg,
+            seed=body.seed,
+            sampler=body.sampler,
+            width=width,
+            height=height,
+        )
+        req = _request(served, fields, run.limits, {"width": "size", "height": "size"})
+        svc.check(served, req)
+        out = await svc.generate(request, principal, served, req, user=body.user)
+        data = [{"b64_json": b, "revised_prompt": None, "seed": s} for b, s in zip(out.b64(), out.seeds)]
+        return {"created": int(time.time()), "data": data}
+
+    # --- AUTOMATIC1111 API ------------------------------------------------------------------------------------------
+    @app.post("/sdapi/v1/txt2img")
+    async def a1111_txt2img(request: Request):
+        principal = svc.authorize(request, "user")
+        body = await parse(request, A1111Request)
+        served, req = _a1111_request(body)
+        svc.check(served, req)
+        out = await svc.generate(request, principal, served, req)
+        return _a1111_answer(body, served, req, out)
+
+    @app.post("/sdapi/v1/img2img")
+    async def a1111_img2img(request: Request):
+        principal = svc.authorize(request, "user")
+        body = await parse(request, A1111Request)
+        served, req = _a1111_request(body)
+        if not body.init_images:
+            raise FieldError("init_images", "img2img needs init_images: one base64-encoded image")
+        edit, extra = a1111_edit(served.ldm, body, replace(req, width=0, height=0), run.limits)
+        out = await svc.generate(request, principal, served, replace(req, width=0, height=0), run=edit, **extra)
+        return _a1111_answer(body, served, req, out)
+
+    @app.get("/sdapi/v1/sd-models")
+    async def a1111_models(request: Request):
+        svc.authorize(request, "viewer")
+        return [
+            {"title": n, "model_name": n, "hash": m.sha256[:10], "sha256": m.sha256, "filename": str(m.path.name)}
+            for n, m in models.items()
+        ]
+
+    @app.get("/sdapi/v1/samplers")
+    async def a1111_samplers(request: Request):
+        svc.authorize(request, "viewer")
+        return [{"name": a, "aliases": [ours], "options": {}} for a, ours in A1111_SAMPLERS.items()]
+
+    def _a1111_request(body):
+        served = svc.model(body.model or body.checkpoint(), "model")
+        sampler = A1111_SAMPLERS.get(body.sampler_name, body.sampler_name)
+        if sampler not in A1111_SAMPLERS.values():
+            raise FieldError(
+                "sampler_name",
+                f"sampler_name {body.sampler_name[:40]!r} is not available; use one of: {', '.join(A1111_SAMPLERS)}",
+            )
+        if not (1 <= body.batch_size and 1 <= body.n_iter):
+            raise FieldError("batch_size", "batch_size and n_iter must be at least 1")
+        fields = dict(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            n=body.batch_size * body.n_iter,
+            steps=body.steps,
+            cfg=body.cfg_scale,
+            seed=body.seed,
+            sampler=sampler,
+            width=body.width,
+            height=body.height,
+        )
+        names = {"n": "batch_size", "cfg": "cfg_scale", "sampler": "sampler_name"}
+        return served, _request(served, fields, run.limits, names)
+
+    def _a1111_answer(body, served, req, out):
+        info = {
+            "prompt": body.prompt,
+            "all_prompts": [body.prompt] * req.n,
+            "negative_prompt": body.negative_prompt,
+            "seed": req.seed,
+            "all_seeds": out.seeds,
+            "steps": req.steps,
+            "cfg_scale": req.cfg,
+            "sampler_name": body.sampler_name,
+            "width": req.width or served.ldm.run.data.resolution,
+            "height": req.height or served.ldm.run.data.resolution,
+            "sd_model_name": served.name,
+            "sd_model_hash": served.sha256[:10],
+            "ignored": sorted(body.model_extra or {}),
+        }
+        params = body.model_dump(exclude={"init_images", "mask"})
+        return {"images": out.b64(), "parameters": params, "info": json.dumps(info)}
+
+    # --- native jobs ------------------------------------------------------------------------------------------------
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(request: Request):
+        principal = svc.authorize(request, "user")
+        body = await parse(request, JobRequest)
+        served = svc.model(body.model)
+        req = _request(served, body.model_dump(exclude={"model"}), run.limits, {})
+        svc.check(served, req)
+        params = request_params(req)
+        request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
+        record = {"model": served.name, "params": params, "created": time.time(), "output": None, "ended": False}
+        job = svc.queue(principal, served, req, on_done=lambda j: _job_done(j, served, record))
+        svc.jobs[job.id] = (job, record)
+        while len(svc.jobs) > run.serve.jobs_kept:
+            svc.jobs.popitem(last=False)
+        request.state.audit["reason"] = f"queued as job {job.id}"
+        return {"id": job.id, "status": job.state}
+
+    def _job_done(job: Job, served, record: dict) -> None:
+        """A native job's own audit row, written when it ends (the POST's row says it was queued)."""
+        row = dict(
+            request_id=job.id,
+            key_id=job.owner or None,
+            route="job",
+            model=served.name,
+            weights_sha256=served.sha256,
+            params=record["params"],
+            queue_ms=round(job.queue_ms, 1),
+            run_ms=round(job.run_ms, 1),
+        )
+        try:
+            out = svc.finished(job, served, record["params"], row)
+            record["output"] = out
+            row.update(decision="served", status=200, outputs=out.sha256)
+        except RequestFailed as err:
+            record["error"] = str(err)
+            row.update(
+                decision="cancelled" if err.status == 499 else "failed", status=err.status, reason=str(err)[:300]
+            )
+        audit.record(**row)
+        record["ended"] = True
+
+    def _job_view(job: Job, record: dict, images: bool = True) -> dict:
+        out = record.get("output")
+        view = {
+            "id": job.id,
+            "status": job.state if record["ended"] or job.state != DONE else "running",  # done once the PNGs exist
+            "model": record["model"],
+            "params": record["params"],
+            "created": record["created"],
+        }
+        if out is not None:
+            view["seeds"] = out.seeds
+            view["sha256"] = out.sha256
+            if images:
+                view["images"] = out.b64()
+        if record.get("error"):
+            view["error"] = record["error"]
+        return view
+
+    def _own_job(job_id: str, principal) -> tuple[Job, dict]:
+        found = svc.jobs.get(job_id)
+        if found is None or (principal.role != "admin" and found[0].owner != principal.key_id):
+            raise HTTPException(
+                404, f"no job {job_id[:40]!r} of this key; jobs are kept for the last {run.serve.jobs_kept}"
+            )
+        return found
+
+    @app.get("/v1/jobs")
+    async def list_jobs(request: Request, limit: int = 20):
+        principal = svc.authorize(request, "viewer")
+        mine = [
+            (j, r) for j, r in reversed(svc.jobs.values()) if principal.role == "admin" or j.owner == principal.key_id
+        ]
+        return {"data": [_job_view(j, r) for j, r in mine[: max(1, min(limit, 100))]]}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request):
+        principal = svc.authorize(request, "viewer")
+        return _job_view(*_own_job(job_id, principal))
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request):
+        principal = svc.authorize(request, "user")
+        job, record = _own_job(job_id, principal)
+        svc.scheduler.cancel(job, "cancelled by its owner")
+        return _job_view(job, record, images=False)
+
+    # --- keys and audit (admin) -------------------------------------------------------------------------------------
+    @app.get("/v1/keys")
+    async def list_keys(request: Request):
+        svc.authorize(request, "admin")
+        return {"data": keys.list()}
+
+    @app.get("/v1/audit")
+    async def audit_tail(request: Request, n: int = 50):
+        svc.authorize(request, "admin")
+        return {"data": audit.tail(max(1, min(n, 1000)))}
+
+    @app.get("/v1/audit/verify")
+    async def audit_verify(request: Request):
+        svc.authorize(request, "admin")
+        result = audit.verify()
+        return {"ok": result.ok, "rows": result.rows, "problems": result.problems}
+
+    def _request(served, fields: dict, limits, names: dict):
+        ldm = served.ldm
+        try:
+            return sample_request(
+                fields, limits, names=names, class_names=ldm.class_names, text=ldm.text_encoder is not None
+            )
+        except FieldError:
+            raise
+        except InputError as err:
+            raise FieldError("request", str(err)) from None
+
+    return ServeMiddleware(app, audit, metrics, run.limits.max_upload_bytes), svc

@@ -1,0 +1,199 @@
+"""`ldmkit keys` (create, list, revoke the API keys of `ldmkit serve`) and `ldmkit audit` (verify, export, tail its
+audit trail). cli.py adds them with add_keys_command(sub, common) and add_audit_command(sub, common); each command
+function takes the parsed arguments and returns an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..errors import InputError, OutputExistsError
+from .audit import FORMATS, Audit
+from .auth import ROLES, Keys
+from .store import open_store
+
+POLL_S = 1.0  # how often `audit tail --follow` looks for new rows
+ROLE_HELP = "viewer: list models and jobs; user: also generate; admin: also keys, audit and metrics"
+
+
+def _database_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--database",
+        help="a SQLite file or a postgresql:// URL, as given to `ldmkit serve` "
+        "(default: $LDMKIT_HOME/ldmkit.db, LDMKIT_HOME defaulting to ~/.local/share/ldmkit)",
+    )
+
+
+def _actions(p: argparse.ArgumentParser, common: argparse.ArgumentParser, dest: str):
+    """A function action(name, help, fn) adding a sub-command of `p` that takes --database and runs fn(args)."""
+    actions = p.add_subparsers(dest=dest, required=True, metavar="ACTION")
+
+    def action(name: str, help: str, fn) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help, description=help, parents=[common])
+        _database_option(a)
+        a.set_defaults(fn=fn)
+        return a
+
+    return action
+
+
+def add_keys_command(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`ldmkit keys create | list | revoke`."""
+    p = sub.add_parser("keys", help="create, list and revoke the API keys of `ldmkit serve`", parents=[common])
+    action = _actions(p, common, "keys_action")
+    a = action("create", "create a key and print it on standard output; it is shown only this once", cmd_keys_create)
+    a.add_argument("--name", required=True, help="a unique name for the key (who holds it); audit rows show it")
+    a.add_argument("--role", required=True, choices=ROLES, help=ROLE_HELP)
+    a.add_argument("--images-per-day", type=int, help="images the key may generate per UTC day (default: no limit)")
+    a.add_argument("--rate", type=float, help="requests a minute the key may send (default: no limit)")
+    action("list", "list the keys with their roles, limits and today's images (never the keys)", cmd_keys_list)
+    a = action("revoke", "revoke a key: every server sharing the database refuses it at once", cmd_keys_revoke)
+    a.add_argument("key", metavar="NAME_OR_ID", help="the key's name or id (see `ldmkit keys list`)")
+    return p
+
+
+def add_audit_command(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`ldmkit audit verify | export | tail`."""
+    p = sub.add_parser("audit", help="verify, export and follow the audit trail of `ldmkit serve`", parents=[common])
+    action = _actions(p, common, "audit_action")
+    action("verify", "check the hash chain: exit status 0 when intact, 1 naming each broken row", cmd_audit_verify)
+    a = action("export", "write audit rows (oldest first) as JSON lines or CSV", cmd_audit_export)
+    a.add_argument("--since", help="only rows from this UTC date or time on, e.g. 2025-06-01 or 2025-06-01T12:00")
+    a.add_argument("--key", help="only rows of this key (name or id)")
+    a.add_argument("--format", choices=FORMATS, default="jsonl", help="jsonl (default) or csv")
+    a.add_argument("--out", help="output file (default: standard output)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    a = action("tail", "print the last audit rows, one line each", cmd_audit_tail)
+    a.add_argument("-n", type=int, default=20, help="how many rows (default 20)")
+    a.add_argument("--follow", action="store_true", help="keep printing new rows every second until Ctrl-C")
+    return p
+
+
+# --- keys -------------------------------------------------------------------------------------------------------------
+def cmd_keys_create(args) -> int:
+    with open_store(args.database) as store:
+        key, who = Keys(store).create(args.name, args.role, args.images_per_day, args.rate)
+    limits = [
+        f"{who.images_per_day} images a day" if who.images_per_day is not None else "",
+        f"{who.rate_per_min:g} requests a minute" if who.rate_per_min is not None else "",
+    ]
+    details = ", ".join(x for x in [f"id {who.key_id}", f"role {who.role}", *limits] if x)
+    print(f"created key {who.name} ({details})", file=sys.stderr)
+    print(key, flush=True)
+    print("this key is shown only once: store it now (the database keeps only a salted hash)", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    with open_store(args.database) as store:
+        keys = Keys(store).list()
+    if not keys:
+        print("no keys yet; create one with `ldmkit keys create --name NAME --role admin`")
+        return 0
+    header = ["ID", "NAME", "ROLE", "IMAGES/DAY", "RATE/MIN", "TODAY", "CREATED", "REVOKED"]
+    rows = [
+        [
+            k["id"],
+            k["name"],
+            k["role"],
+            "-" if k["images_per_day"] is None else str(k["images_per_day"]),
+            "-" if k["rate_per_min"] is None else f"{k['rate_per_min']:g}",
+            str(k["images_today"]),
+            k["created"],
+            k["revoked"] or "-",
+        ]
+        for k in keys
+    ]
+    print(_table([header, *rows]))
+    return 0
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_keys_revoke(args) -> int:
+    with open_store(args.database) as store:
+        who = Keys(store).revoke(args.key)
+    print(f"revoked key {who.name} ({who.key_id}); every server sharing this database refuses it from now on")
+    return 0
+
+
+# --- audit ------------------------------------------------------------------------------------------------------------
+def cmd_audit_verify(args) -> int:
+    with open_store(args.database) as store:
+        result = Audit(store).verify()
+    if result.ok:
+        print(f"ok: {result.rows} rows")
+        return 0
+    for problem in result.problems:
+        print(problem)
+    print(f"{len(result.problems)} problems in {result.rows} rows: the audit trail was altered", file=sys.stderr)
+    return 1
+
+
+def cmd_audit_export(args) -> int:
+    with open_store(args.database) as store:
+        audit = Audit(store)
+        if not args.out:
+            audit.export(sys.stdout, since=args.since, key=args.key, fmt=args.format)
+            return 0
+        with _output(args.out, args.overwrite) as out:
+            n = audit.export(out, since=args.since, key=args.key, fmt=args.format)
+    print(f"wrote {n} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _output(path: str, overwrite: bool):
+    """`path` opened for writing text; refuses a folder, and an existing file unless `overwrite`."""
+    if Path(path).is_dir():
+        raise InputError(f"--out {path} is a folder; name a file in it instead")
+    try:
+        return open(path, "w" if overwrite else "x", encoding="utf-8", newline="")
+    except FileExistsError:
+        raise OutputExistsError(
+            f"--out {path} exists; add --overwrite to replace it, or choose another --out"
+        ) from None
+    except OSError as e:
+        raise InputError(f"--out {path} cannot be written ({e.strerror or e}); choose another --out") from None
+
+
+def cmd_audit_tail(args) -> int:
+    with open_store(args.database) as store:
+        audit = Audit(store)
+        rows = audit.tail(args.n)
+        for row in rows:
+            print(_line(row))
+        if not args.follow:
+            return 0
+        last = rows[-1]["seq"] if rows else 0
+        try:
+            while True:
+                sys.stdout.flush()
+                time.sleep(POLL_S)
+                for row in audit.after(last):
+                    print(_line(row))
+                    last = row["seq"]
+        except KeyboardInterrupt:
+            return 0
+
+
+def _line(row: dict) -> str:
+    """One audit row for people: seq, time (UTC), decision, status, key, route, model, images, reason."""
+    images = f"{len(row['outputs'])} images" if row["outputs"] else ""
+    cells = [
+        f"{row['seq']:>6}",
+        row["time"][:19] + "Z",
+        f"{row['decision']:<18}",
+        str(row["status"] if row["status"] is not None else "-"),
+        row["key_name"] or row["key_id"] or "-",
+        row["route"] or "-",
+        row["model"] or "",
+        images,
+        row["reason"] or "",
+    ]
+    return " ".join(c for c in cells if c)

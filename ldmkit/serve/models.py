@@ -1,0 +1,64 @@
+"""The models a server holds: each loaded once, with the SHA-256 of its weights for the audit trail."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..ldm import LatentDiffusion
+from ..runtime import resolve_device
+from ..shipped import SHIPPED, resolve_model, weights_dir
+
+
+@dataclass
+class ServedModel:
+    name: str
+    ldm: LatentDiffusion
+    path: Path
+    sha256: str  # of the weights file, recorded with every request it serves
+
+    def describe(self) -> dict:
+        """What GET /v1/models says about the model beside its name."""
+        ldm = self.ldm
+        return {
+            "task": ldm.task,
+            "resolution": ldm.run.data.resolution,
+            "multiple": ldm.factor * ldm.run.unet.factor,
+            "channels": ldm.ae_config.in_channels,
+            "text": ldm.text_encoder is not None,
+            "classes": ldm.class_names,
+            "sha256": self.sha256,
+        }
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_models() -> list[str]:
+    """Every shipped model whose weights are present and that generates or edits from prompts or labels (the
+    upscaler is left out: the APIs here generate, and img2img / inpaint work with generation models)."""
+    names = [n for n in SHIPPED if (weights_dir() / f"{n}.safetensors").is_file()]
+    return [n for n in names if not n.endswith("-upscale")]
+
+
+def load_models(names: list[str] | tuple[str, ...], device: str = "auto") -> dict[str, ServedModel]:
+    """name -> ServedModel for shipped names or model files (a file is served under its stem, or its folder's name
+    for a run's model.safetensors). Errors name the model; two models may not share a name."""
+    dev = resolve_device(device, "--device")
+    out: dict[str, ServedModel] = {}
+    for given in names or default_models():
+        path = resolve_model(given)
+        name = given if given in SHIPPED else (path.parent.name if path.stem == "model" else path.stem)
+        if name in out:
+            raise InputError(f"two --model values are both served as {name!r}; rename one of the files")
+        out[name] = ServedModel(name, LatentDiffusion.load(path, dev), path, file_sha256(path))
+    if not out:
+        raise InputError("no model to serve: no shipped weights are present; give --model PATH")
+    return out

@@ -1,0 +1,221 @@
+"""Request bodies of the three APIs (OpenAI images, AUTOMATIC1111, native jobs) and their translation into
+ldmkit's SampleRequest, checked against the server's limits and the model. Every refusal names the field."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import math
+import re
+import secrets
+from types import SimpleNamespace
+
+from PIL import Image, UnidentifiedImageError
+
+from ..config import ServeLimits
+from ..data.images import to_tensor
+from ..errors import InputError
+from ..pipelines.generate import SampleRequest
+from ..samplers import SAMPLERS
+
+A1111_SAMPLERS = {  # AUTOMATIC1111's sampler names -> ldmkit's (the schedules are each model's own)
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "Euler": "euler",
+    "Euler a": "euler_ancestral",
+    "Heun": "heun",
+    "DDIM": "ddim",
+    "DDPM": "ddpm",
+}
+SEED_MAX = 2**62  # seeds the APIs take (each image uses seed + i)
+
+
+class FieldError(InputError):
+    """A request field with a value the server refuses; `.field` names it (the OpenAI error's `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@functools.cache
+def api_models() -> SimpleNamespace:
+    """The request bodies as pydantic models (pydantic comes with the `serve` extra, so they are built on first
+    use): OpenAIImageRequest, A1111Request and JobRequest."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class OpenAIImageRequest(BaseModel):
+        """POST /v1/images/generations: OpenAI's fields, and ldmkit's own as extras."""
+
+        model_config = ConfigDict(extra="forbid")
+        prompt: str
+        n: int = 1
+        size: str | None = None  # "WIDTHxHEIGHT"; None: the model's training resolution
+        response_format: str | None = "b64_json"
+        user: str | None = None
+        model: str | None = None
+        quality: str | None = None  # accepted for compatibility; ldmkit's quality is steps
+        style: str | None = None  # accepted for compatibility; ignored
+        negative_prompt: str = ""
+        steps: int = 25
+        cfg: float = 5.0
+        seed: int | None = None  # None: a random seed, returned with each image
+        sampler: str = "dpmpp_2m"
+
+    class A1111Request(BaseModel):
+        """POST /sdapi/v1/txt2img and img2img: AUTOMATIC1111's field names. Fields ldmkit does not use (styles,
+        restore_faces, override_settings, ...) are accepted and listed in the answer's info as ignored."""
+
+        model_config = ConfigDict(extra="allow")
+        prompt: str = ""
+        negative_prompt: str = ""
+        steps: int = 20
+        cfg_scale: float = 7.0
+        seed: int = -1  # -1: random
+        batch_size: int = 1
+        n_iter: int = 1
+        width: int = 0  # 0: the model's training resolution
+        height: int = 0
+        sampler_name: str = "DPM++ 2M"
+        model: str | None = None
+        denoising_strength: float = 0.75  # img2img
+        init_images: list[str] = Field(default_factory=list)  # img2img: base64 images
+        mask: str | None = None  # img2img: a base64 mask, white where the image is repainted
+        mask_blur: int = 4
+
+        def checkpoint(self) -> str | None:
+            """The model A1111 clients name in override_settings.sd_model_checkpoint, if any."""
+            settings = (self.model_extra or {}).get("override_settings")
+            name = settings.get("sd_model_checkpoint") if isinstance(settings, dict) else None
+            return name if isinstance(name, str) else None
+
+    class JobRequest(BaseModel):
+        """POST /v1/jobs: a generation to run in the background."""
+
+        model_config = ConfigDict(extra="forbid")
+        model: str | None = None
+        prompt: str = ""
+        negative_prompt: str = ""
+        labels: list[int] | None = None
+        n: int = 1
+        steps: int = 25
+        cfg: float = 5.0
+        seed: int | None = None
+        sampler: str = "dpmpp_2m"
+        width: int = 0
+        height: int = 0
+
+    return SimpleNamespace(OpenAIImageRequest=OpenAIImageRequest, A1111Request=A1111Request, JobRequest=JobRequest)
+
+
+def parse_size(size: str | None) -> tuple[int, int]:
+    """OpenAI's "WIDTHxHEIGHT" -> (width, height); None -> (0, 0), the model's own resolution."""
+    if size is None or size == "auto":
+        return 0, 0
+    m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
+    if not m:
+        raise FieldError("size", f"size {size[:40]!r} is not WIDTHxHEIGHT, e.g. 64x64")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _whole(field: str, v: int, lo: int, hi: int, hint: str) -> int:
+    if not lo <= v <= hi:
+        raise FieldError(field, f"{field} {v} is out of range: it must be between {lo} and {hi}; {hint}")
+    return v
+
+
+def _text(field: str, v: str, limits: ServeLimits) -> str:
+    if len(v) > limits.max_prompt_chars:
+        raise FieldError(field, f"{field} has {len(v)} characters; the limit is {limits.max_prompt_chars}")
+    if "\x00" in v:
+        raise FieldError(field, f"{field} contains a NUL character; remove it")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") that JSON can carry and no text encoder reads
+        raise FieldError(
+            field, f"{field} holds an unpaired surrogate at character {e.start}; send valid Unicode"
+        ) from None
+    return v
+
+
+def sample_request(
+    fields: dict,
+    limits: ServeLimits,
+    *,
+    names: dict[str, str] | None = None,
+    class_names: list[str] | None = None,
+    text: bool = True,
+) -> SampleRequest:
+    """A SampleRequest from the API's values (keys: prompt, negative_prompt, labels, n, steps, cfg, seed, sampler,
+    width, height), each checked against `limits`. names: the API's name of each key, for the errors (A1111 says
+    cfg_scale). class_names: a class model's labels, which a prompt may name; text: whether the model reads prompts."""
+    name = (names or {}).get
+    n = _whole(name("n", "n"), fields["n"], 1, limits.max_n, "ask for fewer images per request")
+    steps = _whole(name("steps", "steps"), fields["steps"], 1, limits.max_steps, "25 to 50 is usual")
+    cfg = fields["cfg"]
+    if not (math.isfinite(cfg) and 0 <= cfg <= limits.max_cfg):
+        raise FieldError(name("cfg", "cfg"), f"{name('cfg', 'cfg')} {cfg} must be between 0 and {limits.max_cfg}")
+    for key in ("width", "height"):
+        _whole(name(key, key), fields[key], 0, limits.max_side, "use 0 for the model's resolution")
+    seed = fields.get("seed")
+    seed = secrets.randbelow(2**31) if seed is None or seed == -1 else seed
+    _whole(name("seed", "seed"), seed, 0, SEED_MAX, "use a seed from 0 upwards, or -1 / none for a random one")
+    if fields["sampler"] not in SAMPLERS:
+        raise FieldError(
+            name("sampler", "sampler"),
+            f"sampler {fields['sampler'][:40]!r} is not known; use one of {', '.join(SAMPLERS)}",
+        )
+    prompt = _text(name("prompt", "prompt"), fields.get("prompt", ""), limits)
+    negative = _text(name("negative_prompt", "negative_prompt"), fields.get("negative_prompt", ""), limits)
+    labels = fields.get("labels")
+    prompts = [prompt] if prompt else None
+    if not text:
+        labels, prompts = _labels_from_prompt(prompt, labels, class_names or [], name("prompt", "prompt"))
+        negative = ""
+    return SampleRequest(
+        n=n,
+        prompts=prompts,
+        labels=labels,
+        negative_prompt=negative,
+        sampler=fields["sampler"],
+        steps=steps,
+        cfg=cfg,
+        seed=seed,
+        width=fields["width"],
+        height=fields["height"],
+        batch_size=limits.max_n,
+    )
+
+
+def _labels_from_prompt(prompt: str, labels, class_names: list[str], field: str):
+    """A class model takes no prompt but may be asked for a class by its name ("Ankle boot")."""
+    if not prompt:
+        return labels, None
+    if not class_names:
+        raise FieldError(field, "this model is unconditional and takes no prompt; send an empty prompt")
+    lower = [c.lower() for c in class_names]
+    if prompt.strip().lower() not in lower:
+        raise FieldError(
+            field, f"this model draws classes, not prompts; the prompt must be one of: {', '.join(class_names)}"
+        )
+    return [lower.index(prompt.strip().lower())], None
+
+
+def decode_image(field: str, data: str, channels: int, max_bytes: int):
+    """A base64 image (a data: URL prefix allowed) -> (1, C, H, W) in [-1, 1]; FieldError when it is not one."""
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    if len(data) * 3 // 4 > max_bytes:
+        raise FieldError(field, f"{field} is larger than the {max_bytes} bytes an upload may have")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > 2048 * 2048:
+                raise FieldError(field, f"{field} is {img.width}x{img.height}; the limit is 2048x2048 pixels")
+            img.load()
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise FieldError(field, f"{field} is not a base64-encoded PNG, JPEG or WebP image") from None
+    return to_tensor(img)[None]

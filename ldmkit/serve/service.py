@@ -1,0 +1,174 @@
+"""What the routes share: the models, the scheduler, keys and audit, and the life of one generation request
+(authorize, reserve quota, queue, wait while watching the client, encode the images, fill the audit row)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from ..config import ServeRun
+from ..data.images import png_bytes, to_pil
+from ..errors import InputError, LdmkitError
+from ..pipelines.generate import SampleRequest, plan
+from .auth import AuthError, Principal
+from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown
+from .schemas import FieldError
+
+ANONYMOUS = Principal(key_id="", name="anonymous (--no-auth)", role="admin", images_per_day=None, rate_per_min=None)
+
+
+class RequestFailed(LdmkitError):
+    """A request that ran and failed; `.status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Output:
+    """A finished request's images as PNG files, with their hashes and seeds."""
+
+    pngs: list[bytes]
+    seeds: list[int]
+    sha256: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.sha256 = [hashlib.sha256(p).hexdigest() for p in self.pngs]
+
+    def b64(self) -> list[str]:
+        return [base64.b64encode(p).decode() for p in self.pngs]
+
+
+def request_params(req: SampleRequest, **extra) -> dict:
+    """The parameters recorded for a request (audit rows, PNG metadata): all of SampleRequest's but the batching."""
+    return {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | extra
+
+
+class Service:
+    def __init__(self, run: ServeRun, models: dict, keys, audit, metrics, no_auth: bool = False):
+        self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
+        self.limits, self.no_auth = run.limits, no_auth
+        cfg = run.serve
+        self.scheduler = Scheduler(
+            {name: m.ldm for name, m in models.items()},
+            cfg.max_batch,
+            cfg.max_wait_ms,
+            cfg.queue_images,
+            on_batch=metrics.batch.observe,
+        )
+        self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()
+
+    # --- who asks -----------------------------------------------------------------------------------------------
+    def authorize(self, request, role: str) -> Principal:
+        """The caller's key checked for `role` and its rate; the audit row learns who asked."""
+        audit = request.state.audit
+        if self.no_auth:
+            principal = ANONYMOUS
+        else:
+            principal = self.keys.authenticate(request.headers.get("authorization"))
+        audit["key_id"], audit["key_name"] = principal.key_id or None, principal.name
+        if not self.no_auth:
+            self.keys.require(principal, role)
+            self.keys.check_rate(principal)
+        return principal
+
+    def model(self, name: str | None, field_name: str = "model"):
+        """The served model called `name` (None: the first one)."""
+        if name is None or name == "":
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            shown = name[:60]
+            raise FieldError(field_name, f"model {shown!r} is not served here; use one of: {', '.join(self.models)}")
+        return self.models[name]
+
+    def check(self, served, req: SampleRequest) -> None:
+        """The request against the model before it queues (size multiples, labels, prompts for a class model)."""
+        try:
+            plan(served.ldm, req)
+        except InputError as err:
+            raise FieldError("request", str(err).replace("--height", "height").replace("--width", "width")) from None
+
+    # --- one request ----------------------------------------------------------------------------------------------
+    async def generate(self, request, principal: Principal, served, req: SampleRequest, run=None, **extra) -> Output:
+        """Queue the request (a plain generation, or `run(ldm)` for an edit), wait for it while watching the client,
+        and return its images; the audit row gets the parameters, the outputs and the timings."""
+        audit = request.state.audit
+        params = request_params(req, **extra)
+        audit.update(model=served.name, weights_sha256=served.sha256, params=params)
+        job = self.queue(principal, served, req, run)
+        deadline = time.monotonic() + self.run.serve.timeout_s
+        while not job._event.is_set():
+            try:
+                await asyncio.wait_for(asyncio.shield(job.wait()), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.scheduler.cancel(job, "the client disconnected")
+                    audit.update(decision="cancelled", reason="the client disconnected")
+                elif time.monotonic() > deadline:
+                    self.scheduler.cancel(job, "timed out")
+                    raise RequestFailed(
+                        f"the request took over {self.run.serve.timeout_s:g} s; try fewer steps", 504
+                    ) from None
+        audit.update(queue_ms=round(job.queue_ms, 1), run_ms=round(job.run_ms, 1))
+        return self.finished(job, served, params, audit)
+
+    def queue(self, principal: Principal, served, req: SampleRequest, run=None, on_done=None) -> Job:
+        """Reserve the images of the key's quota and queue the job; on_done(job) is attached before the worker can
+        see the job, so it runs however fast the job ends."""
+        if not self.no_auth:
+            self.keys.reserve_images(principal, req.n)
+        job = Job(served.name, req, owner=principal.key_id, run=run, timeout_s=self.run.serve.timeout_s)
+        if on_done is not None:
+            job.on_done.append(on_done)
+        try:
+            self.scheduler.submit(job)
+        except Exception:
+            if not self.no_auth:
+                self.keys.release_images(principal, req.n)
+            raise
+        self.metrics.queue.set(self.scheduler.queued_images())
+        return job
+
+    def finished(self, job: Job, served, params: dict, audit: dict) -> Output:
+        """The job's images as PNGs (each with its parameters and seed embedded), or the error it ended with."""
+        self.metrics.queue.set(self.scheduler.queued_images())
+        if job.state != DONE:
+            if job.owner or not self.no_auth:
+                self._release(job)
+            raise self._failure(job)
+        seeds = [job.req.seed + i for i in range(job.n)]
+        pngs = [
+            png_bytes(to_pil(img), {"ldmkit": json.dumps({"model": served.name, **params, "seed": s, "n": 1})})
+            for img, s in zip(job.images, seeds)
+        ]
+        out = Output(pngs, seeds)
+        audit["outputs"] = out.sha256
+        self.metrics.images.labels(served.name).inc(len(pngs))
+        return out
+
+    def _release(self, job: Job) -> None:
+        if not self.no_auth:
+            principal = Principal(job.owner, "", "user", None, None)
+            try:
+                self.keys.release_images(principal, job.n)
+            except LdmkitError:
+                pass
+
+    @staticmethod
+    def _failure(job: Job) -> Exception:
+        err = job.error
+        if job.state == CANCELLED or isinstance(err, Cancelled):
+            return RequestFailed(f"the request was cancelled ({err})", 499)
+        if isinstance(err, ShuttingDown):
+            return RequestFailed(str(err), 503)
+        if isinstance(err, TimeoutError):
+            return RequestFailed(str(err), 504)
+        if isinstance(err, (LdmkitError, AuthError)):
+            return RequestFailed(str(err), 422)
+        return RequestFailed("the server failed to run this request; its audit row and the server log say why", 500)

@@ -1,0 +1,98 @@
+"""A live ldmkit server for tests: uvicorn in a thread on a free loopback port, or `ldmkit serve` as a process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from ldmkit.config import ServeConfig, ServeLimits, ServeRun
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The app built by ldmkit.serve.server.build, served by uvicorn in a background thread."""
+
+    def __init__(self, database: Path, models=("emoji",), no_auth: bool = False, limits: dict | None = None, **serve):
+        import uvicorn
+
+        from ldmkit.serve.server import build
+
+        self.port = free_port()
+        cfg = ServeConfig(models=tuple(models), database=str(database), port=self.port, **serve)
+        self.run = ServeRun(serve=cfg, limits=ServeLimits(**(limits or {})))
+        self.app, self.service = build(self.run, no_auth=no_auth)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str | None = None, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kw)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.service.scheduler.close(timeout=30)
+
+
+def start_process(
+    database: Path, port: int, *args: str, log: Path | None = None, threads: int | None = 1
+) -> subprocess.Popen:
+    """`ldmkit serve` as a child process (its output to `log`, torch on `threads` threads, None: torch's default);
+    returns once it answers /readyz."""
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ldmkit.cli", "serve", "--database", str(database), "--port", str(port), *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ldmkit serve exited with {proc.returncode}" + (f": {log.read_text()}" if log else ""))
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    raise RuntimeError("ldmkit serve did not become ready in 60 s")
+
+
+def png_size(b64: str) -> tuple[int, int]:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+def pixels(b64_or_bytes) -> bytes:
+    raw = base64.b64decode(b64_or_bytes) if isinstance(b64_or_bytes, str) else b64_or_bytes
+    with Image.open(io.BytesIO(raw)) as im:
+        return im.tobytes()
