@@ -7,6 +7,8 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -69,7 +71,7 @@ def test_the_official_openai_client_generates_pngs_of_the_asked_size(live, emoji
     assert [m.id for m in client.models.list().data] == ["emoji", "fashion-mnist"]
 
 
-def test_same_request_same_image_through_every_api_and_alone_or_batched(live, emoji):
+def test_same_request_same_image_through_every_api_and_alone_or_batched(live, emoji, tmp_path):
     user = live.client(live.keys["user"])
     body = {"prompt": "blue heart", "n": 1, "steps": STEPS, "seed": 42, "cfg": 4.0}
     openai = user.post("/v1/images/generations", json={**body, "model": "emoji"}).json()["data"][0]["b64_json"]
@@ -85,6 +87,11 @@ def test_same_request_same_image_through_every_api_and_alone_or_batched(live, em
     assert view["status"] == "done"
     expected = alone_pixels(emoji, "blue heart", 1, 42, cfg=4.0)[0]
     assert pixels(openai) == pixels(a1111["images"][0]) == pixels(view["images"][0]) == expected
+    out = tmp_path / "cli"
+    cli = [sys.executable, "-m", "ldmkit.cli", "sample", str(resolve_model("emoji")), "--prompt", "blue heart"]
+    cli += ["--n", "1", "--steps", str(STEPS), "--seed", "42", "--cfg", "4", "--separate", "--out", str(out)]
+    subprocess.run(cli, check=True, capture_output=True)
+    assert pixels((out / "00000.png").read_bytes()) == expected  # and what `ldmkit sample` writes
     assert json.loads(a1111["info"])["all_seeds"] == [42]
 
     # Eight strangers at once: batched into shared forward passes, each still gets its own image.

@@ -149,3 +149,43 @@ def test_rows_read_back_exactly_so_the_chain_verifies(url):
         out = io.StringIO()
         assert audit.export(out, key=None, fmt="jsonl") == 2
         assert json.loads(out.getvalue().splitlines()[0])["params"]["prompt"] == params["prompt"]
+
+
+def test_two_server_replicas_write_one_chain(url, tmp_path):
+    """Two `ldmkit serve` processes on one PostgreSQL database: one key works on both, revoked on one it is refused
+    by the other at once, and their concurrent requests form one chain that verifies."""
+    import threading
+
+    import httpx
+    from serve_helpers import free_port, start_process
+
+    secret, _ = Keys(open_store(url)).create("shared", "user")
+    ports = [free_port(), free_port()]
+    procs = [start_process(url, p, "--model", "emoji", log=tmp_path / f"serve{i}.log") for i, p in enumerate(ports)]
+    try:
+        answered = []
+
+        def client(port: int, c: int):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}) as h:
+                for i in range(3):
+                    r = h.post("/v1/images/generations", json={"prompt": f"c{c}", "steps": 2, "seed": i}, timeout=60)
+                    assert r.status_code == 200, r.text
+                    answered.append(r.headers["x-request-id"])
+
+        threads = [threading.Thread(target=client, args=(p, c)) for c, p in enumerate(ports * 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        Keys(open_store(url)).revoke("shared")
+        for port in ports:
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {secret}"})
+            assert r.status_code == 401
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    audit = Audit(open_store(url))
+    rows = {r["request_id"]: r for r in audit.tail(1000)}
+    assert len(answered) == 12 and all(rows[a]["decision"] == "served" for a in answered)
+    assert audit.verify().ok
