@@ -219,3 +219,13 @@ def test_keys_command_on_the_default_database(tmp_path, monkeypatch, capsys):
     assert "revoked key ops" in capsys.readouterr().out
     with pytest.raises(InputError, match="'nobody'"):
         run_command(["keys", "revoke", "nobody"])
+
+
+def test_rate_option_takes_requests_a_minute_with_or_without_per_min():
+    import argparse
+
+    from ldmkit.serve.commands import rate_per_minute
+
+    assert rate_per_minute("30/min") == rate_per_minute("30") == 30.0
+    with pytest.raises(argparse.ArgumentTypeError, match="30/min"):
+        rate_per_minute("fast")

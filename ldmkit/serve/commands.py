@@ -18,6 +18,15 @@ POLL_S = 1.0  # how often `audit tail --follow` looks for new rows
 ROLE_HELP = "viewer: list models and jobs; user: also generate; admin: also keys, audit and metrics"
 
 
+def rate_per_minute(text: str) -> float:
+    """--rate as `30` or `30/min` (requests a minute); argparse reports a bad value naming the option."""
+    number = text.strip().removesuffix("/min").strip()
+    try:
+        return float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate; give requests a minute, e.g. 30 or 30/min") from None
+
+
 def _database_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--database",
@@ -47,7 +56,9 @@ def add_keys_command(sub, common: argparse.ArgumentParser) -> argparse.ArgumentP
     a.add_argument("--name", required=True, help="a unique name for the key (who holds it); audit rows show it")
     a.add_argument("--role", required=True, choices=ROLES, help=ROLE_HELP)
     a.add_argument("--images-per-day", type=int, help="images the key may generate per UTC day (default: no limit)")
-    a.add_argument("--rate", type=float, help="requests a minute the key may send (default: no limit)")
+    a.add_argument(
+        "--rate", type=rate_per_minute, help="requests a minute the key may send, e.g. 30 or 30/min (default: no limit)"
+    )
     action("list", "list the keys with their roles, limits and today's images (never the keys)", cmd_keys_list)
     a = action("revoke", "revoke a key: every server sharing the database refuses it at once", cmd_keys_revoke)
     a.add_argument("key", metavar="NAME_OR_ID", help="the key's name or id (see `ldmkit keys list`)")
