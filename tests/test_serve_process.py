@@ -51,6 +51,8 @@ def test_kill_9_under_load_loses_no_audit_row_of_an_answered_request(tmp_path):
     assert [a for a in answered if a not in rows] == []
     assert all(rows[a]["decision"] == "served" and rows[a]["outputs"] for a in answered)
     assert audit.verify().ok
+    log = (tmp_path / "serve.log").read_text()
+    assert "POST /v1/images/generations" in log and key not in log and key.split("_")[-1] not in log
 
 
 def test_sigterm_finishes_accepted_work_refuses_new_work_and_exits(tmp_path):
