@@ -12,6 +12,7 @@ from .checkpoint import check_output_path, read_metadata
 from .config import TASKS, AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
+from .governance.policy import load_policy
 from .interop.convert import convert
 from .pipelines.generate import SampleRequest, generate_to_file
 from .pipelines.img2img import check_strength, img2img_to_file
@@ -75,6 +76,7 @@ def _generation_options(p: argparse.ArgumentParser):
     p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
     p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
+    p.add_argument("--policy", help="a policy.toml: prompts its rules refuse stop the command before any work")
 
 
 def _utf8(text: str, what: str, fix: str) -> str:
@@ -142,7 +144,10 @@ def cmd_train(args):
 
 
 def _request(args, n: int, prompts: list[str] | None) -> SampleRequest:
-    """The SampleRequest of sample / generate: their shared options plus the images and prompts each decides."""
+    """The SampleRequest of sample / generate: their shared options plus the images and prompts each decides. With
+    --policy, every prompt must pass the policy's rules first."""
+    if args.policy:
+        load_policy(args.policy).enforce(prompts or [])
     return SampleRequest(
         n=n,
         labels=args.label,
@@ -308,12 +313,35 @@ def cmd_convert(args):
 
 def cmd_serve(args):
     overrides = list(args.overrides)
-    for key in ("host", "port", "database", "device"):
+    for key in ("host", "port", "database", "device", "policy"):
         if getattr(args, key) is not None:
             overrides.append(f"serve.{key}={getattr(args, key)}")
     if args.model:
         overrides.append(f"serve.models={','.join(args.model)}")
     serve(load_run(ServeRun, args.config, overrides), no_auth=args.no_auth)
+
+
+def cmd_policy_check(args):
+    decision = load_policy(args.policy).check(_utf8(args.prompt, "prompt", _ARGV_FIX), args.role)
+    if decision.allowed:
+        print(
+            f"allowed: no rule of {args.policy} refuses this prompt" + (f" for role {args.role}" if args.role else "")
+        )
+        return 0
+    print(f"refused by rule {decision.rule}: {decision.message}")
+    return 1
+
+
+def _policy_command(sub, common):
+    p = sub.add_parser("policy", help="check prompts against a content policy (policy.toml)", parents=[common])
+    actions = p.add_subparsers(dest="policy_action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "check", help="say whether the policy allows a prompt (exit status 1: refused)", parents=[common]
+    )
+    a.add_argument("prompt")
+    a.add_argument("--policy", required=True, help="the policy.toml")
+    a.add_argument("--role", choices=["viewer", "user", "admin"], help="the key role to check for (default: all rules)")
+    a.set_defaults(fn=cmd_policy_check)
 
 
 def _serve_command(command):
@@ -331,6 +359,7 @@ def _serve_command(command):
         "--database", help="keys and audit: a SQLite file or a postgresql:// URL (default: under $LDMKIT_HOME)"
     )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--policy", help="a policy.toml: prompts its rules refuse get 400 with the rule's id")
     p.add_argument("--config", help="a serve.toml with [serve] and [limits] tables")
     p.add_argument("--no-auth", action="store_true", help="serve without keys (loopback addresses only)")
     p.add_argument(
@@ -398,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_command(command)
     add_keys_command(sub, common)
     add_audit_command(sub, common)
+    _policy_command(sub, common)
 
     p = command("info", "print a checkpoint's kind and configuration", cmd_info)
     p.add_argument("checkpoint")

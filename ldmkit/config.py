@@ -192,6 +192,7 @@ class ServeConfig:
     queue_images: int = 64  # images that may wait; more gets 429 with Retry-After
     timeout_s: float = 300.0  # a request still unanswered after this gets 504
     jobs_kept: int = 200  # finished native jobs kept in memory for GET /v1/jobs/{id}
+    policy: str = ""  # a policy.toml whose rules refuse prompts (read at start); "" = no content policy
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import ServeRun
 from ..errors import InputError, LdmkitError
+from ..governance.policy import PolicyRefusal
 from .audit import Audit
 from .auth import AuthError, Keys
 from .edits import a1111_edit
@@ -92,6 +93,11 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             f"the request body is larger than the {limit} bytes this server accepts",
             code="body_too_large",
         )
+
+    @app.exception_handler(PolicyRefusal)
+    async def _policy(request: Request, err: PolicyRefusal):
+        request.state.audit.update(decision="refused-policy", params={"prompt": err.prompt})
+        return fail(request, 400, str(err), param="prompt", code="policy_violation", reason=f"policy rule {err.rule}")
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, err: FieldError):
@@ -186,7 +192,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             height=height,
         )
         req = _request(served, fields, run.limits, {"width": "size", "height": "size"})
-        svc.check(served, req)
+        svc.check(served, req, principal)
         out = await svc.generate(request, principal, served, req, user=body.user)
         data = [{"b64_json": b, "revised_prompt": None, "seed": s} for b, s in zip(out.b64(), out.seeds)]
         return {"created": int(time.time()), "data": data}
@@ -197,7 +203,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         principal = svc.authorize(request, "user")
         body = await parse(request, A1111Request)
         served, req = _a1111_request(body)
-        svc.check(served, req)
+        svc.check(served, req, principal)
         out = await svc.generate(request, principal, served, req)
         return _a1111_answer(body, served, req, out)
 
@@ -206,6 +212,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         principal = svc.authorize(request, "user")
         body = await parse(request, A1111Request)
         served, req = _a1111_request(body)
+        svc.check_policy(req, principal)
         if not body.init_images:
             raise FieldError("init_images", "img2img needs init_images: one base64-encoded image")
         edit, extra = a1111_edit(served.ldm, body, replace(req, width=0, height=0), run.limits)
@@ -275,7 +282,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         body = await parse(request, JobRequest)
         served = svc.model(body.model)
         req = _request(served, body.model_dump(exclude={"model"}), run.limits, {})
-        svc.check(served, req)
+        svc.check(served, req, principal)
         params = request_params(req)
         request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         record = {"model": served.name, "params": params, "created": time.time(), "output": None, "ended": False}

@@ -37,7 +37,7 @@ FIELDS = (
     "queue_ms",
     "run_ms",
 )
-DECISIONS = ("served", "refused-auth", "refused-quota", "refused-validation", "failed", "cancelled")
+DECISIONS = ("served", "refused-auth", "refused-quota", "refused-validation", "refused-policy", "failed", "cancelled")
 COLUMNS = ("seq", "time", *FIELDS, "prev_hash", "hash")
 TEXT_FIELDS = ("request_id", "key_id", "key_name", "client", "route", "model", "weights_sha256", "reason")
 GENESIS = "0" * 64  # the prev_hash of the first row

@@ -30,6 +30,9 @@ class Metrics:
             registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )
+        self.policy = Counter(
+            "ldmkit_policy_refusals", "Prompts refused by the content policy, by rule", ["rule"], registry=self.registry
+        )
         self.images = Counter("ldmkit_images", "Images generated, by model", ["model"], registry=self.registry)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from ..config import ServeRun
 from ..data.images import png_bytes, to_pil
 from ..errors import InputError, LdmkitError
+from ..governance.policy import PolicyRefusal, load_policy
 from ..pipelines.generate import SampleRequest, plan
 from .auth import AuthError, Principal
 from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown
@@ -54,6 +55,7 @@ class Service:
     def __init__(self, run: ServeRun, models: dict, keys, audit, metrics, no_auth: bool = False):
         self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
         self.limits, self.no_auth = run.limits, no_auth
+        self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
         cfg = run.serve
         self.scheduler = Scheduler(
             {name: m.ldm for name, m in models.items()},
@@ -87,12 +89,23 @@ class Service:
             raise FieldError(field_name, f"model {shown!r} is not served here; use one of: {', '.join(self.models)}")
         return self.models[name]
 
-    def check(self, served, req: SampleRequest) -> None:
-        """The request against the model before it queues (size multiples, labels, prompts for a class model)."""
+    def check(self, served, req: SampleRequest, principal: Principal) -> None:
+        """The request against the content policy (PolicyRefusal) and the model (size multiples, labels, prompts for
+        a class model) before it queues."""
+        self.check_policy(req, principal)
         try:
             plan(served.ldm, req)
         except InputError as err:
             raise FieldError("request", str(err).replace("--height", "height").replace("--width", "width")) from None
+
+    def check_policy(self, req: SampleRequest, principal: Principal) -> None:
+        """PolicyRefusal (counted by rule in the metrics) when the content policy refuses one of the prompts."""
+        if self.policy is not None:
+            try:
+                self.policy.enforce(req.prompts or [], principal.role)
+            except PolicyRefusal as refusal:
+                self.metrics.policy.labels(refusal.rule).inc()
+                raise
 
     # --- one request ----------------------------------------------------------------------------------------------
     async def generate(self, request, principal: Principal, served, req: SampleRequest, run=None, **extra) -> Output:
