@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, InputError, MissingFileError
+from .safety import SafetySettings
 
 INVISIBLE = dict.fromkeys(
     map(
@@ -105,6 +106,7 @@ class PolicyRefusal(InputError):
 class Policy:
     rules: tuple[Rule, ...] = ()
     source: str = ""  # the file it was read from
+    safety: SafetySettings | None = None  # the output filter's settings ([safety]); None: no output filter
 
     def check(self, prompt: str, role: str | None = None) -> Decision:
         """Whether `prompt` may be generated for a key of `role` (None: every rule applies)."""
@@ -174,9 +176,19 @@ def load_policy(path: str | Path) -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = set(data) - {"rule"}
+    unknown = set(data) - {"rule", "safety"}
     if unknown:
-        raise ConfigError(f"{path}: unknown table or key {sorted(unknown)[0]!r}; a policy holds [[rule]] tables")
+        raise ConfigError(
+            f"{path}: unknown table or key {sorted(unknown)[0]!r}; a policy holds [[rule]] tables and a [safety] table"
+        )
+    safety = data.get("safety")
+    if safety is not None:
+        if not isinstance(safety, dict) or set(safety) - {"threshold", "action"}:
+            raise ConfigError(f"{path}: [safety] takes threshold (0 to 1) and action (withhold or blur)")
+        try:
+            safety = SafetySettings(**safety)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     raws = data.get("rule", [])
     if not isinstance(raws, list):
         raise ConfigError(f"{path}: write each rule as a [[rule]] table")
@@ -185,4 +197,4 @@ def load_policy(path: str | Path) -> Policy:
     for i, rid in enumerate(ids):
         if rid in ids[:i]:
             raise ConfigError(f"{path}, line {_line_of_rule(text, i)}: rule id {rid!r} is used twice; ids must differ")
-    return Policy(tuple(rules), str(path))
+    return Policy(tuple(rules), str(path), safety)

@@ -194,7 +194,10 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         req = _request(served, fields, run.limits, {"width": "size", "height": "size"})
         svc.check(served, req, principal)
         out = await svc.generate(request, principal, served, req, user=body.user)
-        data = [{"b64_json": b, "revised_prompt": None, "seed": s} for b, s in zip(out.b64(), out.seeds)]
+        data = [
+            {"b64_json": b, "revised_prompt": None, "seed": s} | ({"withheld": why} if why else {})
+            for b, s, why in zip(out.b64(), out.seeds, out.withheld)
+        ]
         return {"created": int(time.time()), "data": data}
 
     # --- AUTOMATIC1111 API ------------------------------------------------------------------------------------------
@@ -271,9 +274,13 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             "sd_model_name": served.name,
             "sd_model_hash": served.sha256[:10],
             "ignored": sorted(body.model_extra or {}),
+            "withheld": [
+                {"index": i, "seed": s, "reason": why} for i, (s, why) in enumerate(zip(out.seeds, out.withheld)) if why
+            ],
         }
         params = body.model_dump(exclude={"init_images", "mask"})
-        return {"images": out.b64(), "parameters": params, "info": json.dumps(info)}
+        images = [b for b in out.b64() if b is not None]  # A1111 clients expect strings: withheld ones are left out
+        return {"images": images, "parameters": params, "info": json.dumps(info)}
 
     # --- native jobs ------------------------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202)
@@ -330,7 +337,9 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             view["seeds"] = out.seeds
             view["sha256"] = out.sha256
             if images:
-                view["images"] = out.b64()
+                view["images"] = out.b64()  # None where the safety filter withheld the image
+            if any(out.withheld):
+                view["withheld"] = out.withheld
         if record.get("error"):
             view["error"] = record["error"]
         return view

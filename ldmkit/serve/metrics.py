@@ -33,6 +33,12 @@ class Metrics:
         self.policy = Counter(
             "ldmkit_policy_refusals", "Prompts refused by the content policy, by rule", ["rule"], registry=self.registry
         )
+        self.safety = Counter(
+            "ldmkit_safety_flagged",
+            "Images the safety filter withheld or blurred",
+            ["model", "action"],
+            registry=self.registry,
+        )
         self.images = Counter("ldmkit_images", "Images generated, by model", ["model"], registry=self.registry)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -15,6 +15,7 @@ from ..config import ServeRun
 from ..data.images import png_bytes, to_pil
 from ..errors import InputError, LdmkitError
 from ..governance.policy import PolicyRefusal, load_policy
+from ..governance.safety import SafetyFilter, placeholder
 from ..pipelines.generate import SampleRequest, plan
 from .auth import AuthError, Principal
 from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown
@@ -33,17 +34,22 @@ class RequestFailed(LdmkitError):
 
 @dataclass
 class Output:
-    """A finished request's images as PNG files, with their hashes and seeds."""
+    """A finished request's images as PNG files, with their hashes and seeds, and what the safety filter let out."""
 
-    pngs: list[bytes]
+    pngs: list[bytes]  # every generated image (the audit trail hashes these, withheld ones included)
     seeds: list[int]
+    shown: list[bytes | None] | None = None  # what the client gets: the image, a blurred stand-in, or None
+    withheld: list[str | None] | None = None  # why image i was withheld or blurred; None where it was not
     sha256: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.sha256 = [hashlib.sha256(p).hexdigest() for p in self.pngs]
+        self.shown = self.pngs if self.shown is None else self.shown
+        self.withheld = [None] * len(self.pngs) if self.withheld is None else self.withheld
 
-    def b64(self) -> list[str]:
-        return [base64.b64encode(p).decode() for p in self.pngs]
+    def b64(self) -> list[str | None]:
+        """The client's images in base64; None for one the safety filter withheld."""
+        return [None if p is None else base64.b64encode(p).decode() for p in self.shown]
 
 
 def request_params(req: SampleRequest, **extra) -> dict:
@@ -56,6 +62,7 @@ class Service:
         self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
+        self.safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None
         cfg = run.serve
         self.scheduler = Scheduler(
             {name: m.ldm for name, m in models.items()},
@@ -129,7 +136,9 @@ class Service:
                         f"the request took over {self.run.serve.timeout_s:g} s; try fewer steps", 504
                     ) from None
         audit.update(queue_ms=round(job.queue_ms, 1), run_ms=round(job.run_ms, 1))
-        return self.finished(job, served, params, audit)
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.finished, job, served, params, audit)
 
     def queue(self, principal: Principal, served, req: SampleRequest, run=None, on_done=None) -> Job:
         """Reserve the images of the key's quota and queue the job; on_done(job) is attached before the worker can
@@ -156,13 +165,28 @@ class Service:
                 self._release(job)
             raise self._failure(job)
         seeds = [job.req.seed + i for i in range(job.n)]
-        pngs = [
-            png_bytes(to_pil(img), {"ldmkit": json.dumps({"model": served.name, **params, "seed": s, "n": 1})})
-            for img, s in zip(job.images, seeds)
-        ]
-        out = Output(pngs, seeds)
+        images = [to_pil(img) for img in job.images]
+        metas = [{"ldmkit": json.dumps({"model": served.name, **params, "seed": s, "n": 1})} for s in seeds]
+        pngs = [png_bytes(img, meta) for img, meta in zip(images, metas)]
+        out = self._screen(Output(pngs, seeds), images, metas, served.name)
         audit["outputs"] = out.sha256
+        flagged = [f"image {i} ({out.sha256[i][:16]}): {why}" for i, why in enumerate(out.withheld) if why]
+        if flagged:
+            audit["reason"] = "; ".join(flagged)[:1000]
         self.metrics.images.labels(served.name).inc(len(pngs))
+        return out
+
+    def _screen(self, out: Output, images: list, metas: list[dict], model: str) -> Output:
+        """The output after the safety filter: an image at or above the threshold is withheld (None) or replaced by
+        a blurred stand-in, as the policy's [safety] action says."""
+        if self.safety is None:
+            return out
+        settings = self.safety.settings
+        for i, verdict in enumerate(self.safety.screen(images)):
+            if verdict.flagged:
+                out.withheld[i] = verdict.reason(settings)
+                out.shown[i] = png_bytes(placeholder(images[i]), metas[i]) if settings.action == "blur" else None
+                self.metrics.safety.labels(model, settings.action).inc()
         return out
 
     def _release(self, job: Job) -> None:
