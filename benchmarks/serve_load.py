@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serve_helpers import free_port, start_process  # noqa: E402
+from serve_helpers import free_port, kill_under_load, start_process  # noqa: E402
 
 from ldmkit.serve.audit import Audit  # noqa: E402
 from ldmkit.serve.auth import Keys  # noqa: E402
@@ -95,30 +95,11 @@ def load(url: str, key: str, clients: int, requests: int, steps: int) -> dict:
 def kill_test(folder: Path, clients: int, steps: int, seconds: float) -> dict:
     """Clients send until the server is killed with SIGKILL; every answered request must have its audit row."""
     proc, url, key, db = start(folder)
-    answered, stop = [], threading.Event()
 
-    def client(c: int):
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
-            i = 0
-            while not stop.is_set():
-                body = {"prompt": PROMPTS[(c + i) % len(PROMPTS)], "steps": steps, "seed": i, "model": "emoji"}
-                try:
-                    resp = http.post("/v1/images/generations", json=body)
-                except httpx.TransportError:
-                    return
-                if resp.status_code == 200:
-                    answered.append(resp.headers["x-request-id"])
-                i += 1
+    def body(c: int, i: int) -> dict:
+        return {"prompt": PROMPTS[(c + i) % len(PROMPTS)], "steps": steps, "seed": i, "model": "emoji"}
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stop.set()
-    for t in threads:
-        t.join()
+    answered = kill_under_load(proc, url, key, clients, body, ready=lambda _: False, deadline_s=seconds)
     audit = Audit(open_store(str(db)))
     rows = {r["request_id"] for r in audit.tail(100_000)}
     missing = [r for r in answered if r not in rows]

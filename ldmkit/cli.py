@@ -27,6 +27,18 @@ from .shipped import plan_generation
 from .training.runs import train_autoencoder, train_denoiser
 
 
+def _set_option(p: argparse.ArgumentParser, example: str):
+    """--set KEY=VALUE (repeatable, collected in args.overrides): any setting of the command's configuration."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"any setting, e.g. {example} (repeatable)",
+    )
+
+
 def _run_options(p: argparse.ArgumentParser, default_out: str):
     p.add_argument("--config", help="a preset name (see ldmkit/presets) or a .toml file")
     p.add_argument("--data", help="data set: fashion-mnist, emoji, or a folder of images (data.dataset)")
@@ -39,14 +51,7 @@ def _run_options(p: argparse.ArgumentParser, default_out: str):
     p.add_argument(
         "--overwrite", action="store_true", help="replace a finished or stopped run in --out instead of refusing"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any setting, e.g. --set train.lr=1e-4 --set unet.channel_mult=1,2,2 (repeatable)",
-    )
+    _set_option(p, "--set train.lr=1e-4 --set unet.channel_mult=1,2,2")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -362,14 +367,7 @@ def _serve_command(command):
     p.add_argument("--policy", help="a policy.toml: prompts its rules refuse get 400 with the rule's id")
     p.add_argument("--config", help="a serve.toml with [serve] and [limits] tables")
     p.add_argument("--no-auth", action="store_true", help="serve without keys (loopback addresses only)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any setting, e.g. --set serve.max_batch=8 --set limits.max_n=4 (repeatable)",
-    )
+    _set_option(p, "--set serve.max_batch=8 --set limits.max_n=4")
 
 
 def build_parser() -> argparse.ArgumentParser:

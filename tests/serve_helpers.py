@@ -86,6 +86,39 @@ def start_process(
     raise RuntimeError("ldmkit serve did not become ready in 60 s")
 
 
+def kill_under_load(
+    proc: subprocess.Popen, url: str, key: str, clients: int, body, ready, deadline_s: float = 60
+) -> list[str]:
+    """`clients` threads post body(client, i) to the OpenAI route in a loop until the server process is killed with
+    SIGKILL, once ready(answered) holds (or after deadline_s). Returns the X-Request-Id of every answered request."""
+    answered, stop = [], threading.Event()
+
+    def client(c: int):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            i = 0
+            while not stop.is_set():
+                try:
+                    r = http.post("/v1/images/generations", json=body(c, i))
+                except httpx.TransportError:
+                    return
+                if r.status_code == 200:
+                    answered.append(r.headers["x-request-id"])
+                i += 1
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + deadline_s
+    while not ready(answered) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    return answered
+
+
 def png_size(b64: str) -> tuple[int, int]:
     with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
         assert im.format == "PNG"

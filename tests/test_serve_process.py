@@ -9,7 +9,7 @@ import threading
 import time
 
 import httpx
-from serve_helpers import ROOT, free_port, start_process
+from serve_helpers import ROOT, free_port, kill_under_load, start_process
 
 from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import Keys
@@ -20,31 +20,14 @@ def test_kill_9_under_load_loses_no_audit_row_of_an_answered_request(tmp_path):
     db, port = tmp_path / "ldmkit.db", free_port()
     key = Keys(open_store(str(db))).create("load", "user")[0]
     proc = start_process(db, port, "--model", "emoji", log=tmp_path / "serve.log")
-    answered, stop = [], threading.Event()
-
-    def client(c: int):
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}) as http:
-            i = 0
-            while not stop.is_set():
-                try:
-                    r = http.post("/v1/images/generations", json={"prompt": f"p{c}", "steps": 2, "seed": i}, timeout=30)
-                except httpx.TransportError:
-                    return
-                if r.status_code == 200:
-                    answered.append(r.headers["x-request-id"])
-                i += 1
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(answered) < 8 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stop.set()
-    for t in threads:
-        t.join()
+    answered = kill_under_load(
+        proc,
+        f"http://127.0.0.1:{port}",
+        key,
+        4,
+        lambda c, i: {"prompt": f"p{c}", "steps": 2, "seed": i},
+        ready=lambda answered: len(answered) >= 8,
+    )
     audit = Audit(open_store(str(db)))
     rows = {r["request_id"]: r for r in audit.tail(10_000)}
     assert len(answered) >= 8

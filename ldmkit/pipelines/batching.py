@@ -18,7 +18,7 @@ from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed
-from .generate import SampleRequest, blame_options, caption_of, check_samples_from_noise, plan
+from .generate import SampleRequest, blame_options, check_samples_from_noise, plan
 
 
 def share_key(req: SampleRequest) -> tuple:
@@ -100,11 +100,3 @@ def generate_together(
     flat = torch.cat(images)
     bounds = torch.tensor([0] + [r.n for r in reqs]).cumsum(0).tolist()
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def captions(ldm: LatentDiffusion, req: SampleRequest) -> list[str]:
-    """The caption of each image of a request: its label's class name, or its prompt."""
-    p = plan(ldm, req)
-    if p.labels is not None:
-        return [caption_of(ldm, int(label)) for label in p.labels]
-    return p.prompts or [""] * req.n

@@ -2,6 +2,7 @@
 metrics and the web page. Routes parse, authorize and answer; service.py runs the work, pipelines make images."""
 
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -135,8 +136,6 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     @app.exception_handler(Exception)
     async def _defect(request: Request, err: Exception):
-        import logging
-
         logging.getLogger("ldmkit.serve").exception("request %s failed", request.state.request_id)
         return fail(request, 500, f"internal error; request id {request.state.request_id}", reason=type(err).__name__)
 
@@ -218,8 +217,9 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         svc.check_policy(req, principal)
         if not body.init_images:
             raise FieldError("init_images", "img2img needs init_images: one base64-encoded image")
-        edit, extra = a1111_edit(served.ldm, body, replace(req, width=0, height=0), run.limits)
-        out = await svc.generate(request, principal, served, replace(req, width=0, height=0), run=edit, **extra)
+        at_image_size = replace(req, width=0, height=0)  # an edit works at the init image's own size
+        edit, extra = a1111_edit(served.ldm, body, at_image_size, run.limits)
+        out = await svc.generate(request, principal, served, at_image_size, run=edit, **extra)
         return _a1111_answer(body, served, req, out)
 
     @app.get("/sdapi/v1/sd-models")

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import LdmkitError, NonFiniteError
+from ..errors import LdmkitError
 from ..pipelines.batching import generate_together, share_key
 from ..pipelines.generate import SampleRequest
 
@@ -244,7 +244,7 @@ class Scheduler:
         cause non-finite values fails."""
         try:
             return generate_together(ldm, [j.req for j in batch], self.max_batch, callback)
-        except (NonFiniteError, LdmkitError):
+        except LdmkitError:  # NonFiniteError among them
             if len(batch) == 1:
                 raise
         out: list = []

@@ -123,18 +123,16 @@ class Service:
         audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         job = self.queue(principal, served, req, run)
         deadline = time.monotonic() + self.run.serve.timeout_s
-        while not job._event.is_set():
-            try:
-                await asyncio.wait_for(asyncio.shield(job.wait()), timeout=0.25)
-            except asyncio.TimeoutError:
+        waiter = asyncio.ensure_future(job.wait())  # one completion callback, however long the wait
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=0.25)
+            if not waiter.done():
                 if await request.is_disconnected():
                     self.scheduler.cancel(job, "the client disconnected")
                     audit.update(decision="cancelled", reason="the client disconnected")
                 elif time.monotonic() > deadline:
                     self.scheduler.cancel(job, "timed out")
-                    raise RequestFailed(
-                        f"the request took over {self.run.serve.timeout_s:g} s; try fewer steps", 504
-                    ) from None
+                    raise RequestFailed(f"the request took over {self.run.serve.timeout_s:g} s; try fewer steps", 504)
         audit.update(queue_ms=round(job.queue_ms, 1), run_ms=round(job.run_ms, 1))
         import anyio
 
@@ -161,8 +159,7 @@ class Service:
         """The job's images as PNGs (each with its parameters and seed embedded), or the error it ended with."""
         self.metrics.queue.set(self.scheduler.queued_images())
         if job.state != DONE:
-            if job.owner or not self.no_auth:
-                self._release(job)
+            self._release(job)
             raise self._failure(job)
         seeds = [job.req.seed + i for i in range(job.n)]
         images = [to_pil(img) for img in job.images]
