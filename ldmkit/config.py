@@ -193,6 +193,8 @@ class ServeConfig:
     timeout_s: float = 300.0  # a request still unanswered after this gets 504
     jobs_kept: int = 200  # finished native jobs kept in memory for GET /v1/jobs/{id}
     policy: str = ""  # a policy.toml whose rules refuse prompts (read at start); "" = no content policy
+    watermark: bool = True  # hide each request's id in its images' pixels (a policy's [provenance] overrides it)
+    monitor_window: int = 256  # outputs per model in the rolling Frechet distance of /metrics; 0 = no monitor
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         queue_images=COUNT,
         timeout_s=POSITIVE,
         jobs_kept=COUNT,
+        monitor_window=OPTIONAL_COUNT,
     ),
     ServeLimits: dict(
         max_n=Bound(1, 256, integer=True),

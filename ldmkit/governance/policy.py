@@ -19,11 +19,41 @@ from __future__ import annotations
 import re
 import tomllib
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import ConfigError, InputError, MissingFileError
 from .safety import SafetySettings
+
+SCREEN_ACTIONS = ("flag", "withhold", "blur")  # what happens to an output too close to a training image
+
+
+@dataclass(frozen=True)
+class SimilaritySettings:
+    """A policy's [similarity] table: screening outputs against the model's training-data index."""
+
+    threshold: float | None = None  # similarity at or above which an output counts as a copy; None: the index's own
+    action: str = "flag"  # flag: shown, recorded; withhold: refused; blur: a blurred stand-in is shown
+
+    def __post_init__(self):
+        if self.threshold is not None and (
+            not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold <= 1.0
+        ):
+            raise ConfigError(f"[similarity] threshold = {self.threshold!r} must be a number above 0 and at most 1")
+        if self.action not in SCREEN_ACTIONS:
+            raise ConfigError(f"[similarity] action = {self.action!r} must be one of: {', '.join(SCREEN_ACTIONS)}")
+
+
+@dataclass(frozen=True)
+class ProvenanceSettings:
+    """A policy's [provenance] table."""
+
+    watermark: bool = True  # hide the request id in every output's pixels (ldmkit provenance reads it back)
+
+    def __post_init__(self):
+        if not isinstance(self.watermark, bool):
+            raise ConfigError(f"[provenance] watermark = {self.watermark!r} must be true or false")
+
 
 INVISIBLE = dict.fromkeys(
     map(
@@ -107,6 +137,8 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     source: str = ""  # the file it was read from
     safety: SafetySettings | None = None  # the output filter's settings ([safety]); None: no output filter
+    similarity: SimilaritySettings | None = None  # [similarity]; None: outputs are not compared with training data
+    provenance: ProvenanceSettings | None = None  # [provenance]; None: the command's own default
 
     def check(self, prompt: str, role: str | None = None) -> Decision:
         """Whether `prompt` may be generated for a key of `role` (None: every rule applies)."""
@@ -176,19 +208,13 @@ def load_policy(path: str | Path) -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = set(data) - {"rule", "safety"}
+    unknown = set(data) - {"rule", *TABLES}
     if unknown:
         raise ConfigError(
-            f"{path}: unknown table or key {sorted(unknown)[0]!r}; a policy holds [[rule]] tables and a [safety] table"
+            f"{path}: unknown table or key {sorted(unknown)[0]!r}; a policy holds [[rule]] tables and "
+            "[safety], [similarity] and [provenance] tables"
         )
-    safety = data.get("safety")
-    if safety is not None:
-        if not isinstance(safety, dict) or set(safety) - {"threshold", "action"}:
-            raise ConfigError(f"{path}: [safety] takes threshold (0 to 1) and action (withhold or blur)")
-        try:
-            safety = SafetySettings(**safety)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    tables = {name: _table(data, name, path) for name in TABLES}
     raws = data.get("rule", [])
     if not isinstance(raws, list):
         raise ConfigError(f"{path}: write each rule as a [[rule]] table")
@@ -197,4 +223,25 @@ def load_policy(path: str | Path) -> Policy:
     for i, rid in enumerate(ids):
         if rid in ids[:i]:
             raise ConfigError(f"{path}, line {_line_of_rule(text, i)}: rule id {rid!r} is used twice; ids must differ")
-    return Policy(tuple(rules), str(path), safety)
+    return Policy(tuple(rules), str(path), **tables)
+
+
+TABLES = {  # the settings tables of a policy: name -> (settings class, what its keys take)
+    "safety": (SafetySettings, "threshold (0 to 1) and action (withhold or blur)"),
+    "similarity": (SimilaritySettings, "threshold (0 to 1; default: the index's) and action (flag, withhold or blur)"),
+    "provenance": (ProvenanceSettings, "watermark (true or false)"),
+}
+
+
+def _table(data: dict, name: str, path: Path):
+    """The settings of the policy's [name] table, or None when it has none; errors name the file and the table."""
+    raw = data.get(name)
+    if raw is None:
+        return None
+    cls, takes = TABLES[name]
+    if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(cls)}:
+        raise ConfigError(f"{path}: [{name}] takes {takes}")
+    try:
+        return cls(**raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -39,6 +39,18 @@ class Metrics:
             ["model", "action"],
             registry=self.registry,
         )
+        self.similarity = Counter(
+            "ldmkit_similarity_flagged",
+            "Images at or above the similarity threshold to a training image, by model and the policy's action",
+            ["model", "action"],
+            registry=self.registry,
+        )
+        self.drift = Gauge(
+            "ldmkit_output_frechet_distance",
+            "Frechet distance between the Inception features of a model's last outputs and its reference statistics",
+            ["model"],
+            registry=self.registry,
+        )
         self.images = Counter("ldmkit_images", "Images generated, by model", ["model"], registry=self.registry)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:

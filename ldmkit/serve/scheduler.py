@@ -143,6 +143,10 @@ class Scheduler:
     def queued_images(self) -> int:
         return sum(j.n for j in self._queue)
 
+    def busy(self) -> bool:
+        """Whether work is queued or running (background work waits while it is)."""
+        return bool(self._queue or self._running)
+
     def drain(self) -> None:
         """Refuse new work (ShuttingDown); what is queued or running still runs."""
         with self._cv:

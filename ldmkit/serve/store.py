@@ -43,6 +43,10 @@ SCHEMA = (
         hash TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS audit_time ON audit (time)",
     "CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id)",
+    """CREATE TABLE IF NOT EXISTS prompts (
+        name TEXT NOT NULL, version INTEGER NOT NULL, text TEXT NOT NULL, negative_prompt TEXT NOT NULL,
+        params TEXT NOT NULL, description TEXT NOT NULL, created TEXT NOT NULL, created_by TEXT, retired TEXT,
+        retired_by TEXT, PRIMARY KEY (name, version))""",
 )
 
 
