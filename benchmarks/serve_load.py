@@ -53,6 +53,8 @@ def start(folder: Path, *settings: str) -> tuple[subprocess.Popen, str, str, Pat
     db = folder / f"db-{len(list(folder.iterdir()))}.sqlite"
     secret, _ = Keys(open_store(str(db))).create("bench", "user")
     port = free_port()
+    # watermarks differ per request, and the run compares the PNGs of both servers: both leave it off
+    settings = ("serve.watermark=false", *settings)
     proc = start_process(db, port, "--model", "emoji", *(x for s in settings for x in ("--set", s)), threads=None)
     return proc, f"http://127.0.0.1:{port}", secret, db
 

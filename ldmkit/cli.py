@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from .config import TASKS, AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .governance.policy import load_policy
+from .governance.screen import build_screen, finisher, load_index
 from .interop.convert import convert
 from .pipelines.generate import SampleRequest, generate_to_file
 from .pipelines.img2img import check_strength, img2img_to_file
@@ -21,7 +23,8 @@ from .pipelines.masks import FEATHER_PX
 from .pipelines.outpaint import Border, outpaint_to_file
 from .pipelines.upscale import UpscaleOptions, upscale_to_file
 from .samplers import SAMPLERS
-from .serve.commands import add_audit_command, add_keys_command
+from .serve.commands import add_audit_command, add_keys_command, add_prompts_command
+from .serve.governance_commands import add_governance_commands
 from .serve.server import serve
 from .shipped import plan_generation
 from .training.runs import train_autoencoder, train_denoiser
@@ -81,7 +84,16 @@ def _generation_options(p: argparse.ArgumentParser):
     p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
     p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
-    p.add_argument("--policy", help="a policy.toml: prompts its rules refuse stop the command before any work")
+    p.add_argument(
+        "--policy",
+        help="a policy.toml: prompts its rules refuse stop the command before any work; its [safety] and "
+        "[similarity] tables screen every image before it is written",
+    )
+    p.add_argument(
+        "--watermark",
+        action="store_true",
+        help="hide this run's id in every image's pixels (`ldmkit provenance IMAGE` reads it back)",
+    )
 
 
 def _utf8(text: str, what: str, fix: str) -> str:
@@ -169,6 +181,16 @@ def _request(args, n: int, prompts: list[str] | None) -> SampleRequest:
     )
 
 
+def _finish(args, checkpoint):
+    """The screen the policy and --watermark ask for, as the writers take it (None: nothing to do). A missing
+    classifier or index is an error now, before any sampling."""
+    policy = load_policy(args.policy) if args.policy else None
+    screen = build_screen(policy, Path(checkpoint), mark=args.watermark)
+    if not screen.active:
+        return None
+    return finisher(screen, uuid.uuid4().hex, lambda message: print(message, file=sys.stderr))
+
+
 def cmd_sample(args):
     prompts = None
     if args.prompt_file:
@@ -176,14 +198,16 @@ def cmd_sample(args):
     elif args.prompt is not None:
         prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
     req = _request(args, len(prompts) if prompts else args.n, prompts)
-    for p in generate_to_file(args.checkpoint, req, args.out, grid=not args.separate, progress=not args.quiet):
+    finish = _finish(args, args.checkpoint)
+    for p in generate_to_file(args.checkpoint, req, args.out, not args.separate, not args.quiet, finish):
         print(p)
 
 
 def cmd_generate(args):
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
-    for p in generate_to_file(plan.checkpoint, _request(args, plan.n, plan.prompts), plan.out, progress=not args.quiet):
+    req = _request(args, plan.n, plan.prompts)
+    for p in generate_to_file(plan.checkpoint, req, plan.out, True, not args.quiet, _finish(args, plan.checkpoint)):
         print(f"wrote {p}")
 
 
@@ -192,7 +216,8 @@ def cmd_img2img(args):
     prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
-    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, plan.out, progress=not args.quiet):
+    finish = _finish(args, plan.checkpoint)
+    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, plan.out, not args.quiet, finish):
         print(f"wrote {p}")
 
 
@@ -211,6 +236,7 @@ def cmd_evaluate(args):
         device=args.device,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        memorisation=load_index(Path(args.checkpoint)) if args.memorisation else None,
     )
     print(format_table(result))
     print(f"written {write_result(result, result_path(args.checkpoint, result['data'], args.split, args.n, args.out))}")
@@ -232,14 +258,16 @@ def _edit_request(args, default_out: Path, task: str):
 
 def cmd_inpaint(args):
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png", "inpaint")
-    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, plan.out, opts, progress=not args.quiet):
+    finish = _finish(args, plan.checkpoint)
+    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, plan.out, opts, not args.quiet, finish):
         print(f"wrote {p}")
 
 
 def cmd_outpaint(args):
     border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
-    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, progress=not args.quiet):
+    finish = _finish(args, plan.checkpoint)
+    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, not args.quiet, finish):
         print(f"wrote {p}")
 
 
@@ -249,7 +277,8 @@ def cmd_upscale(args):
     plan = plan_generation(args.model, prompts, None, args.n, args.out or default_out, task="upscale")
     opts = UpscaleOptions(noise_level=args.noise_level, tile=args.tile, overlap=args.overlap)
     req = _request(args, plan.n, plan.prompts)
-    for p in upscale_to_file(plan.checkpoint, req, args.image, plan.out, opts, progress=not args.quiet):
+    finish = _finish(args, plan.checkpoint)
+    for p in upscale_to_file(plan.checkpoint, req, args.image, plan.out, opts, not args.quiet, finish):
         print(f"wrote {p}")
 
 
@@ -425,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_command(command)
     add_keys_command(sub, common)
     add_audit_command(sub, common)
+    add_prompts_command(sub, common)
     _policy_command(sub, common)
+    add_governance_commands(sub, common)
 
     p = command("info", "print a checkpoint's kind and configuration", cmd_info)
     p.add_argument("checkpoint")
@@ -469,6 +500,11 @@ def _sampling_commands(command):
     p.add_argument("--split", default="test", help="train or test for built-in data sets (default test)")
     _sampling_options(p, n=10000, n_help="images to generate / reconstruct", batch_size=50)
     p.add_argument("--out", help="JSON result (default: eval-DATA-SPLIT-nN.json beside the checkpoint)")
+    p.add_argument(
+        "--memorisation",
+        action="store_true",
+        help="also report the share of samples copying a training image (needs MODEL.index.npz: ldmkit index build)",
+    )
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

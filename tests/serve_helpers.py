@@ -36,6 +36,7 @@ class LiveServer:
         from ldmkit.serve.server import build
 
         self.port = free_port()
+        serve.setdefault("monitor_window", 0)  # the background Inception statistic: only where a test asks for it
         cfg = ServeConfig(models=tuple(models), database=str(database), port=self.port, **serve)
         self.run = ServeRun(serve=cfg, limits=ServeLimits(**(limits or {})))
         self.app, self.service = build(self.run, no_auth=no_auth)
@@ -56,7 +57,7 @@ class LiveServer:
     def close(self):
         self.server.should_exit = True
         self.thread.join(30)
-        self.service.scheduler.close(timeout=30)
+        self.service.close(timeout=30)
 
 
 def start_process(

@@ -360,7 +360,9 @@ def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path
 
     seen = []
     monkeypatch.setattr(
-        cli, "generate_to_file", lambda ckpt, req, out, grid=True, progress=True: seen.append(progress) or [out]
+        cli,
+        "generate_to_file",
+        lambda ckpt, req, out, grid=True, progress=True, finish=None: seen.append(progress) or [out],
     )
     for quiet in ([], ["--quiet"]):
         assert main(["sample", str(tiny_ldm), *quiet]) == 0

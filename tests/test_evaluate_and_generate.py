@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ldmkit.cli import main
+from ldmkit.governance.similarity import SimilarityIndex, index_path_for
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.shipped import export_half, resolve_model
 
@@ -115,3 +117,17 @@ def test_generate_refuses_an_unknown_extension_before_loading_or_sampling(tiny_l
     )
     err = capsys.readouterr().err
     assert ".png, .jpg, .jpeg, .webp" in err and not (tmp_path / "g.tiff").exists()
+
+
+@needs_fid
+@needs_fmnist
+def test_evaluate_memorisation_reports_the_share_of_copies(tiny_ldm, tmp_path, capsys):
+    args = ["evaluate", str(tiny_ldm), "--n", "4", "--steps", "2", "--batch-size", "2", "--quiet", "--memorisation"]
+    assert main(args + ["--out", str(tmp_path / "a.json")]) != 0
+    assert "ldmkit index build" in capsys.readouterr().err
+    # an index of flat grey images: an untrained model's noise copies none of them
+    flat = [np.full((16, 16, 3), v, np.uint8) for v in (0, 128, 255)]
+    SimilarityIndex().build(flat, ["a", "b", "c"], progress=False).save(index_path_for(tiny_ldm))
+    assert main(args + ["--out", str(tmp_path / "b.json")]) == 0
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["memorisation"] == 0.0 and r["memorisation_max_similarity"] < r["memorisation_threshold"]

@@ -29,7 +29,8 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     db = tmp_path_factory.mktemp("serve") / "ldmkit.db"
-    server = LiveServer(db, models=("emoji", "fashion-mnist"), max_wait_ms=150)
+    # no watermark here: these tests hold the server to bit-identical images across APIs and batches
+    server = LiveServer(db, models=("emoji", "fashion-mnist"), max_wait_ms=150, watermark=False)
     keys = Keys(open_store(str(db)))
     server.keys = {role: keys.create(f"{role}-key", role)[0] for role in ("viewer", "user", "admin")}
     server.keys["limited"] = keys.create("limited", "user", images_per_day=3)[0]

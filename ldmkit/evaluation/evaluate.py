@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,7 +25,9 @@ from ..autoencoder.files import load_autoencoder
 from ..checkpoint import check_output_path
 from ..config import DataConfig
 from ..data import build_dataset, stack_images
+from ..data.images import to_pil
 from ..errors import InputError
+from ..governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex
 from ..ldm import LatentDiffusion
 from ..pipelines.generate import SampleRequest, generate
 from ..runtime import resolve_device
@@ -85,8 +88,11 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 50,
     progress: bool = True,
+    memorisation: SimilarityIndex | None = None,
 ) -> dict:
-    """Metrics of a checkpoint against `dataset` (default: the one it was trained on), `split`, n images."""
+    """Metrics of a checkpoint against `dataset` (default: the one it was trained on), `split`, n images.
+    memorisation: the model's training-data index; the result then also holds the share of generated images at or
+    above its copy threshold (and the highest similarity)."""
     kind = checkpoint.read_metadata(path)["kind"]
     dev = resolve_device(device)
     features = InceptionFeatures(device=dev, batch_size=batch_size)
@@ -110,6 +116,9 @@ def evaluate(
             data_cfg.dataset, ds, n, split=split, features=features, progress=progress, keep_features=True
         )
         images = _generated(ldm, ds, reference_indices(len(ds), n), sampler, steps, cfg, seed, batch_size, progress)
+        similarities: list[float] = []
+        if memorisation is not None:
+            images = _screened(images, memorisation, similarities)
         gen = compute_stats(images, features, batch_size=batch_size, keep_features=True)
         kid_mean, kid_std = _kid(gen, ref)
         result = {
@@ -121,6 +130,13 @@ def evaluate(
             "cfg": cfg,
             "seed": seed,
         }
+        if memorisation is not None:
+            sims = np.array(similarities)
+            result |= {
+                "memorisation": float((sims >= DEFAULT_THRESHOLD).mean()),
+                "memorisation_threshold": DEFAULT_THRESHOLD,
+                "memorisation_max_similarity": float(sims.max()),
+            }
     else:
         raise InputError(
             f"{path} is a {kind!r} checkpoint; evaluate takes a model (`ldmkit train`) or an "
@@ -136,6 +152,18 @@ def evaluate(
         **result,
         "seconds": round(time.time() - start, 1),
     }
+
+
+def _screened(batches, index: SimilarityIndex, similarities: list[float]):
+    """The batches of generated images, unchanged, each also compared with the training-data index."""
+    for x in batches:
+        similarities += [m.similarity for m in index.query([np.asarray(p.convert("RGB")) for p in _pils(x)])]
+        yield x
+
+
+def _pils(x: torch.Tensor) -> list:
+    out = to_pil(x)
+    return out if isinstance(out, list) else [out]
 
 
 @torch.no_grad()

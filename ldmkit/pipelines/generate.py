@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..checkpoint import check_output_path
 from ..conditioning.types import Conditioning
 from ..config import check_multiple
-from ..data.images import check_writable, save_grid, to_pil, write_image
+from ..data.images import check_writable, save_grid, to_pil, to_tensor, write_image
 from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
@@ -35,6 +36,11 @@ MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger val
 SEED_END = 2**63  # torch generators take seeds below this; image i uses seed + i
 UNCONDITIONAL = "unconditional"  # the caption of an image drawn without a label (label -1)
 ETA_SAMPLERS = tuple(name for name, fn in SAMPLERS.items() if "eta" in inspect.signature(fn).parameters)
+WITHHELD_GREY = 128  # the tile a grid shows where an image was withheld
+
+# What happens to images between sampling and their file (the commands' governance screen): finish(images, index of
+# the first) -> for each image what to write (None: nothing, it was withheld) and facts to embed with its parameters.
+Finish = Callable[[list[Image.Image], int], list[tuple[Image.Image | None, dict]]]
 
 
 @dataclass(frozen=True)
@@ -339,12 +345,17 @@ def write_or_rescue(write, out: Path) -> Path:
 
 
 def generate_to_file(
-    checkpoint: str | Path, req: SampleRequest, out: str | Path, grid: bool = True, progress: bool = True
+    checkpoint: str | Path,
+    req: SampleRequest,
+    out: str | Path,
+    grid: bool = True,
+    progress: bool = True,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it) or, with grid=False,
     one PNG per image into the folder `out`, with the parameters embedded. The output, the model and the request
     are all checked before sampling; progress: a bar over images when there is more than one batch."""
-    return write_batches(checkpoint, req, out, lambda ldm: generate_batches(ldm, req, progress), grid)
+    return write_batches(checkpoint, req, out, lambda ldm: generate_batches(ldm, req, progress), grid, finish=finish)
 
 
 def write_batches(
@@ -354,16 +365,21 @@ def write_batches(
     batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
     grid: bool = True,
     extra: dict | None = None,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """The writing of generate_to_file for any pipeline: check `out`, load the model in `checkpoint`, then write the
     (images, captions) that batches(model) yields as one grid or (grid=False) one PNG per image in the folder `out`.
-    The embedded parameters are the request's plus `extra` (JSON values: an edit's input image, its strength)."""
+    The embedded parameters are the request's plus `extra` (JSON values: an edit's input image, its strength).
+    finish: the screen every image passes first (a withheld image is not written; a grid shows a grey tile)."""
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | (extra or {})
     meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params})}
     out = check_output(out, folder=not grid, metadata=meta if grid else None)
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     if grid:
         images, captions = collect(batches(ldm))
+        if finish is not None:
+            images, captions, facts = _finished_grid(images, captions, finish)
+            meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params, "images": facts})}
         return [
             write_or_rescue(
                 lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta), out
@@ -372,16 +388,31 @@ def write_batches(
     # One file per image, written batch by batch: memory stays bounded and finished images are kept.
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    done = 0
     for images, captions in batches(ldm):
-        for img, cap in zip(images, captions, strict=True):
-            i = len(paths)
-            m = {
-                "ldmkit": json.dumps(
-                    {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}
-                )
-            }
-            paths.append(write_or_rescue(lambda p, img=img, m=m: write_image(to_pil(img), p, m), out / f"{i:05d}.png"))
+        for (img, facts), cap in zip(_finished(images, finish, done), captions, strict=True):
+            i, done = done, done + 1
+            about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}
+            m = {"ldmkit": json.dumps(about | facts)}
+            if img is not None:
+                paths.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m), out / f"{i:05d}.png"))
     return paths
+
+
+def _finished(images: torch.Tensor, finish: Finish | None, first: int) -> list[tuple[Image.Image | None, dict]]:
+    """(what to write, facts to embed) for each image (B, C, H, W) of a batch whose first is image `first`."""
+    pils = [to_pil(x) for x in images]
+    return finish(pils, first) if finish is not None else [(p, {}) for p in pils]
+
+
+def _finished_grid(images: torch.Tensor, captions: list[str], finish: Finish) -> tuple[torch.Tensor, list[str], list]:
+    """A grid's tiles after `finish`: withheld ones grey and captioned so, with each tile's facts."""
+    tiles, labels, facts = [], [], []
+    for (img, about), cap, x in zip(_finished(images, finish, 0), captions, images, strict=True):
+        tiles.append(to_tensor(img) if img is not None else torch.full_like(x, WITHHELD_GREY / 127.5 - 1))
+        labels.append(cap if img is not None else "withheld")
+        facts.append(about)
+    return torch.stack(tiles), labels, facts
 
 
 def edit_paths(out: str | Path, n: int) -> list[Path]:
@@ -396,11 +427,12 @@ def write_edits(
     out: str | Path,
     batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
     extra: dict,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """The writing of every edit (img2img, inpaint, outpaint): each edited image on its own, at the input's size, to
     edit_paths(out, req.n), with the request's parameters, its seed and `extra` (the input files, the edit's
     options) embedded. The outputs are checked before the model loads; each image is written when its batch is
-    done."""
+    done. finish: the screen every image passes first (a withheld image is not written)."""
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")} | extra
 
     def meta(i: int) -> dict[str, str]:
@@ -410,8 +442,11 @@ def write_edits(
     paths = [check_output(p, folder=False, metadata=meta(i)) for i, p in enumerate(edit_paths(out, req.n))]
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     written: list[Path] = []
+    done = 0
     for images, _ in batches(ldm):
-        for img in images:
-            i = len(written)
-            written.append(write_or_rescue(lambda p, img=img, i=i: write_image(to_pil(img), p, meta(i)), paths[i]))
+        for img, facts in _finished(images, finish, done):
+            i, done = done, done + 1
+            m = {"ldmkit": json.dumps(json.loads(meta(i)["ldmkit"]) | facts)}
+            if img is not None:
+                written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m), paths[i]))
     return written

@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import read_metadata
 from ..errors import InputError
 from ..ldm import LatentDiffusion
-from .generate import SampleRequest, collect, latent_batches, plan, write_edits
+from .generate import Finish, SampleRequest, collect, latent_batches, plan, write_edits
 from .images import check_edit_size, crop_to, load_edit_image, pad_to_multiple, to_channels
 
 RANGE_SLACK = 1e-3  # image values may leave [-1, 1] by this much (rounding) before they are refused
@@ -105,6 +105,7 @@ def img2img_to_file(
     strength: float,
     out: str | Path,
     progress: bool = True,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """img2img of the image file `image` (read by load_edit_image), each result written at the input's size as every
     edit is (see generate.write_edits), with the parameters, the input image's path and the strength embedded. The
@@ -112,4 +113,5 @@ def img2img_to_file(
     strength = check_strength(strength)
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W)
     extra = {"image": str(image), "strength": strength}
-    return write_edits(checkpoint, req, out, lambda ldm: img2img_batches(ldm, x, req, strength, progress), extra)
+    batches = lambda ldm: img2img_batches(ldm, x, req, strength, progress)  # noqa: E731
+    return write_edits(checkpoint, req, out, batches, extra, finish)

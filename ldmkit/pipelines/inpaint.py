@@ -27,6 +27,7 @@ from ..noise import Generators, randn
 from ..samplers import get_sampler
 from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
 from .generate import (
+    Finish,
     SampleRequest,
     blame_options,
     collect,
@@ -219,6 +220,7 @@ def edit_to_file(
     opts: InpaintOptions,
     about: dict,
     progress: bool = True,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """Take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each edited image at
     the input's size (see write_edits) with the parameters and `about` (the input files) embedded. The options and
@@ -226,7 +228,8 @@ def edit_to_file(
     check_repaint(req.steps, opts.resample, opts.jump)
     image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
     extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about}
-    return write_edits(checkpoint, req, out, lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress), extra)
+    batches = lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress)  # noqa: E731
+    return write_edits(checkpoint, req, out, batches, extra, finish)
 
 
 def inpaint_to_file(
@@ -237,6 +240,7 @@ def inpaint_to_file(
     out: str | Path,
     opts: InpaintOptions = InpaintOptions(),
     progress: bool = True,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """Inpaint the image file `image` where the mask file `mask` is white and write the results (see edit_to_file)."""
     require_file(image, "image", "give the picture to edit (PNG, JPEG, WebP, BMP or GIF)")
@@ -246,4 +250,5 @@ def inpaint_to_file(
         x = load_edit_image(image, channels)  # (1, C, H, W)
         return x, load_mask(mask, tuple(x.shape[-2:]), opts.resize_mask)
 
-    return edit_to_file(checkpoint, req, inputs, out, opts, {"image": str(image), "mask": str(mask)}, progress)
+    about = {"image": str(image), "mask": str(mask)}
+    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish)

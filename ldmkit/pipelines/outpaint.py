@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .generate import SampleRequest, whole_number
+from .generate import Finish, SampleRequest, whole_number
 from .images import MAX_EDIT_PIXELS, load_edit_image
 from .inpaint import InpaintOptions, edit_to_file
 from .masks import require_file
@@ -73,6 +73,7 @@ def outpaint_to_file(
     out: str | Path,
     opts: InpaintOptions | None = None,
     progress: bool = True,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """Enlarge the image file `image` by `border` and write the results (see inpaint.edit_to_file); opts: the
     sampling and composite options (default InpaintOptions())."""
@@ -82,4 +83,4 @@ def outpaint_to_file(
         return outpaint_canvas(load_edit_image(image, channels), border)
 
     about = {"image": str(image), "border": [border.left, border.right, border.top, border.bottom]}
-    return edit_to_file(checkpoint, req, inputs, out, opts or InpaintOptions(), about, progress)
+    return edit_to_file(checkpoint, req, inputs, out, opts or InpaintOptions(), about, progress, finish)

@@ -30,6 +30,7 @@ from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import randn
 from .generate import (
+    Finish,
     SampleRequest,
     blame_options,
     collect,
@@ -290,6 +291,7 @@ def upscale_to_file(
     out: str | Path,
     opts: UpscaleOptions = UpscaleOptions(),
     progress: bool = True,
+    finish: Finish | None = None,
 ) -> list[Path]:
     """Upscale the image file `image` and write each result (see write_edits), the parameters embedded; the input
     and the options are checked before the model loads."""
@@ -299,4 +301,4 @@ def upscale_to_file(
     if isinstance(factor, int) and factor > 0:
         check_input_size(str(image), x.shape[-1], x.shape[-2], factor)
     about = {"image": str(image), "noise_level": opts.noise_level, "tile": opts.tile, "overlap": opts.overlap}
-    return write_edits(checkpoint, req, out, lambda ldm: upscale_batches(ldm, x, req, opts, progress), about)
+    return write_edits(checkpoint, req, out, lambda ldm: upscale_batches(ldm, x, req, opts, progress), about, finish)

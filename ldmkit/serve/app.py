@@ -15,6 +15,8 @@ from .auth import AuthError, Keys
 from .edits import a1111_edit
 from .metrics import Metrics
 from .middleware import BodyTooLarge, ServeMiddleware
+from .prompt_routes import add_prompt_routes
+from .prompts import TemplateError, Templates
 from .scheduler import DONE, Job, QueueFull, ShuttingDown
 from .schemas import A1111_SAMPLERS, FieldError, api_models, parse_size, sample_request
 from .service import RequestFailed, Service, request_params
@@ -37,7 +39,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     api = api_models()
     OpenAIImageRequest, A1111Request, JobRequest = api.OpenAIImageRequest, api.A1111Request, api.JobRequest
     metrics = Metrics()
-    keys, audit = Keys(store), Audit(store)
+    keys, audit, templates = Keys(store), Audit(store), Templates(store)
     svc = Service(run, models, keys, audit, metrics, no_auth)
 
     class JSON(JSONResponse):
@@ -190,9 +192,10 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             width=width,
             height=height,
         )
-        req = _request(served, fields, run.limits, {"width": "size", "height": "size"})
+        fields, used = templated(body, fields, {"width": "size", "height": "size"})
+        req = _eta(_request(served, fields, run.limits, {"width": "size", "height": "size"}), fields)
         svc.check(served, req, principal)
-        out = await svc.generate(request, principal, served, req, user=body.user)
+        out = await svc.generate(request, principal, served, req, user=body.user, **used)
         data = [
             {"b64_json": b, "revised_prompt": None, "seed": s} | ({"withheld": why} if why else {})
             for b, s, why in zip(out.b64(), out.seeds, out.withheld)
@@ -288,9 +291,10 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         principal = svc.authorize(request, "user")
         body = await parse(request, JobRequest)
         served = svc.model(body.model)
-        req = _request(served, body.model_dump(exclude={"model"}), run.limits, {})
+        fields, used = templated(body, body.model_dump(exclude={"model", "template", "variables"}), {})
+        req = _eta(_request(served, fields, run.limits, {}), fields)
         svc.check(served, req, principal)
-        params = request_params(req)
+        params = request_params(req, **used)
         request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         record = {"model": served.name, "params": params, "created": time.time(), "output": None, "ended": False}
         job = svc.queue(principal, served, req, on_done=lambda j: _job_done(j, served, record))
@@ -313,7 +317,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             run_ms=round(job.run_ms, 1),
         )
         try:
-            out = svc.finished(job, served, record["params"], row)
+            out = svc.finished(job, served, record["params"], row, job.id)
             record["output"] = out
             row.update(decision="served", status=200, outputs=out.sha256)
         except RequestFailed as err:
@@ -388,6 +392,31 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         svc.authorize(request, "admin")
         result = audit.verify()
         return {"ok": result.ok, "rows": result.rows, "problems": result.problems}
+
+    add_prompt_routes(app, svc, templates, parse, fail)
+
+    def templated(body, fields: dict, names: dict) -> tuple[dict, dict]:
+        """The request's fields with its prompt template filled in (when it names one): the template's prompt and
+        negative prompt, its parameters where the request did not set its own; and what the audit row records of it
+        (template "name@version" and the variables). names: the API's name of a field (OpenAI says size)."""
+        if body.template is None:
+            if body.variables:
+                raise FieldError("variables", "variables fill a template: give template too, or drop variables")
+            return fields, {}
+        if body.prompt or body.negative_prompt:
+            raise FieldError("template", "give either a template (with variables) or a prompt, not both")
+        try:
+            filled = templates.render(body.template, body.variables or {})
+        except TemplateError as err:
+            raise FieldError("template", str(err)) from None
+        own = {names.get(k, k) for k in body.model_fields_set}
+        defaults = {k: v for k, v in filled.params.items() if names.get(k, k) not in own}
+        fields = fields | defaults | {"prompt": filled.prompt, "negative_prompt": filled.negative_prompt}
+        return fields, {"template": f"{filled.template}@{filled.version}", "variables": body.variables or {}}
+
+    def _eta(req, fields: dict):
+        """A template's eta (the APIs take none of their own)."""
+        return req if fields.get("eta") is None else replace(req, eta=fields["eta"])
 
     def _request(served, fields: dict, limits, names: dict):
         ldm = served.ldm

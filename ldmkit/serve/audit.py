@@ -274,6 +274,22 @@ class Audit:
         rows = self.store.query(f"SELECT * FROM audit ORDER BY seq DESC LIMIT {n}")
         return [_decoded(r) for r in reversed(rows)]
 
+    def find(self, request_prefix: str | None = None, output_sha256: str | None = None) -> list[dict]:
+        """Rows (oldest first, decoded) whose request id starts with `request_prefix` (hex digits, as a watermark
+        carries them) or whose outputs include the image hash `output_sha256`; at most PAGE rows."""
+        conds, args = [], ()
+        for value, cond in ((request_prefix, "request_id LIKE ?"), (output_sha256, "outputs LIKE ?")):
+            if value is None:
+                continue
+            if not value or any(c not in "0123456789abcdef" for c in value.lower()):
+                raise InputError(f"{value!r} is not hex digits; give a request id prefix or a SHA-256 in hex")
+            conds.append(cond)
+            args += (f"{value.lower()}%" if cond.startswith("request") else f'%"{value.lower()}"%',)
+        if not conds:
+            return []
+        rows = self.store.query(f"SELECT * FROM audit WHERE {' OR '.join(conds)} ORDER BY seq LIMIT {PAGE}", args)
+        return [_decoded(r) for r in rows]
+
     def after(self, seq: int) -> list[dict]:
         """Rows with a seq above `seq` (at most PAGE), oldest first: what `audit tail --follow` prints next."""
         return [

@@ -50,7 +50,9 @@ def api_models() -> SimpleNamespace:
         """POST /v1/images/generations: OpenAI's fields, and ldmkit's own as extras."""
 
         model_config = ConfigDict(extra="forbid")
-        prompt: str
+        prompt: str = ""  # OpenAI requires it; here a template may stand in for it
+        template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
+        variables: dict[str, str] | None = None  # the template's variables
         n: int = 1
         size: str | None = None  # "WIDTHxHEIGHT"; None: the model's training resolution
         response_format: str | None = "b64_json"
@@ -98,6 +100,8 @@ def api_models() -> SimpleNamespace:
         model: str | None = None
         prompt: str = ""
         negative_prompt: str = ""
+        template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
+        variables: dict[str, str] | None = None  # the template's variables
         labels: list[int] | None = None
         n: int = 1
         steps: int = 25

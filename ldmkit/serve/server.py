@@ -66,4 +66,4 @@ def serve(run: ServeRun, no_auth: bool = False, log_level: str = "info") -> None
     try:
         server.run()
     finally:
-        svc.scheduler.close(timeout=run.serve.timeout_s)
+        svc.close(timeout=run.serve.timeout_s)

@@ -13,11 +13,15 @@ from dataclasses import asdict, dataclass, field
 
 from ..config import ServeRun
 from ..data.images import png_bytes, to_pil
-from ..errors import InputError, LdmkitError
+from ..errors import ConfigError, InputError, LdmkitError
+from ..evaluation.fid import FeatureStats
+from ..governance import watermark
+from ..governance.monitor import OutputMonitor, reference_path
 from ..governance.policy import PolicyRefusal, load_policy
-from ..governance.safety import SafetyFilter, placeholder
+from ..governance.safety import SafetyFilter
+from ..governance.screen import build_screen
 from ..pipelines.generate import SampleRequest, plan
-from .auth import AuthError, Principal
+from .auth import AuthError, Principal, utc_now
 from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown
 from .schemas import FieldError
 
@@ -41,11 +45,13 @@ class Output:
     shown: list[bytes | None] | None = None  # what the client gets: the image, a blurred stand-in, or None
     withheld: list[str | None] | None = None  # why image i was withheld or blurred; None where it was not
     sha256: list[str] = field(default_factory=list)
+    flags: list[str | None] | None = None  # every screen decision on image i (flags too), for the audit trail
 
     def __post_init__(self):
         self.sha256 = [hashlib.sha256(p).hexdigest() for p in self.pngs]
         self.shown = self.pngs if self.shown is None else self.shown
         self.withheld = [None] * len(self.pngs) if self.withheld is None else self.withheld
+        self.flags = self.withheld if self.flags is None else self.flags
 
     def b64(self) -> list[str | None]:
         """The client's images in base64; None for one the safety filter withheld."""
@@ -62,7 +68,9 @@ class Service:
         self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
-        self.safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None
+        safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None
+        # one screen a model (its own training-data index), built now: a missing file stops the start
+        self.screens = {n: build_screen(self.policy, m.path, run.serve.watermark, safety) for n, m in models.items()}
         cfg = run.serve
         self.scheduler = Scheduler(
             {name: m.ldm for name, m in models.items()},
@@ -72,6 +80,29 @@ class Service:
             on_batch=metrics.batch.observe,
         )
         self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()
+        self.monitor = self._monitor(cfg.monitor_window)
+
+    def close(self, timeout: float = 600) -> None:
+        """Finish the queued and running work (up to `timeout` seconds), then stop the background monitor."""
+        self.scheduler.close(timeout=timeout)
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def _monitor(self, window: int) -> OutputMonitor | None:
+        """The rolling output statistic of /metrics (None when serve.monitor_window is 0)."""
+        if window == 0:
+            return None
+        if window < 2:
+            raise ConfigError(f"serve.monitor_window = {window}: give 0 (no monitor) or at least 2 outputs")
+        refs = {}
+        for name, m in self.models.items():
+            path = reference_path(m.path)
+            refs[name] = FeatureStats.load(path) if path.is_file() else None
+
+        def report(model: str, distance: float, outputs: int) -> None:
+            self.metrics.drift.labels(model).set(distance)
+
+        return OutputMonitor(window, refs, report, busy=lambda: self.scheduler.busy())
 
     # --- who asks -----------------------------------------------------------------------------------------------
     def authorize(self, request, role: str) -> Principal:
@@ -136,7 +167,7 @@ class Service:
         audit.update(queue_ms=round(job.queue_ms, 1), run_ms=round(job.run_ms, 1))
         import anyio
 
-        return await anyio.to_thread.run_sync(self.finished, job, served, params, audit)
+        return await anyio.to_thread.run_sync(self.finished, job, served, params, audit, request.state.request_id)
 
     def queue(self, principal: Principal, served, req: SampleRequest, run=None, on_done=None) -> Job:
         """Reserve the images of the key's quota and queue the job; on_done(job) is attached before the worker can
@@ -155,36 +186,42 @@ class Service:
         self.metrics.queue.set(self.scheduler.queued_images())
         return job
 
-    def finished(self, job: Job, served, params: dict, audit: dict) -> Output:
-        """The job's images as PNGs (each with its parameters and seed embedded), or the error it ended with."""
+    def finished(self, job: Job, served, params: dict, audit: dict, request_id: str) -> Output:
+        """The job's images as PNGs (each with its generation record embedded: model, weights hash, parameters,
+        seed, request id, time) after the output screen, or the error the job ended with."""
         self.metrics.queue.set(self.scheduler.queued_images())
         if job.state != DONE:
             self._release(job)
             raise self._failure(job)
         seeds = [job.req.seed + i for i in range(job.n)]
-        images = [to_pil(img) for img in job.images]
-        metas = [{"ldmkit": json.dumps({"model": served.name, **params, "seed": s, "n": 1})} for s in seeds]
-        pngs = [png_bytes(img, meta) for img, meta in zip(images, metas)]
-        out = self._screen(Output(pngs, seeds), images, metas, served.name)
+        record = {"model": served.name, "weights_sha256": served.sha256, **params}
+        made = {"request_id": request_id, "time": utc_now().isoformat(timespec="seconds")}
+        metas = [{"ldmkit": json.dumps({**record, "seed": s, "n": 1, "index": i, **made})} for i, s in enumerate(seeds)]
+        screened = self.screens[served.name]([to_pil(img) for img in job.images], watermark.tag_of(request_id))
+        pngs = [png_bytes(s.marked, meta) for s, meta in zip(screened, metas)]
+        out = Output(pngs, seeds, shown=[None] * len(pngs), withheld=[None] * len(pngs), flags=[None] * len(pngs))
+        for i, s in enumerate(screened):
+            out.shown[i] = pngs[i] if s.image is s.marked else None if s.image is None else png_bytes(s.image, metas[i])
+            if s.action is not None:
+                out.flags[i] = "; ".join(s.reasons)
+                out.withheld[i] = out.flags[i] if s.action in ("withhold", "blur") else None
+                self._count(served.name, s)
         audit["outputs"] = out.sha256
-        flagged = [f"image {i} ({out.sha256[i][:16]}): {why}" for i, why in enumerate(out.withheld) if why]
+        flagged = [f"image {i} ({out.sha256[i][:16]}): {why}" for i, why in enumerate(out.flags) if why]
         if flagged:
             audit["reason"] = "; ".join(flagged)[:1000]
         self.metrics.images.labels(served.name).inc(len(pngs))
+        if self.monitor is not None:
+            self.monitor.add(served.name, job.images)
         return out
 
-    def _screen(self, out: Output, images: list, metas: list[dict], model: str) -> Output:
-        """The output after the safety filter: an image at or above the threshold is withheld (None) or replaced by
-        a blurred stand-in, as the policy's [safety] action says."""
-        if self.safety is None:
-            return out
-        settings = self.safety.settings
-        for i, verdict in enumerate(self.safety.screen(images)):
-            if verdict.flagged:
-                out.withheld[i] = verdict.reason(settings)
-                out.shown[i] = png_bytes(placeholder(images[i]), metas[i]) if settings.action == "blur" else None
-                self.metrics.safety.labels(model, settings.action).inc()
-        return out
+    def _count(self, model: str, s) -> None:
+        """The metrics of one screened image's decisions: the safety filter's and the similarity screen's."""
+        screen = self.screens[model]
+        if screen.safety is not None and s.safety is not None and s.safety >= screen.safety.settings.threshold:
+            self.metrics.safety.labels(model, screen.safety.settings.action).inc()
+        if s.similarity is not None and s.similarity >= screen.threshold:
+            self.metrics.similarity.labels(model, screen.similarity.action).inc()
 
     def _release(self, job: Job) -> None:
         if not self.no_auth:

@@ -1,0 +1,130 @@
+"""`ldmkit provenance IMAGE`, `ldmkit index build` and `ldmkit monitor reference`: governance from the command
+line. cli.py adds them with add_governance_commands(sub, common); each command function takes the parsed arguments
+and returns an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ..data import build_dataset
+from ..errors import InputError
+from ..evaluation.fid import reference_stats
+from ..governance.monitor import reference_path
+from ..governance.provenance import inspect_image
+from ..governance.similarity import build_index, index_path_for
+from ..ldm import LatentDiffusion
+from ..shipped import resolve_model
+from .audit import Audit
+from .commands import _database_option
+from .store import default_database, open_store
+
+
+def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
+    """`ldmkit provenance`, `ldmkit index build`, `ldmkit monitor reference`."""
+    help = "where an image came from: its embedded record, its watermark, and its request in the audit trail"
+    p = sub.add_parser("provenance", help=help, description=help, parents=[common])
+    p.add_argument("image", help="an image file (PNG, JPEG, WebP, ...), metadata stripped or not")
+    _database_option(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.set_defaults(fn=cmd_provenance)
+
+    p = sub.add_parser("index", help="build the training-data similarity index of a model", parents=[common])
+    actions = p.add_subparsers(dest="index_action", required=True, metavar="ACTION")
+    help = "index every training image of a model (or a data set) for the similarity screen"
+    a = actions.add_parser("build", help=help, description=help, parents=[common])
+    a.add_argument("source", help="a shipped model's name, a model.safetensors, a built-in data set or a folder")
+    a.add_argument("--out", help="the index file (default: MODEL.index.npz beside a model's weights)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(fn=cmd_index_build)
+
+    help = "the reference of the rolling output statistic of ldmkit serve"
+    p = sub.add_parser("monitor", help=help, parents=[common])
+    actions = p.add_subparsers(dest="monitor_action", required=True, metavar="ACTION")
+    help = "Inception statistics of a model's training images, which serve's rolling output statistic compares with"
+    a = actions.add_parser("reference", help=help, description=help, parents=[common])
+    a.add_argument("model", help="a shipped model's name or a model.safetensors")
+    a.add_argument("--n", type=int, default=2000, help="training images to summarise (default 2000, at most all)")
+    a.add_argument("--out", help="the statistics file (default: MODEL.reference.npz beside the weights)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(fn=cmd_monitor_reference)
+
+
+def cmd_provenance(args) -> int:
+    """Exit status 0 when the image's origin was found (a record, a watermark or an audit row), 1 otherwise."""
+    found = inspect_image(args.image)
+    rows = []
+    database = args.database or (str(default_database()) if default_database().is_file() else None)
+    if database and (found.tag or found.sha256):
+        with open_store(database) as store:
+            rows = Audit(store).find(found.tag, found.sha256)
+    if args.json:
+        print(json.dumps(found.as_dict() | {"audit": rows}, indent=2, default=str))
+    else:
+        for line in _lines(found, rows, database):
+            print(line)
+    return 0 if found.record or found.tag or rows else 1
+
+
+def _lines(found, rows: list[dict], database: str | None) -> list[str]:
+    rec = found.record or {}
+    lines = [f"{found.path}: {found.size[0]}x{found.size[1]}, sha256 {found.sha256}"]
+    if rec:
+        what = {k: rec[k] for k in ("model", "checkpoint", "prompts", "labels", "seed", "time") if rec.get(k)}
+        lines.append(f"record: request {found.request_id or '(none)'}; " + json.dumps(what, ensure_ascii=False))
+    else:
+        lines.append("record: none (the metadata was stripped, or the image was not written by ldmkit)")
+    if found.tag:
+        agree = {True: ", agrees with the record", False: ", DIFFERS from the record", None: ""}[found.consistent]
+        lines.append(f"watermark: request {found.tag}...{agree}")
+    else:
+        lines.append("watermark: none found")
+    if database is None:
+        lines.append("audit: no database (give --database, as given to ldmkit serve)")
+    elif not rows:
+        lines.append(f"audit: no row of {database} matches")
+    for r in rows:
+        same = " (this exact file)" if found.sha256 in (r.get("outputs") or []) else ""
+        lines.append(
+            f"audit: row {r['seq']} {r['time']} request {r['request_id']} key {r.get('key_name')} "
+            f"model {r.get('model')} {r['decision']}{same}"
+        )
+    return lines
+
+
+def cmd_index_build(args) -> int:
+    out = Path(args.out) if args.out else _default_index(args.source)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
+    index = build_index(args.source, out, progress=not args.quiet)
+    print(f"indexed {len(index)} training images of {args.source} into {out}")
+    return 0
+
+
+def _default_index(source: str) -> Path:
+    """MODEL.index.npz beside a model's weights; a data set needs --out."""
+    try:
+        model = resolve_model(source)
+    except Exception:
+        raise InputError(f"{source!r} is not a model: give --out for the index of a data set") from None
+    return index_path_for(model)
+
+
+def cmd_monitor_reference(args) -> int:
+    model = resolve_model(args.model)
+    out = Path(args.out) if args.out else reference_path(model)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
+    data = LatentDiffusion.load(model, "cpu").run.data
+    dataset = build_dataset(replace(data, limit=0, holdout=0, crop="center", flip=False))
+    n = min(args.n, len(dataset))
+    if n < 2:
+        raise InputError(f"--n {args.n}: summarise at least 2 training images")
+    stats = reference_stats(data.dataset, dataset, n, split=data.split, progress=not args.quiet)
+    stats.save(out)
+    print(f"wrote the statistics of {n} training images of {args.model} to {out}; ldmkit serve uses them at start")
+    return 0

@@ -1,0 +1,77 @@
+"""The training-data similarity index: copies under common transforms match their source, other images do not."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from ldmkit.data.fashion_mnist import load_arrays
+from ldmkit.errors import InputError, MissingFileError
+from ldmkit.governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, build_index, index_path_for
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, _ = load_arrays("test")
+    rgb = [np.asarray(Image.fromarray(a).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)) for a in images]
+    index = SimilarityIndex().build(rgb[:200], [f"train/{i}" for i in range(200)], progress=False)
+    return rgb, index
+
+
+def jpeg(a):
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=60)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def jitter(a):
+    img = ImageEnhance.Contrast(ImageEnhance.Brightness(Image.fromarray(a)).enhance(1.1)).enhance(0.9)
+    return np.asarray(img)
+
+
+def crop(a, y=3, x=9):
+    return np.asarray(Image.fromarray(a[y : y + 51, x : x + 51]).resize((64, 64), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("transform", [lambda a: a, lambda a: a[:, ::-1].copy(), jpeg, jitter, crop])
+def test_transformed_copies_match_their_source(data, transform):
+    rgb, index = data
+    picks = list(range(0, 200, 25))
+    matches = index.query([transform(rgb[i]) for i in picks])
+    assert [m.index for m in matches] == picks
+    assert all(m.similarity >= 0.9 for m in matches), [round(m.similarity, 3) for m in matches]
+
+
+def test_images_outside_the_index_score_below_the_threshold(data):
+    rgb, index = data
+    scores = [m.similarity for m in index.query(rgb[500:560])]
+    assert max(scores) < DEFAULT_THRESHOLD
+
+
+def test_save_load_and_errors(data, tmp_path):
+    _, index = data
+    path = index.save(tmp_path / "x.index.npz")
+    again = SimilarityIndex.load(path)
+    assert len(again) == 200 and again.names[7] == "train/7"
+    with pytest.raises(MissingFileError, match="ldmkit index build"):
+        SimilarityIndex.load(tmp_path / "missing.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not an index")
+    with pytest.raises(InputError, match="not an ldmkit similarity index"):
+        SimilarityIndex.load(tmp_path / "bad.npz")
+    with pytest.raises(InputError, match="empty"):
+        SimilarityIndex().query([np.zeros((8, 8, 3), np.uint8)])
+    assert index_path_for("weights/emoji.safetensors").name == "emoji.index.npz"
+
+
+def test_build_index_from_a_folder(tmp_path, data):
+    rgb, _ = data
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(rgb[i]).save(folder / f"p{i}.png")
+    index = build_index(str(folder), tmp_path / "f.npz", progress=False)
+    assert len(index) == 6 and index.names[0].endswith("p0.png")
+    assert index.query([rgb[3]])[0].name.endswith("p3.png")
+    with pytest.raises(InputError, match="neither a model"):
+        build_index(str(tmp_path / "nothing"), tmp_path / "g.npz", progress=False)
