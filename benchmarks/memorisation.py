@@ -84,7 +84,8 @@ def main() -> None:
     rows = []
     for name in args.models:
         model = resolve_model(name)
-        path = index_path_for(model)
+        path = index_path_for(model)  # a shipped index beside the weights, else one built here
+        path = path if path.is_file() else Path(args.out).parent / path.name
         t = time.perf_counter()
         index = SimilarityIndex.load(path) if path.is_file() else build_index(name, path)
         build_s = time.perf_counter() - t

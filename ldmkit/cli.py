@@ -15,6 +15,7 @@ from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .governance.policy import load_policy
 from .governance.screen import build_screen, finisher, load_index
+from .governance.similarity import DEFAULT_THRESHOLD as COPY_THRESHOLD
 from .interop.convert import convert
 from .pipelines.generate import SampleRequest, generate_to_file
 from .pipelines.img2img import check_strength, img2img_to_file
@@ -237,6 +238,7 @@ def cmd_evaluate(args):
         batch_size=args.batch_size,
         progress=not args.quiet,
         memorisation=load_index(Path(args.checkpoint)) if args.memorisation else None,
+        copy_threshold=COPY_THRESHOLD,
     )
     print(format_table(result))
     print(f"written {write_result(result, result_path(args.checkpoint, result['data'], args.split, args.n, args.out))}")

@@ -4,6 +4,7 @@ and quotas. Skipped when the PostgreSQL server programs are not installed (Debia
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import io
 import json
@@ -22,6 +23,7 @@ from test_serve_audit import append_in_processes, assert_one_chain
 from ldmkit.errors import InputError
 from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import AuthError, Keys
+from ldmkit.serve.prompts import Templates
 from ldmkit.serve.store import open_store
 
 
@@ -189,3 +191,18 @@ def test_two_server_replicas_write_one_chain(url, tmp_path):
     rows = {r["request_id"]: r for r in audit.tail(1000)}
     assert len(answered) == 12 and all(rows[a]["decision"] == "served" for a in answered)
     assert audit.verify().ok
+
+
+def test_prompt_templates_on_postgresql_get_distinct_versions_from_two_stores(url):
+    with open_store(url) as a, open_store(url) as b:
+        stores = [Templates(a), Templates(b)]
+
+        def add(i: int) -> int:
+            return stores[i % 2].add("shot", f"a {{thing}} number {i} at 100% size").version
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            versions = sorted(pool.map(add, range(12)))
+        assert versions == list(range(1, 13))
+        assert stores[1].render("shot@3", {"thing": "50% off {sale}"}).prompt.startswith("a 50% off {sale} number")
+        stores[0].retire("shot")
+        assert stores[1].show("shot@12").retired is not None

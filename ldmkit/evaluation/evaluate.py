@@ -27,7 +27,6 @@ from ..config import DataConfig
 from ..data import build_dataset, stack_images
 from ..data.images import to_pil
 from ..errors import InputError
-from ..governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex
 from ..ldm import LatentDiffusion
 from ..pipelines.generate import SampleRequest, generate
 from ..runtime import resolve_device
@@ -88,11 +87,13 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 50,
     progress: bool = True,
-    memorisation: SimilarityIndex | None = None,
+    memorisation=None,
+    copy_threshold: float = 1.0,
 ) -> dict:
     """Metrics of a checkpoint against `dataset` (default: the one it was trained on), `split`, n images.
-    memorisation: the model's training-data index; the result then also holds the share of generated images at or
-    above its copy threshold (and the highest similarity)."""
+    memorisation: the model's training-data index (governance.similarity.SimilarityIndex: query(images) ->
+    matches with a .similarity); the result then also holds the share of generated images at or above
+    copy_threshold, and the highest similarity."""
     kind = checkpoint.read_metadata(path)["kind"]
     dev = resolve_device(device)
     features = InceptionFeatures(device=dev, batch_size=batch_size)
@@ -133,8 +134,8 @@ def evaluate(
         if memorisation is not None:
             sims = np.array(similarities)
             result |= {
-                "memorisation": float((sims >= DEFAULT_THRESHOLD).mean()),
-                "memorisation_threshold": DEFAULT_THRESHOLD,
+                "memorisation": float((sims >= copy_threshold).mean()),
+                "memorisation_threshold": copy_threshold,
                 "memorisation_max_similarity": float(sims.max()),
             }
     else:
@@ -154,7 +155,7 @@ def evaluate(
     }
 
 
-def _screened(batches, index: SimilarityIndex, similarities: list[float]):
+def _screened(batches, index, similarities: list[float]):
     """The batches of generated images, unchanged, each also compared with the training-data index."""
     for x in batches:
         similarities += [m.similarity for m in index.query([np.asarray(p.convert("RGB")) for p in _pils(x)])]
