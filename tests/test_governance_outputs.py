@@ -16,6 +16,7 @@ from PIL import Image
 from serve_helpers import LiveServer
 
 from ldmkit.data.images import read_parameters
+from ldmkit.governance import watermark
 from ldmkit.governance.provenance import inspect_image
 from ldmkit.governance.similarity import SimilarityIndex, index_path_for
 from ldmkit.serve.audit import Audit
@@ -119,6 +120,9 @@ def test_the_commands_watermark_and_screen_with_a_policy(tmp_path, emoji_copy):
     )
     first = inspect_image(out / "00000.png")
     assert first.tag is not None and first.consistent is True
+    grid = inspect_image(tmp_path / "grid.png")  # a grid names the run in its record; each tile carries the tag
+    tile = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))[2:66, 2:66]  # the first 64x64 tile
+    assert grid.request_id is not None and watermark.read(tile).tag.hex() == grid.request_id[:12]
     # a policy that withholds everything the safety filter scores at or above 0: nothing is written
     policy = tmp_path / "policy.toml"
     policy.write_text('[safety]\nthreshold = 0.0\naction = "withhold"\n')

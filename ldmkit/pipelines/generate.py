@@ -379,7 +379,10 @@ def write_batches(
         images, captions = collect(batches(ldm))
         if finish is not None:
             images, captions, facts = _finished_grid(images, captions, finish)
-            meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params, "images": facts})}
+            shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}  # the run's id, time
+            tiles = [{k: v for k, v in f.items() if k not in shared} for f in facts]
+            about = {"checkpoint": str(checkpoint), **params, **shared}
+            meta = {"ldmkit": json.dumps(about | ({"images": tiles} if any(tiles) else {}))}
         return [
             write_or_rescue(
                 lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta), out
