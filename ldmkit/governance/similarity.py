@@ -90,11 +90,24 @@ def _crop(img: Image.Image, box: tuple[float, float, float], side: int) -> np.nd
 
 
 def _descriptors(thumbs: np.ndarray, boxes=((1.0, 0.0, 0.0),)) -> np.ndarray:
-    """(N, THUMB, THUMB) thumbnails -> (N * len(boxes), RETRIEVE**2) standardised descriptors of each crop box."""
+    """(N, THUMB, THUMB) thumbnails -> (N * len(boxes), RETRIEVE**2) standardised descriptors of each crop box, in
+    that order (image-major). Vectorised: the thumbnails are box-filtered to half size, then each crop box is
+    sampled bilinearly at RETRIEVE x RETRIEVE (an index of 60,000 images takes about a second)."""
     if not len(thumbs):
         return np.zeros((0, RETRIEVE * RETRIEVE), np.float32)
-    small = [_crop(Image.fromarray(t.astype(np.float32), "F"), b, RETRIEVE) for t in thumbs for b in boxes]
-    return _standard(np.stack(small).reshape(len(small), -1))
+    out = []
+    for start in range(0, len(thumbs), 4096):
+        x = torch.from_numpy(np.array(thumbs[start : start + 4096], np.float32))[:, None]  # (n, 1, THUMB, THUMB)
+        x = torch.nn.functional.avg_pool2d(x, 2)  # the antialiasing of the downsampling
+        views = []
+        for s, ox, oy in boxes:
+            lin = (torch.arange(RETRIEVE, dtype=torch.float32) + 0.5) / RETRIEVE  # cell centres in [0, 1]
+            gx, gy = (ox + s * lin) * 2 - 1, (oy + s * lin) * 2 - 1  # in grid_sample's [-1, 1]
+            grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1).expand(len(x), -1, -1, -1)
+            views.append(torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False))
+        v = torch.stack(views, 1).reshape(len(x) * len(boxes), -1)  # (n * boxes, RETRIEVE**2), image-major
+        out.append(_standard(v.numpy()))
+    return np.concatenate(out)
 
 
 def _detail(x: np.ndarray) -> np.ndarray:
