@@ -88,9 +88,62 @@ class UNetConfig:
         return self.num_heads[level] if len(self.num_heads) > 1 else self.num_heads[0]
 
 
+# DiT sizes (Peebles & Xie 2023, Table 1): name -> (depth, hidden_size, num_heads); a preset is "<name>/<patch>"
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+DIT_PATCHES = (2, 4, 8)
+DIT_PRESETS = tuple(f"{name}/{p}" for name in DIT_SIZES for p in DIT_PATCHES)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The Diffusion Transformer (denoiser.kind = "dit"): a preset names its size, and any of depth, hidden_size,
+    num_heads, patch_size set above 0 overrides the preset's value (preset "" needs all four)."""
+
+    preset: str = "S/2"  # "S", "B", "L" or "XL" / patch size 2, 4 or 8 (e.g. "B/4"); "" = only the four below
+    depth: int = 0  # transformer blocks; 0 = the preset's
+    hidden_size: int = 0  # token width; 0 = the preset's (a multiple of 4 for the 2-D sine-cosine positions)
+    num_heads: int = 0  # attention heads, dividing hidden_size; 0 = the preset's
+    patch_size: int = 0  # latent pixels per patch side; latent sides must be multiples of it; 0 = the preset's
+    in_channels: int = 4  # latent channels plus any concatenated conditioning channels
+    out_channels: int = 4  # latent channels
+    mlp_ratio: float = 4.0  # feed-forward width / hidden_size
+    context_dim: int = 0  # text context width for cross-attention in every block; 0 = no cross-attention
+    num_classes: int = 0  # class embedding added to the noise-level embedding; label num_classes is the null label
+    learned_sigma: bool = False  # the last layer also predicts a variance (original DiT checkpoints); it is dropped
+    norm_eps: float = 1e-6  # epsilon of the LayerNorm before each feed-forward (diffusers' norm_eps, 1e-5 there)
+    sample_size: int = 0  # latent side whose patch grid the positions are spread over at every size (diffusers'
+    # sample_size); 0 = positions are patch indices
+
+    def size(self) -> tuple[int, int, int, int]:
+        """(depth, hidden_size, num_heads, patch_size) after the preset."""
+        depth, width, heads, patch = 0, 0, 0, 0
+        if self.preset in DIT_PRESETS:
+            name, p = self.preset.split("/")
+            (depth, width, heads), patch = DIT_SIZES[name], int(p)
+        return (self.depth or depth, self.hidden_size or width, self.num_heads or heads, self.patch_size or patch)
+
+    @property
+    def factor(self) -> int:
+        """How many latent pixels one token covers per side: latent sides must be multiples of this."""
+        return self.size()[3]
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    kind: str = "unet"  # the backbone: "unet" (settings in [unet]) or "dit" (settings in [dit])
+
+
+BACKBONE_KINDS = ("unet", "dit")  # the values of DenoiserConfig.kind
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
-    parameterisation: str = "eps"  # "eps", "v" (both discrete-time, 1000 steps) or "edm" (continuous sigma)
+    parameterisation: str = "eps"  # "eps", "v" (both discrete-time, 1000 steps), "edm" (continuous sigma) or "flow"
     schedule: str = "scaled_linear"  # beta schedule: "linear", "scaled_linear" or "cosine"
     num_timesteps: int = 1000  # discrete training timesteps (eps / v)
     beta_start: float = 0.00085  # first beta (linear / scaled_linear)
@@ -102,6 +155,10 @@ class DiffusionConfig:
     p_std: float = 1.2  # EDM training: log-sigma std
     sigma_min: float = 0.002  # EDM sampling range
     sigma_max: float = 80.0
+    flow_shift: float = 1.0  # flow: sigma = t / (1 - t) is multiplied by this in training and sampling (Esser et
+    # al. 2024's resolution shift; 3.0 for about 4x the pixels of the base resolution)
+    logit_mean: float = 0.0  # flow training: logit(t) ~ N(logit_mean, logit_std^2) before the shift
+    logit_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +172,7 @@ class DataConfig:
     limit: int = 0  # use only the first N images; 0 means all
     holdout: int = 256  # images held out (from the end) for reconstruction metrics
     caption_dropout: float = 0.1  # probability of dropping the label / caption (classifier-free guidance)
+    max_pixels: int = 200_000_000  # image folders: a file that decodes to more pixels is skipped; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -134,6 +192,8 @@ class TrainConfig:
     log_every: int = 10  # JSONL log interval (steps)
     sample_every: int = 0  # sample grid interval (steps); 0 disables
     ckpt_every: int = 500  # checkpoint interval (steps); 0: only the final checkpoint, which is always written
+    num_workers: int = -1  # data-loading processes; -1: one per available core for image folders, none for
+    # data sets already in memory; 0: load in the training process. Never changes results, only speed
 
 
 @dataclass(frozen=True)
@@ -172,6 +232,18 @@ class DenoiserRun:
     class_names: tuple[str, ...] = ()  # label names, for grids and `ldmkit info`
     task: str = "generate"  # "generate" (from noise), "inpaint" (also a mask and a masked image) or "upscale"
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
+    dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
+
+    @property
+    def backbone(self) -> UNetConfig | DiTConfig:
+        """The configuration of the backbone denoiser.kind names (both have in/out channels, num_classes,
+        context_dim and factor)."""
+        return self.dit if self.denoiser.kind == "dit" else self.unet
+
+    def with_backbone(self, cfg: UNetConfig | DiTConfig) -> "DenoiserRun":
+        """This run with `cfg` as its backbone's configuration."""
+        return dataclasses.replace(self, **{"dit" if isinstance(cfg, DiTConfig) else "unet": cfg})
 
 
 TASKS = ("generate", "inpaint", "upscale")  # the values of DenoiserRun.task
@@ -300,6 +372,19 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         dropout=DECAY,
         freq_shift=FINITE,
     ),
+    DiTConfig: dict(
+        depth=OPTIONAL_COUNT,
+        hidden_size=OPTIONAL_COUNT,
+        num_heads=OPTIONAL_COUNT,
+        patch_size=OPTIONAL_COUNT,
+        in_channels=COUNT,
+        out_channels=COUNT,
+        mlp_ratio=POSITIVE,
+        context_dim=OPTIONAL_COUNT,
+        num_classes=OPTIONAL_COUNT,
+        norm_eps=POSITIVE,
+        sample_size=OPTIONAL_COUNT,
+    ),
     DiffusionConfig: dict(
         num_timesteps=COUNT,
         beta_start=OPEN_UNIT,
@@ -310,6 +395,9 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         p_std=POSITIVE,
         sigma_min=POSITIVE,
         sigma_max=POSITIVE,
+        flow_shift=POSITIVE,
+        logit_mean=FINITE,
+        logit_std=POSITIVE,
     ),
     DataConfig: dict(
         resolution=COUNT,
@@ -317,6 +405,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         limit=OPTIONAL_COUNT,
         holdout=OPTIONAL_COUNT,
         caption_dropout=PROBABILITY,
+        max_pixels=OPTIONAL_COUNT,
     ),
     UpscaleConfig: dict(
         factor=Bound(2, 16, integer=True),
@@ -356,11 +445,13 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         log_every=COUNT,
         sample_every=OPTIONAL_COUNT,
         ckpt_every=OPTIONAL_COUNT,
+        num_workers=Bound(-1, 256, integer=True),
     ),
 }
 
-# settings that no longer exist: still accepted (and ignored) so that files written before their removal load
-RETIRED: dict[type, set[str]] = {TrainConfig: {"num_workers"}}
+# settings that no longer exist: still accepted (and ignored) so that files written before their removal load.
+# (train.num_workers was here while nothing read it; it is back, and the files that carry it load as they are.)
+RETIRED: dict[type, set[str]] = {}
 
 
 def _key(where: str, name: str) -> str:
@@ -395,6 +486,32 @@ def _check_levels(cfg, where: str):
         raise ConfigError(f"{_key(where, 'num_heads')} = {cfg.num_heads!r} must be one value or one per level ({n})")
 
 
+def _check_dit(cfg: DiTConfig, where: str):
+    """A known preset (or all four sizes given), heads that divide the width, a width the positions can use."""
+    if cfg.preset and cfg.preset not in DIT_PRESETS:
+        raise ConfigError(
+            f"{_key(where, 'preset')} = {cfg.preset!r} is not a DiT preset; use one of {', '.join(DIT_PRESETS)} "
+            f'(or "" and set depth, hidden_size, num_heads and patch_size)'
+        )
+    missing = [n for n, v in zip(("depth", "hidden_size", "num_heads", "patch_size"), cfg.size()) if not v]
+    if missing:
+        raise ConfigError(
+            f"{_key(where, 'preset')} is empty, so {', '.join(_key(where, n) for n in missing)} must be set "
+            f"(above 0); or pick a preset such as S/2"
+        )
+    _, width, heads, _ = cfg.size()
+    if width % heads:
+        raise ConfigError(
+            f"{_key(where, 'hidden_size')} = {width} is not divisible by {_key(where, 'num_heads')} = {heads}; "
+            f"change one of them (e.g. hidden_size {width // heads * heads or heads})"
+        )
+    if width % 4:
+        raise ConfigError(
+            f"{_key(where, 'hidden_size')} = {width} is not a multiple of 4, which the 2-D sine-cosine positions "
+            f"need; use {width // 4 * 4 or 4} or {width // 4 * 4 + 4}"
+        )
+
+
 def _check_diffusion(cfg: DiffusionConfig, where: str):
     if cfg.sigma_max <= cfg.sigma_min:
         raise ConfigError(
@@ -418,6 +535,11 @@ def _check_train(cfg: TrainConfig, where: str):
 
 def _check_denoiser_run(cfg: DenoiserRun, where: str):
     """The task is known, and an upscaler's schedule and default noise level are ones it can use."""
+    if cfg.denoiser.kind not in BACKBONE_KINDS:
+        raise ConfigError(
+            f"{_key(where, 'denoiser.kind')} = {cfg.denoiser.kind!r} is not a backbone; use "
+            f"{' or '.join(BACKBONE_KINDS)} (e.g. --set denoiser.kind=dit --set dit.preset=S/2)"
+        )
     if cfg.task not in TASKS:
         raise ConfigError(
             f"{_key(where, 'task')} = {cfg.task!r} is not a task; use {' or '.join(TASKS)} (e.g. --task inpaint)"
@@ -440,6 +562,7 @@ CROSS_CHECKS = {
     DenoiserRun: _check_denoiser_run,
     AutoencoderConfig: _check_levels,
     UNetConfig: _check_levels,
+    DiTConfig: _check_dit,
     DiffusionConfig: _check_diffusion,
     TrainConfig: _check_train,
 }

@@ -52,3 +52,8 @@ class OutputExistsError(LdmkitError, FileExistsError):
 class OutputWriteError(LdmkitError, OSError):
     """An output could not be written after the work was done (a full disk, a folder removed meanwhile); the
     message says where the results were saved instead."""
+
+
+class DiskSpaceError(LdmkitError, OSError):
+    """Too little free disk space for a file ldmkit must write; the message says how much it needs and where, and
+    that nothing half-written was left."""

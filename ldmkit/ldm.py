@@ -1,8 +1,9 @@
 """A complete latent diffusion model: autoencoder + denoiser + conditioner, saved as one self-contained file.
 
-An "ldm" checkpoint holds `unet.*` (EMA weights), `autoencoder.*`, optionally `text_encoder.*` (a jointly trained
-encoder, or CLIP weights imported from Stable Diffusion; MiniLM's frozen weights ship in its package), and in its
-metadata the denoiser run's resolved configuration and the autoencoder's.
+An "ldm" checkpoint holds the backbone's EMA weights (`unet.*` or `dit.*`, as denoiser.kind), `autoencoder.*`,
+optionally `text_encoder.*` (a jointly trained encoder, or CLIP weights imported from Stable Diffusion; MiniLM's
+frozen weights ship in its package), and in its metadata the denoiser run's resolved configuration and the
+autoencoder's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .conditioning.labels import LabelConditioner
 from .conditioning.text import build_text_encoder
 from .conditioning.types import Conditioning
 from .config import AutoencoderConfig, DenoiserRun, from_dict, to_dict
-from .denoisers.unet import UNet
+from .denoisers import backbone_name, build_backbone
 from .diffusion.parameterisation import make_denoiser
 from .errors import CheckpointError, InputError, NonFiniteError
 from .nn.invariant import batch_invariant
@@ -30,13 +31,14 @@ KIND = "ldm"
 
 @dataclass
 class LdmFile:
-    """The contents of an "ldm" file, the one place its layout is written down: tensors `unet.*`, `autoencoder.*`
-    and `text_encoder.*`; metadata `config` (the resolved DenoiserRun), `autoencoder` (its AutoencoderConfig),
-    `text_encoder_options` (rebuilds the text encoder) and any extras (step, converted_from, stored_dtype)."""
+    """The contents of an "ldm" file, the one place its layout is written down: tensors `unet.*` (or `dit.*`, the
+    backbone run.denoiser.kind names), `autoencoder.*` and `text_encoder.*`; metadata `config` (the resolved
+    DenoiserRun), `autoencoder` (its AutoencoderConfig), `text_encoder_options` (rebuilds the text encoder) and
+    any extras (step, converted_from, stored_dtype)."""
 
     run: DenoiserRun
     ae_config: AutoencoderConfig
-    unet: dict[str, torch.Tensor]  # the U-Net's state dict (EMA weights after training)
+    unet: dict[str, torch.Tensor]  # the backbone's state dict, U-Net or DiT (EMA weights after training)
     autoencoder: dict[str, torch.Tensor]
     text: dict[str, torch.Tensor] = field(default_factory=dict)  # empty: none, or shipped in its package (minilm)
     text_options: dict[str, Any] = field(default_factory=dict)
@@ -58,10 +60,11 @@ class LdmFile:
             for k, v in meta.items()
             if k not in ("format", "kind", "config", "autoencoder", "text_encoder_options")
         }
+        run = from_dict(DenoiserRun, meta["config"])
         return cls(
-            from_dict(DenoiserRun, meta["config"]),
+            run,
             from_dict(AutoencoderConfig, meta["autoencoder"]),
-            checkpoint.subset(tensors, "unet"),
+            checkpoint.subset(tensors, run.denoiser.kind),
             checkpoint.subset(tensors, "autoencoder"),
             checkpoint.subset(tensors, "text_encoder"),
             meta.get("text_encoder_options") or {},
@@ -80,9 +83,9 @@ class LdmFile:
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor under its name in the file (unet.*, autoencoder.*, text_encoder.*)."""
+        """Every tensor under its name in the file (unet.* or dit.*, autoencoder.*, text_encoder.*)."""
         return (
-            checkpoint.prefixed(self.unet, "unet")
+            checkpoint.prefixed(self.unet, self.run.denoiser.kind)
             | checkpoint.prefixed(self.autoencoder, "autoencoder")
             | checkpoint.prefixed(self.text, "text_encoder")
         )
@@ -92,7 +95,7 @@ class LdmFile:
 class LatentDiffusion:
     autoencoder: nn.Module
     ae_config: AutoencoderConfig
-    unet: UNet
+    unet: nn.Module  # the backbone run.denoiser.kind names: a UNet or a DiT
     run: DenoiserRun
     text_encoder: nn.Module | None = None
     source: Path | None = None  # the file it was loaded from (named in error messages); None when built in memory
@@ -126,7 +129,7 @@ class LatentDiffusion:
     def num_classes(self) -> int:
         """The class labels a user picks from; 0 for an unconditional or text model, and for an upscaler, whose
         class-style embedding holds its noise-augmentation levels instead."""
-        return 0 if self.task == "upscale" else self.run.unet.num_classes
+        return 0 if self.task == "upscale" else self.run.backbone.num_classes
 
     @property
     def labels(self) -> LabelConditioner:
@@ -204,8 +207,8 @@ class LatentDiffusion:
         run = f.run
         ae = build_autoencoder(f.ae_config)
         checkpoint.load_state(ae, f.autoencoder, path, "autoencoder")
-        unet = UNet(run.unet)
-        checkpoint.load_state(unet, f.unet, path, "U-Net")
+        unet = build_backbone(run)
+        checkpoint.load_state(unet, f.unet, path, backbone_name(run))
         text = None
         if run.text_encoder:
             text = build_text_encoder(run.text_encoder, **f.text_options)

@@ -152,8 +152,15 @@ def test_malformed_toml_names_the_file(tmp_path):
         load_run(DenoiserRun, str(bad))
 
 
-def test_the_retired_num_workers_setting_is_gone_but_old_files_still_load():
-    assert "num_workers" not in {f.name for f in dataclasses.fields(TrainConfig)}
+def test_num_workers_is_back_and_files_from_every_era_load(monkeypatch):
+    assert TrainConfig().num_workers == -1  # one loading process per core for image folders
     old = to_dict(DenoiserRun())
-    old["train"]["num_workers"] = 0  # checkpoints written before it was removed carry it
+    old["train"]["num_workers"] = 0  # files written before it was retired carry the old default
+    assert from_dict(DenoiserRun, old).train.num_workers == 0
+    del old["train"]["num_workers"]  # and files written while it was retired lack it
     assert from_dict(DenoiserRun, old) == DenoiserRun()
+    with pytest.raises(ConfigError, match=r"train.num_workers = -2 .*\[-1, 256\]"):
+        from_dict(TrainConfig, {"num_workers": -2}, "train")
+    # a setting retired again later is still accepted, and ignored
+    monkeypatch.setitem(config_module.RETIRED, TrainConfig, {"old_knob"})
+    assert from_dict(TrainConfig, {"old_knob": 3}) == TrainConfig()

@@ -11,9 +11,19 @@ from ldmkit.samplers import SAMPLERS, get_sampler
 # The errors measured for sd in {0.5, 1, 2}: euler / ddim 4.6-5.6 %, ddpm / euler_ancestral 9.2-11 %, heun /
 # dpmpp_2m 0.4-0.7 %, dpmpp_2m_sde 1.2-1.8 %; the bounds leave room for the 0.3 % sampling error of the std of
 # 65,536 values (sd / sqrt(2N)) in the stochastic samplers.
-ORDER = {"euler": 1, "ddim": 1, "ddpm": 1, "euler_ancestral": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_2m_sde": 2}
+ORDER = {
+    "euler": 1,
+    "ddim": 1,
+    "ddpm": 1,
+    "euler_ancestral": 1,
+    "heun": 2,
+    "dpmpp_2m": 2,
+    "dpmpp_2m_sde": 2,
+    "flow_euler": 1,
+}
 TOL_50 = {
     "euler": 0.07,
+    "flow_euler": 0.07,  # the same steps as euler
     "ddim": 0.07,
     "ddpm": 0.13,
     "euler_ancestral": 0.13,

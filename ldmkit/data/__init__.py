@@ -16,7 +16,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import InputError, MissingFileError
-from .common import Subset, dataset_fingerprint, split_holdout, stack_images
+from .common import Subset, dataset_fingerprint, prepare_dataset, split_holdout, stack_images
 from .emoji import EmojiDataset
 from .fashion_mnist import FashionMNIST
 from .folder import ImageFolder
@@ -60,4 +60,12 @@ def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
     return ImageFolder(cfg)
 
 
-__all__ = ["BUILTINS", "Subset", "build_dataset", "dataset_fingerprint", "split_holdout", "stack_images"]
+__all__ = [
+    "BUILTINS",
+    "Subset",
+    "build_dataset",
+    "dataset_fingerprint",
+    "prepare_dataset",
+    "split_holdout",
+    "stack_images",
+]

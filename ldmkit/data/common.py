@@ -35,6 +35,15 @@ def file_stamp(path: str | Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def human_bytes(n: float) -> str:
+    """A size in bytes for people: "812 bytes", "3.4 MiB", "1.2 GiB"."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
 def _item_image(item) -> torch.Tensor:
     """The image of an item: a dict with "image", an (image, label) pair, or an image tensor itself."""
     if isinstance(item, dict):
@@ -113,6 +122,19 @@ class Subset(torch.utils.data.Dataset):
         item["index"] = i % len(self)
         return item
 
+    @property
+    def prepare(self):
+        """The base's prepare() (an image folder's cache build), or None for a base held in memory."""
+        return getattr(self.base, "prepare", None)
+
+    @property
+    def load_batch(self):
+        """The base's load_batch for these indices, or None when the base has none."""
+        base = getattr(self.base, "load_batch", None)
+        if base is None:
+            return None
+        return lambda idx, generator: base([self.indices[int(i)] for i in idx], generator)
+
 
 def split_holdout(ds, n: int) -> tuple[Subset, Subset]:
     """(train, holdout): the last n items are held out for evaluation, the rest train; deterministic."""
@@ -120,6 +142,18 @@ def split_holdout(ds, n: int) -> tuple[Subset, Subset]:
         raise InputError(f"cannot hold out {n} of {len(ds)} images; set data.holdout between 0 and {len(ds) - 1}")
     cut = len(ds) - n
     return Subset(ds, range(cut)), Subset(ds, range(cut, len(ds)))
+
+
+def prepare_dataset(ds, workers: int = 0, progress: bool = False):
+    """Build the prepared-image cache of a data set read from files (an image folder, or a Subset of one) with
+    `workers` decoding processes; returns its report, or None for a data set that lives in memory."""
+    prepare = getattr(ds, "prepare", None)
+    return prepare(workers=workers, progress=progress) if callable(prepare) else None
+
+
+def reads_files(ds) -> bool:
+    """Whether items of `ds` come from image files (so loading them in worker processes can pay)."""
+    return callable(getattr(ds, "prepare", None))
 
 
 def stack_images(dataset, idx) -> torch.Tensor:

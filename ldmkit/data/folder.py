@@ -7,24 +7,33 @@ Layout (all optional beyond the images themselves):
       metadata.jsonl            {"file_name": "cats/001.png", "text": "a grey cat"} per line (imagefolder style)
       dogs/abc.txt              sidecar caption for dogs/abc.jpg (same stem), used where metadata has none
 Images are found recursively (.png .jpg .jpeg .webp .bmp .gif; hidden files and folders skipped) in sorted
-order, so item i is the same file on every machine. Each file's header is checked once up front; a file that is
-unreadable there or later, at load time, is reported once with a warning naming it and replaced by the next
-readable item, so one bad file never stops an epoch.
+order, so item i is the same file on every machine. Each file's header is checked once up front (unless the image
+cache already knows the file); a file that is unreadable there, or larger than data.max_pixels allows, is left out
+with a warning naming it and the reason. A file that fails later, when it is decoded, is reported once the same
+way and replaced by the next readable item, so one bad file never stops an epoch.
+
+Pixels: each file is decoded straight to a square of `stored_size` (decode.prepare_pixels: the resolution for
+centre crops; for random crops a margin of resolution // 8 more, out of which each draw takes a random
+resolution-sized window). `prepare()` builds the prepared-image cache (prepared.py) once, after which every item
+is a slice of a memory-mapped file; without it each item is decoded when asked for.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import numpy as np
 import torch
-from PIL import Image
 
 from ..config import DataConfig
 from ..errors import InputError, MissingFileError
 from .common import digest, file_stamp
-from .images import IMAGE_SUFFIXES, load_image, resize_and_crop, to_tensor
+from .decode import TooLarge, prepare_pixels, probe
+from .images import IMAGE_SUFFIXES, uint8_to_tensor
+from .prepared import Geometry, PreparedCache, Report
 
 CAPTION_KEYS = ("text", "caption")  # metadata.jsonl keys read as the caption, first found wins
 
@@ -67,21 +76,16 @@ def read_metadata(path: Path) -> dict[str, tuple[int, str | None]]:
     return out
 
 
-def header_ok(path: Path) -> bool:
-    """A cheap check that `path` is an image Pillow can open: reads the header only, decodes no pixels."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-        return w > 0 and h > 0
-    except Exception:  # noqa: BLE001 - any failure to parse the header means "unreadable"
-        return False
+def stored_size(cfg: DataConfig) -> int:
+    """The side of the square kept per image: the resolution, plus a margin for random crops to move in."""
+    return cfg.resolution + (cfg.resolution // 8 if cfg.crop == "random" else 0)
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """Images under the folder cfg.dataset, resized (shorter side) and cropped to cfg.resolution."""
 
     def __init__(self, cfg: DataConfig, root: str | Path | None = None):
-        """cfg: resolution, channels, crop, flip and limit; root: the folder (default cfg.dataset)."""
+        """cfg: resolution, channels, crop, flip, limit and max_pixels; root: the folder (default cfg.dataset)."""
         self.cfg, self.root = cfg, Path(root if root is not None else cfg.dataset).expanduser()
         self._check_root()
         files = find_images(self.root)
@@ -90,22 +94,31 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; add images "
                 f"there (one subfolder per class for labels) or point data.dataset elsewhere"
             )
-        found = {f.as_posix() for f in files}
+        self._found = {f.as_posix() for f in files}
         if cfg.limit > 0:
             files = files[: cfg.limit]
         self._warned: set[str] = set()
-        bad = [f for f in files if not header_ok(self.root / f)]
-        for f in bad:
-            self._warn(f, "its header cannot be read")
-        bad_set = set(bad)
-        self.files = [f for f in files if f not in bad_set]
+        self.size = stored_size(cfg)
+        self.cache = PreparedCache(Geometry(str(self.root.resolve()), self.size, cfg.channels, cfg.max_pixels))
+        self._rows: list | None = None  # (cache shard, row) per item once prepare() ran
+        known = self.cache.read_index()
+        self.files = []
+        for f in files:
+            entry = known.get(f.as_posix())
+            why = None
+            if entry is None or entry.get("stamp") != file_stamp(self.root / f):
+                why = probe(self.root / f, self.size, cfg.max_pixels)
+            if why is None:
+                self.files.append(f)
+            else:
+                self._warn(f, why, replaced=False)
         if not self.files:
             raise InputError(
                 f"none of the {len(files)} images under {self.root} could be read; check the files "
                 f"or point data.dataset at another folder"
             )
         self._labels()
-        self._captions(found)
+        self._captions(self._found)
 
     def _check_root(self) -> None:
         if not self.root.exists():
@@ -163,40 +176,90 @@ class ImageFolder(torch.utils.data.Dataset):
                 c.crop,
                 c.flip,
                 c.limit,
+                c.max_pixels,
                 file_stamp(self.root / "metadata.jsonl"),
                 files,
             ]
         )
 
-    def _warn(self, rel: Path, why: str) -> None:
+    def _warn(self, rel: Path, why: str, replaced: bool = True) -> None:
         if str(rel) not in self._warned:
             self._warned.add(str(rel))
+            instead = "another image is used in its place" if replaced else "it is left out"
             warnings.warn(
-                f"skipping image {self.root / rel}: {why}; another image is used in its place. "
-                f"Delete or replace the file to silence this warning",
+                f"skipping image {self.root / rel}: {why}; {instead}. Delete or replace the file to silence "
+                f"this warning",
                 stacklevel=3,
             )
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} is out of range for {len(self)} images in {self.root}")
-        i = i % len(self)
-        for k in range(len(self)):  # this item, else the next readable one
+    # --- the prepared-image cache -----------------------------------------------------------------------------
+
+    def prepare(self, workers: int = 0, progress: bool = False) -> Report:
+        """Build (or update) the prepared-image cache of this folder with `workers` decoding processes, then serve
+        every item from it. Files that fail to decode are warned about and replaced by the next readable item.
+        Returns the build's report; with progress, shows a progress bar and prints the report's line."""
+        rels = [f.as_posix() for f in self.files]
+        report, rows = self.cache.prepare(rels, self._found, workers, progress)
+        for rel, why in report.skipped.items():
+            self._warn(Path(rel), why)
+        if all(r is None for r in rows):
+            raise InputError(f"no image under {self.root} could be decoded; check the files (see the warnings above)")
+        self._rows = rows
+        if progress:
+            print(report.line(), file=sys.stderr)
+        return report
+
+    def _pixels(self, j: int) -> np.ndarray:
+        """The stored (S, S, C) uint8 square of file j: from the cache after prepare(), else decoded now."""
+        if self._rows is not None:
+            return self.cache.pixels(*self._rows[j])
+        return prepare_pixels(self.root / self.files[j], self.size, self.cfg.channels, self.cfg.max_pixels)
+
+    def _load(self, i: int) -> tuple[int, np.ndarray]:
+        """(j, pixels of file j): item i's file, else the next readable one (a failure is warned about once)."""
+        for k in range(len(self)):
             j = (i + k) % len(self)
             rel = self.files[j]
             if str(rel) in self._warned:
                 continue
             try:
-                img = load_image(self.root / rel, self.cfg.channels)
+                return j, self._pixels(j)
+            except TooLarge as e:
+                self._warn(rel, str(e))
             except Exception as e:  # noqa: BLE001 - a damaged file must not stop an epoch
                 self._warn(rel, f"it cannot be decoded ({type(e).__name__}: {e})")
-                continue
-            x = to_tensor(resize_and_crop(img, self.cfg.resolution, self.cfg.crop))  # (C, R, R)
-            if self.cfg.flip and torch.rand(()) < 0.5:
-                x = x.flip(-1)
-            cap = self.captions[j] if self.captions is not None else ""
-            return {"image": x, "label": self.labels[j], "caption": cap, "index": i}
         raise InputError(f"no image under {self.root} could be decoded; check the files (see the warnings above)")
+
+    def _window(self, arr: np.ndarray, top: int, left: int, flip: bool) -> np.ndarray:
+        """The resolution-sized square of `arr` at (top, left), mirrored left-right if flip: (R, R, C)."""
+        r = self.cfg.resolution
+        out = arr[top : top + r, left : left + r]
+        return out[:, ::-1] if flip else out
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} is out of range for {len(self)} images in {self.root}")
+        i = i % len(self)
+        j, arr = self._load(i)
+        top = left = 0
+        if self.size > self.cfg.resolution:  # random crops: the offset from torch's global RNG
+            top, left = (int(torch.randint(0, self.size - self.cfg.resolution + 1, ()).item()) for _ in range(2))
+        flip = bool(self.cfg.flip and torch.rand(()) < 0.5)
+        x = uint8_to_tensor(np.array(self._window(arr, top, left, flip)))  # (C, R, R); a copy, not the cache's pages
+        cap = self.captions[j] if self.captions is not None else ""
+        return {"image": x, "label": self.labels[j], "caption": cap, "index": i}
+
+    def load_batch(self, idx, generator: torch.Generator) -> torch.Tensor:
+        """The images of items idx as uint8 (B, C, R, R), crops and flips drawn from `generator` alone (not the
+        global RNG), so a batch is a pure function of its indices and the generator's seed."""
+        b, r, extra = len(idx), self.cfg.resolution, self.size - self.cfg.resolution
+        offsets = torch.randint(0, extra + 1, (b, 2), generator=generator) if extra else torch.zeros(b, 2, dtype=int)
+        flips = torch.rand(b, generator=generator) < 0.5 if self.cfg.flip else torch.zeros(b, dtype=torch.bool)
+        out = np.empty((b, self.cfg.channels, r, r), np.uint8)  # (B, C, R, R)
+        for p, i in enumerate(idx):
+            _, arr = self._load(int(i) % len(self))
+            out[p] = self._window(arr, int(offsets[p, 0]), int(offsets[p, 1]), bool(flips[p])).transpose(2, 0, 1)
+        return torch.from_numpy(out)

@@ -1,6 +1,29 @@
-"""Denoiser backbones. One small registry of U-Net size presets, from test-sized to Stable Diffusion 1.5."""
+"""Denoiser backbones, behind one small registry (denoiser.kind), and the U-Net size presets from test-sized to
+Stable Diffusion 1.5. The DiT's presets (S, B, L, XL with patch 2, 4 or 8) are `dit.preset` values."""
 
-from ..config import UNetConfig
+from torch import nn
+
+from ..config import BACKBONE_KINDS, DenoiserRun, UNetConfig
+from ..errors import InputError
+from .dit import DiT
+from .unet import UNet
+
+BACKBONES: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}  # denoiser.kind -> class(its config)
+assert tuple(BACKBONES) == BACKBONE_KINDS
+
+
+def build_backbone(run: DenoiserRun) -> nn.Module:
+    """The backbone `run.denoiser.kind` names, built from its configuration (run.unet or run.dit)."""
+    kind = run.denoiser.kind
+    if kind not in BACKBONES:
+        raise InputError(f"unknown backbone {kind!r}; set denoiser.kind to one of {', '.join(BACKBONES)}")
+    return BACKBONES[kind](run.backbone)
+
+
+def backbone_name(run: DenoiserRun) -> str:
+    """How messages name the run's backbone: "U-Net" or "DiT"."""
+    return {"unet": "U-Net", "dit": "DiT"}.get(run.denoiser.kind, run.denoiser.kind)
+
 
 UNET_PRESETS: dict[str, UNetConfig] = {
     # Under 1M parameters: unit tests and smoke runs.

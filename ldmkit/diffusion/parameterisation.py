@@ -10,6 +10,9 @@ F* = (x0 - c_skip x) / c_out (the noise for eps, the velocity for v), so one set
 - `VDenoiser`: discrete-time v-prediction (Salimans & Ho 2022, Stable Diffusion 2.x), sigma_data = 1:
   c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1), c_in = 1 / sqrt(sigma^2 + 1).
 - `EDMDenoiser`: continuous sigma with EDM's preconditioning and c_noise = log(sigma) / 4.
+- `FlowDenoiser`: rectified flow, x_t = (1 - t) x0 + t eps with a velocity target (Esser et al. 2024). In sigma
+  space x = x_t / (1 - t), sigma = t / (1 - t): c_skip = 1 - t, c_out = -t, c_in = 1 - t = 1 / (1 + sigma),
+  c_noise = 1000 t; the backbone sees x_t itself and predicts v = eps - x0.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from ..nn.invariant import batch_invariant
 from ..noise import Generators, randn_like
 from .schedules import discrete_sigmas, karras_sigmas, schedule_from_config, sigma_to_t
 
-PARAMETERISATIONS = ("eps", "v", "edm")
+PARAMETERISATIONS = ("eps", "v", "edm", "flow")
+FLOW_T_MAX = 0.999  # a flow grid's first t (before the shift): t = 1 is sigma = inf, which sigma space cannot hold
 ZERO_SNR_ABAR = 2.0**-24  # abar used for a zero-terminal-SNR last timestep, as diffusers' schedulers do
 
 
@@ -234,6 +238,60 @@ class EDMDenoiser(Denoiser):
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho).float()
 
 
+class FlowDenoiser(Denoiser):
+    """Rectified flow (Liu et al. 2023; Esser et al. 2024, sec. 2-3): x_t = (1 - t) x0 + t eps, v_theta ~ eps - x0,
+    trained with logit-normal t and sampled in sigma space through sigma = t / (1 - t).
+
+    The resolution shift t' = s t / (1 + (s - 1) t) (Esser et al. eq. 23) is sigma' = s sigma in sigma space, so
+    it multiplies every training and sampling sigma by `shift`."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        shift: float = 1.0,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        min_snr_gamma: float = 0.0,
+    ):
+        """backbone: see `Denoiser`; shift: the resolution shift s (1: none); logit_mean, logit_std: training draws
+        logit(t) ~ N(logit_mean, logit_std^2) before the shift; min_snr_gamma: 0 disables the weighting."""
+        super().__init__(backbone, min_snr_gamma, sigma_data=1.0)
+        self.shift, self.logit_mean, self.logit_std = float(shift), float(logit_mean), float(logit_std)
+        self.sigma_max = self.shift * FLOW_T_MAX / (1 - FLOW_T_MAX)
+
+    @property
+    def sigma_min(self) -> float:
+        """The smallest non-zero sigma of a 1000-step grid."""
+        return float(self.sigmas(1000)[-2])
+
+    @staticmethod
+    def t_of(sigma: torch.Tensor) -> torch.Tensor:
+        """t = sigma / (1 + sigma), the flow time of a sigma-space noise level."""
+        return sigma / (1 + sigma)
+
+    def scalings(self, sigma):
+        t = self.t_of(sigma)
+        return 1 - t, -t, 1 - t
+
+    def c_noise(self, sigma):
+        return (1000 * self.t_of(sigma.double())).float()
+
+    def sample_training_sigma(self, n: int, generator: Generators = None) -> torch.Tensor:
+        """Logit-normal t (Esser et al. eq. 19), shifted: logit(t) = ln sigma ~ N(m, s^2), then sigma * shift."""
+        z = _uniform_like(n, generator, lambda k, g: torch.randn(k, generator=g, dtype=torch.float64))
+        return self.shift * (self.logit_mean + self.logit_std * z).exp()
+
+    def sigmas(self, steps: int, spacing: str = "linear", shift: float | None = None) -> torch.Tensor:
+        """Sampling grid (steps + 1,): t evenly spaced from FLOW_T_MAX to 0 (diffusers' flow-matching spacing),
+        as sigma = t / (1 - t), times the shift (`shift` overrides the model's, e.g. for a larger resolution)."""
+        if spacing != "linear":
+            raise InputError(f"a flow model samples on a grid linear in t; use spacing='linear', not {spacing!r}")
+        if steps < 1:
+            raise InputError(f"steps {steps} must be at least 1")
+        t = torch.linspace(FLOW_T_MAX, 0, steps + 1, dtype=torch.float64)
+        return ((self.shift if shift is None else shift) * t / (1 - t)).float()
+
+
 def make_denoiser(backbone: nn.Module, cfg: DiffusionConfig) -> Denoiser:
     """The denoiser wrapper `cfg.parameterisation` names, around `backbone`."""
     if cfg.parameterisation in ("eps", "v"):
@@ -243,6 +301,8 @@ def make_denoiser(backbone: nn.Module, cfg: DiffusionConfig) -> Denoiser:
         return EDMDenoiser(
             backbone, cfg.sigma_data, cfg.p_mean, cfg.p_std, cfg.sigma_min, cfg.sigma_max, cfg.min_snr_gamma
         )
+    if cfg.parameterisation == "flow":
+        return FlowDenoiser(backbone, cfg.flow_shift, cfg.logit_mean, cfg.logit_std, cfg.min_snr_gamma)
     raise InputError(
         f"unknown parameterisation {cfg.parameterisation!r}; set diffusion.parameterisation to one of "
         f"{', '.join(PARAMETERISATIONS)}"

@@ -72,6 +72,11 @@ def schedule_from_config(cfg: DiffusionConfig) -> torch.Tensor:
             "an EDM model has a continuous sigma range, not a discrete schedule; use "
             "karras_sigmas(steps, cfg.sigma_min, cfg.sigma_max) or set parameterisation to eps or v"
         )
+    if cfg.parameterisation == "flow":
+        raise InputError(
+            "a flow model has a continuous time t in (0, 1), not a discrete schedule; build its grid with "
+            "make_denoiser(backbone, cfg).sigmas(steps) or set parameterisation to eps or v"
+        )
     betas = betas_for(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
     if cfg.zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)

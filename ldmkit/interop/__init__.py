@@ -1,7 +1,8 @@
 """Import and export: diffusers models and pipeline folders, Stable Diffusion single-file checkpoints.
 
-`convert(src, dst)` converts whole models between formats; `unet_from_diffusers` / `vae_from_diffusers` and their
-reverses map single networks. diffusers itself is never needed at run time (it is the tests' oracle).
+`convert(src, dst)` converts whole models between formats; `unet_from_diffusers` / `vae_from_diffusers` /
+`dit_from_diffusers` and their reverses map single networks. diffusers itself is never needed at run time (it is
+the tests' oracle).
 """
 
 from .bundle import ModelWeights
@@ -14,6 +15,7 @@ from .diffusers import (
     write_diffusers_unet,
     write_diffusers_vae,
 )
+from .diffusers_dit import dit_from_diffusers, dit_to_diffusers, write_diffusers_dit
 from .diffusers_pipeline import read_pipeline, write_pipeline
 from .single_file import read_single_file, write_single_file
 
@@ -27,6 +29,9 @@ __all__ = [
     "vae_to_diffusers",
     "write_diffusers_unet",
     "write_diffusers_vae",
+    "dit_from_diffusers",
+    "dit_to_diffusers",
+    "write_diffusers_dit",
     "read_pipeline",
     "write_pipeline",
     "read_single_file",

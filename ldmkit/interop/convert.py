@@ -21,6 +21,7 @@ from ..conditioning.clip import (
 )
 from ..conditioning.text import build_text_encoder
 from ..config import DataConfig, DenoiserRun
+from ..denoisers import backbone_name
 from ..errors import InputError, MissingFileError, OutputExistsError
 from ..ldm import KIND as LDM
 from ..ldm import LdmFile
@@ -94,6 +95,11 @@ def read_ldm(path: str | Path) -> ModelWeights:
     """An ldmkit "ldm" checkpoint -> ModelWeights (a text encoder must be "clip" to have SD equivalents)."""
     f = LdmFile.read(path)
     run = f.run
+    if run.denoiser.kind != "unet":
+        raise InputError(
+            f"{path} holds a {backbone_name(run)}, and Stable Diffusion formats hold U-Nets only; to export its "
+            f"transformer for diffusers use ldmkit.interop.write_diffusers_dit"
+        )
     text_cfg = text = None
     if run.text_encoder:
         if run.text_encoder != "clip":

@@ -95,11 +95,18 @@ PREDICTION = {"epsilon": "eps", "v_prediction": "v"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
+# what each converter accepts, for its error messages
+SCOPE = {
+    "": "only models built like Stable Diffusion 1.x / 2.x can be converted",
+    "DiTTransformer2DModel": "only DiTs built as Peebles & Xie's (adaLN-Zero, tanh GELU) can be converted",
+}
+
+
 def _unsupported(model: str, key: str, value, hint: str = "") -> ValueError:
     return InputError(
         f"{model} option {key}={value!r} is not supported by ldmkit"
         + (f"; {hint}" if hint else "")
-        + "; only models built like Stable Diffusion 1.x / 2.x can be converted"
+        + f"; {SCOPE.get(model, SCOPE[''])}"
     )
 
 

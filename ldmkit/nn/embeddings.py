@@ -39,3 +39,27 @@ class TimestepMLP(nn.Module):
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear_2(nn.functional.silu(self.linear_1(emb)))
+
+
+def sincos_positions_2d(rows: int, cols: int, dim: int, base: int = 0, device=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE / DiT) of a rows x cols patch grid, (rows * cols, dim) float32
+    in row-major token order: the first dim / 2 channels encode the column, the last dim / 2 the row, each as
+    [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim / 4)). base > 0 spreads each axis over base positions
+    (p = index * base / count, diffusers' sample_size rule); base 0 uses the indices themselves."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}; change the width")
+
+    def axis(n: int) -> torch.Tensor:
+        p = torch.arange(n, device=device, dtype=torch.float32)
+        return p / (n / base) if base else p  # (n,)
+
+    omega = torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim / 4)
+    omega = 1.0 / 10000**omega  # (dim / 4,)
+
+    def encode(p: torch.Tensor) -> torch.Tensor:
+        angles = torch.outer(p.double(), omega)  # (N, dim / 4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (N, dim / 2)
+
+    row = axis(rows)[:, None].expand(rows, cols).reshape(-1)  # (N,)
+    col = axis(cols)[None, :].expand(rows, cols).reshape(-1)  # (N,)
+    return torch.cat([encode(col), encode(row)], dim=1).float()  # (N, dim)

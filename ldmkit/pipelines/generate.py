@@ -25,6 +25,7 @@ from ..checkpoint import check_output_path
 from ..conditioning.types import Conditioning
 from ..config import check_multiple
 from ..data.images import check_writable, save_grid, to_pil, to_tensor, write_image
+from ..denoisers import backbone_name
 from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
@@ -140,9 +141,9 @@ def _labels_for(ldm: LatentDiffusion, req: SampleRequest) -> list[int] | None:
 def resolution(ldm: LatentDiffusion, req: SampleRequest) -> tuple[int, int]:
     res = ldm.run.data.resolution
     h, w = req.height or res, req.width or res
-    why = f"the autoencoder downsamples by {ldm.factor}, then the U-Net by {ldm.run.unet.factor}"
+    why = f"the autoencoder downsamples by {ldm.factor}, then the {backbone_name(ldm.run)} by {ldm.run.backbone.factor}"
     for name, v in (("--height", h), ("--width", w)):
-        check_multiple(name, v, ldm.factor * ldm.run.unet.factor, why)
+        check_multiple(name, v, ldm.factor * ldm.run.backbone.factor, why)
     return h, w
 
 
@@ -211,7 +212,7 @@ def check_samples_from_noise(ldm: LatentDiffusion, command: str = "generate") ->
     """InputError, naming the model's task, for a model whose U-Net needs more than the latent (an inpainting
     model takes a mask and a masked image, an upscaler a low-resolution image): generate, sample and img2img cannot
     give it those."""
-    extra = ldm.run.unet.in_channels - ldm.latent_channels
+    extra = ldm.run.backbone.in_channels - ldm.latent_channels
     if ldm.task == "generate" and extra == 0:
         return
     if ldm.task == "generate" and extra == ldm.latent_channels + 1:  # an imported inpainting model (9 channels)

@@ -58,7 +58,7 @@ def model_image(
             f"[0, 255] ones with x / 127.5 - 1"
         )
     x = to_channels(x.clamp(-1, 1), ldm.ae_config.in_channels).to(ldm.device)  # (B, C, H, W)
-    return pad_to_multiple(x, multiple or ldm.factor * ldm.run.unet.factor)  # (B, C, H', W'), (H, W)
+    return pad_to_multiple(x, multiple or ldm.factor * ldm.run.backbone.factor)  # (B, C, H', W'), (H, W)
 
 
 @torch.no_grad()

@@ -105,7 +105,7 @@ def concat_channels(ldm: LatentDiffusion) -> int:
     dedicated inpainting model (mask and masked-image latents, as Stable Diffusion's); InputError for any other."""
     if ldm.task == "upscale":
         raise wrong_task(ldm, "inpaint")
-    extra = ldm.run.unet.in_channels - ldm.latent_channels
+    extra = ldm.run.backbone.in_channels - ldm.latent_channels
     if extra not in (0, ldm.latent_channels + 1):
         raise InputError(
             f"{ldm.source or 'this model'} takes {extra} concatenated input channels, not the inpainting layout "
@@ -143,7 +143,7 @@ def prepare_edit(ldm: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor) 
             f"the image's size (load_mask(path, size, resize=True) scales one)"
         )
     x, size = model_image(ldm, image)  # (1, C, H', W')
-    m, _ = pad_to_multiple((mask.to(x) > 0.5).to(x), ldm.factor * ldm.run.unet.factor)  # (1, 1, H', W')
+    m, _ = pad_to_multiple((mask.to(x) > 0.5).to(x), ldm.factor * ldm.run.backbone.factor)  # (1, 1, H', W')
     if not bool(m.any()):
         return _Edit(x, m, size, None, None, None)
     x0 = ldm.encode(x)  # (1, c, h, w)

@@ -67,7 +67,7 @@ def check_upscaler(ldm: LatentDiffusion, noise_level: int | None) -> int:
         raise wrong_task(ldm, "upscale")
     up = ldm.run.upscale
     level = up.noise_level if noise_level is None else noise_level
-    top = min(up.max_noise_level, ldm.run.unet.num_classes - 1)
+    top = min(up.max_noise_level, ldm.run.backbone.num_classes - 1)
     if not 0 <= level <= top:
         raise InputError(
             f"--noise-level {level} is outside the levels {ldm.source or 'this model'} was trained on (0 to {top}); "
@@ -179,7 +179,7 @@ def decode_tiled(ldm: LatentDiffusion, z: torch.Tensor, tiling: Tiling) -> torch
 def tiling_for(ldm: LatentDiffusion, opts: UpscaleOptions) -> Tiling:
     """The latent tiling of `opts` (input pixels) for `ldm`: tiles a multiple of the U-Net's factor."""
     per_input = ldm.run.upscale.factor / ldm.factor  # latent pixels per input pixel
-    unit = ldm.run.unet.factor
+    unit = ldm.run.backbone.factor
     tile = round(opts.tile * per_input) if opts.tile else ldm.run.data.resolution // ldm.factor
     tile = max(unit, tile // unit * unit)
     overlap = tile // 4 if opts.overlap < 0 else round(opts.overlap * per_input)
@@ -258,7 +258,7 @@ def upscale_batches(
     if isinstance(image, torch.Tensor) and image.ndim == 4:  # the output's limit, before the input's own
         check_input_size("the image", image.shape[-1], image.shape[-2], up.factor)
     # padded so that the latent (input * factor / f) is a multiple of the U-Net's factor
-    unit = ldm.factor * ldm.run.unet.factor // math.gcd(ldm.factor * ldm.run.unet.factor, up.factor)
+    unit = ldm.factor * ldm.run.backbone.factor // math.gcd(ldm.factor * ldm.run.backbone.factor, up.factor)
     x, size = model_image(ldm, image, unit)  # (1, C, H', W') checked, in the model's channels
     tiling = tiling_for(ldm, opts)
     p = plan(ldm, req)

@@ -14,6 +14,7 @@ from ..errors import InputError
 from .ddim import sample_ddim, sample_ddpm
 from .dpm import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral, sample_heun
+from .flow import sample_flow_euler
 
 SAMPLERS = {
     "ddpm": sample_ddpm,
@@ -23,6 +24,7 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "flow_euler": sample_flow_euler,  # the same steps as euler, written in the rectified flow's x_t and t
 }
 
 

@@ -25,7 +25,7 @@ class ServedModel:
         return {
             "task": ldm.task,
             "resolution": ldm.run.data.resolution,
-            "multiple": ldm.factor * ldm.run.unet.factor,
+            "multiple": ldm.factor * ldm.run.backbone.factor,
             "channels": ldm.ae_config.in_channels,
             "text": ldm.text_encoder is not None,
             "classes": ldm.class_names,

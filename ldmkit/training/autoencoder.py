@@ -34,6 +34,7 @@ class AutoencoderTask:
             f"the autoencoder downsamples by {run.model.factor}",
         )
         self.run, self.data, self.device = run, dataset, device
+        self.images = dataset  # the loop loads each step's images
         self.size = len(dataset)
         self.model = (model or build_autoencoder(run.model)).to(device)
         self.loss = AutoencoderLoss(run.loss, run.model.in_channels, run.model.kind).to(device)
@@ -49,8 +50,9 @@ class AutoencoderTask:
     def modules(self) -> dict[str, nn.Module]:
         return {"autoencoder": self.model, "discriminator": self.loss.discriminator}
 
-    def micro_step(self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float) -> dict[str, float]:
-        x = stack_images(self.data, idx).to(self.device)
+    def micro_step(
+        self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float, x: torch.Tensor | None
+    ) -> dict[str, float]:
         self.model.train()
         recon, reg, stats = self.model(x, sample=True, generator=gen)
         disc = self.loss.discriminator

@@ -34,27 +34,26 @@ from .masks import random_masks, training_latent_mask
 
 
 def resolve_run(run: DenoiserRun, ae_cfg: AutoencoderConfig, latents: LatentCache, text_dim: int = 0) -> DenoiserRun:
-    """Fill in what the data and the autoencoder decide: channels, classes, context width, class names."""
-    unet = run.unet
-    concat = unet.in_channels - unet.out_channels if unet.in_channels > unet.out_channels else 0
+    """Fill in what the data and the autoencoder decide: the backbone's (U-Net's or DiT's) channels, classes and
+    context width, and the class names."""
+    net = run.backbone
+    concat = net.in_channels - net.out_channels if net.in_channels > net.out_channels else 0
     if run.task == "inpaint":
         concat = 1 + ae_cfg.latent_channels  # the mask and the masked image's latents
     if run.task == "upscale":
         concat = ae_cfg.in_channels  # the low-resolution image
-    unet = replace(unet, in_channels=ae_cfg.latent_channels + concat, out_channels=ae_cfg.latent_channels)
+    net = replace(net, in_channels=ae_cfg.latent_channels + concat, out_channels=ae_cfg.latent_channels)
     if run.task == "upscale":  # one class embedding per augmentation level; no labels, no class names
-        unet = replace(
-            unet, num_classes=run.upscale.max_noise_level + 1, context_dim=text_dim if run.text_encoder else 0
-        )
-        return replace(run, unet=unet, class_names=())
+        net = replace(net, num_classes=run.upscale.max_noise_level + 1, context_dim=text_dim if run.text_encoder else 0)
+        return replace(run.with_backbone(net), class_names=())
     names = tuple(run.class_names or latents.class_names)
     if run.text_encoder:
-        unet = replace(unet, context_dim=text_dim, num_classes=0)
-    elif names and not unet.num_classes:
-        unet = replace(unet, num_classes=len(names))
-    if unet.num_classes and not names:
-        names = tuple(str(i) for i in range(unet.num_classes))
-    return replace(run, unet=unet, class_names=names)
+        net = replace(net, context_dim=text_dim, num_classes=0)
+    elif names and not net.num_classes:
+        net = replace(net, num_classes=len(names))
+    if net.num_classes and not names:
+        names = tuple(str(i) for i in range(net.num_classes))
+    return replace(run.with_backbone(net), class_names=names)
 
 
 class DenoiserTask:
@@ -102,7 +101,7 @@ class DenoiserTask:
             return self.ldm.text_encoder.encode(caps).map(lambda t: t.to(self.device))
         if self.ldm.num_classes:
             labels = self.latents.labels[idx].clone()
-            labels[drop | (labels < 0)] = self.run.unet.num_classes  # the null class
+            labels[drop | (labels < 0)] = self.run.backbone.num_classes  # the null class
             return Conditioning(labels=labels.to(self.device))
         return Conditioning()
 
@@ -121,35 +120,35 @@ class DenoiserTask:
         return self.ldm.to_latent(ae.latents(x).float())
 
     @torch.no_grad()
-    def upscale_inputs(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
-        """(clean latents (B, c, h, w), the low-resolution conditioning: the images downscaled, noised to a random
-        augmentation level per item drawn from `gen`, with the levels as labels)."""
-        x = self.batch_images(idx)
+    def upscale_inputs(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+        """(clean latents (B, c, h, w), the low-resolution conditioning: the images x (B, C, H, W) downscaled, noised
+        to a random augmentation level per item drawn from `gen`, with the levels as labels)."""
         z = self.encode_sample(x, gen)
         up = self.run.upscale
         low = downscale(x, up.factor)
-        levels = torch.randint(0, up.max_noise_level + 1, (len(idx),), generator=gen)
-        noise = torch.randn((len(idx), x.shape[1], *z.shape[-2:]), generator=gen)
+        levels = torch.randint(0, up.max_noise_level + 1, (len(x),), generator=gen)
+        noise = torch.randn((len(x), x.shape[1], *z.shape[-2:]), generator=gen)
         return z, low_res_conditioning(low, levels.to(self.device), up, noise.to(x), tuple(z.shape[-2:]))
 
     @torch.no_grad()
-    def inpaint_inputs(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clean latents (B, c, h, w), concat (B, 1 + c, h, w): latent mask and masked-image latents) of items idx,
-        with a random mask per item drawn from `gen`."""
-        x = self.batch_images(idx)
-        m, _ = random_masks(len(idx), tuple(x.shape[-2:]), gen)
+    def inpaint_inputs(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean latents (B, c, h, w), concat (B, 1 + c, h, w): latent mask and masked-image latents) of images x
+        (B, C, H, W), with a random mask per item drawn from `gen`."""
+        m, _ = random_masks(len(x), tuple(x.shape[-2:]), gen)
         m = m.to(x)  # (B, 1, H, W), 1 = regenerate
         z = self.encode_sample(x, gen)
         masked = self.ldm.encode(x * (1 - m))  # (B, c, h, w): masked pixels at 0, mid-grey
         return z, torch.cat([training_latent_mask(m, self.ldm.factor), masked], dim=1)
 
-    def micro_step(self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float) -> dict[str, float]:
+    def micro_step(
+        self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float, x: torch.Tensor | None
+    ) -> dict[str, float]:
         self.model.train()
         if self.run.task == "inpaint":
-            z, concat = self.inpaint_inputs(idx, gen)
+            z, concat = self.inpaint_inputs(x, gen)
             cond = replace(self.condition(idx, gen), concat=concat)
         elif self.run.task == "upscale":
-            z, low = self.upscale_inputs(idx, gen)
+            z, low = self.upscale_inputs(x, gen)
             cond = replace(self.condition(idx, gen), labels=low.labels, concat=low.concat)
         else:
             z = self.ldm.to_latent(self.latents.draw(idx, gen)).to(self.device)

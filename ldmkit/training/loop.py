@@ -1,9 +1,10 @@
 """The training loop only: optimiser steps, accumulation, clipping, EMA, logging, checkpoints and exact resume.
 
 A `Task` (autoencoder or denoiser training) computes and back-propagates the loss of one micro-batch; this loop
-owns everything around it. Every random draw of step s comes from a generator seeded by (seed, s), and the data
-order is a pure function of (seed, epoch), so a run resumed from its last checkpoint continues bit for bit as if it
-had never stopped.
+owns everything around it, the loading of each step's images included (batches.py: a DataLoader with
+train.num_workers processes for a task with pixel data, `task.images`). Every random draw of step s comes from a
+generator seeded by (seed, s), and the data order is a pure function of (seed, epoch), so a run resumed from its
+last checkpoint continues bit for bit as if it had never stopped, with any number of loading processes.
 """
 
 from __future__ import annotations
@@ -23,26 +24,13 @@ from .. import checkpoint
 from ..config import TrainConfig, validate
 from ..errors import MissingFileError, NonFiniteError
 from ..runtime import autocast
+from .batches import batch_indices, resolve_workers, step_generator, step_images
 from .ema import EMA
 from .logging import JsonlLog
 
+__all__ = ["STATE_FILE", "Task", "batch_indices", "step_generator", "train"]
+
 STATE_FILE = "train-state.safetensors"
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """The generator for every random draw of one step: a pure function of (seed, step, stream)."""
-    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step) * 7 + stream)
-
-
-def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
-    """Indices of step `step`'s batch: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, pos = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(seed * 7919 + epoch))
-        out.extend(perm[pos : pos + batch - len(out)].tolist())
-    return torch.tensor(out)
 
 
 class Task(Protocol):
@@ -51,9 +39,13 @@ class Task(Protocol):
     model: nn.Module  # the module whose weights are tracked by EMA and exported
     optimizers: dict[str, tuple[torch.optim.Optimizer, list[nn.Parameter]]]  # name -> (optimizer, its params)
     size: int  # number of training examples
+    images: torch.utils.data.Dataset | None  # pixel data the loop loads for each step (len == size), or None
 
-    def micro_step(self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float) -> dict[str, float]:
-        """Forward and backward one micro-batch with the loss multiplied by `scale`; return values to log."""
+    def micro_step(
+        self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float, x: torch.Tensor | None
+    ) -> dict[str, float]:
+        """Forward and backward one micro-batch (items idx; their images x (b, C, H, W) on the device, in [-1, 1],
+        when the task has `images`) with the loss multiplied by `scale`; return values to log."""
 
     def modules(self) -> dict[str, nn.Module]:
         """Every module with state to checkpoint (model, discriminator, text encoder...)."""
@@ -95,11 +87,17 @@ def train(
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     history: list[dict] = []
     interrupted = _InterruptFlag()
+    images = getattr(task, "images", None)
+    batches = None
+    if images is not None:
+        workers = resolve_workers(cfg.num_workers, images)
+        batches = step_images(images, cfg.seed, cfg.batch_size, start, end, workers, device)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     t_last, bad, step = time.time(), 0, start
     with interrupted:
         for step in range(start, end):
-            logs = _one_step(task, cfg, step, micro, device)
+            x = next(batches) if batches is not None else None
+            logs = _one_step(task, cfg, step, micro, device, x)
             if not all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss")):
                 bad += 1
                 if bad >= 5:
@@ -136,12 +134,16 @@ def train(
                 )
         step = end
     bar.close()
+    if batches is not None:
+        batches.close()  # ends the loading processes
     path = task.export(out_dir, ema, step)
     return LoopResult(step, path, history)
 
 
-def _one_step(task: Task, cfg: TrainConfig, step: int, micro: int, device: torch.device) -> dict[str, float]:
-    torch.manual_seed(step_generator(cfg.seed, step, 1).initial_seed())  # dropout, augmentation
+def _one_step(
+    task: Task, cfg: TrainConfig, step: int, micro: int, device: torch.device, x: torch.Tensor | None
+) -> dict[str, float]:
+    torch.manual_seed(step_generator(cfg.seed, step, 1).initial_seed())  # dropout
     gen = step_generator(cfg.seed, step)
     idx = batch_indices(cfg.seed, step, cfg.batch_size, task.size)
     lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
@@ -152,7 +154,8 @@ def _one_step(task: Task, cfg: TrainConfig, step: int, micro: int, device: torch
     totals: dict[str, float] = {}
     for m in range(cfg.grad_accum):
         with autocast(cfg.mixed_precision, device):
-            logs = task.micro_step(step, idx[m * micro : (m + 1) * micro], gen, 1.0 / cfg.grad_accum)
+            part = slice(m * micro, (m + 1) * micro)
+            logs = task.micro_step(step, idx[part], gen, 1.0 / cfg.grad_accum, x[part] if x is not None else None)
         for k, v in logs.items():
             totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
     if not all(math.isfinite(v) for k, v in totals.items() if k.startswith("loss")):

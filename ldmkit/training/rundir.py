@@ -42,6 +42,8 @@ ARCHITECTURE = (
     "loss.disc_layers",
     "loss.disc_channels",
 )
+# settings that change only how fast a run goes, never its results: a resume does not report their changes
+SPEED_ONLY = ("train.num_workers",)
 SHOWN_CHANGES = 8  # a refusal lists at most this many keys, to stay on one readable line
 
 
@@ -150,6 +152,7 @@ def config_changes(old: dict, new: dict, ignore: set[str] = frozenset()) -> list
     """(key, old, new) for every setting present in both whose value differs. A key in one only is a setting
     added or retired since the other was written, not a change."""
     a, b = flatten(old), flatten(new)
+    ignore = set(ignore) | set(SPEED_ONLY)
     return [(k, a[k], b[k]) for k in b if k in a and k not in ignore and not _same_value(k, a[k], b[k])]
 
 

@@ -12,20 +12,22 @@ import torch
 from ..autoencoder.files import load_autoencoder
 from ..conditioning.text import EmbeddingCache, build_text_encoder
 from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, validate
-from ..data import build_dataset, split_holdout
+from ..data import build_dataset, prepare_dataset, split_holdout
 from ..data.latents import encode_dataset
-from ..denoisers.unet import UNet
+from ..denoisers import backbone_name, build_backbone
 from ..errors import InputError
 from ..evaluation.metrics import reconstruction_metrics
 from ..ldm import LatentDiffusion
 from ..runtime import autocast, resolve_device
 from .autoencoder import AutoencoderTask
+from .batches import resolve_workers
 from .denoiser import DenoiserTask, resolve_run
 from .loop import train
 from .rundir import RunFolder
 
 
 def _datasets(data_cfg, holdout: int):
+    """(training set, held-out set or None)."""
     ds = build_dataset(data_cfg)
     if holdout and len(ds) <= holdout:
         raise InputError(
@@ -33,6 +35,11 @@ def _datasets(data_cfg, holdout: int):
             f"evaluation; lower data.holdout or add images"
         )
     return split_holdout(ds, holdout) if holdout else (ds, None)
+
+
+def _prepare(ds, num_workers: int, progress: bool) -> None:
+    """Build (or update) the prepared-image cache of an image folder, held-out images included (they share it)."""
+    prepare_dataset(ds, resolve_workers(num_workers, ds), progress)
 
 
 def train_autoencoder(
@@ -51,6 +58,7 @@ def train_autoencoder(
         torch.manual_seed(run.train.seed)
         device = resolve_device(run.train.device, "train.device")
         train_set, held = _datasets(run.data, run.data.holdout)
+        _prepare(train_set, run.train.num_workers, progress)
         task = AutoencoderTask(run, train_set, device)
         res = train(
             task,
@@ -87,6 +95,10 @@ RESOLVED_KEYS = (
     "unet.out_channels",
     "unet.context_dim",
     "unet.num_classes",
+    "dit.in_channels",
+    "dit.out_channels",
+    "dit.context_dim",
+    "dit.num_classes",
     "class_names",
     "data.channels",
 )
@@ -132,32 +144,33 @@ def train_denoiser(
 
 
 def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRun, DenoiserTask]:
-    """Load the autoencoder, encode (or load the cached) latents, build the U-Net: (resolved run, task)."""
+    """Load the autoencoder, encode (or load the cached) latents, build the backbone: (resolved run, task)."""
     ae, ae_run = load_autoencoder(run.autoencoder, device)
-    f_ae, f_unet = ae_run.model.factor, run.unet.factor
+    f_ae, f_unet, net = ae_run.model.factor, run.backbone.factor, backbone_name(run)
     check_multiple(
         "data.resolution",
         run.data.resolution,
         f_ae * f_unet,
-        f"the autoencoder downsamples by {f_ae}, then the U-Net by {f_unet}",
+        f"the autoencoder downsamples by {f_ae}, then the {net} by {f_unet}",
     )  # before the slow encoding
     if run.task == "upscale":
         check_multiple(
             "data.resolution",
             run.data.resolution,
             run.upscale.factor * f_ae * f_unet // math.gcd(run.upscale.factor, f_ae * f_unet),
-            f"the low-resolution input is 1/{run.upscale.factor} of it, and its latent must divide by the U-Net's "
+            f"the low-resolution input is 1/{run.upscale.factor} of it, and its latent must divide by the {net}'s "
             f"{f_unet}",
         )
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
     train_set, _ = _datasets(run.data, 0)
+    _prepare(train_set, run.train.num_workers, progress)
     with autocast(run.train.mixed_precision, device):
         latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
     text, text_cache = text_setup(run, latents.captions, device)
     run = resolve_run(run, ae_run.model, latents, text_dim=getattr(text, "dim", 0))
     torch.manual_seed(run.train.seed)
-    unet = UNet(run.unet).to(device)
+    unet = build_backbone(run).to(device)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
     images = train_set if run.task in ("inpaint", "upscale") else None  # encoded each step (mask, degradation)
     return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images)
