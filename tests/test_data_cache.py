@@ -110,7 +110,7 @@ def test_damaged_files_are_skipped_with_their_name_and_reason_in_every_run(tmp_p
         assert "02.png: its header cannot be read (UnidentifiedImageError" in text
         assert "01.png: it cannot be decoded (OSError" in text and "truncated" in text
         assert len(ds) == 3 and list(report.skipped) == ["01.png"] and report.decoded == (3 if run == 0 else 0)
-        assert "skipped: 1 unreadable" in report.line()
+        assert "2 images ready" in report.line() and "skipped: 2 unreadable" in report.line()  # both bad files
         items = _items(ds)
         assert torch.equal(items[1], items[2])  # the damaged file's item is the next readable one
     (root / "01.png").write_bytes(data)  # repaired: decoded again, no warning
@@ -385,3 +385,121 @@ def test_ctrl_c_with_loading_processes_saves_the_state(tmp_path, cache):
     assert proc.returncode == 130, err
     assert "state saved" in err and "continue with --resume" in err
     assert (out / "train-state.safetensors").is_file()
+
+
+# --- what a careless or hostile user does to the folder and the cache ----------------------------------------------
+
+
+def test_a_shard_deleted_or_cut_short_by_hand_is_decoded_again(tmp_path, cache):
+    """Removing cache files to free space, or a copy that cut one short, must cost a rebuild of those rows, not
+    every later run (it used to fail each time, or blame the image file with an IndexError)."""
+    root = _noise_folder(tmp_path / "noise", n=6)
+    ds = ImageFolder(_cfg(root))
+    ds.prepare()
+    expected = _items(ds)
+    (shard,) = ds.cache.path.glob("*.u8")
+    os.truncate(shard, 2 * 16 * 16 * 3)  # rows 0 and 1 whole, the rest gone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cut = ImageFolder(_cfg(root))
+        assert cut.prepare().decoded == 4
+        assert torch.equal(_items(cut), expected)
+    for p in cut.cache.path.glob("*.u8"):
+        p.unlink()
+    gone = ImageFolder(_cfg(root))
+    assert gone.prepare().decoded == 6
+    assert torch.equal(_items(gone), expected)
+
+
+def test_a_file_missing_while_the_cache_is_built_is_tried_again_next_run(tmp_path, cache, monkeypatch):
+    """A file moved away and back during a build (a rename keeps its size and time) must not stay skipped in every
+    later run: a failure to reach the file is reported but not recorded, unlike a damaged file."""
+    root = _noise_folder(tmp_path / "noise", n=4)
+    real = prepared.prepare_pixels
+
+    def moved_away(path, *a):
+        if Path(path).name == "02.png":
+            os.rename(path, root / "02.moved")
+            try:
+                return real(path, *a)
+            finally:
+                os.rename(root / "02.moved", path)
+        return real(path, *a)
+
+    monkeypatch.setattr(prepared, "prepare_pixels", moved_away)
+    with pytest.warns(UserWarning, match="02.png: it cannot be decoded.*No such file"):
+        first = ImageFolder(_cfg(root))
+        assert list(first.prepare().skipped) == ["02.png"]
+    monkeypatch.setattr(prepared, "prepare_pixels", real)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ImageFolder(_cfg(root))
+        report = again.prepare()
+    assert report.decoded == 1 and not report.skipped
+    assert torch.equal(_items(again), _items(ImageFolder(_cfg(root))))
+
+
+def test_the_summary_counts_every_file_left_out(tmp_path, cache):
+    """A 0-byte file, a truncated JPEG and a file with a damaged body: the summary line counts all three, whether
+    they failed at the header check or at the decode."""
+    root = _noise_folder(tmp_path / "noise", n=3)
+    (root / "empty.png").write_bytes(b"")
+    noise = np.random.default_rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "photo.jpg", quality=90)
+    data = (tmp_path / "photo.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(data[: len(data) // 2])  # header whole, scan cut off
+    (root / "head.jpg").write_bytes(data[:20])  # header cut off
+    for run in range(2):
+        with pytest.warns(UserWarning) as seen:
+            ds = ImageFolder(_cfg(root))
+            report = ds.prepare()
+        text = "\n".join(str(w.message) for w in seen)
+        assert "empty.png: its header cannot be read" in text and "head.jpg: its header cannot be read" in text
+        assert "cut.jpg: it cannot be decoded (OSError: image file is truncated" in text
+        assert f"3 images ready, {3 if run == 0 else 0} decoded now" in report.line()
+        assert "skipped: 3 unreadable" in report.line()
+
+
+def test_ldmkit_cache_pointing_at_a_file_or_set_empty(tmp_path, monkeypatch):
+    root = _noise_folder(tmp_path / "noise", n=2)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(InputError, match=r"LDMKIT_CACHE=.*a-file is a file, not a folder; .*LDMKIT_CACHE"):
+        ImageFolder(_cfg(root)).prepare()
+    monkeypatch.setenv("LDMKIT_CACHE", "")  # set but empty: the default, not the current folder
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ds = ImageFolder(_cfg(root))
+    ds.prepare()
+    assert ds.cache.path.parent == tmp_path / "home" / ".cache" / "ldmkit" / "images"
+    assert not (tmp_path / "images").exists()
+
+
+def _refuse_writes(monkeypatch):
+    """The cache folder as a read-only mount or another user's folder would behave (the tests may run as root, whom
+    permissions do not stop): creating or writing files there fails with EACCES."""
+    real_open = os.open
+
+    def open_(path, flags, *a, **kw):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and "images" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    def no_write(path, write):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(prepared.os, "open", open_)
+    monkeypatch.setattr(prepared, "atomic_write", no_write)
+
+
+def test_a_read_only_cache_is_read_and_a_build_there_says_what_to_change(tmp_path, cache, monkeypatch):
+    root = _noise_folder(tmp_path / "noise", n=4)
+    ImageFolder(_cfg(root)).prepare()
+    expected = _items(ImageFolder(_cfg(root)))
+    _refuse_writes(monkeypatch)
+    ds = ImageFolder(_cfg(root))  # complete: read as it is, no lock or file written
+    assert ds.prepare().decoded == 0
+    assert torch.equal(_items(ds), expected)
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(root / "new.png")
+    with pytest.raises(InputError, match=r"cannot write the image cache .* \(PermissionError.*LDMKIT_CACHE"):
+        ImageFolder(_cfg(root)).prepare()

@@ -35,6 +35,13 @@ def file_stamp(path: str | Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def cache_home() -> Path:
+    """Where every cache of ldmkit lives: $LDMKIT_CACHE (a leading ~ expanded), or ~/.cache/ldmkit when it is unset
+    or set empty (an empty value used to put the caches in the current folder)."""
+    value = os.environ.get("LDMKIT_CACHE", "")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "ldmkit"
+
+
 def human_bytes(n: float) -> str:
     """A size in bytes for people: "812 bytes", "3.4 MiB", "1.2 GiB"."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):

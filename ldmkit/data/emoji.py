@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..errors import InputError, MissingDependencyError, MissingFileError
-from .common import digest
+from .common import cache_home, digest
 from .images import atomic_write, uint8_to_tensor
 
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -38,7 +37,7 @@ CACHE_VERSION = 1  # bump when the rendering changes, to invalidate old caches
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("LDMKIT_CACHE", Path.home() / ".cache" / "ldmkit")) / "emoji"
+    return cache_home() / "emoji"
 
 
 def _emoji_data() -> dict:

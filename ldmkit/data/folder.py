@@ -103,6 +103,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self._rows: list | None = None  # (cache shard, row) per item once prepare() ran
         known = self.cache.read_index()
         self.files = []
+        self._left_out: dict[str, str] = {}  # relative path -> why, for the files the header check refused
         for f in files:
             entry = known.get(f.as_posix())
             why = None
@@ -111,6 +112,7 @@ class ImageFolder(torch.utils.data.Dataset):
             if why is None:
                 self.files.append(f)
             else:
+                self._left_out[f.as_posix()] = why
                 self._warn(f, why, replaced=False)
         if not self.files:
             raise InputError(
@@ -203,6 +205,7 @@ class ImageFolder(torch.utils.data.Dataset):
         Returns the build's report; with progress, shows a progress bar and prints the report's line."""
         rels = [f.as_posix() for f in self.files]
         report, rows = self.cache.prepare(rels, self._found, workers, progress)
+        report.left_out = dict(self._left_out)
         for rel, why in report.skipped.items():
             self._warn(Path(rel), why)
         if all(r is None for r in rows):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +19,11 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import DataConfig, to_dict
-from .common import dataset_fingerprint
+from .common import cache_home, dataset_fingerprint
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LDMKIT_CACHE", Path.home() / ".cache" / "ldmkit"))
+    return cache_home()
 
 
 def file_digest(path: str | Path) -> str:

@@ -8,10 +8,14 @@ data.max_pixels and PREPARED_VERSION):
     <name>.u8     rows of (S, S, C) uint8 pixels, written once and never changed
     .lock         flock'ed by the one process that builds (others wait), released by the kernel even on kill -9
 An entry is keyed by its file's path, size and modification time, so a changed file invalidates its own entry
-alone. Writes are atomic (checkpoint.atomic_write): a shard is complete under its final name before the index
-that names it replaces the old one, so a crash or a full disk leaves the previous cache whole and at most a
-temporary file, which the next build removes. Images are decoded by a DataLoader's worker processes, and the
-index is committed every COMMIT_S seconds, so an interrupted build keeps most of its work.
+alone. A damaged file is recorded as skipped with its reason; a file that could not be reached (moved away during
+the build, no permission, an I/O error) is reported but not recorded, so the next run tries it again. Entries whose
+rows are gone (a shard deleted or cut short by hand) are decoded again. A cache folder that cannot be written (a
+read-only mount, another user's) is still read when it holds every image; otherwise the build says what to change.
+Writes are atomic (checkpoint.atomic_write): a shard is complete under its final name before the index that names
+it replaces the old one, so a crash or a full disk leaves the previous cache whole and at most a temporary file,
+which the next build removes. Images are decoded by a DataLoader's worker processes, and the index is committed
+every COMMIT_S seconds, so an interrupted build keeps most of its work.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
-from ..errors import DiskSpaceError, MissingFileError
-from .common import digest, file_stamp, human_bytes
+from ..errors import DiskSpaceError, InputError, MissingFileError
+from .common import cache_home, digest, file_stamp, human_bytes
 from .decode import TooLarge, prepare_pixels
 
 PREPARED_VERSION = 1  # bump when decode.prepare_pixels changes its output, to leave old caches unused
@@ -45,7 +49,20 @@ SPACE_MARGIN = 64 * 2**20  # free bytes a build leaves on the disk beyond what i
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LDMKIT_CACHE", Path.home() / ".cache" / "ldmkit")) / "images"
+    return cache_home() / "images"
+
+
+def make_folder(path: Path) -> None:
+    """mkdir -p `path`; a file in the way (LDMKIT_CACHE pointing at a file) is an InputError that names it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
+        where = f"LDMKIT_CACHE={blocker}" if blocker == cache_home() else str(blocker)
+        raise InputError(
+            f"cannot make the image cache folder {path}: {where} is a file, not a folder; set LDMKIT_CACHE to a "
+            f"folder (it is made if missing) or move that file"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -68,22 +85,25 @@ class Geometry:
 
 @dataclass
 class Report:
-    """What a build did: images in the data set, decoded now, skipped (relative path -> reason), bytes on disk."""
+    """What a build did: images in the data set, files decoded now (failed ones included, `failed` of them), skipped
+    (relative path -> reason), left out at the header check before (the same), bytes on disk."""
 
     folder: Path
     images: int = 0
     decoded: int = 0
+    failed: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
     seconds: float = 0.0
 
     def line(self) -> str:
         kinds: dict[str, int] = {}
-        for why in self.skipped.values():
+        for why in [*self.left_out.values(), *self.skipped.values()]:
             kind = "above data.max_pixels" if "data.max_pixels" in why else "unreadable"
             kinds[kind] = kinds.get(kind, 0) + 1
         skipped = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"
-        now = f"{self.decoded} decoded now"
+        now = f"{self.decoded - self.failed} decoded now"
         if self.decoded:
             now += f" in {self.seconds:.1f} s ({self.decoded / max(self.seconds, 1e-9):.0f} images/s)"
         return (
@@ -93,7 +113,9 @@ class Report:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Item k: (k, pixels (S, S, C) uint8 or None, why it failed or None) of the k-th file to decode."""
+    """Item k: (k, pixels (S, S, C) uint8 or None, why it failed or None, whether that failure lasts) of the k-th
+    file to decode. A failure lasts when it comes from the file's content; one of reaching the file (an OSError
+    with an errno: gone, no permission, an I/O error) or of memory may not, and is tried again in the next run."""
 
     def __init__(self, root: Path, rels: list[str], g: Geometry):
         self.root, self.rels, self.g = root, rels, g
@@ -106,11 +128,12 @@ class _Decode(torch.utils.data.Dataset):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Pillow's notes on odd files; failures are reported, not these
                 g = self.g
-                return k, prepare_pixels(self.root / self.rels[k], g.size, g.channels, g.max_pixels), None
+                return k, prepare_pixels(self.root / self.rels[k], g.size, g.channels, g.max_pixels), None, True
         except TooLarge as e:
-            return k, None, str(e)
+            return k, None, str(e), True
         except Exception as e:  # noqa: BLE001 - any failure to decode means the file is skipped with the reason
-            return k, None, f"it cannot be decoded ({type(e).__name__}: {e})"
+            lasting = not isinstance(e, MemoryError) and not (isinstance(e, OSError) and e.errno is not None)
+            return k, None, f"it cannot be decoded ({type(e).__name__}: {e})", lasting
 
 
 def _as_is(item):
@@ -138,8 +161,23 @@ class PreparedCache:
         return entries if isinstance(entries, dict) else {}
 
     def rows(self, entries: dict[str, dict], rels: list[str]) -> list[tuple[str, int] | None]:
-        """For each of `rels`: (its shard's name, row), or None for a file that is skipped."""
-        return [(entries[rel]["shard"], int(entries[rel]["row"])) if "shard" in entries[rel] else None for rel in rels]
+        """For each of `rels`: (its shard's name, row), or None for a file that is skipped (or not in `entries`)."""
+        return [(e["shard"], int(e["row"])) if "shard" in (e := entries.get(rel, {})) else None for rel in rels]
+
+    def whole(self, entries: dict[str, dict]) -> dict[str, dict]:
+        """The entries that are well formed and whose pixels are all there: those of a shard deleted or cut short
+        by hand are left out (so decoded again) instead of failing every later run."""
+        rows = {p.name: p.stat().st_size // self.g.row_bytes for p in self.path.glob("*.u8")}
+
+        def ok(e) -> bool:
+            if not isinstance(e, dict):
+                return False
+            if "shard" not in e:
+                return isinstance(e.get("skip"), str)
+            row = e.get("row")
+            return isinstance(row, int) and 0 <= row < rows.get(e["shard"], 0)
+
+        return {rel: e for rel, e in entries.items() if ok(e)}
 
     def pixels(self, shard: str, row: int) -> np.ndarray:
         """Row `row` of shard `shard`: a read-only (S, S, C) view of its memory-mapped file (mapped once a process)."""
@@ -166,18 +204,27 @@ class PreparedCache:
         entries of files not in `keep` (the folder's images now). Returns (report, rows as self.rows gives)."""
         t0 = time.time()
         root = Path(self.g.root)
-        with _Lock(self.path, progress):
-            for p in self.path.glob(".*.tmp"):  # left by a writer that died: only the lock holder writes
-                p.unlink(missing_ok=True)
-            entries = {k: v for k, v in self.read_index().items() if k in keep}
+        with _Lock(self.path, progress) as lock:
+            if lock.writable:
+                for p in self.path.glob(".*.tmp"):  # left by a writer that died: only the lock holder writes
+                    p.unlink(missing_ok=True)
+            entries = {k: v for k, v in self.whole(self.read_index()).items() if k in keep}
             stamps = {rel: file_stamp(root / rel) for rel in rels}
             todo = [rel for rel in rels if entries.get(rel, {}).get("stamp") != stamps[rel]]
             report = Report(self.path, images=len(rels))
+            unreached: dict[str, str] = {}  # failures that are not recorded (see _Decode)
+            if todo and not lock.writable:
+                raise InputError(
+                    f"cannot write the image cache {self.path} ({lock.why}) to add {len(todo)} images; make that "
+                    f"folder writable or set LDMKIT_CACHE to a folder you can write"
+                )
             if todo:
                 self._check_space(len(todo))
-                self._decode(todo, stamps, entries, workers, progress, report)
-            self._compact(entries)
-            report.skipped = {rel: entries[rel]["skip"] for rel in rels if "skip" in entries[rel]}
+                self._decode(todo, stamps, entries, unreached, workers, progress, report)
+            if lock.writable:
+                self._compact(entries)
+            report.skipped = {rel: entries[rel]["skip"] for rel in rels if "skip" in entries.get(rel, {})}
+            report.skipped.update(unreached)
             report.bytes = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
             report.seconds = time.time() - t0
             rows = self.rows(entries, rels)
@@ -185,7 +232,7 @@ class PreparedCache:
                 self.pixels(shard, 0)  # mapped under the lock: loading processes forked later inherit the maps
             return report, rows
 
-    def _decode(self, todo, stamps, entries, workers, progress, report):
+    def _decode(self, todo, stamps, entries, unreached, workers, progress, report):
         loader = torch.utils.data.DataLoader(
             _Decode(Path(self.g.root), todo, self.g),
             batch_size=None,
@@ -199,7 +246,7 @@ class PreparedCache:
             while done < len(todo):
                 name = f"{uuid.uuid4().hex[:12]}.u8"
                 try:
-                    got = self._write_shard(name, items, todo, stamps, entries, bar)
+                    got, failed = self._write_shard(name, items, todo, stamps, entries, unreached, bar)
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise self._space_error(len(todo) - done) from None
@@ -208,23 +255,27 @@ class PreparedCache:
                     break
                 done += got
                 report.decoded += got
+                report.failed += failed
                 self._write_index(entries, len(todo) - done)
         finally:
             bar.close()
             del items
 
-    def _write_shard(self, name, items, todo, stamps, entries, bar) -> int:
-        """Write decoded rows to shard `name` (atomically) until COMMIT_S or COMMIT_BYTES; record the entries.
-        Returns how many files were handled."""
+    def _write_shard(self, name, items, todo, stamps, entries, unreached, bar) -> tuple[int, int]:
+        """Write decoded rows to shard `name` (atomically) until COMMIT_S or COMMIT_BYTES; record the entries, and
+        the failures not to record in `unreached`. Returns (files handled, how many of them failed)."""
         added: dict[str, dict] = {}
+        missed: dict[str, str] = {}
         start = time.time()
 
         def write(tmp):
             row = 0
             with open(tmp, "wb") as f:
-                for k, pixels, why in items:
+                for k, pixels, why, lasting in items:
                     rel = todo[k]
-                    if pixels is None:
+                    if pixels is None and not lasting:
+                        missed[rel] = why
+                    elif pixels is None:
                         added[rel] = {"stamp": stamps[rel], "skip": why}
                     else:
                         self._put(f, pixels)
@@ -238,7 +289,9 @@ class PreparedCache:
         if not any("shard" in e for e in added.values()):
             (self.path / name).unlink()  # only skipped files in this round: no rows
         entries.update(added)
-        return len(added)
+        unreached.update(missed)
+        failed = sum("skip" in e for e in added.values()) + len(missed)
+        return len(added) + len(missed), failed
 
     @staticmethod
     def _put(f, pixels: np.ndarray) -> None:
@@ -286,7 +339,7 @@ class PreparedCache:
             (self.path / old).unlink()  # mappings of other runs stay valid: the pages live until unmapped
 
     def _check_space(self, n: int):
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path)
         if shutil.disk_usage(self.path).free < n * self.g.row_bytes + SPACE_MARGIN:
             raise self._space_error(n)
 
@@ -301,14 +354,26 @@ class PreparedCache:
 
 
 class _Lock:
-    """flock on the cache folder's .lock for one build; tells the user when it waits for another process."""
+    """flock on the cache folder's .lock for one build; tells the user when it waits for another process. In a
+    folder this process cannot write, `writable` is False (and `why` says why): the lock is then taken on the
+    existing .lock opened for reading, or not at all where there is none, and nothing may be written."""
 
     def __init__(self, folder: Path, progress: bool):
         self.folder, self.progress = folder, progress
+        self.writable, self.why, self.fd = True, "", None
 
     def __enter__(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            make_folder(self.folder)
+            self.fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            self.writable, self.why = False, f"{type(e).__name__}: {e.strerror}"
+            try:
+                self.fd = os.open(self.folder / ".lock", os.O_RDONLY)
+            except OSError:
+                return self
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -318,5 +383,6 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)  # releases the lock
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
         return False
