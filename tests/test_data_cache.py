@@ -503,3 +503,24 @@ def test_a_read_only_cache_is_read_and_a_build_there_says_what_to_change(tmp_pat
     Image.new("RGB", (20, 20), (0, 0, 0)).save(root / "new.png")
     with pytest.raises(InputError, match=r"cannot write the image cache .* \(PermissionError.*LDMKIT_CACHE"):
         ImageFolder(_cfg(root)).prepare()
+
+
+def test_ctrl_c_during_the_build_keeps_what_was_decoded(tmp_path, cache, monkeypatch):
+    """Ctrl-C in the middle of a build commits the rows decoded so far (it used to lose everything since the last
+    commit, up to COMMIT_S seconds of decoding), then stops saying so; the next run decodes only the rest."""
+    root = _noise_folder(tmp_path / "noise", n=12)
+    real, calls = prepared.prepare_pixels, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(prepared, "prepare_pixels", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="4 of 12 images are in the image cache"):
+        ImageFolder(_cfg(root)).prepare()
+    monkeypatch.setattr(prepared, "prepare_pixels", real)
+    ds = ImageFolder(_cfg(root))
+    assert ds.prepare().decoded == 8
+    assert torch.equal(_items(ds), _items(ImageFolder(_cfg(root))))

@@ -246,44 +246,56 @@ class PreparedCache:
             while done < len(todo):
                 name = f"{uuid.uuid4().hex[:12]}.u8"
                 try:
-                    got, failed = self._write_shard(name, items, todo, stamps, entries, unreached, bar)
+                    got, failed, stop = self._write_shard(name, items, todo, stamps, entries, unreached, bar)
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise self._space_error(len(todo) - done) from None
                     raise
-                if got == 0:
+                if got == 0 and not stop:
                     break
                 done += got
                 report.decoded += got
                 report.failed += failed
                 self._write_index(entries, len(todo) - done)
+                if stop:
+                    raise KeyboardInterrupt(
+                        f"stopped preparing images: {report.images - len(todo) + done} of {report.images} images are "
+                        f"in the image cache {self.path}; the next run decodes only the rest"
+                    )
         finally:
             bar.close()
             del items
 
-    def _write_shard(self, name, items, todo, stamps, entries, unreached, bar) -> tuple[int, int]:
-        """Write decoded rows to shard `name` (atomically) until COMMIT_S or COMMIT_BYTES; record the entries, and
-        the failures not to record in `unreached`. Returns (files handled, how many of them failed)."""
+    def _write_shard(self, name, items, todo, stamps, entries, unreached, bar) -> tuple[int, int, bool]:
+        """Write decoded rows to shard `name` (atomically) until COMMIT_S or COMMIT_BYTES or Ctrl-C; record the
+        entries, and the failures not to record in `unreached`. Returns (files handled, how many of them failed,
+        whether Ctrl-C stopped it: the rows before it are committed all the same)."""
         added: dict[str, dict] = {}
         missed: dict[str, str] = {}
-        start = time.time()
+        start, stop = time.time(), []
 
         def write(tmp):
-            row = 0
             with open(tmp, "wb") as f:
-                for k, pixels, why, lasting in items:
-                    rel = todo[k]
-                    if pixels is None and not lasting:
-                        missed[rel] = why
-                    elif pixels is None:
-                        added[rel] = {"stamp": stamps[rel], "skip": why}
-                    else:
-                        self._put(f, pixels)
-                        added[rel] = {"stamp": stamps[rel], "shard": name, "row": row}
-                        row += 1
-                    bar.update(1)
-                    if time.time() - start > COMMIT_S or (row + 1) * self.g.row_bytes > COMMIT_BYTES:
-                        break  # commit: the next row would pass COMMIT_BYTES
+                try:
+                    rows(f)
+                except KeyboardInterrupt:
+                    stop.append(True)
+
+        def rows(f):
+            row = 0
+            for k, pixels, why, lasting in items:
+                rel = todo[k]
+                if pixels is None and not lasting:
+                    missed[rel] = why
+                elif pixels is None:
+                    added[rel] = {"stamp": stamps[rel], "skip": why}
+                else:
+                    self._put(f, pixels)
+                    added[rel] = {"stamp": stamps[rel], "shard": name, "row": row}
+                    row += 1
+                bar.update(1)
+                if time.time() - start > COMMIT_S or (row + 1) * self.g.row_bytes > COMMIT_BYTES:
+                    break  # commit: the next row would pass COMMIT_BYTES
 
         atomic_write(self.path / name, write)
         if not any("shard" in e for e in added.values()):
@@ -291,7 +303,7 @@ class PreparedCache:
         entries.update(added)
         unreached.update(missed)
         failed = sum("skip" in e for e in added.values()) + len(missed)
-        return len(added) + len(missed), failed
+        return len(added) + len(missed), failed, bool(stop)
 
     @staticmethod
     def _put(f, pixels: np.ndarray) -> None:
