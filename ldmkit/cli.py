@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .checkpoint import check_output_path, read_metadata
 from .config import TASKS, AutoencoderRun, DenoiserRun, ServeRun, load_run
+from .distributed import main_process
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .governance.policy import load_policy
@@ -61,7 +62,8 @@ def _run_options(p: argparse.ArgumentParser, default_out: str):
 
 def _sampling_options(p: argparse.ArgumentParser, *, n: int, n_help: str, batch_size: int | None = None):
     """The options of sample, generate and evaluate, declared here once; only --n and --batch-size defaults differ."""
-    p.add_argument("--n", type=int, default=n, help=f"{n_help} (default {n})")
+    # --images too: under torchrun, `--n` is an ambiguous abbreviation of torchrun's own options and is refused
+    p.add_argument("--n", "--images", dest="n", type=int, default=n, help=f"{n_help} (default {n})")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
@@ -145,8 +147,9 @@ def _overrides(args) -> list[str]:
 def cmd_train_autoencoder(args):
     run = load_run(AutoencoderRun, args.config, _overrides(args))
     result = train_autoencoder(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(json.dumps(result, indent=2))
-    print(f"autoencoder written to {result['checkpoint']}")
+    if main_process():  # under torchrun, rank 0 alone reports
+        print(json.dumps(result, indent=2))
+        print(f"autoencoder written to {result['checkpoint']}")
 
 
 def cmd_train(args):
@@ -157,8 +160,9 @@ def cmd_train(args):
         extra.append(f"task={args.task}")
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
     result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(json.dumps(result, indent=2))
-    print(f"model written to {result['checkpoint']}")
+    if main_process():
+        print(json.dumps(result, indent=2))
+        print(f"model written to {result['checkpoint']}")
 
 
 def _request(args, n: int, prompts: list[str] | None) -> SampleRequest:
@@ -240,8 +244,10 @@ def cmd_evaluate(args):
         memorisation=load_index(Path(args.checkpoint)) if args.memorisation else None,
         copy_threshold=COPY_THRESHOLD,
     )
-    print(format_table(result))
-    print(f"written {write_result(result, result_path(args.checkpoint, result['data'], args.split, args.n, args.out))}")
+    if main_process():  # under torchrun, rank 0 alone reports and writes
+        print(format_table(result))
+        out = result_path(args.checkpoint, result["data"], args.split, args.n, args.out)
+        print(f"written {write_result(result, out)}")
 
 
 def _edit_request(args, default_out: Path, task: str):

@@ -194,6 +194,10 @@ class TrainConfig:
     ckpt_every: int = 500  # checkpoint interval (steps); 0: only the final checkpoint, which is always written
     num_workers: int = -1  # data-loading processes; -1: one per available core for image folders, none for
     # data sets already in memory; 0: load in the training process. Never changes results, only speed
+    distributed: str = "auto"  # under torchrun: "auto" or "ddp" (a full model per rank), "fsdp" (parameters,
+    # gradients and optimizer state sharded over the ranks), "none" (refuses several ranks). Unused without torchrun
+    gradient_checkpointing: bool = False  # recompute the backbone's block activations in the backward pass
+    compile: bool = False  # torch.compile the backbone (the autoencoder in train-autoencoder)
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,7 @@ class DenoiserRun:
 
 
 TASKS = ("generate", "inpaint", "upscale")  # the values of DenoiserRun.task
+DISTRIBUTED = ("auto", "ddp", "fsdp", "none")  # the values of TrainConfig.distributed
 
 
 # --- serving ------------------------------------------------------------------------------------------------------
@@ -524,6 +529,10 @@ def _check_train(cfg: TrainConfig, where: str):
     if len(cfg.adam_betas) != 2:
         raise ConfigError(
             f"{_key(where, 'adam_betas')} = {cfg.adam_betas!r} must be two values (beta1, beta2), e.g. 0.9,0.999"
+        )
+    if cfg.distributed not in DISTRIBUTED:
+        raise ConfigError(
+            f"{_key(where, 'distributed')} = {cfg.distributed!r} is not known; use one of {', '.join(DISTRIBUTED)}"
         )
     if cfg.batch_size % cfg.grad_accum:
         raise ConfigError(

@@ -78,6 +78,10 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class AutoencoderLoss(nn.Module):
     """The generator-side and discriminator-side losses of first-stage training."""
 
@@ -87,6 +91,9 @@ class AutoencoderLoss(nn.Module):
         self.cfg, self.kind = cfg, kind
         self.perceptual = PerceptualLoss() if cfg.perceptual_weight > 0 else None
         self.discriminator = PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers)
+        # the mean of a gradient over data-parallel ranks (identity in one process), so that the adaptive weight is
+        # the whole batch's; the trainer sets it
+        self.grad_mean = _identity
 
     def gan_active(self, step: int) -> bool:
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
@@ -95,6 +102,7 @@ class AutoencoderLoss(nn.Module):
         """lambda = ||grad_L nll|| / (||grad_L g_loss|| + 1e-4) at the decoder's last layer L, clamped to [0, 1e4]."""
         g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        g_nll, g_gan = self.grad_mean(g_nll), self.grad_mean(g_gan)
         w = g_nll.norm() / (g_gan.norm() + 1e-4)
         return w.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
 
@@ -123,7 +131,13 @@ class AutoencoderLoss(nn.Module):
             logs.update(g_loss=g_loss.item(), d_weight=float(w))
         return loss, logs
 
-    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        real, fake = self.discriminator(x.detach()), self.discriminator(recon.detach())
+    def discriminator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, pair: nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """pair: a module returning (D(x), D(recon)) in one call (the discriminator under DDP); default D twice."""
+        if pair is not None:
+            real, fake = pair(x.detach(), recon.detach())
+        else:
+            real, fake = self.discriminator(x.detach()), self.discriminator(recon.detach())
         loss = hinge_d_loss(real, fake)
         return loss, {"d_loss": loss.item(), "logits_real": real.mean().item(), "logits_fake": fake.mean().item()}

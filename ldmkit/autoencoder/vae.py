@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from ..config import AutoencoderConfig
 from ..nn.attention import SpatialSelfAttention
 from ..nn.blocks import Downsample, ResBlock, Upsample, group_norm
+from ..noise import Generators, randn
 
 
 class Encoder(nn.Module):
@@ -97,9 +98,10 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, noise: torch.Tensor | None = None, generator: Generators = None) -> torch.Tensor:
+        """z = mean + std * noise; the noise drawn from `generator` (one per item when a list) unless given."""
         if noise is None:
-            noise = torch.randn(self.mean.shape, generator=generator).to(self.mean.device)
+            noise = randn(self.mean.shape, generator).to(self.mean.device)
         return self.mean + self.std * noise
 
     def kl(self) -> torch.Tensor:

@@ -7,6 +7,10 @@
 
 The reference statistics are cached (see `fid.reference_stats`), so a second evaluation against the same set only
 pays for the generated images.
+
+Under torchrun the n generated images are split over the ranks (rank r draws a contiguous block, image i always
+with seed + i and the i-th condition), each rank computes their Inception features, and rank 0 gathers them in
+order: the same images and the same numbers as one process.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..checkpoint import check_output_path
 from ..config import DataConfig
 from ..data import build_dataset, stack_images
 from ..data.images import to_pil
+from ..distributed import World, process_group
 from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..pipelines.generate import SampleRequest, generate
@@ -52,12 +57,25 @@ def _kid(a: FeatureStats, b: FeatureStats) -> tuple[float, float]:
     return a.kid(b, subsets=100, subset_size=size)
 
 
-def _generated(ldm, ds, idx: list[int], sampler: str, steps: int, cfg: float, seed: int, batch: int, progress: bool):
+def _generated(
+    ldm,
+    ds,
+    idx: list[int],
+    sampler: str,
+    steps: int,
+    cfg: float,
+    seed: int,
+    batch: int,
+    progress: bool,
+    share: range | None = None,
+):
     """Generated images in batches of `batch` (image i always drawn with seed + i); a text model is prompted with
-    the captions of the reference images `idx`, so both sets share their caption distribution."""
+    the captions of the reference images `idx`, so both sets share their caption distribution. share: the images
+    to draw (a block of 0..len(idx)-1, this rank's), default all."""
     captions = [ds.captions[i] for i in idx] if ldm.text_encoder is not None and ds.captions else None
-    n = len(idx)
-    for s in tqdm(range(0, n, batch), desc="generating", disable=not progress):
+    share = share if share is not None else range(len(idx))
+    n = share.stop
+    for s in tqdm(range(share.start, n, batch), desc="generating", disable=not progress):
         e = min(n, s + batch)
         labels = [i % ldm.num_classes for i in range(s, e)] if ldm.num_classes else None
         prompts = captions[s:e] if captions else None
@@ -95,6 +113,12 @@ def evaluate(
     matches with a .similarity); the result then also holds the share of generated images at or above
     copy_threshold, and the highest similarity."""
     kind = checkpoint.read_metadata(path)["kind"]
+    if kind == "ldm":
+        with process_group(device, "--device") as (world, dev):
+            return _evaluate_model(
+                path, world, dev, dataset, split, n, sampler, steps, cfg, seed, batch_size, progress, memorisation,
+                copy_threshold,
+            )  # fmt: skip
     dev = resolve_device(device)
     features = InceptionFeatures(device=dev, batch_size=batch_size)
     start = time.time()
@@ -110,34 +134,6 @@ def evaluate(
             _reconstructions(model, subset, dev, batch_size), features, keep_features=True, progress=progress
         )
         result = {"psnr": result["psnr"], "ssim": result["ssim"], "rfid": recon.fid(ref)}
-    elif kind == "ldm":
-        ldm = LatentDiffusion.load(path, dev)
-        data_cfg, ds = _reference_data(ldm.run.data, dataset, split, n)
-        ref = reference_stats(
-            data_cfg.dataset, ds, n, split=split, features=features, progress=progress, keep_features=True
-        )
-        images = _generated(ldm, ds, reference_indices(len(ds), n), sampler, steps, cfg, seed, batch_size, progress)
-        similarities: list[float] = []
-        if memorisation is not None:
-            images = _screened(images, memorisation, similarities)
-        gen = compute_stats(images, features, batch_size=batch_size, keep_features=True)
-        kid_mean, kid_std = _kid(gen, ref)
-        result = {
-            "fid": gen.fid(ref),
-            "kid": kid_mean,
-            "kid_std": kid_std,
-            "sampler": sampler,
-            "steps": steps,
-            "cfg": cfg,
-            "seed": seed,
-        }
-        if memorisation is not None:
-            sims = np.array(similarities)
-            result |= {
-                "memorisation": float((sims >= copy_threshold).mean()),
-                "memorisation_threshold": copy_threshold,
-                "memorisation_max_similarity": float(sims.max()),
-            }
     else:
         raise InputError(
             f"{path} is a {kind!r} checkpoint; evaluate takes a model (`ldmkit train`) or an "
@@ -153,6 +149,63 @@ def evaluate(
         **result,
         "seconds": round(time.time() - start, 1),
     }
+
+
+def _evaluate_model(
+    path, world: World, dev, dataset, split, n, sampler, steps, cfg, seed, batch_size, progress, memorisation,
+    copy_threshold,
+) -> dict:  # fmt: skip
+    """evaluate() for an "ldm" checkpoint, on this rank's share of the generated images."""
+    start = time.time()
+    progress = progress and world.main
+    features = InceptionFeatures(device=dev, batch_size=batch_size)
+    ldm = LatentDiffusion.load(path, dev)
+    data_cfg, ds = _reference_data(ldm.run.data, dataset, split, n)
+    idx = reference_indices(len(ds), n)
+    share = world.shard(n)
+    images = _generated(ldm, ds, idx, sampler, steps, cfg, seed, batch_size, progress, share)
+    similarities: list[float] = []
+    if memorisation is not None:
+        images = _screened(images, memorisation, similarities)
+    feats = [features(x) for x in images]  # this rank's (b, 2048) batches, in order
+    every = world.gather((feats, similarities))  # rank order is image order
+
+    def metrics() -> dict:
+        ref = reference_stats(
+            data_cfg.dataset, ds, n, split=split, features=features, progress=progress, keep_features=True
+        )
+        gen = FeatureStats.from_batches([f for fs, _ in every for f in fs], keep_features=True)
+        kid_mean, kid_std = _kid(gen, ref)
+        result = {
+            "fid": gen.fid(ref),
+            "kid": kid_mean,
+            "kid_std": kid_std,
+            "sampler": sampler,
+            "steps": steps,
+            "cfg": cfg,
+            "seed": seed,
+        }
+        if memorisation is not None:
+            sims = np.array([v for _, ss in every for v in ss])
+            result |= {
+                "memorisation": float((sims >= copy_threshold).mean()),
+                "memorisation_threshold": copy_threshold,
+                "memorisation_max_similarity": float(sims.max()),
+            }
+        if world.active:
+            result["ranks"] = world.size
+        return {
+            "checkpoint": str(path),
+            "kind": "ldm",
+            "data": data_cfg.dataset,
+            "split": split,
+            "n": n,
+            "resolution": data_cfg.resolution,
+            **result,
+            "seconds": round(time.time() - start, 1),
+        }
+
+    return world.on_main(metrics)
 
 
 def _screened(batches, index, similarities: list[float]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from ..data.common import stack_images
 from ..data.images import save_grid
 from ..errors import InputError
 from .ema import EMA
+from .parallel import Parallel
 
 
 class AutoencoderTask:
@@ -46,15 +48,22 @@ class AutoencoderTask:
         for g in d_opt.param_groups:
             g["lr_scale"] = (run.loss.disc_lr / t.lr) if run.loss.disc_lr > 0 else 1.0
         self.optimizers = {"autoencoder": (opt, ae_params), "discriminator": (d_opt, d_params)}
+        self.forward, self.pair = self.model, None  # distribute() may wrap them (DDP)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"autoencoder": self.model, "discriminator": self.loss.discriminator}
 
+    def distribute(self, parallel: Parallel) -> None:
+        parallel.backbone(self.model)
+        self.forward = parallel.data_parallel(self.model)
+        self.pair = parallel.data_parallel(_Pair(self.loss.discriminator)) if parallel.kind != "none" else None
+        self.loss.grad_mean = parallel.mean_tensor
+
     def micro_step(
-        self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float, x: torch.Tensor | None
+        self, step: int, idx: torch.Tensor, gens: Sequence[torch.Generator], scale: float, x: torch.Tensor | None
     ) -> dict[str, float]:
         self.model.train()
-        recon, reg, stats = self.model(x, sample=True, generator=gen)
+        recon, reg, stats = self.forward(x, sample=True, generator=list(gens))
         disc = self.loss.discriminator
         disc.requires_grad_(False)  # the generator's GAN term must not write discriminator gradients
         g_loss, logs = self.loss.generator_loss(x, recon.float(), reg, step, self.model.last_layer)
@@ -62,7 +71,7 @@ class AutoencoderTask:
         (g_loss * scale).backward()
         logs = {"loss": g_loss.item(), **logs, **stats}
         if self.loss.gan_active(step):
-            d_loss, d_logs = self.loss.discriminator_loss(x, recon.float())
+            d_loss, d_logs = self.loss.discriminator_loss(x, recon.float(), self.pair)
             (d_loss * scale).backward()
             logs.update(d_logs)
         return logs
@@ -77,3 +86,14 @@ class AutoencoderTask:
         with torch.no_grad():
             recon = model(x, sample=False)[0].float()
         return save_grid(torch.cat([x, recon.clamp(-1, 1)]).cpu(), out_dir / f"recon-{step:07d}.png", nrow=len(x))
+
+
+class _Pair(nn.Module):
+    """The discriminator on real and reconstructed images in one forward call, as DDP wants it."""
+
+    def __init__(self, discriminator: nn.Module):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.discriminator(real), self.discriminator(fake)

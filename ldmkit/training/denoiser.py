@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -28,9 +29,10 @@ from ..diffusion.lowres import downscale, low_res_conditioning
 from ..diffusion.sample import sample_latents
 from ..errors import InputError
 from ..ldm import LatentDiffusion
-from ..noise import generators_from_seed
+from ..noise import generators_from_seed, randn
 from .ema import EMA
 from .masks import random_masks, training_latent_mask
+from .parallel import Parallel
 
 
 def resolve_run(run: DenoiserRun, ae_cfg: AutoencoderConfig, latents: LatentCache, text_dim: int = 0) -> DenoiserRun:
@@ -87,13 +89,19 @@ class DenoiserTask:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.optimizers = {"denoiser": (opt, params)}
+        self._loss_module = _LossModule(self)
+        self.loss_fn = self._loss_module  # what micro_step calls; distribute() may wrap it (DDP)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
-    def condition(self, idx: torch.Tensor, gen: torch.Generator) -> Conditioning:
+    def distribute(self, parallel: Parallel) -> None:
+        parallel.backbone(self.ldm.unet)
+        self.loss_fn = parallel.data_parallel(self._loss_module)
+
+    def condition(self, idx: torch.Tensor, gens: Sequence[torch.Generator]) -> Conditioning:
         """Conditioning of a batch; each item's condition is dropped with probability data.caption_dropout."""
-        drop = torch.rand(len(idx), generator=gen) < self.run.data.caption_dropout  # (B,)
+        drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < self.run.data.caption_dropout  # (B,)
         if self.ldm.text_encoder is not None:
             caps = ["" if d else self.latents.captions[int(i)] for i, d in zip(idx, drop)]
             if self.text_cache is not None:
@@ -108,52 +116,63 @@ class DenoiserTask:
     def batch_images(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.images[int(i)]["image"] for i in idx]).to(self.device)  # (B, C, H, W)
 
+    def draw_latents(self, idx: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """Cached latents of items idx (B, c, h, w), each sampled from its stored posterior with its generator."""
+        z = self.latents.mean[idx]
+        if self.latents.std is not None:
+            z = z + self.latents.std[idx] * randn(z.shape, list(gens))
+        return z
+
     @torch.no_grad()
-    def encode_sample(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def encode_sample(self, x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
         """Scaled training latents of images x (B, C, H, W): z ~ q(z | x) for a KL autoencoder (as the latent cache
-        draws them, the noise from `gen`), the pre-quantisation latents for a VQ one."""
+        draws them, each item's noise from its generator), the pre-quantisation latents for a VQ one."""
         ae = self.ldm.autoencoder
         if hasattr(ae, "encode"):
             post = ae.encode(x)
-            eps = torch.randn(post.mean.shape, generator=gen).to(post.mean)
+            eps = randn(post.mean.shape, list(gens)).to(post.mean)
             return self.ldm.to_latent((post.mean + post.std * eps).float())
         return self.ldm.to_latent(ae.latents(x).float())
 
     @torch.no_grad()
-    def upscale_inputs(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+    def upscale_inputs(self, x: torch.Tensor, gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, Conditioning]:
         """(clean latents (B, c, h, w), the low-resolution conditioning: the images x (B, C, H, W) downscaled, noised
-        to a random augmentation level per item drawn from `gen`, with the levels as labels)."""
-        z = self.encode_sample(x, gen)
+        to a random augmentation level per item drawn from its generator, with the levels as labels)."""
+        z = self.encode_sample(x, gens)
         up = self.run.upscale
         low = downscale(x, up.factor)
-        levels = torch.randint(0, up.max_noise_level + 1, (len(x),), generator=gen)
-        noise = torch.randn((len(x), x.shape[1], *z.shape[-2:]), generator=gen)
+        levels = torch.cat([torch.randint(0, up.max_noise_level + 1, (1,), generator=g) for g in gens])
+        noise = randn((len(x), x.shape[1], *z.shape[-2:]), list(gens))
         return z, low_res_conditioning(low, levels.to(self.device), up, noise.to(x), tuple(z.shape[-2:]))
 
     @torch.no_grad()
-    def inpaint_inputs(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def inpaint_inputs(self, x: torch.Tensor, gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean latents (B, c, h, w), concat (B, 1 + c, h, w): latent mask and masked-image latents) of images x
-        (B, C, H, W), with a random mask per item drawn from `gen`."""
-        m, _ = random_masks(len(x), tuple(x.shape[-2:]), gen)
-        m = m.to(x)  # (B, 1, H, W), 1 = regenerate
-        z = self.encode_sample(x, gen)
+        (B, C, H, W), with a random mask per item drawn from its generator."""
+        m = torch.cat([random_masks(1, tuple(x.shape[-2:]), g)[0] for g in gens]).to(x)  # (B, 1, H, W), 1 = regenerate
+        z = self.encode_sample(x, gens)
         masked = self.ldm.encode(x * (1 - m))  # (B, c, h, w): masked pixels at 0, mid-grey
         return z, torch.cat([training_latent_mask(m, self.ldm.factor), masked], dim=1)
 
+    def loss(self, idx: torch.Tensor, gens: Sequence[torch.Generator], x: torch.Tensor | None) -> torch.Tensor:
+        """The mean loss of items idx (their images x for inpaint and upscale), every draw from the items' own
+        generators."""
+        if self.run.task == "inpaint":
+            z, concat = self.inpaint_inputs(x, gens)
+            cond = replace(self.condition(idx, gens), concat=concat)
+        elif self.run.task == "upscale":
+            z, low = self.upscale_inputs(x, gens)
+            cond = replace(self.condition(idx, gens), labels=low.labels, concat=low.concat)
+        else:
+            z = self.ldm.to_latent(self.draw_latents(idx, gens)).to(self.device)
+            cond = self.condition(idx, gens)
+        return self.ldm.denoiser.loss(z, cond, generator=list(gens)).mean()
+
     def micro_step(
-        self, step: int, idx: torch.Tensor, gen: torch.Generator, scale: float, x: torch.Tensor | None
+        self, step: int, idx: torch.Tensor, gens: Sequence[torch.Generator], scale: float, x: torch.Tensor | None
     ) -> dict[str, float]:
         self.model.train()
-        if self.run.task == "inpaint":
-            z, concat = self.inpaint_inputs(x, gen)
-            cond = replace(self.condition(idx, gen), concat=concat)
-        elif self.run.task == "upscale":
-            z, low = self.upscale_inputs(x, gen)
-            cond = replace(self.condition(idx, gen), labels=low.labels, concat=low.concat)
-        else:
-            z = self.ldm.to_latent(self.latents.draw(idx, gen)).to(self.device)
-            cond = self.condition(idx, gen)
-        loss = self.ldm.denoiser.loss(z, cond, generator=gen).mean()
+        loss = self.loss_fn(idx, gens, x)
         (loss * scale).backward()
         return {"loss": loss.item()}
 
@@ -207,6 +226,19 @@ class DenoiserTask:
         m, _ = random_masks(n, tuple(x.shape[-2:]), torch.Generator().manual_seed(0))
         m = m.to(x)
         return x, m, torch.cat([training_latent_mask(m, self.ldm.factor), self.ldm.encode(x * (1 - m))], dim=1)
+
+
+class _LossModule(nn.Module):
+    """The trained modules (backbone, a trainable text encoder) with the task's loss as forward: what DDP wraps, so
+    that every trainable parameter has its gradients averaged over the ranks."""
+
+    def __init__(self, task: DenoiserTask):
+        super().__init__()
+        self.model = task.model
+        self._loss = task.loss  # a bound method, not a submodule
+
+    def forward(self, idx: torch.Tensor, gens: Sequence[torch.Generator], x: torch.Tensor | None) -> torch.Tensor:
+        return self._loss(idx, gens, x)
 
 
 def grid_conditions(ldm: LatentDiffusion, latents: LatentCache, per_class: int = 1):

@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .. import checkpoint
+from ..distributed import World
 from ..errors import ConfigError, InputError, MissingFileError, RunFolderError
 from .loop import STATE_FILE
 from .runlock import RunLock
@@ -43,7 +45,7 @@ ARCHITECTURE = (
     "loss.disc_channels",
 )
 # settings that change only how fast a run goes, never its results: a resume does not report their changes
-SPEED_ONLY = ("train.num_workers",)
+SPEED_ONLY = ("train.num_workers", "train.distributed", "train.gradient_checkpointing", "train.compile")
 SHOWN_CHANGES = 8  # a refusal lists at most this many keys, to stay on one readable line
 
 
@@ -137,6 +139,25 @@ class RunFolder:
             warnings.warn(f"resuming {self.path} with changed settings: {', '.join(changed)}", stacklevel=2)
         text = json.dumps(new, indent=2)
         return checkpoint.atomic_write(self.path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def run_folder(
+    world: World, path: str | Path, resume: bool = False, overwrite: bool = False, keep: Iterable = ()
+) -> Iterator[RunFolder]:
+    """The RunFolder of a job of one or several ranks: rank 0 alone locks and checks it (and removes a replaced run);
+    an error there stops every rank. Call its check_config / write_config through world.on_main."""
+    folder = RunFolder(path, resume=resume, overwrite=overwrite, keep=keep)
+    world.on_main(lambda: _enter(folder))
+    try:
+        yield folder
+    finally:
+        if world.main:
+            folder.__exit__(None, None, None)
+
+
+def _enter(folder: RunFolder) -> None:
+    folder.__enter__()
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,15 +15,16 @@ from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, valid
 from ..data import build_dataset, prepare_dataset, split_holdout
 from ..data.latents import encode_dataset
 from ..denoisers import backbone_name, build_backbone
+from ..distributed import World, process_group
 from ..errors import InputError
 from ..evaluation.metrics import reconstruction_metrics
 from ..ldm import LatentDiffusion
-from ..runtime import autocast, resolve_device
+from ..runtime import autocast
 from .autoencoder import AutoencoderTask
 from .batches import resolve_workers
 from .denoiser import DenoiserTask, resolve_run
 from .loop import train
-from .rundir import RunFolder
+from .rundir import flatten, run_folder
 
 
 def _datasets(data_cfg, holdout: int):
@@ -51,31 +52,40 @@ def train_autoencoder(
     overwrite: bool = False,
 ) -> dict:
     """Train the first stage; writes autoencoder.safetensors, log.jsonl and metrics.json into out_dir.
-    resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules)."""
+    resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules).
+    Under torchrun every rank runs this with the same arguments (see loop.py); rank 0 writes the files."""
     validate(run)
-    with RunFolder(out_dir, resume=resume, overwrite=overwrite) as folder:
-        folder.write_config(to_dict(run))
-        torch.manual_seed(run.train.seed)
-        device = resolve_device(run.train.device, "train.device")
-        train_set, held = _datasets(run.data, run.data.holdout)
-        _prepare(train_set, run.train.num_workers, progress)
-        task = AutoencoderTask(run, train_set, device)
-        res = train(
-            task,
-            run.train,
-            folder.path,
-            device,
-            resume=resume,
-            config_dict=to_dict(run),
-            progress=progress,
-            stop_after=stop_after,
-        )
-        result = {"checkpoint": str(res.export_path), "step": res.step}
-        if res.step >= run.train.steps and held is not None:
-            model, _ = load_autoencoder(res.export_path, device)
-            result["holdout"] = reconstruction_metrics(model, held, device, progress=progress)
-        (folder.path / "metrics.json").write_text(json.dumps(result, indent=2))
-    return result
+    with process_group(run.train.device) as (world, device):
+        world.check_same("settings", flatten(to_dict(run)))
+        progress = progress and world.main
+        with run_folder(world, out_dir, resume=resume, overwrite=overwrite) as folder:
+            world.on_main(lambda: folder.write_config(to_dict(run)))
+            train_set, held = _datasets(run.data, run.data.holdout)
+            with world.main_first():  # rank 0 builds the prepared-image cache, the others read it
+                _prepare(train_set, run.train.num_workers, progress)
+            torch.manual_seed(run.train.seed)  # after the cache build, which may draw from the global RNG
+            task = AutoencoderTask(run, train_set, device)
+            res = train(
+                task,
+                run.train,
+                folder.path,
+                device,
+                resume=resume,
+                config_dict=to_dict(run),
+                progress=progress,
+                stop_after=stop_after,
+                world=world,
+            )
+
+            def finish() -> dict:
+                result = {"checkpoint": str(res.export_path), "step": res.step}
+                if res.step >= run.train.steps and held is not None:
+                    model, _ = load_autoencoder(res.export_path, device)
+                    result["holdout"] = reconstruction_metrics(model, held, device, progress=progress)
+                (folder.path / "metrics.json").write_text(json.dumps(result, indent=2))
+                return result
+
+            return world.on_main(finish)
 
 
 def text_setup(run: DenoiserRun, captions: list[str], device):
@@ -113,38 +123,44 @@ def train_denoiser(
     overwrite: bool = False,
 ) -> dict:
     """Train the second stage on latents of run.autoencoder; writes model.safetensors (self-contained).
-    resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules)."""
+    resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules).
+    Under torchrun every rank runs this with the same arguments (see loop.py); rank 0 writes the files."""
     if not run.autoencoder:
         raise InputError("no autoencoder given: pass --autoencoder PATH (a checkpoint from `ldmkit train-autoencoder`)")
     validate(run)
-    with RunFolder(out_dir, resume=resume, overwrite=overwrite, keep=[run.autoencoder]) as folder:
-        folder.check_config(to_dict(run), ignore=RESOLVED_KEYS)  # refuse a changed model before the slow setup
-        torch.manual_seed(run.train.seed)
-        device = resolve_device(run.train.device, "train.device")
-        run, task = _denoiser_task(run, device, progress)
-        folder.write_config(to_dict(run))
-        res = train(
-            task,
-            run.train,
-            folder.path,
-            device,
-            resume=resume,
-            config_dict=to_dict(run),
-            progress=progress,
-            stop_after=stop_after,
-        )
-        result = {
-            "checkpoint": str(res.export_path),
-            "step": res.step,
-            "final_loss": res.history[-1]["loss"] if res.history else None,
-            "parameters": sum(p.numel() for p in task.ldm.unet.parameters()),
-        }
-        (folder.path / "metrics.json").write_text(json.dumps(result, indent=2))
+    with process_group(run.train.device) as (world, device):
+        world.check_same("settings", flatten(to_dict(run)))
+        progress = progress and world.main
+        with run_folder(world, out_dir, resume=resume, overwrite=overwrite, keep=[run.autoencoder]) as folder:
+            # refuse a changed model before the slow setup
+            world.on_main(lambda: folder.check_config(to_dict(run), ignore=RESOLVED_KEYS))
+            torch.manual_seed(run.train.seed)
+            run, task = _denoiser_task(run, device, progress, world)
+            world.on_main(lambda: folder.write_config(to_dict(run)))
+            res = train(
+                task,
+                run.train,
+                folder.path,
+                device,
+                resume=resume,
+                config_dict=to_dict(run),
+                progress=progress,
+                stop_after=stop_after,
+                world=world,
+            )
+            result = {
+                "checkpoint": str(res.export_path),
+                "step": res.step,
+                "final_loss": res.history[-1]["loss"] if res.history else None,
+                "parameters": sum(p.numel() for p in task.ldm.unet.parameters()),
+            }
+            world.on_main(lambda: (folder.path / "metrics.json").write_text(json.dumps(result, indent=2)))
     return result
 
 
-def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRun, DenoiserTask]:
-    """Load the autoencoder, encode (or load the cached) latents, build the backbone: (resolved run, task)."""
+def _denoiser_task(run: DenoiserRun, device, progress: bool, world: World) -> tuple[DenoiserRun, DenoiserTask]:
+    """Load the autoencoder, encode (or load the cached) latents, build the backbone: (resolved run, task). Rank 0
+    builds the image and latent caches; the other ranks wait for it, then read them."""
     ae, ae_run = load_autoencoder(run.autoencoder, device)
     f_ae, f_unet, net = ae_run.model.factor, run.backbone.factor, backbone_name(run)
     check_multiple(
@@ -164,8 +180,8 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool) -> tuple[DenoiserRu
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
     train_set, _ = _datasets(run.data, 0)
-    _prepare(train_set, run.train.num_workers, progress)
-    with autocast(run.train.mixed_precision, device):
+    with world.main_first(), autocast(run.train.mixed_precision, device):
+        _prepare(train_set, run.train.num_workers, progress)
         latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
     text, text_cache = text_setup(run, latents.captions, device)
     run = resolve_run(run, ae_run.model, latents, text_dim=getattr(text, "dim", 0))

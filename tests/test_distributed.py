@@ -1,0 +1,190 @@
+"""Training and evaluation under torchrun: 2 CPU processes with gloo against one process, on tiny models.
+
+Each torchrun launch costs a few seconds of start-up, so one module-scoped two-rank run of each command serves
+several tests.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldmkit import checkpoint
+from ldmkit.cli import main
+from ldmkit.config import TrainConfig
+from ldmkit.data import build_dataset
+from ldmkit.distributed import World
+from ldmkit.errors import ConfigError
+from ldmkit.evaluation.evaluate import _generated
+from ldmkit.ldm import LatentDiffusion
+from ldmkit.training.batches import item_generators, rank_positions
+from ldmkit.training.loop import STATE_FILE
+from ldmkit.training.parallel import check_batch
+
+AE_ARGS = [
+    "--resolution", "16", "--batch-size", "8", "--device", "cpu", "--quiet",
+    "--set", "data.channels=1", "--set", "data.holdout=0", "--set", "model.in_channels=1",
+    "--set", "model.base_channels=8", "--set", "model.channel_mult=1,2", "--set", "model.latent_channels=2",
+    "--set", "model.norm_groups=4", "--set", "model.mid_attention=false", "--set", "loss.perceptual_weight=0",
+    "--set", "loss.disc_start=1", "--set", "loss.disc_channels=8", "--set", "loss.disc_layers=2",
+    "--set", "train.grad_accum=2", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=2",
+    "--set", "train.ema_decay=0.9", "--set", "train.log_every=1", "--set", "train.num_workers=0",
+]  # fmt: skip
+
+UNET_ARGS = [
+    "--resolution", "16", "--batch-size", "8", "--device", "cpu", "--quiet",
+    "--set", "data.channels=1", "--set", "unet.model_channels=16", "--set", "unet.channel_mult=1,2",
+    "--set", "unet.num_res_blocks=1", "--set", "unet.attention_levels=1", "--set", "unet.num_heads=2",
+    "--set", "unet.norm_groups=8", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=2",
+    "--set", "train.ema_decay=0.9", "--set", "train.log_every=1", "--set", "train.num_workers=0",
+]  # fmt: skip
+
+
+def torchrun(args, nproc=2, check=True, timeout=180, env=None):
+    """`torchrun --standalone --nproc-per-node N -m ldmkit ARGS` (a free port of its own), its CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "ldmkit", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(path / STATE_FILE, "train-state")[0]
+
+
+def assert_same_weights(a: dict, b: dict, tol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=tol, rtol=tol), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """16 grayscale 16x16 PNGs of a bright square at different places."""
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        a = np.zeros((16, 16), np.uint8)
+        o = int(rng.integers(0, 8))
+        a[o : o + 8, o : o + 8] = 255
+        Image.fromarray(a).save(d / f"{i:02d}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def ae_runs(tmp_path_factory, images):
+    """The same 3-step autoencoder run (GAN from step 1, 2 micro-batches) by 2 ranks and by one process."""
+    root = tmp_path_factory.mktemp("ae")
+    args = ["train-autoencoder", "--data", images, *AE_ARGS, "--steps", "3"]
+    two = torchrun([*args, "--out", root / "two"])
+    assert main([*map(str, args), "--out", str(root / "one")]) == 0
+    return root, two
+
+
+def test_two_ranks_train_the_autoencoder_of_one_process(ae_runs):
+    root, _ = ae_runs
+    assert_same_weights(state(root / "two"), state(root / "one"))
+    a = checkpoint.load(root / "two" / "autoencoder.safetensors")[0]
+    b = checkpoint.load(root / "one" / "autoencoder.safetensors")[0]
+    assert_same_weights(a, b)
+    logs = [json.loads(x) for x in (root / "two" / "log.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (root / "one" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3]  # each step logged once: rank 0 alone writes
+    for r, q in zip(logs, ref):  # the logged values are the whole batch's, averaged over the ranks
+        assert r.keys() == q.keys()
+        for k in {"loss", "l1", "d_weight", "d_loss", "grad_norm_autoencoder"} & q.keys():
+            assert r[k] == pytest.approx(q[k], rel=1e-4), k
+
+
+def test_only_rank_0_writes_and_reports(ae_runs):
+    root, proc = ae_runs
+    assert sorted(p.name for p in (root / "two").iterdir()) == sorted(p.name for p in (root / "one").iterdir())
+    assert proc.stdout.count("autoencoder written to") == 1
+
+
+def test_a_run_of_2_ranks_resumes_in_one_process(ae_runs, images, tmp_path):
+    root, _ = ae_runs
+    shutil.copytree(root / "two", tmp_path / "two")
+    shutil.copytree(root / "one", tmp_path / "one")
+    base = ["train-autoencoder", "--data", str(images), *AE_ARGS, "--steps", "5", "--resume"]
+    assert main([*base, "--out", str(tmp_path / "two")]) == 0  # warns that train.steps changed
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert_same_weights(state(tmp_path / "two"), state(tmp_path / "one"))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def unet_runs(ae_runs, images, tmp_path_factory):
+    """The same 3-step class-free U-Net run on the autoencoder's latents by 2 ranks and by one process."""
+    root = tmp_path_factory.mktemp("unet")
+    ae = ae_runs[0] / "one" / "autoencoder.safetensors"
+    args = ["train", "--data", images, "--autoencoder", ae, *UNET_ARGS, "--steps", "3"]
+    two = torchrun([*args, "--out", root / "two"])
+    assert main([*map(str, args), "--out", str(root / "one")]) == 0
+    return root, two
+
+
+def test_two_ranks_train_the_denoiser_of_one_process(unet_runs):
+    root, proc = unet_runs
+    assert_same_weights(state(root / "two"), state(root / "one"))
+    assert proc.stdout.count("model written to") == 1
+
+
+def test_ranks_generate_their_share_of_the_images_of_one_process(unet_runs):
+    ldm = LatentDiffusion.load(unet_runs[0] / "one" / "model.safetensors")
+    ds = build_dataset(ldm.run.data)
+    idx = list(range(5))
+    whole = torch.cat(list(_generated(ldm, ds, idx, "euler", 2, 1.0, 3, 2, False)))
+    shares = [World(r, 2).shard(5) for r in range(2)]
+    assert [list(s) for s in shares] == [[0, 1, 2], [3, 4]]
+    parts = [torch.cat(list(_generated(ldm, ds, idx, "euler", 2, 1.0, 3, 2, False, s))) for s in shares]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-5)
+
+
+def test_evaluate_under_torchrun_gives_the_numbers_of_one_process(unet_runs, tmp_path):
+    model = unet_runs[0] / "one" / "model.safetensors"
+    # torchrun refuses `--n`, an ambiguous abbreviation of its own options: --images is its other name
+    args = ["evaluate", model, "--images", "6", "--steps", "2", "--batch-size", "2", "--device", "cpu", "--quiet"]
+    proc = torchrun([*args, "--out", tmp_path / "two.json"])
+    assert proc.stdout.count("written") == 1
+    assert main([*map(str, args), "--out", str(tmp_path / "one.json")]) == 0
+    two, one = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("two", "one"))
+    assert two["ranks"] == 2 and "ranks" not in one
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-4) and two["kid"] == pytest.approx(one["kid"], rel=1e-3)
+
+
+def test_item_draws_do_not_depend_on_the_world_size():
+    """Each rank's share of every micro-batch, and each item's generator, are those of one process."""
+    one = rank_positions(12, 3, 1, 0)
+    two = [rank_positions(12, 3, 2, r) for r in range(2)]
+    assert sorted(torch.cat(two).tolist()) == one.tolist() == list(range(12))
+    assert two[0][:2].tolist() == [0, 1] and two[1][:2].tolist() == [2, 3]  # micro-batch 0 = items 0..3
+    a = item_generators(5, 7, [3])[0]
+    b = item_generators(5, 7, range(8))[3]
+    assert torch.equal(torch.randn(4, generator=a), torch.randn(4, generator=b))
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_refused():
+    with pytest.raises(ConfigError, match=r"train.batch_size 6 .*world size 4"):
+        check_batch(TrainConfig(batch_size=6), World(0, 4))
+    with pytest.raises(ConfigError, match=r"train.batch_size 8 .*grad_accum 2 x world size 3"):
+        check_batch(TrainConfig(batch_size=8, grad_accum=2), World(0, 3))
+    check_batch(TrainConfig(batch_size=8, grad_accum=2), World(1, 2))
+
+
+def test_torchrun_refuses_a_batch_its_ranks_cannot_share(images, tmp_path):
+    args = ["train-autoencoder", "--data", images, *AE_ARGS, "--steps", "2", "--batch-size", "6"]
+    proc = torchrun([*args, "--out", tmp_path / "r"], check=False)
+    assert proc.returncode != 0
+    assert "train.batch_size 6 does not divide over train.grad_accum 2 x world size 2" in proc.stderr
+    assert not (tmp_path / "r" / STATE_FILE).exists()
