@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ldmkit.cli import main
+from ldmkit.config import DenoiserConfig, DenoiserRun
 from ldmkit.data.images import load_image, to_tensor
 from ldmkit.denoisers.unet import UNet
 from ldmkit.diffusion.guidance import InpaintBlend
@@ -230,16 +231,15 @@ def test_text_model_and_sizes_that_are_not_a_multiple(tmp_path, tiny_text_ldm):
 
 
 def test_models_with_other_concat_channels_are_refused():
-    fake = types.SimpleNamespace(
-        run=types.SimpleNamespace(unet=types.SimpleNamespace(in_channels=8)),
-        latent_channels=4,
-        source="sd-up",
-        task="generate",
-    )
-    with pytest.raises(InputError, match="sd-up takes 4 concatenated input channels, not the inpainting layout"):
-        concat_channels(fake)
-    fake.run.unet.in_channels = 9
-    assert concat_channels(fake) == 5
+    def fake(in_channels: int, kind: str = "unet"):
+        run = DenoiserRun(denoiser=DenoiserConfig(kind=kind))
+        run = run.with_backbone(dataclasses.replace(run.backbone, in_channels=in_channels))
+        return types.SimpleNamespace(run=run, latent_channels=4, source="sd-up", task="generate")
+
+    for kind in ("unet", "dit"):  # whichever backbone the run names
+        with pytest.raises(InputError, match="sd-up takes 4 concatenated input channels, not the inpainting layout"):
+            concat_channels(fake(8, kind))
+        assert concat_channels(fake(9, kind)) == 5
 
 
 def test_dedicated_inpainting_model_gets_mask_and_masked_latents(tmp_path, ldm):
