@@ -7,8 +7,11 @@ several tests.
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +191,96 @@ def test_torchrun_refuses_a_batch_its_ranks_cannot_share(images, tmp_path):
     assert proc.returncode != 0
     assert "train.batch_size 6 does not divide over train.grad_accum 2 x world size 2" in proc.stderr
     assert not (tmp_path / "r" / STATE_FILE).exists()
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("option", ["train.gradient_checkpointing=true", "train.compile=true"])
+def test_checkpointing_and_compile_keep_the_loss(unet_runs, ae_runs, images, tmp_path, option):
+    ae = ae_runs[0] / "one" / "autoencoder.safetensors"
+    args = ["train", "--data", images, "--autoencoder", ae, *UNET_ARGS, "--steps", "3", "--set", option]
+    assert main([*map(str, args), "--out", str(tmp_path / "r")]) == 0
+    assert losses(tmp_path / "r") == pytest.approx(losses(unet_runs[0] / "one"), rel=1e-4)
+    assert_same_weights(state(tmp_path / "r"), state(unet_runs[0] / "one"), tol=1e-4)
+
+
+def test_fsdp_is_refused_with_what_to_set(images, tmp_path):
+    args = ["train-autoencoder", "--data", images, *AE_ARGS, "--steps", "2", "--set", "train.distributed=fsdp"]
+    proc = torchrun([*args, "--out", tmp_path / "r"], check=False)
+    assert proc.returncode != 0 and "set train.distributed = ddp" in proc.stderr
+    assert not (tmp_path / "r" / STATE_FILE).exists()
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker of torchrun process `parent` with RANK=rank."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+def _launch_and_signal(args, out: Path, sig: int) -> tuple[int, str]:
+    """Start a 2-rank run, send `sig` to rank 1 alone once a step is logged; (torchrun's exit status, stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ldmkit"]
+    proc = subprocess.Popen([*cmd, *map(str, args), "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()):
+            time.sleep(0.2)
+        pid = _rank_pid(proc.pid, 1)
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, sig)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_an_interrupt_to_one_rank_stops_every_rank_after_the_same_step_and_saves(images, tmp_path):
+    args = ["train-autoencoder", "--data", images, *AE_ARGS, "--steps", "500", "--set", "train.ckpt_every=0"]
+    rc, err = _launch_and_signal(args, tmp_path / "r", signal.SIGINT)
+    assert rc != 0 and "interrupted: stopped at step" in err
+    saved = checkpoint.read_metadata(tmp_path / "r" / STATE_FILE)["step"]
+    assert 0 < saved < 500
+    steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, saved + 1))
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_stops_the_job_and_leaves_a_state_that_resumes(images, tmp_path):
+    args = ["train-autoencoder", "--data", images, *AE_ARGS, "--steps", "500", "--set", "train.ckpt_every=1"]
+    rc, _ = _launch_and_signal(args, tmp_path / "r", signal.SIGKILL)
+    assert rc != 0
+    saved = checkpoint.read_metadata(tmp_path / "r" / STATE_FILE)["step"]  # a whole checkpoint, never a torn one
+    assert 0 < saved < 500 and not list((tmp_path / "r").glob(".*.tmp"))
+    resume = ["train-autoencoder", "--data", str(images), *AE_ARGS, "--steps", str(saved + 1), "--resume"]
+    assert main([*resume, "--out", str(tmp_path / "r")]) == 0
+    assert checkpoint.read_metadata(tmp_path / "r" / STATE_FILE)["step"] == saved + 1
+
+
+def test_ranks_started_with_different_settings_are_refused_on_every_rank(images, tmp_path):
+    """Two nodes whose torchrun commands differ: here two processes started by hand as ranks 0 and 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, lr in ((0, "1e-3"), (1, "2e-3")):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        env["MASTER_PORT"] = str(port)
+        args = ["train-autoencoder", "--data", images, *AE_ARGS, "--steps", "2", "--set", f"train.lr={lr}"]
+        cmd = [sys.executable, "-m", "ldmkit", *map(str, args), "--out", str(tmp_path / f"r{rank}")]
+        procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env))
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 2, err
+        assert "different settings (train.lr: 0.001 on rank 0, 0.002 on rank 1)" in err

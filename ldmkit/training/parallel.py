@@ -38,7 +38,12 @@ def strategy(cfg: TrainConfig, world: World) -> str:
             f"train.distributed = 'none' but torchrun started {world.size} processes; run without torchrun (or with "
             f"--nproc-per-node 1), or set train.distributed to auto, ddp or fsdp"
         )
-    return "fsdp" if cfg.distributed == "fsdp" else "ddp"
+    if cfg.distributed == "fsdp":
+        raise ConfigError(
+            "train.distributed = 'fsdp' (sharded parameters) is not implemented in this version; the models ldmkit "
+            "trains fit one device each, so set train.distributed = ddp (or auto)"
+        )
+    return "ddp"
 
 
 def check_batch(cfg: TrainConfig, world: World) -> None:
