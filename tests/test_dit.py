@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_sd import randomize, rel_err
 
 from ldmkit.cli import main
 from ldmkit.conditioning.types import Conditioning
@@ -24,19 +25,6 @@ from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.generate import SampleRequest, generate
 
 TINY = dict(preset="", depth=2, hidden_size=32, num_heads=2, patch_size=2)
-
-
-def randomize(model, seed=1):
-    """Every parameter random, the zero-initialised ones included (else the outputs are trivially zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / a.norm()).item()
 
 
 # --- the architecture -----------------------------------------------------------------------------------------------

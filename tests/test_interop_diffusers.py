@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_sd import randomize, rel_err
 
 from ldmkit.autoencoder.vae import AutoencoderKL
 from ldmkit.conditioning.types import Conditioning
@@ -63,19 +64,6 @@ UNET_CONFIGS = {
     # Class-conditional.
     "classes": dict(attention_head_dim=2, num_class_embeds=3),
 }
-
-
-def randomize(model, seed=1):
-    """Every parameter random, including the layers diffusers initialises to zero (else outputs are trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / a.norm()).item()
 
 
 @pytest.fixture(scope="module")

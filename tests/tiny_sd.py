@@ -24,13 +24,19 @@ class FixedText:
         return Conditioning(context=torch.cat([self.table[p] for p in prompts]))
 
 
-def randomize(model, seed: int):
-    """Every parameter drawn from N(0, 0.1^2) with `seed`, so the networks do something visible; eval mode."""
+def randomize(model, seed: int = 1, std: float = 0.2):
+    """Every parameter drawn from N(0, std^2) with `seed`, the layers initialised to zero included (else the outputs
+    are trivially zero), so the networks do something visible; eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
     return model.eval()
+
+
+def rel_err(a, b):
+    """|a - b| / |a| over whole tensors."""
+    return ((a - b).norm() / a.norm()).item()
 
 
 def tiny_sd(diffusers, in_channels: int = 4, num_class_embeds: int | None = None, scaling_factor: float = 0.5):
@@ -52,6 +58,7 @@ def tiny_sd(diffusers, in_channels: int = 4, num_class_embeds: int | None = None
             num_class_embeds=num_class_embeds,
         ),
         1,
+        std=0.1,
     )
     vae = randomize(
         diffusers.AutoencoderKL(
@@ -66,6 +73,7 @@ def tiny_sd(diffusers, in_channels: int = 4, num_class_embeds: int | None = None
             scaling_factor=scaling_factor,
         ),
         2,
+        std=0.1,
     )
     g = torch.Generator().manual_seed(3)
     embeds = {"a cat": torch.randn(1, 5, 16, generator=g), "": torch.randn(1, 5, 16, generator=g)}
