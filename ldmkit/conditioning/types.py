@@ -43,3 +43,21 @@ class Conditioning:
     def __len__(self) -> int:
         f = self.fields()
         return next(iter(f.values())).shape[0] if f else 0
+
+
+def backbone_inputs(
+    x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None, in_channels: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """What every backbone (`name`: "U-Net", "DiT") does first: (x with cond.concat appended on the channel axis,
+    c_noise as one value per item (B,), cond, never None); InputError unless x then has `in_channels` channels."""
+    cond = cond or Conditioning()
+    if c_noise.ndim == 0:
+        c_noise = c_noise.expand(x.shape[0])
+    if cond.concat is not None:
+        x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
+    if x.shape[1] != in_channels:
+        raise InputError(
+            f"{name} expects {in_channels} input channels (latent + concat), got {x.shape[1]}; check the "
+            f"conditioning's concat channels"
+        )
+    return x, c_noise, cond

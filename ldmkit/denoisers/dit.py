@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..conditioning.types import Conditioning
+from ..conditioning.types import Conditioning, backbone_inputs
 from ..config import DiTConfig
 from ..errors import InputError
 from ..nn.attention import Attention
@@ -124,16 +124,7 @@ class DiT(nn.Module):
         return sincos_positions_2d(rows, cols, self.dim, base, device)[None]
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        cond = cond or Conditioning()
-        if c_noise.ndim == 0:
-            c_noise = c_noise.expand(x.shape[0])
-        if cond.concat is not None:
-            x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
-        if x.shape[1] != self.cfg.in_channels:
-            raise InputError(
-                f"DiT expects {self.cfg.in_channels} input channels (latent + concat), got {x.shape[1]}; "
-                f"check the conditioning's concat channels"
-            )
+        x, c_noise, cond = backbone_inputs(x, c_noise, cond, self.cfg.in_channels, "DiT")
         B, _, H, W = x.shape
         p, C = self.patch, self.cfg.out_channels
         if H % p or W % p:

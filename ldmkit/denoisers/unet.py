@@ -11,9 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..conditioning.types import Conditioning
+from ..conditioning.types import Conditioning, backbone_inputs
 from ..config import UNetConfig
-from ..errors import InputError
 from ..nn.attention import SpatialTransformer
 from ..nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from ..nn.embeddings import TimestepMLP, timestep_embedding
@@ -119,16 +118,7 @@ class UNet(nn.Module):
         return emb
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        cond = cond or Conditioning()
-        if c_noise.ndim == 0:
-            c_noise = c_noise.expand(x.shape[0])
-        if cond.concat is not None:
-            x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)  # (B, in_channels, H, W)
-        if x.shape[1] != self.cfg.in_channels:
-            raise InputError(
-                f"U-Net expects {self.cfg.in_channels} input channels (latent + concat), got "
-                f"{x.shape[1]}; check the conditioning's concat channels"
-            )
+        x, c_noise, cond = backbone_inputs(x, c_noise, cond, self.cfg.in_channels, "U-Net")
         emb = self.embed(c_noise, cond.labels)
         ctx, mask = cond.context, cond.context_mask
         if ctx is not None:
