@@ -35,8 +35,8 @@ class AutoencoderTask:
             run.model.factor,
             f"the autoencoder downsamples by {run.model.factor}",
         )
-        self.run, self.data, self.device = run, dataset, device
-        self.images = dataset  # the loop loads each step's images
+        self.run, self.device = run, device
+        self.images = dataset  # the loop loads each step's images; export and samples read it too
         self.size = len(dataset)
         self.model = (model or build_autoencoder(run.model)).to(device)
         self.loss = AutoencoderLoss(run.loss, run.model.in_channels, run.model.kind).to(device)
@@ -78,11 +78,11 @@ class AutoencoderTask:
 
     def export(self, out_dir: Path, ema: EMA | None, step: int) -> Path:
         model = ema.model if ema is not None else self.model
-        return save_autoencoder(out_dir / "autoencoder.safetensors", model, self.run, self.data, step)
+        return save_autoencoder(out_dir / "autoencoder.safetensors", model, self.run, self.images, step)
 
     def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
         model = ema.model if ema is not None else self.model
-        x = stack_images(self.data, range(min(8, self.size))).to(self.device)
+        x = stack_images(self.images, range(min(8, self.size))).to(self.device)
         with torch.no_grad():
             recon = model(x, sample=False)[0].float()
         return save_grid(torch.cat([x, recon.clamp(-1, 1)]).cpu(), out_dir / f"recon-{step:07d}.png", nrow=len(x))
