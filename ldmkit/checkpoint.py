@@ -7,6 +7,7 @@ a crash never leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -111,6 +112,15 @@ def check_output_path(path: str | Path, option: str = "--out", folder: bool = Fa
         msg = f"{option} {path}: cannot write in {existing} ({e.strerror or e}); choose another {option}"
         raise InputError(msg) from None
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (a model's identity in audit rows and synthetic data sets), read in blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save(

@@ -28,7 +28,8 @@ from .samplers import SAMPLERS
 from .serve.commands import add_audit_command, add_keys_command, add_prompts_command
 from .serve.governance_commands import add_governance_commands
 from .serve.server import serve
-from .shipped import plan_generation
+from .shipped import plan_generation, resolve_model
+from .synth.export import SynthOptions, read_prompts_csv, summary_lines, synthesize
 from .training.runs import train_autoencoder, train_denoiser
 
 
@@ -290,6 +291,63 @@ def cmd_upscale(args):
         print(f"wrote {p}")
 
 
+def cmd_synth(args):
+    prompts = None
+    if args.prompts:
+        prompts = read_prompts_csv(args.prompts)
+    elif args.prompt_file:
+        prompts = [(p, p) for p in _read_prompt_file(args.prompt_file)]  # each prompt is its own label
+    opts = SynthOptions(
+        per_class=args.per_class,
+        labels=args.label,
+        prompts=prompts,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        min_confidence=args.min_confidence,
+        classifier=args.classifier,
+        dedupe_threshold=args.dedupe_threshold,
+        overwrite=args.overwrite,
+    )
+    result = synthesize(resolve_model(args.model), args.out, opts, progress=not args.quiet)
+    for line in summary_lines(result):
+        print(line)
+
+
+def _synth_command(command):
+    p = command("synth", "export a labelled synthetic data set (one folder per label, metadata.jsonl)", cmd_synth)
+    p.add_argument("model", help="a shipped model's name (fashion-mnist, emoji) or a model.safetensors path")
+    p.add_argument("--per-class", type=int, default=100, help="images per label (default 100)")
+    p.add_argument("--out", required=True, help="the data set's folder; a rerun resumes it")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompts", help="text models: a CSV file with the columns prompt,label")
+    text.add_argument("--prompt-file", help="text models: one prompt per line, each its own label")
+    p.add_argument("--label", type=int, action="append", help="class models: only these classes (repeatable)")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="image k of label c is drawn from a seed hashed from this, c, k")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        help="drop images a classifier trained on the real data gives less than this probability of their class",
+    )
+    p.add_argument("--classifier", help="the classifier of --min-confidence (default: train one, kept in --out)")
+    p.add_argument(
+        "--dedupe-threshold",
+        type=float,
+        help="drop images at least this similar to a training image (0.975 is the screen's default; needs "
+        "MODEL.index.npz from `ldmkit index build`)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="draw every image again instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _upscale_command(command):
     p = command("upscale", "enlarge an image with an upscaler (latent super-resolution, tiled when large)", cmd_upscale)
     p.add_argument("image", help="the image to upscale (PNG, JPEG, WebP, BMP or GIF)")
@@ -441,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     _edit_commands(command)
 
     _upscale_command(command)
+
+    _synth_command(command)
 
     p = command("convert", "convert between an ldmkit checkpoint, a diffusers folder and an SD file", cmd_convert)
     p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import file_sha256
 from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..runtime import resolve_device
@@ -31,14 +31,6 @@ class ServedModel:
             "classes": ldm.class_names,
             "sha256": self.sha256,
         }
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_models() -> list[str]:
