@@ -99,6 +99,8 @@ def train_small_model(data: Path, work: Path, args) -> Path:
             f"loss.disc_start={args.ae_steps * 2 // 3}",
             "--set",
             f"data.holdout={min(200, args.fraction_per_class * 2)}",
+            "--set",
+            f"loss.perceptual_weight={args.ae_perceptual_weight}",
             "--quiet",
             *resume,
         )
@@ -158,6 +160,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="sampling steps of `ldmkit synth` (DPM-Solver++ 2M)")
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--ae-steps", type=int, default=800, help="the small model's autoencoder steps (batch 32)")
+    ap.add_argument(
+        "--ae-perceptual-weight",
+        type=float,
+        default=0.2,
+        help="the small autoencoder's perceptual loss (0: off, faster)",
+    )
     ap.add_argument("--dn-steps", type=int, default=2000, help="the small model's denoiser steps (batch 64)")
     ap.add_argument("--real-limit", type=int, default=0, help="row 1: only the first N real training images (0: all)")
     ap.add_argument("--test-limit", type=int, default=0, help="use only this many test images (0: all)")

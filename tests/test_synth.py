@@ -209,7 +209,10 @@ def test_text_models_draw_per_label_from_a_prompts_csv(tiny_text_ldm, tmp_path):
     [
         (["--prompts", "{csv}"], "not text-conditional"),
         (["--per-class", "0"], "--per-class 0 is out of range"),
-        (["--label", "5"], "label 5 is out of range"),
+        (
+            ["--label", "5"],
+            r"--label 5 is out of range: this model has 2 classes, --label 0 to 1 \(0=top-left, 1=bottom-right\)",
+        ),
         (["--label", "-1"], "class numbers from 0"),
         (["--classifier", "x.safetensors"], "give --min-confidence"),
         (["--min-confidence", "1.5"], "--min-confidence 1.5 must be a number in"),

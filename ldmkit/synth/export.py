@@ -197,7 +197,12 @@ def plan_items(ldm: LatentDiffusion, opts: SynthOptions) -> list[Item]:
     if any(c < 0 for c in opts.labels or ()):
         raise InputError("--label takes class numbers from 0; a data set has no images without a label")
     classes = sorted(set(opts.labels)) if opts.labels else list(range(ldm.num_classes))
-    ldm.conditioning(labels=classes)  # InputError naming the classes for a label out of range
+    if classes[-1] >= ldm.num_classes:
+        names = ", ".join(f"{c}={n}" for c, n in enumerate(ldm.class_names)) or f"0..{ldm.num_classes - 1}"
+        raise InputError(
+            f"--label {classes[-1]} is out of range: this model has {ldm.num_classes} classes, "
+            f"--label 0 to {ldm.num_classes - 1} ({names})"
+        )
     width = len(str(ldm.num_classes - 1))
     for c in classes:
         name = ldm.class_names[c] if c < len(ldm.class_names) else str(c)
