@@ -1,4 +1,5 @@
-"""The invisible watermark: the tag survives re-saving, JPEG and resizing; unmarked images read as unmarked."""
+"""The invisible watermark: the tag survives re-saving, JPEG, resizing and 10% crops; unmarked images (cropped or
+not) read as unmarked."""
 
 import io
 
@@ -61,7 +62,7 @@ def test_grey_and_small_images(pictures):
 
 def test_unmarked_images_and_other_keys_read_as_unmarked(pictures):
     images, _ = load_arrays("test")
-    unmarked = [resized(np.asarray(Image.fromarray(a).convert("RGB")), 64) for a in images[1000:1200]]
+    unmarked = [resized(np.asarray(Image.fromarray(a).convert("RGB")), 64) for a in images[1000:1060]]
     assert sum(wm.read(a).tag is not None for a in unmarked) == 0
     marked = wm.embed(resized(pictures[1], 64), TAG)
     assert wm.read(marked, key="another").tag is None
@@ -72,3 +73,46 @@ def test_tag_of_a_request_id():
     assert wm.tag_of("0123456789abcdef0123456789abcdef") == TAG
     with pytest.raises(InputError, match="12 hex digits"):
         wm.tag_of("not-hex-at-all")
+
+
+def cut(a: np.ndarray, left: int, top: int, right: int, bottom: int) -> np.ndarray:
+    h, w = a.shape[:2]
+    return a[top : h - bottom, left : w - right]
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_a_crop_of_a_tenth_of_each_side_reads_its_tag_and_where_it_was_cut(pictures, side):
+    rng = np.random.default_rng(side)
+    drop = side - round(0.9 * side)  # 3 of 32, 6 of 64
+    for i, a in enumerate(pictures[:8]):
+        marked = wm.embed(resized(a, side), TAG)
+        left, top = [(0, 0), (drop, drop), (0, drop), (drop, 0)][i] if i < 4 else rng.integers(0, drop + 1, 2)
+        crop = (int(left), int(top), int(drop - left), int(drop - top))
+        reading = wm.read(cut(marked, *crop))
+        assert reading.tag == TAG and reading.crop == crop
+    one_side = wm.embed(resized(pictures[9], side), TAG)[:, drop:]  # only the left tenth removed
+    assert wm.read(one_side).tag == TAG
+
+
+def test_a_crop_of_a_larger_image_reads_its_tag(pictures):
+    marked = wm.embed(resized(pictures[2], 128), TAG)
+    assert wm.read(cut(marked, 3, 9, 10, 4)).tag == TAG  # 115 of 128 pixels kept on each axis
+
+
+@pytest.mark.slow
+def test_a_crop_of_a_512_pixel_image_reads_its_tag(pictures):
+    marked = wm.embed(resized(pictures[3], 512), TAG)
+    assert wm.read(cut(marked, 17, 40, 34, 11)).tag == TAG
+
+
+def test_unmarked_images_and_their_crops_never_read_as_marked(pictures):
+    images, _ = load_arrays("test")
+    rng = np.random.default_rng(1)
+    for a in images[2000:2060]:
+        a = resized(np.asarray(Image.fromarray(a).convert("RGB")), 64)
+        left, top = rng.integers(0, 7, 2)
+        for b in (a, cut(a, left, top, 6 - left, 6 - top)):
+            reading = wm.read(b)
+            assert reading.tag is None and reading.margin < wm.SYNC  # no crop hypothesis even fits the lattice
+    marked = wm.read(cut(wm.embed(resized(pictures[4], 64), TAG), 2, 5, 4, 1))
+    assert marked.tag == TAG and marked.margin > wm.SYNC  # while the marked crop's window does

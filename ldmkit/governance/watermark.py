@@ -1,22 +1,32 @@
 """An invisible watermark that carries a 48-bit tag (the first 12 hex digits of a request id) in an image's pixels.
 
 Method: dither-modulation quantisation (QIM; Chen and Wornell, "Quantization index modulation", 2001) of keyed
-projections of low-frequency DCT coefficients of the luminance, taken at a canonical size.
-- The luminance is resized to CANON x CANON; its orthonormal 2-D DCT-II gives coefficients C.
+projections of low-frequency DCT coefficients of the luminance inside a central window, sampled at a canonical size.
+- The window spans [LO, HI] of each side (the middle 76%); its luminance, sampled CANON x CANON times with a
+  triangle filter that reads no pixel outside the window, has the orthonormal 2-D DCT-II coefficients C.
 - The 48 tag bits and a 24-bit CRC are 72 bits; bit k owns a keyed random group of GROUP low-frequency coefficients
   (frequencies u, v <= BAND, DC excluded) and a keyed +-1 pattern p_k over them.
 - Embedding moves the projection x_k = <C_k, p_k> / sqrt(GROUP) to the nearest point of the lattice
-  DELTA * (Z + bit / 2), and adds the change, brought back to the image's size, equally to R, G and B.
-- Reading resizes whatever it gets to CANON x CANON again (so any rescale is undone), decodes every bit by the
-  nearest lattice, and accepts a tag only when the CRC matches. Because resizing a small image dims its upper
-  frequencies, reading also tries the coefficient gains of 0.75x and 0.5x resizes (bilinear and bicubic), measured
-  once on the DCT basis.
+  DELTA * (Z + bit / 2) and adds the change (the DCT basis functions evaluated at every pixel, fading linearly to
+  zero between the window's edge and the image's) equally to R, G and B.
+- Reading first assumes the whole image: the window is again the middle 76% of each side, so any rescale is undone;
+  because resizing a small image dims its upper frequencies, it also tries the coefficient gains of 0.75x and 0.5x
+  resizes (bilinear and bicubic), measured once on the basis.
+- Cropping: a crop that removes at most CROP (10%) of a side, wherever it is taken, keeps the whole window, so the
+  mark is still there, only at an unknown place. Reading then searches, per axis, every marked side n (from the
+  received side m up to m / (1 - CROP)) and every cut c before the kept part (0 to n - m pixels): the window of that
+  hypothesis is [LO * n - c, HI * n - c]. QIM projections are exact only at the exact geometry (half a pixel off at
+  64x64 and the host's own coefficients move by more than the lattice step), so the search is exhaustive at one-pixel
+  steps; it ranks the hypotheses by how close all 72 projections lie to the lattice (an unmarked or misplaced window
+  scores about 0.5, a marked one about 0.9) and checks the CRC of the best few only, so the chance of a false reading
+  stays that of a handful of hypotheses. Above SQUARE_SEARCH pixels both axes share the marked side's scale (the crop
+  kept the aspect ratio) and the search runs at a stride, then one pixel around its best hypotheses.
 
 Why not PyPI `invisible-watermark`: its DWT-DCT method needs images of at least 256x256 pixels, while the shipped
-models draw 32x32 and 64x64 images. This one works from MIN_SIDE pixels and costs about a millisecond an image.
-Low frequencies survive JPEG, resizing and re-saving; they do not survive cropping, which shifts every frequency
-(benchmarks/watermark.py measures each). Anyone holding the key can read or remove the mark: it is a provenance
-label, not a security boundary.
+models draw 32x32 and 64x64 images. This one works from MIN_SIDE pixels. Low frequencies survive JPEG, resizing and
+re-saving, and the window survives a 10% crop without rescaling; a crop that is then resized back to another size
+moves the window by a fraction of a pixel, which the search does not try (benchmarks/watermark.py measures each).
+Anyone holding the key can read or remove the mark: it is a provenance label, not a security boundary.
 """
 
 from __future__ import annotations
@@ -34,12 +44,20 @@ from ..errors import InputError
 TAG_BITS = 48
 CHECK_BITS = 24  # CRC-32 truncated: an unmarked image passes by chance once in 16 million readings per hypothesis
 BITS = TAG_BITS + CHECK_BITS
-CANON = 64  # side of the canonical luminance the mark lives in
-BAND = 14  # highest DCT frequency index used (of CANON): about 0.11 cycles per canonical pixel
+CANON = 64  # samples per side of the window the mark lives in
+BAND = 14  # highest DCT frequency index used (of CANON): about 0.11 cycles per canonical sample
+K = BAND + 1
 GROUP = 3  # coefficients per bit
 ROUNDS = 6  # embedding passes at most
-DELTA = 64.0  # lattice step of a projection (pixel units of the orthonormal DCT): strength against visibility
-MIN_SIDE = 32  # smallest image side marked and read
+DELTA = 80.0  # lattice step of a projection (pixel units of the orthonormal DCT): strength against visibility
+LO, HI = 0.12, 0.88  # the window, as fractions of each side
+CROP = 0.1  # the largest share of a side a crop may remove and still be read
+MIN_SIDE = 28  # smallest image side marked and read (a 32x32 image cropped by 10% is 29 pixels)
+SQUARE_SEARCH = 96  # above this side the crop search assumes the crop kept the aspect ratio
+CHECKED = 3  # crop hypotheses kept per grid of the search (the best by lattice fit)
+SYNC = 0.65  # lattice fit a crop hypothesis needs before its CRC is checked (chance: 0.5, sd 0.034)
+REFINE = 8  # coarse hypotheses of a large image searched again at every pixel around them
+FADE = 0.3  # share of the border over which the mark fades out past the window's edge
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
@@ -49,6 +67,7 @@ class Reading:
     bits: np.ndarray  # the 72 decoded bits of the most likely reading (0/1)
     gain: float  # the resize hypothesis that decoded (1, 0.75 or 0.5); 0 when none did
     margin: float  # mean distance of the projections from the decision boundary, as a fraction of DELTA / 4
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels found cut from the left, top, right and bottom
 
 
 def tag_of(request_id: str) -> bytes:
@@ -85,12 +104,13 @@ def _dct() -> np.ndarray:
 @lru_cache(maxsize=8)
 def _layout(key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, signs) of each bit's coefficients, (BITS, GROUP) each, drawn from `key`."""
-    u, v = np.meshgrid(np.arange(BAND + 1), np.arange(BAND + 1), indexing="ij")
-    keep = (u + v) > 0
-    cells = np.stack([u[keep], v[keep]], 1)  # (M, 2)
+    u, v = np.meshgrid(np.arange(K), np.arange(K), indexing="ij")
+    cells = np.stack([u.ravel(), v.ravel()], 1)[1:]  # (K * K - 1, 2): every frequency but DC
     seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
     rng = np.random.default_rng(seed)
-    chosen = cells[rng.permutation(len(cells))[: BITS * GROUP]].reshape(BITS, GROUP, 2)
+    radius = (cells**2).sum(1) + rng.random(len(cells))  # the lowest frequencies, ties broken by the key
+    lowest = cells[np.argsort(radius)[: BITS * GROUP]]
+    chosen = lowest[rng.permutation(len(lowest))].reshape(BITS, GROUP, 2)
     signs = rng.choice([-1.0, 1.0], size=(BITS, GROUP))
     return chosen[..., 0], chosen[..., 1], signs
 
@@ -119,9 +139,55 @@ def _check_image(pixels: np.ndarray) -> None:
         )
 
 
-def _projections(coef: np.ndarray, key: str) -> np.ndarray:
+def _window(side: int, cut: int = 0) -> tuple[float, float]:
+    """(start, width) in pixels of the window of an axis whose marked side was `side`, `cut` pixels cut before."""
+    return LO * side - cut, (HI - LO) * side
+
+
+def _ramp(u: np.ndarray) -> np.ndarray:
+    """The integral from -inf to u of the unit triangle max(0, 1 - |x|)."""
+    u = np.clip(u, -1, 1)
+    return np.where(u < 0, (u + 1) ** 2 / 2, 1 - (1 - u) ** 2 / 2)
+
+
+def _analysis(m: int, start: float, width: float) -> np.ndarray:
+    """(K, m): the rows giving the K lowest DCT coefficients of the window [start, start + width] of an axis of m
+    pixels, sampled CANON times: each sample integrates a triangle over the pixels (piecewise constant) inside the
+    window only, so a resized copy gives nearly the same samples and a crop that keeps the window exactly the same."""
+    r = max(1.0, width / CANON)  # the triangle's half-width in pixels
+    t = start + (np.arange(CANON)[:, None] + 0.5) * width / CANON  # (CANON, 1): sample positions
+    lo = np.clip(np.arange(m)[None, :], start, start + width)  # (1, m): each pixel's part inside the window
+    hi = np.clip(np.arange(m)[None, :] + 1.0, start, start + width)
+    weight = _ramp((hi - t) / r) - _ramp((lo - t) / r)  # (CANON, m)
+    weight /= np.maximum(weight.sum(1, keepdims=True), 1e-12)
+    return _dct()[:K] @ weight
+
+
+def _synthesis(m: int) -> np.ndarray:
+    """(m, K): the window's DCT basis functions at the pixels of an axis of m pixels, continued past the window's
+    edges and fading linearly to zero over FADE of the border (no step at the window's edge)."""
+    start, width = _window(m)
+    c = np.arange(m) + 0.5
+    tau = (c - start) * CANON / width - 0.5  # pixel centres in samples of the window
+    u = np.arange(K)
+    basis = np.cos(np.pi * u[None, :] * (2 * tau[:, None] + 1) / (2 * CANON)) * np.sqrt(2 / CANON)
+    basis[:, 0] /= np.sqrt(2)
+    outside = np.maximum(start - c, c - start - width)  # > 0 in the border
+    return basis * np.clip(1 - outside / (FADE * start), 0, 1)[:, None]
+
+
+@lru_cache(maxsize=8)
+def _projector(key: str) -> np.ndarray:
+    """(K * K, BITS): x = coefficients (flattened) @ this."""
     rows, cols, signs = _layout(key)
-    return (coef[rows, cols] * signs).sum(1) / np.sqrt(GROUP)  # (BITS,)
+    out = np.zeros((K * K, BITS))
+    np.add.at(out, (rows * K + cols, np.arange(BITS)[:, None]), signs / np.sqrt(GROUP))
+    return out
+
+
+def _projections(coef: np.ndarray, key: str) -> np.ndarray:
+    """x_k of coefficients (..., K, K): (..., BITS)."""
+    return coef.reshape(*coef.shape[:-2], K * K) @ _projector(key)
 
 
 def embed(pixels: np.ndarray, tag: bytes, key: str = "ldmkit") -> np.ndarray:
@@ -130,56 +196,158 @@ def embed(pixels: np.ndarray, tag: bytes, key: str = "ldmkit") -> np.ndarray:
     if not isinstance(tag, (bytes, bytearray)) or len(tag) != TAG_BITS // 8:
         raise InputError(f"a watermark tag is {TAG_BITS // 8} bytes (watermark.tag_of(request_id)), not {tag!r}")
     h, w = pixels.shape[:2]
-    d = _dct()
     bits = payload_bits(bytes(tag))
     offset = bits * DELTA / 2
     rows, cols, signs = _layout(key)
+    py, px = _rows(h), _rows(w)  # (K, H), (K, W)
+    sy, sx = _synthesis(h), _synthesis(w)  # (H, K), (W, K)
     out = pixels
     for _ in range(ROUNDS):  # clipping at black and white and the rounding take some change back: measure again
-        x = _projections(d @ _resize(_luma(out), (CANON, CANON)) @ d.T, key)
+        x = _projections(py @ _luma(out) @ px.T, key)
         target = np.round((x - offset) / DELTA) * DELTA + offset  # the nearest point of the bit's lattice
         if np.all(np.abs(target - x) < DELTA / 16):
             break
-        change = np.zeros((CANON, CANON))
+        change = np.zeros((K, K))
         np.add.at(change, (rows, cols), ((target - x)[:, None] * signs) / np.sqrt(GROUP))
-        residual = _resize(d.T @ change @ d, (w, h))  # (H, W): the change of luminance at the image's size
+        residual = sy @ change @ sx.T  # (H, W): the change of luminance
         moved = out.astype(np.float64) + (residual[..., None] if pixels.ndim == 3 else residual)
         out = np.clip(np.round(moved), 0, 255).astype(np.uint8)
     return out
 
 
-@lru_cache(maxsize=8)
-def _gains(key: str) -> dict[float, np.ndarray]:
-    """For a resize by factor r and back: the gain of each bit's coefficients, measured on the DCT basis."""
-    d = _dct()
-    rows, cols, _ = _layout(key)
-    out = {(1.0, "none"): np.ones((BITS, GROUP))}
-    for r, how in ((0.75, "bilinear"), (0.5, "bilinear"), (0.75, "bicubic"), (0.5, "bicubic")):
-        g = np.empty((BITS, GROUP))
-        small = max(2, round(CANON * r))
-        for k in range(BITS):
-            for j in range(GROUP):
-                basis = np.outer(d[rows[k, j]], d[cols[k, j]])  # unit-energy basis image
-                back = _resize(_resize(basis, (small, small), RESAMPLE[how]), (CANON, CANON))
-                g[k, j] = float((back * basis).sum())
-        out[r, how] = g
+RESIZES = ((0.75, "bilinear"), (0.5, "bilinear"), (0.75, "bicubic"), (0.5, "bicubic"))  # tried when reading
+
+
+@lru_cache(maxsize=64)
+def _undo(n: int, m: int, how: str) -> np.ndarray:
+    """(K, m): rows that give the window coefficients of an axis of n pixels from the same axis resized to m pixels
+    by `how`: the window's rows times the least-squares inverse of the resize (exact for what the resize keeps)."""
+    eye = np.eye(n, dtype=np.float32)
+    resize = _resize(eye, (m, n), RESAMPLE[how])  # (n, m): row i is pixel i's contribution to the resized axis
+    gram = resize.T @ resize  # (m, m); Q = P @ resize @ gram^-1 minimises |Q @ resize.T - P|
+    gram += 1e-6 * np.trace(gram) / m * np.eye(m)
+    return np.linalg.solve(gram, (_rows(n) @ resize).T).T
+
+
+def _resized_sides(m: int, r: float) -> list[int]:
+    """Sides n that a resize by r may have brought to m pixels (n * r rounded or truncated)."""
+    return [n for n in range(int(np.ceil((m - 0.5) / r)), int(np.floor((m + 1) / r - 1e-9)) + 1) if n >= MIN_SIDE]
+
+
+def _decode(x: np.ndarray, gain: float, crop: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Reading:
+    """The Reading of projections x (BITS,): the nearer of the two lattices per bit, accepted when the CRC holds."""
+    q = x / (DELTA / 2)
+    bits = np.round(q).astype(np.int64) % 2
+    margin = float(np.mean(1 - 2 * np.abs(q - np.round(q))))
+    tag = np.packbits(bits[:TAG_BITS].astype(np.uint8)).tobytes()
+    ok = np.array_equal(bits[TAG_BITS:], _check_bits(tag))
+    return Reading(tag if ok else None, bits, gain if ok else 0.0, margin, crop)
+
+
+def _margins(q: np.ndarray) -> np.ndarray:
+    """Mean closeness of projections (in units of DELTA / 2) to the lattice, over the last axis."""
+    return np.mean(1 - 2 * np.abs(q - np.round(q)), -1)
+
+
+def _sides(m: int) -> range:
+    """Marked sides an axis of m pixels may have been cut from (a crop removing up to CROP, rounded)."""
+    return range(m, int(np.floor((m + 1) / (1 - CROP))) + 1)
+
+
+@lru_cache(maxsize=512)
+def _rows(n: int) -> np.ndarray:
+    """(K, n): the analysis rows of the window of an axis of n pixels."""
+    return _analysis(n, *_window(n))
+
+
+def _grid(lum: np.ndarray, ys: list, xs: list, key: str, q: int = 1) -> np.ndarray:
+    """Projections (Ty, Tx, BITS) of the windows of every pair of hypotheses (n, c) for rows ys and columns xs.
+
+    The window of marked side n seen after cutting c pixels reads the same pixels as before the cut: its rows are
+    those of the whole side, shifted by c. With q > 1, lum is the image averaged over q x q blocks (an estimate at a
+    fraction of the cost, for sides and cuts that are multiples of q), and the rows are summed over q pixels alike."""
+    h, w = lum.shape
+    py = np.stack([_rows(n)[:, c : c + h * q].reshape(K, h, q).sum(2) for n, c in ys])  # (Ty, K, H / q)
+    px = np.stack([_rows(n)[:, c : c + w * q].reshape(K, w, q).sum(2) for n, c in xs])  # (Tx, K, W / q)
+    a = (py.reshape(-1, h) @ lum).reshape(len(ys), K, w)
+    coef = (a.reshape(-1, w) @ px.reshape(-1, w).T).reshape(len(ys), K, len(xs), K).transpose(0, 2, 1, 3)
+    return _projections(coef, key)
+
+
+def _best(
+    lum: np.ndarray, ys: list, xs: list, key: str, size: tuple[int, int], q: int = 1
+) -> list[tuple[float, Reading]]:
+    """The CHECKED hypotheses of the grid ys x xs that lie closest to the lattice, as (margin, Reading); the CRC is
+    checked only where the margin reaches SYNC, which a window without the mark (about 0.5) practically never does."""
+    if not ys or not xs:
+        return []
+    x = _grid(lum, ys, xs, key, q)
+    margins = _margins(x / (DELTA / 2))
+    out = []
+    h, w = size  # of the image (lum may be its blocks)
+    for i in np.argsort(margins, axis=None)[::-1][:CHECKED]:
+        iy, ix = np.unravel_index(i, margins.shape)
+        (ny, cy), (nx, cx) = ys[iy], xs[ix]
+        reading = _decode(x[iy, ix], 1.0, (cx, cy, nx - w - cx, ny - h - cy))
+        if q > 1 or margins[iy, ix] < SYNC:
+            reading = Reading(None, reading.bits, 0.0, reading.margin, reading.crop)
+        out.append((float(margins[iy, ix]), reading))
     return out
 
 
+def _search(lum: np.ndarray, key: str) -> Reading:
+    """The crop hypothesis that decodes (the first found), else the one closest to the lattice."""
+    h, w = lum.shape
+    seen: list[tuple[float, Reading]] = []
+
+    def found(ys: list, xs: list, q: int = 1) -> Reading | None:
+        best = _best(lum if q == 1 else blocks, ys, xs, key, (h, w), q)
+        seen.extend(best)
+        return next((r for _, r in best if r.tag is not None), None)
+
+    if max(h, w) <= SQUARE_SEARCH:  # every marked side and cut on each axis independently
+        ys = [(n, c) for n in _sides(h) for c in range(n - h + 1)]
+        hit = found(ys, [(n, c) for n in _sides(w) for c in range(n - w + 1)])
+        return hit or max(seen, key=lambda s: s[0])[1]
+    # one scale for both axes (the crop kept the aspect ratio); large images at a stride q on q x q blocks first
+    q = max(1, round(max(h, w) / 256))
+    blocks = lum[: h // q * q, : w // q * q].reshape(h // q, q, w // q, q).mean((1, 3))
+    for n in _sides(h)[::q]:
+        nx = round(n * w / h)
+        hit = found([(n, c) for c in range(0, n - h + 1, q)], [(nx, c) for c in range(0, nx - w + 1, q)], q)
+        if hit:
+            return hit
+    if q > 1:  # then every pixel around the best coarse hypotheses
+        near = range(1 - q, q)
+        for _, coarse in sorted(seen, key=lambda s: -s[0])[:REFINE]:
+            cx, cy, _, bottom = coarse.crop
+            for n in (h + cy + bottom + d for d in near):
+                nx = round(n * w / h)
+                if n in _sides(h):
+                    ys = [(n, cy + d) for d in near if 0 <= cy + d <= n - h]
+                    hit = found(ys, [(nx, cx + d) for d in near if 0 <= cx + d <= nx - w])
+                    if hit:
+                        return hit
+    return max(seen, key=lambda s: s[0])[1]
+
+
 def read(pixels: np.ndarray, key: str = "ldmkit") -> Reading:
-    """The tag hidden in `pixels` (H, W) or (H, W, 3) uint8, or a Reading with tag None when there is none."""
+    """The tag hidden in `pixels` (H, W) or (H, W, 3) uint8, or a Reading with tag None when there is none.
+
+    The whole image is tried first, then resized copies of it (RESIZES), then every crop of up to CROP of each side."""
     _check_image(pixels)
-    d = _dct()
-    coef = d @ _resize(_luma(pixels), (CANON, CANON)) @ d.T
-    rows, cols, signs = _layout(key)
-    best = None
-    for (r, _), gain in _gains(key).items():
-        x = (coef[rows, cols] / np.maximum(gain, 0.05) * signs).sum(1) / np.sqrt(GROUP)
-        bits = np.round(x / (DELTA / 2)).astype(np.int64) % 2  # the nearer of the two lattices
-        margin = float(np.mean(1 - 4 * np.abs(x / (DELTA / 2) - np.round(x / (DELTA / 2))) / 2))
-        tag = np.packbits(bits[:TAG_BITS].astype(np.uint8)).tobytes()
-        if np.array_equal(bits[TAG_BITS:], _check_bits(tag)):
-            return Reading(tag, bits, r, margin)
-        if best is None or margin > best.margin:
-            best = Reading(None, bits, 0.0, margin)
-    return best
+    lum = _luma(pixels)
+    h, w = lum.shape
+    best = _decode(_projections(_rows(h) @ lum @ _rows(w).T, key), 1.0)
+    if best.tag is not None:
+        return best
+    for r, how in RESIZES:  # a resized copy: undo the resize, for each side it may have had
+        for ny in _resized_sides(h, r):
+            for nx in [ny] if h == w else _resized_sides(w, r):
+                reading = _decode(_projections(_undo(ny, h, how) @ lum @ _undo(nx, w, how).T, key), r)
+                if reading.tag is not None:
+                    return reading
+                if reading.margin > best.margin:
+                    best = reading
+    found = _search(lum, key)
+    return found if found.tag is not None or found.margin > best.margin else best
