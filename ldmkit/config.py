@@ -195,7 +195,8 @@ class TrainConfig:
     num_workers: int = -1  # data-loading processes; -1: one per available core for image folders, none for
     # data sets already in memory; 0: load in the training process. Never changes results, only speed
     distributed: str = "auto"  # under torchrun: "auto" or "ddp" (a full model per rank), "fsdp" (parameters,
-    # gradients and optimizer state sharded over the ranks), "none" (refuses several ranks). Unused without torchrun
+    # gradients, optimizer state and EMA sharded over the ranks; `ldmkit train` only), "none" (refuses several
+    # ranks). Unused without torchrun
     gradient_checkpointing: bool = False  # recompute the backbone's block activations in the backward pass
     compile: bool = False  # torch.compile the backbone (the autoencoder in train-autoencoder)
 

@@ -29,7 +29,7 @@ from ldmkit.evaluation.evaluate import _generated
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.training.batches import item_generators, rank_positions
 from ldmkit.training.loop import STATE_FILE
-from ldmkit.training.parallel import check_batch
+from ldmkit.training.parallel import check_batch, strategy
 
 AE_ARGS = [
     "--resolution", "16", "--batch-size", "8", "--device", "cpu", "--quiet",
@@ -206,11 +206,62 @@ def test_checkpointing_and_compile_keep_the_loss(unet_runs, ae_runs, images, tmp
     assert_same_weights(state(tmp_path / "r"), state(unet_runs[0] / "one"), tol=1e-4)
 
 
-def test_fsdp_is_refused_with_what_to_set(images, tmp_path):
+def test_train_autoencoder_refuses_fsdp_with_what_to_set(images, tmp_path):
     args = ["train-autoencoder", "--data", images, *AE_ARGS, "--steps", "2", "--set", "train.distributed=fsdp"]
     proc = torchrun([*args, "--out", tmp_path / "r"], check=False)
-    assert proc.returncode != 0 and "set train.distributed = ddp" in proc.stderr
+    assert proc.returncode != 0
+    assert "not supported by train-autoencoder" in proc.stderr and "set train.distributed = ddp" in proc.stderr
     assert not (tmp_path / "r" / STATE_FILE).exists()
+
+
+def test_fsdp_without_torchrun_is_the_single_process():
+    cfg = TrainConfig(distributed="fsdp")
+    assert strategy(cfg, World()) == "none" and strategy(cfg, World(0, 2)) == "fsdp"
+    assert strategy(TrainConfig(distributed="auto"), World(1, 2)) == "ddp"
+
+
+FSDP = ["--set", "train.distributed=fsdp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(unet_runs, ae_runs, images, tmp_path_factory):
+    """The 3-step U-Net run of unet_runs by 2 FSDP ranks with gradient checkpointing and a grid at the end (r3); a
+    copy resumed to 4 steps in one process (r4), and the one-process run resumed to 4 steps by 2 FSDP ranks (b4)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    ae = ae_runs[0] / "one" / "autoencoder.safetensors"
+    args = ["train", "--data", images, "--autoencoder", ae, *UNET_ARGS]
+    opts = [*FSDP, "--set", "train.gradient_checkpointing=true", "--set", "train.sample_every=3"]
+    proc = torchrun([*args, "--steps", "3", *opts, "--out", root / "r3"])
+    shutil.copytree(root / "r3", root / "r4")
+    assert main([*map(str, args), "--steps", "4", "--resume", "--out", str(root / "r4")]) == 0
+    shutil.copytree(unet_runs[0] / "one", root / "b4")
+    torchrun([*args, "--steps", "4", "--resume", *FSDP, "--out", root / "b4"])
+    return root, proc
+
+
+def test_fsdp_with_checkpointing_trains_the_denoiser_of_one_process(fsdp_runs, unet_runs):
+    root, proc = fsdp_runs
+    one = unet_runs[0] / "one"
+    assert_same_weights(state(root / "r3"), state(one))  # model, EMA and Adam moments, saved in full
+    assert losses(root / "r3") == pytest.approx(losses(one), rel=1e-4)
+    a = checkpoint.load(root / "r3" / "model.safetensors")[0]
+    b = checkpoint.load(one / "model.safetensors")[0]
+    assert {k: (v.dtype, v.shape) for k, v in a.items()} == {k: (v.dtype, v.shape) for k, v in b.items()}
+    assert_same_weights(a, b)
+    assert proc.stdout.count("model written to") == 1
+    names = {p.name for p in (root / "r3").iterdir()}
+    assert names == {p.name for p in one.iterdir()} | {"samples-0000003.png"}  # rank 0 alone wrote, with full weights
+    with Image.open(root / "r3" / "samples-0000003.png") as grid:
+        assert np.asarray(grid).std() > 0
+
+
+def test_an_fsdp_run_resumes_in_one_process_and_a_single_process_run_under_fsdp(fsdp_runs):
+    """r4 (2 FSDP ranks, then one process) continues r3 as one process would, since r3 is one process's state
+    (tested above); b4 (one process, then 2 FSDP ranks) must give its weights."""
+    root, _ = fsdp_runs
+    assert_same_weights(state(root / "b4"), state(root / "r4"))
+    assert [json.loads(x)["step"] for x in (root / "r4" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert checkpoint.read_metadata(root / "r4" / STATE_FILE)["step"] == 4
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

@@ -14,8 +14,7 @@ from ..autoencoder.losses import AutoencoderLoss
 from ..config import AutoencoderRun, check_multiple
 from ..data.common import stack_images
 from ..data.images import save_grid
-from ..errors import InputError
-from .ema import EMA
+from ..errors import ConfigError, InputError
 from .parallel import Parallel
 
 
@@ -54,6 +53,12 @@ class AutoencoderTask:
         return {"autoencoder": self.model, "discriminator": self.loss.discriminator}
 
     def distribute(self, parallel: Parallel) -> None:
+        if parallel.kind == "fsdp":
+            raise ConfigError(
+                "train.distributed = 'fsdp' is not supported by train-autoencoder: the GAN's adaptive weight takes "
+                "gradients with respect to the whole last layer of the decoder, which FSDP splits over the ranks; "
+                "set train.distributed = ddp (or auto), which trains the same weights with a full copy per rank"
+            )
         parallel.backbone(self.model)
         self.forward = parallel.data_parallel(self.model)
         self.pair = parallel.data_parallel(_Pair(self.loss.discriminator)) if parallel.kind != "none" else None
@@ -76,15 +81,13 @@ class AutoencoderTask:
             logs.update(d_logs)
         return logs
 
-    def export(self, out_dir: Path, ema: EMA | None, step: int) -> Path:
-        model = ema.model if ema is not None else self.model
-        return save_autoencoder(out_dir / "autoencoder.safetensors", model, self.run, self.images, step)
+    def export(self, out_dir: Path, weights: nn.Module, step: int) -> Path:
+        return save_autoencoder(out_dir / "autoencoder.safetensors", weights, self.run, self.images, step)
 
-    def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
-        model = ema.model if ema is not None else self.model
+    def sample(self, out_dir: Path, weights: nn.Module, step: int) -> Path | None:
         x = stack_images(self.images, range(min(8, self.size))).to(self.device)
         with torch.no_grad():
-            recon = model(x, sample=False)[0].float()
+            recon = weights(x, sample=False)[0].float()
         return save_grid(torch.cat([x, recon.clamp(-1, 1)]).cpu(), out_dir / f"recon-{step:07d}.png", nrow=len(x))
 
 

@@ -30,7 +30,6 @@ from ..diffusion.sample import sample_latents
 from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed, randn
-from .ema import EMA
 from .masks import random_masks, training_latent_mask
 from .parallel import Parallel
 
@@ -90,7 +89,7 @@ class DenoiserTask:
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.optimizers = {"denoiser": (opt, params)}
         self._loss_module = _LossModule(self)
-        self.loss_fn = self._loss_module  # what micro_step calls; distribute() may wrap it (DDP)
+        self.loss_fn = self._loss_module  # what micro_step calls; distribute() may wrap it (DDP) or shard it (FSDP)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -176,16 +175,16 @@ class DenoiserTask:
         (loss * scale).backward()
         return {"loss": loss.item()}
 
-    def export(self, out_dir: Path, ema: EMA | None, step: int) -> Path:
-        state = (ema.model if ema is not None else self.model).state_dict()
+    def export(self, out_dir: Path, weights: nn.Module, step: int) -> Path:
+        state = weights.state_dict()
         unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
         text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
         return self.ldm.save(out_dir / "model.safetensors", unet, text or None, step=step)
 
-    def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
-        unet = ema.model["unet"] if ema is not None else self.ldm.unet
-        unet.eval()
-        ldm = LatentDiffusion(self.ldm.autoencoder, self.ldm.ae_config, unet, self.run, self.ldm.text_encoder)
+    def sample(self, out_dir: Path, weights: nn.Module, step: int) -> Path | None:
+        unet = weights["unet"].eval()
+        text = weights["text_encoder"] if "text_encoder" in weights else self.ldm.text_encoder
+        ldm = LatentDiffusion(self.ldm.autoencoder, self.ldm.ae_config, unet, self.run, text)
         cond, uncond, names = grid_conditions(ldm, self.latents)
         n = len(names)
         h, w = self.latents.mean.shape[-2:]
@@ -230,7 +229,7 @@ class DenoiserTask:
 
 class _LossModule(nn.Module):
     """The trained modules (backbone, a trainable text encoder) with the task's loss as forward: what DDP wraps, so
-    that every trainable parameter has its gradients averaged over the ranks."""
+    that every trainable parameter has its gradients averaged over the ranks, and FSDP's root unit."""
 
     def __init__(self, task: DenoiserTask):
         super().__init__()
@@ -238,7 +237,7 @@ class _LossModule(nn.Module):
         self._loss = task.loss  # a bound method, not a submodule
 
     def forward(self, idx: torch.Tensor, gens: Sequence[torch.Generator], x: torch.Tensor | None) -> torch.Tensor:
-        return self._loss(idx, gens, x)
+        return self._loss(idx.cpu(), gens, x)  # DDP and FSDP move inputs to a CUDA device; idx indexes CPU data
 
 
 def grid_conditions(ldm: LatentDiffusion, latents: LatentCache, per_class: int = 1):

@@ -9,7 +9,10 @@ from torch import nn
 
 
 class EMA:
-    """theta_ema <- d * theta_ema + (1 - d) * theta, with the warm-up d_t = min(d, (1 + t) / (10 + t))."""
+    """theta_ema <- d * theta_ema + (1 - d) * theta, with the warm-up d_t = min(d, (1 + t) / (10 + t)).
+
+    Under FSDP the copy holds this rank's shards of the weights (parallel.Parallel.distribute) and each update is
+    local to them."""
 
     def __init__(self, model: nn.Module, decay: float):
         """model: the trained module (its floating-point parameters and buffers are tracked); decay: d."""

@@ -6,8 +6,9 @@ train.num_workers processes for a task with pixel data, `task.images`). The data
 (seed, epoch), and every random draw of an item comes from its own generator keyed by (seed, step, the item's
 place in the step's batch), so a run resumed from its last checkpoint continues bit for bit as if it had never
 stopped, with any number of loading processes, and N ranks under torchrun (each training its share of every
-micro-batch, parallel.Parallel averaging the gradients) train the weights of one process, to float rounding.
-Rank 0 alone writes the log, grids and checkpoints and shows the progress bar.
+micro-batch, parallel.Parallel averaging the gradients, or sharding the model under FSDP) train the weights of one
+process, to float rounding. Rank 0 alone writes the log, grids and checkpoints and shows the progress bar; under
+FSDP every rank first takes part in gathering the full weights they need.
 """
 
 from __future__ import annotations
@@ -54,16 +55,18 @@ class Task(Protocol):
         multiplied by `scale`; return values to log (means over the micro-batch)."""
 
     def distribute(self, parallel: Parallel) -> None:
-        """Prepare the trained modules with `parallel` (checkpointing, compile, DDP/FSDP) before the first step."""
+        """Prepare the trained modules with `parallel` (checkpointing, compile, DDP/FSDP) before the first step.
+        Under FSDP `parallel` then moves the optimizers' parameters and state to the shards."""
 
     def modules(self) -> dict[str, nn.Module]:
         """Every module with state to checkpoint (model, discriminator, text encoder...)."""
 
-    def export(self, out_dir: Path, ema: EMA | None, step: int) -> Path:
-        """Write the usable checkpoint (EMA weights where there are some); return its path."""
+    def export(self, out_dir: Path, weights: nn.Module, step: int) -> Path:
+        """Write the usable checkpoint of `weights` (a module like `model` holding the weights to use: the EMA's
+        where there is one, always whole); return its path."""
 
-    def sample(self, out_dir: Path, ema: EMA | None, step: int) -> Path | None:
-        """Write a sample grid; optional."""
+    def sample(self, out_dir: Path, weights: nn.Module, step: int) -> Path | None:
+        """Write a sample grid drawn with `weights` (as for export); optional."""
 
 
 @dataclass
@@ -99,7 +102,7 @@ def train(
     _check_start(world, start, out_dir)
     if resume and start == 0 and not (out_dir / STATE_FILE).exists():
         raise MissingFileError(f"--resume: no {STATE_FILE} in {out_dir}; start without --resume")
-    task.distribute(parallel)
+    parallel.distribute(task, ema)
     log = JsonlLog(out_dir / "log.jsonl", resume_step=start) if world.main else None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     history: list[dict] = []
@@ -142,12 +145,13 @@ def train(
                 history.append(rec)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", img_s=rec["images_per_s"])
             bar.update(1)
-            if cfg.sample_every and done % cfg.sample_every == 0 and world.main:
-                task.sample(out_dir, ema, done)
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                weights = parallel.full_module(_weights(task, ema))  # every rank takes part under FSDP
+                if world.main:
+                    task.sample(out_dir, weights, done)
             stop = world.any(interrupted.flag)  # a signal to one rank stops every rank after the same step
             if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end or stop:
-                if world.main:
-                    save_state(out_dir / STATE_FILE, task, ema, done, config_dict)
+                save_state(out_dir / STATE_FILE, task, ema, done, config_dict, parallel)
                 world.barrier()  # a rank killed after this step resumes from this state
             if stop:
                 bar.close()
@@ -158,8 +162,14 @@ def train(
     bar.close()
     if batches is not None:
         batches.close()  # ends the loading processes
-    path = world.on_main(lambda: task.export(out_dir, ema, step))
+    weights = parallel.full_module(_weights(task, ema))
+    path = world.on_main(lambda: task.export(out_dir, weights, step))
     return LoopResult(step, path, history)
+
+
+def _weights(task: Task, ema: EMA | None) -> nn.Module:
+    """The module whose weights grids and the export use: the EMA's where there is one."""
+    return ema.model if ema is not None else task.model
 
 
 def _one_step(
@@ -220,19 +230,27 @@ def _check_start(world: World, start: int, out_dir: Path) -> None:
 # --- train state ----------------------------------------------------------------------------------------------
 
 
-def save_state(path: Path, task: Task, ema: EMA | None, step: int, config_dict: dict | None):
+def save_state(
+    path: Path, task: Task, ema: EMA | None, step: int, config_dict: dict | None, parallel: Parallel
+) -> None:
+    """Write the train state (modules, EMA, optimizers) in full, whatever the sharding: rank 0 writes; under FSDP
+    every rank must call this, as the shards are gathered."""
+    if not (parallel.world.main or parallel.kind == "fsdp"):
+        return
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in task.modules().items():
-        tensors.update(checkpoint.prefixed(mod.state_dict(), f"module.{name}"))
+        tensors.update(checkpoint.prefixed(parallel.full_state(mod.state_dict()), f"module.{name}"))
     if ema is not None:
-        tensors.update(checkpoint.prefixed(ema.state_dict(), "ema"))
+        tensors.update(checkpoint.prefixed(parallel.full_state(ema.state_dict()), "ema"))
     groups = {}
     for name, (opt, _) in task.optimizers.items():
         sd = opt.state_dict()
         groups[name] = sd["param_groups"]
         for pid, st in sd["state"].items():
-            for k, v in st.items():
+            for k, v in parallel.full_state(st).items():
                 tensors[f"opt.{name}.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    if not parallel.world.main:
+        return
     checkpoint.save(
         path, tensors, "train-state", config_dict, step=step, param_groups=groups, ema_updates=ema.updates if ema else 0
     )

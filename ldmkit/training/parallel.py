@@ -6,17 +6,27 @@ DDP keeps a full copy of the model on every rank and averages gradients after ea
 shards parameters, gradients and optimizer state over the ranks, gathering each block's parameters for its forward
 and backward only. Either way every rank ends a step with the same weights (DDP) or its shard of them (FSDP), and
 the per-item randomness of the loop (batches.item_generators) makes them the weights of a single process.
+
+Under FSDP every residual, transformer and DiT block is its own unit (its parameters gathered together), and the
+module handed to `data_parallel` is the root unit holding the rest. The loop builds the model, loads a saved state
+and the EMA in full on every rank, then `Parallel.distribute` shards them: the optimizers and the EMA follow the
+model's shards. A train state is saved in full (`full_state`, gathered on rank 0), in the format of a single
+process, so a run resumes at any world size with or without FSDP; grids and the export gather full weights first.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import functools
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TrainConfig
@@ -26,11 +36,13 @@ from ..errors import ConfigError
 from ..nn.attention import SpatialTransformer
 from ..nn.blocks import ResBlock
 
-CHECKPOINTED = (ResBlock, SpatialTransformer, DiTBlock)  # blocks whose activations gradient checkpointing recomputes
+# blocks whose activations gradient checkpointing recomputes, and that FSDP makes units of their own
+CHECKPOINTED = (ResBlock, SpatialTransformer, DiTBlock)
 
 
 def strategy(cfg: TrainConfig, world: World) -> str:
-    """ "none" for a single process; else "ddp" or "fsdp" as train.distributed says ("auto": DDP)."""
+    """ "none" for a single process (whatever train.distributed says, as there is nothing to share or shard); else
+    "ddp" or "fsdp" as train.distributed says ("auto": DDP)."""
     if not world.active:
         return "none"
     if cfg.distributed == "none":
@@ -38,12 +50,7 @@ def strategy(cfg: TrainConfig, world: World) -> str:
             f"train.distributed = 'none' but torchrun started {world.size} processes; run without torchrun (or with "
             f"--nproc-per-node 1), or set train.distributed to auto, ddp or fsdp"
         )
-    if cfg.distributed == "fsdp":
-        raise ConfigError(
-            "train.distributed = 'fsdp' (sharded parameters) is not implemented in this version; the models ldmkit "
-            "trains fit one device each, so set train.distributed = ddp (or auto)"
-        )
-    return "ddp"
+    return "fsdp" if cfg.distributed == "fsdp" else "ddp"
 
 
 def check_batch(cfg: TrainConfig, world: World) -> None:
@@ -85,6 +92,24 @@ class Parallel:
         self.cfg, self.world, self.device = cfg, world, device
         self.kind = strategy(cfg, world)
         self.wrapped: list[nn.Module] = []
+        self.template: nn.Module | None = None  # FSDP: the task's model unsharded, parameters on the meta device
+
+    def distribute(self, task, ema) -> None:
+        """task.distribute(self) (checkpointing, compile, DDP or FSDP); under FSDP the task's optimizers (their
+        parameters and state) and the EMA (`ema`, or None) then hold this rank's shards of what they held in full."""
+        before = dict(task.model.named_parameters())
+        if self.kind == "fsdp":
+            self.template = _meta_copy(task.model)
+        task.distribute(self)
+        if self.kind != "fsdp":
+            return
+        after = dict(task.model.named_parameters())
+        new = {id(p): after[name] for name, p in before.items()}
+        for opt, params in task.optimizers.values():
+            _follow(opt, new)
+            params[:] = [new[id(p)] for p in params]
+        if ema is not None:
+            _shard_like(ema.model, after)
 
     def backbone(self, module: nn.Module) -> nn.Module:
         """The denoiser's backbone (or the autoencoder) prepared in place: checkpointed blocks, compiled."""
@@ -96,7 +121,13 @@ class Parallel:
 
     def data_parallel(self, module: nn.Module) -> nn.Module:
         """`module` (whose forward computes what the gradients flow from) averaged over ranks: a DDP wrapper to
-        call instead of it. Its parameters stay those of `module`. The single process gets `module` itself."""
+        call instead of it, or under FSDP `module` itself, sharded in place (each block of CHECKPOINTED a unit,
+        `module` the root). The single process gets `module` itself."""
+        if self.kind == "fsdp":
+            for m in reversed(list(module.modules())):  # inner units before the ones holding them
+                if isinstance(m, CHECKPOINTED):
+                    fully_shard(m)
+            return fully_shard(module)
         if self.kind != "ddp":
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -106,8 +137,9 @@ class Parallel:
 
     @contextlib.contextmanager
     def sync(self, last: bool) -> Iterator[None]:
-        """The context of one micro-batch's forward and backward: gradients are averaged over the ranks after the
-        last micro-batch of a step only."""
+        """The context of one micro-batch's forward and backward: under DDP gradients are averaged over the ranks
+        after the last micro-batch of a step only; FSDP reduces each micro-batch's gradients to the shards at once
+        (they accumulate there, in 1/N of the memory of a full gradient)."""
         with contextlib.ExitStack() as stack:
             if not last:
                 for m in self.wrapped:
@@ -118,7 +150,7 @@ class Parallel:
         """Clip the gradients of `params` to a total norm of max_norm (over all ranks' shards under FSDP); return
         the norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         return float(norm)
 
@@ -129,3 +161,65 @@ class Parallel:
         t = t.clone()
         dist.all_reduce(t)
         return t / self.world.size
+
+    def full_state(self, state: dict) -> dict:
+        """`state` (a state dict, or an optimizer's state of one parameter) with every sharded tensor gathered in
+        full: on rank 0 on the CPU, on the other ranks left out. A collective under FSDP: every rank calls it with
+        the same keys in the same order. Otherwise `state` itself."""
+        if self.kind != "fsdp":
+            return state
+        out = {}
+        for k, v in state.items():
+            if isinstance(v, DTensor):
+                v = v.full_tensor()
+                if not self.world.main:
+                    continue
+                v = v.cpu()
+            out[k] = v
+        return out
+
+    def full_module(self, module: nn.Module) -> nn.Module | None:
+        """`module` (the task's model or its EMA copy) with full weights, for a grid or an export: under FSDP a
+        collective that returns an unsharded copy on rank 0 and None on the other ranks; otherwise `module`."""
+        if self.kind != "fsdp":
+            return module
+        state = self.full_state(module.state_dict())
+        if not self.world.main:
+            return None
+        full = copy.deepcopy(self.template)
+        full.load_state_dict(state, assign=True)
+        return full.to(self.device)
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters lie on the meta device (no memory); buffers are copied."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def _follow(opt: torch.optim.Optimizer, new: dict[int, nn.Parameter]) -> None:
+    """Point `opt` at the sharded parameters (`new`: id of a full parameter -> its shard), its state sharded
+    likewise (Adam's moments; the step count stays whole)."""
+    state = {}
+    for p, st in opt.state.items():
+        q = new[id(p)]
+        state[q] = {k: _like(v, q) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in st.items()}
+    opt.state = collections.defaultdict(dict, state)
+    for group in opt.param_groups:
+        group["params"] = [new[id(p)] for p in group["params"]]
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `full`, placed as `ref` (a sharded parameter) is; `full` itself if ref is whole."""
+    if not isinstance(ref, DTensor):
+        return full
+    return distribute_tensor(full.detach().to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def _shard_like(module: nn.Module, like: dict[str, nn.Parameter]) -> None:
+    """Replace each parameter of `module` (a copy of the sharded model: the EMA) by its shard, placed as the
+    model's parameter of the same name is."""
+    for name, p in list(module.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        sub._parameters[leaf] = nn.Parameter(_like(p.data, like[name]), requires_grad=p.requires_grad)
