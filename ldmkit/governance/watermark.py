@@ -2,30 +2,33 @@
 
 Method: dither-modulation quantisation (QIM; Chen and Wornell, "Quantization index modulation", 2001) of keyed
 projections of low-frequency DCT coefficients of the luminance inside a central window, sampled at a canonical size.
-- The window spans [LO, HI] of each side (the middle 76%); its luminance, sampled CANON x CANON times with a
-  triangle filter that reads no pixel outside the window, has the orthonormal 2-D DCT-II coefficients C.
-- The 48 tag bits and a 24-bit CRC are 72 bits; bit k owns a keyed random group of GROUP low-frequency coefficients
-  (frequencies u, v <= BAND, DC excluded) and a keyed +-1 pattern p_k over them.
+- The window spans [LO, HI] of each side (the middle 76%); its luminance, sampled CANON x CANON times by a triangle
+  filter integrated over the pixels inside the window only, has the orthonormal 2-D DCT-II coefficients C.
+- The 48 tag bits and a 24-bit CRC are 72 bits; bit k owns a keyed random group of GROUP of the lowest-frequency
+  coefficients (u, v <= BAND, DC excluded) and a keyed +-1 pattern p_k over them.
 - Embedding moves the projection x_k = <C_k, p_k> / sqrt(GROUP) to the nearest point of the lattice
-  DELTA * (Z + bit / 2) and adds the change (the DCT basis functions evaluated at every pixel, fading linearly to
-  zero between the window's edge and the image's) equally to R, G and B.
-- Reading first assumes the whole image: the window is again the middle 76% of each side, so any rescale is undone;
-  because resizing a small image dims its upper frequencies, it also tries the coefficient gains of 0.75x and 0.5x
-  resizes (bilinear and bicubic), measured once on the basis.
+  DELTA * (Z + bit / 2) and adds the change (the window's DCT basis functions at every pixel, fading to zero a few
+  pixels past the window's edge, FADE of the border) equally to R, G and B; the border is otherwise untouched.
+- Reading first assumes the whole image: the window is again the middle 76% of each side, so a rescale changes
+  nothing but the sampling. A resized copy (RESIZES: 0.75x and 0.5x, bilinear and bicubic, for each side it may have
+  had) is then read through the least-squares inverse of that resize, which recovers what the resize kept.
 - Cropping: a crop that removes at most CROP (10%) of a side, wherever it is taken, keeps the whole window, so the
   mark is still there, only at an unknown place. Reading then searches, per axis, every marked side n (from the
-  received side m up to m / (1 - CROP)) and every cut c before the kept part (0 to n - m pixels): the window of that
-  hypothesis is [LO * n - c, HI * n - c]. QIM projections are exact only at the exact geometry (half a pixel off at
-  64x64 and the host's own coefficients move by more than the lattice step), so the search is exhaustive at one-pixel
-  steps; it ranks the hypotheses by how close all 72 projections lie to the lattice (an unmarked or misplaced window
-  scores about 0.5, a marked one about 0.9) and checks the CRC of the best few only, so the chance of a false reading
-  stays that of a handful of hypotheses. Above SQUARE_SEARCH pixels both axes share the marked side's scale (the crop
-  kept the aspect ratio) and the search runs at a stride, then one pixel around its best hypotheses.
+  received side m up to (m + 1) / (1 - CROP)) and every cut c before the kept part (0 to n - m pixels): the window of
+  that hypothesis is [LO * n - c, HI * n - c], and at the right one the samples are exactly those of embedding.
+  QIM projections are exact only at the exact geometry (a quarter of a pixel off at 64x64 and the host's own
+  coefficients move by about the lattice step), so the search runs at one-pixel steps. It ranks the hypotheses by how
+  close all 72 projections lie to the lattice (a window without the mark scores 0.5 with a spread of 0.034, a marked
+  one about 0.9) and checks the CRC only of the best few that reach SYNC: the false-reading rate stays that of the
+  CRC alone. Up to SQUARE_SEARCH pixels the two axes are searched independently (784 hypotheses at 58x58); above,
+  both share the marked side's scale (the crop kept the aspect ratio), and from about 384 pixels the search first
+  runs on 2 x 2 blocks at a 2-pixel stride, then at every pixel around its REFINE best hypotheses.
 
 Why not PyPI `invisible-watermark`: its DWT-DCT method needs images of at least 256x256 pixels, while the shipped
-models draw 32x32 and 64x64 images. This one works from MIN_SIDE pixels. Low frequencies survive JPEG, resizing and
-re-saving, and the window survives a 10% crop without rescaling; a crop that is then resized back to another size
-moves the window by a fraction of a pixel, which the search does not try (benchmarks/watermark.py measures each).
+models draw 32x32 and 64x64 images. This one works from MIN_SIDE pixels. Limits (benchmarks/watermark.py measures
+each): a crop of more than a tenth of a side cuts into the window; a crop that is then resized moves the window by a
+fraction of a pixel, which the search does not try (it still lands close enough on large images, not on small ones);
+reading an unmarked image tries every hypothesis, tens of milliseconds at 64x64 and about a second at 512x512.
 Anyone holding the key can read or remove the mark: it is a provenance label, not a security boundary.
 """
 
