@@ -255,6 +255,72 @@ def test_fsdp_with_checkpointing_trains_the_denoiser_of_one_process(fsdp_runs, u
         assert np.asarray(grid).std() > 0
 
 
+SHARDING = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from ldmkit.config import DiTConfig, TrainConfig
+from ldmkit.denoisers.dit import DiT
+from ldmkit.distributed import world
+from ldmkit.training.ema import EMA
+from ldmkit.training.parallel import Parallel
+
+class Task:  # what Parallel.distribute needs of a training task
+    def __init__(self):
+        torch.manual_seed(0)
+        dit = DiT(DiTConfig(preset="", depth=2, hidden_size=32, num_heads=2, patch_size=2, in_channels=2,
+                            out_channels=2))
+        self.model = nn.ModuleDict({"unet": dit})
+        params = list(self.model.parameters())
+        self.optimizers = {"denoiser": (torch.optim.AdamW(params, lr=1e-3), params)}
+        self.forward = dit
+    def distribute(self, parallel):
+        self.forward = parallel.data_parallel(self.model["unet"])
+    def step(self):
+        self.forward(torch.randn(2, 2, 4, 4), torch.zeros(2)).square().mean().backward()
+        self.optimizers["denoiser"][0].step()
+
+dist.init_process_group("gloo")
+w, task = world(), Task()
+task.step()  # Adam moments in full, as a resumed state has them
+ema = EMA(task.model, 0.9)
+before = {k: v.clone() for k, v in task.model.state_dict().items()}
+moments = [st["exp_avg"].clone() for st in task.optimizers["denoiser"][0].state.values()]
+parallel = Parallel(TrainConfig(distributed="fsdp"), w, torch.device("cpu"))
+parallel.distribute(task, ema)
+opt, params = task.optimizers["denoiser"]
+local = lambda t: t.to_local().numel() if isinstance(t, DTensor) else t.numel()
+assert params == list(task.model.parameters()) == opt.param_groups[0]["params"]
+held = [sum(local(t) for t in ts) / sum(t.numel() for t in ts) for ts in
+        (params, [st["exp_avg"] for st in opt.state.values()], list(ema.model.parameters()))]
+assert max(abs(h - 0.5) for h in held) < 0.02, held  # parameters, moments and EMA: half on each of 2 ranks
+units = sum(hasattr(m, "unshard") for m in task.model.modules())
+assert units == 3, units  # each DiT block and the root
+full = parallel.full_state(task.model.state_dict())
+gathered = [parallel.full_state({"m": st["exp_avg"]}) for st in opt.state.values()]
+copy = parallel.full_module(ema.model)
+if w.main:
+    assert all(torch.equal(full[k], before[k]) for k in before)
+    assert all(torch.equal(g["m"], m) for g, m in zip(gathered, moments))
+    assert all(torch.equal(v, before[k]) for k, v in copy.state_dict().items())
+else:
+    assert not any(isinstance(v, torch.Tensor) and v.dim() for v in full.values()) and copy is None
+task.step()  # the sharded model trains
+print("sharded", w.rank)
+"""
+
+
+def test_fsdp_shards_parameters_moments_and_ema_over_the_ranks(tmp_path):
+    """Parallel.distribute on a small DiT at 2 ranks: each keeps half the parameters, Adam moments and EMA weights,
+    each DiT block is a unit, and the gathered state is the state before sharding."""
+    script = tmp_path / "shard.py"
+    script.write_text(SHARDING)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(proc.stdout.split()) == ["0", "1", "sharded", "sharded"]
+
+
 def test_an_fsdp_run_resumes_in_one_process_and_a_single_process_run_under_fsdp(fsdp_runs):
     """r4 (2 FSDP ranks, then one process) continues r3 as one process would, since r3 is one process's state
     (tested above); b4 (one process, then 2 FSDP ranks) must give its weights."""
