@@ -116,3 +116,12 @@ def test_unmarked_images_and_their_crops_never_read_as_marked(pictures):
             assert reading.tag is None and reading.margin < wm.SYNC  # no crop hypothesis even fits the lattice
     marked = wm.read(cut(wm.embed(resized(pictures[4], 64), TAG), 2, 5, 4, 1))
     assert marked.tag == TAG and marked.margin > wm.SYNC  # while the marked crop's window does
+
+
+def test_a_crop_resized_back_to_the_original_size_reads_its_tag(pictures):
+    for i, a in enumerate(pictures[10:14]):
+        marked = wm.embed(resized(a, 64), TAG)
+        left, top = (i, 6 - i) if i % 2 else (6 - i, i)
+        back = resized(cut(marked, left, top, 6 - left, 6 - top), 64)  # 58x58 blown up to 64x64 (bicubic)
+        reading = wm.read(back)
+        assert reading.tag == TAG and reading.crop == (left, top, 6 - left, 6 - top)

@@ -58,7 +58,7 @@ CROP = 0.1  # the largest share of a side a crop may remove and still be read
 MIN_SIDE = 28  # smallest image side marked and read (a 32x32 image cropped by 10% is 29 pixels)
 SQUARE_SEARCH = 96  # above this side the crop search assumes the crop kept the aspect ratio
 CHECKED = 3  # crop hypotheses kept per grid of the search (the best by lattice fit)
-SYNC = 0.65  # lattice fit a crop hypothesis needs before its CRC is checked (chance: 0.5, sd 0.034)
+SYNC = 0.7  # lattice fit a crop hypothesis needs before its CRC is checked (chance: 0.5, sd 0.034)
 REFINE = 8  # coarse hypotheses of a large image searched again at every pixel around them
 FADE = 0.3  # share of the border over which the mark fades out past the window's edge
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -263,37 +263,47 @@ def _rows(n: int) -> np.ndarray:
     return _analysis(n, *_window(n))
 
 
-def _grid(lum: np.ndarray, ys: list, xs: list, key: str, q: int = 1) -> np.ndarray:
-    """Projections (Ty, Tx, BITS) of the windows of every pair of hypotheses (n, c) for rows ys and columns xs.
+def _shifted(hyps: list[tuple[int, int]], m: int, q: int = 1) -> np.ndarray:
+    """(T, K, m): rows of the windows of hypotheses (n, c) on an axis of m pixels (or of m blocks of q pixels).
 
     The window of marked side n seen after cutting c pixels reads the same pixels as before the cut: its rows are
-    those of the whole side, shifted by c. With q > 1, lum is the image averaged over q x q blocks (an estimate at a
-    fraction of the cost, for sides and cuts that are multiples of q), and the rows are summed over q pixels alike."""
+    those of the whole side, shifted by c (and summed over each block of q pixels)."""
+    return np.stack([_rows(n)[:, c : c + m * q].reshape(K, m, q).sum(2) for n, c in hyps])
+
+
+@lru_cache(maxsize=64)
+def _unresize(k: int, m: int, how: str) -> np.ndarray:
+    """(k, m): the least-squares inverse of resizing an axis of k pixels to m pixels by `how`."""
+    resize = _resize(np.eye(k, dtype=np.float32), (m, k), RESAMPLE[how]).T  # (m, k)
+    gram = resize.T @ resize
+    gram += 1e-6 * np.trace(gram) / k * np.eye(k)
+    return np.linalg.solve(gram, resize.T)
+
+
+def _resized_back(m: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Rows and (before, after) cuts of every crop of up to CROP of an axis of m pixels, then resized back to m
+    (bicubic): the window's rows over the kept part times the inverse of that resize."""
+    hyps = [(k, c) for k in range(int(np.floor((1 - CROP) * m)) - 1, m) for c in range(m - k + 1)]
+    rows = np.stack([_rows(m)[:, c : c + k] @ _unresize(k, m, "bicubic") for k, c in hyps])
+    return rows, [(c, m - k - c) for k, c in hyps]
+
+
+def _best(lum: np.ndarray, py: np.ndarray, px: np.ndarray, ycuts: list, xcuts: list, key: str, coarse: bool = False):
+    """The CHECKED hypotheses of the grid of rows py (Ty, K, H) x columns px (Tx, K, W) that lie closest to the
+    lattice, as (margin, Reading) with the crop (left, top, right, bottom) of ycuts and xcuts ((before, after) each).
+    The CRC is checked only where the margin reaches SYNC, which a window without the mark practically never does."""
     h, w = lum.shape
-    py = np.stack([_rows(n)[:, c : c + h * q].reshape(K, h, q).sum(2) for n, c in ys])  # (Ty, K, H / q)
-    px = np.stack([_rows(n)[:, c : c + w * q].reshape(K, w, q).sum(2) for n, c in xs])  # (Tx, K, W / q)
-    a = (py.reshape(-1, h) @ lum).reshape(len(ys), K, w)
-    coef = (a.reshape(-1, w) @ px.reshape(-1, w).T).reshape(len(ys), K, len(xs), K).transpose(0, 2, 1, 3)
-    return _projections(coef, key)
-
-
-def _best(
-    lum: np.ndarray, ys: list, xs: list, key: str, size: tuple[int, int], q: int = 1
-) -> list[tuple[float, Reading]]:
-    """The CHECKED hypotheses of the grid ys x xs that lie closest to the lattice, as (margin, Reading); the CRC is
-    checked only where the margin reaches SYNC, which a window without the mark (about 0.5) practically never does."""
-    if not ys or not xs:
-        return []
-    x = _grid(lum, ys, xs, key, q)
+    a = (py.reshape(-1, h) @ lum).reshape(len(py), K, w)
+    coef = (a.reshape(-1, w) @ px.reshape(-1, w).T).reshape(len(py), K, len(px), K).transpose(0, 2, 1, 3)
+    x = _projections(coef, key)  # (Ty, Tx, BITS)
     margins = _margins(x / (DELTA / 2))
     out = []
-    h, w = size  # of the image (lum may be its blocks)
     for i in np.argsort(margins, axis=None)[::-1][:CHECKED]:
         iy, ix = np.unravel_index(i, margins.shape)
-        (ny, cy), (nx, cx) = ys[iy], xs[ix]
-        reading = _decode(x[iy, ix], 1.0, (cx, cy, nx - w - cx, ny - h - cy))
-        if q > 1 or margins[iy, ix] < SYNC:
-            reading = Reading(None, reading.bits, 0.0, reading.margin, reading.crop)
+        crop = (xcuts[ix][0], ycuts[iy][0], xcuts[ix][1], ycuts[iy][1])
+        reading = _decode(x[iy, ix], 1.0, crop)
+        if coarse or margins[iy, ix] < SYNC:
+            reading = Reading(None, reading.bits, 0.0, reading.margin, crop)
         out.append((float(margins[iy, ix]), reading))
     return out
 
@@ -304,13 +314,29 @@ def _search(lum: np.ndarray, key: str) -> Reading:
     seen: list[tuple[float, Reading]] = []
 
     def found(ys: list, xs: list, q: int = 1) -> Reading | None:
-        best = _best(lum if q == 1 else blocks, ys, xs, key, (h, w), q)
+        if not ys or not xs:
+            return None
+        hq, wq = h // q, w // q
+        best = _best(
+            lum if q == 1 else blocks,
+            _shifted(ys, hq, q),
+            _shifted(xs, wq, q),
+            [(c, n - h - c) for n, c in ys],
+            [(c, n - w - c) for n, c in xs],
+            key,
+            coarse=q > 1,
+        )
         seen.extend(best)
         return next((r for _, r in best if r.tag is not None), None)
 
     if max(h, w) <= SQUARE_SEARCH:  # every marked side and cut on each axis independently
         ys = [(n, c) for n in _sides(h) for c in range(n - h + 1)]
         hit = found(ys, [(n, c) for n in _sides(w) for c in range(n - w + 1)])
+        if hit:
+            return hit
+        (py, ycuts), (px, xcuts) = _resized_back(h), _resized_back(w)  # a crop resized back to the marked size
+        seen.extend(best := _best(lum, py, px, ycuts, xcuts, key))
+        hit = next((r for _, r in best if r.tag is not None), None)
         return hit or max(seen, key=lambda s: s[0])[1]
     # one scale for both axes (the crop kept the aspect ratio); large images at a stride q on q x q blocks first
     q = max(1, round(max(h, w) / 256))
