@@ -140,3 +140,22 @@ def test_the_loop_refuses_bad_numbers_before_writing(tmp_path, blobs, setting, m
     with pytest.raises(ConfigError, match=message):
         train(AutoencoderTask(run, blobs, CPU), bad, tmp_path / "r", CPU, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_logged_images_per_s_count_the_steps_since_the_previous_record(tmp_path, blobs, monkeypatch):
+    """A record that does not fall on log_every (the last one, the first after a resume) divides the steps run since
+    the record before it, not log_every or every step of the run, by the seconds since then."""
+    from ldmkit.training import loop
+
+    clock = iter(range(1000))  # every reading of the clock is 1 s after the one before
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"time": staticmethod(lambda: float(next(clock)))}))
+    run = tiny_ae_run(steps=5)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, log_every=2))
+    batch = run.train.batch_size
+    torch.manual_seed(0)
+    res = train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "a", CPU, progress=False)
+    assert [(h["step"], h["images_per_s"]) for h in res.history] == [(2, 2 * batch), (4, 2 * batch), (5, batch)]
+    torch.manual_seed(0)
+    train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "b", CPU, progress=False, stop_after=3)
+    res = train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "b", CPU, progress=False, resume=True)
+    assert [(h["step"], h["images_per_s"]) for h in res.history] == [(4, batch), (5, batch)]

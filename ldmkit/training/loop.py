@@ -114,7 +114,7 @@ def train(
         workers = resolve_workers(cfg.num_workers, images)
         batches = step_images(images, cfg.seed, cfg.batch_size, start, end, workers, device, positions)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
-    t_last, bad, step = time.time(), 0, start
+    t_last, logged, bad, step = time.time(), start, 0, start  # logged: the step of the last record (or the start)
     with interrupted:
         for step in range(start, end):
             x = next(batches) if batches is not None else None
@@ -133,13 +133,13 @@ def train(
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
                 now = time.time()
-                n_steps = cfg.log_every if done % cfg.log_every == 0 else max(1, done - start)
+                n_steps = max(1, done - logged)  # since the previous record, also after a resume and at the end
                 rec = {
                     "step": done,
                     **{k: round(v, 6) for k, v in logs.items()},
                     "images_per_s": round(n_steps * cfg.batch_size / max(now - t_last, 1e-9), 2),
                 }
-                t_last = now
+                t_last, logged = now, done
                 if log is not None:
                     log.write(**rec)
                 history.append(rec)
