@@ -286,6 +286,10 @@ task.step()  # Adam moments in full, as a resumed state has them
 ema = EMA(task.model, 0.9)
 before = {k: v.clone() for k, v in task.model.state_dict().items()}
 moments = [st["exp_avg"].clone() for st in task.optimizers["denoiser"][0].state.values()]
+if w.rank == 1:  # weights that differ between ranks: rank 0's are kept, as DDP keeps them
+    with torch.no_grad():
+        for t in [*task.model.parameters(), *ema.model.parameters()]:
+            t.add_(1.0)
 parallel = Parallel(TrainConfig(distributed="fsdp"), w, torch.device("cpu"))
 parallel.distribute(task, ema)
 opt, params = task.optimizers["denoiser"]
@@ -312,7 +316,7 @@ print("sharded", w.rank)
 
 def test_fsdp_shards_parameters_moments_and_ema_over_the_ranks(tmp_path):
     """Parallel.distribute on a small DiT at 2 ranks: each keeps half the parameters, Adam moments and EMA weights,
-    each DiT block is a unit, and the gathered state is the state before sharding."""
+    each DiT block is a unit, and the gathered state is rank 0's state before sharding."""
     script = tmp_path / "shard.py"
     script.write_text(SHARDING)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]

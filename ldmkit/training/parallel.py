@@ -96,10 +96,15 @@ class Parallel:
 
     def distribute(self, task, ema) -> None:
         """task.distribute(self) (checkpointing, compile, DDP or FSDP); under FSDP the task's optimizers (their
-        parameters and state) and the EMA (`ema`, or None) then hold this rank's shards of what they held in full."""
+        parameters and state) and the EMA (`ema`, or None) then hold this rank's shards of what they held in full,
+        rank 0's weights on every rank (as DDP broadcasts them: a module initialised from the global random state
+        after rank 0 alone built a cache would differ between ranks)."""
         before = dict(task.model.named_parameters())
         if self.kind == "fsdp":
             self.template = _meta_copy(task.model)
+            modules = [task.model] + ([ema.model] if ema is not None else [])
+            for t in [t for m in modules for t in m.state_dict().values()]:
+                dist.broadcast(t, src=0)  # in place: state_dict tensors share the parameters' storage
         task.distribute(self)
         if self.kind != "fsdp":
             return
