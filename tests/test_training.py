@@ -159,3 +159,50 @@ def test_logged_images_per_s_count_the_steps_since_the_previous_record(tmp_path,
     train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "b", CPU, progress=False, stop_after=3)
     res = train(AutoencoderTask(run, blobs, CPU), run.train, tmp_path / "b", CPU, progress=False, resume=True)
     assert [(h["step"], h["images_per_s"]) for h in res.history] == [(4, batch), (5, batch)]
+
+
+def test_a_trainable_text_encoder_starts_from_the_same_weights_on_the_first_run_on_a_folder(
+    tmp_path, tiny_ae, monkeypatch
+):
+    """The first run on a new image folder builds its caches, which may draw from the global RNG; the text encoder
+    and the backbone must still start from the weights of every later run (the cache is then read, not built)."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.config import DenoiserRun, UNetConfig
+    from ldmkit.distributed import World
+    from ldmkit.training.runs import _denoiser_task
+
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "captioned"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8), "L").save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"caption {i % 3}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    run = DenoiserRun(
+        autoencoder=str(tiny_ae),
+        text_encoder="trainable",
+        unet=UNetConfig(
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_heads=(2,),
+            norm_groups=8,
+        ),
+        data=DataConfig(dataset=str(root), resolution=16, channels=1, holdout=0, crop="random"),
+        train=TrainConfig(steps=1, num_workers=0),
+    )
+
+    def initial_weights():
+        torch.manual_seed(run.train.seed)  # as train_denoiser does before building the task
+        _, task = _denoiser_task(run, CPU, False, World())
+        return {k: v.clone() for k, v in task.model.state_dict().items()}
+
+    first, later = initial_weights(), initial_weights()
+    assert any(k.startswith("text_encoder.") for k in first), sorted(first)[:5]
+    for k in first:
+        assert torch.equal(first[k], later[k]), k

@@ -183,6 +183,7 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool, world: World) -> tu
     with world.main_first(), autocast(run.train.mixed_precision, device):
         _prepare(train_set, run.train.num_workers, progress)
         latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
+    torch.manual_seed(run.train.seed)  # the cache build (first run on a folder only) may draw from the global RNG
     text, text_cache = text_setup(run, latents.captions, device)
     run = resolve_run(run, ae_run.model, latents, text_dim=getattr(text, "dim", 0))
     torch.manual_seed(run.train.seed)
