@@ -43,6 +43,16 @@ def test_transformed_copies_match_their_source(data, transform):
     assert all(m.similarity >= 0.9 for m in matches), [round(m.similarity, 3) for m in matches]
 
 
+@pytest.mark.parametrize("y, x", [(3, 9), (12, 1)])  # boxes off the old fixed grid of crop boxes
+def test_an_80_percent_crop_scores_as_a_copy_of_its_source(data, y, x):
+    # a 51-pixel square of a 64-pixel training image, resized back: the crop search must find its box
+    rgb, index = data
+    picks = [0, 40, 90, 130, 199]
+    matches = index.query([crop(rgb[i], y, x) for i in picks])
+    assert [m.index for m in matches] == picks
+    assert min(m.similarity for m in matches) >= DEFAULT_THRESHOLD, [round(m.similarity, 3) for m in matches]
+
+
 def test_images_outside_the_index_score_below_the_threshold(data):
     rgb, index = data
     scores = [m.similarity for m in index.query(rgb[500:560])]
@@ -62,6 +72,22 @@ def test_save_load_and_errors(data, tmp_path):
     with pytest.raises(InputError, match="empty"):
         SimilarityIndex().query([np.zeros((8, 8, 3), np.uint8)])
     assert index_path_for("weights/emoji.safetensors").name == "emoji.index.npz"
+
+
+def test_an_index_of_the_previous_version_says_how_to_rebuild_it(tmp_path):
+    path = tmp_path / "old.index.npz"
+    np.savez_compressed(
+        path, version=1, thumbs=np.zeros((2, 32, 32), np.uint8), names=np.array(["a", "b"]), source=np.array("emoji")
+    )
+    with pytest.raises(InputError, match="version 1 .*ldmkit index build emoji --out"):
+        SimilarityIndex.load(path)
+
+
+def test_thumbnails_keep_up_to_64_pixels_of_the_training_images():
+    small = [np.full((32, 32), 9 * i, np.uint8) for i in range(3)]
+    large = [np.full((96, 80, 3), 9 * i, np.uint8) for i in range(3)]
+    assert SimilarityIndex().build(small, ["a", "b", "c"], progress=False).thumbs.shape == (3, 32, 32)
+    assert SimilarityIndex().build(large, ["a", "b", "c"], progress=False).thumbs.shape == (3, 64, 64)
 
 
 def test_build_index_from_a_folder(tmp_path, data):

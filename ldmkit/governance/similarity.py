@@ -1,11 +1,16 @@
 """The training-data similarity screen: does a generated image copy one of the model's training images?
 
 Generative models can reproduce training images (Carlini et al. 2023; Somepalli et al. 2023). The index keeps, per
-training image, a THUMB x THUMB grayscale thumbnail (uint8) and a compact descriptor; a query runs in two stages:
+training image, a grayscale thumbnail (uint8, side 32 to THUMB: the images' own size up to THUMB, so that a crop
+box of a thumbnail still holds at least COMPARE pixels) and a compact descriptor; a query runs in three stages:
 1. retrieval: the cosine similarity of standardised RETRIEVE x RETRIEVE grayscale descriptors (zero mean, unit
    norm: brightness and contrast changes cancel) against every entry, for the image and its mirror; the best TOP_K;
-2. verification: the normalised cross-correlation (NCC) of the query's COMPARE x COMPARE thumbnail with each
-   candidate under a flip and a grid of crop boxes (sides 0.8 to 1, at several offsets): the best is the similarity.
+2. alignment: each candidate, mirrored too, is resampled at every crop scale s in SCALES (the side of the crop box,
+   0.75 to 1) onto the query's COMPARE-pixel grid, and the normalised cross-correlation (NCC) of the detail (image
+   minus its blur) against the query's is taken at every whole-pixel offset at once (template matching);
+3. verification: the best box of the REFINE best views is refined by a pattern search over finer scales and
+   sub-pixel offsets, each box sampled and filtered on its own at COMPARE x COMPARE; the highest detail NCC is the
+   similarity, and its view's training image the match.
 A copy, mirrored, cropped to 80%, recoloured or JPEG-compressed keeps an NCC close to 1 under its own crop box;
 an image that merely resembles the training image (same kind of object, another pose) does not line up pixel for
 pixel, which a global descriptor alone cannot tell (benchmarks/memorisation.py measures both).
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +38,18 @@ from ..data import build_dataset
 from ..errors import InputError, MissingFileError
 from ..shipped import SHIPPED, resolve_model
 
-VERSION = 1
-THUMB = 32  # side of the stored thumbnails
+VERSION = 2  # 2: thumbnails up to 64 pixels (1: always 32)
+THUMB = 64  # largest side of the stored thumbnails (a multiple of 16, as is every side used)
 RETRIEVE = 12  # side of the retrieval descriptor
-COMPARE = 24  # side at which candidates are verified
-DETAIL_BLUR = 2.0  # verification compares detail: the thumbnail minus its Gaussian blur of this radius
+COMPARE = 32  # side of the query's grid, at which candidates are aligned and verified
+DETAIL_BLUR = 2.0  # verification compares detail: the image minus its Gaussian blur of this radius (COMPARE pixels)
 TOP_K = 16
+REFINE = 3  # views (candidate, mirrored or not) whose best box is refined below a pixel
+MARGIN = 3  # alignment leaves out this many pixels at each edge, where a crop's detail differs from the whole's
 DEFAULT_THRESHOLD = 0.975  # detail NCC at or above which an output counts as a copy of a training image
-CROPS = [
-    (s, ox, oy)
-    for s, k in ((1.0, 1), (0.9, 5), (0.8, 9))
-    for ox in np.linspace(0, 1 - s, k)
-    for oy in np.linspace(0, 1 - s, k)
-]
+SCALES = [round(0.75 + 0.0125 * i, 4) for i in range(21)]  # crop sides searched, as a share of the image's side
+REFINE_LEVELS = 4  # halvings of the refinement steps
 RETRIEVE_CROPS = [(1.0, 0.0, 0.0)] + [(0.8, ox, oy) for ox in (0.0, 0.1, 0.2) for oy in (0.0, 0.1, 0.2)]
-CROPS = list(dict.fromkeys((s, round(float(x), 4), round(float(y), 4)) for s, x, y in CROPS))
 
 
 @dataclass(frozen=True)
@@ -75,30 +78,28 @@ def _resized(gray: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(gray, "F").resize((side, side), Image.Resampling.BOX), np.float32)
 
 
+def thumb_side(height: int, width: int) -> int:
+    """The thumbnail side for images of this size: their shorter side rounded down to a multiple of 16, from
+    COMPARE up to THUMB (a 64-pixel emoji keeps 64, so that an 80% crop box still holds more than COMPARE pixels)."""
+    return int(min(THUMB, max(COMPARE, min(height, width) // 16 * 16)))
+
+
 def _standard(x: np.ndarray) -> np.ndarray:
     """Rows of x (N, D) with zero mean and unit norm (flat rows stay zero)."""
     x = x - x.mean(1, keepdims=True)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
 
 
-def _crop(img: Image.Image, box: tuple[float, float, float], side: int) -> np.ndarray:
-    s, ox, oy = box
-    w, h = img.size
-    return np.asarray(
-        img.resize((side, side), Image.Resampling.BILINEAR, box=(ox * w, oy * h, (ox + s) * w, (oy + s) * h))
-    )
-
-
 def _descriptors(thumbs: np.ndarray, boxes=((1.0, 0.0, 0.0),)) -> np.ndarray:
-    """(N, THUMB, THUMB) thumbnails -> (N * len(boxes), RETRIEVE**2) standardised descriptors of each crop box, in
-    that order (image-major). Vectorised: the thumbnails are box-filtered to half size, then each crop box is
-    sampled bilinearly at RETRIEVE x RETRIEVE (an index of 60,000 images takes about a second)."""
+    """(N, T, T) thumbnails -> (N * len(boxes), RETRIEVE**2) standardised descriptors of each crop box, in that order
+    (image-major). Vectorised: the thumbnails are box-filtered to 16 x 16 (the antialiasing of the downsampling),
+    then each crop box is sampled bilinearly at RETRIEVE x RETRIEVE (an index of 60,000 images takes a second)."""
     if not len(thumbs):
         return np.zeros((0, RETRIEVE * RETRIEVE), np.float32)
     out = []
     for start in range(0, len(thumbs), 4096):
-        x = torch.from_numpy(np.array(thumbs[start : start + 4096], np.float32))[:, None]  # (n, 1, THUMB, THUMB)
-        x = torch.nn.functional.avg_pool2d(x, 2)  # the antialiasing of the downsampling
+        x = torch.from_numpy(np.array(thumbs[start : start + 4096], np.float32))[:, None]  # (n, 1, T, T)
+        x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // 16)  # (n, 1, 16, 16)
         views = []
         for s, ox, oy in boxes:
             lin = (torch.arange(RETRIEVE, dtype=torch.float32) + 0.5) / RETRIEVE  # cell centres in [0, 1]
@@ -110,31 +111,124 @@ def _descriptors(thumbs: np.ndarray, boxes=((1.0, 0.0, 0.0),)) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _detail(x: np.ndarray) -> np.ndarray:
-    """What verification compares: images (N, S, S) minus their Gaussian blur (radius DETAIL_BLUR, edges
-    reflected), standardised rows (N, S * S): their fine structure, which copies share and look-alikes do not."""
+@lru_cache(maxsize=64)
+def _blur_matrix(n: int) -> torch.Tensor:
+    """(n, n) matrix of a Gaussian blur of radius DETAIL_BLUR along one axis, edges reflected (blurred = B @ x)."""
     r = int(np.ceil(3 * DETAIL_BLUR))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / DETAIL_BLUR) ** 2)
-    k = k / k.sum()
-    t = torch.from_numpy(np.array(x, np.float32))[:, None]  # (N, 1, S, S)
-    p = torch.nn.functional.pad(t, (r, r, r, r), mode="reflect")
-    p = torch.nn.functional.conv2d(p, k.view(1, 1, 1, -1))
-    blurred = torch.nn.functional.conv2d(p, k.view(1, 1, -1, 1))
-    return _standard((t - blurred).flatten(1).numpy())
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / DETAIL_BLUR) ** 2)
+    k /= k.sum()
+    m = np.zeros((n, n), np.float32)
+    for i in range(n):
+        for t, w in zip(range(i - r, i + r + 1), k):
+            j = abs(t) if t < 0 else (2 * (n - 1) - t if t >= n else t)  # reflected, as numpy's "reflect"
+            m[i, min(max(j, 0), n - 1)] += w
+    return torch.from_numpy(m)
 
 
-def _views(thumb: np.ndarray) -> np.ndarray:
-    """The detail of every crop box of a thumbnail and of its mirror at COMPARE x COMPARE: (2 * len(CROPS), D)."""
-    img = Image.fromarray(thumb.astype(np.float32), "F")
-    flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _detail(np.stack([_crop(m, box, COMPARE) for m in (img, flipped) for box in CROPS]))
+def _detail(t: torch.Tensor) -> torch.Tensor:
+    """What is compared: images (N, 1, H, W) minus their Gaussian blur (radius DETAIL_BLUR, edges reflected): their
+    fine structure, which copies share and look-alikes do not. The blur is separable: B_H @ x @ B_W^T."""
+    return t - _blur_matrix(t.shape[-2]) @ t @ _blur_matrix(t.shape[-1]).T
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """Rows (N, D) with zero mean and unit norm."""
+    t = t - t.mean(1, keepdim=True)
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def _sample(thumbs: torch.Tensor, s: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, n: int) -> torch.Tensor:
+    """Crop boxes of thumbnails (B, 1, T, T), box b of side s[b] at (ox[b], oy[b]) (shares of the side), each sampled
+    bilinearly on an n x n grid of COMPARE-pixel spacing: (B, 1, n, n). n > COMPARE covers the offsets of a search."""
+    lin = (torch.arange(n, dtype=torch.float32) + 0.5) / COMPARE  # (n,) pixel centres on the query's grid
+    gx = (ox[:, None] + s[:, None] * lin) * 2 - 1  # (B, n)
+    gy = (oy[:, None] + s[:, None] * lin) * 2 - 1
+    grid = torch.stack((gx[:, None, :].expand(-1, n, -1), gy[:, :, None].expand(-1, -1, n)), -1)  # (B, n, n, 2)
+    return torch.nn.functional.grid_sample(thumbs, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _window_sums(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sums of every k x k window of x (B, 1, H, W), from its integral image: (B, H - k + 1, W - k + 1)."""
+    c = torch.nn.functional.pad(x[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0))
+    return c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]
+
+
+def _align(probe: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Template matching: for each view (B, 1, T, T), the crop box (s, ox, oy) whose detail best matches the query's
+    probe (COMPARE, COMPARE), searched over SCALES and half-pixel offsets on the query's grid (the NCC of the
+    interior, MARGIN pixels in from each edge): best NCC (B,) and boxes (B, 3)."""
+    b, k = MARGIN, COMPARE - 2 * MARGIN
+    q = _unit(_detail(probe[None, None])[0, 0, b:-b, b:-b].reshape(1, -1)).view(1, 1, k, k)
+    phases = torch.tensor([(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5)])  # (P, 2) in COMPARE pixels
+    best, boxes = torch.full((len(views),), -2.0), torch.zeros(len(views), 3)
+    for s in SCALES:
+        n = COMPARE + int(COMPARE * (1 - s) / s + 1e-6)  # the candidate resampled by 1/s: (n, n) on the query's grid
+        p = phases if s < 1 else phases[:1]
+        ph = p.repeat(len(views), 1) * s / COMPARE  # (B * P, 2) as shares of the side
+        sampled = _sample(views.repeat_interleave(len(p), 0), torch.full((len(ph),), s), ph[:, 0], ph[:, 1], n)
+        d = _detail(sampled)[:, :, b : n - b, b : n - b]  # (B * P, 1, n - 2b, same)
+        m = n - 2 * b  # cross-correlation through the FFT: no wrap-around for windows inside the image
+        num = torch.fft.irfft2(torch.fft.rfft2(d[:, 0]) * torch.fft.rfft2(q[0, 0], s=(m, m)).conj(), s=(m, m))
+        num = num[:, : m - k + 1, : m - k + 1]  # (B * P, side, side): sum of probe x window
+        s1, s2 = _window_sums(d, k), _window_sums(d * d, k)
+        ncc = (num / (s2 - s1 * s1 / k**2).clamp_min(1e-6).sqrt()).flatten(1)  # the probe has zero mean, unit norm
+        top, at = ncc.max(1)
+        side = n - COMPARE + 1
+        box = torch.stack(
+            [torch.full_like(top, s), (at % side) * s / COMPARE + ph[:, 0], (at // side) * s / COMPARE + ph[:, 1]], 1
+        )  # (B * P, 3)
+        top, j = top.view(len(views), len(p)).max(1)
+        box = box.view(len(views), len(p), 3)[torch.arange(len(views)), j]
+        better = top > best
+        best, boxes = torch.where(better, top, best), torch.where(better[:, None], box, boxes)
+    return best, boxes
+
+
+def _box_ncc(probe_detail: torch.Tensor, views: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The detail NCC of the query (its unit detail, COMPARE**2) with views (B, 1, T, T) under boxes (B, R, 3) given
+    as (side, centre x, centre y), each box sampled and filtered on its own at COMPARE x COMPARE: (B, R)."""
+    s = boxes[..., 0].clamp(0.5, 1.0)
+    ox = (boxes[..., 1] - s / 2).clamp(min=0.0).minimum(1 - s)
+    oy = (boxes[..., 2] - s / 2).clamp(min=0.0).minimum(1 - s)
+    r = boxes.shape[1]
+    sampled = _sample(views.repeat_interleave(r, 0), s.flatten(), ox.flatten(), oy.flatten(), COMPARE)
+    return (_unit(_detail(sampled).flatten(1)) @ probe_detail).view(len(views), r)
+
+
+def _refine(probe: torch.Tensor, views: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Pattern search around each aligned box (B, 3): the best of the 27 boxes one step away in scale and offset
+    becomes the centre until none is better, then the steps halve (REFINE_LEVELS times, from a 0.0125 scale step and
+    a one-pixel offset step): the best detail NCC of the whole probe (B,)."""
+    q = _unit(_detail(probe[None, None]).reshape(1, -1))[0]
+    centre = torch.stack([boxes[:, 0], boxes[:, 1] + boxes[:, 0] / 2, boxes[:, 2] + boxes[:, 0] / 2], 1)  # (B, 3)
+    best = _box_ncc(q, views, centre[:, None])[:, 0]
+    grid = torch.cartesian_prod(*[torch.tensor([-1.0, 0.0, 1.0])] * 3)  # (27, 3)
+    for level in range(REFINE_LEVELS):
+        step = torch.tensor([0.0125, 1.0, 1.0]) / 2**level  # scale, and offsets in COMPARE pixels
+        for _ in range(3):
+            moves = grid * step
+            tried = (
+                centre[:, None]
+                + moves[None]
+                * torch.stack([torch.ones_like(centre[:, 0]), centre[:, 0] / COMPARE, centre[:, 0] / COMPARE], 1)[
+                    :, None
+                ]
+            )  # (B, 27, 3)
+            ncc = _box_ncc(q, views, tried)
+            top, at = ncc.max(1)
+            better = top > best + 1e-6
+            if not better.any():
+                break
+            best = torch.where(better, top, best)
+            centre = torch.where(better[:, None], tried[torch.arange(len(views)), at], centre)
+    return best, centre
 
 
 class SimilarityIndex:
     """Thumbnails and descriptors of a model's training images; query() finds each image's nearest one."""
 
     def __init__(self, thumbs: np.ndarray | None = None, names: list[str] | None = None, source: str = ""):
-        self.thumbs = np.zeros((0, THUMB, THUMB), np.uint8) if thumbs is None else thumbs  # (N, THUMB, THUMB)
+        self.thumbs = np.zeros((0, THUMB, THUMB), np.uint8) if thumbs is None else thumbs  # (N, T, T)
         self.names = list(names or [])
         self.source = source  # what it was built from
         self.desc = _descriptors(self.thumbs, RETRIEVE_CROPS).astype(np.float16)  # (N * crops, RETRIEVE**2)
@@ -143,11 +237,13 @@ class SimilarityIndex:
         return len(self.names)
 
     def build(self, images: Iterable, names: list[str], progress: bool = True) -> SimilarityIndex:
-        """Index `images` (uint8 (H, W[, C]) arrays or (C, H, W) tensors in [-1, 1]) under `names`."""
-        thumbs = [
-            np.clip(np.round(_resized(_gray(im), THUMB)), 0, 255).astype(np.uint8)
-            for im in tqdm(images, total=len(names), desc="similarity index", disable=not progress)
-        ]
+        """Index `images` (uint8 (H, W[, C]) arrays or (C, H, W) tensors in [-1, 1]) under `names`; the thumbnail
+        side follows the first image (thumb_side)."""
+        thumbs, side = [], 0
+        for im in tqdm(images, total=len(names), desc="similarity index", disable=not progress):
+            gray = _gray(im)
+            side = side or thumb_side(*gray.shape)
+            thumbs.append(np.clip(np.round(_resized(gray, side)), 0, 255).astype(np.uint8))
         if len(thumbs) != len(names):
             raise InputError(f"{len(thumbs)} images but {len(names)} names; give one name per image")
         self.thumbs = np.stack(thumbs) if thumbs else self.thumbs
@@ -159,20 +255,26 @@ class SimilarityIndex:
         """The nearest training image of each query image (uint8 (B, H, W, 3), or a list of arrays of any size)."""
         if not len(self):
             raise InputError("the similarity index is empty; build it from the model's training images")
-        grays = [_gray(p) for p in pixels]
-        thumbs = np.stack([_resized(g, THUMB) for g in grays])  # (B, THUMB, THUMB)
-        q = _descriptors(thumbs)
-        q_flip = _descriptors(thumbs[:, :, ::-1].copy())
+        probes = np.stack([_resized(_gray(p), COMPARE) for p in pixels])  # (B, COMPARE, COMPARE)
+        # 1. retrieval: TOP_K candidates by descriptor, for the image and its mirror
+        q = _descriptors(probes)
+        q_flip = _descriptors(probes[:, :, ::-1].copy())
         desc = self.desc.astype(np.float32)
         per_view = np.maximum(q @ desc.T, q_flip @ desc.T)  # (B, N * crops)
-        scores = per_view.reshape(len(grays), len(self), len(RETRIEVE_CROPS)).max(2)  # (B, N)
+        scores = per_view.reshape(len(probes), len(self), len(RETRIEVE_CROPS)).max(2)  # (B, N)
         k = min(TOP_K, len(self))
         out = []
-        for b in range(len(grays)):
+        for b in range(len(probes)):
             cands = np.argpartition(-scores[b], k - 1)[:k]
-            probe = _detail(_crop(Image.fromarray(thumbs[b], "F"), (1.0, 0.0, 0.0), COMPARE)[None])[0]
-            best = max(((float((_views(self.thumbs[c]) @ probe).max()), int(c)) for c in cands))
-            out.append(Match(self.names[best[1]], best[1], best[0]))
+            probe = torch.from_numpy(probes[b])
+            views = torch.from_numpy(self.thumbs[cands].astype(np.float32))[:, None]  # (k, 1, T, T)
+            views = torch.cat([views, views.flip(-1)])  # (2k, 1, T, T): each candidate and its mirror
+            # 2. alignment of every view, 3. verification of the best REFINE views
+            coarse, boxes = _align(probe, views)
+            pick = coarse.topk(min(REFINE, len(views))).indices
+            fine, _ = _refine(probe, views[pick], boxes[pick])  # (R,)
+            c = int(cands[int(pick[int(fine.argmax())]) % k])
+            out.append(Match(self.names[c], c, float(fine.max())))
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -206,11 +308,16 @@ class SimilarityIndex:
                 f"{path} is not an ldmkit similarity index ({e}); build it with `ldmkit index build`"
             ) from None
         if version != VERSION:
+            again = f"ldmkit index build {source or 'MODEL_OR_DATA'} --out {path}"
             raise InputError(
-                f"{path} is a version {version} index; this ldmkit reads version {VERSION}: build it again"
+                f"{path} is a version {version} similarity index; this ldmkit reads version {VERSION} (larger "
+                f"thumbnails, which its crop search needs): build it again with `{again}`"
             )
-        if thumbs.ndim != 3 or thumbs.shape[1:] != (THUMB, THUMB) or len(thumbs) != len(names):
-            raise InputError(f"{path} is damaged (thumbnails {thumbs.shape}, {len(names)} names); build it again")
+        side = thumbs.shape[1] if thumbs.ndim == 3 else 0
+        if thumbs.ndim != 3 or thumbs.shape[2] != side or side % 16 or not COMPARE <= side <= THUMB:
+            raise InputError(f"{path} is damaged (thumbnails {thumbs.shape}); build it again with `ldmkit index build`")
+        if len(thumbs) != len(names):
+            raise InputError(f"{path} is damaged ({len(thumbs)} thumbnails, {len(names)} names); build it again")
         return cls(thumbs, names, source)
 
 
