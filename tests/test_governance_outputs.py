@@ -87,6 +87,21 @@ def test_an_unmarked_foreign_image_has_no_provenance(tmp_path):
     )
 
 
+def test_provenance_reads_the_tag_of_a_cropped_copy_and_says_where_it_was_cut(tmp_path):
+    rng = np.random.default_rng(1)
+    base = np.clip(rng.normal(128, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
+    pixels = np.asarray(Image.fromarray(base).resize((64, 64), Image.Resampling.BICUBIC))
+    marked = watermark.embed(pixels, bytes.fromhex("0123456789ab"))
+    path = tmp_path / "cropped.png"
+    Image.fromarray(marked[2:60, 5:63]).save(path)  # 6 pixels (a tenth) off each axis, unevenly
+    found = inspect_image(path)
+    assert found.tag == "0123456789ab" and found.crop == (5, 2, 1, 4)
+    out = ldmkit("provenance", str(path), "--database", str(tmp_path / "none.db"), "--json")
+    assert json.loads(out.stdout)["watermark_crop"] == [5, 2, 1, 4]
+    text = ldmkit("provenance", str(path), "--database", str(tmp_path / "none.db")).stdout
+    assert "cropped: 5 px from the left, 2 top, 1 right, 4 bottom" in text
+
+
 def test_the_commands_watermark_and_screen_with_a_policy(tmp_path, emoji_copy):
     out = tmp_path / "apple"
     ldmkit(

@@ -28,7 +28,7 @@ class Provenance:
     size: tuple[int, int]  # (width, height)
     record: dict | None  # the embedded generation record ("ldmkit" metadata), None when the file has none
     tag: str | None  # the watermark's tag in hex (the first 12 hex digits of a request id), None when not found
-    bit_errors: int | None  # bits the watermark's check had to correct or found wrong, when it was read
+    crop: tuple[int, int, int, int] | None  # pixels the watermark was found cut from the left, top, right, bottom
 
     @property
     def request_id(self) -> str | None:
@@ -50,6 +50,7 @@ class Provenance:
             "size": list(self.size),
             "record": self.record,
             "watermark": self.tag,
+            "watermark_crop": list(self.crop) if self.crop else None,
             "consistent": self.consistent,
         }
 
@@ -73,6 +74,6 @@ def inspect_image(path: str | Path, key: str = "ldmkit") -> Provenance:
         record = None  # a damaged or foreign metadata block: the pixels may still say more
     reading = watermark.read(pixels, key) if min(pixels.shape[:2]) >= watermark.MIN_SIDE else None
     tag = reading.tag.hex() if reading is not None and reading.tag is not None else None
-    errors = getattr(reading, "bit_errors", None) if tag else None
+    crop = tuple(reading.crop) if tag else None
     size = (pixels.shape[1], pixels.shape[0])
-    return Provenance(str(path), hashlib.sha256(data).hexdigest(), size, record, tag, errors)
+    return Provenance(str(path), hashlib.sha256(data).hexdigest(), size, record, tag, crop)

@@ -80,7 +80,10 @@ def _lines(found, rows: list[dict], database: str | None) -> list[str]:
         lines.append("record: none (the metadata was stripped, or the image was not written by ldmkit)")
     if found.tag:
         agree = {True: ", agrees with the record", False: ", DIFFERS from the record", None: ""}[found.consistent]
-        lines.append(f"watermark: request {found.tag}...{agree}")
+        cut = ""
+        if found.crop and any(found.crop):
+            cut = " (the image was cropped: {} px from the left, {} top, {} right, {} bottom)".format(*found.crop)
+        lines.append(f"watermark: request {found.tag}...{agree}{cut}")
     else:
         lines.append("watermark: none found")
     if database is None:
