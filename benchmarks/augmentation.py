@@ -144,6 +144,7 @@ def synth(model: str, out: Path, per_class: int, args) -> tuple[torch.Tensor, to
         "--quiet",
     )
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["index"] < per_class]  # a folder once extended further keeps its extra images
     rows.sort(key=lambda r: (r["class"], r["index"]))
     x = torch.stack([torch.from_numpy(np.array(Image.open(out / r["file_name"]).convert("L"))) for r in rows])
     return x.float().div(127.5).sub(1)[:, None], torch.tensor([r["class"] for r in rows])
