@@ -1,6 +1,7 @@
 """`ldmkit evaluate` (FID/KID of a model, PSNR/SSIM/rFID of an autoencoder), `ldmkit generate` and shipped weights."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,13 @@ def test_generate_refuses_an_unknown_extension_before_loading_or_sampling(tiny_l
 @needs_fid
 @needs_fmnist
 def test_evaluate_memorisation_reports_the_share_of_copies(tiny_ldm, tmp_path, capsys):
-    args = ["evaluate", str(tiny_ldm), "--n", "4", "--steps", "2", "--batch-size", "2", "--quiet", "--memorisation"]
+    model = shutil.copy(tiny_ldm, tmp_path / "model.safetensors")  # its index must not sit beside the shared model
+    args = ["evaluate", str(model), "--n", "4", "--steps", "2", "--batch-size", "2", "--quiet", "--memorisation"]
     assert main(args + ["--out", str(tmp_path / "a.json")]) != 0
     assert "ldmkit index build" in capsys.readouterr().err
     # an index of flat grey images: an untrained model's noise copies none of them
     flat = [np.full((16, 16, 3), v, np.uint8) for v in (0, 128, 255)]
-    SimilarityIndex().build(flat, ["a", "b", "c"], progress=False).save(index_path_for(tiny_ldm))
+    SimilarityIndex().build(flat, ["a", "b", "c"], progress=False).save(index_path_for(model))
     assert main(args + ["--out", str(tmp_path / "b.json")]) == 0
     r = json.loads((tmp_path / "b.json").read_text())
     assert r["memorisation"] == 0.0 and r["memorisation_max_similarity"] < r["memorisation_threshold"]
