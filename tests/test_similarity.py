@@ -101,3 +101,50 @@ def test_build_index_from_a_folder(tmp_path, data):
     assert index.query([rgb[3]])[0].name.endswith("p3.png")
     with pytest.raises(InputError, match="neither a model"):
         build_index(str(tmp_path / "nothing"), tmp_path / "g.npz", progress=False)
+
+
+@pytest.fixture(scope="module")
+def many():
+    """4,000 Fashion-MNIST test images at 32 pixels, the shipped model's size: many near neighbours for each."""
+    images, _ = load_arrays("test")
+    images = [np.asarray(Image.fromarray(a).resize((32, 32), Image.Resampling.BICUBIC)) for a in images[:4000]]
+    return images, SimilarityIndex().build(images, [f"t/{i}" for i in range(len(images))], progress=False)
+
+
+def test_80_percent_crops_are_retrieved_among_thousands_of_similar_images(many):
+    # a crop changes the whole image's descriptor: retrieval must search the crop box, else the source falls out
+    # of the candidates among 4,000 garments of the same few shapes
+    images, index = many
+    rng = np.random.default_rng(3)
+    picks = rng.choice(len(images), 12, replace=False).tolist()
+    probes = []
+    for i in picks:
+        y, x = rng.integers(0, 7, 2)  # a 26-pixel square: 80% of the side, anywhere
+        square = Image.fromarray(images[i][y : y + 26, x : x + 26])
+        probes.append(np.asarray(square.resize((32, 32), Image.Resampling.BICUBIC)))
+    matches = index.query(probes)
+    assert [m.index for m in matches] == picks
+    assert min(m.similarity for m in matches) >= DEFAULT_THRESHOLD, [round(m.similarity, 3) for m in matches]
+
+
+def test_an_image_with_a_blank_centre_is_found_by_its_whole(many):
+    # the retrieval descriptor of an entry is its central box; a plain square with its detail in a corner has a
+    # flat centre, and only the whole-image descriptor finds its copy
+    images, _ = many
+    rng = np.random.default_rng(0)
+    corner = [np.full((64, 64), 200, np.uint8) for _ in range(40)]
+    for a, g in zip(corner, rng.choice(len(images), 40, replace=False)):
+        a[:12, :12] = np.asarray(Image.fromarray(images[g]).resize((12, 12), Image.Resampling.BICUBIC))
+    pool = [np.asarray(Image.fromarray(a).resize((64, 64))) for a in images[:400]] + corner
+    index = SimilarityIndex().build(pool, [str(i) for i in range(len(pool))], progress=False)
+    matches = index.query([pool[400], pool[421], pool[439]])
+    assert [m.index for m in matches] == [400, 421, 439]
+    # the flat windows of these images once scored 20 (rounding error over a near-zero energy) and took the match
+    assert all(DEFAULT_THRESHOLD <= m.similarity <= 1 + 1e-4 for m in matches), [m.similarity for m in matches]
+
+
+def test_an_index_smaller_than_the_candidate_list(data):
+    rgb, _ = data
+    index = SimilarityIndex().build(rgb[:5], [str(i) for i in range(5)], progress=False)
+    matches = index.query([rgb[3], crop(rgb[1]), rgb[2][:, ::-1].copy()])
+    assert [m.index for m in matches] == [3, 1, 2]

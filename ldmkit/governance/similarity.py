@@ -3,8 +3,12 @@
 Generative models can reproduce training images (Carlini et al. 2023; Somepalli et al. 2023). The index keeps, per
 training image, a grayscale thumbnail (uint8, side 32 to THUMB: the images' own size up to THUMB, so that a crop
 box of a thumbnail still holds at least COMPARE pixels) and a compact descriptor; a query runs in three stages:
-1. retrieval: the cosine similarity of standardised RETRIEVE x RETRIEVE grayscale descriptors (zero mean, unit
-   norm: brightness and contrast changes cancel) against every entry, for the image and its mirror; the best TOP_K;
+1. retrieval: every entry keeps a RETRIEVE x RETRIEVE grayscale descriptor (standardised: zero mean, unit norm,
+   so brightness and contrast changes cancel) of its central box CENTRE, the part of the image that every crop of
+   at least 80% of the side still holds. The query, and its mirror, is described under every box where that
+   central part can lie in it, for crop sides from 80% to 100% (QUERY_SCALES) at offsets RETRIEVE_STEP apart: the
+   query side searches the crop, so the index stores one descriptor per image. Each entry scores its best box; a
+   coarse pass (twice the offset step) keeps the best SHORTLIST entries for the fine one, and the best TOP_K go on;
 2. alignment: each candidate, mirrored too, is resampled at every crop scale s in SCALES (the side of the crop box,
    0.75 to 1) onto the query's COMPARE-pixel grid, and the normalised cross-correlation (NCC) of the detail (image
    minus its blur) against the query's is taken at every whole-pixel offset at once (template matching);
@@ -40,16 +44,21 @@ from ..shipped import SHIPPED, resolve_model
 
 VERSION = 2  # 2: thumbnails up to 64 pixels (1: always 32)
 THUMB = 64  # largest side of the stored thumbnails (a multiple of 16, as is every side used)
-RETRIEVE = 12  # side of the retrieval descriptor
+RETRIEVE = 16  # side of the retrieval descriptor
 COMPARE = 32  # side of the query's grid, at which candidates are aligned and verified
 DETAIL_BLUR = 2.0  # verification compares detail: the image minus its Gaussian blur of this radius (COMPARE pixels)
 TOP_K = 16
+SHORTLIST = 1024  # entries the coarse retrieval pass keeps for the fine one
+MIDLIST = 256  # entries the fine pass keeps for the detail NCC around their box
+CENTRE = 0.6  # side of the indexed central box, as a share of the image's side: inside every crop of side >= 0.8
+QUERY_SCALES = (0.8, 0.85, 0.9, 0.95, 1.0)  # crop sides the retrieval searches
+RETRIEVE_STEP = 0.025  # offset step of the fine retrieval pass, as a share of the query's side
 REFINE = 3  # views (candidate, mirrored or not) whose best box is refined below a pixel
 MARGIN = 3  # alignment leaves out this many pixels at each edge, where a crop's detail differs from the whole's
 DEFAULT_THRESHOLD = 0.975  # detail NCC at or above which an output counts as a copy of a training image
 SCALES = [round(0.75 + 0.0125 * i, 4) for i in range(21)]  # crop sides searched, as a share of the image's side
 REFINE_LEVELS = 4  # halvings of the refinement steps
-RETRIEVE_CROPS = [(1.0, 0.0, 0.0)] + [(0.8, ox, oy) for ox in (0.0, 0.1, 0.2) for oy in (0.0, 0.1, 0.2)]
+FLAT_ENERGY = 1.0  # least detail energy (squared grey levels, summed) of an alignment window: flat is not a match
 
 
 @dataclass(frozen=True)
@@ -90,25 +99,46 @@ def _standard(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
 
 
-def _descriptors(thumbs: np.ndarray, boxes=((1.0, 0.0, 0.0),)) -> np.ndarray:
-    """(N, T, T) thumbnails -> (N * len(boxes), RETRIEVE**2) standardised descriptors of each crop box, in that order
-    (image-major). Vectorised: the thumbnails are box-filtered to 16 x 16 (the antialiasing of the downsampling),
-    then each crop box is sampled bilinearly at RETRIEVE x RETRIEVE (an index of 60,000 images takes a second)."""
-    if not len(thumbs):
+def _descriptors(images: np.ndarray, boxes) -> np.ndarray:
+    """(N, T, T) images -> (N * len(boxes), RETRIEVE**2) standardised descriptors of each crop box (side, x, y as
+    shares of the image's side), image-major. Vectorised: the images are box-filtered to COMPARE x COMPARE (the
+    antialiasing of the downsampling), then each box is sampled bilinearly at RETRIEVE x RETRIEVE."""
+    if not len(images):
         return np.zeros((0, RETRIEVE * RETRIEVE), np.float32)
+    lin = (torch.arange(RETRIEVE, dtype=torch.float32) + 0.5) / RETRIEVE  # cell centres in [0, 1]
+    b = torch.tensor(boxes, dtype=torch.float32).view(-1, 3)  # (V, 3)
+    gx, gy = (b[:, 1:2] + b[:, :1] * lin) * 2 - 1, (b[:, 2:3] + b[:, :1] * lin) * 2 - 1  # (V, R) in [-1, 1]
+    grid = torch.stack((gx[:, None, :].expand(-1, RETRIEVE, -1), gy[:, :, None].expand(-1, -1, RETRIEVE)), -1)
     out = []
-    for start in range(0, len(thumbs), 4096):
-        x = torch.from_numpy(np.array(thumbs[start : start + 4096], np.float32))[:, None]  # (n, 1, T, T)
-        x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // 16)  # (n, 1, 16, 16)
-        views = []
-        for s, ox, oy in boxes:
-            lin = (torch.arange(RETRIEVE, dtype=torch.float32) + 0.5) / RETRIEVE  # cell centres in [0, 1]
-            gx, gy = (ox + s * lin) * 2 - 1, (oy + s * lin) * 2 - 1  # in grid_sample's [-1, 1]
-            grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1).expand(len(x), -1, -1, -1)
-            views.append(torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False))
-        v = torch.stack(views, 1).reshape(len(x) * len(boxes), -1)  # (n * boxes, RETRIEVE**2), image-major
-        out.append(_standard(v.numpy()))
+    for start in range(0, len(images), 4096):
+        x = torch.from_numpy(np.array(images[start : start + 4096], np.float32))[:, None]  # (n, 1, T, T)
+        x = torch.nn.functional.adaptive_avg_pool2d(x, COMPARE)  # (n, 1, COMPARE, COMPARE)
+        v = torch.nn.functional.grid_sample(
+            x.repeat_interleave(len(b), 0), grid.repeat(len(x), 1, 1, 1), mode="bilinear", align_corners=False
+        )  # (n * V, 1, R, R), image-major
+        out.append(_standard(v.flatten(1).numpy()))
     return np.concatenate(out)
+
+
+@lru_cache(maxsize=4)
+def _query_boxes(step: float) -> tuple[tuple[float, float, float], ...]:
+    """Every box of the query where the indexed central box can lie: for a crop of side s (QUERY_SCALES) at offset
+    o in [0, 1 - s] of the training image, the central box [c0, c0 + CENTRE] lies at (c0 - o) / s in the query, with
+    side CENTRE / s; offsets `step` apart (shares of the query's side), both axes."""
+    c0 = (1 - CENTRE) / 2
+    out = []
+    for s in QUERY_SCALES:
+        lo, hi = (c0 - (1 - s)) / s, c0 / s
+        offsets = np.linspace(lo, hi, max(1, int(round((hi - lo) / step)) + 1))
+        out += [(CENTRE / s, float(x), float(y)) for y in offsets for x in offsets]
+    return tuple(out)
+
+
+def _index_descriptors(thumbs: np.ndarray) -> torch.Tensor:
+    """The retrieval descriptors of each entry: its central box and its whole image, (2, N, RETRIEVE**2) float32."""
+    c0 = (1 - CENTRE) / 2
+    both = _descriptors(thumbs, [(CENTRE, c0, c0), (1.0, 0.0, 0.0)])
+    return torch.from_numpy(both).view(len(thumbs), 2, RETRIEVE * RETRIEVE)
 
 
 @lru_cache(maxsize=64)
@@ -171,7 +201,10 @@ def _align(probe: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torc
         num = torch.fft.irfft2(torch.fft.rfft2(d[:, 0]) * torch.fft.rfft2(q[0, 0], s=(m, m)).conj(), s=(m, m))
         num = num[:, : m - k + 1, : m - k + 1]  # (B * P, side, side): sum of probe x window
         s1, s2 = _window_sums(d, k), _window_sums(d * d, k)
-        ncc = (num / (s2 - s1 * s1 / k**2).clamp_min(1e-6).sqrt()).flatten(1)  # the probe has zero mean, unit norm
+        # the probe has zero mean and unit norm; the energy of a window without detail (a flat area) is rounding
+        # error, and the FFT's rounding error divided by it scored flat windows far above 1: FLAT_ENERGY floors it
+        energy = (s2 - s1 * s1 / k**2).clamp_min(FLAT_ENERGY)
+        ncc = (num / energy.sqrt()).flatten(1)
         top, at = ncc.max(1)
         side = n - COMPARE + 1
         box = torch.stack(
@@ -231,7 +264,7 @@ class SimilarityIndex:
         self.thumbs = np.zeros((0, THUMB, THUMB), np.uint8) if thumbs is None else thumbs  # (N, T, T)
         self.names = list(names or [])
         self.source = source  # what it was built from
-        self.desc = _descriptors(self.thumbs, RETRIEVE_CROPS).astype(np.float16)  # (N * crops, RETRIEVE**2)
+        self.desc, self.whole = _index_descriptors(self.thumbs).unbind(1)  # (N, RETRIEVE**2) each
 
     def __len__(self) -> int:
         return len(self.names)
@@ -248,7 +281,7 @@ class SimilarityIndex:
             raise InputError(f"{len(thumbs)} images but {len(names)} names; give one name per image")
         self.thumbs = np.stack(thumbs) if thumbs else self.thumbs
         self.names = list(names)
-        self.desc = _descriptors(self.thumbs, RETRIEVE_CROPS).astype(np.float16)
+        self.desc, self.whole = _index_descriptors(self.thumbs).unbind(1)
         return self
 
     def query(self, pixels) -> list[Match]:
@@ -256,16 +289,10 @@ class SimilarityIndex:
         if not len(self):
             raise InputError("the similarity index is empty; build it from the model's training images")
         probes = np.stack([_resized(_gray(p), COMPARE) for p in pixels])  # (B, COMPARE, COMPARE)
-        # 1. retrieval: TOP_K candidates by descriptor, for the image and its mirror
-        q = _descriptors(probes)
-        q_flip = _descriptors(probes[:, :, ::-1].copy())
-        desc = self.desc.astype(np.float32)
-        per_view = np.maximum(q @ desc.T, q_flip @ desc.T)  # (B, N * crops)
-        scores = per_view.reshape(len(probes), len(self), len(RETRIEVE_CROPS)).max(2)  # (B, N)
         k = min(TOP_K, len(self))
         out = []
         for b in range(len(probes)):
-            cands = np.argpartition(-scores[b], k - 1)[:k]
+            cands = self._retrieve(probes[b], k)
             probe = torch.from_numpy(probes[b])
             views = torch.from_numpy(self.thumbs[cands].astype(np.float32))[:, None]  # (k, 1, T, T)
             views = torch.cat([views, views.flip(-1)])  # (2k, 1, T, T): each candidate and its mirror
@@ -273,9 +300,45 @@ class SimilarityIndex:
             coarse, boxes = _align(probe, views)
             pick = coarse.topk(min(REFINE, len(views))).indices
             fine, _ = _refine(probe, views[pick], boxes[pick])  # (R,)
-            c = int(cands[int(pick[int(fine.argmax())]) % k])
+            c = int(cands[int(pick[int(fine.argmax())]) % len(cands)])
             out.append(Match(self.names[c], c, float(fine.max())))
         return out
+
+    def _retrieve(self, probe: np.ndarray, k: int) -> np.ndarray:
+        """Stage 1: the k best entries for the probe (COMPARE, COMPARE). A coarse descriptor pass over every entry
+        keeps the SHORTLIST best, a fine pass the MIDLIST best, and for these it finds the best query box, hence
+        where the probe lies in the entry (its crop box) and whether mirrored. Three quarters of the k are the
+        entries whose detail best correlates with the probe's around that box (stage 3's NCC over the 27 boxes one
+        pixel and one scale step around it), the rest the best by descriptor (a plain object has little detail)."""
+        both = np.stack([probe, probe[:, ::-1]])
+        coarse = torch.from_numpy(_descriptors(both, _query_boxes(2 * RETRIEVE_STEP)))
+        short = (coarse @ self.desc.T).amax(0).topk(min(SHORTLIST, len(self))).indices
+        boxes = torch.tensor(_query_boxes(RETRIEVE_STEP))  # (V, 3): side, x, y in the query
+        fine = torch.from_numpy(_descriptors(both, boxes.tolist())) @ self.desc[short].T  # (2V, S)
+        best, at = fine.max(0)
+        mid = best.topk(min(MIDLIST, len(short))).indices
+        short, at = short[mid], at[mid]
+        mirrored, box = at // len(boxes), boxes[at % len(boxes)]
+        side = CENTRE / box[:, 0]  # the crop's side in the entry: the probe spans it
+        c0 = (1 - CENTRE) / 2
+        crop = torch.stack([side, c0 - box[:, 1] * side + side / 2, c0 - box[:, 2] * side + side / 2], 1)
+        moves = torch.cartesian_prod(*[torch.tensor([-1.0, 0.0, 1.0])] * 3) * torch.tensor([0.0125, 0.5, 0.5])
+        around = (
+            crop[:, None]
+            + moves[None] * torch.stack([torch.ones_like(side), side / COMPARE, side / COMPARE], 1)[:, None]
+        )  # (M, 27, 3)
+        views = torch.from_numpy(self.thumbs[short.numpy()].astype(np.float32))[:, None]
+        ncc = torch.full((len(short),), -2.0)
+        for m, p in enumerate(both):
+            sel = mirrored == m
+            if sel.any():
+                q = _unit(_detail(torch.from_numpy(p.copy())[None, None]).reshape(1, -1))[0]
+                ncc[sel] = _box_ncc(q, views[sel], around[sel]).amax(1)
+        keep = short[ncc.topk(min(k, len(short))).indices].tolist()[: k - 2 * (k // 5)]
+        keep += [i for i in short.tolist() if i not in keep][: k // 5]  # short is in descriptor order
+        whole = torch.from_numpy(_descriptors(both, [(1.0, 0.0, 0.0)])) @ self.whole.T  # (2, N)
+        keep += [i for i in whole.amax(0).topk(min(k, len(self))).indices.tolist() if i not in keep][: k - len(keep)]
+        return np.array(keep)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
