@@ -148,3 +148,17 @@ def test_an_index_smaller_than_the_candidate_list(data):
     index = SimilarityIndex().build(rgb[:5], [str(i) for i in range(5)], progress=False)
     matches = index.query([rgb[3], crop(rgb[1]), rgb[2][:, ::-1].copy()])
     assert [m.index for m in matches] == [3, 1, 2]
+
+
+def test_small_jpeg_copies_match_their_source_and_others_stay_below(many):
+    # at 32 pixels JPEG's 8x8 block edges are part of the detail compared: only a JPEG round trip of the training
+    # image puts them back; images outside the index must not rise above the threshold through the same round trips
+    images, index = many
+    picks = list(range(0, 4000, 400))
+    matches = index.query([jpeg(np.stack([images[i]] * 3, -1)) for i in picks])
+    assert [m.index for m in matches] == picks
+    assert min(m.similarity for m in matches) >= DEFAULT_THRESHOLD, [round(m.similarity, 3) for m in matches]
+    outside = [
+        np.asarray(Image.fromarray(a).resize((32, 32), Image.Resampling.BICUBIC)) for a in load_arrays("test")[0][-40:]
+    ]
+    assert max(m.similarity for m in index.query(outside)) < DEFAULT_THRESHOLD

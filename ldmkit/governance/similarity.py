@@ -14,7 +14,9 @@ box of a thumbnail still holds at least COMPARE pixels) and a compact descriptor
    minus its blur) against the query's is taken at every whole-pixel offset at once (template matching);
 3. verification: the best box of the REFINE best views is refined by a pattern search over finer scales and
    sub-pixel offsets, each box sampled and filtered on its own at COMPARE x COMPARE; the highest detail NCC is the
-   similarity, and its view's training image the match.
+   similarity, and its view's training image the match. A small query (square, up to JPEG_SIDE pixels) is also
+   compared with JPEG round trips of the candidate at JPEG_QUALITIES, at the query's own size: the block edges of
+   a small JPEG copy survive the resizing to COMPARE and are detail that the clean training image lacks.
 A copy, mirrored, cropped to 80%, recoloured or JPEG-compressed keeps an NCC close to 1 under its own crop box;
 an image that merely resembles the training image (same kind of object, another pose) does not line up pixel for
 pixel, which a global descriptor alone cannot tell (benchmarks/memorisation.py measures both).
@@ -25,6 +27,7 @@ that ships offline costs about 0.1 s an image on the CPU, too much to index 60,0
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -58,6 +61,8 @@ MARGIN = 3  # alignment leaves out this many pixels at each edge, where a crop's
 DEFAULT_THRESHOLD = 0.975  # detail NCC at or above which an output counts as a copy of a training image
 SCALES = [round(0.75 + 0.0125 * i, 4) for i in range(21)]  # crop sides searched, as a share of the image's side
 REFINE_LEVELS = 4  # halvings of the refinement steps
+JPEG_QUALITIES = tuple(range(30, 100, 5))  # JPEG round trips of the aligned candidate compared too (_requantised)
+JPEG_SIDE = 128  # largest query side whose JPEG blocks survive the resizing to COMPARE
 FLAT_ENERGY = 1.0  # least detail energy (squared grey levels, summed) of an alignment window: flat is not a match
 
 
@@ -84,7 +89,7 @@ def _gray(image) -> np.ndarray:
 
 
 def _resized(gray: np.ndarray, side: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(gray, "F").resize((side, side), Image.Resampling.BOX), np.float32)
+    return np.array(Image.fromarray(gray, "F").resize((side, side), Image.Resampling.BOX), np.float32)
 
 
 def thumb_side(height: int, width: int) -> int:
@@ -167,14 +172,16 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 
-def _sample(thumbs: torch.Tensor, s: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, n: int) -> torch.Tensor:
+def _sample(
+    thumbs: torch.Tensor, s: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, n: int, grid: int = COMPARE
+) -> torch.Tensor:
     """Crop boxes of thumbnails (B, 1, T, T), box b of side s[b] at (ox[b], oy[b]) (shares of the side), each sampled
-    bilinearly on an n x n grid of COMPARE-pixel spacing: (B, 1, n, n). n > COMPARE covers the offsets of a search."""
-    lin = (torch.arange(n, dtype=torch.float32) + 0.5) / COMPARE  # (n,) pixel centres on the query's grid
+    bilinearly on an n x n grid of 1/grid of the box's side apart: (B, 1, n, n). n > grid covers a search's offsets."""
+    lin = (torch.arange(n, dtype=torch.float32) + 0.5) / grid  # (n,) pixel centres on the query's grid
     gx = (ox[:, None] + s[:, None] * lin) * 2 - 1  # (B, n)
     gy = (oy[:, None] + s[:, None] * lin) * 2 - 1
-    grid = torch.stack((gx[:, None, :].expand(-1, n, -1), gy[:, :, None].expand(-1, -1, n)), -1)  # (B, n, n, 2)
-    return torch.nn.functional.grid_sample(thumbs, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    at = torch.stack((gx[:, None, :].expand(-1, n, -1), gy[:, :, None].expand(-1, -1, n)), -1)  # (B, n, n, 2)
+    return torch.nn.functional.grid_sample(thumbs, at, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _window_sums(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -257,6 +264,37 @@ def _refine(probe: torch.Tensor, views: torch.Tensor, boxes: torch.Tensor) -> to
     return best, centre
 
 
+def _requantised(probe: torch.Tensor, side: int, views: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """The detail NCC of the probe (COMPARE, COMPARE) with each view (B, 1, T, T) after a JPEG round trip at each of
+    JPEG_QUALITIES, at the query's own side (its 8x8 blocks): (B,). A small JPEG copy keeps block edges in its
+    detail that the clean training image lacks; the same round trip of the training image puts them back. The view
+    is cut under its refined box (B, 3: side, centre x, centre y) and under that box snapped to whole thumbnail
+    pixels (block edges only line up on the copy's own pixel grid). Only for square queries of at most JPEG_SIDE
+    pixels: a larger one's blocks are averaged away by the resizing to COMPARE."""
+    q = _unit(_detail(probe[None, None]).reshape(1, -1))[0]
+    t = views.shape[-1]
+    s = centres[:, 0].clamp(0.5, 1.0)
+    ox, oy = (
+        (centres[:, 1] - s / 2).clamp(min=0.0).minimum(1 - s),
+        (centres[:, 2] - s / 2).clamp(min=0.0).minimum(1 - s),
+    )
+    snap_s = (s * t).round() / t
+    snap_x, snap_y = (ox * t).round().clamp(max=t - snap_s * t) / t, (oy * t).round().clamp(max=t - snap_s * t) / t
+    crops = _sample(
+        views.repeat(2, 1, 1, 1), torch.cat([s, snap_s]), torch.cat([ox, snap_x]), torch.cat([oy, snap_y]), side, side
+    )
+    crops = crops[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()  # (2B, side, side): refined boxes, then snapped
+    best = torch.full((len(crops),), -2.0)
+    for b, crop in enumerate(crops):
+        for quality in JPEG_QUALITIES:
+            buf = io.BytesIO()
+            Image.fromarray(crop, "L").save(buf, "JPEG", quality=quality)
+            back = np.array(Image.open(buf), np.float32)
+            d = _unit(_detail(torch.from_numpy(_resized(back, COMPARE))[None, None]).reshape(1, -1))[0]
+            best[b] = max(best[b], float(d @ q))
+    return best.view(2, -1).amax(0)
+
+
 class SimilarityIndex:
     """Thumbnails and descriptors of a model's training images; query() finds each image's nearest one."""
 
@@ -288,7 +326,8 @@ class SimilarityIndex:
         """The nearest training image of each query image (uint8 (B, H, W, 3), or a list of arrays of any size)."""
         if not len(self):
             raise InputError("the similarity index is empty; build it from the model's training images")
-        probes = np.stack([_resized(_gray(p), COMPARE) for p in pixels])  # (B, COMPARE, COMPARE)
+        grays = [_gray(p) for p in pixels]
+        probes = np.stack([_resized(g, COMPARE) for g in grays])  # (B, COMPARE, COMPARE)
         k = min(TOP_K, len(self))
         out = []
         for b in range(len(probes)):
@@ -299,7 +338,10 @@ class SimilarityIndex:
             # 2. alignment of every view, 3. verification of the best REFINE views
             coarse, boxes = _align(probe, views)
             pick = coarse.topk(min(REFINE, len(views))).indices
-            fine, _ = _refine(probe, views[pick], boxes[pick])  # (R,)
+            fine, centres = _refine(probe, views[pick], boxes[pick])  # (R,)
+            h, w = grays[b].shape
+            if JPEG_QUALITIES and h == w <= JPEG_SIDE:
+                fine = torch.maximum(fine, _requantised(probe, h, views[pick], centres))
             c = int(cands[int(pick[int(fine.argmax())]) % len(cands)])
             out.append(Match(self.names[c], c, float(fine.max())))
         return out
