@@ -273,6 +273,8 @@ class ServeConfig:
     policy: str = ""  # a policy.toml whose rules refuse prompts (read at start); "" = no content policy
     watermark: bool = True  # hide each request's id in its images' pixels (a policy's [provenance] overrides it)
     monitor_window: int = 256  # outputs per model in the rolling Frechet distance of /metrics; 0 = no monitor
+    c2pa_cert: str = ""  # a PEM certificate chain: sign every output PNG with C2PA content credentials; "" = none
+    c2pa_key: str = ""  # the PEM private key of c2pa_cert's first certificate
 
 
 @dataclass(frozen=True)

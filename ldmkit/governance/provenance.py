@@ -1,5 +1,6 @@
-"""Where an image came from: the generation record ldmkit embeds in its files, and the request id hidden in its
-pixels by the invisible watermark (which survives the metadata being stripped, JPEG, resizing and cropping).
+"""Where an image came from: the generation record ldmkit embeds in its files, the request id hidden in its
+pixels by the invisible watermark (which survives the metadata being stripped, JPEG, resizing and cropping), and
+the C2PA content credentials a server signs its outputs with (credentials.py), valid only while the file is intact.
 
 `ldmkit provenance IMAGE` reads both with inspect_image and looks the request up in the audit trail: by the
 watermark's tag (the first 12 hex digits of the request id) and by the file's SHA-256, which matches the audit row's
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from ..data.images import read_parameters
 from ..errors import InputError, MissingFileError
 from . import watermark
+from .credentials import read_credentials
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Provenance:
     record: dict | None  # the embedded generation record ("ldmkit" metadata), None when the file has none
     tag: str | None  # the watermark's tag in hex (the first 12 hex digits of a request id), None when not found
     crop: tuple[int, int, int, int] | None  # pixels the watermark was found cut from the left, top, right, bottom
+    credentials: dict | None = None  # the C2PA manifest's state, signer and record (read_credentials), None: none
 
     @property
     def request_id(self) -> str | None:
@@ -52,11 +55,13 @@ class Provenance:
             "watermark": self.tag,
             "watermark_crop": list(self.crop) if self.crop else None,
             "consistent": self.consistent,
+            "credentials": self.credentials,
         }
 
 
-def inspect_image(path: str | Path, key: str = "ldmkit") -> Provenance:
-    """The embedded record and the watermark of the image file `path` (PNG, JPEG, WebP, ... any PIL reads)."""
+def inspect_image(path: str | Path, key: str = "ldmkit", trust: str | Path | None = None) -> Provenance:
+    """The embedded record, the watermark and the content credentials of the image file `path` (PNG, JPEG, WebP,
+    ... any PIL reads); `trust`: a PEM file of the root certificates whose credentials count as trusted."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"image {path} does not exist")
@@ -64,6 +69,7 @@ def inspect_image(path: str | Path, key: str = "ldmkit") -> Provenance:
     try:
         with Image.open(path) as im:
             im.load()
+            image_format = im.format or ""
             pixels = np.asarray(im.convert("L") if im.mode in ("L", "LA", "I", "I;16") else im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path} is not an image ldmkit can read ({e}); give a PNG, JPEG or WebP file") from None
@@ -76,4 +82,5 @@ def inspect_image(path: str | Path, key: str = "ldmkit") -> Provenance:
     tag = reading.tag.hex() if reading is not None and reading.tag is not None else None
     crop = tuple(reading.crop) if tag else None
     size = (pixels.shape[1], pixels.shape[0])
-    return Provenance(str(path), hashlib.sha256(data).hexdigest(), size, record, tag, crop)
+    credentials = read_credentials(data, image_format, trust)
+    return Provenance(str(path), hashlib.sha256(data).hexdigest(), size, record, tag, crop, credentials)

@@ -24,11 +24,15 @@ from .store import default_database, open_store
 
 def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
     """`ldmkit provenance`, `ldmkit index build`, `ldmkit monitor reference`."""
-    help = "where an image came from: its embedded record, its watermark, and its request in the audit trail"
+    help = (
+        "where an image came from: its embedded record, its watermark, its content credentials and its request in "
+        "the audit trail"
+    )
     p = sub.add_parser("provenance", help=help, description=help, parents=[common])
     p.add_argument("image", help="an image file (PNG, JPEG, WebP, ...), metadata stripped or not")
     _database_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.add_argument("--trust", metavar="ROOTS.pem", help="root certificates whose content credentials count as trusted")
     p.set_defaults(fn=cmd_provenance)
 
     p = sub.add_parser("index", help="build the training-data similarity index of a model", parents=[common])
@@ -56,7 +60,7 @@ def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
 
 def cmd_provenance(args) -> int:
     """Exit status 0 when the image's origin was found (a record, a watermark or an audit row), 1 otherwise."""
-    found = inspect_image(args.image)
+    found = inspect_image(args.image, trust=args.trust)
     rows = []
     database = args.database or (str(default_database()) if default_database().is_file() else None)
     if database and (found.tag or found.sha256):
@@ -67,7 +71,7 @@ def cmd_provenance(args) -> int:
     else:
         for line in _lines(found, rows, database):
             print(line)
-    return 0 if found.record or found.tag or rows else 1
+    return 0 if found.record or found.tag or rows or found.credentials else 1
 
 
 def _lines(found, rows: list[dict], database: str | None) -> list[str]:
@@ -86,6 +90,21 @@ def _lines(found, rows: list[dict], database: str | None) -> list[str]:
         lines.append(f"watermark: request {found.tag}...{agree}{cut}")
     else:
         lines.append("watermark: none found")
+    cred = found.credentials
+    if cred:
+        signer = f"signed by {cred['signer']}" + (f" ({cred['issuer']})" if cred.get("issuer") else "")
+        failures = cred["failures"]
+        if cred["state"] == "Trusted":
+            state = "valid and trusted"
+        elif cred["state"] == "Valid":
+            state = "valid" + (
+                ", signer not trusted (see --trust)" if "signingCredential.untrusted" in failures else ""
+            )
+        else:
+            why = "the file was changed after signing" if any("mismatch" in f for f in failures) else "bad signature"
+            state = f"INVALID ({', '.join(failures) or cred['state']}): {why}"
+        rid = (cred.get("record") or {}).get("request_id")
+        lines.append(f"content credentials: {state}, {signer}" + (f", request {rid}" if rid else ""))
     if database is None:
         lines.append("audit: no database (give --database, as given to ldmkit serve)")
     elif not rows:

@@ -16,6 +16,7 @@ from ..data.images import png_bytes, to_pil
 from ..errors import ConfigError, InputError, LdmkitError
 from ..evaluation.fid import FeatureStats
 from ..governance import watermark
+from ..governance.credentials import Credentials
 from ..governance.monitor import OutputMonitor, reference_path
 from ..governance.policy import PolicyRefusal, load_policy
 from ..governance.safety import SafetyFilter
@@ -68,6 +69,7 @@ class Service:
         self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
+        self.credentials = self._credentials(run.serve.c2pa_cert, run.serve.c2pa_key)  # so does a bad certificate
         safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None
         # one screen a model (its own training-data index), built now: a missing file stops the start
         self.screens = {n: build_screen(self.policy, m.path, run.serve.watermark, safety) for n, m in models.items()}
@@ -81,6 +83,23 @@ class Service:
         )
         self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()
         self.monitor = self._monitor(cfg.monitor_window)
+
+    @staticmethod
+    def _credentials(cert: str, key: str) -> Credentials | None:
+        """The C2PA signer of serve.c2pa_cert and serve.c2pa_key (None when neither is set)."""
+        if not cert and not key:
+            return None
+        if not cert or not key:
+            given, missing = ("c2pa_cert", "c2pa_key") if cert else ("c2pa_key", "c2pa_cert")
+            raise ConfigError(f"serve.{given} is set but serve.{missing} is not: content credentials need both")
+        return Credentials(cert, key)
+
+    def _png(self, img, meta: dict[str, str]) -> bytes:
+        """An output as a PNG with its generation record, signed with content credentials when configured."""
+        data = png_bytes(img, meta)
+        if self.credentials is None:
+            return data
+        return self.credentials.sign(data, json.loads(meta["ldmkit"]))
 
     def close(self, timeout: float = 600) -> None:
         """Finish the queued and running work (up to `timeout` seconds), then stop the background monitor."""
@@ -198,10 +217,10 @@ class Service:
         made = {"request_id": request_id, "time": utc_now().isoformat(timespec="seconds")}
         metas = [{"ldmkit": json.dumps({**record, "seed": s, "n": 1, "index": i, **made})} for i, s in enumerate(seeds)]
         screened = self.screens[served.name]([to_pil(img) for img in job.images], watermark.tag_of(request_id))
-        pngs = [png_bytes(s.marked, meta) for s, meta in zip(screened, metas)]
+        pngs = [self._png(s.marked, meta) for s, meta in zip(screened, metas)]
         out = Output(pngs, seeds, shown=[None] * len(pngs), withheld=[None] * len(pngs), flags=[None] * len(pngs))
         for i, s in enumerate(screened):
-            out.shown[i] = pngs[i] if s.image is s.marked else None if s.image is None else png_bytes(s.image, metas[i])
+            out.shown[i] = pngs[i] if s.image is s.marked else None if s.image is None else self._png(s.image, metas[i])
             if s.action is not None:
                 out.flags[i] = "; ".join(s.reasons)
                 out.withheld[i] = out.flags[i] if s.action in ("withhold", "blur") else None
