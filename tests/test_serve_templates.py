@@ -112,3 +112,16 @@ def test_the_policy_judges_the_filled_in_prompt(tmp_path):
         assert row["decision"] == "refused-policy" and json.dumps(row["params"]).find("a toy g u n") > 0
     finally:
         server.close()
+
+
+def test_the_automatic1111_api_takes_a_template_too(live):
+    admin, user = live.client(live.keys["admin"]), live.client(live.keys["user"])
+    admin.post("/v1/prompts", json={"name": "sticker", "text": "a {thing} sticker", "params": {"steps": STEPS}})
+    r = user.post("/sdapi/v1/txt2img", json={"template": "sticker", "variables": {"thing": "pear"}, "seed": 2})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["prompt"] == "a pear sticker" and info["steps"] == STEPS and "template" not in info["ignored"]
+    row = last_row(live)
+    assert row["params"]["template"] == "sticker@1" and row["params"]["variables"] == {"thing": "pear"}
+    both = user.post("/sdapi/v1/txt2img", json={"template": "sticker", "prompt": "x", "variables": {"thing": "y"}})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "template"

@@ -207,23 +207,23 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     async def a1111_txt2img(request: Request):
         principal = svc.authorize(request, "user")
         body = await parse(request, A1111Request)
-        served, req = _a1111_request(body)
+        served, req, fields, used = _a1111_request(body)
         svc.check(served, req, principal)
-        out = await svc.generate(request, principal, served, req)
-        return _a1111_answer(body, served, req, out)
+        out = await svc.generate(request, principal, served, req, **used)
+        return _a1111_answer(body, served, req, out, fields)
 
     @app.post("/sdapi/v1/img2img")
     async def a1111_img2img(request: Request):
         principal = svc.authorize(request, "user")
         body = await parse(request, A1111Request)
-        served, req = _a1111_request(body)
+        served, req, fields, used = _a1111_request(body)
         svc.check_policy(req, principal)
         if not body.init_images:
             raise FieldError("init_images", "img2img needs init_images: one base64-encoded image")
         at_image_size = replace(req, width=0, height=0)  # an edit works at the init image's own size
         edit, extra = a1111_edit(served.ldm, body, at_image_size, run.limits)
-        out = await svc.generate(request, principal, served, at_image_size, run=edit, **extra)
-        return _a1111_answer(body, served, req, out)
+        out = await svc.generate(request, principal, served, at_image_size, run=edit, **extra, **used)
+        return _a1111_answer(body, served, req, out, fields)
 
     @app.get("/sdapi/v1/sd-models")
     async def a1111_models(request: Request):
@@ -260,13 +260,14 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             height=body.height,
         )
         names = {"n": "batch_size", "cfg": "cfg_scale", "sampler": "sampler_name"}
-        return served, _request(served, fields, run.limits, names)
+        fields, used = templated(body, fields, names)
+        return served, _eta(_request(served, fields, run.limits, names), fields), fields, used
 
-    def _a1111_answer(body, served, req, out):
+    def _a1111_answer(body, served, req, out, fields: dict):
         info = {
-            "prompt": body.prompt,
-            "all_prompts": [body.prompt] * req.n,
-            "negative_prompt": body.negative_prompt,
+            "prompt": fields["prompt"],  # a template's, filled in, when the request named one
+            "all_prompts": [fields["prompt"]] * req.n,
+            "negative_prompt": fields["negative_prompt"],
             "seed": req.seed,
             "all_seeds": out.seeds,
             "steps": req.steps,

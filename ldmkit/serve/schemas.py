@@ -86,6 +86,8 @@ def api_models() -> SimpleNamespace:
         init_images: list[str] = Field(default_factory=list)  # img2img: base64 images
         mask: str | None = None  # img2img: a base64 mask, white where the image is repainted
         mask_blur: int = 4
+        template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
+        variables: dict[str, str] | None = None  # the template's variables
 
         def checkpoint(self) -> str | None:
             """The model A1111 clients name in override_settings.sd_model_checkpoint, if any."""
