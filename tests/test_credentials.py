@@ -4,7 +4,6 @@ it; a certificate C2PA would refuse stops the server at start."""
 from __future__ import annotations
 
 import base64
-import datetime
 import io
 import json
 import struct
@@ -19,79 +18,16 @@ from PIL import Image
 from serve_helpers import LiveServer
 
 pytest.importorskip("c2pa")
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
-
 from ldmkit.config import ServeConfig, ServeRun  # noqa: E402
 from ldmkit.data.images import png_bytes, read_parameters  # noqa: E402
 from ldmkit.errors import ConfigError, MissingFileError  # noqa: E402
-from ldmkit.governance.credentials import Credentials, read_credentials  # noqa: E402
+from ldmkit.governance.credentials import Credentials, demo_certificates, read_credentials  # noqa: E402
 from ldmkit.serve.service import Service  # noqa: E402
-
-PEM = serialization.Encoding.PEM
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme")]
-    )
-
-
-def _usage(**on) -> x509.KeyUsage:
-    names = "digital_signature content_commitment key_encipherment data_encipherment key_agreement key_cert_sign "
-    names += "crl_sign encipher_only decipher_only"
-    return x509.KeyUsage(**{n: on.get(n, False) for n in names.split()})
-
-
-def make_certificates(folder, signing_usage: bool = True):
-    """A test root CA and a signing certificate it issued, written as chain.pem (signer, then root), key.pem and
-    root.pem; signing_usage=False leaves out the extended key usage C2PA requires."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    days = datetime.timedelta(days=1)
-    root_key = ec.generate_private_key(ec.SECP256R1())
-    root = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Acme test root"))
-        .issuer_name(_name("Acme test root"))
-        .public_key(root_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - days)
-        .not_valid_after(now + 30 * days)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
-        .sign(root_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name("image service"))
-        .issuer_name(root.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - days)
-        .not_valid_after(now + 30 * days)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_usage(digital_signature=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
-    )
-    if signing_usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-    cert = builder.sign(root_key, hashes.SHA256())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "chain.pem").write_bytes(cert.public_bytes(PEM) + root.public_bytes(PEM))
-    (folder / "root.pem").write_bytes(root.public_bytes(PEM))
-    raw = serialization.PrivateFormat.PKCS8
-    (folder / "key.pem").write_bytes(key.private_bytes(PEM, raw, serialization.NoEncryption()))
-    return folder / "chain.pem", folder / "key.pem", folder / "root.pem"
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    return make_certificates(tmp_path_factory.mktemp("certs"))
+    return demo_certificates(tmp_path_factory.mktemp("certs"))
 
 
 def picture(seed: int = 0) -> bytes:
@@ -114,7 +50,7 @@ def test_a_signed_png_keeps_its_pixels_and_record_and_reads_back_valid(certs):
     assert np.array_equal(np.asarray(before), np.asarray(after))
     assert after.text["ldmkit"] == before.text["ldmkit"]  # the record in the text chunk is kept
     cred = read_credentials(signed, "PNG")
-    assert cred["state"] == "Valid" and cred["signer"] == "image service"
+    assert cred["state"] == "Valid" and cred["signer"] == "ldmkit demo signer"
     assert cred["record"] == {"request_id": "r-1", "model": "emoji"}
     assert cred["failures"] == ["signingCredential.untrusted"]  # no trust anchors given
     assert read_credentials(signed, "PNG", trust=root)["state"] == "Trusted"
@@ -164,7 +100,7 @@ def test_a_changed_pixel_or_record_invalidates_the_credentials(certs, tmp_path, 
 
 def test_certificates_c2pa_refuses_stop_the_start_with_what_is_wrong(certs, tmp_path):
     chain, key, _ = certs
-    bad_chain, bad_key, _ = make_certificates(tmp_path / "no-eku", signing_usage=False)
+    bad_chain, bad_key, _ = demo_certificates(tmp_path / "no-eku", signing_usage=False)
     with pytest.raises(ConfigError, match=f"{bad_chain}.*extended key usage"):
         Credentials(bad_chain, bad_key)
     with pytest.raises(ConfigError, match="not the private key of the first certificate"):
@@ -208,5 +144,18 @@ def test_served_images_are_signed_with_their_record_under_concurrent_requests(ce
             assert json.loads(read_parameters(path)["ldmkit"]) == cred["record"]  # the same record twice
     out = ldmkit("provenance", str(path), "--trust", str(root), "--database", str(tmp_path / "db.sqlite"))
     assert out.returncode == 0, out.stderr
-    assert "content credentials: valid and trusted, signed by image service (Acme)" in out.stdout
+    assert "content credentials: valid and trusted, signed by ldmkit demo signer (ldmkit demo)" in out.stdout
     assert "this exact file" in out.stdout  # the audit trail hashed the signed file, as served
+
+
+def test_demo_cert_writes_a_root_and_signer_that_serve_accepts_and_keeps_what_exists(tmp_path):
+    out = ldmkit("credentials", "demo-cert", "--out", str(tmp_path / "c"))
+    assert out.returncode == 0, out.stderr
+    assert "ldmkit serve --set serve.c2pa_cert=" in out.stdout
+    chain, key, root = (tmp_path / "c" / n for n in ("chain.pem", "key.pem", "root.pem"))
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    signed = Credentials(chain, key).sign(picture(), {"request_id": "r-9"})
+    assert read_credentials(signed, "PNG", trust=root)["state"] == "Trusted"
+    before = chain.read_bytes()
+    again = ldmkit("credentials", "demo-cert", "--out", str(tmp_path / "c"))
+    assert again.returncode != 0 and "--overwrite" in again.stderr and chain.read_bytes() == before

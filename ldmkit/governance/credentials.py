@@ -174,3 +174,70 @@ def read_credentials(data: bytes, image_format: str, trust: str | Path | None = 
         "record": record,
         "failures": failures,
     }
+
+
+def demo_certificates(folder: str | Path, signing_usage: bool = True, days: int = 30) -> tuple[Path, Path, Path]:
+    """A throwaway root CA and a signing certificate it issued, for trying content credentials out (and for tests):
+    `folder`/chain.pem (the signer, then the root), key.pem (the signer's EC P-256 key) and root.pem (to pass as
+    --trust). Not for production: a deployment's certificate comes from its own CA. signing_usage=False leaves out
+    the extended key usage that C2PA requires, which makes a certificate C2PA refuses."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, common),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ldmkit demo"),
+            ]
+        )
+
+    def usage(**on) -> x509.KeyUsage:
+        names = "digital_signature content_commitment key_encipherment data_encipherment key_agreement"
+        names += " key_cert_sign crl_sign encipher_only decipher_only"
+        return x509.KeyUsage(**{n: on.get(n, False) for n in names.split()})
+
+    def certificate(subject, issuer, key, issuer_key, ca: bool, extra=()):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        )
+        for ext in extra:
+            b = b.add_extension(ext, critical=isinstance(ext, x509.KeyUsage))
+        return b.sign(issuer_key, hashes.SHA256())
+
+    root_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root_name = name("ldmkit demo root")
+    root = certificate(
+        root_name,
+        root_name,
+        root_key,
+        root_key,
+        True,
+        [usage(digital_signature=True, key_cert_sign=True, crl_sign=True)],
+    )
+    extra = [usage(digital_signature=True), x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key())]
+    if signing_usage:
+        extra.append(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]))
+    signer = certificate(name("ldmkit demo signer"), root_name, key, root_key, False, extra)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    paths = folder / "chain.pem", folder / "key.pem", folder / "root.pem"
+    paths[0].write_bytes(signer.public_bytes(pem) + root.public_bytes(pem))
+    paths[1].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    paths[1].chmod(0o600)
+    paths[2].write_bytes(root.public_bytes(pem))
+    return paths

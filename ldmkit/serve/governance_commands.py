@@ -12,6 +12,7 @@ from pathlib import Path
 from ..data import build_dataset
 from ..errors import InputError
 from ..evaluation.fid import reference_stats
+from ..governance.credentials import demo_certificates
 from ..governance.monitor import reference_path
 from ..governance.provenance import inspect_image
 from ..governance.similarity import build_index, index_path_for
@@ -34,6 +35,14 @@ def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--trust", metavar="ROOTS.pem", help="root certificates whose content credentials count as trusted")
     p.set_defaults(fn=cmd_provenance)
+
+    p = sub.add_parser("credentials", help="content credentials (C2PA) for ldmkit serve", parents=[common])
+    actions = p.add_subparsers(dest="credentials_action", required=True, metavar="ACTION")
+    help = "write a throwaway root and signing certificate to try content credentials with (not for production)"
+    a = actions.add_parser("demo-cert", help=help, description=help, parents=[common])
+    a.add_argument("--out", required=True, help="a folder for chain.pem, key.pem and root.pem")
+    a.add_argument("--overwrite", action="store_true", help="replace certificates already in --out")
+    a.set_defaults(fn=cmd_demo_cert)
 
     p = sub.add_parser("index", help="build the training-data similarity index of a model", parents=[common])
     actions = p.add_subparsers(dest="index_action", required=True, metavar="ACTION")
@@ -116,6 +125,20 @@ def _lines(found, rows: list[dict], database: str | None) -> list[str]:
             f"model {r.get('model')} {r['decision']}{same}"
         )
     return lines
+
+
+def cmd_demo_cert(args) -> int:
+    out = Path(args.out)
+    taken = [n for n in ("chain.pem", "key.pem", "root.pem") if (out / n).exists()]
+    if taken and not args.overwrite:
+        raise InputError(
+            f"{out} already holds {', '.join(taken)}; pass --overwrite to replace them, or --out elsewhere"
+        )
+    chain, key, root = demo_certificates(out)
+    print(f"written {chain} (signer, then root), {key} and {root}: a demo root, not for production")
+    print(f"  ldmkit serve --set serve.c2pa_cert={chain} --set serve.c2pa_key={key}")
+    print(f"  ldmkit provenance IMAGE --trust {root}")
+    return 0
 
 
 def cmd_index_build(args) -> int:
