@@ -243,11 +243,13 @@ def main(argv=None) -> int:
     same = dit_steps == dit["steps"]  # then the equal-images run is also the equal-time one
     rows[-1] |= dit if same else train_row("dit-s-time", common_settings(args, dit_steps) + over, work)
 
-    # evaluate: FID of every row at every step count
+    # evaluate: FID of every row at every step count, the first step count for every row before the next (a run
+    # stopped early still compares every row; a rerun continues from fid.json)
     cache_path = work / "fid.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    for r in rows:
-        r["fid"] = {str(s): fid_of(r["row"], r["checkpoint"], s, args, cache, cache_path) for s in steps}
+    for s in steps:
+        for r in rows:
+            r.setdefault("fid", {})[str(s)] = fid_of(r["row"], r["checkpoint"], s, args, cache, cache_path)
 
     gpu = gpu_rows(args, work)
     print_table(rows, steps, gpu)
