@@ -1,5 +1,7 @@
 """Batch invariance on the CPU: an image's numbers do not depend on the batch it shares, bit for bit."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,3 +73,38 @@ def test_min_rows_is_where_the_row_count_stops_mattering():
     x = torch.randn(256, 320, generator=torch.Generator().manual_seed(3))
     full = F.linear(x, w)
     assert all(torch.equal(F.linear(x[:m], w), full[:m]) for m in range(MIN_ROWS, 64))
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_1x1_convolution_gives_each_image_the_same_numbers_in_a_batch_of_16_at_one_thread_too(n_threads):
+    # at one thread oneDNN computed a 1x1 convolution of 16 or more images differently from a smaller batch
+    conv = torch.nn.Conv2d(64, 128, 1)
+    x = torch.randn(32, 64, 8, 8, generator=torch.Generator().manual_seed(5))
+    with threads(n_threads), batch_invariant():
+        assert rows_alone_equal_rows_together(conv, x)
+        assert rows_alone_equal_rows_together(torch.nn.Conv2d(64, 8, 1, bias=False), x[:, :, :2, :2])  # 4 rows each
+        assert torch.allclose(conv(x), F.conv2d(x, conv.weight, conv.bias), atol=1e-5)
+        # few output channels: a matrix product over channels moved last, if left strided, depends on the row count
+        narrow = torch.nn.Conv2d(16, 8, 1)
+        assert rows_alone_equal_rows_together(narrow, torch.randn(3, 16, 16, 16, generator=torch.Generator()))
+
+
+def test_eight_strangers_batched_at_one_thread_get_the_images_they_get_alone():
+    ldm = LatentDiffusion.load(resolve_model("emoji"))
+    prompts = [f"prompt {i}" for i in range(8)]
+    with threads(1):
+        together, _ = generate(ldm, SampleRequest(n=8, prompts=prompts, seed=100, steps=2, cfg=3.0, batch_size=8))
+        for i in (0, 7):
+            alone, _ = generate(ldm, SampleRequest(n=1, prompts=[prompts[i]], seed=100 + i, steps=2, cfg=3.0))
+            assert torch.equal(alone[0], together[i]), prompts[i]

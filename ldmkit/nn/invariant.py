@@ -6,9 +6,12 @@ result with the batch size, measured on torch 2.13's oneDNN / MKL kernels:
   or more gives each image exactly the numbers it gets in any other;
 - a matrix product with fewer than a dozen rows takes a small-matrix path; from about a dozen rows on, each row's
   numbers no longer depend on how many rows there are.
-So a lone image is convolved as a batch of two (itself twice) and a linear layer with fewer than MIN_ROWS rows is
-padded with zero rows. Both cost little (the padding is only ever added to small work), and every other operation
-a model uses (normalisation, attention, elementwise maths) already treats each batch row on its own.
+- at one thread, a 1x1 convolution of a batch of 16 or more images gives each image other numbers than a smaller
+  batch does (3x3 ones do not; at two and four threads neither does).
+So a lone image is convolved as a batch of two (itself twice), a 1x1 convolution (stride 1, no padding, one group:
+a matrix product over the channels) is computed as that matrix product, and a linear layer with fewer than MIN_ROWS
+rows is padded with zero rows. All cost little (the padding is only ever added to small work), and every other
+operation a model uses (normalisation, attention, elementwise maths) already treats each batch row on its own.
 
 With that, the same seed gives the same image bit for bit at any batch size, and a server may batch different
 users' requests into one forward pass without changing anyone's image. tests/test_invariant.py checks the property
@@ -38,16 +41,38 @@ class BatchInvariant(TorchFunctionMode):
         if func is F.conv2d or func is F.linear:
             x = args[0]
             if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.ndim >= 2 and not torch.is_grad_enabled():
-                if func is F.conv2d and x.ndim == 4 and x.shape[0] == 1:
-                    return func(torch.cat([x, x]), *args[1:], **kwargs)[:1]  # (1, C_out, H', W')
                 if func is F.linear:
-                    rows = math.prod(x.shape[:-1])
-                    if rows < MIN_ROWS:
-                        flat = x.reshape(rows, x.shape[-1])  # (rows, C_in)
-                        padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, x.shape[-1])])
-                        y = func(padded, *args[1:], **kwargs)[:rows]  # (rows, C_out)
-                        return y.reshape(*x.shape[:-1], y.shape[-1])
+                    return _linear(x, *args[1:], **kwargs)
+                if x.ndim == 4:
+                    pointwise = _pointwise(*args[1:], **kwargs)
+                    if pointwise is not None:  # (C_out, C_in) weight and bias: a matrix product over the channels
+                        y = _linear(x.permute(0, 2, 3, 1), *pointwise)  # (N, H, W, C_out)
+                        return y.permute(0, 3, 1, 2).contiguous()
+                    if x.shape[0] == 1:
+                        return func(torch.cat([x, x]), *args[1:], **kwargs)[:1]  # (1, C_out, H', W')
         return func(*args, **kwargs)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear on the rows of x as one contiguous matrix (a strided input, such as channels moved last, takes a
+    kernel whose numbers depend on the row count), fewer than MIN_ROWS rows padded by zero rows."""
+    rows = math.prod(x.shape[:-1])
+    flat = x.reshape(rows, x.shape[-1]).contiguous()  # (rows, C_in): a view when x is already contiguous
+    if rows < MIN_ROWS:
+        flat = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, x.shape[-1])])
+    y = F.linear(flat, weight, bias)[:rows]  # (rows, C_out)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _pointwise(weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """(weight (C_out, C_in), bias) when F.conv2d's arguments make it a 1x1 convolution of stride 1, no padding and
+    one group, else None."""
+    ones = (1, (1, 1), [1, 1])
+    if weight.shape[2:] != (1, 1) or groups != 1 or stride not in ones:
+        return None
+    if padding not in (0, (0, 0), [0, 0], "valid", "same"):
+        return None
+    return weight.flatten(1), bias
 
 
 @contextlib.contextmanager
