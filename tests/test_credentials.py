@@ -98,6 +98,21 @@ def test_a_changed_pixel_or_record_invalidates_the_credentials(certs, tmp_path, 
     assert "content credentials: INVALID" in out.stdout and "the file was changed" in out.stdout
 
 
+def test_a_damaged_manifest_is_reported_and_the_record_still_read(tmp_path):
+    junk = b"\x00\x00\x00\x20jumb" + b"\x00" * 28  # a JUMBF box header and nothing C2PA can parse
+    damaged = rewrite_chunk(picture(), b"IDAT", lambda d: d)  # unchanged pixels, then a junk manifest before them
+    at = damaged.index(b"IDAT") - 4
+    chunk = struct.pack(">I", len(junk)) + b"caBX" + junk + struct.pack(">I", zlib.crc32(b"caBX" + junk))
+    damaged = damaged[:at] + chunk + damaged[at:]
+    cred = read_credentials(damaged, "PNG")
+    assert cred["state"] == "Invalid" and cred["failures"][0].startswith("unreadable")
+    path = tmp_path / "damaged.png"
+    path.write_bytes(damaged)
+    out = ldmkit("provenance", str(path), "--database", str(tmp_path / "none.db"))
+    assert out.returncode == 0, out.stderr  # the record still says where it came from
+    assert "record: request r-1" in out.stdout and "the manifest is damaged" in out.stdout
+
+
 def test_certificates_c2pa_refuses_stop_the_start_with_what_is_wrong(certs, tmp_path):
     chain, key, _ = certs
     bad_chain, bad_key, _ = demo_certificates(tmp_path / "no-eku", signing_usage=False)

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ConfigError, InputError, MissingFileError
+from ..errors import ConfigError, MissingFileError
 
 ASSERTION = "org.ldmkit.generation"  # the label of the assertion holding the generation record
 GENERATED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -137,9 +137,10 @@ def _blank_png() -> bytes:
 
 def read_credentials(data: bytes, image_format: str, trust: str | Path | None = None) -> dict | None:
     """The content credentials of an image file's bytes: {"state": "Trusted" | "Valid" | "Invalid", "signer",
-    "issuer", "record" (the ldmkit assertion, or None), "failures": [validation codes]}; None when the file has no
-    manifest or c2pa-python is not installed (reading is optional; signing is not). `trust`: a PEM file of root
-    certificates whose chains count as trusted."""
+    "issuer", "record" (the ldmkit assertion, or None), "failures": [validation codes]} ("Invalid" with an
+    "unreadable: ..." failure for a manifest that cannot be parsed); None when the file has no manifest or
+    c2pa-python is not installed (reading is optional; signing is not). `trust`: a PEM file of root certificates
+    whose chains count as trusted."""
     try:
         import c2pa
     except ImportError:
@@ -160,9 +161,10 @@ def read_credentials(data: bytes, image_format: str, trust: str | Path | None = 
             state = reader.get_validation_state()
             results = reader.get_validation_results() or {}
     except c2pa.C2paError as e:
-        if "ManifestNotFound" in type(e).__name__ or "no JUMBF" in str(e) or "not found" in str(e).lower():
+        if "ManifestNotFound" in type(e).__name__:
             return None
-        raise InputError(f"the image's content credentials cannot be read ({e})") from None
+        # a damaged or forged manifest: report it, so that the record and the watermark can still be read
+        return {"state": "Invalid", "signer": None, "issuer": None, "record": None, "failures": [f"unreadable: {e}"]}
     active = store.get("manifests", {}).get(store.get("active_manifest", ""), {})
     sig = active.get("signature_info", {})
     record = next((a.get("data") for a in active.get("assertions", []) if a.get("label") == ASSERTION), None)

@@ -101,7 +101,8 @@ def _lines(found, rows: list[dict], database: str | None) -> list[str]:
         lines.append("watermark: none found")
     cred = found.credentials
     if cred:
-        signer = f"signed by {cred['signer']}" + (f" ({cred['issuer']})" if cred.get("issuer") else "")
+        signer = f", signed by {cred['signer']}" if cred.get("signer") else ""
+        signer += f" ({cred['issuer']})" if signer and cred.get("issuer") else ""
         failures = cred["failures"]
         if cred["state"] == "Trusted":
             state = "valid and trusted"
@@ -110,10 +111,14 @@ def _lines(found, rows: list[dict], database: str | None) -> list[str]:
                 ", signer not trusted (see --trust)" if "signingCredential.untrusted" in failures else ""
             )
         else:
-            why = "the file was changed after signing" if any("mismatch" in f for f in failures) else "bad signature"
+            why = "bad signature"
+            if any("mismatch" in f for f in failures):
+                why = "the file was changed after signing"
+            elif any(f.startswith("unreadable") for f in failures):
+                why = "the manifest is damaged"
             state = f"INVALID ({', '.join(failures) or cred['state']}): {why}"
         rid = (cred.get("record") or {}).get("request_id")
-        lines.append(f"content credentials: {state}, {signer}" + (f", request {rid}" if rid else ""))
+        lines.append(f"content credentials: {state}{signer}" + (f", request {rid}" if rid else ""))
     if database is None:
         lines.append("audit: no database (give --database, as given to ldmkit serve)")
     elif not rows:
