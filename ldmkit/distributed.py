@@ -12,10 +12,13 @@ rank needs (a check of the run folder, a cache build) runs on rank 0 first, and 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -215,6 +218,41 @@ def process_group(device_name: str, option: str = "train.device") -> Iterator[tu
             dist.init_process_group("gloo", timeout=TIMEOUT)
     try:
         yield world(), device
-    finally:
+    except BaseException:
         if joined and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave(together=False)  # another rank may never reach a barrier: leave at once
+        raise
+    if joined and dist.is_initialized():
+        _leave(together=True)
+
+
+# Process groups this process has left, kept until it exits. A gloo group runs each collective on worker threads,
+# which free the collective's tensors after the caller has moved on, and freeing a tensor Python dropped takes the
+# interpreter lock. Two ways that went wrong at the end of a run on a loaded CPU, where the workers run late:
+# - the group's destructor waits for its workers; run by a DDP wrapper's reducer (the group's last holder after
+#   destroy_process_group) it holds the lock meanwhile, and the process hangs;
+# - a worker still freeing tensors when the interpreter finalises is stopped mid-destructor, and the process aborts.
+# So the group is released at exit (_release_left), by its Python handle, whose destructor lets go of the lock and
+# waits for the workers to finish, after whatever else held the group (a DDP wrapper in a reference cycle) is gone.
+_LEFT: list[Any] = []
+
+
+def _release_left() -> None:
+    if not _LEFT:
+        return
+    sys.last_type = sys.last_value = sys.last_traceback = None  # an error that ended the process, already shown
+    gc.collect()  # wrappers (DDP and its reducer) that hold the group from a reference cycle
+    _LEFT.clear()
+
+
+atexit.register(_release_left)
+
+
+def _leave(together: bool) -> None:
+    """Leave the job's process group, keeping its handle until exit (see _LEFT). together: wait for every rank
+    first, so that no rank exits while another still talks to it (a rank that left right after the last collective
+    was seen to abort in gloo's teardown on a loaded CPU)."""
+    _LEFT.append(dist.group.WORLD)
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()

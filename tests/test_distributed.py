@@ -405,3 +405,42 @@ def test_ranks_started_with_different_settings_are_refused_on_every_rank(images,
     for p, err in zip(procs, errs):
         assert p.returncode == 2, err
         assert "different settings (train.lr: 0.001 on rank 0, 0.002 on rank 1)" in err
+
+
+LEAVING = """
+import torch
+from torch import nn
+from ldmkit.distributed import process_group
+
+def run():
+    with process_group("cpu") as (world, device):
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))
+        ddp(torch.ones(2, 4)).sum().backward()
+        world.on_main(lambda: list(range(100)))  # the last collective: a broadcast from rank 0
+    return ddp  # freed after the group was left, as a run's DDP wrappers are
+
+run()
+print("left")
+"""
+
+
+def test_ranks_leave_the_job_cleanly_right_after_a_collective_on_a_busy_cpu(tmp_path):
+    """A job's end on a loaded CPU: the gloo workers run late, and a DDP wrapper that outlives the group used to
+    hang its rank (the group's destructor waiting, lock held, for a worker that needs the lock), or a rank that
+    left right after the last collective aborted. Several launches beside busy processes: each exits at once."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVING)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        for launch in range(5):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"launch {launch}: a rank did not exit within 60 s after leaving the job")
+            assert proc.returncode == 0, f"launch {launch}: " + proc.stderr[-2000:]
+            assert proc.stdout.count("left") == 2, proc.stdout  # both ranks got to the end
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
