@@ -14,6 +14,7 @@ from .config import TASKS, AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .distributed import main_process
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
+from .governance.credentials import credentials_from, file_signer
 from .governance.policy import load_policy
 from .governance.screen import build_screen, finisher, load_index
 from .governance.similarity import DEFAULT_THRESHOLD as COPY_THRESHOLD
@@ -98,6 +99,13 @@ def _generation_options(p: argparse.ArgumentParser):
         action="store_true",
         help="hide this run's id in every image's pixels (`ldmkit provenance IMAGE` reads it back)",
     )
+    p.add_argument(
+        "--c2pa-cert",
+        metavar="CHAIN.pem",
+        help="sign every image (PNG) with C2PA content credentials: the signing certificate and its issuers "
+        "(`ldmkit credentials demo-cert` makes a test pair); needs --c2pa-key",
+    )
+    p.add_argument("--c2pa-key", metavar="KEY.pem", help="the private key of --c2pa-cert's certificate")
 
 
 def _utf8(text: str, what: str, fix: str) -> str:
@@ -197,6 +205,13 @@ def _finish(args, checkpoint):
     return finisher(screen, uuid.uuid4().hex, lambda message: print(message, file=sys.stderr))
 
 
+def _sign(args):
+    """The content-credentials signer --c2pa-cert and --c2pa-key ask for (None: none), checked now, before any
+    sampling (a certificate C2PA refuses, a key of another certificate, only one of the two)."""
+    names = ("--c2pa-cert", "--c2pa-key")
+    return file_signer(credentials_from(args.c2pa_cert, args.c2pa_key, names))
+
+
 def cmd_sample(args):
     prompts = None
     if args.prompt_file:
@@ -204,8 +219,8 @@ def cmd_sample(args):
     elif args.prompt is not None:
         prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
     req = _request(args, len(prompts) if prompts else args.n, prompts)
-    finish = _finish(args, args.checkpoint)
-    for p in generate_to_file(args.checkpoint, req, args.out, not args.separate, not args.quiet, finish):
+    finish, sign = _finish(args, args.checkpoint), _sign(args)
+    for p in generate_to_file(args.checkpoint, req, args.out, not args.separate, not args.quiet, finish, sign):
         print(p)
 
 
@@ -213,7 +228,8 @@ def cmd_generate(args):
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
-    for p in generate_to_file(plan.checkpoint, req, plan.out, True, not args.quiet, _finish(args, plan.checkpoint)):
+    finish, sign = _finish(args, plan.checkpoint), _sign(args)
+    for p in generate_to_file(plan.checkpoint, req, plan.out, True, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 
@@ -222,8 +238,8 @@ def cmd_img2img(args):
     prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
-    finish = _finish(args, plan.checkpoint)
-    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, plan.out, not args.quiet, finish):
+    finish, sign = _finish(args, plan.checkpoint), _sign(args)
+    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, plan.out, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 
@@ -267,16 +283,16 @@ def _edit_request(args, default_out: Path, task: str):
 
 def cmd_inpaint(args):
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png", "inpaint")
-    finish = _finish(args, plan.checkpoint)
-    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, plan.out, opts, not args.quiet, finish):
+    finish, sign = _finish(args, plan.checkpoint), _sign(args)
+    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, plan.out, opts, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 
 def cmd_outpaint(args):
     border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
-    finish = _finish(args, plan.checkpoint)
-    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, not args.quiet, finish):
+    finish, sign = _finish(args, plan.checkpoint), _sign(args)
+    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 
@@ -286,8 +302,8 @@ def cmd_upscale(args):
     plan = plan_generation(args.model, prompts, None, args.n, args.out or default_out, task="upscale")
     opts = UpscaleOptions(noise_level=args.noise_level, tile=args.tile, overlap=args.overlap)
     req = _request(args, plan.n, plan.prompts)
-    finish = _finish(args, plan.checkpoint)
-    for p in upscale_to_file(plan.checkpoint, req, args.image, plan.out, opts, not args.quiet, finish):
+    finish, sign = _finish(args, plan.checkpoint), _sign(args)
+    for p in upscale_to_file(plan.checkpoint, req, args.image, plan.out, opts, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 

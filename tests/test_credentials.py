@@ -18,11 +18,13 @@ from PIL import Image
 from serve_helpers import LiveServer
 
 pytest.importorskip("c2pa")
+from ldmkit.cli import main  # noqa: E402
 from ldmkit.config import ServeConfig, ServeRun  # noqa: E402
 from ldmkit.data.images import png_bytes, read_parameters  # noqa: E402
 from ldmkit.errors import ConfigError, MissingFileError  # noqa: E402
 from ldmkit.governance.credentials import Credentials, demo_certificates, read_credentials  # noqa: E402
 from ldmkit.serve.service import Service  # noqa: E402
+from ldmkit.shipped import resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +176,32 @@ def test_demo_cert_writes_a_root_and_signer_that_serve_accepts_and_keeps_what_ex
     before = chain.read_bytes()
     again = ldmkit("credentials", "demo-cert", "--out", str(tmp_path / "c"))
     assert again.returncode != 0 and "--overwrite" in again.stderr and chain.read_bytes() == before
+
+
+def test_the_commands_sign_every_file_they_write_and_refuse_what_cannot_be_signed(certs, tmp_path, capsys):
+    """generate (a grid), sample --separate (a file per image) and img2img (an edit) with --c2pa-cert and --c2pa-key:
+    each file's credentials are valid and trusted and carry the record embedded beside them. A format C2PA is not
+    written into here, or one of the two options alone, stops the command before sampling."""
+    chain, key, root = certs
+    sign = ["--c2pa-cert", str(chain), "--c2pa-key", str(key)]
+    common = ["--model", "emoji", "--steps", "2", "--n", "2", "--quiet", *sign]
+    assert main(["generate", "red apple", *common, "--watermark", "--out", str(tmp_path / "grid.png")]) == 0
+    emoji = str(resolve_model("emoji"))
+    sample = ["sample", emoji, "--prompt", "pear", "--n", "2", "--steps", "2", "--separate", "--quiet", *sign]
+    assert main([*sample, "--out", str(tmp_path / "each")]) == 0
+    edit = ["img2img", str(tmp_path / "each" / "00000.png"), "--prompt", "pear", "--strength", "0.5", *common]
+    assert main([*edit, "--out", str(tmp_path / "edit.png")]) == 0
+    written = [tmp_path / "grid.png", *sorted((tmp_path / "each").glob("*.png")), *sorted(tmp_path.glob("edit-*.png"))]
+    assert len(written) == 5, written
+    for path in written:
+        cred = read_credentials(path.read_bytes(), "PNG", trust=root)
+        assert cred["state"] == "Trusted", (path, cred)
+        assert cred["record"] == json.loads(read_parameters(path)["ldmkit"])  # the same record twice
+    out = ldmkit("provenance", str(tmp_path / "grid.png"), "--trust", str(root), "--database", str(tmp_path / "x.db"))
+    assert "content credentials: valid and trusted, signed by ldmkit demo signer" in out.stdout, out.stdout
+    capsys.readouterr()
+    assert main(["generate", "red apple", *common, "--out", str(tmp_path / "grid.jpg")]) == 2
+    assert "content credentials are written into PNG files only; write" in capsys.readouterr().err
+    assert main(["generate", "red apple", *common[:-2], "--out", str(tmp_path / "half.png")]) == 2
+    assert "--c2pa-cert is set but --c2pa-key is not" in capsys.readouterr().err
+    assert not (tmp_path / "grid.jpg").exists() and not (tmp_path / "half.png").exists()

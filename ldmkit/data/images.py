@@ -11,6 +11,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -159,15 +160,32 @@ def _save_options(path: str | Path, metadata: dict[str, str] | None) -> tuple[st
     return fmt, options
 
 
-def check_writable(path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Everything write_image would check before writing, without writing: the extension and that `metadata` fits."""
-    _save_options(path, metadata)
+# sign(file bytes, metadata) -> the same file with content credentials (governance.credentials), PNG only
+Sign = Callable[[bytes, dict[str, str]], bytes]
 
 
-def write_image(img: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `img` atomically in the format its extension names (OUTPUT_FORMATS) with `metadata`. Returns the path."""
-    fmt, options = _save_options(path, metadata)
-    return atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **options))
+def check_writable(path: str | Path, metadata: dict[str, str] | None = None, signed: bool = False) -> None:
+    """Everything write_image would check before writing, without writing: the extension, that `metadata` fits, and
+    with signed=True that the format holds content credentials (PNG)."""
+    fmt, _ = _save_options(path, metadata)
+    if signed and fmt != "PNG":
+        raise InputError(
+            f"cannot sign {path}: content credentials are written into PNG files only; write "
+            f"{Path(path).with_suffix('.png')} instead"
+        )
+
+
+def write_image(
+    img: Image.Image, path: str | Path, metadata: dict[str, str] | None = None, sign: Sign | None = None
+) -> Path:
+    """Write `img` atomically in the format its extension names (OUTPUT_FORMATS) with `metadata`. Returns the path.
+    sign: sign the file first (content credentials; the path must name a PNG)."""
+    if sign is None:
+        fmt, options = _save_options(path, metadata)
+        return atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **options))
+    check_writable(path, metadata, signed=True)
+    data = sign(png_bytes(img, metadata), {str(k): str(v) for k, v in (metadata or {}).items()})
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def png_bytes(img: Image.Image, metadata: dict[str, str] | None = None) -> bytes:
@@ -195,11 +213,12 @@ def save_grid(
     labels: list[str] | None = None,
     metadata: dict[str, str] | None = None,
     padding: int = 2,
+    sign: Sign | None = None,
 ) -> Path:
     """Tile images (B, C, H, W) in [-1, 1] into one image file with a one-line text label under each tile, in the
-    format the extension of `path` names (.png, .jpg, .jpeg, .webp) with `metadata` (see write_image); written
-    atomically. Returns the path."""
-    check_writable(path, metadata)  # before any drawing
+    format the extension of `path` names (.png, .jpg, .jpeg, .webp) with `metadata` (see write_image), signed by
+    `sign` (a PNG only); written atomically. Returns the path."""
+    check_writable(path, metadata, signed=sign is not None)  # before any drawing
     if images.ndim == 3:
         images = images[None]
     b, c, h, w = images.shape
@@ -217,4 +236,4 @@ def save_grid(
         canvas.paste(tile.convert("RGB"), (x0, y0))
         if label_h and labels[i]:
             draw.text((x0 + 1, y0 + h), _fit_text(draw, str(labels[i]), font, w - 2), fill=(0, 0, 0), font=font)
-    return write_image(canvas, path, metadata)
+    return write_image(canvas, path, metadata, sign)

@@ -127,6 +127,30 @@ class Credentials:
         return out.getvalue()
 
 
+def credentials_from(cert: str | Path | None, key: str | Path | None, names: tuple[str, str]) -> Credentials | None:
+    """The signer of the certificate chain `cert` and its key `key` as a setting gives them (None when neither
+    is); names: how the two settings are spelled to the user (("serve.c2pa_cert", "serve.c2pa_key"), or the
+    command's options), for the error when only one is given."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        given, missing = names if cert else names[::-1]
+        raise ConfigError(f"{given} is set but {missing} is not: content credentials need both")
+    return Credentials(cert, key)
+
+
+def file_signer(credentials: Credentials | None):
+    """`credentials` as the image writers take a signer (data.images.Sign): the PNG's bytes and its metadata in,
+    the signed bytes out, the generation record (the metadata's "ldmkit" entry) as the manifest's assertion."""
+    if credentials is None:
+        return None
+
+    def sign(png: bytes, metadata: dict[str, str]) -> bytes:
+        return credentials.sign(png, json.loads(metadata.get("ldmkit", "{}")))
+
+    return sign
+
+
 def _blank_png() -> bytes:
     from PIL import Image
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import check_output_path
 from ..conditioning.types import Conditioning
 from ..config import check_multiple
-from ..data.images import check_writable, save_grid, to_pil, to_tensor, write_image
+from ..data.images import Sign, check_writable, save_grid, to_pil, to_tensor, write_image
 from ..denoisers import backbone_name
 from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError, OutputWriteError
@@ -318,12 +318,13 @@ def generate(ldm: LatentDiffusion, req: SampleRequest, progress: bool = False) -
     return collect(generate_batches(ldm, req, progress))
 
 
-def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None = None) -> Path:
+def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None = None, signed: bool = False) -> Path:
     """Refuse, before any work, an output the writing would fail on: an extension ldmkit does not write (or
-    parameters a JPEG cannot hold), a folder where a file is expected or the reverse, a parent folder that cannot
-    be created or written. folder: `out` is a folder of PNGs (--separate) rather than one image file."""
+    parameters a JPEG cannot hold, or a signature a format other than PNG cannot), a folder where a file is expected
+    or the reverse, a parent folder that cannot be created or written. folder: `out` is a folder of PNGs
+    (--separate) rather than one image file."""
     if not folder:
-        check_writable(out, metadata)
+        check_writable(out, metadata, signed)
     return check_output_path(out, "--out", folder=folder)
 
 
@@ -352,11 +353,17 @@ def generate_to_file(
     grid: bool = True,
     progress: bool = True,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it) or, with grid=False,
     one PNG per image into the folder `out`, with the parameters embedded. The output, the model and the request
-    are all checked before sampling; progress: a bar over images when there is more than one batch."""
-    return write_batches(checkpoint, req, out, lambda ldm: generate_batches(ldm, req, progress), grid, finish=finish)
+    are all checked before sampling; progress: a bar over images when there is more than one batch. sign: content
+    credentials for every file written (PNG only)."""
+
+    def batches(ldm: LatentDiffusion):
+        return generate_batches(ldm, req, progress)
+
+    return write_batches(checkpoint, req, out, batches, grid, finish=finish, sign=sign)
 
 
 def write_batches(
@@ -367,14 +374,16 @@ def write_batches(
     grid: bool = True,
     extra: dict | None = None,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """The writing of generate_to_file for any pipeline: check `out`, load the model in `checkpoint`, then write the
     (images, captions) that batches(model) yields as one grid or (grid=False) one PNG per image in the folder `out`.
     The embedded parameters are the request's plus `extra` (JSON values: an edit's input image, its strength).
-    finish: the screen every image passes first (a withheld image is not written; a grid shows a grey tile)."""
+    finish: the screen every image passes first (a withheld image is not written; a grid shows a grey tile); sign:
+    content credentials for every file written (see data.images.write_image)."""
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | (extra or {})
     meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params})}
-    out = check_output(out, folder=not grid, metadata=meta if grid else None)
+    out = check_output(out, folder=not grid, metadata=meta if grid else None, signed=sign is not None)
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     if grid:
         images, captions = collect(batches(ldm))
@@ -386,7 +395,8 @@ def write_batches(
             meta = {"ldmkit": json.dumps(about | ({"images": tiles} if any(tiles) else {}))}
         return [
             write_or_rescue(
-                lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta), out
+                lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta, sign=sign),
+                out,
             )
         ]
     # One file per image, written batch by batch: memory stays bounded and finished images are kept.
@@ -399,7 +409,9 @@ def write_batches(
             about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}
             m = {"ldmkit": json.dumps(about | facts)}
             if img is not None:
-                paths.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m), out / f"{i:05d}.png"))
+                paths.append(
+                    write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), out / f"{i:05d}.png")
+                )
     return paths
 
 
@@ -432,18 +444,21 @@ def write_edits(
     batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
     extra: dict,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """The writing of every edit (img2img, inpaint, outpaint): each edited image on its own, at the input's size, to
     edit_paths(out, req.n), with the request's parameters, its seed and `extra` (the input files, the edit's
     options) embedded. The outputs are checked before the model loads; each image is written when its batch is
-    done. finish: the screen every image passes first (a withheld image is not written)."""
+    done. finish: the screen every image passes first (a withheld image is not written); sign: content credentials
+    for every file written (PNG only)."""
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")} | extra
 
     def meta(i: int) -> dict[str, str]:
         about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i}
         return {"ldmkit": json.dumps(about)}
 
-    paths = [check_output(p, folder=False, metadata=meta(i)) for i, p in enumerate(edit_paths(out, req.n))]
+    signed = sign is not None
+    paths = [check_output(p, False, meta(i), signed) for i, p in enumerate(edit_paths(out, req.n))]
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     written: list[Path] = []
     done = 0
@@ -452,5 +467,5 @@ def write_edits(
             i, done = done, done + 1
             m = {"ldmkit": json.dumps(json.loads(meta(i)["ldmkit"]) | facts)}
             if img is not None:
-                written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m), paths[i]))
+                written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), paths[i]))
     return written

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import read_metadata
+from ..data.images import Sign
 from ..errors import InputError
 from ..ldm import LatentDiffusion
 from .generate import Finish, SampleRequest, collect, latent_batches, plan, write_edits
@@ -106,6 +107,7 @@ def img2img_to_file(
     out: str | Path,
     progress: bool = True,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """img2img of the image file `image` (read by load_edit_image), each result written at the input's size as every
     edit is (see generate.write_edits), with the parameters, the input image's path and the strength embedded. The
@@ -114,4 +116,4 @@ def img2img_to_file(
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W)
     extra = {"image": str(image), "strength": strength}
     batches = lambda ldm: img2img_batches(ldm, x, req, strength, progress)  # noqa: E731
-    return write_edits(checkpoint, req, out, batches, extra, finish)
+    return write_edits(checkpoint, req, out, batches, extra, finish, sign)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conditioning.types import Conditioning
+from ..data.images import Sign
 from ..diffusion.guidance import InpaintBlend, guided
 from ..diffusion.sample import finite_watch, non_finite_at
 from ..errors import InputError, NonFiniteError
@@ -221,6 +222,7 @@ def edit_to_file(
     about: dict,
     progress: bool = True,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """Take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each edited image at
     the input's size (see write_edits) with the parameters and `about` (the input files) embedded. The options and
@@ -229,7 +231,7 @@ def edit_to_file(
     image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
     extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about}
     batches = lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress)  # noqa: E731
-    return write_edits(checkpoint, req, out, batches, extra, finish)
+    return write_edits(checkpoint, req, out, batches, extra, finish, sign)
 
 
 def inpaint_to_file(
@@ -241,6 +243,7 @@ def inpaint_to_file(
     opts: InpaintOptions = InpaintOptions(),
     progress: bool = True,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """Inpaint the image file `image` where the mask file `mask` is white and write the results (see edit_to_file)."""
     require_file(image, "image", "give the picture to edit (PNG, JPEG, WebP, BMP or GIF)")
@@ -251,4 +254,4 @@ def inpaint_to_file(
         return x, load_mask(mask, tuple(x.shape[-2:]), opts.resize_mask)
 
     about = {"image": str(image), "mask": str(mask)}
-    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish)
+    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.images import Sign
 from ..errors import InputError
 from .generate import Finish, SampleRequest, whole_number
 from .images import MAX_EDIT_PIXELS, load_edit_image
@@ -74,6 +75,7 @@ def outpaint_to_file(
     opts: InpaintOptions | None = None,
     progress: bool = True,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """Enlarge the image file `image` by `border` and write the results (see inpaint.edit_to_file); opts: the
     sampling and composite options (default InpaintOptions())."""
@@ -83,4 +85,4 @@ def outpaint_to_file(
         return outpaint_canvas(load_edit_image(image, channels), border)
 
     about = {"image": str(image), "border": [border.left, border.right, border.top, border.bottom]}
-    return edit_to_file(checkpoint, req, inputs, out, opts or InpaintOptions(), about, progress, finish)
+    return edit_to_file(checkpoint, req, inputs, out, opts or InpaintOptions(), about, progress, finish, sign)

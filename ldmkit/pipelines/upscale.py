@@ -24,6 +24,7 @@ import torch
 
 from ..checkpoint import read_metadata
 from ..conditioning.types import Conditioning
+from ..data.images import Sign
 from ..diffusion.lowres import low_res_conditioning
 from ..diffusion.sample import sample_latents
 from ..errors import InputError, NonFiniteError
@@ -292,6 +293,7 @@ def upscale_to_file(
     opts: UpscaleOptions = UpscaleOptions(),
     progress: bool = True,
     finish: Finish | None = None,
+    sign: Sign | None = None,
 ) -> list[Path]:
     """Upscale the image file `image` and write each result (see write_edits), the parameters embedded; the input
     and the options are checked before the model loads."""
@@ -301,4 +303,6 @@ def upscale_to_file(
     if isinstance(factor, int) and factor > 0:
         check_input_size(str(image), x.shape[-1], x.shape[-2], factor)
     about = {"image": str(image), "noise_level": opts.noise_level, "tile": opts.tile, "overlap": opts.overlap}
-    return write_edits(checkpoint, req, out, lambda ldm: upscale_batches(ldm, x, req, opts, progress), about, finish)
+    return write_edits(
+        checkpoint, req, out, lambda ldm: upscale_batches(ldm, x, req, opts, progress), about, finish, sign
+    )

@@ -16,7 +16,7 @@ from ..data.images import png_bytes, to_pil
 from ..errors import ConfigError, InputError, LdmkitError
 from ..evaluation.fid import FeatureStats
 from ..governance import watermark
-from ..governance.credentials import Credentials
+from ..governance.credentials import credentials_from
 from ..governance.monitor import OutputMonitor, reference_path
 from ..governance.policy import PolicyRefusal, load_policy
 from ..governance.safety import SafetyFilter
@@ -64,12 +64,16 @@ def request_params(req: SampleRequest, **extra) -> dict:
     return {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | extra
 
 
+C2PA_SETTINGS = ("serve.c2pa_cert", "serve.c2pa_key")
+
+
 class Service:
     def __init__(self, run: ServeRun, models: dict, keys, audit, metrics, no_auth: bool = False):
         self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
-        self.credentials = self._credentials(run.serve.c2pa_cert, run.serve.c2pa_key)  # so does a bad certificate
+        # so does a bad certificate, or only one of the two settings
+        self.credentials = credentials_from(run.serve.c2pa_cert, run.serve.c2pa_key, C2PA_SETTINGS)
         safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None
         # one screen a model (its own training-data index), built now: a missing file stops the start
         self.screens = {n: build_screen(self.policy, m.path, run.serve.watermark, safety) for n, m in models.items()}
@@ -83,16 +87,6 @@ class Service:
         )
         self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()
         self.monitor = self._monitor(cfg.monitor_window)
-
-    @staticmethod
-    def _credentials(cert: str, key: str) -> Credentials | None:
-        """The C2PA signer of serve.c2pa_cert and serve.c2pa_key (None when neither is set)."""
-        if not cert and not key:
-            return None
-        if not cert or not key:
-            given, missing = ("c2pa_cert", "c2pa_key") if cert else ("c2pa_key", "c2pa_cert")
-            raise ConfigError(f"serve.{given} is set but serve.{missing} is not: content credentials need both")
-        return Credentials(cert, key)
 
     def _png(self, img, meta: dict[str, str]) -> bytes:
         """An output as a PNG with its generation record, signed with content credentials when configured."""
