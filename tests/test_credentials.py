@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -205,3 +206,33 @@ def test_the_commands_sign_every_file_they_write_and_refuse_what_cannot_be_signe
     assert main(["generate", "red apple", *common[:-2], "--out", str(tmp_path / "half.png")]) == 2
     assert "--c2pa-cert is set but --c2pa-key is not" in capsys.readouterr().err
     assert not (tmp_path / "grid.jpg").exists() and not (tmp_path / "half.png").exists()
+
+
+def test_an_expired_certificate_stops_the_start_and_one_expiring_soon_is_accepted_with_a_warning(tmp_path):
+    chain, key, _ = demo_certificates(tmp_path / "old", days=-1)
+    with pytest.raises(ConfigError, match=r"old/chain.pem expired on .* UTC; renew it"):
+        Credentials(chain, key)
+    chain, key, root = demo_certificates(tmp_path / "soon", days=3)
+    with pytest.warns(UserWarning, match=r"soon/chain.pem expires on .*; renew it before then"):
+        signer = Credentials(chain, key)
+    assert read_credentials(signer.sign(picture(), {"request_id": "r-3"}), "PNG", trust=root)["state"] == "Trusted"
+
+
+def test_a_certificate_that_expires_while_serving_fails_requests_with_503_and_sends_nothing_unsigned(tmp_path):
+    life = 15.0  # seconds the certificate is valid for after it is made: the start signs within it
+    made = time.monotonic()
+    chain, key, _ = demo_certificates(tmp_path / "brief", days=life / 86400)
+    with pytest.warns(UserWarning, match="expires on"):
+        server = LiveServer(tmp_path / "db.sqlite", no_auth=True, c2pa_cert=str(chain), c2pa_key=str(key))
+    try:
+        time.sleep(max(0.0, made + life + 1 - time.monotonic()))
+        with server.client() as c:
+            r = c.post("/v1/images/generations", json={"prompt": "apple", "steps": 2, "n": 1})
+    finally:
+        server.close()
+    assert r.status_code == 503, r.text
+    assert "could not be signed" in r.text and "expired on" in r.text and "renew it" in r.text
+    assert "b64_json" not in r.text
+    out = ldmkit("audit", "tail", "--database", str(tmp_path / "db.sqlite"))
+    assert out.returncode == 0, out.stderr
+    assert "503" in out.stdout and "could not be signed" in out.stdout, out.stdout

@@ -17,17 +17,24 @@ emailProtection or documentSigning. Readers report a signature "Valid" when it a
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
+import warnings
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError, LdmkitError, MissingFileError
 
 ASSERTION = "org.ldmkit.generation"  # the label of the assertion holding the generation record
 GENERATED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 NO_THUMBNAIL = {"builder": {"thumbnail": {"enabled": False}}}  # a 64 px output needs no thumbnail (30 KB, 80 ms)
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+RENEW_WARNING_DAYS = 14  # a certificate that expires sooner is accepted with a warning at start
+
+
+class CredentialsError(LdmkitError):
+    """An image could not be signed (its certificate expired after the start): the server answers 503."""
 
 
 def _c2pa():
@@ -83,13 +90,15 @@ class Credentials:
             raise ConfigError(f"{self.key_path} is not the private key of the first certificate in {self.cert_path}")
         self.algorithm = _algorithm(key_obj, self.key_path)
         self.signer_name = certs[0].subject.rfc4514_string()
+        self.expires = certs[0].not_valid_after_utc
+        _check_dates(self.cert_path, certs[0].not_valid_before_utc, self.expires)
         c2pa = _c2pa()
         self._c2pa = c2pa
         info = c2pa.C2paSignerInfo(self.algorithm.encode(), chain, self.key_path.read_bytes(), None)
         self._signer = c2pa.Signer.from_info(info)
         self._settings = json.dumps(NO_THUMBNAIL)
         try:  # the certificate's fitness is only checked when signing: sign once now, so a bad one stops the start
-            self.sign(_blank_png(), {"check": True})
+            self._sign(_blank_png(), {"check": True}, "check.png")
         except c2pa.C2paError as e:
             raise ConfigError(
                 f"C2PA refuses the certificate {self.cert_path} ({e}): it needs an end-entity certificate (not a CA) "
@@ -98,7 +107,16 @@ class Credentials:
             ) from None
 
     def sign(self, png: bytes, record: dict, title: str = "image.png") -> bytes:
-        """The PNG file `png` with a signed manifest: created by a generative model, the record as ASSERTION."""
+        """The PNG file `png` with a signed manifest: created by a generative model, the record as ASSERTION.
+        CredentialsError when C2PA refuses to sign (the certificate expired since the start)."""
+        try:
+            return self._sign(png, record, title)
+        except self._c2pa.C2paError as e:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            why = f"it expired on {self.expires:%Y-%m-%d %H:%M} UTC; renew it" if now > self.expires else str(e)
+            raise CredentialsError(f"content credentials could not be signed with {self.cert_path}: {why}") from None
+
+    def _sign(self, png: bytes, record: dict, title: str) -> bytes:
         c2pa = self._c2pa
         manifest = {
             "claim_generator_info": [{"name": "ldmkit", "version": __version__}],
@@ -125,6 +143,21 @@ class Credentials:
         with c2pa.Builder(manifest, context=context) as builder:
             builder.sign(self._signer, "image/png", io.BytesIO(png), out)
         return out.getvalue()
+
+
+def _check_dates(path: Path, start: datetime.datetime, end: datetime.datetime) -> None:
+    """Refuse a certificate outside its validity period, and warn of one that ends within RENEW_WARNING_DAYS."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if now > end:
+        raise ConfigError(f"the certificate {path} expired on {end:%Y-%m-%d %H:%M} UTC; renew it")
+    if now < start:
+        raise ConfigError(f"the certificate {path} is not valid before {start:%Y-%m-%d %H:%M} UTC; check the clock")
+    if end - now < datetime.timedelta(days=RENEW_WARNING_DAYS):
+        warnings.warn(
+            f"the content-credentials certificate {path} expires on {end:%Y-%m-%d %H:%M} UTC; renew it before then, "
+            "or signing (and every request) fails from that moment",
+            stacklevel=3,
+        )
 
 
 def credentials_from(cert: str | Path | None, key: str | Path | None, names: tuple[str, str]) -> Credentials | None:
@@ -202,13 +235,11 @@ def read_credentials(data: bytes, image_format: str, trust: str | Path | None = 
     }
 
 
-def demo_certificates(folder: str | Path, signing_usage: bool = True, days: int = 30) -> tuple[Path, Path, Path]:
+def demo_certificates(folder: str | Path, signing_usage: bool = True, days: float = 30) -> tuple[Path, Path, Path]:
     """A throwaway root CA and a signing certificate it issued, for trying content credentials out (and for tests):
     `folder`/chain.pem (the signer, then the root), key.pem (the signer's EC P-256 key) and root.pem (to pass as
     --trust). Not for production: a deployment's certificate comes from its own CA. signing_usage=False leaves out
     the extended key usage that C2PA requires, which makes a certificate C2PA refuses."""
-    import datetime
-
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -16,7 +16,7 @@ from ..data.images import png_bytes, to_pil
 from ..errors import ConfigError, InputError, LdmkitError
 from ..evaluation.fid import FeatureStats
 from ..governance import watermark
-from ..governance.credentials import credentials_from
+from ..governance.credentials import CredentialsError, credentials_from
 from ..governance.monitor import OutputMonitor, reference_path
 from ..governance.policy import PolicyRefusal, load_policy
 from ..governance.safety import SafetyFilter
@@ -93,7 +93,10 @@ class Service:
         data = png_bytes(img, meta)
         if self.credentials is None:
             return data
-        return self.credentials.sign(data, json.loads(meta["ldmkit"]))
+        try:
+            return self.credentials.sign(data, json.loads(meta["ldmkit"]))
+        except CredentialsError as e:  # the certificate expired while serving: nothing unsigned goes out
+            raise RequestFailed(str(e), 503) from None
 
     def close(self, timeout: float = 600) -> None:
         """Finish the queued and running work (up to `timeout` seconds), then stop the background monitor."""
