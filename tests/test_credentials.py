@@ -125,6 +125,8 @@ def test_certificates_c2pa_refuses_stop_the_start_with_what_is_wrong(certs, tmp_
         Credentials(chain, bad_key)
     with pytest.raises(MissingFileError, match="certificate .*missing.pem does not exist"):
         Credentials(tmp_path / "missing.pem", key)
+    with pytest.raises(ConfigError, match=f"private key {tmp_path} is a folder; give its PEM file"):
+        Credentials(chain, tmp_path)
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match="junk.pem is not a PEM certificate chain"):
         Credentials(tmp_path / "junk.pem", key)

@@ -72,6 +72,8 @@ class Credentials:
 
         self.cert_path, self.key_path = Path(cert), Path(key)
         for what, path in (("certificate", self.cert_path), ("private key", self.key_path)):
+            if path.is_dir():
+                raise ConfigError(f"the content-credentials {what} {path} is a folder; give its PEM file")
             if not path.is_file():
                 raise MissingFileError(f"the content-credentials {what} {path} does not exist")
         chain = self.cert_path.read_bytes()
