@@ -7,11 +7,12 @@ import json
 import sys
 import uuid
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import check_output_path, read_metadata
 from .config import TASKS, AutoencoderRun, DenoiserRun, ServeRun, load_run
-from .distributed import main_process
+from .distributed import World, launched, main_process, process_group
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
 from .governance.credentials import credentials_from, file_signer
@@ -195,14 +196,16 @@ def _request(args, n: int, prompts: list[str] | None) -> SampleRequest:
     )
 
 
-def _finish(args, checkpoint):
+def _finish(args, checkpoint, world: World | None = None):
     """The screen the policy and --watermark ask for, as the writers take it (None: nothing to do). A missing
-    classifier or index is an error now, before any sampling."""
+    classifier or index is an error now, before any sampling. world: under torchrun, rank 0 draws the run's id
+    for all ranks, so that every image of the run carries the same one."""
     policy = load_policy(args.policy) if args.policy else None
     screen = build_screen(policy, Path(checkpoint), mark=args.watermark)
     if not screen.active:
         return None
-    return finisher(screen, uuid.uuid4().hex, lambda message: print(message, file=sys.stderr))
+    run_id = (world or World()).on_main(lambda: uuid.uuid4().hex)
+    return finisher(screen, run_id, lambda message: print(message, file=sys.stderr))
 
 
 def _sign(args):
@@ -219,18 +222,24 @@ def cmd_sample(args):
     elif args.prompt is not None:
         prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
     req = _request(args, len(prompts) if prompts else args.n, prompts)
-    finish, sign = _finish(args, args.checkpoint), _sign(args)
-    for p in generate_to_file(args.checkpoint, req, args.out, not args.separate, not args.quiet, finish, sign):
-        print(p)
+    with process_group(args.device, "--device") as (world, device):  # under torchrun the ranks share the images
+        req = replace(req, device=str(device)) if world.active else req
+        finish, sign = _finish(args, args.checkpoint, world), _sign(args)
+        progress = not args.quiet and world.main
+        for p in generate_to_file(args.checkpoint, req, args.out, not args.separate, progress, finish, sign, world):
+            print(p)
 
 
 def cmd_generate(args):
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
-    finish, sign = _finish(args, plan.checkpoint), _sign(args)
-    for p in generate_to_file(plan.checkpoint, req, plan.out, True, not args.quiet, finish, sign):
-        print(f"wrote {p}")
+    with process_group(args.device, "--device") as (world, device):  # under torchrun the ranks share the images
+        req = replace(req, device=str(device)) if world.active else req
+        finish, sign = _finish(args, plan.checkpoint, world), _sign(args)
+        progress = not args.quiet and world.main
+        for p in generate_to_file(plan.checkpoint, req, plan.out, True, progress, finish, sign, world):
+            print(f"wrote {p}")
 
 
 def cmd_img2img(args):
@@ -308,6 +317,12 @@ def cmd_upscale(args):
 
 
 def cmd_synth(args):
+    if launched():
+        raise InputError(
+            "ldmkit synth runs as one process: its folder takes one writer, so torchrun's second rank would be "
+            "refused and stop the job; start it without torchrun (for several devices, one synth per device, each "
+            "into its own --out)"
+        )
     prompts = None
     if args.prompts:
         prompts = read_prompts_csv(args.prompts)

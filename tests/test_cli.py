@@ -362,7 +362,9 @@ def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path
     monkeypatch.setattr(
         cli,
         "generate_to_file",
-        lambda ckpt, req, out, grid=True, progress=True, finish=None, sign=None: seen.append(progress) or [out],
+        lambda ckpt, req, out, grid=True, progress=True, finish=None, sign=None, world=None: (
+            seen.append(progress) or [out]
+        ),
     )
     for quiet in ([], ["--quiet"]):
         assert main(["sample", str(tiny_ldm), *quiet]) == 0

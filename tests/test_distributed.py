@@ -166,6 +166,30 @@ def test_evaluate_under_torchrun_gives_the_numbers_of_one_process(unet_runs, tmp
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-4) and two["kid"] == pytest.approx(one["kid"], rel=1e-3)
 
 
+def test_sample_under_torchrun_writes_the_files_of_one_process(unet_runs, tmp_path):
+    """`ldmkit sample` at 2 ranks: each draws its block of the images and writes its files (--separate), or sends
+    its tiles to rank 0 for the grid; the files are those of one process (at one thread, as torchrun's ranks run),
+    and rank 0 alone reports every path."""
+    model = unet_runs[0] / "one" / "model.safetensors"
+    args = ["sample", model, "--images", "5", "--steps", "2", "--batch-size", "2", "--sampler", "euler"]
+    args += ["--device", "cpu", "--quiet"]
+    single = [sys.executable, "-m", "ldmkit", *map(str, args)]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for kind, out in (("separate", ["--separate", "--out"]), ("grid", ["--out"])):
+        name = "" if kind == "separate" else ".png"
+        two = torchrun([*args, *out, tmp_path / f"two{name}"])
+        one = subprocess.run(
+            [*single, *out, str(tmp_path / f"one{name}")], capture_output=True, text=True, env=one_thread
+        )
+        assert one.returncode == 0, one.stderr
+        assert two.stdout.count(".png") == one.stdout.count(".png") == (5 if kind == "separate" else 1)
+    names = [f"{i:05d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names
+    for f in names:
+        assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+    assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+
+
 def test_item_draws_do_not_depend_on_the_world_size():
     """Each rank's share of every micro-batch, and each item's generator, are those of one process."""
     one = rank_positions(12, 3, 1, 0)

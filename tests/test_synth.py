@@ -110,6 +110,15 @@ def test_a_second_writer_into_the_same_folder_is_refused(tiny_ldm, tmp_path):
     assert _run(tiny_ldm, out, per_class=1)["written"] == 2
 
 
+def test_synth_under_torchrun_is_refused_before_any_work(tiny_ldm, tmp_path, monkeypatch, capsys):
+    """Its folder takes one writer: a second rank would be refused mid-job, so a torchrun start is refused at once."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["synth", str(tiny_ldm), "--out", str(tmp_path / "syn"), "--per-class", "1", "--quiet"]) == 2
+    assert "ldmkit synth runs as one process" in capsys.readouterr().err
+    assert not (tmp_path / "syn").exists()
+
+
 def test_kill_9_loses_at_most_the_batch_in_flight(tiny_ldm, tmp_path):
     out = tmp_path / "syn"
     cmd = [sys.executable, "-m", "ldmkit", "synth", str(tiny_ldm), "--out", str(out), "--per-class", "40"]

@@ -27,6 +27,7 @@ from ..config import check_multiple
 from ..data.images import Sign, check_writable, save_grid, to_pil, to_tensor, write_image
 from ..denoisers import backbone_name
 from ..diffusion.sample import sample_latents
+from ..distributed import World
 from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
@@ -234,14 +235,16 @@ def latent_batches(
     init: Callable[[int, int], torch.Tensor] | None = None,
     strength: float = 1.0,
     command: str = "generate",
+    share: range | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(latents (b, c, h, w), a caption per image) for each batch of req.batch_size images of the checked plan `p`;
     image i always uses seed + i. init(s, e): the clean latents (e - s, c, h, w) that images s..e-1 start from at
     `strength` (img2img); None: pure noise. progress: a bar over images when there is more than one batch. command:
-    the command named when the model cannot sample from noise (an inpainting model, an upscaler)."""
+    the command named when the model cannot sample from noise (an inpainting model, an upscaler). share: the images
+    to draw (a block of 0..n-1: a rank's under torchrun), default all."""
     check_samples_from_noise(ldm, command)
     shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
-    for b in request_batches(ldm, req, p, "sampling", progress):
+    for b in request_batches(ldm, req, p, "sampling", progress, share=share):
         start = {} if init is None else {"init": init(b.start, b.end), "strength": strength}
         try:
             z = sample_latents(
@@ -276,14 +279,24 @@ class Batch:
 
 
 def request_batches(
-    ldm: LatentDiffusion, req: SampleRequest, p: _Plan, desc: str, progress: bool = False, quiet: bool = False
+    ldm: LatentDiffusion,
+    req: SampleRequest,
+    p: _Plan,
+    desc: str,
+    progress: bool = False,
+    quiet: bool = False,
+    share: range | None = None,
 ) -> Iterator[Batch]:
     """The batches of req.batch_size images of the checked plan `p`, every pipeline's loop: conditions from the
-    plan's labels or prompts, a progress bar `desc` over images when there is more than one batch (and not quiet)."""
-    bar = tqdm(total=req.n, unit="image", desc=desc, disable=quiet or not progress or req.n <= req.batch_size)
+    plan's labels or prompts, a progress bar `desc` over images when there is more than one batch (and not quiet).
+    share: only these images (a block of 0..n-1), numbered as in the whole request: the same seeds, labels and
+    prompts, so a rank's share is those images of one process."""
+    share = share if share is not None else range(req.n)
+    n = len(share)
+    bar = tqdm(total=n, unit="image", desc=desc, disable=quiet or not progress or n <= req.batch_size)
     with bar:
-        for s in range(0, req.n, req.batch_size):
-            e = min(req.n, s + req.batch_size)
+        for s in range(share.start, share.stop, req.batch_size):
+            e = min(share.stop, s + req.batch_size)
             lab = p.labels[s:e] if p.labels is not None else None
             pr = p.prompts[s:e] if p.prompts is not None else None
             cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
@@ -294,13 +307,13 @@ def request_batches(
 
 
 def generate_batches(
-    ldm: LatentDiffusion, req: SampleRequest, progress: bool = False
+    ldm: LatentDiffusion, req: SampleRequest, progress: bool = False, share: range | None = None
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(images (b, C, H, W) in [-1, 1] on the CPU, a caption per image) for each batch of req.batch_size images.
     The request is checked against the model before the first batch; image i always uses seed + i. progress: a
     progress bar over images on stderr when there is more than one batch (off by default: library callers have
-    their own; the command line turns it on)."""
-    for z, captions in latent_batches(ldm, req, plan(ldm, req), progress):
+    their own; the command line turns it on). share: only these images (see request_batches)."""
+    for z, captions in latent_batches(ldm, req, plan(ldm, req), progress, share=share):
         yield ldm.decode(z).cpu(), captions
 
 
@@ -354,39 +367,51 @@ def generate_to_file(
     progress: bool = True,
     finish: Finish | None = None,
     sign: Sign | None = None,
+    world: World | None = None,
 ) -> list[Path]:
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it) or, with grid=False,
     one PNG per image into the folder `out`, with the parameters embedded. The output, the model and the request
     are all checked before sampling; progress: a bar over images when there is more than one batch. sign: content
-    credentials for every file written (PNG only)."""
+    credentials for every file written (PNG only). world: under torchrun, the ranks share the images (see
+    write_batches); every rank calls this with the same arguments, its own device in req.device."""
 
-    def batches(ldm: LatentDiffusion):
-        return generate_batches(ldm, req, progress)
+    def batches(ldm: LatentDiffusion, share: range):
+        return generate_batches(ldm, req, progress, share)
 
-    return write_batches(checkpoint, req, out, batches, grid, finish=finish, sign=sign)
+    return write_batches(checkpoint, req, out, batches, grid, finish=finish, sign=sign, world=world)
 
 
 def write_batches(
     checkpoint: str | Path,
     req: SampleRequest,
     out: str | Path,
-    batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
+    batches: Callable[[LatentDiffusion, range], Iterable[tuple[torch.Tensor, list[str]]]],
     grid: bool = True,
     extra: dict | None = None,
     finish: Finish | None = None,
     sign: Sign | None = None,
+    world: World | None = None,
 ) -> list[Path]:
     """The writing of generate_to_file for any pipeline: check `out`, load the model in `checkpoint`, then write the
-    (images, captions) that batches(model) yields as one grid or (grid=False) one PNG per image in the folder `out`.
-    The embedded parameters are the request's plus `extra` (JSON values: an edit's input image, its strength).
-    finish: the screen every image passes first (a withheld image is not written; a grid shows a grey tile); sign:
-    content credentials for every file written (see data.images.write_image)."""
+    (images, captions) that batches(model, share) yields for the images `share` (all of them, or this rank's) as
+    one grid or (grid=False) one PNG per image in the folder `out`. The embedded parameters are the request's plus
+    `extra` (JSON values: an edit's input image, its strength). finish: the screen every image passes first (a
+    withheld image is not written; a grid shows a grey tile); sign: content credentials for every file written
+    (see data.images.write_image). world: under torchrun each rank draws its block of the images (the images of
+    one process: image i keeps seed + i) and writes its own files, or sends its tiles to rank 0, which writes the
+    grid; rank 0 returns every path written, the other ranks nothing."""
+    world = world or World()
+    share = world.shard(req.n)
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | (extra or {})
     meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params})}
     out = check_output(out, folder=not grid, metadata=meta if grid else None, signed=sign is not None)
     ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
     if grid:
-        images, captions = collect(batches(ldm))
+        mine = collect(batches(ldm, share)) if len(share) else None
+        parts = [p for p in world.gather(mine) if p is not None]
+        if not world.main:
+            return []
+        images, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
         if finish is not None:
             images, captions, facts = _finished_grid(images, captions, finish)
             shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}  # the run's id, time
@@ -402,8 +427,8 @@ def write_batches(
     # One file per image, written batch by batch: memory stays bounded and finished images are kept.
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    done = 0
-    for images, captions in batches(ldm):
+    done = share.start
+    for images, captions in batches(ldm, share) if len(share) else ():
         for (img, facts), cap in zip(_finished(images, finish, done), captions, strict=True):
             i, done = done, done + 1
             about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}
@@ -412,7 +437,10 @@ def write_batches(
                 paths.append(
                     write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), out / f"{i:05d}.png")
                 )
-    return paths
+    if not world.active:
+        return paths
+    every = world.gather(paths)
+    return [p for part in every for p in part] if world.main else []
 
 
 def _finished(images: torch.Tensor, finish: Finish | None, first: int) -> list[tuple[Image.Image | None, dict]]:
