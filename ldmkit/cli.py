@@ -215,6 +215,15 @@ def _sign(args):
     return file_signer(credentials_from(args.c2pa_cert, args.c2pa_key, names))
 
 
+def _generate_files(args, checkpoint, req: SampleRequest, out, grid: bool) -> list[Path]:
+    """generate_to_file with the screen and signer the options ask for. Under torchrun the ranks share the images,
+    each on its own device; rank 0 returns every path written, the others none."""
+    with process_group(args.device, "--device") as (world, device):
+        req = replace(req, device=str(device)) if world.active else req
+        finish, sign = _finish(args, checkpoint, world), _sign(args)
+        return generate_to_file(checkpoint, req, out, grid, not args.quiet and world.main, finish, sign, world)
+
+
 def cmd_sample(args):
     prompts = None
     if args.prompt_file:
@@ -222,24 +231,16 @@ def cmd_sample(args):
     elif args.prompt is not None:
         prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
     req = _request(args, len(prompts) if prompts else args.n, prompts)
-    with process_group(args.device, "--device") as (world, device):  # under torchrun the ranks share the images
-        req = replace(req, device=str(device)) if world.active else req
-        finish, sign = _finish(args, args.checkpoint, world), _sign(args)
-        progress = not args.quiet and world.main
-        for p in generate_to_file(args.checkpoint, req, args.out, not args.separate, progress, finish, sign, world):
-            print(p)
+    for p in _generate_files(args, args.checkpoint, req, args.out, grid=not args.separate):
+        print(p)
 
 
 def cmd_generate(args):
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
-    with process_group(args.device, "--device") as (world, device):  # under torchrun the ranks share the images
-        req = replace(req, device=str(device)) if world.active else req
-        finish, sign = _finish(args, plan.checkpoint, world), _sign(args)
-        progress = not args.quiet and world.main
-        for p in generate_to_file(plan.checkpoint, req, plan.out, True, progress, finish, sign, world):
-            print(f"wrote {p}")
+    for p in _generate_files(args, plan.checkpoint, req, plan.out, grid=True):
+        print(f"wrote {p}")
 
 
 def cmd_img2img(args):

@@ -184,7 +184,7 @@ def write_image(
         fmt, options = _save_options(path, metadata)
         return atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **options))
     check_writable(path, metadata, signed=True)
-    data = sign(png_bytes(img, metadata), {str(k): str(v) for k, v in (metadata or {}).items()})
+    data = sign(png_bytes(img, metadata), metadata or {})
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 

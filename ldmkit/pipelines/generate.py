@@ -428,7 +428,7 @@ def write_batches(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     done = share.start
-    for images, captions in batches(ldm, share) if len(share) else ():
+    for images, captions in batches(ldm, share):
         for (img, facts), cap in zip(_finished(images, finish, done), captions, strict=True):
             i, done = done, done + 1
             about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}

@@ -16,7 +16,7 @@ from ..data.images import png_bytes, to_pil
 from ..errors import ConfigError, InputError, LdmkitError
 from ..evaluation.fid import FeatureStats
 from ..governance import watermark
-from ..governance.credentials import CredentialsError, credentials_from
+from ..governance.credentials import CredentialsError, credentials_from, file_signer
 from ..governance.monitor import OutputMonitor, reference_path
 from ..governance.policy import PolicyRefusal, load_policy
 from ..governance.safety import SafetyFilter
@@ -73,7 +73,7 @@ class Service:
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
         # so does a bad certificate, or only one of the two settings
-        self.credentials = credentials_from(run.serve.c2pa_cert, run.serve.c2pa_key, C2PA_SETTINGS)
+        self.sign = file_signer(credentials_from(run.serve.c2pa_cert, run.serve.c2pa_key, C2PA_SETTINGS))
         safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None
         # one screen a model (its own training-data index), built now: a missing file stops the start
         self.screens = {n: build_screen(self.policy, m.path, run.serve.watermark, safety) for n, m in models.items()}
@@ -91,10 +91,10 @@ class Service:
     def _png(self, img, meta: dict[str, str]) -> bytes:
         """An output as a PNG with its generation record, signed with content credentials when configured."""
         data = png_bytes(img, meta)
-        if self.credentials is None:
+        if self.sign is None:
             return data
         try:
-            return self.credentials.sign(data, json.loads(meta["ldmkit"]))
+            return self.sign(data, meta)
         except CredentialsError as e:  # the certificate expired while serving: nothing unsigned goes out
             raise RequestFailed(str(e), 503) from None
 
