@@ -13,20 +13,26 @@ from ..governance.policy import PolicyRefusal
 from .audit import Audit
 from .auth import AuthError, Keys
 from .edits import a1111_edit
+from .health import database_problem, find_non_finite, scrub
 from .metrics import Metrics
-from .middleware import BodyTooLarge, ServeMiddleware
+from .middleware import BodyTooLarge, ServeMiddleware, error_body
+from .models import GENERATIONS, IMG2IMG, JOBS, TXT2IMG
 from .prompt_routes import add_prompt_routes
 from .prompts import TemplateError, Templates
 from .scheduler import DONE, Job, QueueFull, ShuttingDown
-from .schemas import A1111_SAMPLERS, FieldError, api_models, parse_size, sample_request
+from .schemas import (
+    A1111_SAMPLERS,
+    FieldError,
+    api_models,
+    check_for_model,
+    option_field,
+    parse_size,
+    sample_request,
+)
 from .service import RequestFailed, Service, request_params
 
 WEB = Path(__file__).resolve().parent / "web"
-
-
-def error_body(message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
-    """OpenAI's error shape (its client raises the matching exception), with `detail` for A1111-style clients."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}, "detail": message}
+STATIC = {"app.js": "text/javascript", "app.css": "text/css"}  # the page's own files, served from /static/
 
 
 def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
@@ -53,6 +59,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     def fail(request: Request, status: int, message: str, param=None, code=None, headers=None, reason=None):
         request.state.audit.setdefault("reason", reason or message[:300])
+        message = scrub(message, models)  # the audit row keeps the whole message; the client gets no server path
         kind = "invalid_request_error" if status < 500 else "server_error"
         return JSON(error_body(message, param, code, kind), status_code=status, headers=headers)
 
@@ -63,12 +70,23 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         def refuse(constant):
             raise FieldError("body", f"the body holds {constant}, which JSON does not allow; send finite numbers")
 
+        raw = await request.body()
         try:
-            data = json.loads(await request.body(), parse_constant=refuse)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FieldError(
+                "body", f"the body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8"
+            ) from None
+        try:
+            data = json.loads(text, parse_constant=refuse)
+        except (ValueError, RecursionError):
             raise FieldError("body", "the body is not valid JSON; send a JSON object") from None
         if not isinstance(data, dict):
             raise FieldError("body", f"the body is a JSON {type(data).__name__}; send a JSON object") from None
+        found = find_non_finite(data)  # 1e309 reads as infinity; refused in any field, ignored extras included
+        if found is not None:
+            field, why = found
+            raise FieldError(field, f"{field}: {why}")
         try:
             return model.model_validate(data)
         except ValidationError as err:
@@ -150,6 +168,12 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     async def readyz():
         if svc.scheduler.draining:
             return JSON({"status": "draining"}, status_code=503)
+        import anyio
+
+        problem = await anyio.to_thread.run_sync(database_problem, store)
+        if problem is not None:  # no answer could be audited: fail closed
+            logging.getLogger("ldmkit.serve").error("not ready: %s", problem)
+            return JSON({"status": "database not writable", "reason": problem}, status_code=503)
         return {"status": "ready", "models": list(models)}
 
     @app.get("/metrics")
@@ -158,9 +182,15 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def page():
         return FileResponse(WEB / "index.html", media_type="text/html")
+
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"])
+    async def static(name: str):
+        if name not in STATIC:
+            raise HTTPException(404, "no such file; the page's files are " + ", ".join(STATIC))
+        return FileResponse(WEB / name, media_type=STATIC[name])
 
     # --- OpenAI images API ------------------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -193,7 +223,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             height=height,
         )
         fields, used = templated(body, fields, {"width": "size", "height": "size"})
-        req = _eta(_request(served, fields, run.limits, {"width": "size", "height": "size"}), fields)
+        req = _eta(_request(served, fields, run.limits, {"width": "size", "height": "size"}, GENERATIONS), fields)
         svc.check(served, req, principal)
         out = await svc.generate(request, principal, served, req, user=body.user, **used)
         data = [
@@ -207,7 +237,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     async def a1111_txt2img(request: Request):
         principal = svc.authorize(request, "user")
         body = await parse(request, A1111Request)
-        served, req, fields, used = _a1111_request(body)
+        served, req, fields, used = _a1111_request(body, TXT2IMG)
         svc.check(served, req, principal)
         out = await svc.generate(request, principal, served, req, **used)
         return _a1111_answer(body, served, req, out, fields)
@@ -216,7 +246,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     async def a1111_img2img(request: Request):
         principal = svc.authorize(request, "user")
         body = await parse(request, A1111Request)
-        served, req, fields, used = _a1111_request(body)
+        served, req, fields, used = _a1111_request(body, IMG2IMG)
         svc.check_policy(req, principal)
         if not body.init_images:
             raise FieldError("init_images", "img2img needs init_images: one base64-encoded image")
@@ -238,7 +268,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         svc.authorize(request, "viewer")
         return [{"name": a, "aliases": [ours], "options": {}} for a, ours in A1111_SAMPLERS.items()]
 
-    def _a1111_request(body):
+    def _a1111_request(body, route: str):
         served = svc.model(body.model or body.checkpoint(), "model")
         sampler = A1111_SAMPLERS.get(body.sampler_name, body.sampler_name)
         if sampler not in A1111_SAMPLERS.values():
@@ -261,7 +291,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         )
         names = {"n": "batch_size", "cfg": "cfg_scale", "sampler": "sampler_name"}
         fields, used = templated(body, fields, names)
-        return served, _eta(_request(served, fields, run.limits, names), fields), fields, used
+        return served, _eta(_request(served, fields, run.limits, names, route), fields), fields, used
 
     def _a1111_answer(body, served, req, out, fields: dict):
         info = {
@@ -293,7 +323,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         body = await parse(request, JobRequest)
         served = svc.model(body.model)
         fields, used = templated(body, body.model_dump(exclude={"model", "template", "variables"}), {})
-        req = _eta(_request(served, fields, run.limits, {}), fields)
+        req = _eta(_request(served, fields, run.limits, {}, JOBS), fields)
         svc.check(served, req, principal)
         params = request_params(req, **used)
         request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
@@ -392,7 +422,8 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     async def audit_verify(request: Request):
         svc.authorize(request, "admin")
         result = audit.verify()
-        return {"ok": result.ok, "rows": result.rows, "problems": result.problems}
+        head = {"seq": result.last_seq, "hash": result.last_hash}  # keep it outside the database: docs/audit.md
+        return {"ok": result.ok, "rows": result.rows, "problems": result.problems, "head": head}
 
     add_prompt_routes(app, svc, templates, parse, fail)
 
@@ -419,15 +450,21 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         """A template's eta (the APIs take none of their own)."""
         return req if fields.get("eta") is None else replace(req, eta=fields["eta"])
 
-    def _request(served, fields: dict, limits, names: dict):
+    def _request(served, fields: dict, limits, names: dict, route: str):
+        """The request checked against the limits and against the model (its routes, sizes and labels) before any
+        work, each refusal naming the field as the client sent it."""
         ldm = served.ldm
+        if route not in served.routes():
+            raise FieldError(names.get("model", "model"), served.refusal(route, models))
         try:
-            return sample_request(
+            req = sample_request(
                 fields, limits, names=names, class_names=ldm.class_names, text=ldm.text_encoder is not None
             )
         except FieldError:
             raise
         except InputError as err:
-            raise FieldError("request", str(err)) from None
+            raise FieldError(*option_field(str(err), names)) from None
+        check_for_model(req, served.describe()["multiple"], ldm.num_classes, names)
+        return req
 
     return ServeMiddleware(app, audit, metrics, run.limits.max_upload_bytes), svc

@@ -52,6 +52,18 @@ class Metrics:
             registry=self.registry,
         )
         self.images = Counter("ldmkit_images", "Images generated, by model", ["model"], registry=self.registry)
+        self.audit_failures = Counter(
+            "ldmkit_audit_write_failures",
+            "Answers withheld (500) because their audit row could not be written",
+            registry=self.registry,
+        )
+        self.protocol_errors = Counter(
+            "ldmkit_protocol_errors",
+            "Connections refused before a request reached the API (malformed HTTP: 400; headers too slow: 408), "
+            "which have no audit row",
+            ["status"],
+            registry=self.registry,
+        )
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

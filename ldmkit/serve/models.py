@@ -8,8 +8,14 @@ from pathlib import Path
 from ..checkpoint import file_sha256
 from ..errors import InputError
 from ..ldm import LatentDiffusion
+from ..pipelines.generate import check_samples_from_noise
+from ..pipelines.inpaint import concat_channels
 from ..runtime import resolve_device
 from ..shipped import SHIPPED, resolve_model, weights_dir
+
+
+GENERATIONS, TXT2IMG, IMG2IMG, JOBS = "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs"
+WHAT = {GENERATIONS: "generation", TXT2IMG: "generation", JOBS: "generation", IMG2IMG: "img2img and inpainting"}
 
 
 @dataclass
@@ -30,7 +36,30 @@ class ServedModel:
             "text": ldm.text_encoder is not None,
             "classes": ldm.class_names,
             "sha256": self.sha256,
+            "routes": self.routes(),
         }
+
+    def routes(self) -> list[str]:
+        """The POST routes that can use this model: a generation model serves them all; a model that needs more
+        than noise to start from (an inpainting model: an image and a mask) serves img2img with a mask only."""
+        try:
+            check_samples_from_noise(self.ldm)
+            return [GENERATIONS, TXT2IMG, IMG2IMG, JOBS]
+        except InputError:
+            pass
+        try:
+            concat_channels(self.ldm)  # an upscaler cannot inpaint either
+            return [IMG2IMG]
+        except InputError:
+            return []
+
+    def refusal(self, route: str, models: dict) -> str:
+        """Why `route` cannot use this model, naming the routes it serves and the models that serve `route`."""
+        own = ", ".join(f"POST {r}" for r in self.routes()) or "no route of this server"
+        others = [n for n, m in models.items() if route in m.routes()]
+        use = f"use one of: {', '.join(others)}" if others else "this server has no model for it"
+        needs = " with a mask" if self.routes() == [IMG2IMG] else ""
+        return f"model {self.name!r} cannot be used for {WHAT[route]} (POST {route}); it serves {own}{needs}; {use}"
 
 
 def default_models() -> list[str]:

@@ -123,7 +123,41 @@ def parse_size(size: str | None) -> tuple[int, int]:
     m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
     if not m:
         raise FieldError("size", f"size {size[:40]!r} is not WIDTHxHEIGHT, e.g. 64x64")
-    return int(m.group(1)), int(m.group(2))
+    width, height = int(m.group(1)), int(m.group(2))
+    if width == 0 or height == 0:
+        raise FieldError("size", f"size {size} has a side of 0 pixels; give both sides, e.g. 64x64, or leave size out")
+    return width, height
+
+
+def option_field(message: str, names: dict[str, str]) -> tuple[str, str]:
+    """(field, message) for a SampleRequest error that names its command-line option ("--seed 5: ..."): the field
+    as the client sent it (names: the API's name of each field) and the message in its words."""
+    m = re.match(r"--([a-z-]+)", message)
+    if m is None:
+        return "body", message
+    key = {"label": "labels"}.get(m.group(1), m.group(1).replace("-", "_"))
+    field = names.get(key, key)
+    return field, field + message[m.end() :]
+
+
+def check_for_model(req: SampleRequest, multiple: int, num_classes: int, names: dict[str, str]) -> None:
+    """FieldError naming the field when the model cannot take the request: a side that is not a multiple of the
+    model's `multiple`, or labels it does not have."""
+    for key in ("width", "height"):
+        v = getattr(req, key)
+        if v % multiple:
+            lower = v // multiple * multiple
+            use = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+            field = names.get(key, key)
+            said = f"size {req.width}x{req.height}: {key}" if field == "size" else key
+            raise FieldError(field, f"{said} {v} is not a multiple of {multiple}, as this model needs; use {use}")
+    for label in req.labels or ():
+        if not num_classes:
+            raise FieldError("labels", "this model is not class-conditional; drop labels")
+        if not -1 <= label < num_classes:
+            raise FieldError(
+                "labels", f"label {label} is out of range: this model has classes 0 to {num_classes - 1} (-1: none)"
+            )
 
 
 def _whole(field: str, v: int, lo: int, hi: int, hint: str) -> int:
