@@ -55,10 +55,14 @@ demo-train: install
 	@echo "demo sample grid: $(abspath $(DEMO))/samples.png"
 
 # The shipped models on http://127.0.0.1:8000/ (keys and audit in $LDMKIT_HOME, default ~/.local/share/ldmkit),
-# with a fresh admin key printed first.
+# with a fresh admin key written to ADMIN_KEY, a file only its owner can read (mode 0600), before the server
+# starts: the key never reaches the stream the server logs to.
+ADMIN_KEY ?= $(or $(LDMKIT_HOME),$(HOME)/.local/share/ldmkit)/admin.key
 serve: install
-	@echo "admin key (shown once):"
-	@$(VENV)/bin/ldmkit keys create --name admin-$$(date +%Y%m%d-%H%M%S) --role admin
+	@mkdir -p "$(dir $(ADMIN_KEY))" && rm -f "$(ADMIN_KEY)"
+	@umask 077 && err=$$($(VENV)/bin/ldmkit keys create --name admin-$$(date +%Y%m%d-%H%M%S) --role admin \
+		2>&1 >"$(ADMIN_KEY)") || { echo "$$err" >&2; rm -f "$(ADMIN_KEY)"; exit 1; }
+	@echo "a new admin key is in $(ADMIN_KEY) (mode 0600; read it with: cat $(ADMIN_KEY))"
 	$(VENV)/bin/ldmkit serve
 
 clean:
