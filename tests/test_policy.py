@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ldmkit.errors import ConfigError, MissingFileError
-from ldmkit.governance.policy import load_policy, normal_forms, spelled_runs
+from ldmkit.governance.policy import load_policy
+from ldmkit.governance.textforms import Forms
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,8 +41,7 @@ def policy(tmp_path):
         "NUDE",
         "Ｎａｋｅｄ man",  # full-width letters (NFKC)
         "n\u200bu\u200dd\u00ade figure",  # zero-width characters and a soft hyphen
-        "\u043dude",  # not caught: Cyrillic "н" is no look-alike of "n" ...
-        "nud\u0435 painting",  # ... but Cyrillic "е" is one of "e"
+        "nud\u0435 painting",  # Cyrillic "е" is a look-alike of "e"
         "n.u.d.e",
         "a n.u.d.e portrait",  # a spelled-out word after a one-letter word
         "n u d e beach",
@@ -51,9 +51,6 @@ def policy(tmp_path):
 )
 def test_evasions_of_a_term_are_refused(policy, prompt):
     decision = policy.check(prompt)
-    if prompt == "\u043dude":
-        assert decision.allowed  # documents the limit of the look-alike table
-        return
     assert not decision.allowed and decision.rule == "nudity" and "nudity" in decision.message
 
 
@@ -70,8 +67,9 @@ def test_phrases_patterns_and_roles(policy):
 
 
 def test_normal_forms_are_word_strings():
-    assert normal_forms("N.U.D.E!")[0] == " n u d e " and "anude" in spelled_runs("a N.U.D.E!")
-    assert all(f.startswith(" ") and f.endswith(" ") for f in normal_forms("a  b\tc"))
+    forms = Forms.of("a N.U.D.E!")
+    assert forms.words[0] == " a n u d e " and "nude" in forms.runs and forms.plain[0] == " a n.u.d.e! "
+    assert all(f.startswith(" ") and f.endswith(" ") for f in Forms.of("a  b\tc").words)
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,14 @@
 """Content policy on prompts: rules of blocked terms and patterns from a policy.toml, matched after normalisation.
 
-A rule refuses a prompt when one of its terms appears as whole words, or one of its patterns matches, in any of
-the prompt's normal forms:
-- NFKC with case folding, zero-width and other invisible characters removed, look-alike letters of other scripts
-  (Cyrillic "а", Greek "ο", ...) mapped to the Latin letters they imitate, and every run of other characters
-  turned into one space;
-- the same with the usual digit and symbol stand-ins read as letters ("n4k3d" -> "naked", "$" -> "s");
-and a term may also be spelled out letter by letter ("n u d e", "a n.u.d.e portrait"): runs of single characters
-are joined and searched for the term. Otherwise terms match whole words only, so a term never fires inside a
-longer word ("ass" does not refuse "class").
+A rule refuses a prompt when one of its terms or patterns matches one of the prompt's forms (`textforms`): the
+text case folded, with invisible characters and combining marks dropped and look-alike letters of other scripts
+read as the Latin letters they imitate (Unicode's confusables data), with and without digit and symbol stand-ins
+("n4k3d", "6ore"), and with letters spelled out one by one ("n u d e", "n.u.d.e") or a word split in two ("go re")
+joined. Terms match whole words, so a term never fires inside a longer word ("ass" does not refuse "class"), but
+a word with letters repeated ("gooore") still matches; a term ending in "*" matches every word that starts with
+it ("gore*": "gores", "gorefest", and for a stem ending in "e" also "gory", "goring"). Patterns are regular
+expressions searched case-insensitively in the word form (" a red apple "), in the text with its punctuation
+kept, and in the joined letters; a pattern that names a character no form can hold is refused at load.
 
 The same Policy serves `ldmkit serve` (400 with the rule id, recorded in the audit trail), `ldmkit generate --policy`
 and `ldmkit policy check`.
@@ -16,14 +16,17 @@ and `ldmkit policy check`.
 
 from __future__ import annotations
 
+import functools
 import re
+import re._constants as re_constants  # re's own parser: the literal characters a pattern needs
+import re._parser as re_parser
 import tomllib
-import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import ConfigError, InputError, MissingFileError
 from .safety import SafetySettings
+from .textforms import Forms, TermMatcher, clean
 
 SCREEN_ACTIONS = ("flag", "withhold", "blur")  # what happens to an output too close to a training image
 
@@ -55,66 +58,28 @@ class ProvenanceSettings:
             raise ConfigError(f"[provenance] watermark = {self.watermark!r} must be true or false")
 
 
-INVISIBLE = dict.fromkeys(
-    map(
-        ord,
-        "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff",
-    ),
-    None,
-)
-CONFUSABLE = str.maketrans(  # letters of other scripts that look like Latin ones, after case folding
-    "аеорсуххіјѕԁԛԝɡαβεικνορτυχ",
-    "aeopcyxxijsdqwgabeikvoptux",
-)
-STAND_INS = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
 RULE_KEYS = {"id", "terms", "patterns", "roles", "message"}
-
-
-def _words(text: str) -> str:
-    """Lower-case letters and digits, every run of anything else one space, padded with spaces."""
-    return " " + " ".join(re.findall(r"[^\W_]+", text)) + " "
-
-
-def _base(text: str) -> str:
-    base = unicodedata.normalize("NFKC", text).translate(INVISIBLE).casefold()
-    return unicodedata.normalize("NFKC", base).translate(CONFUSABLE)
-
-
-def normal_forms(text: str) -> list[str]:
-    """The forms of `text` that rules are matched against (see the module docstring), each ' word word ... '."""
-    base = _base(text)
-    return list(dict.fromkeys([_words(base), _words(base.translate(STAND_INS))]))
-
-
-def spelled_runs(text: str) -> list[str]:
-    """Runs of three or more single characters, joined ("a n.u.d.e portrait" -> ["anude"]): a term spelled out
-    letter by letter is looked for inside them, since where the spelled word starts is not known."""
-    out = []
-    for form in normal_forms(text):
-        out += [m.group(0).replace(" ", "") for m in re.finditer(r"(?<= )(?:\w ){2,}\w(?= )", form)]
-    return out
 
 
 @dataclass(frozen=True)
 class Rule:
     id: str
     message: str
-    terms: tuple[str, ...] = ()  # words or phrases refused as whole words
-    patterns: tuple[re.Pattern, ...] = ()  # regular expressions searched in the normal forms
+    terms: tuple[str, ...] = ()  # words or phrases refused as whole words; "word*": every word that starts so
+    patterns: tuple[re.Pattern, ...] = ()  # regular expressions, case-insensitive, searched in every form
     roles: tuple[str, ...] = ()  # the key roles the rule applies to; () = every role
 
-    def matches(self, forms: list[str], runs: list[str] = ()) -> bool:
-        """Whether a term is a whole word of a form or spelled out inside a run, or a pattern matches a form."""
-        terms = self._terms
+    def matches(self, forms: Forms) -> bool:
+        """Whether a term matches (see TermMatcher) or a pattern is found in a form or a joined run or pair."""
         return (
-            any(f" {t} " in form for form in forms for t in terms)
-            or any(t.replace(" ", "") in run for run in runs for t in terms)
-            or any(p.search(form) for form in forms for p in self.patterns)
+            any(t.matches(forms) for t in self._matchers)
+            or any(p.search(f) for p in self.patterns for f in (*forms.words, *forms.plain))
+            or any(p.search(f" {j} ") for p in self.patterns for j in (*forms.runs, *forms.pairs))
         )
 
-    @property
-    def _terms(self) -> list[str]:
-        return [_words(t).strip() for t in self.terms]
+    @functools.cached_property
+    def _matchers(self) -> tuple[TermMatcher, ...]:
+        return tuple(TermMatcher.of(t) for t in self.terms)
 
 
 @dataclass(frozen=True)
@@ -142,11 +107,11 @@ class Policy:
 
     def check(self, prompt: str, role: str | None = None) -> Decision:
         """Whether `prompt` may be generated for a key of `role` (None: every rule applies)."""
-        forms, runs = normal_forms(prompt), spelled_runs(prompt)
+        forms = Forms.of(prompt)
         for rule in self.rules:
             if rule.roles and role is not None and role not in rule.roles:
                 continue
-            if rule.matches(forms, runs):
+            if rule.matches(forms):
                 return Decision(False, rule.id, rule.message)
         return Decision(True)
 
@@ -189,13 +154,43 @@ def _rule(raw, where: str) -> Rule:
     bad_roles = set(lists["roles"]) - {"viewer", "user", "admin"}
     if bad_roles:
         raise ConfigError(f"{where}: rule {rule_id!r}: role {sorted(bad_roles)[0]!r} is not viewer, user or admin")
+    for t in lists["terms"]:
+        if "*" in t.rstrip()[:-1] or not clean(t.rstrip().removesuffix("*")).strip():
+            raise ConfigError(
+                f"{where}: rule {rule_id!r}: term {t!r} must hold letters or digits, with at most a final * "
+                '(as in "gore*", every word that starts with gore)'
+            )
     patterns = []
     for p in lists["patterns"]:
         try:
-            patterns.append(re.compile(p))
+            patterns.append(re.compile(p, re.IGNORECASE))
         except re.error as e:
             raise ConfigError(f"{where}: rule {rule_id!r}: pattern {p!r} is not a regular expression ({e})") from None
+        unseen = [c for c in _literals(re_parser.parse(p, re.IGNORECASE)) if clean(c) != c.lower() or c in "\t\n\r"]
+        if unseen:
+            c = unseen[0]
+            raise ConfigError(
+                f"{where}: rule {rule_id!r}: pattern {p!r} can never match: {c!r} never reaches patterns, which see "
+                "the prompt case folded, one space for any white space, accents and invisible characters removed "
+                f"and look-alike letters read as Latin ones; write {clean(c).strip() or 'nothing'!r} in its place"
+            )
     return Rule(rule_id, message, lists["terms"], tuple(patterns), lists["roles"])
+
+
+def _literals(parsed) -> list[str]:
+    """The literal characters of a parsed regular expression (re's own parser), sets included, at any depth."""
+    out = []
+    for op, av in parsed:
+        if op is re_constants.LITERAL:
+            out.append(chr(av))
+        elif op is re_constants.IN:
+            out += [chr(a) for o, a in av if o is re_constants.LITERAL]
+        elif op is not re_constants.NOT_LITERAL:
+            for part in av if isinstance(av, (tuple, list)) else (av,):
+                for sub in part if isinstance(part, list) else (part,):
+                    if isinstance(sub, re_parser.SubPattern):
+                        out += _literals(sub)
+    return out
 
 
 def load_policy(path: str | Path) -> Policy:
