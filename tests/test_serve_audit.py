@@ -168,7 +168,7 @@ def test_an_edit_with_its_hash_recomputed_breaks_the_next_link(db, audit):
 def test_verify_command_prints_ok_or_each_problem(db, audit, capsys):
     fill(audit, 3)
     assert run_command(["audit", "verify", "--database", db]) == 0
-    assert capsys.readouterr().out == "ok: 3 rows\n"
+    assert capsys.readouterr().out == f"ok: 3 rows\nhead: 3:{audit.tail(1)[0]['hash']}\n"
     with sqlite3.connect(db) as raw:
         raw.execute("UPDATE audit SET status = 500 WHERE seq = 2")
     assert run_command(["audit", "verify", "--database", db]) == 1

@@ -5,7 +5,10 @@ Each row stores prev_hash, the hash of the row before it (64 zeros for the first
 canonical meaning sorted keys, no spaces, ASCII only. Editing a row breaks its hash; deleting or moving rows breaks
 the prev_hash links after them; `verify` names each broken row and what happened to it. Appends are serialized
 across threads and processes (SQLite BEGIN IMMEDIATE, PostgreSQL an advisory lock), so the chain never forks.
-The chain cannot show rows cut from its end: keep `last_hash` of a verification elsewhere to prove those.
+
+The chain cannot show rows cut from its end, nor a chain rewritten whole: its head, SEQ:HASH of the last row, kept
+outside the database (`ldmkit audit anchor`) proves those. A head kept earlier must still be in the chain, its row
+holding the same hash; `check_heads` says what happened to one that is not. docs/audit.md states the threat model.
 """
 
 from __future__ import annotations
@@ -43,17 +46,60 @@ TEXT_FIELDS = ("request_id", "key_id", "key_name", "client", "route", "model", "
 GENESIS = "0" * 64  # the prev_hash of the first row
 PAGE = 2000  # rows read at a time by verify and export
 FORMATS = ("jsonl", "csv")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a CSV cell starting so is read as a formula by spreadsheets
 
 
 @dataclass
 class VerifyResult:
     """ok: no problem found; rows: rows checked; problems: one line per broken row, naming it by seq;
-    last_hash: the hash of the last row, to keep elsewhere as proof of the chain's length."""
+    last_seq, last_hash: the head (the last row's seq and hash; 0 and GENESIS for an empty chain), to keep elsewhere
+    as proof of the chain's length."""
 
     ok: bool
     rows: int
     problems: list[str] = field(default_factory=list)
     last_hash: str = GENESIS
+    last_seq: int = 0
+
+    @property
+    def head(self) -> str:
+        """SEQ:HASH, as `audit verify` prints it and `--expect-head` and anchors take it."""
+        return f"{self.last_seq}:{self.last_hash}"
+
+
+def parse_head(text: str, where: str) -> tuple[int, str]:
+    """(seq, hash) from SEQ:HASH; InputError naming `where` (an option, or a file and line) when malformed."""
+    seq, _, digest = text.strip().partition(":")
+    if not (seq.isdigit() and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise InputError(
+            f"{where}: {text!r} is not a head; give SEQ:HASH as `ldmkit audit verify` prints it, "
+            f"a row number, a colon and 64 lowercase hex digits"
+        )
+    return int(seq), digest
+
+
+def parse_anchors(text: str, where: str) -> list[tuple[str, tuple[int, str]]]:
+    """The heads in the text of an anchor file, as (the line, (seq, hash)); each line is `TIME SEQ:HASH` as
+    `ldmkit audit anchor` writes it (the head is the last word); blank lines and # comments are skipped."""
+    anchors = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            anchors.append((line, parse_head(line.split()[-1], f"{where} line {n}")))
+    return anchors
+
+
+def head_problem(seq: int, expected: str, found: str | None, last_seq: int) -> str | None:
+    """What happened to row `seq`, which held the hash `expected` when its head was kept: None when it still does.
+    found: its hash now (None: no such row); last_seq: the seq of the chain's last row now."""
+    if found == expected:
+        return None
+    if found is None and seq > last_seq:
+        now = f"now ends at row {last_seq}" if last_seq else "is now empty"
+        return f"row {seq} is gone: the chain {now}, so rows were cut from its end (or this is another database)"
+    if found is None:
+        return f"row {seq} is missing (deleted)"
+    return f"row {seq} has the hash {found}, not {expected}: the chain was rewritten at or before row {seq}"
 
 
 def _now() -> str:
@@ -165,11 +211,13 @@ def _link_problem(seq: int, prev_seq: int, prev_hash: str, found: dict[str, int]
 
 
 def _csv_cells(row: dict) -> list:
-    """A decoded row as CSV cells: null as an empty cell, params and outputs as JSON text."""
+    """A decoded row as CSV cells: null as an empty cell, params and outputs as JSON text, and text a spreadsheet
+    would run as a formula (a key named =HYPERLINK(...)) led by a single quote, so that it shows as text."""
     json_text = ("params", "outputs")
-    return [
+    cells = [
         "" if row[c] is None else json.dumps(row[c], ensure_ascii=False) if c in json_text else row[c] for c in COLUMNS
     ]
+    return [f"'{c}" if isinstance(c, str) and c.startswith(FORMULA_STARTS) else c for c in cells]
 
 
 def _utc_iso(value: str) -> str:
@@ -240,7 +288,33 @@ class Audit:
             wanted = {prev_hash for _, _, prev_hash in links}
             found = {r["hash"]: r["seq"] for r in self._pages() if r["hash"] in wanted}
             problems = [_link_problem(*links[p], found) if isinstance(p, int) else p for p in problems]
-        return VerifyResult(ok=not problems, rows=rows, problems=problems, last_hash=previous[1])
+        return VerifyResult(ok=not problems, rows=rows, problems=problems, last_hash=previous[1], last_seq=previous[0])
+
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last row: what `ldmkit audit anchor` keeps; (0, GENESIS) for an empty chain."""
+        last = self.store.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return (last[0]["seq"], last[0]["hash"]) if last else (0, GENESIS)
+
+    def check_heads(
+        self, result: VerifyResult, expected: tuple[int, str] | None = None, anchors: list[tuple[str, tuple]] = ()
+    ) -> list[str]:
+        """One line per head that does not hold, naming what differs: `expected` (seq, hash), the head the chain of
+        `result` must end with; `anchors` (the line, (seq, hash)), heads kept earlier that it must still hold."""
+        heads = ([expected] if expected else []) + [head for _, head in anchors]
+        wanted, found = sorted({seq for seq, _ in heads if seq > 0}), {0: GENESIS}
+        for i in range(0, len(wanted), 500):  # a bounded number of placeholders a query
+            chunk = wanted[i : i + 500]
+            rows = self.store.query(f"SELECT seq, hash FROM audit WHERE seq IN ({', '.join('?' * len(chunk))})", chunk)
+            found.update((r["seq"], r["hash"]) for r in rows)
+        problems = [head_problem(seq, digest, found.get(seq), result.last_seq) for seq, digest in heads]
+        lines = [f"anchor {line}: {p}" for (line, _), p in zip(anchors, problems[1 if expected else 0 :]) if p]
+        if expected:
+            (seq, digest), problem = expected, problems[0]
+            if problem is None and result.last_seq != seq:
+                added = result.last_seq - seq
+                problem = f"the head is row {result.last_seq}, not row {seq}: {added} rows were added after it"
+            lines[:0] = [f"expected head {seq}:{digest}: {problem}"] if problem else []
+        return lines
 
     def export(self, out: TextIO, since: str | None = None, key: str | None = None, fmt: str = "jsonl") -> int:
         """Write the rows (oldest first) to `out` as JSON lines or CSV (params and outputs as JSON text) and return

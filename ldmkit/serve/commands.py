@@ -1,19 +1,22 @@
-"""`ldmkit keys` (create, list, revoke the API keys of `ldmkit serve`), `ldmkit audit` (verify, export, tail its
-audit trail) and `ldmkit prompts` (add, list, show, retire its prompt templates). cli.py adds them with
+"""`ldmkit keys` (create, list, revoke the API keys of `ldmkit serve`), `ldmkit audit` (verify, anchor, export, tail
+its audit trail) and `ldmkit prompts` (add, list, show, retire its prompt templates). cli.py adds them with
 add_keys_command(sub, common), add_audit_command(sub, common) and add_prompts_command(sub, common); each command
-function takes the parsed arguments and returns an exit status."""
+function takes the parsed arguments and returns an exit status. `keys list`, `audit verify`, `audit anchor` and
+`audit export` open the database read-only, so they work on an archived copy and change nothing in it."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
+import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import InputError, OutputExistsError
-from .audit import FORMATS, Audit
+from .audit import FORMATS, Audit, parse_anchors, parse_head
 from .auth import ROLES, Keys
 from .prompts import ALLOWED_HELP, Template, Templates, params_from_text
 from .store import open_store
@@ -70,10 +73,35 @@ def add_keys_command(sub, common: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def add_audit_command(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`ldmkit audit verify | export | tail`."""
-    p = sub.add_parser("audit", help="verify, export and follow the audit trail of `ldmkit serve`", parents=[common])
+    """`ldmkit audit verify | anchor | export | tail`."""
+    p = sub.add_parser(
+        "audit", help="verify, anchor, export and follow the audit trail of `ldmkit serve`", parents=[common]
+    )
     action = _actions(p, common, "audit_action")
-    action("verify", "check the hash chain: exit status 0 when intact, 1 naming each broken row", cmd_audit_verify)
+    a = action(
+        "verify",
+        "check the hash chain and print its head (SEQ:HASH of the last row): exit status 0 when intact, 1 naming "
+        "each broken row, a head that differs or an anchored head no longer in the chain",
+        cmd_audit_verify,
+    )
+    a.add_argument(
+        "--expect-head",
+        metavar="SEQ:HASH",
+        help="fail unless the last row is SEQ with this hash, as an earlier verify printed it "
+        "(for a database that still grows, use --anchors)",
+    )
+    a.add_argument(
+        "--anchors",
+        metavar="FILE",
+        help="fail unless every head in FILE (lines written by `ldmkit audit anchor --append FILE`) is still in "
+        "the chain with the same hash",
+    )
+    a = action(
+        "anchor",
+        "print the chain's head with the time (UTC), to keep outside the database; --append adds it to a file",
+        cmd_audit_anchor,
+    )
+    a.add_argument("--append", metavar="FILE", help="append the line to FILE (created when missing) as well")
     a = action("export", "write audit rows (oldest first) as JSON lines or CSV", cmd_audit_export)
     a.add_argument("--since", help="only rows from this UTC date or time on, e.g. 2025-06-01 or 2025-06-01T12:00")
     a.add_argument("--key", help="only rows of this key (name or id)")
@@ -130,7 +158,7 @@ def cmd_keys_create(args) -> int:
 
 
 def cmd_keys_list(args) -> int:
-    with open_store(args.database) as store:
+    with open_store(args.database, read_only=True) as store:
         keys = Keys(store).list()
     if not keys:
         print("no keys yet; create one with `ldmkit keys create --name NAME --role admin`")
@@ -168,19 +196,60 @@ def cmd_keys_revoke(args) -> int:
 
 # --- audit ------------------------------------------------------------------------------------------------------------
 def cmd_audit_verify(args) -> int:
-    with open_store(args.database) as store:
-        result = Audit(store).verify()
-    if result.ok:
-        print(f"ok: {result.rows} rows")
-        return 0
-    for problem in result.problems:
+    expected = parse_head(args.expect_head, "--expect-head") if args.expect_head else None
+    anchors = parse_anchors(_read_anchors(args.anchors), f"--anchors {args.anchors}") if args.anchors else []
+    with open_store(args.database, read_only=True) as store:
+        audit = Audit(store)
+        result = audit.verify()
+        problems = result.problems + audit.check_heads(result, expected, anchors)
+    for problem in problems:
         print(problem)
-    print(f"{len(result.problems)} problems in {result.rows} rows: the audit trail was altered", file=sys.stderr)
+    if not problems:
+        held = [f"{result.rows} rows", *(["the expected head"] if expected else [])]
+        print(f"ok: {', '.join(held + ([f'{len(anchors)} anchored heads'] if args.anchors else []))}")
+    print(f"head: {result.head}")  # keep it outside the database: `ldmkit audit anchor`
+    if not problems:
+        return 0
+    print(f"{len(problems)} problems in {result.rows} rows: the audit trail was altered", file=sys.stderr)
     return 1
 
 
+def _read_anchors(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(
+            f"--anchors {path} does not exist; give the file `ldmkit audit anchor --append` writes"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--anchors {path} cannot be read ({e}); give a text file of anchored heads") from None
+
+
+def cmd_audit_anchor(args) -> int:
+    with open_store(args.database, read_only=True) as store:
+        seq, digest = Audit(store).head()
+    line = f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} {seq}:{digest}"
+    if args.append:
+        _append_line(args.append, line)
+    print(line)
+    return 0
+
+
+def _append_line(path: str, line: str) -> None:
+    """Add `line` to the file at `path` (created when missing) and flush it to disk."""
+    if Path(path).is_dir():
+        raise InputError(f"--append {path} is a folder; name a file in it instead")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise InputError(f"--append {path} cannot be written ({e.strerror or e}); choose another file") from None
+
+
 def cmd_audit_export(args) -> int:
-    with open_store(args.database) as store:
+    with open_store(args.database, read_only=True) as store:
         audit = Audit(store)
         if not args.out:
             audit.export(sys.stdout, since=args.since, key=args.key, fmt=args.format)

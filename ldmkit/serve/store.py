@@ -10,6 +10,11 @@ Safety under concurrency: every thread gets its own connection, so threads never
 in WAL mode with synchronous=FULL (a commit survives a power cut) and a busy timeout, and every write transaction
 starts with BEGIN IMMEDIATE, which serializes writers across threads and processes. PostgreSQL serializes the
 writes that ask for it (audit appends, schema creation) with a transaction-scoped advisory lock.
+
+Read-only use (`open_store(database, read_only=True)`, for `audit verify`, `audit export`, `keys list`): nothing is
+created or written, so an auditor can check an archived copy, a read-only mount or a PostgreSQL standby. SQLite opens
+the file with mode=ro, which SQLite itself enforces (for root too); a file with no write-ahead log beside it is also
+opened immutable=1, so not even a -wal or -shm file is created beside it. PostgreSQL sessions are set READ ONLY.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ SCHEMA = (
 )
 
 
+READ_TABLES = ("keys", "usage", "audit")  # what a read-only open requires: the tables the read commands use
+
+
 class Conflict(Exception):
     """A write that broke a UNIQUE or PRIMARY KEY constraint (a key name that is taken, say)."""
 
@@ -60,14 +68,16 @@ def default_database() -> Path:
     return Path(home).expanduser() / "ldmkit.db"
 
 
-def open_store(database: str | None = None) -> Store:
+def open_store(database: str | None = None, read_only: bool = False) -> Store:
     """The store named by `--database`: None or "" -> the default SQLite file (its folder created), a path -> a
-    SQLite file there, a postgresql:// URL -> that PostgreSQL database. Tables are created when missing."""
+    SQLite file there, a postgresql:// URL -> that PostgreSQL database. Tables are created when missing.
+    read_only: open an existing ldmkit database only to read it; nothing is created, and writes are refused."""
     if database and database.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(database)
+        return PostgresStore(database, read_only)
     if not database:
-        return SQLiteStore(default_database(), f"--database {default_database()} (the default, under $LDMKIT_HOME)")
-    return SQLiteStore(Path(database).expanduser(), f"--database {database}")
+        shown = f"--database {default_database()} (the default, under $LDMKIT_HOME)"
+        return SQLiteStore(default_database(), shown, read_only)
+    return SQLiteStore(Path(database).expanduser(), f"--database {database}", read_only)
 
 
 class Executor:
@@ -87,8 +97,9 @@ class Store:
 
     kind = ""
 
-    def __init__(self, shown: str):
+    def __init__(self, shown: str, read_only: bool = False):
         self.shown = shown  # "--database VALUE", a password masked
+        self.read_only = read_only  # opened only to read: no tables created, every write refused
         self._conns: dict[int, Any] = {}  # thread id -> connection
         self._lock = threading.Lock()
         self._closed = False
@@ -102,6 +113,8 @@ class Store:
     def write(self, lock: bool = False) -> Iterator[Executor]:
         """One transaction, committed when the block ends (durably) and rolled back if it raises. lock=True
         serializes it with every other locked write of every process (SQLite serializes all writes anyway)."""
+        if self.read_only:
+            raise RuntimeError(f"the store of {self.shown} was opened read-only; open it without read_only to write")
         conn = self._conn()
         try:
             self._begin(conn, lock)
@@ -149,17 +162,30 @@ class Store:
             for statement in SCHEMA:
                 db.execute(statement)
 
+    def _missing_tables(self, found: set[str]) -> None:
+        """InputError unless `found` (the tables a read-only open sees) holds every table the read commands use."""
+        missing = [t for t in READ_TABLES if t not in found]
+        if missing:
+            self.close()
+            raise InputError(
+                f"{self.shown} has no {', '.join(missing)} table, so it is not an ldmkit database; give the database "
+                f"that `ldmkit serve` uses (a read-only command creates nothing)"
+            )
+
 
 class SQLiteStore(Store):
     """A SQLite file in WAL mode, shared safely by the threads and processes of one machine."""
 
     kind = "sqlite"
 
-    def __init__(self, path: Path, shown: str):
-        super().__init__(shown)
+    def __init__(self, path: Path, shown: str, read_only: bool = False):
+        super().__init__(shown, read_only)
         self.path = path
         if path.is_dir():
             raise InputError(f"{shown} is a folder; name a file in it instead, such as {path / 'ldmkit.db'}")
+        if read_only:
+            self._open_read_only()
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -178,13 +204,67 @@ class SQLiteStore(Store):
                 ) from None
             raise InputError(f"{shown} cannot be used as a SQLite database ({e}); check that it is writable") from None
 
+    def _open_read_only(self) -> None:
+        """Check that the file exists, can be read and holds the ldmkit tables; nothing is created or written."""
+        if not self.path.exists():
+            raise InputError(
+                f"{self.shown} does not exist; give the path of the database `ldmkit serve` writes "
+                f"(a read-only command creates nothing)"
+            )
+        wal = Path(f"{self.path}-wal")
+        # No log beside the file: no process has it open, and immutable=1 reads it creating no -wal or -shm file.
+        self._immutable = not (wal.exists() or Path(f"{self.path}-journal").exists())
+        try:
+            try:
+                found = self._table_names()
+            except sqlite3.OperationalError:
+                # mode=ro reads a write-ahead log through a -shm file, created when missing. Where it cannot be (a
+                # read-only folder), an empty log holds no rows to miss, so the file is read as immutable instead.
+                if self._immutable or _size(wal) > 0:
+                    raise
+                broken = self._conns.pop(threading.get_ident(), None)
+                if broken is not None:
+                    broken.close()
+                self._immutable = True
+                found = self._table_names()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise self._unreadable(e, wal) from None
+        self._missing_tables(found)
+
+    def _table_names(self) -> set[str]:
+        return {r["name"] for r in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _unreadable(self, error: sqlite3.DatabaseError, wal: Path) -> InputError:
+        """The InputError of a read-only open that failed with `error`, saying what to do."""
+        if "not a database" in str(error):
+            return InputError(
+                f"{self.shown} is not a SQLite database (the file holds something else); "
+                f"give the path of the database `ldmkit serve` writes"
+            )
+        if _size(wal) > 0:
+            return InputError(
+                f"{self.shown} has a write-ahead log ({wal.name}, {_size(wal)} bytes) holding rows not yet in the "
+                f"file, and SQLite reads it only where it may create {self.path.name}-shm beside it, which this "
+                f"folder does not allow ({error}); copy {self.path.name} and {wal.name} together to a writable "
+                f"folder and give that copy"
+            )
+        return InputError(f"{self.shown} cannot be read as a SQLite database ({error}); check that it can be read")
+
     def _connect(self):
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        if self.read_only:  # SQLite refuses writes itself (root's too); see _open_read_only for immutable=1
+            uri = f"{self.path.resolve().as_uri()}?mode=ro{'&immutable=1' if self._immutable else ''}"
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+            if self.read_only:
+                conn.execute("PRAGMA query_only = 1")  # a second guard, in SQLite's own words
+            else:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
         except BaseException:
             conn.close()
             raise
@@ -213,6 +293,14 @@ class SQLiteStore(Store):
             conn.execute("COMMIT" if commit else "ROLLBACK")
 
 
+def _size(path: Path) -> int:
+    """The size of the file at `path` in bytes, 0 when there is none."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _masked(url: str) -> str:
     """`url` with its password, if any, replaced by ***."""
     parts = urlsplit(url)
@@ -227,8 +315,8 @@ class PostgresStore(Store):
 
     kind = "postgresql"
 
-    def __init__(self, url: str):
-        super().__init__(f"--database {_masked(url)}")
+    def __init__(self, url: str, read_only: bool = False):
+        super().__init__(f"--database {_masked(url)}", read_only)
         try:
             import psycopg
         except ImportError:
@@ -238,7 +326,13 @@ class PostgresStore(Store):
             ) from None
         self._psycopg, self.url = psycopg, url
         try:
-            self._create_tables()
+            if read_only:
+                names = self.query(
+                    "SELECT to_regclass('keys') AS keys, to_regclass('usage') AS usage, to_regclass('audit') AS audit"
+                )[0]
+                found = {name for name, regclass in names.items() if regclass is not None}
+            else:
+                self._create_tables()
         except psycopg.Error as e:
             self.close()
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -246,11 +340,16 @@ class PostgresStore(Store):
                 f"{self.shown}: cannot use this PostgreSQL database ({first}); check that the server runs and that "
                 f"the URL's host, port, user, password and database name are right"
             ) from None
+        if read_only:
+            self._missing_tables(found)
 
     def _connect(self):
         from psycopg.rows import dict_row
 
-        return self._psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
+        conn = self._psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
+        if self.read_only:  # every statement of the session runs in a read-only transaction
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        return conn
 
     @staticmethod
     def _usable(conn) -> bool:
