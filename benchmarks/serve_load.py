@@ -7,7 +7,8 @@ Each configuration starts its own `ldmkit serve` process with the shipped emoji 
 key. "batched" is the default server (max_batch 16, max_wait_ms 25); "one at a time" is the same server with
 max_batch 1, so requests run one after another as in the popular UIs. Every client sends its requests one after
 the other (n=1 image each, its own prompt and seed); the table reports images/s, p50 / p99 latency and errors
-(anything but a 200 or an intended 429). Both modes must give every request the same PNG (compared by SHA-256).
+(anything but a 200 or an intended 429). Both modes must give every request the same image: its decoded pixels
+are compared (by SHA-256), not the PNG files, which embed each request's id and time and so always differ.
 Last, the kill test: clients keep sending while the server is killed with SIGKILL; every request that was answered
 must have its audit row (found by the X-Request-Id header), and `audit verify` must pass.
 Writes benchmarks/out/serve_load.json.
@@ -19,6 +20,7 @@ import argparse
 import base64
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 import signal
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,8 +62,14 @@ def start(folder: Path, *settings: str) -> tuple[subprocess.Popen, str, str, Pat
     return proc, f"http://127.0.0.1:{port}", secret, db
 
 
+def pixel_hash(png: bytes) -> str:
+    """SHA-256 of a PNG's decoded pixels with its mode and size: equal for the same image whatever its metadata."""
+    with Image.open(io.BytesIO(png)) as im:
+        return hashlib.sha256(f"{im.mode} {im.size}".encode() + im.tobytes()).hexdigest()
+
+
 def load(url: str, key: str, clients: int, requests: int, steps: int) -> dict:
-    """`clients` threads each sending `requests` requests in turn; latencies, errors and the PNGs' hashes."""
+    """`clients` threads each sending `requests` requests in turn; latencies, errors and the images' pixel hashes."""
     latencies, errors, hashes, lock = [], [], {}, threading.Lock()
 
     def client(c: int):
@@ -74,7 +83,7 @@ def load(url: str, key: str, clients: int, requests: int, steps: int) -> dict:
                 with lock:
                     if resp.status_code == 200:
                         latencies.append(dt)
-                        hashes[i] = hashlib.sha256(base64.b64decode(resp.json()["data"][0]["b64_json"])).hexdigest()
+                        hashes[i] = pixel_hash(base64.b64decode(resp.json()["data"][0]["b64_json"]))
                     elif resp.status_code != 429:
                         errors.append(f"{resp.status_code}: {resp.text[:200]}")
 
@@ -150,7 +159,7 @@ def main():
         if m == "batched"
     }
     print(f"\nbatched / one at a time, images/s: {ratios}")
-    print(f"same PNG for every request in both modes: {same}")
+    print(f"same pixels for every request in both modes: {same}")
     print(f"kill -9 under load: {kill}")
     result = {
         "machine": f"{os.cpu_count()} CPUs",
