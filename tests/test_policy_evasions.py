@@ -43,7 +43,6 @@ def gore(tmp_path):
         "go re",
         "d i s m e m b e r e d",
         "a d-i-s-m-e-m-b-e-r-i-n-g scene",
-        "dis membered",
     ],
 )
 def test_evasions_are_refused(gore, prompt):
@@ -56,6 +55,11 @@ def test_evasions_are_refused(gore, prompt):
 )
 def test_joining_and_elongation_make_no_false_positive(gore, prompt):
     assert gore.check(prompt).allowed
+
+
+def test_split_words_join_for_terms_but_not_for_patterns(tmp_path):
+    assert not _policy(tmp_path, ["dismembered"]).check("dis membered").allowed
+    assert _policy(tmp_path, [], [PATTERN]).check("dis membered").allowed  # a term two words spell: a pattern
 
 
 def test_elongation_never_shortens_a_term(tmp_path):

@@ -8,7 +8,8 @@ joined. Terms match whole words, so a term never fires inside a longer word ("as
 a word with letters repeated ("gooore") still matches; a term ending in "*" matches every word that starts with
 it ("gore*": "gores", "gorefest", and for a stem ending in "e" also "gory", "goring"). Patterns are regular
 expressions searched case-insensitively in the word form (" a red apple "), in the text with its punctuation
-kept, and in the joined letters; a pattern that names a character no form can hold is refused at load.
+kept, and in spelled-out letters joined (not in split words joined, so a term that two ordinary words spell,
+"an al", can be written as a pattern instead); a pattern that names a character no form can hold is refused at load.
 
 The same Policy serves `ldmkit serve` (400 with the rule id, recorded in the audit trail), `ldmkit generate --policy`
 and `ldmkit policy check`.
@@ -70,11 +71,11 @@ class Rule:
     roles: tuple[str, ...] = ()  # the key roles the rule applies to; () = every role
 
     def matches(self, forms: Forms) -> bool:
-        """Whether a term matches (see TermMatcher) or a pattern is found in a form or a joined run or pair."""
+        """Whether a term matches (see TermMatcher) or a pattern is found in a form or in spelled-out letters."""
         return (
             any(t.matches(forms) for t in self._matchers)
             or any(p.search(f) for p in self.patterns for f in (*forms.words, *forms.plain))
-            or any(p.search(f" {j} ") for p in self.patterns for j in (*forms.runs, *forms.pairs))
+            or any(p.search(f" {r} ") for p in self.patterns for r in forms.runs)
         )
 
     @functools.cached_property
