@@ -1,22 +1,36 @@
 """API keys, roles, request rates and daily image quotas of `ldmkit serve`. No HTTP here: the app passes the
-Authorization header in and turns an AuthError into its status.
+Authorization header and the client's address in and turns an AuthError into its status.
 
 A key is `ldk_<key id>_<secret part>`, shown once when created. The store keeps only the key id, a random salt and
-the salted scrypt hash of the whole key, so a copy of the database lets nobody in. Verifying a key costs about
-50 ms of scrypt, so a successful verification is remembered in this process's memory, under the SHA-256 of the
-presented key; the key's row is still read on every request, so a revocation takes effect at once in every process
-that shares the database. Rates are counted per process (a sliding window); daily image quotas are counted in the
-store, so replicas share them.
+the salted scrypt hash of the whole key, so a copy of the database lets nobody in. Key ids are public (they appear
+in `keys list` and the audit trail), so checking a secret must not be a way to stall the server:
+- scrypt (about 50 ms of one core) runs on a small pool of its own threads (VERIFY_THREADS), never on the event
+  loop; when VERIFY_WAITING verifications already wait for it, another is refused at once (429, "busy");
+- failed verifications are limited per key id (FAILURES_PER_KEY) and per client address (FAILURES_PER_CLIENT) in
+  any FAILURE_WINDOW_S seconds; past either, a presented secret is refused without being checked (429 with
+  Retry-After, "too many failures"). An attempt counts from its start until it succeeds, so parallel guesses
+  cannot overrun the limit. A key id under attack cannot be verified anew until the attack pauses, but a key
+  this process verified in the last CACHE_TTL_S seconds keeps working;
+- a successful verification is remembered in this process's memory for CACHE_TTL_S seconds, under a keyed
+  BLAKE2b hash of the presented key (the key itself is not kept), so a valid key costs microseconds. The key's row
+  is still read on every request, so a revocation takes effect at once in every process that shares the database,
+  and revoking forgets what this process remembered of the key.
+Rates are counted per process (a sliding window). Daily image quotas are counted in the store, so replicas share
+them: a request reserves its images, settles them once served and gives them back when it fails; quota.py keeps
+the reservations, and gives back those of a process killed before it answered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
+import concurrent.futures
 import hashlib
 import hmac
 import math
+import os
 import re
 import secrets
 import threading
@@ -25,6 +39,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from ..errors import InputError, LdmkitError
+from . import quota as reservations
+from .quota import HOLD_S, RECONCILE_S, Reservation
 from .store import Conflict, Store
 
 ROLES = ("viewer", "user", "admin")  # each role may do what the roles before it may
@@ -32,6 +48,13 @@ PREFIX = "ldk"
 SCRYPT = dict(n=2**14, r=8, p=1, dklen=32)  # about 50 ms and 16 MiB per verification
 KEY_RE = re.compile(r"ldk_([0-9a-f]{12})_([A-Za-z0-9-]{43})")  # key id: 6 random bytes; secret: 32 (base64url)
 CACHE_SIZE = 4096  # verified keys remembered per process
+CACHE_TTL_S = 300.0  # how long a verified key is remembered; after that it is verified again
+VERIFY_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))  # scrypt verifications at once (16 MiB each)
+VERIFY_WAITING = 64  # verifications that may wait for a verify thread; another is refused at once (429)
+FAILURE_WINDOW_S = 60.0  # the sliding window of failed verifications
+FAILURES_PER_KEY = 10  # failed verifications of one key id in the window; more are refused unchecked (429)
+FAILURES_PER_CLIENT = 20  # failed verifications from one client address in the window, whatever the key ids
+TRACKED = 10_000  # key ids and addresses whose recent requests are counted; the least recently seen are forgotten
 NAME_MAX = 100
 
 
@@ -47,13 +70,24 @@ class Principal:
 
 
 class AuthError(LdmkitError):
-    """A request refused for who sent it. status: 401 (no valid key), 403 (role too low) or 429 (rate or quota);
-    reason: a short code ("missing key", "bad key", "revoked key", "role", "rate", "quota"); retry_after: whole
-    seconds after which the same request may succeed, or None. The message never contains the key."""
+    """A request refused for who sent it. status: 401 (no valid key), 403 (role too low) or 429 (rate, quota, too
+    many failed attempts, verifications busy); reason: a short code ("missing key", "bad key", "revoked key",
+    "role", "rate", "quota", "too many failures", "busy"); retry_after: whole seconds after which the same request
+    may succeed, or None; key_id, key_name: the presented key's id (when the header held a well-formed key) and
+    name (when its secret was right), for the audit trail. The message never contains the key."""
 
-    def __init__(self, message: str, status: int, reason: str, retry_after: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int,
+        reason: str,
+        retry_after: int | None = None,
+        key_id: str | None = None,
+        key_name: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.reason, self.retry_after = status, reason, retry_after
+        self.key_id, self.key_name = key_id, key_name
 
 
 def utc_now() -> datetime:
@@ -127,14 +161,67 @@ def _principal(row: dict) -> Principal:
     return Principal(row["id"], row["name"], row["role"], row["images_per_day"], None if rate is None else rate)
 
 
+class Windows:
+    """Sliding window logs of event times, one per name (a key id, a client address), for at most TRACKED names
+    (the least recently seen forgotten first). The caller holds a lock around every call."""
+
+    def __init__(self):
+        self._logs: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def wait(self, name: str, allowed: int, window: float, now: float) -> int:
+        """Whole seconds until one more event of `name` fits `allowed` in any `window` seconds; 0 when it fits now."""
+        times = self._logs.get(name)
+        if times is None:
+            return 0
+        while times and times[0] <= now - window:
+            times.popleft()
+        if len(times) < allowed:
+            return 0
+        return max(1, math.ceil(times[-allowed] + window - now))
+
+    def add(self, name: str, now: float) -> None:
+        self._logs.setdefault(name, collections.deque()).append(now)
+        self._logs.move_to_end(name)
+        while len(self._logs) > TRACKED:
+            self._logs.popitem(last=False)
+
+    def remove(self, name: str, stamp: float) -> None:
+        """Take back one event of `name` at time `stamp` (an attempt that turned out not to be a failure)."""
+        times = self._logs.get(name)
+        if times is not None and stamp in times:
+            times.remove(stamp)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A presented key that needs its scrypt verification: its row, and the failure counts it holds until then."""
+
+    key: str
+    key_id: str
+    seen: bytes  # keyed hash of the key, where a success is remembered
+    row: dict
+    client: str | None
+    stamp: float  # when it was counted against the key id's and the address's failures
+
+
+BAD_KEY = "this API key is not valid on this server; ask an admin for a key"
+
+
 class Keys:
     """API keys and their limits, kept in `store`. One instance per process serves any number of threads."""
 
     def __init__(self, store: Store):
         self.store = store
-        self._verified: collections.OrderedDict[bytes, str] = collections.OrderedDict()  # sha256(key) -> hash
-        self._windows: dict[str, collections.deque[float]] = {}  # key id -> times of recent requests
+        self._verified: collections.OrderedDict[bytes, tuple[str, str, float]] = collections.OrderedDict()
+        # ^ keyed hash of a verified key -> (key id, its stored hash, remembered until this time.monotonic())
+        self._pepper = secrets.token_bytes(32)  # keys that hash: this process's memory holds no plain hash of a key
+        self._windows = Windows()  # key id -> times of recent requests (check_rate)
+        self._failed_keys, self._failed_clients = Windows(), Windows()  # failed verifications, by key id and address
         self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # the verify threads, started when needed
+        self._waiting = 0  # verifications running or waiting on the pool
+        self._table = False  # whether this process made sure the reservations table exists
+        self._reconciled = -math.inf  # time.monotonic() of the last reconcile
 
     # --- managing keys ----------------------------------------------------------------------------------------
     def create(
@@ -179,37 +266,128 @@ class Keys:
             if not rows:
                 raise InputError(f"no key is named {name_or_id!r} or has that id; `ldmkit keys list` shows them")
             db.execute("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (_stamp(), rows[0]["id"]))
+        self._forget(rows[0]["id"])
         return _principal(rows[0])
 
     # --- who is asking ------------------------------------------------------------------------------------------
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The Principal of the key in an Authorization header; AuthError 401 for a missing, malformed, unknown,
-        wrong or revoked key. The key's row is read every time, so revocations apply at once."""
+    def authenticate(self, authorization: str | None, client: str | None = None) -> Principal:
+        """The Principal of the key in an Authorization header sent from address `client` (None: not counted per
+        address); AuthError 401 for a missing, malformed, unknown, wrong or revoked key, 429 while its key id or
+        address has too many recent failures. The key's row is read every time, so revocations apply at once.
+        Verifies in the calling thread: a server awaits authenticate_async instead."""
+        attempt = self.begin(authorization, client)
+        if isinstance(attempt, Principal):
+            return attempt
+        return self.finish(attempt, self.verify(attempt))
+
+    async def authenticate_async(self, authorization: str | None, client: str | None = None) -> Principal:
+        """authenticate, with the scrypt verification on the verify threads so the event loop never waits for it;
+        AuthError 429 ("busy") when VERIFY_WAITING verifications are already running or waiting."""
+        attempt = self.begin(authorization, client)
+        if isinstance(attempt, Principal):
+            return attempt
+        with self._lock:
+            if self._waiting >= VERIFY_WAITING:
+                self._not_a_failure(attempt)
+                raise AuthError(
+                    "the server is checking many keys at once; retry in 1 s", 429, "busy", 1, attempt.key_id
+                )
+            self._waiting += 1
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="ldmkit-verify")
+        future = self._pool.submit(self.verify, attempt)
+        future.add_done_callback(self._one_less_waiting)
+        return self.finish(attempt, await asyncio.wrap_future(future))
+
+    def begin(self, authorization: str | None, client: str | None = None) -> Principal | Attempt:
+        """The quick part of authenticate: the Principal of a key remembered as verified, else the Attempt that
+        scrypt must verify, counted against the failures of its key id and address (AuthError 429 when either
+        has too many already, 401 for an unknown key id)."""
         key = _presented_key(authorization)
-        rows = self.store.query("SELECT * FROM keys WHERE id = ?", (KEY_RE.fullmatch(key).group(1),))
-        if not rows or not self._matches(key, rows[0]):
-            raise AuthError("this API key is not valid on this server; ask an admin for a key", 401, "bad key")
-        row = rows[0]
+        key_id = KEY_RE.fullmatch(key).group(1)
+        seen = hashlib.blake2b(key.encode(), key=self._pepper, digest_size=32).digest()
+        rows = self.store.query("SELECT * FROM keys WHERE id = ?", (key_id,))
+        now = time.monotonic()
+        if rows and self._remembered(seen, rows[0], now):
+            return self._admitted(rows[0])
+        with self._lock:
+            wait = self._failed_keys.wait(key_id, FAILURES_PER_KEY, FAILURE_WINDOW_S, now)
+            if client is not None:
+                wait = max(wait, self._failed_clients.wait(client, FAILURES_PER_CLIENT, FAILURE_WINDOW_S, now))
+            if wait:
+                raise AuthError(
+                    f"too many failed attempts with key id {key_id} or from this address; check the key and retry in "
+                    f"{wait} s",
+                    429,
+                    "too many failures",
+                    wait,
+                    key_id,
+                )
+            self._failed_keys.add(key_id, now)
+            if client is not None:
+                self._failed_clients.add(client, now)
+        if not rows:
+            raise AuthError(BAD_KEY, 401, "bad key", key_id=key_id)
+        return Attempt(key, key_id, seen, rows[0], client, now)
+
+    @staticmethod
+    def verify(attempt: Attempt) -> bool:
+        """Whether the presented key hashes to its row's hash: the slow part (scrypt), safe in any thread."""
+        return hmac.compare_digest(_scrypt(attempt.key, bytes.fromhex(attempt.row["salt"])), attempt.row["hash"])
+
+    def finish(self, attempt: Attempt, ok: bool) -> Principal:
+        """The Principal of a verified attempt (remembered for CACHE_TTL_S unless revoked), or AuthError 401."""
+        if not ok:
+            raise AuthError(BAD_KEY, 401, "bad key", key_id=attempt.key_id)
+        row = attempt.row
+        with self._lock:
+            self._not_a_failure(attempt)
+            if not row["revoked"]:
+                self._verified[attempt.seen] = (row["id"], row["hash"], time.monotonic() + CACHE_TTL_S)
+                while len(self._verified) > CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        return self._admitted(row)
+
+    def _admitted(self, row: dict) -> Principal:
+        """The Principal of a key whose secret was right; AuthError 401 (with its id and name) when it was revoked."""
         if row["revoked"]:
+            self._forget(row["id"])
             raise AuthError(
-                f"key {row['name']} was revoked at {row['revoked']}; ask an admin for a new key", 401, "revoked key"
+                f"key {row['name']} was revoked at {row['revoked']}; ask an admin for a new key",
+                401,
+                "revoked key",
+                key_id=row["id"],
+                key_name=row["name"],
             )
         return _principal(row)
 
-    def _matches(self, key: str, row: dict) -> bool:
-        """Whether `key` hashes to the row's hash: from this process's memory of earlier successes, else scrypt."""
-        seen = hashlib.sha256(key.encode()).digest()
+    def _remembered(self, seen: bytes, row: dict, now: float) -> bool:
+        """Whether this process verified the key hashed to `seen` against this row less than CACHE_TTL_S ago."""
         with self._lock:
-            remembered = self._verified.get(seen)
-        if remembered is not None and hmac.compare_digest(remembered, row["hash"]):
-            return True
-        if not hmac.compare_digest(_scrypt(key, bytes.fromhex(row["salt"])), row["hash"]):
+            entry = self._verified.get(seen)
+            if entry is None:
+                return False
+            key_id, stored, until = entry
+            if until > now and key_id == row["id"] and hmac.compare_digest(stored, row["hash"]):
+                return True
+            del self._verified[seen]
             return False
+
+    def _forget(self, key_id: str) -> None:
+        """Drop what this process remembers of key `key_id`'s verifications (it was revoked)."""
         with self._lock:
-            self._verified[seen] = row["hash"]
-            while len(self._verified) > CACHE_SIZE:
-                self._verified.popitem(last=False)
-        return True
+            for seen in [s for s, entry in self._verified.items() if entry[0] == key_id]:
+                del self._verified[seen]
+
+    def _not_a_failure(self, attempt: Attempt) -> None:
+        """Take back the failure counts of an attempt that succeeded or was never checked; call with the lock."""
+        self._failed_keys.remove(attempt.key_id, attempt.stamp)
+        if attempt.client is not None:
+            self._failed_clients.remove(attempt.client, attempt.stamp)
+
+    def _one_less_waiting(self, _future) -> None:
+        with self._lock:
+            self._waiting -= 1
 
     @staticmethod
     def require(principal: Principal, role: str) -> None:
@@ -217,7 +395,11 @@ class Keys:
         _check_role(role, "role")
         if ROLES.index(principal.role) < ROLES.index(role):
             raise AuthError(
-                f"key {principal.name} has role {principal.role}; this needs role {role} or above", 403, "role"
+                f"key {principal.name} has role {principal.role}; this needs role {role} or above",
+                403,
+                "role",
+                key_id=principal.key_id,
+                key_name=principal.name,
             )
 
     # --- limits -------------------------------------------------------------------------------------------------
@@ -234,20 +416,25 @@ class Keys:
         window = 60.0 * allowed / rate
         now = time.monotonic()
         with self._lock:
-            times = self._windows.setdefault(principal.key_id, collections.deque())
-            while times and times[0] <= now - window:
-                times.popleft()
-            if len(times) >= allowed:
-                wait = max(1, math.ceil(times[0] + window - now))
+            wait = self._windows.wait(principal.key_id, allowed, window, now)
+            if wait:
                 raise AuthError(
-                    f"key {principal.name} may send {rate:g} requests a minute; retry in {wait} s", 429, "rate", wait
+                    f"key {principal.name} may send {rate:g} requests a minute; retry in {wait} s",
+                    429,
+                    "rate",
+                    wait,
+                    principal.key_id,
+                    principal.name,
                 )
-            times.append(now)
+            self._windows.add(principal.key_id, now)
 
-    def reserve_images(self, principal: Principal, n: int) -> None:
-        """Count `n` images against today's (UTC) count of the key, atomically in the store, or refuse them with
-        AuthError 429 (retry_after: seconds to 00:00 UTC) when they would pass the key's images_per_day. Keys
-        without a quota are counted too (`keys list` shows it)."""
+    # --- daily image quotas -----------------------------------------------------------------------------------------
+    def reserve_images(self, principal: Principal, n: int, hold_s: float = HOLD_S) -> Reservation:
+        """Count `n` images against today's (UTC) count of the key and record them as reserved for a request not
+        yet answered, atomically in the store; or refuse them with AuthError 429 (retry_after: seconds to 00:00
+        UTC) when they would pass the key's images_per_day. Keys without a quota are counted too (`keys list`
+        shows it). settle() keeps the count once the request is served, release() gives it back when it fails;
+        after hold_s seconds without either, reconcile() gives it back (make it longer than a request can live)."""
         _check_count(n)
         quota, now = principal.images_per_day, utc_now()
         if quota is not None and n > quota:
@@ -256,16 +443,23 @@ class Keys:
                 f"ask for at most {quota}",
                 429,
                 "quota",
+                key_id=principal.key_id,
+                key_name=principal.name,
             )
-        day, within = now.date().isoformat(), "" if quota is None else " WHERE usage.images + excluded.images <= ?"
+        if time.monotonic() - self._reconciled > RECONCILE_S:
+            self.reconcile()
+        held = Reservation(secrets.token_hex(16), principal.key_id, now.date().isoformat(), n)
+        within = "" if quota is None else " WHERE usage.images + excluded.images <= ?"
         with self.store.write() as db:
             counted = db.execute(
                 "INSERT INTO usage (key_id, day, images) VALUES (?, ?, ?) ON CONFLICT (key_id, day)"
                 f" DO UPDATE SET images = usage.images + excluded.images{within} RETURNING images",
-                (principal.key_id, day, n) + (() if quota is None else (quota,)),
+                (principal.key_id, held.day, n) + (() if quota is None else (quota,)),
             )
+            if counted:
+                reservations.hold(db, held, hold_s)
             used = counted or db.execute(
-                "SELECT images FROM usage WHERE key_id = ? AND day = ?", (principal.key_id, day)
+                "SELECT images FROM usage WHERE key_id = ? AND day = ?", (principal.key_id, held.day)
             )
         if not counted:
             wait = seconds_to_midnight(now)
@@ -275,17 +469,36 @@ class Keys:
                 429,
                 "quota",
                 wait,
+                principal.key_id,
+                principal.name,
             )
+        return held
 
-    def release_images(self, principal: Principal, n: int) -> None:
-        """Give back `n` images reserved today for a request that failed or was cancelled (never below zero)."""
+    def settle(self, held: Reservation) -> None:
+        """The request was served: its images stay counted (counted again if reconcile gave them back meanwhile).
+        Settling twice counts nothing more."""
+        reservations.settle(self.store, held)
+
+    def release(self, held: Reservation) -> bool:
+        """The request failed or was cancelled: give its images back. True when they were given back now; False
+        when the reservation was settled or given back already."""
+        return reservations.release(self.store, held)
+
+    def release_images(self, principal: Principal, n: int, day: str | None = None) -> None:
+        """Give back `n` images counted on `day` (default today, UTC) for a request that was settled and then
+        failed to be answered (never below zero)."""
         _check_count(n)
         with self.store.write() as db:
-            db.execute(
-                "UPDATE usage SET images = CASE WHEN images > ? THEN images - ? ELSE 0 END"
-                " WHERE key_id = ? AND day = ?",
-                (n, n, principal.key_id, utc_now().date().isoformat()),
-            )
+            reservations.uncount(db, principal.key_id, day or utc_now().date().isoformat(), n)
+
+    def reconcile(self) -> int:
+        """Give back the images of open reservations whose request can no longer be answered (quota.reconcile);
+        how many reservations were given back."""
+        if not self._table:
+            reservations.create_table(self.store)
+            self._table = True
+        self._reconciled = time.monotonic()
+        return reservations.reconcile(self.store, _stamp())
 
 
 def _check_count(n: int) -> None:
