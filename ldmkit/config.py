@@ -282,6 +282,7 @@ class ServeLimits:
     max_n: int = 8  # images per request
     max_steps: int = 100  # sampling steps
     max_side: int = 1024  # pixels per side of a generated image
+    max_pixels: int = 512 * 512  # pixels of one generated image (width x height)
     max_prompt_chars: int = 2000  # characters of a prompt or negative prompt
     max_upload_bytes: int = 8 * 2**20  # a request body (uploaded images in base64 included)
     max_cfg: float = 30.0  # guidance scale; larger values overflow float32 in some models
@@ -435,6 +436,7 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         max_n=Bound(1, 256, integer=True),
         max_steps=Bound(1, 10_000, integer=True),
         max_side=COUNT,
+        max_pixels=COUNT,
         max_prompt_chars=COUNT,
         max_upload_bytes=COUNT,
         max_cfg=POSITIVE,

@@ -1,0 +1,79 @@
+"""What a request will cost before it runs: its work in units, and each model's measured seconds per unit.
+
+A unit is one pixel of one image through one denoiser pass of one step, so a request costs
+`height * width * n * passes` units a step (passes: 2 with classifier-free guidance, else 1), times its steps.
+A sampling step of a batch takes about `a + b * units` seconds: `a` is the fixed cost of a step (Python, kernel
+dispatch), `b` the seconds per unit. Both are fitted by least squares to the batches the model ran, which keeps the
+estimate of a large request honest when most batches are small (a ratio of totals would charge every unit the small
+batches' fixed cost, and refuse large requests that would fit).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+from ..diffusion.guidance import guides
+from ..pipelines.generate import SampleRequest, resolution
+
+
+def units_per_step(ldm, req: SampleRequest) -> int:
+    """The units of one sampling step of `req`: pixels x images x denoiser passes (2 with guidance)."""
+    h, w = resolution(ldm, req)
+    return h * w * req.n * (2 if guides(req.cfg) else 1)
+
+
+def describe(ldm, req: SampleRequest) -> str:
+    """The request's work in words, for an error that refuses it."""
+    h, w = resolution(ldm, req)
+    passes = ", 2 passes a step for guidance" if guides(req.cfg) else ""
+    return f"{w}x{h} pixels x {req.n} images x {req.steps} steps{passes}"
+
+
+class StepCost:
+    """One model's seconds per sampling step as `a + b * units`, fitted to the warm-up runs (kept for good: they span
+    two batch sizes, so the fit always has a slope) and the last `recent` batches."""
+
+    def __init__(self, recent: int = 32):
+        """recent: how many of the latest batches the fit follows (older ones are forgotten)."""
+        self.anchors: list[tuple[float, float]] = []  # (units per step, seconds per step) of the warm-up
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=recent)
+        self._fit: tuple[float, float] | None = None
+
+    def add(self, units: float, seconds: float, anchor: bool = False) -> None:
+        """One measured batch: `units` a step took `seconds` a step."""
+        if units <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        (self.anchors if anchor else self.recent).append((float(units), float(seconds)))
+        self._fit = None
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b): the fixed seconds of a step and the seconds per unit; None before any batch was measured."""
+        if self._fit is None:
+            self._fit = _least_squares([*self.anchors, *self.recent])
+        return self._fit
+
+    def seconds(self, units: float, steps: int, batches: int = 1) -> float | None:
+        """Seconds for `steps` steps of `units` units a step run in `batches` batches; None when nothing is known."""
+        fit = self.fit()
+        if fit is None:
+            return None
+        a, b = fit
+        return steps * (batches * a + b * units)
+
+
+def _least_squares(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The line y = a + b x closest to `points`, with a and b kept non-negative: a noisy slope below zero gives way to
+    the mean seconds per unit, and a fixed cost above the fastest step gives way to that step's time."""
+    if not points:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    sxy = sum((x - mx) * (y - my) for x, y in points)
+    if sxx <= 1e-12 * mx * mx or sxy <= 0:  # one batch size only, or noise: plain seconds per unit
+        return 0.0, my / mx
+    b = sxy / sxx
+    a = min(max(my - b * mx, 0.0), min(y for _, y in points))
+    return a, (my - a) / mx  # through the mean point, whether or not `a` was clamped
