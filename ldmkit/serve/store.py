@@ -208,8 +208,8 @@ class SQLiteStore(Store):
         """Check that the file exists, can be read and holds the ldmkit tables; nothing is created or written."""
         if not self.path.exists():
             raise InputError(
-                f"{self.shown} does not exist; give the path of the database `ldmkit serve` writes "
-                f"(a read-only command creates nothing)"
+                f"{self.shown} does not exist; give the path of the database `ldmkit serve` writes (this command "
+                f"only reads; `ldmkit keys create` or `ldmkit serve` makes a new one)"
             )
         wal = Path(f"{self.path}-wal")
         # No log beside the file: no process has it open, and immutable=1 reads it creating no -wal or -shm file.
