@@ -176,6 +176,7 @@ READ_COMMANDS = (
     ["audit", "verify"],
     ["audit", "export", "--format", "csv"],
     ["audit", "anchor"],
+    ["audit", "tail", "-n", "2"],
     ["keys", "list"],
 )
 

@@ -1,8 +1,9 @@
 """`ldmkit keys` (create, list, revoke the API keys of `ldmkit serve`), `ldmkit audit` (verify, anchor, export, tail
 its audit trail) and `ldmkit prompts` (add, list, show, retire its prompt templates). cli.py adds them with
 add_keys_command(sub, common), add_audit_command(sub, common) and add_prompts_command(sub, common); each command
-function takes the parsed arguments and returns an exit status. `keys list`, `audit verify`, `audit anchor` and
-`audit export` open the database read-only, so they work on an archived copy and change nothing in it."""
+function takes the parsed arguments and returns an exit status. `keys list`, `audit verify`, `audit anchor`,
+`audit export` and `audit tail` (without --follow) open the database read-only, so they work on an archived copy and
+change nothing in it."""
 
 from __future__ import annotations
 
@@ -275,7 +276,8 @@ def _output(path: str, overwrite: bool):
 
 
 def cmd_audit_tail(args) -> int:
-    with open_store(args.database) as store:
+    # read-only without --follow; following opens it as a server does, to see a log that a later start begins
+    with open_store(args.database, read_only=not args.follow) as store:
         audit = Audit(store)
         rows = audit.tail(args.n)
         for row in rows:
