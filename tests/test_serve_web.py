@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     db = tmp_path_factory.mktemp("web") / "ldmkit.db"
-    server = LiveServer(db, models=("emoji",))
+    server = LiveServer(db, models=("emoji", "fashion-mnist-inpaint"))  # the second serves img2img only
     server.key = Keys(open_store(str(db))).create("web", "user")[0]
     yield server
     server.close()
@@ -109,6 +109,36 @@ def test_a_user_signs_in_generates_and_sees_the_image_with_its_parameters(live, 
     assert page.evaluate("sessionStorage.length") == 0
     page.reload()
     assert page.is_visible("#key") and not page.is_visible("#gallery")
+
+
+def test_under_its_security_policy_the_page_works_and_no_prompt_or_inline_script_runs(live, page):
+    violations = []
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    sign_in(page, live, live.key)
+    page.wait_for_selector("#model option[value='emoji']", state="attached")
+    offered = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+    assert offered == ["emoji"]  # the inpainting model cannot generate, so it is not offered
+    assert page.evaluate("getComputedStyle(document.querySelector('#status')).minHeight") != "auto"  # styled
+
+    attack = '<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script>'
+    page.fill("#prompt", attack)
+    page.fill("#negative", attack)
+    page.fill("#steps", "2")
+    page.fill("#n", "1")
+    page.click("#generate")
+    page.wait_for_selector("#status.done")
+    page.wait_for_selector("#gallery img.result")
+    assert page.inner_text("#gallery dd") == attack  # shown as text
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("#gallery script, #gallery img:not(.result)").count() == 0
+
+    # the policy itself: an inline script, however it got into the page, is not run
+    ran = page.evaluate(
+        "() => { const s = document.createElement('script'); s.textContent = 'window.__inline = 1';"
+        " document.body.append(s); return window.__inline }"
+    )
+    assert ran is None
+    assert violations and all("inline" in v or "script-src" in v for v in violations), violations
 
 
 def test_a_wrong_key_shows_the_servers_error_and_no_gallery(live, page):
