@@ -302,6 +302,17 @@ def test_a_copy_in_a_folder_nobody_may_write_is_verified_and_listed(read_only_fo
     assert fingerprint(copy) == before and sorted(p.name for p in folder.iterdir()) == ["ldmkit.db"]
 
 
+def test_an_empty_log_beside_a_copy_nobody_may_write_holds_no_rows_to_miss(read_only_folder, tmp_path):
+    folder, seal = read_only_folder
+    with open_store(str(tmp_path / "ldmkit.db")) as store:
+        fill(Audit(store), 2)
+    shutil.copy2(tmp_path / "ldmkit.db", folder / "ldmkit.db")
+    (folder / "ldmkit.db-wal").touch()  # left by a copy taken right after a checkpoint
+    seal()
+    out = as_unprivileged(lambda: run_command(["audit", "verify", "--database", str(folder / "ldmkit.db")]))
+    assert out.startswith("ok: 2 rows\nhead: 2:"), out
+
+
 def test_a_copy_whose_log_cannot_be_read_there_says_to_copy_both_files(read_only_folder, tmp_path):
     folder, seal = read_only_folder
     live = tmp_path / "ldmkit.db"

@@ -211,16 +211,16 @@ class SQLiteStore(Store):
                 f"{self.shown} does not exist; give the path of the database `ldmkit serve` writes (this command "
                 f"only reads; `ldmkit keys create` or `ldmkit serve` makes a new one)"
             )
-        wal = Path(f"{self.path}-wal")
+        wal, journal = Path(f"{self.path}-wal"), Path(f"{self.path}-journal")
         # No log beside the file: no process has it open, and immutable=1 reads it creating no -wal or -shm file.
-        self._immutable = not (wal.exists() or Path(f"{self.path}-journal").exists())
+        self._immutable = not (wal.exists() or journal.exists())
         try:
             try:
                 found = self._table_names()
             except sqlite3.OperationalError:
                 # mode=ro reads a write-ahead log through a -shm file, created when missing. Where it cannot be (a
                 # read-only folder), an empty log holds no rows to miss, so the file is read as immutable instead.
-                if self._immutable or _size(wal) > 0:
+                if self._immutable or _size(wal) > 0 or _size(journal) > 0:
                     raise
                 broken = self._conns.pop(threading.get_ident(), None)
                 if broken is not None:
