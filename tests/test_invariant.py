@@ -1,13 +1,17 @@
 """Batch invariance on the CPU: an image's numbers do not depend on the batch it shares, bit for bit."""
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.nn.invariant import MIN_ROWS, batch_invariant
+from ldmkit.nn.invariant import batch_invariant, plain_kernels, self_check
 from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.shipped import resolve_model
 
@@ -67,14 +71,6 @@ def test_the_shipped_text_model_gives_each_image_the_same_numbers_alone_and_toge
         assert torch.equal(alone[0], together[i]), p
 
 
-def test_min_rows_is_where_the_row_count_stops_mattering():
-    """The constant is measured, not guessed: from MIN_ROWS rows on, a row's numbers are the same at any count."""
-    w = torch.randn(384, 320, generator=torch.Generator().manual_seed(2))
-    x = torch.randn(256, 320, generator=torch.Generator().manual_seed(3))
-    full = F.linear(x, w)
-    assert all(torch.equal(F.linear(x[:m], w), full[:m]) for m in range(MIN_ROWS, 64))
-
-
 @contextlib.contextmanager
 def threads(n: int):
     before = torch.get_num_threads()
@@ -108,3 +104,112 @@ def test_eight_strangers_batched_at_one_thread_get_the_images_they_get_alone():
         for i in (0, 7):
             alone, _ = generate(ldm, SampleRequest(n=1, prompts=[prompts[i]], seed=100 + i, steps=2, cfg=3.0))
             assert torch.equal(alone[0], together[i]), prompts[i]
+
+
+def inputs_alone_equal_together(fn, *tensors) -> bool:
+    together = fn(*tensors)
+    return all(torch.equal(fn(*(t[i : i + 1] for t in tensors))[0], together[i]) for i in range(len(together)))
+
+
+@torch.no_grad()
+def test_matrix_products_and_attention_give_each_image_its_own_numbers():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(6, 9, 24, generator=g), torch.randn(6, 24, 5, generator=g)
+    w = torch.randn(24, 7, generator=g)
+    q, k, v = (torch.randn(6, 2, 11, 16, generator=g) for _ in range(3))
+    mask = torch.rand(6, 1, 1, 11, generator=g) > 0.3
+    mask[..., 0] = True
+    c = torch.randn(6, 9, 5, generator=g)
+    with batch_invariant():
+        assert inputs_alone_equal_together(lambda x, y: x @ y, a, b)
+        assert inputs_alone_equal_together(lambda x: torch.matmul(x, w), a)
+        assert inputs_alone_equal_together(torch.bmm, a, b)
+        assert inputs_alone_equal_together(torch.baddbmm, c, a, b)
+        assert inputs_alone_equal_together(
+            lambda *t: F.scaled_dot_product_attention(*t[:3], attn_mask=t[3]), q, k, v, mask
+        )
+        assert inputs_alone_equal_together(F.scaled_dot_product_attention, q, k, v)  # no mask
+        # the per-image route computes what the plain kernels compute
+        assert torch.allclose(torch.baddbmm(c, a, b), c + a @ b, atol=1e-5)
+
+
+@torch.no_grad()
+def test_an_image_gets_the_same_numbers_wherever_it_lies_in_memory():
+    """A slice at an odd offset of a larger buffer (other alignment, other strides) is computed like a fresh image."""
+    conv, lin = torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Linear(40, 24)
+    buf = torch.randn(1 + 2 * 8 * 10 * 10, generator=torch.Generator().manual_seed(7))
+    x = buf[1:].view(2, 8, 10, 10)  # 4 bytes past an aligned start
+    with batch_invariant():
+        assert torch.equal(conv(x)[1], conv(x[1:].clone())[0])
+        t = buf[1 : 1 + 2 * 40 * 20].view(2, 40, 20).transpose(1, 2)  # (2, 20, 40), strided and offset
+        assert torch.equal(lin(t)[0], lin(t[:1].contiguous())[0])
+
+
+def test_the_self_check_holds_here_and_catches_the_plain_kernels():
+    result = self_check()
+    assert result["holds"], result["failures"]
+    with plain_kernels():  # the same probe without the mode: batch-dependent numbers, which the check must see
+        plain = self_check()
+    assert not plain["holds"] and plain["failures"], "the probe no longer exercises batch-dependent kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+# Each instruction-set level the libraries let a process cap: oneDNN (convolutions), MKL (matrix products) and
+# ATen's own vectorised kernels, with the CPU flag the level needs.
+ISA_LEVELS = {
+    "sse41": (
+        {"ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ATEN_CPU_CAPABILITY": "default"},
+        "sse4_1",
+    ),
+    "avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "avx2"),
+    "avx512": (
+        {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ATEN_CPU_CAPABILITY": "avx512"},
+        "avx512f",
+    ),
+    "avx512-bf16": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "avx512_bf16"),
+    "amx": ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "amx_tile"),
+    "uncapped": ({}, None),
+}
+
+_CHILD = """
+import json, sys, torch
+from ldmkit.ldm import LatentDiffusion
+from ldmkit.nn.invariant import self_check
+from ldmkit.pipelines.generate import SampleRequest, generate
+out = {}
+ldm = LatentDiffusion.load(sys.argv[1])
+prompts = ["a", "bb cc", "", "d e f"]
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    check = self_check()
+    kw = dict(sampler="dpmpp_2m", steps=2, cfg=2.5)
+    together, _ = generate(ldm, SampleRequest(n=4, prompts=prompts, seed=3, batch_size=4, **kw))
+    alone = [generate(ldm, SampleRequest(n=1, prompts=[p], seed=3 + i, **kw))[0][0] for i, p in enumerate(prompts)]
+    model = [i for i in range(4) if not torch.equal(alone[i], together[i])]
+    out[threads] = check["failures"] + [f"tiny text model, image {i} of 4" for i in model]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("level", list(ISA_LEVELS))
+def test_batch_invariance_holds_at_every_instruction_set_level_and_thread_count(level, tiny_text_ldm):
+    """A fresh process per level (the libraries read their caps once, at start), at one and two threads."""
+    env_caps, flag = ISA_LEVELS[level]
+    if flag is not None and flag not in _cpu_flags():
+        pytest.skip(f"level {level}: this CPU has no {flag}")
+    env = {k: v for k, v in os.environ.items() if k not in env_caps and not k.startswith(("ONEDNN_", "MKL_ENABLE"))}
+    env.update(env_caps, OMP_NUM_THREADS="2")
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tiny_text_ldm)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert failures == {"1": [], "2": []}, f"level {level} ({env_caps}): {failures}"

@@ -1,97 +1,111 @@
 """Batch-invariant inference on the CPU: an image's numbers do not depend on the batch it shares.
 
-PyTorch's CPU kernels pick their strategy from the shapes they are given. Three cases change the last bits of a
-result with the batch size, measured on torch 2.13's oneDNN / MKL kernels:
-- a 2-D convolution of a batch of 1 splits its work differently from any batch of 2 or more, and every batch of 2
-  or more gives each image exactly the numbers it gets in any other;
-- a matrix product with fewer than a dozen rows takes a small-matrix path; from about a dozen rows on, each row's
-  numbers no longer depend on how many rows there are;
-- at one thread, a 1x1 convolution of a batch of 16 or more images gives each image other numbers than a smaller
-  batch does (3x3 ones do not; at two and four threads neither does).
-So a lone image is convolved as a batch of two (itself twice), a 1x1 convolution (stride 1, no padding, one group:
-a matrix product over the channels) is computed as that product, image by image in one batched call (a matrix
-product of channels moved last would not do: strided, it too depends on the row count), and a linear layer with
-fewer than MIN_ROWS rows is padded with zero rows. All cost little (the padding is only ever added to small work;
-the batched product is as fast as the convolution), and every other operation a model uses (normalisation,
-attention, elementwise maths) already treats each batch row on its own.
+PyTorch's CPU kernels (oneDNN, MKL, ATen's own) pick their strategy from the shapes, strides and alignment they are
+given, and the choice differs by instruction set (AVX2, AVX-512, AMX) and thread count: a convolution of one image
+splits its work differently from one of two, a matrix product of a few rows takes a small-matrix path, a 1x1
+convolution of 16 images takes another. Tuning around one CPU's choices does not carry to the next CPU.
 
-With that, the same seed gives the same image bit for bit at any batch size, and a server may batch different
-users' requests into one forward pass without changing anyone's image. tests/test_invariant.py checks the property
-on the layers and on whole models. Training (gradients on) and GPUs are left alone.
+So the guarantee is made by construction instead: every operation whose kernel choice depends on the shape (2-D
+convolution, linear layers, matrix products, scaled dot-product attention) is called once per image, on a fresh
+contiguous copy of that image's slice (the same shape, strides and 64-byte alignment whatever the batch), and the
+results are concatenated. An image's call is then the very same call alone or in any batch, whatever kernel the CPU
+picks for it, at any instruction-set level and thread count. Every other operation a model uses (normalisation,
+softmax, elementwise maths) reduces within one image only, with a fixed order.
+
+The cost is the batching gain those kernels would have had (measured in benchmarks/RESULTS.md, "batch invariance").
+`self_check()` measures the property on this machine; `ldmkit serve` runs it at start and reports it in /readyz.
+Training (gradients on) and GPUs are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-MIN_ROWS = 16  # a matrix product with at least this many rows gives each row the same numbers at any row count
+from .attention import SpatialTransformer
 
 _active = threading.local()  # torch function modes are per thread; so is the flag that avoids nesting them
 
+# The calls that are made once per image: those whose CPU kernel depends on the batch's shape.
+_CONV = {F.conv2d}
+_LINEAR = {F.linear}
+_ATTENTION = {F.scaled_dot_product_attention}
+_PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+_BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
+
+
+def _own(t: torch.Tensor, i: int) -> torch.Tensor:
+    """Image i's slice of t as a fresh contiguous tensor: the same shape, strides and alignment in any batch."""
+    return t[i : i + 1].clone(memory_format=torch.contiguous_format)
+
+
+def _each(n: int, call) -> torch.Tensor:
+    """torch.cat of call(i) over the n images (call(0) alone for one image)."""
+    outs = [call(i) for i in range(n)]
+    return outs[0] if n == 1 else torch.cat(outs)
+
+
+def _split_mask(mask, n: int, i: int):
+    """An attention mask's share for image i: its own row when it has one per image, else the shared mask."""
+    if isinstance(mask, torch.Tensor) and mask.ndim >= 3 and mask.shape[0] == n and n > 1:
+        return _own(mask, i)
+    return mask
+
+
+def _per_image(func, args: tuple, kwargs: dict):
+    """func(*args, **kwargs) computed image by image, or None where the call has no image axis to split."""
+    x = args[0]
+    n = x.shape[0]
+    if func in _CONV and x.ndim == 4:
+        return _each(n, lambda i: func(_own(x, i), *args[1:], **kwargs))
+    if func in _LINEAR and x.ndim >= 2:
+        return _each(n, lambda i: func(_own(x, i), *args[1:], **kwargs))
+    if func in _ATTENTION and x.ndim >= 3:
+        q, k, v, *rest = args
+        if k.shape[0] != n or v.shape[0] != n:
+            return None
+        mask = kwargs.get("attn_mask", rest[0] if rest else None)
+        kw = {key: val for key, val in kwargs.items() if key != "attn_mask"}
+        tail = tuple(rest[1:])
+        return _each(n, lambda i: func(_own(q, i), _own(k, i), _own(v, i), _split_mask(mask, n, i), *tail, **kw))
+    if func in _PRODUCTS and len(args) == 2 and isinstance(args[1], torch.Tensor) and not kwargs:
+        a, b = args
+        if a.ndim >= 3 and b.ndim >= 3 and b.shape[0] == n:
+            return _each(n, lambda i: func(_own(a, i), _own(b, i)))
+        if a.ndim >= 2 and b.ndim == 2:  # one shared right-hand matrix: each image's rows alone
+            return _each(n, lambda i: func(_own(a, i), b))
+        return None
+    if func in _BADDBMM and len(args) == 3:
+        c, a, b = args
+        if a.ndim == 3 and c.ndim == 3 and c.shape[0] == a.shape[0] == b.shape[0]:
+            return _each(c.shape[0], lambda i: func(_own(c, i), _own(a, i), _own(b, i), **kwargs))
+    return None
+
 
 class BatchInvariant(TorchFunctionMode):
-    """Reroutes the CPU inference calls of F.conv2d and F.linear whose result would depend on the batch size."""
+    """Computes the CPU inference calls whose kernel depends on the batch's shape once per image."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d or func is F.linear:
+        if (func in _CONV or func in _LINEAR or func in _ATTENTION or func in _PRODUCTS or func in _BADDBMM) and args:
             x = args[0]
             if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.ndim >= 2 and not torch.is_grad_enabled():
-                if func is F.linear:
-                    return _linear(x, *args[1:], **kwargs)
-                if x.ndim == 4:
-                    pointwise = _pointwise(*args[1:], **kwargs)
-                    if pointwise is not None:  # (C_out, C_in) weight and bias: a matrix product over the channels
-                        return _pointwise_conv(x, *pointwise)
-                    if x.shape[0] == 1:
-                        return func(torch.cat([x, x]), *args[1:], **kwargs)[:1]  # (1, C_out, H', W')
+                out = _per_image(func, args, kwargs)
+                if out is not None:
+                    return out
         return func(*args, **kwargs)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with fewer than MIN_ROWS rows padded by zero rows (then cut off again)."""
-    rows = math.prod(x.shape[:-1])
-    if rows >= MIN_ROWS:
-        return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])  # (rows, C_in)
-    y = F.linear(torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, x.shape[-1])]), weight, bias)[:rows]
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 convolution of x (N, C_in, H, W) as one (C_out, C_in) x (C_in, H * W) product per image (a batched
-    product of the same shape for every image; as fast as the convolution, and no copy of x)."""
-    n, c, h, w = x.shape
-    cols = x.reshape(n, c, h * w)
-    if bias is None:
-        y = torch.bmm(weight.expand(n, -1, -1), cols)
-    else:
-        y = torch.baddbmm(bias.view(1, -1, 1).expand(n, -1, h * w), weight.expand(n, -1, -1), cols)
-    return y.view(n, -1, h, w)  # (N, C_out, H, W)
-
-
-def _pointwise(weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """(weight (C_out, C_in), bias) when F.conv2d's arguments make it a 1x1 convolution of stride 1, no padding and
-    one group, else None."""
-    ones = (1, (1, 1), [1, 1])
-    if weight.shape[2:] != (1, 1) or groups != 1 or stride not in ones:
-        return None
-    if padding not in (0, (0, 0), [0, 0], "valid", "same"):
-        return None
-    return weight.flatten(1), bias
 
 
 @contextlib.contextmanager
 def batch_invariant(device: torch.device | str | None = "cpu"):
     """Run the block with batch-invariant CPU kernels when `device` is the CPU (a no-op elsewhere, and when the
     thread is already inside such a block)."""
-    if torch.device(device or "cpu").type != "cpu" or getattr(_active, "on", False):
+    if torch.device(device or "cpu").type != "cpu" or getattr(_active, "on", False) or getattr(_active, "off", False):
         yield
         return
     _active.on = True
@@ -100,3 +114,62 @@ def batch_invariant(device: torch.device | str | None = "cpu"):
             yield
     finally:
         _active.on = False
+
+
+@contextlib.contextmanager
+def plain_kernels():
+    """Run the block with the plain kernels, whose numbers may depend on the batch (in this thread): what
+    benchmarks/batch_invariance.py compares against."""
+    before = getattr(_active, "off", False)
+    _active.off = True
+    try:
+        yield
+    finally:
+        _active.off = before
+
+
+# --- the property, measured on this machine ---------------------------------------------------------------------
+CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")  # what this process's kernels obey
+
+
+def _probe_model(seed: int) -> torch.nn.Module:
+    """A small network with each kind of layer the models use: 3x3 and 1x1 convolutions (one strided), group norm,
+    a cross-attention transformer block over the pixels and a linear time embedding."""
+    torch.manual_seed(seed)
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(4, 64, 3, padding=1)
+            self.down = torch.nn.Conv2d(64, 64, 3, stride=2, padding=1)
+            self.emb = torch.nn.Linear(32, 64)
+            self.attn = SpatialTransformer(64, 4, context_dim=48, groups=16)
+            self.skip = torch.nn.Conv2d(64, 128, 1)
+            self.out = torch.nn.Conv2d(128, 4, 3, padding=1)
+
+        def forward(self, x, t, ctx):
+            h = self.down(F.silu(self.conv_in(x))) + self.emb(t)[:, :, None, None]
+            return self.out(F.silu(self.skip(self.attn(h, ctx))))
+
+    return Probe().eval()
+
+
+@torch.no_grad()
+def self_check(sizes: tuple[int, ...] = (2, 3, 8, 17), seed: int = 0) -> dict:
+    """Checks on this machine, at its current thread count and instruction-set caps, that each image of a probe
+    network's batch of every size in `sizes` gets bit for bit the numbers it gets alone. Returns {"holds": bool,
+    "threads", "caps", "failures": [...]}: a failure names the batch size and the image."""
+    model = _probe_model(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    n = max(sizes)
+    x = torch.randn(n, 4, 16, 16, generator=g)
+    t = torch.randn(n, 32, generator=g)
+    ctx = torch.randn(n, 7, 48, generator=g)
+    with batch_invariant():
+        alone = [model(x[i : i + 1], t[i : i + 1], ctx[i : i + 1]) for i in range(n)]
+        failures = []
+        for b in sizes:
+            together = model(x[:b], t[:b], ctx[:b])
+            failures += [f"image {i} of a batch of {b}" for i in range(b) if not torch.equal(together[i], alone[i][0])]
+    caps = {k: os.environ[k] for k in CAPS if k in os.environ}
+    return {"holds": not failures, "threads": torch.get_num_threads(), "caps": caps, "failures": failures}
