@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from ldmkit.noise import generators_from_seed
 from ldmkit.pipelines import inpaint as inpaint_module
 from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.pipelines.inpaint import InpaintOptions, concat_channels, inpaint, inpaint_to_file
-from ldmkit.pipelines.masks import composite, feather_alpha, latent_mask, load_mask
+from ldmkit.pipelines.masks import FEATHER_PX, composite, feather_alpha, latent_mask, load_mask
 from ldmkit.pipelines.outpaint import Border, outpaint_canvas, outpaint_to_file
 from ldmkit.samplers import SAMPLERS
 from ldmkit.samplers.repaint import repaint_segments, repaint_steps, sample_repaint
@@ -99,8 +100,9 @@ def test_composite_keeps_the_outside_exactly_and_feathers_only_inside():
     alpha = feather_alpha(m, 2)
     torch.testing.assert_close(alpha[0, 0, 6, :7], torch.tensor([0, 0, 1 / 3, 2 / 3, 1, 1, 1]))
     assert (alpha[m == 0] == 0).all() and torch.equal(feather_alpha(m, 0), m)
-    huge = feather_alpha(m, 10**7)  # stops once the mask is eroded away
-    torch.testing.assert_close(huge[0, 0, 6, 6], torch.tensor(5 / (10**7 + 1)))
+    with pytest.warns(UserWarning, match="--feather 10000000 is shortened to 2 pixels"):
+        huge = feather_alpha(m, 10**7)  # capped at half the mask's width: its middle is the generated image
+    torch.testing.assert_close(huge[0, 0, 6, :7], torch.tensor([0, 0, 1 / 3, 2 / 3, 1, 1, 1]))
     original, generated = torch.rand(1, 1, 12, 12) * 2 - 1, torch.rand(3, 1, 12, 12) * 2 - 1
     out = composite(original, generated, m, 2)
     assert torch.equal(out[:, :, m[0, 0] == 0], original[:, :, m[0, 0] == 0].expand(3, -1, -1))
@@ -357,3 +359,32 @@ def test_empty_mask_command_writes_the_input_unchanged(capsys, tmp_path, tiny_ld
         and err.strip() == "warning: the mask is all black, so nothing is regenerated; the input is written unchanged"
     )
     assert (np.asarray(load_image(out, 1)) == arr).all()
+
+
+@pytest.mark.parametrize("feather", [16, 10**9])
+def test_a_wide_feather_still_regenerates_the_middle_of_a_hole(feather):
+    """A 16x16 hole with --feather 16 (or 10**9) realised 22% (or none) of the change: the ramp now takes at most
+    a quarter of the hole's width from each side, so the middle 8x8 is the generated image and most of the change is kept."""
+    m = torch.zeros(1, 1, 64, 64)
+    m[..., 24:40, 24:40] = 1
+    original, generated = torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)
+    with pytest.warns(UserWarning, match=f"--feather {feather} is shortened"):
+        out = composite(original, generated, m, feather)
+    assert torch.equal(out[..., 28:36, 28:36], generated[..., 28:36, 28:36])
+    assert float(out[..., 24:40, 24:40].mean()) > 0.6
+    assert torch.equal(out[..., m[0, 0] == 0], original[..., m[0, 0] == 0])
+
+
+def test_the_ramp_is_shortened_per_part_of_the_mask_and_quietly_at_the_default():
+    """Each part of a mask gets a ramp of at most a quarter of its own width: a thin stroke beside a big hole is fully
+    regenerated along its middle, while the big hole keeps the whole ramp; the default feather warns of nothing."""
+    m = torch.zeros(1, 1, 64, 64)
+    m[..., 2:60, 2:40] = 1  # 58 x 38: wide enough for a ramp of 8
+    m[..., 40:46, 40:62] = 1  # a stroke 6 pixels wide
+    with pytest.warns(UserWarning, match="--feather 8 is shortened to 8 pixels at most"):
+        alpha = feather_alpha(m, 8)
+    torch.testing.assert_close(alpha[0, 0, 30, 2:11], torch.arange(1, 10) / 9)
+    assert alpha[0, 0, 40:46, 50].tolist() == [0.5, 1, 1, 1, 1, 0.5]  # half-width 3: a ramp of 2 at most
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feather_alpha(m, FEATHER_PX)
