@@ -171,7 +171,8 @@ def test_daily_quota_answers_429_with_retry_after(live):
         ({"prompt": "a", "n": 0}, "n"),
         ({"prompt": "a", "n": 10_000}, "n"),
         ({"prompt": "a", "steps": 10**9}, "steps"),
-        ({"prompt": "a", "size": "65x64"}, "request"),
+        ({"prompt": "a", "size": "65x64"}, "size"),  # named as sent, not "request"
+        ({"prompt": "a", "size": "0x0"}, "size"),
         ({"prompt": "a", "size": "64x64x"}, "size"),
         ({"prompt": "a", "size": "99999x64"}, "size"),
         ({"prompt": "a", "cfg": 1e308}, "cfg"),
