@@ -22,9 +22,10 @@ from .governance.similarity import DEFAULT_THRESHOLD as COPY_THRESHOLD
 from .interop.convert import convert
 from .pipelines.generate import SampleRequest, generate_to_file
 from .pipelines.img2img import check_strength, img2img_to_file
-from .pipelines.inpaint import InpaintOptions, inpaint_to_file
+from .pipelines.inpaint import MAX_RESAMPLE, InpaintOptions, inpaint_to_file
 from .pipelines.masks import FEATHER_PX
 from .pipelines.outpaint import Border, outpaint_to_file
+from .pipelines.output import Target
 from .pipelines.upscale import UpscaleOptions, upscale_to_file
 from .samplers import SAMPLERS
 from .serve.commands import add_audit_command, add_keys_command, add_prompts_command
@@ -107,6 +108,12 @@ def _generation_options(p: argparse.ArgumentParser):
         "(`ldmkit credentials demo-cert` makes a test pair); needs --c2pa-key",
     )
     p.add_argument("--c2pa-key", metavar="KEY.pem", help="the private key of --c2pa-cert's certificate")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file (default: keep it and write NAME-1.png, NAME-2.png, ... beside it); "
+        "an input file is never replaced",
+    )
 
 
 def _utf8(text: str, what: str, fix: str) -> str:
@@ -215,13 +222,21 @@ def _sign(args):
     return file_signer(credentials_from(args.c2pa_cert, args.c2pa_key, names))
 
 
+def _target(args, out) -> Target:
+    """`out` under the output rule of every image command (pipelines/output.py): never an input file, and an
+    existing file replaced only with --overwrite (else NAME-1.png, NAME-2.png, ... beside it)."""
+    given = (getattr(args, k, None) for k in ("prompt_file", "policy", "c2pa_cert", "c2pa_key", "image", "mask"))
+    return Target(Path(out), overwrite=args.overwrite, inputs=tuple(Path(p) for p in given if p))
+
+
 def _generate_files(args, checkpoint, req: SampleRequest, out, grid: bool) -> list[Path]:
     """generate_to_file with the screen and signer the options ask for. Under torchrun the ranks share the images,
     each on its own device; rank 0 returns every path written, the others none."""
     with process_group(args.device, "--device") as (world, device):
         req = replace(req, device=str(device)) if world.active else req
         finish, sign = _finish(args, checkpoint, world), _sign(args)
-        return generate_to_file(checkpoint, req, out, grid, not args.quiet and world.main, finish, sign, world)
+        progress = not args.quiet and world.main
+        return generate_to_file(checkpoint, req, _target(args, out), grid, progress, finish, sign, world)
 
 
 def cmd_sample(args):
@@ -249,7 +264,8 @@ def cmd_img2img(args):
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
-    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, plan.out, not args.quiet, finish, sign):
+    out = _target(args, plan.out)
+    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, out, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 
@@ -280,21 +296,22 @@ def cmd_evaluate(args):
 def _edit_request(args, default_out: Path, task: str):
     """(generation plan, request, inpainting options) of inpaint / outpaint: the model (default: the shipped one for
     `task`), prompt or labels and output resolved as `generate` does them."""
-    prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
-    plan = plan_generation(args.model, prompts, args.label, args.n, args.out or default_out, task=task)
     opts = InpaintOptions(
         resize_mask=getattr(args, "resize_mask", False),
         resample=args.resample,
         jump=args.jump,
         feather=args.feather,
     )
+    prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
+    plan = plan_generation(args.model, prompts, args.label, args.n, args.out or default_out, task=task)
     return plan, _request(args, plan.n, plan.prompts), opts
 
 
 def cmd_inpaint(args):
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png", "inpaint")
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
-    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, plan.out, opts, not args.quiet, finish, sign):
+    out = _target(args, plan.out)
+    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, out, opts, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 
@@ -302,7 +319,8 @@ def cmd_outpaint(args):
     border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
-    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, plan.out, opts, not args.quiet, finish, sign):
+    out = _target(args, plan.out)
+    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, out, opts, not args.quiet, finish, sign):
         print(f"wrote {p}")
 
 
@@ -313,7 +331,9 @@ def cmd_upscale(args):
     opts = UpscaleOptions(noise_level=args.noise_level, tile=args.tile, overlap=args.overlap)
     req = _request(args, plan.n, plan.prompts)
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
-    for p in upscale_to_file(plan.checkpoint, req, args.image, plan.out, opts, not args.quiet, finish, sign):
+    for p in upscale_to_file(
+        plan.checkpoint, req, args.image, _target(args, plan.out), opts, not args.quiet, finish, sign
+    ):
         print(f"wrote {p}")
 
 
@@ -403,8 +423,19 @@ def _edit_options(p: argparse.ArgumentParser, what: str):
     p.add_argument("--prompt", help="text prompt (text models); class models take --label")
     _generation_options(p)
     _sampling_options(p, n=1, n_help="edited images (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)
-    p.add_argument("--resample", type=int, default=1, help="RePaint passes down from each jump point (default 1: none)")
-    p.add_argument("--jump", type=int, default=5, help="RePaint: steps to go back up at each jump point (default 5)")
+    p.add_argument(
+        "--resample",
+        type=int,
+        default=1,
+        help=f"RePaint passes down from each jump point, 1 to {MAX_RESAMPLE}; each multiplies the sampling time "
+        f"(default 1: none; 10 is the paper's)",
+    )
+    p.add_argument(
+        "--jump",
+        type=int,
+        default=5,
+        help="RePaint: steps to go back up at each jump point, 1 to fewer than --steps (default 5)",
+    )
     p.add_argument(
         "--feather", type=int, default=FEATHER_PX, help=f"blend ramp inside the mask in pixels (default {FEATHER_PX})"
     )

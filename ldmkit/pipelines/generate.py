@@ -33,6 +33,7 @@ from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
 from ..runtime import resolve_device
 from ..samplers import SAMPLERS
+from .output import Target, as_target, claim
 
 MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger values are typing mistakes
 SEED_END = 2**63  # torch generators take seeds below this; image i uses seed + i
@@ -332,11 +333,17 @@ def generate(ldm: LatentDiffusion, req: SampleRequest, progress: bool = False) -
 
 
 def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None = None, signed: bool = False) -> Path:
-    """Refuse, before any work, an output the writing would fail on: an extension ldmkit does not write (or
-    parameters a JPEG cannot hold, or a signature a format other than PNG cannot), a folder where a file is expected
-    or the reverse, a parent folder that cannot be created or written. folder: `out` is a folder of PNGs
-    (--separate) rather than one image file."""
+    """Refuse, before any work, an output the writing would fail on: a file name without an extension or with one
+    ldmkit does not write (or parameters a JPEG cannot hold, or a signature a format other than PNG cannot), a
+    folder where a file is expected or the reverse, a parent folder that cannot be created or written. folder:
+    `out` is a folder of PNGs (--separate) rather than one image file."""
+    out = Path(out)
     if not folder:
+        if not out.suffix:
+            raise InputError(
+                f"--out {out} has no extension, so it names no image format; write {out}.png, or end it in one of "
+                f".png, .jpg, .jpeg, .webp"
+            )
         check_writable(out, metadata, signed)
     return check_output_path(out, "--out", folder=folder)
 
@@ -362,16 +369,18 @@ def write_or_rescue(write, out: Path) -> Path:
 def generate_to_file(
     checkpoint: str | Path,
     req: SampleRequest,
-    out: str | Path,
+    out: str | Path | Target,
     grid: bool = True,
     progress: bool = True,
     finish: Finish | None = None,
     sign: Sign | None = None,
     world: World | None = None,
 ) -> list[Path]:
-    """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it) or, with grid=False,
-    one PNG per image into the folder `out`, with the parameters embedded. The output, the model and the request
-    are all checked before sampling; progress: a bar over images when there is more than one batch. sign: content
+    """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it; a single image is
+    written as itself) or, with grid=False, one PNG per image into the folder `out`, with the parameters embedded.
+    `out` may be a pipelines.output.Target, which says whether an existing file is replaced. The output, the model
+    and the request are all checked before sampling; progress: a bar over images when there is more than one batch.
+    sign: content
     credentials for every file written (PNG only). world: under torchrun, the ranks share the images (see
     write_batches); every rank calls this with the same arguments, its own device in req.device."""
 
@@ -384,7 +393,7 @@ def generate_to_file(
 def write_batches(
     checkpoint: str | Path,
     req: SampleRequest,
-    out: str | Path,
+    out: str | Path | Target,
     batches: Callable[[LatentDiffusion, range], Iterable[tuple[torch.Tensor, list[str]]]],
     grid: bool = True,
     extra: dict | None = None,
@@ -392,55 +401,76 @@ def write_batches(
     sign: Sign | None = None,
     world: World | None = None,
 ) -> list[Path]:
-    """The writing of generate_to_file for any pipeline: check `out`, load the model in `checkpoint`, then write the
-    (images, captions) that batches(model, share) yields for the images `share` (all of them, or this rank's) as
-    one grid or (grid=False) one PNG per image in the folder `out`. The embedded parameters are the request's plus
-    `extra` (JSON values: an edit's input image, its strength). finish: the screen every image passes first (a
-    withheld image is not written; a grid shows a grey tile); sign: content credentials for every file written
-    (see data.images.write_image). world: under torchrun each rank draws its block of the images (the images of
-    one process: image i keeps seed + i) and writes its own files, or sends its tiles to rank 0, which writes the
-    grid; rank 0 returns every path written, the other ranks nothing."""
+    """The writing of generate_to_file for any pipeline: check and claim `out` (see pipelines.output: a Target says
+    whether an existing file is replaced), load the model in `checkpoint`, then write the (images, captions) that
+    batches(model, share) yields for the images `share` (all of them, or this rank's) as one grid or (grid=False)
+    one PNG per image in the folder `out`. A single image is written as itself, never as a grid of one. The
+    embedded parameters are the request's plus `extra` (JSON values: an edit's input image, its strength). finish:
+    the screen every image passes first (a withheld image is not written; a grid shows a grey tile); sign: content
+    credentials for every file written (see data.images.write_image). world: under torchrun each rank draws its
+    block of the images (the images of one process: image i keeps seed + i) and writes its own files, or sends its
+    tiles to rank 0, which writes the grid; rank 0 returns every path written, the other ranks nothing."""
     world = world or World()
     share = world.shard(req.n)
+    target = as_target(out)
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | (extra or {})
     meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params})}
-    out = check_output(out, folder=not grid, metadata=meta if grid else None, signed=sign is not None)
-    ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+    separate, single = not grid, grid and req.n == 1  # single: one image, written as itself to `out`
+    grid = grid and not single
+    out = check_output(target.path, folder=separate, metadata=None if separate else meta, signed=sign is not None)
     if grid:
-        mine = collect(batches(ldm, share)) if len(share) else None
-        parts = [p for p in world.gather(mine) if p is not None]
-        if not world.main:
-            return []
-        images, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
-        if finish is not None:
-            images, captions, facts = _finished_grid(images, captions, finish)
-            shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}  # the run's id, time
-            tiles = [{k: v for k, v in f.items() if k not in shared} for f in facts]
-            about = {"checkpoint": str(checkpoint), **params, **shared}
-            meta = {"ldmkit": json.dumps(about | ({"images": tiles} if any(tiles) else {}))}
-        return [
-            write_or_rescue(
-                lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta, sign=sign),
-                out,
-            )
-        ]
-    # One file per image, written batch by batch: memory stays bounded and finished images are kept.
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
+        wanted = {0: out} if world.main else {}
+    elif single:
+        wanted = {i: out for i in share}
+    else:
+        wanted = {i: out / f"{i:05d}.png" for i in share}
+    claims = claim(wanted.values(), (*target.inputs, checkpoint), target.overwrite)
+    paths = dict(zip(wanted, claims.paths))
+    written: list[Path] = []
+    try:
+        ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+        about = {"checkpoint": str(checkpoint), **params}
+        if grid:
+            written += _write_grid(ldm, batches, share, world, finish, sign, paths, about)
+            return written if world.main else []
+        written += _write_each(ldm, batches, share, finish, sign, paths, about)
+    finally:
+        claims.release(written)
+    if not world.active:
+        return written
+    every = world.gather(written)
+    return [p for part in every for p in part] if world.main else []
+
+
+def _write_grid(ldm, batches, share, world, finish, sign, paths, about) -> list[Path]:
+    """write_batches for a grid: rank 0 gathers every rank's images and writes them as one grid to paths[0]."""
+    mine = collect(batches(ldm, share)) if len(share) else None
+    parts = [p for p in world.gather(mine) if p is not None]
+    if not world.main:
+        return []
+    images, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
+    meta = {"ldmkit": json.dumps(about)}
+    if finish is not None:
+        images, captions, facts = _finished_grid(images, captions, finish)
+        shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}  # the run's id, time
+        tiles = [{k: v for k, v in f.items() if k not in shared} for f in facts]
+        meta = {"ldmkit": json.dumps(about | shared | ({"images": tiles} if any(tiles) else {}))}
+    save = lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta, sign=sign)  # noqa: E731
+    return [write_or_rescue(save, paths[0])]
+
+
+def _write_each(ldm, batches, share, finish, sign, paths, about) -> list[Path]:
+    """write_batches for single images: each to paths[i], written batch by batch, so memory stays bounded and
+    finished images are kept."""
+    written = []
     done = share.start
     for images, captions in batches(ldm, share):
         for (img, facts), cap in zip(_finished(images, finish, done), captions, strict=True):
             i, done = done, done + 1
-            about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i, "caption": cap}
-            m = {"ldmkit": json.dumps(about | facts)}
+            m = {"ldmkit": json.dumps(about | {"seed": about["seed"] + i, "n": 1, "index": i, "caption": cap} | facts)}
             if img is not None:
-                paths.append(
-                    write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), out / f"{i:05d}.png")
-                )
-    if not world.active:
-        return paths
-    every = world.gather(paths)
-    return [p for part in every for p in part] if world.main else []
+                written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), paths[i]))
+    return written
 
 
 def _finished(images: torch.Tensor, finish: Finish | None, first: int) -> list[tuple[Image.Image | None, dict]]:
@@ -468,7 +498,7 @@ def edit_paths(out: str | Path, n: int) -> list[Path]:
 def write_edits(
     checkpoint: str | Path,
     req: SampleRequest,
-    out: str | Path,
+    out: str | Path | Target,
     batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
     extra: dict,
     finish: Finish | None = None,
@@ -478,7 +508,8 @@ def write_edits(
     edit_paths(out, req.n), with the request's parameters, its seed and `extra` (the input files, the edit's
     options) embedded. The outputs are checked before the model loads; each image is written when its batch is
     done. finish: the screen every image passes first (a withheld image is not written); sign: content credentials
-    for every file written (PNG only)."""
+    for every file written (PNG only). `out` is checked and claimed as pipelines.output says (a Target: whether an
+    existing file is replaced); the model file and the input image and mask are never overwritten."""
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")} | extra
 
     def meta(i: int) -> dict[str, str]:
@@ -486,14 +517,21 @@ def write_edits(
         return {"ldmkit": json.dumps(about)}
 
     signed = sign is not None
-    paths = [check_output(p, False, meta(i), signed) for i, p in enumerate(edit_paths(out, req.n))]
-    ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+    target = as_target(out)
+    wanted = [check_output(p, False, meta(i), signed) for i, p in enumerate(edit_paths(target.path, req.n))]
+    inputs = (*target.inputs, checkpoint, *(extra[k] for k in ("image", "mask") if isinstance(extra.get(k), str)))
+    claims = claim(wanted, inputs, target.overwrite)
+    paths = claims.paths
     written: list[Path] = []
-    done = 0
-    for images, _ in batches(ldm):
-        for img, facts in _finished(images, finish, done):
-            i, done = done, done + 1
-            m = {"ldmkit": json.dumps(json.loads(meta(i)["ldmkit"]) | facts)}
-            if img is not None:
-                written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), paths[i]))
+    try:
+        ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+        done = 0
+        for images, _ in batches(ldm):
+            for img, facts in _finished(images, finish, done):
+                i, done = done, done + 1
+                m = {"ldmkit": json.dumps(json.loads(meta(i)["ldmkit"]) | facts)}
+                if img is not None:
+                    written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), paths[i]))
+    finally:
+        claims.release(written)
     return written

@@ -28,6 +28,7 @@ from ..noise import Generators, randn
 from ..samplers import get_sampler
 from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
 from .generate import (
+    MAX_STEPS,
     Finish,
     SampleRequest,
     blame_options,
@@ -43,6 +44,10 @@ from .img2img import checkpoint_channels, model_image
 from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
 
 
+MAX_RESAMPLE = 50  # RePaint passes per jump point; each multiplies the sampling time, and 10 is the paper's
+MAX_JUMP = MAX_STEPS  # steps back up at a jump point; it must also stay below --steps
+
+
 @dataclass(frozen=True)
 class InpaintOptions:
     """How an edit treats its mask; values are checked here, naming the command-line option to change."""
@@ -53,8 +58,9 @@ class InpaintOptions:
     feather: int = FEATHER_PX  # pixels of the composite's ramp, inside the mask only
 
     def __post_init__(self):
-        whole_number("--resample", self.resample, low=1, hint="1 turns resampling off; RePaint uses up to 10")
-        whole_number("--jump", self.jump, low=1, hint="use a few steps, smaller than --steps")
+        hint = "1 turns resampling off; RePaint uses up to 10"
+        whole_number("--resample", self.resample, low=1, high=MAX_RESAMPLE, hint=hint)
+        whole_number("--jump", self.jump, low=1, high=MAX_JUMP, hint="use a few steps, smaller than --steps")
         whole_number("--feather", self.feather, low=0, hint="use 0 (a hard edge) or a few pixels")
 
 

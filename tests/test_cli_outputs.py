@@ -1,0 +1,136 @@
+"""What the image commands write: never an input, never an existing file unless --overwrite, a single image as
+itself, bounded RePaint options, progress on stderr."""
+
+import os
+import threading
+
+import pytest
+from PIL import Image
+
+import ldmkit.pipelines.generate as generate_module
+from ldmkit.cli import main
+from ldmkit.errors import InputError
+from ldmkit.pipelines.output import claim
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _png(path, value=100, size=16):
+    Image.new("RGB", (size, size), (value, value, value)).save(path)
+    return path
+
+
+def _edit(command, image, model, *more):
+    return (command, str(image), "--model", str(model), "--label", "0", "--n", "1", "--steps", "1", *more)
+
+
+def _no_model(monkeypatch):
+    """Loading the model fails the test: the refusal must come first."""
+
+    def boom(*a, **kw):
+        raise AssertionError("the model loaded although the output was refused")
+
+    monkeypatch.setattr(generate_module.LatentDiffusion, "load", boom)
+
+
+# --- item 1: never an input, never an existing file without --overwrite --------------------------------------------
+def test_img2img_refuses_its_input_as_output_before_the_model_loads(capsys, tmp_path, tiny_ldm, monkeypatch):
+    image = _png(tmp_path / "x.png")
+    before = image.read_bytes()
+    _no_model(monkeypatch)
+    for out in (image, tmp_path / "." / "x.png"):
+        code, _, err = run(capsys, *_edit("img2img", image, tiny_ldm, "--out", str(out), "--overwrite"))
+        assert code == 2 and "is an input" in err and "--out" in err, err
+    assert image.read_bytes() == before
+
+
+def test_a_hard_link_of_the_input_is_refused_too(capsys, tmp_path, tiny_ldm, monkeypatch):
+    image = _png(tmp_path / "x.png")
+    os.link(image, tmp_path / "link.png")
+    _no_model(monkeypatch)
+    code, _, err = run(capsys, *_edit("img2img", image, tiny_ldm, "--out", str(tmp_path / "link.png"), "--overwrite"))
+    assert code == 2 and "same file as" in err, err
+
+
+def test_inpaint_refuses_the_mask_as_output(capsys, tmp_path, tiny_ldm, monkeypatch):
+    image, mask = _png(tmp_path / "x.png"), _png(tmp_path / "m.png", 255)
+    _no_model(monkeypatch)
+    code, _, err = run(capsys, *_edit("inpaint", image, tiny_ldm, "--mask", str(mask), "--out", str(mask)))
+    assert code == 2 and "is an input" in err, err
+
+
+def test_a_second_run_writes_name_1_and_says_so(capsys, tmp_path, tiny_ldm):
+    out = tmp_path / "s.png"
+    args = ("sample", str(tiny_ldm), "--n", "2", "--steps", "1", "--quiet", "--out", str(out))
+    assert run(capsys, *args)[0] == 0
+    first = out.read_bytes()
+    code, printed, err = run(capsys, *args, "--seed", "7")
+    assert code == 0 and out.read_bytes() == first
+    assert str(tmp_path / "s-1.png") in printed and "s.png exists" in err and "--overwrite" in err, err
+    code, printed, err = run(capsys, *args, "--seed", "7")
+    assert code == 0 and (tmp_path / "s-2.png").exists()
+    code, printed, err = run(capsys, *args, "--seed", "7", "--overwrite")
+    assert code == 0 and out.read_bytes() != first and "exists" not in err
+    assert not (tmp_path / "s-3.png").exists()
+
+
+def test_edits_never_replace_an_earlier_result(capsys, tmp_path, tiny_ldm):
+    image, out = _png(tmp_path / "x.png"), tmp_path / "o.png"
+    args = ("img2img", str(image), "--model", str(tiny_ldm), "--label", "0", "--n", "1", "--steps", "2", "--quiet")
+    assert run(capsys, *args, "--out", str(out))[0] == 0
+    first = out.read_bytes()
+    code, printed, _ = run(capsys, *args, "--out", str(out), "--seed", "3")
+    assert code == 0 and out.read_bytes() == first and "o-1.png" in printed
+
+
+def test_a_failed_run_leaves_no_empty_claimed_file(capsys, tmp_path, tiny_ldm, monkeypatch):
+    def fail(*a, **kw):
+        raise InputError("stop here")
+
+    monkeypatch.setattr(generate_module, "generate_batches", fail)
+    code, _, err = run(capsys, "sample", str(tiny_ldm), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s.png"))
+    assert code == 2 and "stop here" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_claims_made_at_once_never_share_a_name(tmp_path):
+    """O_EXCL: eight runs claiming the same output at the same time each get their own file."""
+    (tmp_path / "o.png").write_bytes(b"earlier")
+    got, barrier = [], threading.Barrier(8)
+
+    def one():
+        barrier.wait()
+        got.append(claim([tmp_path / "o.png"], overwrite=False).paths[0])
+
+    with pytest.warns(UserWarning):
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(set(got)) == 8 and tmp_path / "o.png" not in got
+    assert (tmp_path / "o.png").read_bytes() == b"earlier"
+
+
+def test_out_without_extension_says_what_to_name(capsys, tmp_path, tiny_ldm):
+    code, _, err = run(capsys, "sample", str(tiny_ldm), "--n", "2", "--out", str(tmp_path / "o_noext"))
+    assert code == 2 and "no extension" in err and "o_noext.png" in err and "no extension is not" not in err, err
+
+
+# --- item 2: RePaint's options bounded where they are read ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "option, value", [("--resample", "99999999999999999999"), ("--resample", "1000000"), ("--jump", "10" * 12)]
+)
+def test_huge_repaint_options_are_refused_before_the_model_loads(
+    capsys, tmp_path, tiny_ldm, monkeypatch, option, value
+):
+    image, mask = _png(tmp_path / "x.png"), _png(tmp_path / "m.png", 255)
+    _no_model(monkeypatch)
+    more = ("--mask", str(mask), option, value, "--out", str(tmp_path / "o.png"))
+    code, _, err = run(capsys, *_edit("inpaint", image, tiny_ldm, *more))
+    assert code == 2 and f"{option} {value} is out of range" in err and "between 1 and" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "o.png").exists()
