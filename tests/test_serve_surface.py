@@ -201,3 +201,20 @@ def test_a_huge_whole_number_in_an_ignored_field_is_still_answered(live):
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 1, "width": 32, "height": 32, "foo": 2**70})
     assert r.status_code == 200, r.text
     assert json.loads(r.json()["info"])["ignored"] == ["foo"] and r.json()["parameters"]["foo"] == 2**70
+
+
+def test_an_error_shown_over_http_names_no_server_path_and_no_command():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ldmkit.serve.health import scrub
+
+    models = {"inpaint": SimpleNamespace(path=Path("/srv/weights/inpaint.safetensors"))}
+    wrong = (
+        "/srv/weights/inpaint.safetensors is an inpainting model (task inpaint: it needs an image and a mask), so "
+        "`ldmkit generate` cannot use it; use `ldmkit inpaint` or `ldmkit outpaint`"
+    )
+    assert scrub(wrong, models) == "inpaint is an inpainting model (task inpaint: it needs an image and a mask)"
+    retired = "template 't' was retired; no request may use it; `ldmkit prompts list` (GET /v1/prompts) shows more"
+    assert scrub(retired, models) == "template 't' was retired; no request may use it"
+    assert scrub("width 33 is not a multiple of 16; use 32 or 48", models).endswith("use 32 or 48")

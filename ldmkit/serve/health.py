@@ -4,11 +4,8 @@ database can be written (/readyz), and error messages cleaned of server paths an
 from __future__ import annotations
 
 import math
-import re
 
 MAX_DEPTH = 32  # nesting a body may have; deeper JSON could pass the parser yet fail when the answer echoes it
-# a clause that advises a command of the command line, such as "; use `ldmkit inpaint` or `ldmkit outpaint`"
-CLI_ADVICE = re.compile(r"(?:[;,] |\()?[^;(]*`ldmkit [^`]*`[^;)]*\)?")
 
 
 def find_non_finite(data) -> tuple[str, str] | None:
@@ -60,4 +57,13 @@ def scrub(message: str, models: dict) -> str:
         path = getattr(m, "path", None)
         if path is not None:
             message = message.replace(str(path), name).replace(str(path.parent), "the server's model folder")
-    return CLI_ADVICE.sub("", message).strip() or "the request failed"
+    kept = []
+    for clause in message.split("; "):  # "X, so `ldmkit generate` cannot use it; use `ldmkit inpaint`" -> "X"
+        at = clause.find("`ldmkit ")
+        if at < 0:
+            kept.append(clause)
+            continue
+        cut = max(clause.rfind(", ", 0, at), clause.rfind(" (", 0, at))
+        if cut > 0:
+            kept.append(clause[:cut])
+    return "; ".join(kept).strip() or "the request failed"
