@@ -110,3 +110,91 @@ def test_the_server_gives_back_dead_reservations_when_it_starts(tmp_path):
         _, svc = create_app(run, {}, store)
         svc.close(timeout=5)
         assert used(keys) == {"alice": 0}
+
+
+# --- through the server ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from serve_helpers import LiveServer
+
+    db = tmp_path_factory.mktemp("quota") / "ldmkit.db"
+    server = LiveServer(db, models=("emoji",), watermark=False, timeout_s=10)
+    server.keys = Keys(open_store(str(db)))
+    yield server
+    server.close()
+
+
+def ask(live, name: str, **body):
+    secret, _ = live.keys.create(name, "user", images_per_day=10)
+    body = {"prompt": "red apple", "n": 2, "steps": 2, "size": "64x64", **body}
+    with live.client(secret) as c:
+        return c.post("/v1/images/generations", json=body)
+
+
+def still_open(live) -> int:
+    return live.keys.store.query("SELECT COUNT(*) AS n FROM reservations WHERE returned IS NULL")[0]["n"]
+
+
+def test_a_served_request_keeps_its_images_counted(live):
+    assert ask(live, "served").status_code == 200
+    assert used(live.keys)["served"] == 2 and still_open(live) == 0
+
+
+def test_a_request_that_fails_after_the_work_gives_its_images_back(live, monkeypatch):
+    from ldmkit.governance.credentials import CredentialsError
+
+    def expired(data, meta):
+        raise CredentialsError("the signing certificate expired")
+
+    monkeypatch.setattr(live.service, "sign", expired)  # fails while making the PNGs, after the sampling
+    r = ask(live, "unsigned")
+    assert r.status_code == 503
+    assert used(live.keys)["unsigned"] == 0 and still_open(live) == 0
+
+
+def test_a_request_whose_answer_fails_gives_its_images_back(live, monkeypatch):
+    from ldmkit.serve import service
+
+    def broken(self):
+        raise RuntimeError("the answer could not be built")
+
+    monkeypatch.setattr(service.Output, "b64", broken)  # the images were made and settled; the answer fails
+    r = ask(live, "unanswered")
+    assert r.status_code == 500
+    assert used(live.keys)["unanswered"] == 0 and still_open(live) == 0
+
+
+def test_a_request_refused_for_its_cost_counts_no_images(live):
+    r = ask(live, "costly", n=8, steps=100, size="512x512")  # far more than the 10 s this server allows
+    assert r.status_code in (413, 429, 504), r.text  # refused at once by its estimate (or timed out)
+    assert used(live.keys)["costly"] == 0 and still_open(live) == 0
+
+
+@pytest.mark.slow
+def test_a_request_that_times_out_gives_its_images_back(live, monkeypatch):
+    if hasattr(live.service.scheduler, "estimate"):  # admit it whatever it is estimated to cost
+        monkeypatch.setattr(live.service.scheduler, "estimate", lambda job: None)
+    r = ask(live, "late", n=8, steps=100)  # about 12 s of work on two cores; the server allows 10
+    assert r.status_code == 504, r.text
+    assert used(live.keys)["late"] == 0 and still_open(live) == 0
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_leaves_only_served_images_counted_after_a_restart(tmp_path):
+    from serve_helpers import free_port, kill_under_load, start_process
+
+    from ldmkit.config import ServeConfig, ServeRun
+    from ldmkit.serve.app import create_app
+    from ldmkit.serve.audit import Audit
+
+    db, port = str(tmp_path / "ldmkit.db"), free_port()
+    keys = Keys(open_store(db))
+    secret, who = keys.create("load", "user")
+    proc = start_process(db, port, "--model", "emoji")
+    body = lambda c, i: {"prompt": f"p{c}", "steps": 2, "seed": i, "n": 1}  # noqa: E731
+    kill_under_load(proc, f"http://127.0.0.1:{port}", secret, 4, body, ready=lambda answered: len(answered) >= 6)
+    served = [r for r in Audit(keys.store).tail(10_000) if r["key_id"] == who.key_id and r["decision"] == "served"]
+    assert used(keys)["load"] >= len(served) >= 6
+    _, svc = create_app(ServeRun(serve=ServeConfig(database=db, monitor_window=0)), {}, keys.store)  # a restart
+    svc.close(timeout=5)
+    assert used(keys)["load"] == len(served)  # each image counted was served, and each served one counted

@@ -58,6 +58,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     app.state.service = svc
 
     def fail(request: Request, status: int, message: str, param=None, code=None, headers=None, reason=None):
+        svc.refund(request)  # a request that fails after its work gives its images back
         request.state.audit.setdefault("reason", reason or message[:300])
         message = scrub(message, models)  # the audit row keeps the whole message; the client gets no server path
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -174,11 +175,11 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         if problem is not None:  # no answer could be audited: fail closed
             logging.getLogger("ldmkit.serve").error("not ready: %s", problem)
             return JSON({"status": "database not writable", "reason": problem}, status_code=503)
-        return {"status": "ready", "models": list(models)}
+        return {"status": "ready", "models": list(models), "batch_invariant": svc.invariance}
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
-        svc.authorize(request, "admin")
+        await svc.authorize(request, "admin")
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
@@ -195,7 +196,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     # --- OpenAI images API ------------------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def list_models(request: Request):
-        svc.authorize(request, "viewer")
+        await svc.authorize(request, "viewer")
         created = int(time.time())
         data = [
             {"id": n, "object": "model", "created": created, "owned_by": "ldmkit", **m.describe()}
@@ -205,7 +206,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     @app.post("/v1/images/generations")
     async def openai_generate(request: Request):
-        principal = svc.authorize(request, "user")
+        principal = await svc.authorize(request, "user")
         body = await parse(request, OpenAIImageRequest)
         if body.response_format not in (None, "b64_json"):
             raise FieldError("response_format", "this server returns images inline only; use response_format b64_json")
@@ -235,7 +236,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     # --- AUTOMATIC1111 API ------------------------------------------------------------------------------------------
     @app.post("/sdapi/v1/txt2img")
     async def a1111_txt2img(request: Request):
-        principal = svc.authorize(request, "user")
+        principal = await svc.authorize(request, "user")
         body = await parse(request, A1111Request)
         served, req, fields, used = _a1111_request(body, TXT2IMG)
         svc.check(served, req, principal)
@@ -244,7 +245,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     @app.post("/sdapi/v1/img2img")
     async def a1111_img2img(request: Request):
-        principal = svc.authorize(request, "user")
+        principal = await svc.authorize(request, "user")
         body = await parse(request, A1111Request)
         served, req, fields, used = _a1111_request(body, IMG2IMG)
         svc.check_policy(req, principal)
@@ -257,7 +258,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     @app.get("/sdapi/v1/sd-models")
     async def a1111_models(request: Request):
-        svc.authorize(request, "viewer")
+        await svc.authorize(request, "viewer")
         return [
             {"title": n, "model_name": n, "hash": m.sha256[:10], "sha256": m.sha256, "filename": str(m.path.name)}
             for n, m in models.items()
@@ -265,7 +266,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     @app.get("/sdapi/v1/samplers")
     async def a1111_samplers(request: Request):
-        svc.authorize(request, "viewer")
+        await svc.authorize(request, "viewer")
         return [{"name": a, "aliases": [ours], "options": {}} for a, ours in A1111_SAMPLERS.items()]
 
     def _a1111_request(body, route: str):
@@ -319,7 +320,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     # --- native jobs ------------------------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):
-        principal = svc.authorize(request, "user")
+        principal = await svc.authorize(request, "user")
         body = await parse(request, JobRequest)
         served = svc.model(body.model)
         fields, used = templated(body, body.model_dump(exclude={"model", "template", "variables"}), {})
@@ -376,7 +377,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
             if any(out.withheld):
                 view["withheld"] = out.withheld
         if record.get("error"):
-            view["error"] = record["error"]
+            view["error"] = scrub(record["error"], models)  # shown to the client: no server path or CLI advice
         return view
 
     def _own_job(job_id: str, principal) -> tuple[Job, dict]:
@@ -389,7 +390,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     @app.get("/v1/jobs")
     async def list_jobs(request: Request, limit: int = 20):
-        principal = svc.authorize(request, "viewer")
+        principal = await svc.authorize(request, "viewer")
         mine = [
             (j, r) for j, r in reversed(svc.jobs.values()) if principal.role == "admin" or j.owner == principal.key_id
         ]
@@ -397,12 +398,12 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str, request: Request):
-        principal = svc.authorize(request, "viewer")
+        principal = await svc.authorize(request, "viewer")
         return _job_view(*_own_job(job_id, principal))
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str, request: Request):
-        principal = svc.authorize(request, "user")
+        principal = await svc.authorize(request, "user")
         job, record = _own_job(job_id, principal)
         svc.scheduler.cancel(job, "cancelled by its owner")
         return _job_view(job, record, images=False)
@@ -410,17 +411,17 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
     # --- keys and audit (admin) -------------------------------------------------------------------------------------
     @app.get("/v1/keys")
     async def list_keys(request: Request):
-        svc.authorize(request, "admin")
+        await svc.authorize(request, "admin")
         return {"data": keys.list()}
 
     @app.get("/v1/audit")
     async def audit_tail(request: Request, n: int = 50):
-        svc.authorize(request, "admin")
+        await svc.authorize(request, "admin")
         return {"data": audit.tail(max(1, min(n, 1000)))}
 
     @app.get("/v1/audit/verify")
     async def audit_verify(request: Request):
-        svc.authorize(request, "admin")
+        await svc.authorize(request, "admin")
         result = audit.verify()
         head = {"seq": result.last_seq, "hash": result.last_hash}  # keep it outside the database: docs/audit.md
         return {"ok": result.ok, "rows": result.rows, "problems": result.problems, "head": head}

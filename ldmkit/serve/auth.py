@@ -306,11 +306,14 @@ class Keys:
         key = _presented_key(authorization)
         key_id = KEY_RE.fullmatch(key).group(1)
         seen = hashlib.blake2b(key.encode(), key=self._pepper, digest_size=32).digest()
-        rows = self.store.query("SELECT * FROM keys WHERE id = ?", (key_id,))
-        now = time.monotonic()
-        if rows and self._remembered(seen, rows[0], now):
-            return self._admitted(rows[0])
+        now, rows = time.monotonic(), None
         with self._lock:
+            known = seen in self._verified
+        if known:  # the row still decides: revoked, or a new hash
+            rows = self.store.query("SELECT * FROM keys WHERE id = ?", (key_id,))
+            if rows and self._remembered(seen, rows[0], now):
+                return self._admitted(rows[0])
+        with self._lock:  # a refusal here reads no row: a flood costs the database nothing
             wait = self._failed_keys.wait(key_id, FAILURES_PER_KEY, FAILURE_WINDOW_S, now)
             if client is not None:
                 wait = max(wait, self._failed_clients.wait(client, FAILURES_PER_CLIENT, FAILURE_WINDOW_S, now))
@@ -326,6 +329,8 @@ class Keys:
             self._failed_keys.add(key_id, now)
             if client is not None:
                 self._failed_clients.add(client, now)
+        if rows is None:
+            rows = self.store.query("SELECT * FROM keys WHERE id = ?", (key_id,))
         if not rows:
             raise AuthError(BAD_KEY, 401, "bad key", key_id=key_id)
         return Attempt(key, key_id, seen, rows[0], client, now)

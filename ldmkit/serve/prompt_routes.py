@@ -26,12 +26,12 @@ def add_prompt_routes(app, svc, templates: Templates, parse, fail) -> None:
 
     @app.get("/v1/prompts")
     async def list_prompts(request: Request, retired: bool = False):
-        svc.authorize(request, "viewer")
+        await svc.authorize(request, "viewer")
         return {"object": "list", "data": [t.as_dict() for t in templates.list(include_retired=retired)]}
 
     @app.post("/v1/prompts", status_code=201)
     async def add_prompt(request: Request):
-        principal = svc.authorize(request, "admin")
+        principal = await svc.authorize(request, "admin")
         body = await parse(request, TemplateBody)
         t = templates.add(
             body.name, body.text, body.negative_prompt, body.params, body.description, created_by=principal.name
@@ -41,7 +41,7 @@ def add_prompt_routes(app, svc, templates: Templates, parse, fail) -> None:
 
     @app.get("/v1/prompts/{ref}")
     async def show_prompt(request: Request, ref: str):
-        svc.authorize(request, "viewer")
+        await svc.authorize(request, "viewer")
         if "@" in ref:
             return templates.show(ref).as_dict()
         versions = templates.versions(ref)
@@ -54,7 +54,7 @@ def add_prompt_routes(app, svc, templates: Templates, parse, fail) -> None:
 
     @app.post("/v1/prompts/{name}/retire")
     async def retire_prompt(request: Request, name: str):
-        principal = svc.authorize(request, "admin")
+        principal = await svc.authorize(request, "admin")
         t = templates.retire(name, by=principal.name)
         request.state.audit["reason"] = f"retired prompt template {name}"
         return t.as_dict()

@@ -8,6 +8,7 @@ import base64
 import collections
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -21,11 +22,13 @@ from ..governance.monitor import OutputMonitor, reference_path
 from ..governance.policy import PolicyRefusal, load_policy
 from ..governance.safety import SafetyFilter
 from ..governance.screen import build_screen
-from ..pipelines.generate import SampleRequest, plan
-from .auth import AuthError, Principal, utc_now
-from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown
+from ..nn.invariant import self_check
+from ..pipelines.generate import SampleRequest, plan, resolution
+from .auth import AuthError, Principal, Reservation, utc_now
+from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown, TooCostly
 from .schemas import FieldError
 
+log = logging.getLogger("ldmkit.serve")
 ANONYMOUS = Principal(key_id="", name="anonymous (--no-auth)", role="admin", images_per_day=None, rate_per_min=None)
 
 
@@ -67,6 +70,28 @@ def request_params(req: SampleRequest, **extra) -> dict:
 C2PA_SETTINGS = ("serve.c2pa_cert", "serve.c2pa_key")
 
 
+def invariance_status(models: dict) -> dict:
+    """Whether the same request gives the same image alone or batched with others, measured at start on this CPU
+    (nn/invariant.py: self_check). Where it fails, or on a GPU (where it is not promised), the server runs each
+    request in a batch of its own and says so here, at start and in /readyz."""
+    devices = sorted({str(m.ldm.device) for m in models.values()})
+    if any(not d.startswith("cpu") for d in devices):
+        return {
+            "holds": False,
+            "devices": devices,
+            "reason": "batch invariance is promised on the CPU only; each request runs in a batch of its own",
+        }
+    check = self_check()
+    status = {"holds": check["holds"], "devices": devices, "threads": check["threads"], "caps": check["caps"]}
+    if not check["holds"]:
+        status["reason"] = (
+            f"this CPU's kernels gave other numbers in a batch ({'; '.join(check['failures'][:3])}); "
+            "each request runs in a batch of its own"
+        )
+        log.warning("batch invariance does not hold here: %s", status["reason"])
+    return status
+
+
 class Service:
     def __init__(self, run: ServeRun, models: dict, keys, audit, metrics, no_auth: bool = False):
         self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
@@ -78,14 +103,20 @@ class Service:
         # one screen a model (its own training-data index), built now: a missing file stops the start
         self.screens = {n: build_screen(self.policy, m.path, run.serve.watermark, safety) for n, m in models.items()}
         cfg = run.serve
+        self.invariance = invariance_status(models)
         self.scheduler = Scheduler(
             {name: m.ldm for name, m in models.items()},
-            cfg.max_batch,
+            cfg.max_batch if self.invariance["holds"] else 1,  # batches of one keep the promise where it fails
             cfg.max_wait_ms,
             cfg.queue_images,
             on_batch=metrics.batch.observe,
+            warmup=True,  # admission control has an estimate from the first request on
         )
         self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()
+        self._held: dict[str, Reservation] = {}  # job id -> the images reserved for it, until settled or given back
+        returned = keys.reconcile()  # what requests never answered (the server was killed) still hold
+        if returned:
+            log.info("gave back the images of %d requests that were never answered", returned)
         self.monitor = self._monitor(cfg.monitor_window)
 
     def _png(self, img, meta: dict[str, str]) -> bytes:
@@ -121,18 +152,34 @@ class Service:
         return OutputMonitor(window, refs, report, busy=lambda: self.scheduler.busy())
 
     # --- who asks -----------------------------------------------------------------------------------------------
-    def authorize(self, request, role: str) -> Principal:
-        """The caller's key checked for `role` and its rate; the audit row learns who asked."""
+    async def authorize(self, request, role: str) -> Principal:
+        """The caller's key checked (its scrypt off the event loop) for `role` and its rate; the audit row learns
+        who asked: the presented key's id, and its name once its secret was right, whatever the decision."""
         audit = request.state.audit
         if self.no_auth:
-            principal = ANONYMOUS
-        else:
-            principal = self.keys.authenticate(request.headers.get("authorization"))
-        audit["key_id"], audit["key_name"] = principal.key_id or None, principal.name
-        if not self.no_auth:
-            self.keys.require(principal, role)
-            self.keys.check_rate(principal)
+            audit["key_id"], audit["key_name"] = None, ANONYMOUS.name
+            return ANONYMOUS
+        client = request.client.host if request.client else None
+        try:
+            principal = await self.keys.authenticate_async(request.headers.get("authorization"), client)
+        except AuthError as err:
+            audit["key_id"], audit["key_name"] = err.key_id, err.key_name
+            raise
+        audit["key_id"], audit["key_name"] = principal.key_id, principal.name
+        self.keys.require(principal, role)
+        self.keys.check_rate(principal)
         return principal
+
+    def refund(self, request) -> None:
+        """Give back the images of a request that was served by the worker but then failed to be answered (an
+        error while building its answer); called for every error answer, it does nothing for the others."""
+        held = getattr(request.state, "quota", None)
+        if held is not None:
+            request.state.quota = None
+            try:
+                self.keys.release_images(Principal(held.key_id, "", "user", None, None), held.images, held.day)
+            except Exception:  # the answer is an error already; the count stays high by these images
+                log.exception("could not give back %d images of key %s", held.images, held.key_id)
 
     def model(self, name: str | None, field_name: str = "model"):
         """The served model called `name` (None: the first one)."""
@@ -169,6 +216,7 @@ class Service:
         params = request_params(req, **extra)
         audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         job = self.queue(principal, served, req, run)
+        held = self._held.get(job.id)  # its images, given back by refund() if the answer fails after all
         deadline = time.monotonic() + self.run.serve.timeout_s
         waiter = asyncio.ensure_future(job.wait())  # one completion callback, however long the wait
         while not waiter.done():
@@ -176,35 +224,65 @@ class Service:
             if not waiter.done():
                 if await request.is_disconnected():
                     self.scheduler.cancel(job, "the client disconnected")
+                    self._release(job)
                     audit.update(decision="cancelled", reason="the client disconnected")
                 elif time.monotonic() > deadline:
                     self.scheduler.cancel(job, "timed out")
+                    self._release(job)
                     raise RequestFailed(f"the request took over {self.run.serve.timeout_s:g} s; try fewer steps", 504)
         audit.update(queue_ms=round(job.queue_ms, 1), run_ms=round(job.run_ms, 1))
         import anyio
 
-        return await anyio.to_thread.run_sync(self.finished, job, served, params, audit, request.state.request_id)
+        held = held if job.id in self._held else None  # None: given back already (the client went away)
+        out = await anyio.to_thread.run_sync(self.finished, job, served, params, audit, request.state.request_id)
+        request.state.quota = held
+        return out
 
     def queue(self, principal: Principal, served, req: SampleRequest, run=None, on_done=None) -> Job:
         """Reserve the images of the key's quota and queue the job; on_done(job) is attached before the worker can
-        see the job, so it runs however fast the job ends."""
-        if not self.no_auth:
-            self.keys.reserve_images(principal, req.n)
+        see the job, so it runs however fast the job ends. Refused at once (413) when its images are larger than
+        limits.max_pixels or it cannot finish within serve.timeout_s, and (429) when the work queued ahead leaves it
+        too little time."""
+        self._check_pixels(served, req)
+        held = None if self.no_auth else self.keys.reserve_images(principal, req.n, self._hold_s())
         job = Job(served.name, req, owner=principal.key_id, run=run, timeout_s=self.run.serve.timeout_s)
+        if held is not None:
+            self._held[job.id] = held  # settled or given back exactly once: by finished, generate or _release
         if on_done is not None:
             job.on_done.append(on_done)
         try:
             self.scheduler.submit(job)
-        except Exception:
-            if not self.no_auth:
-                self.keys.release_images(principal, req.n)
+        except Exception as err:
+            self._release(job)
+            if isinstance(err, TooCostly):
+                raise RequestFailed(str(err), 413) from None
             raise
         self.metrics.queue.set(self.scheduler.queued_images())
         return job
 
+    def _check_pixels(self, served, req: SampleRequest) -> None:
+        """413 when the request's images (at the model's resolution when it names no size) exceed limits.max_pixels."""
+        h, w = resolution(served.ldm, req)
+        if h * w > self.limits.max_pixels:
+            raise RequestFailed(
+                f"a {w}x{h} image is {h * w} pixels; this server makes images of at most {self.limits.max_pixels} "
+                f"pixels; ask for a smaller width and height",
+                413,
+            )
+
     def finished(self, job: Job, served, params: dict, audit: dict, request_id: str) -> Output:
         """The job's images as PNGs (each with its generation record embedded: model, weights hash, parameters,
-        seed, request id, time) after the output screen, or the error the job ended with."""
+        seed, request id, time) after the output screen, or the error the job ended with. Its reserved images are
+        settled when this returns, and given back when it raises."""
+        try:
+            out = self._output(job, served, params, audit, request_id)
+        except BaseException:
+            self._release(job)
+            raise
+        self._settle(job)
+        return out
+
+    def _output(self, job: Job, served, params: dict, audit: dict, request_id: str) -> Output:
         self.metrics.queue.set(self.scheduler.queued_images())
         if job.state != DONE:
             self._release(job)
@@ -240,12 +318,25 @@ class Service:
             self.metrics.similarity.labels(model, screen.similarity.action).inc()
 
     def _release(self, job: Job) -> None:
-        if not self.no_auth:
-            principal = Principal(job.owner, "", "user", None, None)
+        """Give back the images reserved for `job` (nothing when they were settled or given back already)."""
+        held = self._held.pop(job.id, None)
+        if held is not None:
             try:
-                self.keys.release_images(principal, job.n)
-            except LdmkitError:
-                pass
+                self.keys.release(held)
+            except Exception:  # the database failed: reconcile gives them back once the reservation expires
+                log.exception("could not give back the %d images reserved for job %s", held.images, job.id)
+
+    def _settle(self, job: Job):
+        """Keep the images reserved for `job` counted (it was served); the Reservation, or None without one."""
+        held = self._held.pop(job.id, None)
+        if held is not None:
+            self.keys.settle(held)
+        return held
+
+    def _hold_s(self) -> float:
+        """How long a reservation may stay open: longer than any request lives (queue and run, each within
+        serve.timeout_s), so that reconcile only gives back the images of requests that can no longer be answered."""
+        return 2 * self.run.serve.timeout_s + 60
 
     @staticmethod
     def _failure(job: Job) -> Exception:
