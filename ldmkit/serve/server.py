@@ -1,6 +1,7 @@
 """`ldmkit serve`: load the models once, open the key and audit store, and run the app on uvicorn with a graceful
-shutdown (SIGTERM or Ctrl-C: the listening socket closes, so new connections are refused; a new request on an open
-connection gets 503; accepted work finishes, then the process exits).
+shutdown (SIGTERM or Ctrl-C: the listening socket closes, so new connections are refused, not answered 503, and
+idle connections are closed; a request that arrived just before gets 503; accepted work finishes, then the process
+exits).
 
 Connections are read by h11 with a header-read timeout: a client must finish sending a request's line and headers
 within HEADER_TIMEOUT_S of its first byte (or of connecting) or the connection is answered 408 and closed. Requests
@@ -64,6 +65,13 @@ def serve(run: ServeRun, no_auth: bool = False, log_level: str = "info") -> None
     server = Server(uvicorn_config(app, svc, run, log_level))
     where = f"http://{run.serve.host}:{run.serve.port}/"
     print(f"serving {', '.join(svc.models)} at {where}" + (" without keys (--no-auth)" if no_auth else ""), flush=True)
+    inv = svc.invariance
+    print(
+        "batch invariance: holds (the same request gives the same image alone or batched)"
+        if inv["holds"]
+        else f"batch invariance: does not hold: {inv['reason']}",
+        flush=True,
+    )
     try:
         server.run()
     finally:
