@@ -21,7 +21,9 @@ def server(tmp_path_factory):
 
     port = free_port()
     db = tmp_path_factory.mktemp("protocol") / "ldmkit.db"
-    run = ServeRun(serve=ServeConfig(models=("emoji",), database=str(db), port=port, monitor_window=0), limits=ServeLimits())
+    run = ServeRun(
+        serve=ServeConfig(models=("emoji",), database=str(db), port=port, monitor_window=0), limits=ServeLimits()
+    )
     app, svc = build(run, no_auth=True)
     config = uvicorn_config(app, svc, ServeRun(serve=ServeConfig(host="127.0.0.1", port=port)), "warning", 0.5)
     srv = uvicorn.Server(config)

@@ -43,9 +43,16 @@ BIG = b"1e309"  # reads as infinity in Python's JSON parser
     "route, body, field",
     [
         ("/sdapi/v1/txt2img", b'{"prompt": "a", "steps": 2, "foo": ' + BIG + b"}", "foo"),
-        ("/sdapi/v1/txt2img", b'{"prompt": "a", "steps": 2, "denoising_strength": -' + BIG + b"}", "denoising_strength"),
-        ("/sdapi/v1/txt2img", b'{"prompt": "a", "steps": 2, "override_settings": {"x": [1, ' + BIG + b"]}}",
-         "override_settings.x.1"),
+        (
+            "/sdapi/v1/txt2img",
+            b'{"prompt": "a", "steps": 2, "denoising_strength": -' + BIG + b"}",
+            "denoising_strength",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            b'{"prompt": "a", "steps": 2, "override_settings": {"x": [1, ' + BIG + b"]}}",
+            "override_settings.x.1",
+        ),
         ("/v1/images/generations", b'{"prompt": "a", "steps": 2, "cfg": ' + BIG + b"}", "cfg"),
     ],
 )
@@ -64,8 +71,11 @@ def test_a_non_finite_number_anywhere_is_refused_before_any_work(live, route, bo
 def test_a_deeply_nested_extra_is_refused_before_any_work(live):
     nested = "[" * 200 + "]" * 200
     with live.client(live.key) as c:
-        r = c.post("/sdapi/v1/txt2img", content=f'{{"prompt": "a", "steps": 2, "deep": {nested}}}'.encode(),
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/sdapi/v1/txt2img",
+            content=f'{{"prompt": "a", "steps": 2, "deep": {nested}}}'.encode(),
+            headers={"content-type": "application/json"},
+        )
     assert r.status_code == 400 and error_of(r)["param"].startswith("deep")
 
 

@@ -13,7 +13,6 @@ from ..pipelines.inpaint import concat_channels
 from ..runtime import resolve_device
 from ..shipped import SHIPPED, resolve_model, weights_dir
 
-
 GENERATIONS, TXT2IMG, IMG2IMG, JOBS = "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs"
 WHAT = {GENERATIONS: "generation", TXT2IMG: "generation", JOBS: "generation", IMG2IMG: "img2img and inpainting"}
 
