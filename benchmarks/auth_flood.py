@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/auth_flood.py                      # 200 wrong-secret requests from 10 clients
     .venv/bin/python benchmarks/auth_flood.py --requests 100 --clients 4
 
-Starts its own `ldmkit serve` (the shipped fashion-mnist model, the smallest, a fresh database, one viewer key) on 127.0.0.1. First it
-measures /healthz alone and a valid key's GET /v1/models; then a separate process sends `--requests` requests of
-`Bearer ldk_<the real key id>_<a wrong secret>` from `--clients` threads while this process keeps probing /healthz,
-and the valid key is timed again during the flood. Each wrong secret costs the server a scrypt verification (about
-50 ms of one core) until the failed-attempt limit answers 429 without checking. Everything is bounded: a fixed
-number of requests, each with a 30 s timeout, and the whole run within --deadline seconds.
+Starts its own `ldmkit serve` (the shipped fashion-mnist model, the smallest; a fresh database; one viewer key) on
+127.0.0.1. First it measures /healthz alone and a valid key's GET /v1/models; then a separate process sends
+`--requests` requests of `Bearer ldk_<the real key id>_<a wrong secret>` from `--clients` threads while this
+process keeps probing /healthz, and the valid key is timed again during the flood. Each wrong secret costs the
+server a scrypt verification (about 50 ms of one core) until the failed-attempt limit answers 429 without checking.
+Everything is bounded: a fixed number of requests, each with a 30 s timeout, the whole run within --deadline s.
 Prints a table and writes benchmarks/out/auth_flood.json.
 """
 
