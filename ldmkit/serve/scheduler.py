@@ -122,6 +122,26 @@ class Job:
         return self
 
 
+class StepTimer:
+    """A sampler callback that notes when each step reports; `seconds_per_step` is the shortest time between two
+    reports. That leaves out the work before the first step and after the last (conditioning, decoding), and the
+    pauses of a loaded machine: an estimate on the low side admits a request that may still time out (and is then
+    stopped at its next step), while one on the high side would refuse requests that fit."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, *_) -> float:
+        now = time.monotonic()
+        self.times.append(now)
+        return now
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return min(b - a for a, b in zip(self.times, self.times[1:]))
+
+
 class Scheduler:
     """A bounded queue of jobs and the worker thread that runs them in batches."""
 
@@ -136,8 +156,8 @@ class Scheduler:
     ):
         """models: name -> LatentDiffusion; max_batch: images per forward pass; max_wait_ms: how long the oldest job
         waits for company; queue_images: images that may wait (more: QueueFull); on_batch(images): a metrics hook;
-        warmup: time a few tiny batches of each model before the first job, so admission has an estimate at once
-        (without it, requests are admitted until the first batches were measured)."""
+        warmup: time a few tiny batches of each model here, before the worker starts, so admission has an estimate
+        from the first request on (without it, requests are admitted until the first batches were measured)."""
         self.models, self.max_batch, self.max_wait = models, max_batch, max_wait_ms / 1000
         self.queue_images, self.on_batch, self.warmup = queue_images, on_batch, warmup
         self._queue: collections.deque[Job] = collections.deque()
@@ -149,6 +169,8 @@ class Scheduler:
         self.costs = {name: StepCost() for name in models}  # each model's measured seconds per step
         self._turn = 0  # batches started
         self._served: dict[str, int] = {}  # key id -> the turn its jobs last ran in
+        if warmup:
+            self._warm_up()
         self._thread = threading.Thread(target=self._work, name="ldmkit-scheduler", daemon=True)
         self._thread.start()
 
@@ -262,8 +284,6 @@ class Scheduler:
 
     # --- the worker -------------------------------------------------------------------------------------------------
     def _work(self) -> None:
-        if self.warmup:
-            self._warm_up()
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -271,21 +291,17 @@ class Scheduler:
             self._run(batch)
 
     def _warm_up(self) -> None:
-        """Time each model on one image and on a small batch (after a first pass that pays for allocations and
-        kernel choices), so the first request is admitted by an estimate. Models that cannot sample from noise
+        """Time each model's sampling steps on one image and on a small batch. Models that cannot sample from noise
         (inpainting, upscaling) are measured by their first batches instead."""
         for name, ldm in self.models.items():
-            try:
-                generate_together(ldm, [SampleRequest(n=1, steps=1)], self.max_batch)
-                for n in sorted({1, min(4, self.max_batch)}):
-                    req = SampleRequest(n=n, steps=4)
-                    t0 = time.monotonic()
-                    generate_together(ldm, [req], self.max_batch)
-                    self.costs[name].add(units_per_step(ldm, req), (time.monotonic() - t0) / req.steps, anchor=True)
-            except LdmkitError:
-                continue
-            if self._draining:
-                return
+            for n in sorted({1, min(4, self.max_batch)}):
+                req = SampleRequest(n=n, steps=3)
+                timer = StepTimer()
+                try:
+                    generate_together(ldm, [req], self.max_batch, timer)
+                except LdmkitError:
+                    break
+                self.costs[name].add(units_per_step(ldm, req), timer.seconds_per_step(), anchor=True)
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch (see the module's note on fairness), after waiting for company; None when drained."""
@@ -351,13 +367,11 @@ class Scheduler:
 
     def _run(self, batch: list[Job]) -> None:
         ldm = self.models[batch[0].model]
-        steps = 0
+        timer = StepTimer()
 
         def stop_when_abandoned(*_):
             """Called at every step: times out the jobs past their deadline, and stops the batch when none is alive."""
-            nonlocal steps
-            steps += 1
-            now = time.monotonic()
+            now = timer()
             with self._cv:
                 for job in batch:
                     if job.error is None and now > job.deadline:
@@ -394,9 +408,11 @@ class Scheduler:
                 else:
                     job.batch_images = images
                     job.finish(DONE, images=out)
-        if measured:  # seconds a step, by the steps the callback saw (an edit, without one: the steps it asked)
-            units = sum(j.units for j in batch)
-            self.costs[batch[0].model].add(units, elapsed / max(steps or batch[0].req.steps, 1))
+        seconds = timer.seconds_per_step()  # between the steps the callback saw
+        if seconds is None and batch[0].run is not None:  # an edit reports no steps: over all it asked for
+            seconds = elapsed / max(batch[0].req.steps, 1)
+        if measured and seconds is not None:
+            self.costs[batch[0].model].add(sum(j.units for j in batch), seconds)
         self._seconds_per_image = 0.5 * self._seconds_per_image + 0.5 * elapsed / max(images, 1)
         with self._cv:
             self._running = []
