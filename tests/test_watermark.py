@@ -125,3 +125,16 @@ def test_a_crop_resized_back_to_the_original_size_reads_its_tag(pictures):
         back = resized(cut(marked, left, top, 6 - left, 6 - top), 64)  # 58x58 blown up to 64x64 (bicubic)
         reading = wm.read(back)
         assert reading.tag == TAG and reading.crop == (left, top, 6 - left, 6 - top)
+
+
+@pytest.mark.parametrize("how", [Image.Resampling.NEAREST, Image.Resampling.BICUBIC])
+def test_a_small_image_enlarged_two_to_four_times_reads_its_tag(pictures, how):
+    """32x32 marks were not read from copies enlarged 2x, 3x or 4x: up to 84 pixels the window is sampled with a
+    one-pixel kernel, which an enlarged copy no longer has, so the reader now undoes each enlargement exactly."""
+    for a in pictures[:3]:
+        marked = wm.embed(resized(a, 32), TAG)
+        for factor in (2, 3, 4):
+            big = np.asarray(Image.fromarray(marked).resize((32 * factor, 32 * factor), how))
+            reading = wm.read(big)
+            assert reading.tag == TAG, (factor, how)
+            assert reading.gain > 1  # read as an enlarged copy

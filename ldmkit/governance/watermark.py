@@ -12,6 +12,10 @@ projections of low-frequency DCT coefficients of the luminance inside a central 
 - Reading first assumes the whole image: the window is again the middle 76% of each side, so a rescale changes
   nothing but the sampling. A resized copy (RESIZES: 0.75x and 0.5x, bilinear and bicubic, for each side it may have
   had) is then read through the least-squares inverse of that resize, which recovers what the resize kept.
+- Enlargement of a small image: up to ENLARGED (84) pixels a side the sampling kernel is one pixel wide, not a
+  fixed share of the window, so a copy enlarged by any factor is sampled otherwise; every marked side n from
+  MIN_SIDE to ENLARGED and each of nearest, bilinear, bicubic and Lanczos are tried through the exact inverse of that
+  enlargement (an enlargement loses nothing), accepted at SYNC as the crop search is.
 - Cropping: a crop that removes at most CROP (10%) of a side, wherever it is taken, keeps the whole window, so the
   mark is still there, only at an unknown place. Reading then searches, per axis, every marked side n (from the
   received side m up to (m + 1) / (1 - CROP)) and every cut c before the kept part (0 to n - m pixels): the window of
@@ -72,7 +76,7 @@ LUMA = np.array([0.299, 0.587, 0.114])
 class Reading:
     tag: bytes | None  # the 6-byte tag, or None when no valid watermark was found
     bits: np.ndarray  # the 72 decoded bits of the most likely reading (0/1)
-    gain: float  # the resize hypothesis that decoded (1, 0.75 or 0.5); 0 when none did
+    gain: float  # the resize hypothesis that decoded (1, 0.75, 0.5, or > 1 for an enlargement); 0 when none did
     margin: float  # mean distance of the projections from the decision boundary, as a fraction of DELTA / 4
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels found cut from the left, top, right and bottom
 
@@ -128,7 +132,12 @@ def _luma(pixels: np.ndarray) -> np.ndarray:
     return pixels[..., :3].astype(np.float64) @ LUMA
 
 
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def _resize(plane: np.ndarray, size: tuple[int, int], how=Image.Resampling.BILINEAR) -> np.ndarray:
@@ -234,6 +243,40 @@ def _undo(n: int, m: int, how: str) -> np.ndarray:
     gram = resize.T @ resize  # (m, m); Q = P @ resize @ gram^-1 minimises |Q @ resize.T - P|
     gram += 1e-6 * np.trace(gram) / m * np.eye(m)
     return np.linalg.solve(gram, (_rows(n) @ resize).T).T
+
+
+ENLARGED = 84  # the largest marked side whose sampling kernel is one pixel (below CANON samples a window)
+
+
+@lru_cache(maxsize=1024)
+def _unenlarge(n: int, m: int, how: str) -> np.ndarray:
+    """(K, m): the window coefficients of an axis of n pixels from the same axis enlarged to m > n pixels by `how`:
+    the window's rows times the exact inverse of the enlargement, (E E^T)^-1 E with E (n, m) the enlargement."""
+    enlarge = _resize(np.eye(n, dtype=np.float32), (m, n), RESAMPLE[how])  # (n, m): pixel i's part of each output
+    gram = enlarge @ enlarge.T  # (n, n), full rank: an enlargement loses nothing
+    gram += 1e-9 * np.trace(gram) / n * np.eye(n)
+    return _rows(n) @ np.linalg.solve(gram, enlarge)
+
+
+def _enlarged(lum: np.ndarray, key: str) -> Reading | None:
+    """The reading of an image that may be a small marked one enlarged (by any factor, nearest, bilinear, bicubic or
+    Lanczos), accepted when its CRC holds and its projections reach SYNC. Up to ENLARGED pixels the window is
+    sampled with a kernel of one pixel, not a fixed share of the window, so an enlarged copy is sampled otherwise
+    than the original: each marked side n and method is undone exactly instead."""
+    h, w = lum.shape
+    best = None
+    for ny in range(MIN_SIDE, min(h - 1, ENLARGED) + 1):
+        nx = round(ny * w / h)
+        if not MIN_SIDE <= nx < w:
+            continue
+        for how in RESAMPLE:
+            x = _projections(_unenlarge(ny, h, how) @ lum @ _unenlarge(nx, w, how).T, key)
+            reading = _decode(x, h / ny)
+            if reading.tag is not None and reading.margin >= SYNC:
+                return reading
+            if best is None or reading.margin > best.margin:
+                best = Reading(None, reading.bits, 0.0, reading.margin)
+    return best
 
 
 def _resized_sides(m: int, r: float) -> list[int]:
@@ -367,7 +410,8 @@ def _search(lum: np.ndarray, key: str) -> Reading:
 def read(pixels: np.ndarray, key: str = "ldmkit") -> Reading:
     """The tag hidden in `pixels` (H, W) or (H, W, 3) uint8, or a Reading with tag None when there is none.
 
-    The whole image is tried first, then resized copies of it (RESIZES), then every crop of up to CROP of each side."""
+    The whole image is tried first, then resized copies of it (RESIZES), then enlarged copies of a small image (up
+    to ENLARGED pixels a side), then every crop of up to CROP of each side."""
     _check_image(pixels)
     lum = _luma(pixels)
     h, w = lum.shape
@@ -382,5 +426,8 @@ def read(pixels: np.ndarray, key: str = "ldmkit") -> Reading:
                     return reading
                 if reading.margin > best.margin:
                     best = reading
+    enlarged = _enlarged(lum, key)
+    if enlarged is not None and enlarged.tag is not None:
+        return enlarged
     found = _search(lum, key)
     return found if found.tag is not None or found.margin > best.margin else best
