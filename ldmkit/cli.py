@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import check_output_path, read_metadata
-from .config import TASKS, AutoencoderRun, DenoiserRun, ServeRun, load_run
+from .config import AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .distributed import World, launched, main_process, process_group
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
@@ -33,6 +33,7 @@ from .serve.governance_commands import add_governance_commands
 from .serve.server import serve
 from .shipped import plan_generation, resolve_model
 from .synth.export import SynthOptions, read_prompts_csv, summary_lines, synthesize
+from .tasks import task_names
 from .training.runs import train_autoencoder, train_denoiser
 
 
@@ -77,7 +78,9 @@ def _sampling_options(p: argparse.ArgumentParser, *, n: int, n_help: str, batch_
             "--batch-size", type=int, default=batch_size, help=f"images per forward pass (default {batch_size})"
         )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar (shown on stderr, when it is a terminal, by default)"
+    )
 
 
 def _generation_options(p: argparse.ArgumentParser):
@@ -222,6 +225,11 @@ def _sign(args):
     return file_signer(credentials_from(args.c2pa_cert, args.c2pa_key, names))
 
 
+def _progress(args) -> bool:
+    """Whether an image command shows its progress bar: on stderr when that is a terminal, unless --quiet."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def _target(args, out) -> Target:
     """`out` under the output rule of every image command (pipelines/output.py): never an input file, and an
     existing file replaced only with --overwrite (else NAME-1.png, NAME-2.png, ... beside it)."""
@@ -235,7 +243,7 @@ def _generate_files(args, checkpoint, req: SampleRequest, out, grid: bool) -> li
     with process_group(args.device, "--device") as (world, device):
         req = replace(req, device=str(device)) if world.active else req
         finish, sign = _finish(args, checkpoint, world), _sign(args)
-        progress = not args.quiet and world.main
+        progress = _progress(args) and world.main
         return generate_to_file(checkpoint, req, _target(args, out), grid, progress, finish, sign, world)
 
 
@@ -265,7 +273,7 @@ def cmd_img2img(args):
     req = _request(args, plan.n, plan.prompts)
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     out = _target(args, plan.out)
-    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, out, not args.quiet, finish, sign):
+    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, out, _progress(args), finish, sign):
         print(f"wrote {p}")
 
 
@@ -311,7 +319,7 @@ def cmd_inpaint(args):
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png", "inpaint")
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     out = _target(args, plan.out)
-    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, out, opts, not args.quiet, finish, sign):
+    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, out, opts, _progress(args), finish, sign):
         print(f"wrote {p}")
 
 
@@ -320,7 +328,7 @@ def cmd_outpaint(args):
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     out = _target(args, plan.out)
-    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, out, opts, not args.quiet, finish, sign):
+    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, out, opts, _progress(args), finish, sign):
         print(f"wrote {p}")
 
 
@@ -332,7 +340,7 @@ def cmd_upscale(args):
     req = _request(args, plan.n, plan.prompts)
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     for p in upscale_to_file(
-        plan.checkpoint, req, args.image, _target(args, plan.out), opts, not args.quiet, finish, sign
+        plan.checkpoint, req, args.image, _target(args, plan.out), opts, _progress(args), finish, sign
     ):
         print(f"wrote {p}")
 
@@ -551,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="minilm, clip or trainable: makes a text-to-image model")
     p.add_argument(
         "--task",
-        choices=list(TASKS),
+        choices=list(task_names()),
         help="generate (default); inpaint: a model that also takes a mask and a masked image; upscale: a super-"
         "resolution model that takes a low-resolution image (set upscale.factor, default 4) (task)",
     )

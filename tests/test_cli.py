@@ -1,6 +1,7 @@
 """The command line's error handling: bad input gets a clear message and a non-zero exit."""
 
 import json
+import sys
 import time
 
 import pytest
@@ -366,6 +367,7 @@ def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path
             seen.append(progress) or [out]
         ),
     )
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # shown on a terminal only
     for quiet in ([], ["--quiet"]):
         assert main(["sample", str(tiny_ldm), *quiet]) == 0
         assert main(["generate", "--model", str(tiny_ldm), "--label", "0", *quiet]) == 0

@@ -2,15 +2,25 @@
 itself, bounded RePaint options, progress on stderr."""
 
 import os
+import sys
 import threading
 
 import pytest
+import torch
 from PIL import Image
+from test_upscale import upscale_run
 
 import ldmkit.pipelines.generate as generate_module
 from ldmkit.cli import main
 from ldmkit.errors import InputError
+from ldmkit.ldm import LatentDiffusion
+from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.img2img import img2img
+from ldmkit.pipelines.inpaint import InpaintOptions, inpaint
 from ldmkit.pipelines.output import claim
+from ldmkit.pipelines.upscale import UpscaleOptions, upscale
+from ldmkit.samplers.repaint import repaint_steps
+from ldmkit.training import runs
 
 
 def run(capsys, *argv):
@@ -134,3 +144,56 @@ def test_huge_repaint_options_are_refused_before_the_model_loads(
     code, _, err = run(capsys, *_edit("inpaint", image, tiny_ldm, *more))
     assert code == 2 and f"{option} {value} is out of range" in err and "between 1 and" in err, err
     assert err.count("\n") == 1 and not (tmp_path / "o.png").exists()
+
+
+# --- item 3: progress over the real work, on stderr ------------------------------------------------------------------
+def test_one_image_shows_its_sampler_steps(tiny_ldm, capsys):
+    ldm = LatentDiffusion.load(tiny_ldm)
+    generate(ldm, SampleRequest(n=1, steps=3), progress=True)
+    err = capsys.readouterr().err
+    assert "1 image x 3 steps" in err and "3/3" in err, err
+    generate(ldm, SampleRequest(n=1, steps=3))  # library default: quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_img2img_counts_the_steps_its_strength_runs(tiny_ldm, capsys):
+    ldm = LatentDiffusion.load(tiny_ldm)
+    img2img(ldm, torch.zeros(1, 1, 16, 16), SampleRequest(n=2, steps=4, batch_size=1), 0.5, progress=True)
+    err = capsys.readouterr().err
+    assert "2 images x 2 steps" in err and "4/4" in err, err
+
+
+def test_inpaint_progress_counts_repaints_whole_walk(tiny_ldm, capsys):
+    ldm = LatentDiffusion.load(tiny_ldm)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    opts = InpaintOptions(resample=3, jump=1)
+    walk = repaint_steps(3, 3, 1)  # 3 steps, each jump point walked down 3 times
+    inpaint(ldm, SampleRequest(n=1, steps=3, labels=[0]), torch.zeros(1, 1, 16, 16), mask, opts, progress=True)
+    err = capsys.readouterr().err
+    assert walk == 7 and f"1 image x {walk} steps" in err and f"{walk}/{walk}" in err, err
+
+
+@pytest.fixture
+def upscaler(tmp_path, tiny_ae, monkeypatch, blobs):
+    monkeypatch.setattr(runs, "_datasets", lambda cfg, holdout: (blobs, None))
+    return runs.train_denoiser(upscale_run(tiny_ae), tmp_path / "run", progress=False)["checkpoint"]
+
+
+def test_upscale_progress_counts_tiles_times_steps(upscaler, capsys):
+    ldm = LatentDiffusion.load(upscaler)
+    x = torch.zeros(1, 1, 16, 16)  # 32x32 out, latent 16x16: tiles of 8 (the training size) overlapping by 2
+    upscale(ldm, x, SampleRequest(n=1, steps=2), UpscaleOptions(), progress=True)
+    err = capsys.readouterr().err
+    assert "1 image x 9 tiles x 2 steps" in err and "18/18" in err, err
+
+
+def test_the_command_shows_progress_on_a_terminal_unless_quiet(capsys, tmp_path, tiny_ldm, monkeypatch):
+    image = _png(tmp_path / "x.png")
+    args = _edit("img2img", image, tiny_ldm, "--steps", "4", "--strength", "1")
+    assert run(capsys, *args, "--out", str(tmp_path / "a.png"))[2] == ""  # stderr is not a terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "b.png"))
+    assert code == 0 and "4/4" in err, err
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "c.png"), "--quiet")
+    assert code == 0 and err == "", err

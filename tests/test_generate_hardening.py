@@ -270,13 +270,14 @@ def test_only_each_batchs_generators_are_built_and_image_i_ignores_the_batch_siz
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a[3:5], c, atol=1e-5)
 
 
-def test_progress_bar_over_images_when_asked_and_several_batches(tiny_ldm, capsys):
+def test_progress_bar_over_image_steps_when_asked_at_any_batch_size(tiny_ldm, capsys):
     ldm = LatentDiffusion.load(tiny_ldm)
-    generate(ldm, SampleRequest(n=3, steps=1, batch_size=2), progress=True)
-    assert "3/3" in capsys.readouterr().err
+    generate(ldm, SampleRequest(n=3, steps=2, batch_size=2), progress=True)
+    assert "6/6" in capsys.readouterr().err
     generate(ldm, SampleRequest(n=3, steps=1, batch_size=2))  # library default: quiet
-    generate(ldm, SampleRequest(n=3, steps=1, batch_size=4), progress=True)  # one batch: no bar
     assert capsys.readouterr().err == ""
+    generate(ldm, SampleRequest(n=3, steps=2, batch_size=4), progress=True)  # one batch: a bar too
+    assert "6/6" in capsys.readouterr().err
 
 
 # --- device (17) ----------------------------------------------------------------------------------------------------

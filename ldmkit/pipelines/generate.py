@@ -26,7 +26,7 @@ from ..conditioning.types import Conditioning
 from ..config import check_multiple
 from ..data.images import Sign, check_writable, save_grid, to_pil, to_tensor, write_image
 from ..denoisers import backbone_name
-from ..diffusion.sample import sample_latents
+from ..diffusion.sample import sample_latents, start_index
 from ..distributed import World
 from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
@@ -240,12 +240,14 @@ def latent_batches(
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(latents (b, c, h, w), a caption per image) for each batch of req.batch_size images of the checked plan `p`;
     image i always uses seed + i. init(s, e): the clean latents (e - s, c, h, w) that images s..e-1 start from at
-    `strength` (img2img); None: pure noise. progress: a bar over images when there is more than one batch. command:
+    `strength` (img2img); None: pure noise. progress: a bar on stderr over images x sampler steps. command:
     the command named when the model cannot sample from noise (an inpainting model, an upscaler). share: the images
     to draw (a block of 0..n-1: a rank's under torchrun), default all."""
     check_samples_from_noise(ldm, command)
     shape = (ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor)
-    for b in request_batches(ldm, req, p, "sampling", progress, share=share):
+    steps = req.steps if init is None else req.steps - start_index(req.steps, strength)  # the steps img2img runs
+    desc = "sampling" if init is None else "editing"
+    for b in request_batches(ldm, req, p, desc, progress, share=share, steps=steps):
         start = {} if init is None else {"init": init(b.start, b.end), "strength": strength}
         try:
             z = sample_latents(
@@ -255,6 +257,7 @@ def latent_batches(
                 b.uncond,
                 generator=b.generators,
                 device=ldm.device,
+                callback=b.tick,
                 **start,
                 **req.sampling(),
             )
@@ -273,6 +276,7 @@ class Batch:
     uncond: Conditioning  # the guidance's unconditional branch (the negative prompt, or no label / prompt)
     captions: list[str]
     generators: Generators  # image i's is seeded seed + i, whatever the batch size
+    tick: Callable | None = None  # a sampler callback (i, x, x0, sigma) that moves the progress bar one step on
 
     @property
     def size(self) -> int:
@@ -287,14 +291,19 @@ def request_batches(
     progress: bool = False,
     quiet: bool = False,
     share: range | None = None,
+    steps: int = 0,
+    tiles: int = 1,
 ) -> Iterator[Batch]:
     """The batches of req.batch_size images of the checked plan `p`, every pipeline's loop: conditions from the
-    plan's labels or prompts, a progress bar `desc` over images when there is more than one batch (and not quiet).
-    share: only these images (a block of 0..n-1), numbered as in the whole request: the same seeds, labels and
-    prompts, so a rank's share is those images of one process."""
+    plan's labels or prompts, and a progress bar `desc` on stderr when `progress` (and not quiet). steps: the
+    sampler steps each image takes (RePaint's whole walk, img2img's share of the grid); the bar then counts images
+    x tiles x steps, moved on by each batch's `tick` (pass it as the sampler's callback), with an estimate of the
+    time left. steps=0: a bar over images, shown when there is more than one batch. share: only these images (a
+    block of 0..n-1), numbered as in the whole request: the same seeds, labels and prompts, so a rank's share is
+    those images of one process."""
     share = share if share is not None else range(req.n)
     n = len(share)
-    bar = tqdm(total=n, unit="image", desc=desc, disable=quiet or not progress or n <= req.batch_size)
+    bar = _progress_bar(desc, n, steps, tiles, quiet or not progress or (not steps and n <= req.batch_size))
     with bar:
         for s in range(share.start, share.stop, req.batch_size):
             e = min(share.stop, s + req.batch_size)
@@ -303,8 +312,19 @@ def request_batches(
             cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
             uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
             captions = [caption_of(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
-            yield Batch(s, e, cond, uncond, captions, generators_from_seed(req.seed + s, e - s))
-            bar.update(e - s)
+            gens = generators_from_seed(req.seed + s, e - s)
+            tick = (lambda *_, k=(e - s) * tiles: bar.update(k)) if steps else None
+            yield Batch(s, e, cond, uncond, captions, gens, tick)
+            if not steps:
+                bar.update(e - s)
+
+
+def _progress_bar(desc: str, n: int, steps: int, tiles: int, disable: bool) -> tqdm:
+    """A tqdm bar on stderr over n images, or over n x tiles x steps sampler steps (the work, named in `desc`)."""
+    if not steps:
+        return tqdm(total=n, unit="image", desc=desc, disable=disable)
+    work = f"{n} image{'s' if n != 1 else ''}" + (f" x {tiles} tiles" if tiles > 1 else "") + f" x {steps} steps"
+    return tqdm(total=n * tiles * steps, unit="step", desc=f"{desc} ({work})", disable=disable)
 
 
 def generate_batches(
@@ -312,7 +332,7 @@ def generate_batches(
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(images (b, C, H, W) in [-1, 1] on the CPU, a caption per image) for each batch of req.batch_size images.
     The request is checked against the model before the first batch; image i always uses seed + i. progress: a
-    progress bar over images on stderr when there is more than one batch (off by default: library callers have
+    progress bar on stderr over images x sampler steps, with the time left (off by default: library callers have
     their own; the command line turns it on). share: only these images (see request_batches)."""
     for z, captions in latent_batches(ldm, req, plan(ldm, req), progress, share=share):
         yield ldm.decode(z).cpu(), captions
@@ -379,7 +399,7 @@ def generate_to_file(
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it; a single image is
     written as itself) or, with grid=False, one PNG per image into the folder `out`, with the parameters embedded.
     `out` may be a pipelines.output.Target, which says whether an existing file is replaced. The output, the model
-    and the request are all checked before sampling; progress: a bar over images when there is more than one batch.
+    and the request are all checked before sampling; progress: a bar over images x sampler steps.
     sign: content
     credentials for every file written (PNG only). world: under torchrun, the ranks share the images (see
     write_batches); every rank calls this with the same arguments, its own device in req.device."""

@@ -43,7 +43,6 @@ from .images import crop_to, load_edit_image, pad_to_multiple
 from .img2img import checkpoint_channels, model_image
 from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
 
-
 MAX_RESAMPLE = 50  # RePaint passes per jump point; each multiplies the sampling time, and 10 is the paper's
 MAX_JUMP = MAX_STEPS  # steps back up at a jump point; it must also stay below --steps
 
@@ -79,6 +78,7 @@ def inpaint_latents(
     generator: Generators = None,
     resample: int = 1,
     jump: int = 5,
+    callback=None,
     **sampler_options,
 ) -> torch.Tensor:
     """Latents (B, c, h, w) that keep x0_known (B, c, h, w) where `regenerate` (1 or B, 1, h, w) is 0 and are
@@ -96,7 +96,7 @@ def inpaint_latents(
         x,
         sigmas,
         generator=generator,
-        callback=finite_watch(n),
+        callback=finite_watch(n, callback),
         step=get_sampler(sampler),
         resample=resample,
         jump=jump,
@@ -185,7 +185,8 @@ def inpaint_batches(
     empty = ed.x0 is None
     if empty:
         warnings.warn("the mask is all black, so nothing is regenerated; the input is written unchanged", stacklevel=2)
-    for b in request_batches(ldm, req, p, "inpainting", progress, quiet=empty):
+    steps = repaint_steps(req.steps, opts.resample, opts.jump)  # the progress bar's: RePaint's whole walk
+    for b in request_batches(ldm, req, p, "inpainting", progress, quiet=empty, steps=steps):
         if empty:
             yield crop_to(ed.image, ed.size).cpu().expand(b.size, -1, -1, -1).clone(), b.captions
             continue
@@ -199,6 +200,7 @@ def inpaint_batches(
                 generator=b.generators,
                 resample=opts.resample,
                 jump=opts.jump,
+                callback=b.tick,
                 **req.sampling(),
             )
         except NonFiniteError as err:

@@ -216,6 +216,7 @@ def upscale_latents(
     req: SampleRequest,
     gens,
     tiling: Tiling | None = None,
+    callback=None,
 ) -> torch.Tensor:
     """Latents (b, c, H/f, W/f) of the upscaled images of `low` (b, C, h, w) in [-1, 1] (its size already a multiple
     of what the model takes) under the text conditions cond / uncond (None: no guidance), each drawn with its
@@ -236,6 +237,7 @@ def upscale_latents(
         uncond,
         generator=gens,
         device=ldm.device,
+        callback=callback,
         **req.sampling(),
     )
 
@@ -264,10 +266,11 @@ def upscale_batches(
     tiling = tiling_for(ldm, opts)
     p = plan(ldm, req)
     guide = ldm.text_encoder is not None  # an upscaler without text has nothing to guide against
-    for b in request_batches(ldm, req, p, "upscaling", progress):
+    tiles = len(tiling.windows(x.shape[-2] * up.factor // ldm.factor, x.shape[-1] * up.factor // ldm.factor))
+    for b in request_batches(ldm, req, p, "upscaling", progress, steps=req.steps, tiles=tiles):
         try:
             low = x.expand(b.size, -1, -1, -1)
-            z = upscale_latents(ldm, low, b.cond, b.uncond if guide else None, level, req, b.generators, tiling)
+            z = upscale_latents(ldm, low, b.cond, b.uncond if guide else None, level, req, b.generators, tiling, b.tick)
         except NonFiniteError as err:
             raise blame_options(ldm, req, err) from None
         out = decode_tiled(ldm, z, tiling)  # (b, C, H', W')
