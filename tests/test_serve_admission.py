@@ -164,8 +164,10 @@ def test_a_request_that_cannot_finish_in_time_is_refused_at_once_with_its_estima
         assert "about 40.0 s" in str(err.value) and "fewer" in str(err.value)
         first = sched.submit(Job("m", small, timeout_s=30))  # 1 s: admitted, and it holds the worker
         running(first)
-        queued = [sched.submit(Job("m", SampleRequest(n=1, steps=100, prompts=["b"], seed=2 + i), timeout_s=30))
-                  for i in range(2)]  # 10 s each, 20 s queued
+        queued = [
+            sched.submit(Job("m", SampleRequest(n=1, steps=100, prompts=["b"], seed=2 + i), timeout_s=30))
+            for i in range(2)
+        ]  # 10 s each, 20 s queued
         with pytest.raises(QueueFull) as full:  # 10 s more after about 20 s queued: past 30 s
             sched.submit(Job("m", SampleRequest(n=1, steps=100, prompts=["c"], seed=9, cfg=5.0), timeout_s=30))
         assert 18 <= full.value.retry_after <= 22 and "ahead" in str(full.value)

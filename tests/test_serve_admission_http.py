@@ -4,7 +4,6 @@ estimate or the pixel limit, instead of running until it times out and holding t
 import time
 
 import pytest
-
 from serve_helpers import LiveServer
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 
 from ..diffusion.guidance import guides
 from ..pipelines.generate import SampleRequest, resolution
@@ -77,3 +78,23 @@ def _least_squares(points: list[tuple[float, float]]) -> tuple[float, float] | N
     b = sxy / sxx
     a = min(max(my - b * mx, 0.0), min(y for _, y in points))
     return a, (my - a) / mx  # through the mean point, whether or not `a` was clamped
+
+
+class StepTimer:
+    """A sampler callback that notes when each step reports; `seconds_per_step` is the shortest time between two
+    reports. That leaves out the work before the first step and after the last (conditioning, decoding), and the
+    pauses of a loaded machine: an estimate on the low side admits a request that may still time out (and is then
+    stopped at its next step), while one on the high side would refuse requests that fit."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, *_) -> float:
+        now = time.monotonic()
+        self.times.append(now)
+        return now
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return min(b - a for a, b in zip(self.times, self.times[1:]))

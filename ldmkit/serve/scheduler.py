@@ -32,7 +32,7 @@ import torch
 from ..errors import LdmkitError
 from ..pipelines.batching import generate_together, share_key
 from ..pipelines.generate import SampleRequest
-from .cost import StepCost, describe, units_per_step
+from .cost import StepCost, StepTimer, describe, units_per_step
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 
@@ -120,26 +120,6 @@ class Job:
             return self
         await done.wait()
         return self
-
-
-class StepTimer:
-    """A sampler callback that notes when each step reports; `seconds_per_step` is the shortest time between two
-    reports. That leaves out the work before the first step and after the last (conditioning, decoding), and the
-    pauses of a loaded machine: an estimate on the low side admits a request that may still time out (and is then
-    stopped at its next step), while one on the high side would refuse requests that fit."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, *_) -> float:
-        now = time.monotonic()
-        self.times.append(now)
-        return now
-
-    def seconds_per_step(self) -> float | None:
-        if len(self.times) < 2:
-            return None
-        return min(b - a for a, b in zip(self.times, self.times[1:]))
 
 
 class Scheduler:
