@@ -34,6 +34,7 @@ from .serve.server import serve
 from .shipped import plan_generation, resolve_model
 from .synth.export import SynthOptions, read_prompts_csv, summary_lines, synthesize
 from .tasks import task_names
+from .tasks import task_names
 from .training.runs import train_autoencoder, train_denoiser
 
 

@@ -235,7 +235,7 @@ class DenoiserRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     text_encoder: str = ""  # "" for label / unconditional models, else a text-encoder name
     class_names: tuple[str, ...] = ()  # label names, for grids and `ldmkit info`
-    task: str = "generate"  # "generate" (from noise), "inpaint" (also a mask and a masked image) or "upscale"
+    task: str = "generate"  # a registered task (ldmkit/tasks/): "generate", "inpaint", "upscale", ...
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
     dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
@@ -251,8 +251,8 @@ class DenoiserRun:
         return dataclasses.replace(self, **{"dit" if isinstance(cfg, DiTConfig) else "unet": cfg})
 
 
-TASKS = ("generate", "inpaint", "upscale")  # the values of DenoiserRun.task
 DISTRIBUTED = ("auto", "ddp", "fsdp", "none")  # the values of TrainConfig.distributed
+TASK_NAMES: list[str] = []  # the values of DenoiserRun.task: filled by the task registry (ldmkit/tasks/) as it loads
 
 
 # --- serving ------------------------------------------------------------------------------------------------------
@@ -548,15 +548,16 @@ def _check_train(cfg: TrainConfig, where: str):
 
 
 def _check_denoiser_run(cfg: DenoiserRun, where: str):
-    """The task is known, and an upscaler's schedule and default noise level are ones it can use."""
+    """The backbone and the task are known (the task registry, ldmkit/tasks/, names the tasks once loaded), and an
+    upscaler's schedule and default noise level are ones it can use."""
     if cfg.denoiser.kind not in BACKBONE_KINDS:
         raise ConfigError(
             f"{_key(where, 'denoiser.kind')} = {cfg.denoiser.kind!r} is not a backbone; use "
             f"{' or '.join(BACKBONE_KINDS)} (e.g. --set denoiser.kind=dit --set dit.preset=S/2)"
         )
-    if cfg.task not in TASKS:
+    if TASK_NAMES and cfg.task not in TASK_NAMES:
         raise ConfigError(
-            f"{_key(where, 'task')} = {cfg.task!r} is not a task; use {' or '.join(TASKS)} (e.g. --task inpaint)"
+            f"{_key(where, 'task')} = {cfg.task!r} is not a task; use {' or '.join(TASK_NAMES)} (e.g. --task inpaint)"
         )
     up = cfg.upscale
     if up.schedule not in ("linear", "scaled_linear", "cosine"):

@@ -25,6 +25,7 @@ from .denoisers import backbone_name, build_backbone
 from .diffusion.parameterisation import make_denoiser
 from .errors import CheckpointError, InputError, NonFiniteError
 from .nn.invariant import batch_invariant
+from .tasks import Task, get_task
 
 KIND = "ldm"
 
@@ -122,14 +123,19 @@ class LatentDiffusion:
 
     @property
     def task(self) -> str:
-        """What the model was trained for: "generate", "inpaint" or "upscale" (DenoiserRun.task)."""
+        """The name of what the model was trained for: "generate", "inpaint", "upscale", ... (DenoiserRun.task)."""
         return self.run.task
+
+    @property
+    def task_spec(self) -> Task:
+        """The registered task of that name (ldmkit/tasks/): its inputs, commands and routes."""
+        return get_task(self.run.task, key=f"{self.source or 'this model'}'s task")
 
     @property
     def num_classes(self) -> int:
         """The class labels a user picks from; 0 for an unconditional or text model, and for an upscaler, whose
         class-style embedding holds its noise-augmentation levels instead."""
-        return 0 if self.task == "upscale" else self.run.backbone.num_classes
+        return self.run.backbone.num_classes if self.task_spec.user_labels else 0
 
     @property
     def labels(self) -> LabelConditioner:
@@ -166,7 +172,7 @@ class LatentDiffusion:
             with torch.no_grad(), batch_invariant(getattr(self.text_encoder, "device", "cpu")):
                 return self.text_encoder.encode(list(prompts)).map(lambda t: t.to(self.device))
         if prompts is not None and any(prompts):
-            if self.task == "upscale":  # its class embedding holds noise levels: there is no label to suggest
+            if not self.task_spec.user_labels:  # e.g. an upscaler's class embedding holds noise levels: no label
                 raise InputError(f"{self.source or 'this upscaler'} is not text-conditional; drop --prompt")
             raise InputError("this model is not text-conditional; use --label (class-conditional) or no condition")
         if not self.num_classes:

@@ -18,14 +18,8 @@ from ldmkit.pipelines.inpaint import inpaint, prepare_edit
 from ldmkit.pipelines.masks import latent_mask
 from ldmkit.training import runs
 from ldmkit.training.loop import STATE_FILE, step_generator
-from ldmkit.training.masks import (
-    MASK_KINDS,
-    border_mask,
-    box_mask,
-    brush_mask,
-    random_masks,
-    training_latent_mask,
-)
+from ldmkit.tasks import masks as task_masks
+from ldmkit.tasks.masks import MASK_KINDS, border_mask, box_mask, brush_mask, random_masks
 
 
 def inpaint_run(tiny_ae, steps=4, **train_kw) -> DenoiserRun:
@@ -94,14 +88,14 @@ def test_each_kind_has_its_shape():
 def test_the_latent_mask_follows_the_pipelines_rule():
     masks, _ = random_masks(16, (16, 16), torch.Generator().manual_seed(1))
     for f in (1, 2, 4):
-        assert torch.equal(training_latent_mask(masks, f), latent_mask(masks, f))
+        assert torch.equal(task_masks.latent_mask(masks, f), latent_mask(masks, f))
 
 
 # --- configuration --------------------------------------------------------------------------------------------------
 
 
 def test_task_is_validated_and_set_by_the_command_line():
-    with pytest.raises(ConfigError, match=r"task = 'paint' is not a task; use generate or inpaint"):
+    with pytest.raises(ConfigError, match=r"task = 'paint' is not a task; use generate or inpaint or upscale"):
         from_dict(DenoiserRun, {"task": "paint"})
     assert DenoiserRun().task == "generate"
     assert load_run(DenoiserRun, None, ["task=inpaint"]).task == "inpaint"

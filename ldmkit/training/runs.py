@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..errors import InputError
 from ..evaluation.metrics import reconstruction_metrics
 from ..ldm import LatentDiffusion
 from ..runtime import autocast
+from ..tasks import get_task
 from .autoencoder import AutoencoderTask
 from .batches import resolve_workers
 from .denoiser import DenoiserTask, resolve_run
@@ -169,14 +169,7 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool, world: World) -> tu
         f_ae * f_unet,
         f"the autoencoder downsamples by {f_ae}, then the {net} by {f_unet}",
     )  # before the slow encoding
-    if run.task == "upscale":
-        check_multiple(
-            "data.resolution",
-            run.data.resolution,
-            run.upscale.factor * f_ae * f_unet // math.gcd(run.upscale.factor, f_ae * f_unet),
-            f"the low-resolution input is 1/{run.upscale.factor} of it, and its latent must divide by the {net}'s "
-            f"{f_unet}",
-        )
+    get_task(run.task).check_run(run, f_ae, f_unet, net)
     if run.data.channels != ae_run.model.in_channels:
         run = replace(run, data=replace(run.data, channels=ae_run.model.in_channels))
     train_set, _ = _datasets(run.data, 0)
@@ -189,5 +182,5 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool, world: World) -> tu
     torch.manual_seed(run.train.seed)
     unet = build_backbone(run).to(device)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
-    images = train_set if run.task in ("inpaint", "upscale") else None  # encoded each step (mask, degradation)
+    images = train_set if get_task(run.task).trains_on_images else None  # encoded each step (mask, degradation)
     return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 MASK_KINDS = ("box", "brush", "border", "whole")  # drawn with equal probability per item
 
 
@@ -87,8 +89,12 @@ def random_masks(n: int, size: tuple[int, int], gen: torch.Generator) -> tuple[t
     return masks, kinds
 
 
-def training_latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """The mask (B, 1, H, W) at latent resolution (B, 1, H/f, W/f): a latent cell is regenerated when any of its
-    f x f pixels is. The rule of pipelines.masks.latent_mask (max-pooling), which inpainting with a model trained
-    here also uses; it is restated because training does not import pipelines (tests check the two agree)."""
+    f x f pixels is (max-pooling), in training and when inpainting with a model trained here."""
+    if mask.shape[-2] % factor or mask.shape[-1] % factor:
+        raise InputError(
+            f"mask size {tuple(mask.shape[-2:])} is not a multiple of the autoencoder's factor {factor}; "
+            f"pad it first (pipelines.images.pad_to_multiple)"
+        )
     return F.max_pool2d(mask.float(), factor) if factor > 1 else mask.float()

@@ -1,0 +1,8 @@
+"""Model tasks: one module each, and the registry that maps names to them (see registry.py)."""
+
+from .generate import GENERATE
+from .inpaint import INPAINT
+from .registry import TASKS, Task, get_task, register, task_names
+from .upscale import UPSCALE
+
+__all__ = ["GENERATE", "INPAINT", "TASKS", "UPSCALE", "Task", "get_task", "register", "task_names"]
