@@ -2,7 +2,7 @@
 
 from .generate import GENERATE
 from .inpaint import INPAINT
-from .registry import TASKS, Task, get_task, register, task_names
+from .registry import TASKS, Task, get_task, register, task_names, unregister
 from .upscale import UPSCALE
 
-__all__ = ["GENERATE", "INPAINT", "TASKS", "UPSCALE", "Task", "get_task", "register", "task_names"]
+__all__ = ["GENERATE", "INPAINT", "TASKS", "UPSCALE", "Task", "get_task", "register", "task_names", "unregister"]

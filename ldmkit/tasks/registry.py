@@ -87,6 +87,13 @@ def register(task: Task) -> Task:
     return task
 
 
+def unregister(name: str) -> None:
+    """Remove a task from the registry (a test's own task, when the test ends)."""
+    TASKS.pop(name, None)
+    if name in TASK_NAMES:
+        TASK_NAMES.remove(name)
+
+
 def task_names() -> tuple[str, ...]:
     return tuple(TASKS)
 
