@@ -34,7 +34,6 @@ from .serve.server import serve
 from .shipped import plan_generation, resolve_model
 from .synth.export import SynthOptions, read_prompts_csv, summary_lines, synthesize
 from .tasks import task_names
-from .tasks import task_names
 from .training.runs import train_autoencoder, train_denoiser
 
 
@@ -48,6 +47,18 @@ def _set_option(p: argparse.ArgumentParser, example: str):
         metavar="KEY=VALUE",
         help=f"any setting, e.g. {example} (repeatable)",
     )
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second value is refused, never silently taking the place of the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(
+                f"{option_string} was given twice ({getattr(namespace, self.dest)!r}, then {values!r}); this command "
+                f"takes one, so give it once (quote a prompt of several words)"
+            )
+        setattr(namespace, self.dest, values)
 
 
 def _run_options(p: argparse.ArgumentParser, default_out: str):
@@ -252,8 +263,8 @@ def cmd_sample(args):
     prompts = None
     if args.prompt_file:
         prompts = _read_prompt_file(args.prompt_file)
-    elif args.prompt is not None:
-        prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] * args.n
+    elif args.prompt:  # each --prompt gets --n images
+        prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt for _ in range(args.n)]
     req = _request(args, len(prompts) if prompts else args.n, prompts)
     for p in _generate_files(args, args.checkpoint, req, args.out, grid=not args.separate):
         print(p)
@@ -263,7 +274,8 @@ def cmd_generate(args):
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
-    for p in _generate_files(args, plan.checkpoint, req, plan.out, grid=True):
+    out = plan.out.with_suffix("") if args.separate and not args.out else plan.out  # default folder generated/PROMPT
+    for p in _generate_files(args, plan.checkpoint, req, out, grid=not args.separate):
         print(f"wrote {p}")
 
 
@@ -413,7 +425,7 @@ def _upscale_command(command):
     p = command("upscale", "enlarge an image with an upscaler (latent super-resolution, tiled when large)", cmd_upscale)
     p.add_argument("image", help="the image to upscale (PNG, JPEG, WebP, BMP or GIF)")
     p.add_argument("--model", help="emoji-upscale (default) or an upscaler's model.safetensors path")
-    p.add_argument("--prompt", help="text prompt (text upscalers)")
+    p.add_argument("--prompt", action=_Once, help="text prompt (text upscalers)")
     _generation_options(p)
     p.add_argument(
         "--noise-level", type=int, help="noise added to the input: higher trusts it less (default: the model's)"
@@ -429,7 +441,7 @@ def _edit_options(p: argparse.ArgumentParser, what: str):
     p.add_argument("image", help=f"the image to {what} (PNG, JPEG, WebP, BMP or GIF)")
     default = "fashion-mnist-inpaint, or emoji for a --prompt" if what == "inpaint" else "as for generate: emoji"
     p.add_argument("--model", help=f"a shipped model's name or a model.safetensors path (default {default})")
-    p.add_argument("--prompt", help="text prompt (text models); class models take --label")
+    p.add_argument("--prompt", action=_Once, help="text prompt (text models); class models take --label")
     _generation_options(p)
     _sampling_options(p, n=1, n_help="edited images (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)
     p.add_argument(
@@ -608,12 +620,18 @@ def _sampling_commands(command):
     p = command("sample", "generate images from a trained model", cmd_sample)
     p.add_argument("checkpoint", help="model checkpoint (model.safetensors from `ldmkit train`)")
     text = p.add_mutually_exclusive_group()
-    text.add_argument("--prompt", help="text prompt (text-conditional models)")
+    text.add_argument(
+        "--prompt", action="append", help="text prompt (text-conditional models; repeat for several, --n images each)"
+    )
     text.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line; one image per line")
     _generation_options(p)
     _sampling_options(p, n=16, n_help="number of images", batch_size=16)
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
-    p.add_argument("--out", default="samples.png", help="output PNG (a folder with --separate)")
+    p.add_argument(
+        "--out",
+        default="samples.png",
+        help="output PNG: a grid, or the image itself for one (a folder with --separate)",
+    )
 
     p = command("generate", "generate with a shipped model (emoji by default) or any checkpoint", cmd_generate)
     p.add_argument("prompt", nargs="*", help="one or more prompts (text models); each gets --n images")
@@ -623,11 +641,16 @@ def _sampling_commands(command):
     )
     _generation_options(p)
     _sampling_options(p, n=4, n_help="images per prompt", batch_size=16)
-    p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
+    p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
+    p.add_argument(
+        "--out",
+        help="output PNG: a grid, or the image itself for one (default generated/PROMPT.png; with --separate a "
+        "folder, default generated/PROMPT)",
+    )
 
     p = command("img2img", "edit an image: noise it to --strength, then denoise under a prompt or label", cmd_img2img)
     p.add_argument("image", help="the image to start from (PNG, JPEG, WebP, BMP or GIF; at most 2048x2048 pixels)")
-    p.add_argument("--prompt", help="text prompt (text models)")
+    p.add_argument("--prompt", action=_Once, help="text prompt (text models)")
     p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it (default 0.75)")
     p.add_argument("--model", help="as for generate: a shipped model's name or a model.safetensors path")
     _generation_options(p)

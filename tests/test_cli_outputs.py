@@ -1,6 +1,7 @@
 """What the image commands write: never an input, never an existing file unless --overwrite, a single image as
 itself, bounded RePaint options, progress on stderr."""
 
+import json
 import os
 import sys
 import threading
@@ -197,3 +198,70 @@ def test_the_command_shows_progress_on_a_terminal_unless_quiet(capsys, tmp_path,
     assert code == 0 and "4/4" in err, err
     code, _, err = run(capsys, *args, "--out", str(tmp_path / "c.png"), "--quiet")
     assert code == 0 and err == "", err
+
+
+# --- item 6 (command line): a single image as itself; generate --separate -----------------------------------------
+def test_generate_one_image_writes_the_image_not_a_grid_of_one(capsys, tmp_path, tiny_ldm):
+    out = tmp_path / "one.png"
+    code, _, _ = run(
+        capsys, "generate", "--model", str(tiny_ldm), "--label", "1", "--n", "1", "--steps", "1", "--out", str(out)
+    )
+    with Image.open(out) as im:
+        assert code == 0 and im.size == (16, 16)  # the model's size: no frame, no caption strip
+        about = json.loads(im.text["ldmkit"])
+    assert about["n"] == 1 and about["seed"] == 0 and about["caption"]
+
+
+def test_generate_separate_writes_one_file_per_image(capsys, tmp_path, tiny_ldm):
+    code, printed, _ = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_ldm),
+        "--label",
+        "0",
+        "--n",
+        "3",
+        "--steps",
+        "1",
+        "--separate",
+        "--out",
+        str(tmp_path / "many"),
+    )
+    assert code == 0 and sorted(p.name for p in (tmp_path / "many").iterdir()) == [
+        "00000.png",
+        "00001.png",
+        "00002.png",
+    ]
+    assert printed.count("wrote") == 3
+
+
+# --- smaller defects -----------------------------------------------------------------------------------------------
+def test_sample_takes_every_prompt_given(capsys, tmp_path, tiny_text_ldm):
+    out = tmp_path / "s"
+    code, printed, _ = run(
+        capsys,
+        "sample",
+        str(tiny_text_ldm),
+        "--prompt",
+        "red apple",
+        "--prompt",
+        "blue whale",
+        "--n",
+        "2",
+        "--steps",
+        "1",
+        "--separate",
+        "--out",
+        str(out),
+    )
+    assert code == 0
+    captions = [json.loads(Image.open(out / f"{i:05d}.png").text["ldmkit"])["caption"] for i in range(4)]
+    assert captions == ["red apple", "red apple", "blue whale", "blue whale"]
+
+
+def test_an_edit_refuses_a_repeated_prompt(capsys, tmp_path, tiny_text_ldm):
+    image = _png(tmp_path / "x.png")
+    with pytest.raises(SystemExit) as e:
+        main(["img2img", str(image), "--model", str(tiny_text_ldm), "--prompt", "a", "--prompt", "b"])
+    assert e.value.code == 2 and "--prompt was given twice" in capsys.readouterr().err
