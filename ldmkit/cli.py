@@ -10,6 +10,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from PIL import Image
+
 from .checkpoint import check_output_path, read_metadata
 from .config import AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .distributed import World, launched, main_process, process_group
@@ -26,7 +28,7 @@ from .pipelines.inpaint import MAX_RESAMPLE, InpaintOptions, inpaint_to_file
 from .pipelines.masks import FEATHER_PX
 from .pipelines.outpaint import Border, outpaint_to_file
 from .pipelines.output import Target
-from .pipelines.upscale import UpscaleOptions, upscale_to_file
+from .pipelines.upscale import UpscaleOptions, check_input_size, upscale_to_file
 from .samplers import SAMPLERS
 from .serve.commands import add_audit_command, add_keys_command, add_prompts_command
 from .serve.governance_commands import add_governance_commands
@@ -190,6 +192,8 @@ def cmd_train(args):
         extra.append(f"text_encoder={args.text_encoder}")
     if args.task:
         extra.append(f"task={args.task}")
+    if args.init:
+        extra.append(f"init={args.init}")
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
     result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if main_process():
@@ -337,6 +341,13 @@ def cmd_inpaint(args):
 
 
 def cmd_outpaint(args):
+    given = {k: getattr(args, k) for k in ("extend", "left", "right", "top", "bottom") if getattr(args, k) is not None}
+    if given and not any(given.values()):
+        shown = " ".join(f"--{k} {v}" for k, v in given.items())
+        raise InputError(
+            f"{shown} adds no border (0 pixels on every side), so there is nothing to outpaint; give --extend 1 or "
+            f"more (pixels on every side), or a positive --left / --right / --top / --bottom"
+        )
     border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
@@ -345,12 +356,26 @@ def cmd_outpaint(args):
         print(f"wrote {p}")
 
 
+def _check_upscale_input(image: str, checkpoint) -> None:
+    """The upscaler's own limit on its input (the output's size over the factor), checked first from the file's
+    header, so that a too large input is told what upscale takes rather than the limit of the other edits."""
+    factor = ((read_metadata(checkpoint).get("config") or {}).get("upscale") or {}).get("factor")
+    try:
+        with Image.open(image) as im:
+            w, h = im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return  # not readable: the pipeline names what is wrong with the file
+    if isinstance(factor, int) and factor > 0:
+        check_input_size(str(image), w, h, factor)
+
+
 def cmd_upscale(args):
     prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
     default_out = Path("generated") / f"{Path(args.image).stem}-upscaled.png"
     plan = plan_generation(args.model, prompts, None, args.n, args.out or default_out, task="upscale")
     opts = UpscaleOptions(noise_level=args.noise_level, tile=args.tile, overlap=args.overlap)
     req = _request(args, plan.n, plan.prompts)
+    _check_upscale_input(args.image, plan.checkpoint)
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     for p in upscale_to_file(
         plan.checkpoint, req, args.image, _target(args, plan.out), opts, _progress(args), finish, sign
@@ -569,6 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train the denoiser on latents of a trained autoencoder", cmd_train)
     p.add_argument("--autoencoder", help="autoencoder checkpoint (from train-autoencoder)")
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from this model (a shipped name, a model.safetensors, a diffusers folder or a Stable Diffusion "
+        "file): its architecture, autoencoder and weights; set train.trainable for what trains (init)",
+    )
     p.add_argument("--text-encoder", help="minilm, clip or trainable: makes a text-to-image model")
     p.add_argument(
         "--task",

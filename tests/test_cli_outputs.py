@@ -265,3 +265,16 @@ def test_an_edit_refuses_a_repeated_prompt(capsys, tmp_path, tiny_text_ldm):
     with pytest.raises(SystemExit) as e:
         main(["img2img", str(image), "--model", str(tiny_text_ldm), "--prompt", "a", "--prompt", "b"])
     assert e.value.code == 2 and "--prompt was given twice" in capsys.readouterr().err
+
+
+def test_outpaint_extend_0_says_it_was_given_and_adds_nothing(capsys, tmp_path, tiny_ldm):
+    image = _png(tmp_path / "x.png")
+    code, _, err = run(capsys, *_edit("outpaint", image, tiny_ldm, "--extend", "0"))
+    assert code == 2 and "--extend 0 adds no border" in err and "give --extend PX" not in err, err
+
+
+def test_upscale_of_a_huge_input_gives_the_upscalers_limit_not_itself(capsys, tmp_path, upscaler):
+    image = tmp_path / "huge.png"
+    Image.new("L", (2100, 2100), 90).save(image)  # past the editing limit, and past the upscaler's 1024x1024
+    code, _, err = run(capsys, "upscale", str(image), "--model", str(upscaler), "--steps", "1")
+    assert code == 2 and "upscaled 2x" in err and "ldmkit upscale" not in err, err
