@@ -107,7 +107,11 @@ def denoiser_task(tiny_ae, blobs, **train_kw) -> DenoiserTask:
     run = DenoiserRun(
         autoencoder=str(tiny_ae),
         unet=UNetConfig(
-            model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=(2,),
+            model_channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_heads=(2,),
             norm_groups=8,
         ),  # fmt: skip
         data=DataConfig(resolution=16, channels=1),
@@ -132,7 +136,8 @@ def test_one_bf16_training_step_of_each_stage_is_finite_and_matches_float32(tmp_
     for precision in ("no", "bf16"):
         run = ae_run(mixed_precision=precision)
         torch.manual_seed(0)
-        losses[("autoencoder", precision)] = first_loss(AutoencoderTask(run, blobs, DEVICE), run.train, tmp_path / f"a{precision}")
+        task = AutoencoderTask(run, blobs, DEVICE)
+        losses[("autoencoder", precision)] = first_loss(task, run.train, tmp_path / f"a{precision}")
         task = denoiser_task(tiny_ae, blobs, mixed_precision=precision)
         losses[("denoiser", precision)] = first_loss(task, task.run.train, tmp_path / f"d{precision}")
     for stage in ("autoencoder", "denoiser"):
@@ -146,7 +151,7 @@ def test_one_bf16_training_step_of_each_stage_is_finite_and_matches_float32(tmp_
 # --- sampling -------------------------------------------------------------------------------------------------------
 
 
-def draw(ldm: LatentDiffusion, dtype=torch.float32, labels=(0, 1, 0, 1), seed: int = 0, steps: int = STEPS) -> torch.Tensor:
+def draw(ldm: LatentDiffusion, dtype=torch.float32, labels=(0, 1, 0, 1), seed: int = 0, steps: int = STEPS):
     """Images (B, C, H, W) in [-1, 1] sampled under autocast to `dtype` (none for float32), decoded by ldm.decode."""
     n, dev = len(labels), ldm.device
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
