@@ -199,6 +199,8 @@ class TrainConfig:
     # ranks). Unused without torchrun
     gradient_checkpointing: bool = False  # recompute the backbone's block activations in the backward pass
     compile: bool = False  # torch.compile the backbone (the autoencoder in train-autoencoder)
+    trainable: str = "auto"  # what a denoiser run trains: "backbone", "backbone+text" (a text encoder with weights
+    # of its own too), "auto" (backbone+text from scratch, backbone alone from --init). The autoencoder never trains
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,8 @@ class DenoiserRun:
     text_encoder: str = ""  # "" for label / unconditional models, else a text-encoder name
     class_names: tuple[str, ...] = ()  # label names, for grids and `ldmkit info`
     task: str = "generate"  # a registered task (ldmkit/tasks/): "generate", "inpaint", "upscale", ...
+    init: str = ""  # start from this model (`--init`: a shipped name, ldm file, diffusers folder or SD file)
+    init_sha256: str = ""  # the SHA-256 of that model, recorded when the run starts
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
     dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
@@ -252,6 +256,7 @@ class DenoiserRun:
 
 
 DISTRIBUTED = ("auto", "ddp", "fsdp", "none")  # the values of TrainConfig.distributed
+TRAINABLE = ("auto", "backbone", "backbone+text")  # the values of TrainConfig.trainable
 TASK_NAMES: list[str] = []  # the values of DenoiserRun.task: filled by the task registry (ldmkit/tasks/) as it loads
 
 
@@ -534,6 +539,10 @@ def _check_train(cfg: TrainConfig, where: str):
     if len(cfg.adam_betas) != 2:
         raise ConfigError(
             f"{_key(where, 'adam_betas')} = {cfg.adam_betas!r} must be two values (beta1, beta2), e.g. 0.9,0.999"
+        )
+    if cfg.trainable not in TRAINABLE:
+        raise ConfigError(
+            f"{_key(where, 'trainable')} = {cfg.trainable!r} is not known; use one of {', '.join(TRAINABLE)}"
         )
     if cfg.distributed not in DISTRIBUTED:
         raise ConfigError(

@@ -10,6 +10,7 @@ from a diffusers folder it is ambiguous, so name the format with `to=`.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .. import checkpoint
@@ -130,11 +131,8 @@ def read_ldm(path: str | Path) -> ModelWeights:
     return w.validate()
 
 
-def write_ldm(path: str | Path, w: ModelWeights) -> Path:
-    """ModelWeights -> an ldmkit "ldm" checkpoint (CLIP weights included)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise InputError(f"{path}: ldmkit checkpoints are .safetensors files; rename it")
+def ldm_file(w: ModelWeights) -> LdmFile:
+    """ModelWeights -> the contents of an ldmkit "ldm" checkpoint (CLIP weights included), in memory."""
     text, options = {}, {}
     if w.text is not None:
         encoder = build_text_encoder("clip", **clip_encoder_options(w.text_config))
@@ -148,7 +146,34 @@ def write_ldm(path: str | Path, w: ModelWeights) -> Path:
         task=w.task,
         upscale=w.upscale,
     )
-    return LdmFile(run, w.ae_config, w.unet, w.autoencoder, text, options, {"converted_from": w.source}).write(path)
+    return LdmFile(run, w.ae_config, w.unet, w.autoencoder, text, options, {"converted_from": w.source})
+
+
+def write_ldm(path: str | Path, w: ModelWeights) -> Path:
+    """ModelWeights -> an ldmkit "ldm" checkpoint (CLIP weights included)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise InputError(f"{path}: ldmkit checkpoints are .safetensors files; rename it")
+    return ldm_file(w).write(path)
+
+
+def read_model(source: str | Path, *, unsafe_pickle: bool = False) -> LdmFile:
+    """Any model ldmkit can load, as the contents of an ldm file: an ldm file, a diffusers pipeline folder or a
+    Stable Diffusion single file (converted in memory)."""
+    if source_format(source) == "ldm":
+        return LdmFile.read(source)
+    return ldm_file(read_any(source, unsafe_pickle=unsafe_pickle))
+
+
+def model_sha256(source: str | Path) -> str:
+    """The SHA-256 of a model file, or of a folder's files (each relative path and its SHA-256, in order)."""
+    path = Path(source)
+    if path.is_file():
+        return checkpoint.file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{checkpoint.file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 # --- convert --------------------------------------------------------------------------------------------------------

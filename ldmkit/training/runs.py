@@ -17,12 +17,13 @@ from ..denoisers import backbone_name, build_backbone
 from ..distributed import World, process_group
 from ..errors import InputError
 from ..evaluation.metrics import reconstruction_metrics
-from ..ldm import LatentDiffusion
+from ..ldm import LatentDiffusion, LdmFile
 from ..runtime import autocast
 from ..tasks import get_task
 from .autoencoder import AutoencoderTask
 from .batches import resolve_workers
 from .denoiser import DenoiserTask, resolve_run
+from .init import load_parent_weights, start_from, trains_text
 from .loop import train
 from .rundir import flatten, run_folder
 
@@ -88,11 +89,18 @@ def train_autoencoder(
             return world.on_main(finish)
 
 
-def text_setup(run: DenoiserRun, captions: list[str], device):
-    """The text encoder for a text-conditional run and, for a frozen one, the per-caption embedding cache."""
+def text_setup(run: DenoiserRun, captions: list[str], device, parent: LdmFile | None = None):
+    """The text encoder for a text-conditional run (the --init model's, with its weights) and, for a frozen one,
+    the per-caption embedding cache."""
     if not run.text_encoder:
         return None, None
-    enc = build_text_encoder(run.text_encoder).to(device)
+    enc = build_text_encoder(run.text_encoder, **(parent.text_options if parent is not None else {}))
+    if parent is not None and parent.text:
+        load_parent_weights(parent, None, enc, run.init)
+    enc = enc.to(device)
+    if getattr(enc, "trainable", False) and not trains_text(run):
+        enc.trainable = False  # frozen for this run: eval mode, no graph, cached embeddings
+        enc.requires_grad_(False)
     if getattr(enc, "trainable", False):
         return enc, None
     return enc, EmbeddingCache(enc, sorted(set(captions) | {""}))
@@ -125,9 +133,13 @@ def train_denoiser(
     """Train the second stage on latents of run.autoencoder; writes model.safetensors (self-contained).
     resume: continue the run in out_dir; overwrite: replace the run in out_dir (see rundir for the rules).
     Under torchrun every rank runs this with the same arguments (see loop.py); rank 0 writes the files."""
-    if not run.autoencoder:
-        raise InputError("no autoencoder given: pass --autoencoder PATH (a checkpoint from `ldmkit train-autoencoder`)")
+    if not run.autoencoder and not run.init:
+        raise InputError(
+            "no autoencoder given: pass --autoencoder PATH (a checkpoint from `ldmkit train-autoencoder`), or start "
+            "from a model with --init MODEL"
+        )
     validate(run)
+    run, parent = start_from(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
     with process_group(run.train.device) as (world, device):
         world.check_same("settings", flatten(to_dict(run)))
         progress = progress and world.main
@@ -135,7 +147,7 @@ def train_denoiser(
             # refuse a changed model before the slow setup
             world.on_main(lambda: folder.check_config(to_dict(run), ignore=RESOLVED_KEYS))
             torch.manual_seed(run.train.seed)
-            run, task = _denoiser_task(run, device, progress, world)
+            run, task = _denoiser_task(run, device, progress, world, parent)
             world.on_main(lambda: folder.write_config(to_dict(run)))
             res = train(
                 task,
@@ -158,9 +170,12 @@ def train_denoiser(
     return result
 
 
-def _denoiser_task(run: DenoiserRun, device, progress: bool, world: World) -> tuple[DenoiserRun, DenoiserTask]:
-    """Load the autoencoder, encode (or load the cached) latents, build the backbone: (resolved run, task). Rank 0
-    builds the image and latent caches; the other ranks wait for it, then read them."""
+def _denoiser_task(
+    run: DenoiserRun, device, progress: bool, world: World, parent: LdmFile | None = None
+) -> tuple[DenoiserRun, DenoiserTask]:
+    """Load the autoencoder, encode (or load the cached) latents, build the backbone (from the --init model's
+    weights when given): (resolved run, task). Rank 0 builds the image and latent caches; the other ranks wait for
+    it, then read them."""
     ae, ae_run = load_autoencoder(run.autoencoder, device)
     f_ae, f_unet, net = ae_run.model.factor, run.backbone.factor, backbone_name(run)
     check_multiple(
@@ -177,10 +192,13 @@ def _denoiser_task(run: DenoiserRun, device, progress: bool, world: World) -> tu
         _prepare(train_set, run.train.num_workers, progress)
         latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
     torch.manual_seed(run.train.seed)  # the cache build (first run on a folder only) may draw from the global RNG
-    text, text_cache = text_setup(run, latents.captions, device)
+    text, text_cache = text_setup(run, latents.captions, device, parent)
     run = resolve_run(run, ae_run.model, latents, text_dim=getattr(text, "dim", 0))
     torch.manual_seed(run.train.seed)
-    unet = build_backbone(run).to(device)
+    unet = build_backbone(run)
+    if parent is not None:
+        load_parent_weights(parent, unet, None, run.init)
+    unet = unet.to(device)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
     images = train_set if get_task(run.task).trains_on_images else None  # encoded each step (mask, degradation)
     return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images)
