@@ -237,6 +237,19 @@ def _read_rows(path: Path) -> dict[str, dict]:
     return rows
 
 
+def _ends_torn(path: Path) -> bool:
+    """Whether a metadata or dropped file ends in a torn line (the append a crash cut short; _read_rows skips it)."""
+    if not path.is_file():
+        return False
+    last = path.read_text(encoding="utf-8").split("\n")[-1]
+    if not last.strip():
+        return False
+    try:
+        return "file_name" not in json.loads(last)
+    except (json.JSONDecodeError, TypeError):
+        return True
+
+
 def _write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8"))
 
@@ -375,7 +388,8 @@ def _synthesize(ldm, items, clf, index, model, out, opts, progress, report, t0) 
         kept, dropped = {}, {}
     atomic_write(settings_path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n", "utf-8"))
 
-    todo, remade = [], 0
+    torn = [name for name in (METADATA, DROPPED) if _ends_torn(out / name)]
+    todo, remade, repaired = [], 0, []
     for item in items:
         row = kept.get(item.file_name)
         gone = dropped.get(item.file_name)
@@ -384,14 +398,22 @@ def _synthesize(ldm, items, clf, index, model, out, opts, progress, report, t0) 
         if gone is not None and _matches(item, gone):
             continue
         remade += row is not None
+        if row is not None and _matches(item, row):  # its file went missing or was damaged
+            how = "damaged" if (out / item.file_name).exists() else "missing"
+            repaired.append(f"{item.file_name} ({how})")
         kept.pop(item.file_name, None)
         dropped.pop(item.file_name, None)
         todo.append(item)
     # the rows that stay, rewritten once: a torn last line and the rows of damaged files go
     _write_rows(out / METADATA, list(kept.values()))
     _write_rows(out / DROPPED, list(dropped.values()))
-    if remade:
-        report(f"{remade} image(s) of {out} were missing or damaged; drawing them again")
+    for name in torn:
+        report(
+            f"{out / name} ended in a torn line (a run stopped while appending it): removed; its image is drawn again"
+        )
+    if repaired:
+        shown = ", ".join(repaired[:5]) + (f" and {len(repaired) - 5} more" if len(repaired) > 5 else "")
+        report(f"{len(repaired)} image(s) of {out} were missing or damaged, drawing them again: {shown}")
 
     counts = {"confidence": 0, "copy": 0}
     written = 0
