@@ -1,30 +1,34 @@
-"""`ldmkit provenance IMAGE`, `ldmkit index build` and `ldmkit monitor reference`: governance from the command
-line. cli.py adds them with add_governance_commands(sub, common); each command function takes the parsed arguments
-and returns an exit status."""
+"""`ldmkit provenance IMAGE`, `ldmkit index build` / `screen` and `ldmkit monitor reference`: governance from the
+command line. cli.py adds them with add_governance_commands(sub, common); each command function takes the parsed
+arguments and returns an exit status."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from ..data import build_dataset
-from ..errors import InputError
+from ..errors import InputError, MissingFileError
 from ..evaluation.fid import reference_stats
 from ..governance.credentials import demo_certificates
 from ..governance.monitor import reference_path
 from ..governance.provenance import inspect_image
-from ..governance.similarity import build_index, index_path_for
+from ..governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, build_index, index_path_for
 from ..ldm import LatentDiffusion
-from ..shipped import resolve_model
+from ..shipped import default_model, resolve_model
 from .audit import Audit
 from .commands import _database_option
 from .store import default_database, open_store
 
 
 def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
-    """`ldmkit provenance`, `ldmkit index build`, `ldmkit monitor reference`."""
+    """`ldmkit provenance`, `ldmkit index build` and `screen`, `ldmkit monitor reference`."""
     help = (
         "where an image came from: its embedded record, its watermark, its content credentials and its request in "
         "the audit trail"
@@ -44,7 +48,8 @@ def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
     a.add_argument("--overwrite", action="store_true", help="replace certificates already in --out")
     a.set_defaults(fn=cmd_demo_cert)
 
-    p = sub.add_parser("index", help="build the training-data similarity index of a model", parents=[common])
+    help = "the training-data similarity index of a model: build it, screen an image against it"
+    p = sub.add_parser("index", help=help, parents=[common])
     actions = p.add_subparsers(dest="index_action", required=True, metavar="ACTION")
     help = "index every training image of a model (or a data set) for the similarity screen"
     a = actions.add_parser("build", help=help, description=help, parents=[common])
@@ -53,6 +58,19 @@ def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
     a.add_argument("--overwrite", action="store_true", help="replace an existing index")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(fn=cmd_index_build)
+    help = "the training image nearest to any image, its similarity, and whether the screen flags it (exit status 1)"
+    a = actions.add_parser("screen", help=help, description=help, parents=[common])
+    a.add_argument("image", help="an image file (PNG, JPEG, WebP, BMP or GIF), of any size")
+    a.add_argument("--model", help="a shipped model's name or a model.safetensors whose index to use (default emoji)")
+    a.add_argument("--index", help="an index file from `ldmkit index build` (default: MODEL.index.npz)")
+    a.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"the similarity at or above which the image counts as a copy (default {DEFAULT_THRESHOLD}, the screen's)",
+    )
+    a.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    a.set_defaults(fn=cmd_index_screen)
 
     help = "the reference of the rolling output statistic of ldmkit serve"
     p = sub.add_parser("monitor", help=help, parents=[common])
@@ -153,6 +171,36 @@ def cmd_index_build(args) -> int:
     index = build_index(args.source, out, progress=not args.quiet)
     print(f"indexed {len(index)} training images of {args.source} into {out}")
     return 0
+
+
+def cmd_index_screen(args) -> int:
+    """Screen one image against a similarity index as the output screen does; exit status 1 when it is flagged."""
+    if not math.isfinite(args.threshold) or not -1.0 <= args.threshold <= 1.0:
+        raise InputError(f"--threshold {args.threshold} is outside [-1, 1]; {DEFAULT_THRESHOLD} is the screen's")
+    if args.index and args.model:
+        raise InputError("give --model (its MODEL.index.npz is used) or --index, not both")
+    path = Path(args.index) if args.index else index_path_for(resolve_model(args.model or default_model()))
+    if not path.is_file():
+        how = f"ldmkit index build {args.model or default_model()}" if not args.index else "ldmkit index build MODEL"
+        raise MissingFileError(f"the similarity index {path} does not exist; build it with: {how} --out {path}")
+    try:
+        with Image.open(args.image) as im:
+            pixels = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+    except FileNotFoundError:
+        raise MissingFileError(f"image {args.image} does not exist; give the image file to screen") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(
+            f"{args.image} is not an image Pillow can read ({e}); give a PNG, JPEG, WebP, BMP or GIF"
+        ) from None
+    [match] = SimilarityIndex.load(path).query([pixels])
+    flagged = match.similarity >= args.threshold
+    if args.json:
+        about = {"image": args.image, "index": str(path), "nearest": match.name, "similarity": match.similarity}
+        print(json.dumps(about | {"threshold": args.threshold, "flagged": flagged}))
+    else:
+        verdict = f"flagged (>= {args.threshold:g})" if flagged else f"not flagged (< {args.threshold:g})"
+        print(f"nearest training image: {match.name}; similarity {match.similarity:.4f}; {verdict}")
+    return 1 if flagged else 0
 
 
 def _default_index(source: str) -> Path:
