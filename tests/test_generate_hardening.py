@@ -196,13 +196,14 @@ def test_newline_in_a_prompt_samples_and_writes(tiny_text_ldm, tmp_path, capsys)
 # --- output formats and locations (9, 14, 15) -----------------------------------------------------------------------
 @pytest.mark.parametrize("suffix, fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".jpeg", "JPEG"), (".webp", "WEBP")])
 def test_output_format_follows_the_extension_with_parameters(tiny_ldm, tmp_path, suffix, fmt):
+    from ldmkit.checkpoint import file_sha256
     from ldmkit.data.images import read_parameters
 
     out = generate_to_file(tiny_ldm, SampleRequest(n=2, steps=1, seed=5), tmp_path / f"s{suffix}", progress=False)
     with Image.open(out[0]) as im:
         assert im.format == fmt
     params = json.loads(read_parameters(out[0])["ldmkit"])
-    assert params["seed"] == 5 and params["checkpoint"] == str(tiny_ldm)
+    assert params["seed"] == 5 and params["weights_sha256"] == file_sha256(tiny_ldm)
 
 
 @pytest.mark.parametrize("name", ["s.gif", "s.bmp", "s", "s.PNG.txt"])

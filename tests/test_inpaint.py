@@ -354,17 +354,18 @@ def test_empty_mask_command_writes_the_input_unchanged(capsys, tmp_path, tiny_ld
     out = tmp_path / "same.png"
     argv = ["inpaint", str(image), "--mask", str(black), "--model", str(tiny_ldm), "--out", str(out)]
     code, _, err = _cli(capsys, *argv)
-    assert (
-        code == 0
-        and err.strip() == "warning: the mask is all black, so nothing is regenerated; the input is written unchanged"
+    assert code == 0 and err.strip() == (
+        "warning: the mask is all black, so nothing is regenerated; the input is written unchanged, with no "
+        "generation record, watermark or credentials (nothing in it was generated)"
     )
-    assert (np.asarray(load_image(out, 1)) == arr).all()
+    assert (np.asarray(load_image(out, 1)) == arr).all() and "ldmkit" not in Image.open(out).text
 
 
 @pytest.mark.parametrize("feather", [16, 10**9])
 def test_a_wide_feather_still_regenerates_the_middle_of_a_hole(feather):
     """A 16x16 hole with --feather 16 (or 10**9) realised 22% (or none) of the change: the ramp now takes at most
-    a quarter of the hole's width from each side, so the middle 8x8 is the generated image and most of the change is kept."""
+    a quarter of the hole's width from each side, so the middle 8x8 is the generated image and most of the change
+    is kept."""
     m = torch.zeros(1, 1, 64, 64)
     m[..., 24:40, 24:40] = 1
     original, generated = torch.zeros(1, 3, 64, 64), torch.ones(1, 3, 64, 64)

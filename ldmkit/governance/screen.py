@@ -80,8 +80,10 @@ class OutputScreen:
     def active(self) -> bool:
         return bool(self.safety or self.index or self.mark)
 
-    def __call__(self, images: list[Image.Image], tag: bytes | None = None) -> list[Screened]:
-        """Screen a batch; tag: the 6-byte watermark payload (watermark.tag_of(request id)); None: no watermark."""
+    def __call__(self, images: list[Image.Image], tag: bytes | None = None, keep=None) -> list[Screened]:
+        """Screen a batch; tag: the 6-byte watermark payload (watermark.tag_of(request id)); None: no watermark.
+        keep: (H, W) bool, the pixels an edit promised to keep (inpaint, outpaint): the mark changes only the others,
+        and an image whose edited region cannot carry it is left unmarked (its `watermark` stays None)."""
         out = [Screened(img, img) for img in images]
         if self.safety is not None:
             settings = self.safety.settings
@@ -97,8 +99,9 @@ class OutputScreen:
                     s._decide(self.similarity.action, f"{why} ({self.similarity.action})")
         for s in out:
             if self.mark and tag is not None and min(s.marked.size) >= watermark.MIN_SIDE:
-                s.marked = _marked(s.marked, tag)
-                s.watermark = tag.hex()
+                marked = _marked(s.marked, tag, keep)
+                if marked is not None:
+                    s.marked, s.watermark = marked, tag.hex()
             s.image = {"withhold": None, "blur": placeholder(s.marked)}.get(s.action, s.marked)
         return out
 
@@ -107,10 +110,14 @@ def _rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _marked(img: Image.Image, tag: bytes) -> Image.Image:
-    """img with `tag` in its pixels, in its own mode (grayscale stays grayscale)."""
+def _marked(img: Image.Image, tag: bytes, keep=None) -> Image.Image | None:
+    """img with `tag` in its pixels, in its own mode (grayscale stays grayscale); keep: pixels left bit for bit
+    (None when the rest cannot carry the mark)."""
     pixels = np.asarray(img.convert("L") if img.mode == "L" else img.convert("RGB"))
-    return Image.fromarray(watermark.embed(pixels, tag))
+    if keep is None:
+        return Image.fromarray(watermark.embed(pixels, tag))
+    marked = watermark.embed_within(pixels, tag, ~np.asarray(keep, dtype=bool))
+    return None if marked is None else Image.fromarray(marked)
 
 
 def load_index(model_path: Path) -> SimilarityIndex:
@@ -141,18 +148,29 @@ def build_screen(
 
 
 def finisher(screen: OutputScreen, run_id: str, report: Callable[[str], None]):
-    """The screen as the writing commands take it (pipelines.generate.Finish): finish(images, first index) -> for
-    each image what to write (None: withheld) and the facts embedded with it (run id, time, the screen's record).
+    """The screen as the writing commands take it (pipelines.generate.Finish): finish(images, first index, keep=None)
+    -> for each image what to write (None: withheld) and the facts embedded with it (run id, time, the screen's
+    record); keep: the pixels an edit keeps, which the watermark leaves alone (see OutputScreen).
     report(message) hears of every image the screen withheld, blurred or flagged. run_id: this command's id, hidden
     in the pixels when the screen watermarks (uuid4 hex, like a server's request ids)."""
     tag = watermark.tag_of(run_id) if screen.mark else None
     made = {"request_id": run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    def finish(images: list[Image.Image], first: int) -> list[tuple[Image.Image | None, dict]]:
+    def finish(images: list[Image.Image], first: int, keep=None) -> list[tuple[Image.Image | None, dict]]:
         out = []
-        for i, s in enumerate(screen(images, tag)):
+        for i, s in enumerate(screen(images, tag, keep)):
             if s.action is not None:
                 report(f"image {first + i}: {'; '.join(s.reasons)}")
+            if (
+                tag is not None
+                and keep is not None
+                and s.watermark is None
+                and min(s.marked.size) >= watermark.MIN_SIDE
+            ):
+                report(
+                    f"image {first + i}: not watermarked: the edited region is too small to carry the mark without "
+                    f"changing the pixels the edit keeps; regenerate a larger region to mark it"
+                )
             out.append((s.image, made | s.record()))
         return out
 

@@ -231,6 +231,56 @@ def embed(pixels: np.ndarray, tag: bytes, key: str = "ldmkit") -> np.ndarray:
     return out
 
 
+WITHIN_PSNR = 32.0  # dB: the least PSNR of a mark confined to a region (a whole-image mark has about 38 to 40)
+
+
+def embed_within(pixels: np.ndarray, tag: bytes, region: np.ndarray, key: str = "ldmkit") -> np.ndarray | None:
+    """pixels (H, W) or (H, W, 3) uint8 with `tag` hidden by changing only the pixels where `region` (H, W) is
+    true: every other pixel is returned bit for bit. None when the region cannot carry a mark that reads back at a
+    PSNR of at least WITHIN_PSNR (too little of it lies in the window: a 16x16 hole in a 64x64 image, or a border
+    of 8 pixels around it, cannot; a quarter of the window can, at about 33 dB).
+
+    The 72 projections respond linearly to a change of the luminance; restricted to the region, the bit directions
+    of `embed` (each bit's basis functions, zero outside the region) move them by a matrix A (BITS, BITS), so the
+    change that puts every projection on its lattice is their combination with coefficients A^-1 (target - x),
+    computed again after each rounding as `embed` does."""
+    _check_image(pixels)
+    if not isinstance(tag, (bytes, bytearray)) or len(tag) != TAG_BITS // 8:
+        raise InputError(f"a watermark tag is {TAG_BITS // 8} bytes (watermark.tag_of(request_id)), not {tag!r}")
+    tag = bytes(tag)
+    region = np.asarray(region, dtype=bool)
+    if region.shape != pixels.shape[:2]:
+        raise InputError(f"the region is {region.shape} but the image {pixels.shape[:2]}; give one of the image's size")
+    h, w = pixels.shape[:2]
+    offset = payload_bits(tag) * DELTA / 2
+    rows, cols, signs = _layout(key)
+    py, px, sy, sx = _rows(h), _rows(w), _synthesis(h), _synthesis(w)  # (K, H), (K, W), (H, K), (W, K)
+    inside = region.astype(np.float64)
+    # how the coefficients (u', v') respond to the region's part of basis function (u, v): (K, K, K, K)
+    ty = (py.T[:, :, None] * sy[:, None, :]).reshape(h, K * K)  # (H, K u' * K u)
+    tx = (px.T[:, :, None] * sx[:, None, :]).reshape(w, K * K)  # (W, K v' * K v)
+    resp = (ty.T @ inside @ tx).reshape(K, K, K, K).transpose(0, 2, 1, 3)  # (u', v', u, v)
+    unit = np.zeros((BITS, K, K))  # each bit's direction in coefficients
+    np.add.at(unit, (np.arange(BITS)[:, None], rows, cols), signs / np.sqrt(GROUP))
+    moved_coef = np.einsum("abuv,kuv->kab", resp, unit)  # (BITS, K, K): coefficients each direction moves
+    a = _projections(moved_coef, key).T  # (BITS projections, BITS directions)
+    out = pixels
+    for _ in range(ROUNDS):
+        x = _projections(py @ _luma(out) @ px.T, key)
+        target = np.round((x - offset) / DELTA) * DELTA + offset
+        if np.all(np.abs(target - x) < DELTA / 16):
+            break
+        c = np.linalg.lstsq(a, target - x, rcond=1e-6)[0]
+        residual = (sy @ np.einsum("k,kuv->uv", c, unit) @ sx.T) * inside  # (H, W): zero outside the region
+        moved = out.astype(np.float64) + (residual[..., None] if pixels.ndim == 3 else residual)
+        out = np.where(region[..., None] if pixels.ndim == 3 else region, np.clip(np.round(moved), 0, 255), out)
+        out = out.astype(np.uint8)
+    mse = np.mean((out.astype(np.float64) - pixels) ** 2)
+    if mse > 255**2 / 10 ** (WITHIN_PSNR / 10) or _decode(_projections(py @ _luma(out) @ px.T, key), 1.0).tag != tag:
+        return None
+    return out
+
+
 RESIZES = ((0.75, "bilinear"), (0.5, "bilinear"), (0.75, "bicubic"), (0.5, "bicubic"))  # tried when reading
 
 

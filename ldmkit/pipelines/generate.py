@@ -34,6 +34,7 @@ from ..noise import Generators, generators_from_seed
 from ..runtime import resolve_device
 from ..samplers import SAMPLERS
 from .output import Target, as_target, claim
+from .record import model_record
 
 MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger values are typing mistakes
 SEED_END = 2**63  # torch generators take seeds below this; image i uses seed + i
@@ -433,8 +434,9 @@ def write_batches(
     world = world or World()
     share = world.shard(req.n)
     target = as_target(out)
-    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | (extra or {})
-    meta = {"ldmkit": json.dumps({"checkpoint": str(checkpoint), **params})}
+    params = model_record(checkpoint) | {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")}
+    params |= extra or {}
+    meta = {"ldmkit": json.dumps(params)}
     separate, single = not grid, grid and req.n == 1  # single: one image, written as itself to `out`
     grid = grid and not single
     out = check_output(target.path, folder=separate, metadata=None if separate else meta, signed=sign is not None)
@@ -449,7 +451,7 @@ def write_batches(
     written: list[Path] = []
     try:
         ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
-        about = {"checkpoint": str(checkpoint), **params}
+        about = dict(params)
         if grid:
             written += _write_grid(ldm, batches, share, world, finish, sign, paths, about)
             return written if world.main else []
@@ -523,18 +525,23 @@ def write_edits(
     extra: dict,
     finish: Finish | None = None,
     sign: Sign | None = None,
+    record: bool = True,
 ) -> list[Path]:
     """The writing of every edit (img2img, inpaint, outpaint): each edited image on its own, at the input's size, to
     edit_paths(out, req.n), with the request's parameters, its seed and `extra` (the input files, the edit's
-    options) embedded. The outputs are checked before the model loads; each image is written when its batch is
-    done. finish: the screen every image passes first (a withheld image is not written); sign: content credentials
-    for every file written (PNG only). `out` is checked and claimed as pipelines.output says (a Target: whether an
-    existing file is replaced); the model file and the input image and mask are never overwritten."""
+    options) embedded; record=False (an edit that changes nothing): the pixels alone, with no record, screen or
+    credentials, since nothing in them was generated. The outputs are checked before the model loads; each image
+    is written when its batch is done. finish: the screen every image passes first (a withheld image is not
+    written); sign: content credentials for every file written (PNG only). `out` is checked and claimed as
+    pipelines.output says (a Target: whether an existing file is replaced); the model file and the input image and
+    mask are never overwritten."""
     params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")} | extra
+    params = model_record(checkpoint) | params
+    finish, sign = (finish, sign) if record else (None, None)
 
     def meta(i: int) -> dict[str, str]:
-        about = {"checkpoint": str(checkpoint), **params, "seed": req.seed + i, "n": 1, "index": i}
-        return {"ldmkit": json.dumps(about)}
+        about = {**params, "seed": req.seed + i, "n": 1, "index": i}
+        return {"ldmkit": json.dumps(about)} if record else {}
 
     signed = sign is not None
     target = as_target(out)
@@ -549,7 +556,7 @@ def write_edits(
         for images, _ in batches(ldm):
             for img, facts in _finished(images, finish, done):
                 i, done = done, done + 1
-                m = {"ldmkit": json.dumps(json.loads(meta(i)["ldmkit"]) | facts)}
+                m = {"ldmkit": json.dumps(json.loads(meta(i)["ldmkit"]) | facts)} if record else None
                 if img is not None:
                     written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), paths[i]))
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -184,7 +185,11 @@ def inpaint_batches(
     p = plan(ldm, replace(req, height=ed.image.shape[-2], width=ed.image.shape[-1]))
     empty = ed.x0 is None
     if empty:
-        warnings.warn("the mask is all black, so nothing is regenerated; the input is written unchanged", stacklevel=2)
+        warnings.warn(
+            "the mask is all black, so nothing is regenerated; the input is written unchanged, with no generation "
+            "record, watermark or credentials (nothing in it was generated)",
+            stacklevel=2,
+        )
     steps = repaint_steps(req.steps, opts.resample, opts.jump)  # the progress bar's: RePaint's whole walk
     for b in request_batches(ldm, req, p, "inpainting", progress, quiet=empty, steps=steps):
         if empty:
@@ -234,12 +239,17 @@ def edit_to_file(
 ) -> list[Path]:
     """Take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each edited image at
     the input's size (see write_edits) with the parameters and `about` (the input files) embedded. The options and
-    inputs are checked before the model is loaded."""
+    inputs are checked before the model is loaded. The pixels the mask keeps stay the input's with every option:
+    finish (the screen) gets them as `keep`, so a watermark goes only into the regenerated region (or, where that
+    is too small to carry it, nowhere); an all-black mask writes the input with no record, mark or credentials."""
     check_repaint(req.steps, opts.resample, opts.jump)
     image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
     extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about}
     batches = lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress)  # noqa: E731
-    return write_edits(checkpoint, req, out, batches, extra, finish, sign)
+    keep = (mask[0, 0] <= 0.5).cpu().numpy()  # (H, W): the pixels written bit for bit, watermark or not
+    if finish is not None:
+        finish = partial(finish, keep=keep)
+    return write_edits(checkpoint, req, out, batches, extra, finish, sign, record=not keep.all())
 
 
 def inpaint_to_file(

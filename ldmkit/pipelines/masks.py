@@ -107,8 +107,8 @@ def feather_alpha(mask: torch.Tensor, feather_px: int, warn: bool = True) -> tor
     """The composite's weight of the generated image, (B, 1, H, W) in [0, 1]: 0 outside the mask, rising inside it
     as d / L with the distance d to the nearest kept pixel over a ramp of L <= feather_px + 1 pixels that never
     takes more than a quarter of the mask's local width from each side (feather_ramp), so the middle of the mask is
-    always fully regenerated, and never more than MAX_FEATHER. warn: a warning when a feather wider than the default FEATHER_PX
-    had to be shortened (a default ramp is shortened silently in a thin mask)."""
+    always fully regenerated, and never more than MAX_FEATHER. warn: a warning when a feather wider than the
+    default FEATHER_PX had to be shortened (a default ramp is shortened silently in a thin mask)."""
     if feather_px < 0:
         raise InputError(f"--feather {feather_px} is negative; use 0 (a hard edge) or a few pixels")
     mask = (mask > 0.5).float()
