@@ -192,40 +192,17 @@ def blame_options(ldm: LatentDiffusion, req: SampleRequest, err: NonFiniteError)
     )
 
 
-TASK_NEEDS = {  # what each task's model takes beside a prompt or label, and the commands that give it that
-    "generate": (
-        "a generation model",
-        "",
-        "`ldmkit generate`, `ldmkit img2img`, `ldmkit inpaint` or `ldmkit outpaint`",
-    ),
-    "inpaint": ("an inpainting model", ": it needs an image and a mask", "`ldmkit inpaint` or `ldmkit outpaint`"),
-    "upscale": ("an upscaler", ": it needs a low-resolution image", "`ldmkit upscale`"),
-}
-
-
-def wrong_task(ldm: LatentDiffusion, command: str, task: str | None = None) -> InputError:
-    """The error for a model given to a command that cannot use it, naming the model's task (`task` for an imported
-    model whose file does not record it) and the commands that can."""
-    name, task = ldm.source or "this model", task or ldm.task
-    what, needs, commands = TASK_NEEDS.get(task, (f"a {task} model", "", "the command it was trained for"))
-    return InputError(f"{name} is {what} (task {task}{needs}), so `ldmkit {command}` cannot use it; use {commands}")
+def wrong_task(ldm: LatentDiffusion, command: str) -> InputError:
+    """The error for a model given to a command that cannot use it, naming the model's task and the commands that
+    can (ldmkit/tasks/)."""
+    return ldm.task_spec.wrong_command(ldm.source or "this model", command)
 
 
 def check_samples_from_noise(ldm: LatentDiffusion, command: str = "generate") -> None:
-    """InputError, naming the model's task, for a model whose U-Net needs more than the latent (an inpainting
+    """InputError, naming the model's task, for a model whose denoiser needs more than the latent (an inpainting
     model takes a mask and a masked image, an upscaler a low-resolution image): generate, sample and img2img cannot
     give it those."""
-    extra = ldm.run.backbone.in_channels - ldm.latent_channels
-    if ldm.task == "generate" and extra == 0:
-        return
-    if ldm.task == "generate" and extra == ldm.latent_channels + 1:  # an imported inpainting model (9 channels)
-        raise wrong_task(ldm, command, "inpaint")
-    if ldm.task == "generate":
-        raise InputError(
-            f"{ldm.source or 'this model'} takes {extra} input channels beside the latent, so it cannot generate "
-            f"from noise alone; use it with the command it was trained for"
-        )
-    raise wrong_task(ldm, command)
+    ldm.task_spec.check_from_noise(ldm, command)
 
 
 @torch.no_grad()

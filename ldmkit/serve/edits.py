@@ -32,7 +32,7 @@ def a1111_edit(ldm, body, req: SampleRequest, limits: ServeLimits):
             return inpaint(m, req, image, mask, InpaintOptions())[0]
 
         return run, extra | {"mask": True}
-    if ldm.task != "generate":
+    if not ldm.task_spec.from_noise:
         raise FieldError("mask", f"this model is an {ldm.task} model: img2img needs a mask for it")
 
     def run(m):

@@ -27,6 +27,10 @@ class Inpaint(Task):
     def concat_channels(self, run, ae_cfg, current: int) -> int:
         return 1 + ae_cfg.latent_channels  # the mask and the masked image's latents
 
+    def edit_latent_mask(self, mask, size, factor):
+        """Max-pooling, the rule of training (latent_mask)."""
+        return latent_mask(mask, factor)
+
     @torch.no_grad()
     def masked_inputs(self, trainer, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """The concat input (B, 1 + c, h, w) of images x (B, C, H, W) under masks m (B, 1, H, W), 1 = regenerate."""

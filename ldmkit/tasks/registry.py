@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..conditioning.types import Conditioning
 from ..config import TASK_NAMES
@@ -68,11 +69,29 @@ class Task:
 
     # --- use ---------------------------------------------------------------------------------------------------
     def wrong_command(self, model: str, command: str) -> InputError:
-        """The error for a model of this task given to a command that cannot use it."""
-        uses = " or ".join(f"`ldmkit {c}`" for c in self.commands) or "the command it was trained for"
+        """The error for a model of this task given to a command that cannot use it, naming the commands that can."""
+        uses = [f"`ldmkit {c}`" for c in self.commands]
+        listed = " or ".join([", ".join(uses[:-1]), uses[-1]] if len(uses) > 2 else uses)
         return InputError(
-            f"{model} is {self.summary} (task {self.name}{self.needs}), so `ldmkit {command}` cannot use it; use {uses}"
+            f"{model} is {self.summary} (task {self.name}{self.needs}), so `ldmkit {command}` cannot use it; use "
+            f"{listed or 'the command it was trained for'}"
         )
+
+    def require(self, ldm, command: str) -> None:
+        """InputError unless `command` can use the model `ldm` of this task."""
+        if command not in self.commands:
+            raise self.wrong_command(ldm.source or "this model", command)
+
+    def check_from_noise(self, ldm, command: str) -> None:
+        """InputError unless the model generates from noise and a prompt or label alone (generate, sample, img2img,
+        synth, the generation APIs)."""
+        if not self.from_noise:
+            raise self.wrong_command(ldm.source or "this model", command)
+
+    def edit_latent_mask(self, mask: torch.Tensor, size: tuple[int, int], factor: int) -> torch.Tensor:
+        """An edit's mask (1, 1, H, W) at the latent size, as this task's models saw masks in training: nearest
+        neighbour, as diffusers resizes one for an imported Stable Diffusion inpainting model."""
+        return F.interpolate(mask, size=tuple(size), mode="nearest")
 
 
 TASKS: dict[str, Task] = {}
