@@ -455,7 +455,9 @@ def _upscale_command(command):
     p.add_argument(
         "--noise-level", type=int, help="noise added to the input: higher trusts it less (default: the model's)"
     )
-    p.add_argument("--tile", type=int, default=0, help="tile side in input pixels (default: the training size)")
+    p.add_argument(
+        "--tile", type=int, default=0, help="tile side in input pixels (default: twice the training size, least: half)"
+    )
     p.add_argument("--overlap", type=int, default=-1, help="input pixels tiles share (default: a quarter tile)")
     _sampling_options(p, n=1, n_help="upscaled versions (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)
     p.add_argument("--out", help="output image (default generated/IMAGE-upscaled.png)")

@@ -17,7 +17,14 @@ from ldmkit.errors import ConfigError, InputError
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.pipelines.inpaint import inpaint
-from ldmkit.pipelines.upscale import TiledDenoiser, Tiling, UpscaleOptions, check_input_size, upscale
+from ldmkit.pipelines.upscale import (
+    TiledDenoiser,
+    Tiling,
+    UpscaleOptions,
+    check_input_size,
+    tiling_for,
+    upscale,
+)
 from ldmkit.training import runs
 from ldmkit.training.loop import STATE_FILE
 
@@ -267,3 +274,13 @@ def test_a_checkpoint_records_the_upscale_settings(upscaler):
         "beta_start": 0.0001,
         "beta_end": 0.02,
     }
+
+
+def test_the_default_tile_is_twice_the_training_size_and_tiny_tiles_are_refused(upscaler):
+    """--tile 1 was accepted and gave a mosaic, and the default tile (the training size) showed faint lines at tile
+    borders on 32x32 inputs: the default is now twice the training size, and tiles under half of it are refused."""
+    trained = upscaler.run.data.resolution // upscaler.factor  # latent pixels; 1 latent pixel per input pixel here
+    assert tiling_for(upscaler, UpscaleOptions()).tile == 2 * trained
+    assert tiling_for(upscaler, UpscaleOptions(tile=trained // 2)).tile == trained // 2
+    with pytest.raises(InputError, match=r"--tile 1 is below the least useful tile of \d+ input pixels"):
+        upscale(upscaler, picture(24, 20), SampleRequest(n=1, steps=2), UpscaleOptions(tile=1))

@@ -51,7 +51,7 @@ class UpscaleOptions:
     """How an upscale runs; values are checked here, naming the command-line option to change."""
 
     noise_level: int | None = None  # augmentation level of the input (None: the model's default, upscale.noise_level)
-    tile: int = 0  # tile side in input pixels (0: the model's training size / factor)
+    tile: int = 0  # tile side in input pixels (0: twice the model's training size / factor; at least half of it)
     overlap: int = -1  # input pixels shared by neighbouring tiles (-1: a quarter of the tile)
 
     def __post_init__(self):
@@ -178,10 +178,21 @@ def decode_tiled(ldm: LatentDiffusion, z: torch.Tensor, tiling: Tiling) -> torch
 
 
 def tiling_for(ldm: LatentDiffusion, opts: UpscaleOptions) -> Tiling:
-    """The latent tiling of `opts` (input pixels) for `ldm`: tiles a multiple of the U-Net's factor."""
+    """The latent tiling of `opts` (input pixels) for `ldm`: tiles a multiple of the U-Net's factor, by default
+    twice the model's training size (a tile of the training size showed faint lines at its borders on 32x32 inputs:
+    benchmarks/editing_quality.py measures them), and never under half of it (smaller tiles see too little of the
+    image and give a mosaic)."""
     per_input = ldm.run.upscale.factor / ldm.factor  # latent pixels per input pixel
     unit = ldm.run.backbone.factor
-    tile = round(opts.tile * per_input) if opts.tile else ldm.run.data.resolution // ldm.factor
+    trained = ldm.run.data.resolution // ldm.factor  # the latent side the model was trained on
+    least = max(unit, trained // 2)
+    if opts.tile and round(opts.tile * per_input) < least:
+        raise InputError(
+            f"--tile {opts.tile} is below the least useful tile of {math.ceil(least / per_input)} input pixels (half "
+            f"the model's training size): smaller tiles see too little of the image and give a mosaic; give at least "
+            f"that, or 0 for the default of {round(2 * trained / per_input)}"
+        )
+    tile = round(opts.tile * per_input) if opts.tile else 2 * trained
     tile = max(unit, tile // unit * unit)
     overlap = tile // 4 if opts.overlap < 0 else round(opts.overlap * per_input)
     if overlap >= tile:
