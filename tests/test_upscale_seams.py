@@ -20,5 +20,6 @@ def test_a_line_at_a_tile_border_raises_the_seam_ratio():
     assert abs(seam_ratio(smooth, lines, lines) - 1) < 0.1
     seamed = smooth.copy()
     for k in lines:
-        seamed[k:, :] += 6  # a step across every border row
+        seamed[k:, :] += 6  # a step across every border row and column
+        seamed[:, k:] += 6
     assert seam_ratio(seamed, lines, lines) > 1.5
