@@ -28,8 +28,8 @@ from .pipelines.inpaint import MAX_RESAMPLE, InpaintOptions, inpaint_to_file
 from .pipelines.masks import FEATHER_PX
 from .pipelines.outpaint import Border, outpaint_to_file
 from .pipelines.output import Target
+from .pipelines.request import SPEC
 from .pipelines.upscale import UpscaleOptions, check_input_size, upscale_to_file
-from .samplers import SAMPLERS
 from .serve.commands import add_audit_command, add_keys_command, add_prompts_command
 from .serve.governance_commands import add_governance_commands
 from .serve.server import serve
@@ -79,35 +79,27 @@ def _run_options(p: argparse.ArgumentParser, default_out: str):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _sampling_options(p: argparse.ArgumentParser, *, n: int, n_help: str, batch_size: int | None = None):
-    """The options of sample, generate and evaluate, declared here once; only --n and --batch-size defaults differ."""
-    # --images too: under torchrun, `--n` is an ambiguous abbreviation of torchrun's own options and is refused
-    p.add_argument("--n", "--images", dest="n", type=int, default=n, help=f"{n_help} (default {n})")
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, at any batch size")
-    if batch_size is not None:
-        p.add_argument(
-            "--batch-size", type=int, default=batch_size, help=f"images per forward pass (default {batch_size})"
-        )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+def _spec_options(p: argparse.ArgumentParser, command: str, *names: str):
+    """The generation parameters `names` as `command`'s options: flags, type, default, bounds and help from the
+    parameter table (pipelines/request.py)."""
+    for name in names:
+        flags, kw = SPEC[name].cli(command)
+        p.add_argument(*flags, **kw)
+
+
+def _sampling_options(p: argparse.ArgumentParser, command: str):
+    """The options of every sampling command (sample, generate, the edits, evaluate), derived from the parameter
+    table; only --n and --batch-size defaults differ between commands, as the table says."""
+    _spec_options(p, command, "n", "sampler", "steps", "cfg", "seed", "batch_size", "device")
     p.add_argument(
         "--quiet", action="store_true", help="no progress bar (shown on stderr, when it is a terminal, by default)"
     )
 
 
-def _generation_options(p: argparse.ArgumentParser):
-    """What sample and generate share beyond _sampling_options: labels, the negative prompt, guidance rescale, eta."""
-    p.add_argument(
-        "--label",
-        type=int,
-        action="append",
-        help="class label for class-conditional models (repeat for several; default: all classes in turn)",
-    )
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (text models)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1]")
-    p.add_argument("--eta", type=float, default=None, help="noise amount for ddim / ancestral / sde samplers")
+def _generation_options(p: argparse.ArgumentParser, command: str):
+    """What the image commands share beyond _sampling_options: labels, the negative prompt, guidance rescale, eta
+    (from the parameter table), and the governance of their output."""
+    _spec_options(p, command, "labels", "negative_prompt", "cfg_rescale", "eta")
     p.add_argument(
         "--policy",
         help="a policy.toml: prompts its rules refuse stop the command before any work; its [safety] and "
@@ -269,8 +261,9 @@ def cmd_sample(args):
         prompts = _read_prompt_file(args.prompt_file)
     elif args.prompt:  # each --prompt gets --n images
         prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt for _ in range(args.n)]
+    checkpoint = resolve_model(args.checkpoint)  # a shipped name or a path, as every command takes a model
     req = _request(args, len(prompts) if prompts else args.n, prompts)
-    for p in _generate_files(args, args.checkpoint, req, args.out, grid=not args.separate):
+    for p in _generate_files(args, checkpoint, req, args.out, grid=not args.separate):
         print(p)
 
 
@@ -424,12 +417,7 @@ def _synth_command(command):
     text.add_argument("--prompts", help="text models: a CSV file with the columns prompt,label")
     text.add_argument("--prompt-file", help="text models: one prompt per line, each its own label")
     p.add_argument("--label", type=int, action="append", help="class models: only these classes (repeatable)")
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="image k of label c is drawn from a seed hashed from this, c, k")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    _spec_options(p, "synth", "sampler", "steps", "cfg", "seed", "batch_size", "device")
     p.add_argument(
         "--min-confidence",
         type=float,
@@ -451,7 +439,7 @@ def _upscale_command(command):
     p.add_argument("image", help="the image to upscale (PNG, JPEG, WebP, BMP or GIF)")
     p.add_argument("--model", help="emoji-upscale (default) or an upscaler's model.safetensors path")
     p.add_argument("--prompt", action=_Once, help="text prompt (text upscalers)")
-    _generation_options(p)
+    _generation_options(p, "upscale")
     p.add_argument(
         "--noise-level", type=int, help="noise added to the input: higher trusts it less (default: the model's)"
     )
@@ -459,7 +447,7 @@ def _upscale_command(command):
         "--tile", type=int, default=0, help="tile side in input pixels (default: twice the training size, least: half)"
     )
     p.add_argument("--overlap", type=int, default=-1, help="input pixels tiles share (default: a quarter tile)")
-    _sampling_options(p, n=1, n_help="upscaled versions (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)
+    _sampling_options(p, "upscale")
     p.add_argument("--out", help="output image (default generated/IMAGE-upscaled.png)")
 
 
@@ -469,8 +457,8 @@ def _edit_options(p: argparse.ArgumentParser, what: str):
     default = "fashion-mnist-inpaint, or emoji for a --prompt" if what == "inpaint" else "as for generate: emoji"
     p.add_argument("--model", help=f"a shipped model's name or a model.safetensors path (default {default})")
     p.add_argument("--prompt", action=_Once, help="text prompt (text models); class models take --label")
-    _generation_options(p)
-    _sampling_options(p, n=1, n_help="edited images (several: OUT-0.png, OUT-1.png, ...)", batch_size=4)
+    _generation_options(p, what)
+    _sampling_options(p, what)
     p.add_argument(
         "--resample",
         type=int,
@@ -651,14 +639,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _sampling_commands(command):
     """sample, generate and evaluate; command(name, help, fn) adds one and returns its parser."""
     p = command("sample", "generate images from a trained model", cmd_sample)
-    p.add_argument("checkpoint", help="model checkpoint (model.safetensors from `ldmkit train`)")
+    p.add_argument(
+        "checkpoint",
+        metavar="model",
+        help="a shipped model's name (emoji, fashion-mnist) or a model.safetensors path (from `ldmkit train`)",
+    )
     text = p.add_mutually_exclusive_group()
     text.add_argument(
         "--prompt", action="append", help="text prompt (text-conditional models; repeat for several, --n images each)"
     )
     text.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line; one image per line")
-    _generation_options(p)
-    _sampling_options(p, n=16, n_help="number of images", batch_size=16)
+    _generation_options(p, "sample")
+    _sampling_options(p, "sample")
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument(
         "--out",
@@ -672,8 +664,8 @@ def _sampling_commands(command):
         "--model",
         help="emoji, fashion-mnist, or a model.safetensors path (default: emoji when shipped, else fashion-mnist)",
     )
-    _generation_options(p)
-    _sampling_options(p, n=4, n_help="images per prompt", batch_size=16)
+    _generation_options(p, "generate")
+    _sampling_options(p, "generate")
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument(
         "--out",
@@ -686,15 +678,15 @@ def _sampling_commands(command):
     p.add_argument("--prompt", action=_Once, help="text prompt (text models)")
     p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it (default 0.75)")
     p.add_argument("--model", help="as for generate: a shipped model's name or a model.safetensors path")
-    _generation_options(p)
-    _sampling_options(p, n=4, n_help="variations of the image", batch_size=16)
+    _generation_options(p, "img2img")
+    _sampling_options(p, "img2img")
     p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
 
     p = command("evaluate", "FID/KID of a model, or PSNR/SSIM/rFID of an autoencoder", cmd_evaluate)
     p.add_argument("checkpoint", help="model.safetensors or autoencoder.safetensors")
     p.add_argument("--data", help="reference data set (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", help="train or test for built-in data sets (default test)")
-    _sampling_options(p, n=10000, n_help="images to generate / reconstruct", batch_size=50)
+    _sampling_options(p, "evaluate")
     p.add_argument("--out", help="JSON result (default: eval-DATA-SPLIT-nN.json beside the checkpoint)")
     p.add_argument(
         "--memorisation",

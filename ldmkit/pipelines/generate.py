@@ -1,16 +1,13 @@
 """Generation from labels or prompts: conditioning, guided sampling in batches, decoding, image files with parameters.
 
 Everything that can be checked is checked before the first sampling step: the request's numbers where it is built
-(SampleRequest.__post_init__), labels, prompts and size against the model (plan), and the output path
-(check_output). After the expensive work only writing remains.
+(SampleRequest, declared with the parameter table in pipelines/request.py), labels, prompts and size against the
+model (plan), and the output path (check_output). After the expensive work only writing remains.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
-import operator
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -24,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import check_output_path
 from ..conditioning.types import Conditioning
 from ..config import check_multiple
-from ..data.images import Sign, check_writable, save_grid, to_pil, to_tensor, write_image
+from ..data.images import Sign, check_writable, grid_layout, save_grid, to_pil, to_tensor, write_image
 from ..denoisers import backbone_name
 from ..diffusion.sample import sample_latents, start_index
 from ..distributed import World
@@ -32,104 +29,16 @@ from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
 from ..runtime import resolve_device
-from ..samplers import SAMPLERS
 from .output import Target, as_target, claim
 from .record import model_record
+from .request import ETA_SAMPLERS, MAX_STEPS, SEED_END, SampleRequest, whole_number  # noqa: F401 (re-exported)
 
-MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger values are typing mistakes
-SEED_END = 2**63  # torch generators take seeds below this; image i uses seed + i
 UNCONDITIONAL = "unconditional"  # the caption of an image drawn without a label (label -1)
-ETA_SAMPLERS = tuple(name for name, fn in SAMPLERS.items() if "eta" in inspect.signature(fn).parameters)
 WITHHELD_GREY = 128  # the tile a grid shows where an image was withheld
 
 # What happens to images between sampling and their file (the commands' governance screen): finish(images, index of
 # the first) -> for each image what to write (None: nothing, it was withheld) and facts to embed with its parameters.
 Finish = Callable[[list[Image.Image], int], list[tuple[Image.Image | None, dict]]]
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    """What to generate. Values are checked here, naming the command-line option to change (--cfg, --seed, ...)."""
-
-    n: int = 16  # number of images
-    labels: list[int] | None = None  # class labels, cycled over the n images; None: every class in turn; -1: none
-    prompts: list[str] | None = None  # one prompt per image (text models), cycled when fewer
-    negative_prompt: str = ""  # the guidance's unconditional branch (text models)
-    sampler: str = "dpmpp_2m"
-    steps: int = 25
-    cfg: float = 3.0  # classifier-free guidance scale; 1 disables guidance
-    cfg_rescale: float = 0.0  # guidance rescale phi in [0, 1]
-    seed: int = 0  # image i is drawn with seed + i, whatever the batch size
-    height: int = 0  # pixels; 0: the training resolution
-    width: int = 0
-    batch_size: int = 16  # images per forward pass
-    device: str = "auto"
-    eta: float | None = None  # stochasticity of ddim / ancestral / sde samplers (None: the sampler's default)
-
-    def __post_init__(self):
-        n = whole_number("--n", self.n, low=1, hint="ask for at least one image")
-        whole_number("--steps", self.steps, low=1, high=MAX_STEPS, hint="25 to 50 is usual")
-        whole_number("--batch-size", self.batch_size, low=1, hint="use 1 or more images per forward pass")
-        whole_number("--height", self.height, low=0, hint="use 0 for the training resolution")
-        whole_number("--width", self.width, low=0, hint="use 0 for the training resolution")
-        seed = whole_number("--seed", self.seed, low=0, hint="use a seed from 0 upwards")
-        if seed + n > SEED_END:
-            raise InputError(
-                f"--seed {seed}: image i uses seed + i, and {n} images need seeds below 2**63 "
-                f"({SEED_END}); use a seed of at most {SEED_END - n}"
-            )
-        _finite("--cfg", self.cfg, "use a guidance scale such as 3 (1 turns guidance off)")
-        if not 0.0 <= _finite("--guidance-rescale", self.cfg_rescale, "use a value in [0, 1]") <= 1.0:
-            raise InputError(f"--guidance-rescale {self.cfg_rescale} is outside [0, 1]; 0 turns it off, 0.7 is usual")
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"--sampler {self.sampler!r} is not known; choose one of: {', '.join(SAMPLERS)}")
-        if self.eta is not None:
-            if _finite("--eta", self.eta, "use 0 (deterministic) to 1") < 0:
-                raise InputError(f"--eta {self.eta} is negative; use 0 (deterministic) to 1 (ancestral)")
-            if self.sampler not in ETA_SAMPLERS:
-                raise InputError(
-                    f"--eta applies to the {', '.join(ETA_SAMPLERS)} samplers, not --sampler "
-                    f"{self.sampler}; drop --eta or choose one of those"
-                )
-        for label in self.labels or ():
-            whole_number("--label", label, low=-1, hint="use a class number, or -1 for no label")
-        if self.prompts is not None:
-            if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
-                raise InputError("prompts must be a list of strings, one per image")
-            if not self.prompts:
-                raise InputError("the prompt list is empty; give at least one prompt, or none for unconditional")
-        if not isinstance(self.negative_prompt, str):
-            raise InputError(f"--negative-prompt must be a string, not {type(self.negative_prompt).__name__}")
-
-    def sampling(self) -> dict:
-        """The request's options as sample_latents (and inpaint_latents) take them: sampler, steps, guidance, eta."""
-        eta = {} if self.eta is None else {"eta": self.eta}
-        return dict(sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg, cfg_rescale=self.cfg_rescale, **eta)
-
-
-def whole_number(option: str, value, low: int, high: int | None = None, hint: str = "") -> int:
-    """`value` as an int in [low, high]; InputError naming `option` otherwise."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise InputError(f"{option} {value!r} is not a whole number; {hint}") from None
-    if v < low or (high is not None and v > high):
-        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise InputError(f"{option} {v} is out of range: it must be {bounds}; {hint}")
-    return v
-
-
-def _finite(option: str, value, hint: str) -> float:
-    """`value` as a finite float; InputError naming `option` otherwise."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{option} {value!r} is not a number; {hint}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{option} {value} is not a finite number; {hint}")
-    return v
 
 
 def _labels_for(ldm: LatentDiffusion, req: SampleRequest) -> list[int] | None:
@@ -448,13 +357,19 @@ def _write_grid(ldm, batches, share, world, finish, sign, paths, about) -> list[
     if not world.main:
         return []
     images, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
-    meta = {"ldmkit": json.dumps(about)}
+    shared, facts = {}, [{} for _ in captions]
     if finish is not None:
         images, captions, facts = _finished_grid(images, captions, finish)
         shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}  # the run's id, time
-        tiles = [{k: v for k, v in f.items() if k not in shared} for f in facts]
-        meta = {"ldmkit": json.dumps(about | shared | ({"images": tiles} if any(tiles) else {}))}
-    save = lambda p: save_grid(images, p, nrow=min(8, len(images)), labels=captions, metadata=meta, sign=sign)  # noqa: E731
+    # where each image lies in the grid, so that `ldmkit provenance` reads each tile's watermark
+    layout = grid_layout(len(images), *images.shape[-2:], nrow=8, labels=captions)
+    tiles = [
+        {"index": i, "seed": about["seed"] + i, "box": list(layout.box(i))}
+        | {k: v for k, v in f.items() if k not in shared}
+        for i, f in enumerate(facts)
+    ]
+    meta = {"ldmkit": json.dumps(about | shared | {"tiles": tiles})}
+    save = lambda p: save_grid(images, p, nrow=layout.nrow, labels=captions, metadata=meta, sign=sign)  # noqa: E731
     return [write_or_rescue(save, paths[0])]
 
 

@@ -14,7 +14,6 @@ added. Rendering splices each value in as plain text, so braces in a value are n
 from __future__ import annotations
 
 import json
-import math
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -22,9 +21,7 @@ from datetime import datetime, timezone
 
 from ..config import ServeLimits
 from ..errors import InputError
-from ..pipelines.generate import ETA_SAMPLERS, MAX_STEPS
-from ..samplers import SAMPLERS
-from .schemas import SEED_MAX
+from ..pipelines.request import check_eta_sampler, taken_by
 from .store import Conflict, Store
 
 NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")  # template names; no "@", so "name@3" splits one way only
@@ -32,10 +29,11 @@ VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # an ASCII identifier 
 TEXT_MAX = ServeLimits.max_prompt_chars  # characters of a template's text or negative prompt (the server's default)
 DESCRIPTION_MAX = 500
 VALUE_MAX = 500  # characters of one variable's value
-PARAMS = ("n", "steps", "cfg", "sampler", "width", "height", "seed", "eta")  # the native request fields
-ALIASES = {"cfg_scale": "cfg", "guidance_scale": "cfg"}  # other names of a field, stored under the native one
-WHOLE = {"n": 1, "steps": 1, "width": 0, "height": 0, "seed": 0}  # whole-number fields -> smallest value
-HIGHEST = {"steps": MAX_STEPS, "seed": SEED_MAX}
+# The parameters a template may set, their other names and types: the parameter table's (pipelines/request.py)
+PARAMS = tuple(p.names["template"] for p in taken_by("template"))  # the native request fields
+ALIASES = {alias: p.names["template"] for p in taken_by("template") for alias in p.aliases}  # stored as the native
+WHOLE = {p.names["template"]: p.low for p in taken_by("template") if p.kind is int}  # whole-number fields -> least
+NUMBERS = tuple(p.names["template"] for p in taken_by("template") if p.kind is float)
 ALLOWED_HELP = f"{', '.join(PARAMS)} (also size=WIDTHxHEIGHT, and cfg_scale or guidance_scale for cfg)"
 
 
@@ -212,11 +210,8 @@ def check_params(params: dict | None) -> dict:
             _put(out, key, _check_param(key, value))
         else:
             raise TemplateError(f"param {str(key)[:40]!r} is not a generation field; the allowed ones: {ALLOWED_HELP}")
-    if "eta" in out and "sampler" in out and out["sampler"] not in ETA_SAMPLERS:
-        raise TemplateError(
-            f"param eta applies to the {', '.join(ETA_SAMPLERS)} samplers, not sampler {out['sampler']}; "
-            f"drop eta or choose one of those"
-        )
+    if "sampler" in out:
+        check_eta_sampler(out.get("eta"), out["sampler"], "template", _refusal)
     return dict(sorted(out.items()))
 
 
@@ -234,25 +229,26 @@ def _size(value) -> tuple[int, int]:
 
 
 def _check_param(key: str, value):
-    """One field's value, of its type and in range."""
-    if key in WHOLE:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TemplateError(f"param {key} {value!r} is not a whole number; give one such as {WHOLE[key] + 1}")
-        low, high = WHOLE[key], HIGHEST.get(key)
-        if value < low or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            hint = "; leave seed out for a random seed" if key == "seed" else ""
-            raise TemplateError(f"param {key} {value} is out of range: it must be {bounds}{hint}")
-        return value
-    if key == "sampler":
-        if not isinstance(value, str) or value not in SAMPLERS:
-            raise TemplateError(f"param sampler {str(value)[:40]!r} is not known; choose one of: {', '.join(SAMPLERS)}")
-        return value
-    # cfg and eta: finite numbers from 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        example = "5 (1 turns guidance off)" if key == "cfg" else "0 (deterministic) to 1"
-        raise TemplateError(f"param {key} {value!r} must be a finite number from 0, such as {example}")
-    return float(value)
+    """One field's value, of its type and in range, as the parameter table says."""
+    p = next(p for p in taken_by("template") if p.names["template"] == key)
+    if p.optional and value is None:  # a template's eta is a number: leave it out for the sampler's own
+        raise TemplateError(f"param {key} must be a number; leave it out for the sampler's default")
+    return p.check(value, "template", fail=_refusal)
+
+
+def _refusal(_field: str, message: str) -> TemplateError:
+    return TemplateError(message)
+
+
+def merge(fields: dict, filled: Rendered, sent: set[str], names: dict[str, str] | None = None) -> dict:
+    """A request's fields with a rendered template filled in: the template's prompt and negative prompt, and its
+    parameters where the request did not send its own. fields: the request's values under the native names (cfg,
+    width, ...); sent: the fields the client sent, as it named them (cfg_scale, size); names: the API's name of a
+    native field where it differs (pipelines.request.api_names)."""
+    names = names or {}
+    sent_native = {names.get(k, k) for k in sent}
+    defaults = {k: v for k, v in filled.params.items() if names.get(k, k) not in sent_native}
+    return fields | defaults | {"prompt": filled.prompt, "negative_prompt": filled.negative_prompt}
 
 
 def params_from_text(items: list[str]) -> dict:
@@ -266,7 +262,7 @@ def params_from_text(items: list[str]) -> dict:
             raise TemplateError(f"--param {key} is given twice; give it once")
         field = ALIASES.get(key, key)
         try:
-            params[key] = int(text) if field in WHOLE else float(text) if field in ("cfg", "eta") else text
+            params[key] = int(text) if field in WHOLE else float(text) if field in NUMBERS else text
         except ValueError:
             kind = "a whole number" if field in WHOLE else "a number"
             raise TemplateError(f"--param {key}={text[:40]} is not {kind}; give one such as {key}=30") from None

@@ -7,7 +7,6 @@ import base64
 import binascii
 import functools
 import io
-import math
 import re
 import secrets
 from types import SimpleNamespace
@@ -17,8 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from ..config import ServeLimits
 from ..data.images import to_tensor
 from ..errors import InputError
-from ..pipelines.generate import SampleRequest
-from ..samplers import SAMPLERS
+from ..pipelines.request import SPEC, SampleRequest, check_eta_sampler, check_seed_count
 
 A1111_SAMPLERS = {  # AUTOMATIC1111's sampler names -> ldmkit's (the schedules are each model's own)
     "DPM++ 2M": "dpmpp_2m",
@@ -29,7 +27,8 @@ A1111_SAMPLERS = {  # AUTOMATIC1111's sampler names -> ldmkit's (the schedules a
     "DDIM": "ddim",
     "DDPM": "ddpm",
 }
-SEED_MAX = 2**62  # seeds the APIs take (each image uses seed + i)
+SEED_MAX = SPEC["seed"].high  # seeds the APIs take (each image uses seed + i, below 2**63)
+A1111_DEFAULT_SAMPLER = next(a for a, ours in A1111_SAMPLERS.items() if ours == SPEC["sampler"].default_for("a1111"))
 
 
 class FieldError(InputError):
@@ -43,8 +42,18 @@ class FieldError(InputError):
 @functools.cache
 def api_models() -> SimpleNamespace:
     """The request bodies as pydantic models (pydantic comes with the `serve` extra, so they are built on first
-    use): OpenAIImageRequest, A1111Request and JobRequest."""
+    use): OpenAIImageRequest, A1111Request and JobRequest. The generation parameters' defaults and bounds come from
+    the parameter table (spec_field)."""
     from pydantic import BaseModel, ConfigDict, Field
+
+    def spec_field(name: str, surface: str, default=...):
+        """The field of the table's parameter `name` (pipelines/request.py): the default `surface` has, the help,
+        and the bounds in the JSON schema (sample_request checks them, naming the field as the client sent it and
+        lowering the high bounds to the server's limits)."""
+        p = SPEC[name]
+        bounds = {k: v for k, v in (("minimum", p.low), ("maximum", p.high)) if v is not None}
+        value = p.default_for(surface) if default is ... else default
+        return Field(value, description=p.help, json_schema_extra=bounds or None)
 
     class OpenAIImageRequest(BaseModel):
         """POST /v1/images/generations: OpenAI's fields, and ldmkit's own as extras."""
@@ -53,18 +62,18 @@ def api_models() -> SimpleNamespace:
         prompt: str = ""  # OpenAI requires it; here a template may stand in for it
         template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
         variables: dict[str, str] | None = None  # the template's variables
-        n: int = 1
-        size: str | None = None  # "WIDTHxHEIGHT"; None: the model's training resolution
+        n: int = spec_field("n", "openai")
+        size: str | None = None  # "WIDTHxHEIGHT" (the table's width and height); None: the training resolution
         response_format: str | None = "b64_json"
         user: str | None = None
         model: str | None = None
         quality: str | None = None  # accepted for compatibility; ldmkit's quality is steps
         style: str | None = None  # accepted for compatibility; ignored
-        negative_prompt: str = ""
-        steps: int = 25
-        cfg: float = 5.0
-        seed: int | None = None  # None: a random seed, returned with each image
-        sampler: str = "dpmpp_2m"
+        negative_prompt: str = spec_field("negative_prompt", "openai")
+        steps: int = spec_field("steps", "openai")
+        cfg: float = spec_field("cfg", "openai")
+        seed: int | None = spec_field("seed", "openai")  # None: a random seed, returned with each image
+        sampler: str = spec_field("sampler", "openai")
 
     class A1111Request(BaseModel):
         """POST /sdapi/v1/txt2img and img2img: AUTOMATIC1111's field names. Fields ldmkit does not use (styles,
@@ -72,15 +81,15 @@ def api_models() -> SimpleNamespace:
 
         model_config = ConfigDict(extra="allow")
         prompt: str = ""
-        negative_prompt: str = ""
-        steps: int = 20
-        cfg_scale: float = 7.0
-        seed: int = -1  # -1: random
-        batch_size: int = 1
+        negative_prompt: str = spec_field("negative_prompt", "a1111")
+        steps: int = spec_field("steps", "a1111")
+        cfg_scale: float = spec_field("cfg", "a1111")
+        seed: int = spec_field("seed", "a1111")  # -1: random
+        batch_size: int = spec_field("n", "a1111")  # n = batch_size x n_iter
         n_iter: int = 1
-        width: int = 0  # 0: the model's training resolution
-        height: int = 0
-        sampler_name: str = "DPM++ 2M"
+        width: int = spec_field("width", "a1111")  # 0: the model's training resolution
+        height: int = spec_field("height", "a1111")
+        sampler_name: str = spec_field("sampler", "a1111", A1111_DEFAULT_SAMPLER)  # A1111's name of the sampler
         model: str | None = None
         denoising_strength: float = 0.75  # img2img
         init_images: list[str] = Field(default_factory=list)  # img2img: base64 images
@@ -101,17 +110,17 @@ def api_models() -> SimpleNamespace:
         model_config = ConfigDict(extra="forbid")
         model: str | None = None
         prompt: str = ""
-        negative_prompt: str = ""
+        negative_prompt: str = spec_field("negative_prompt", "native")
         template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
         variables: dict[str, str] | None = None  # the template's variables
-        labels: list[int] | None = None
-        n: int = 1
-        steps: int = 25
-        cfg: float = 5.0
-        seed: int | None = None
-        sampler: str = "dpmpp_2m"
-        width: int = 0
-        height: int = 0
+        labels: list[int] | None = spec_field("labels", "native")
+        n: int = spec_field("n", "native")
+        steps: int = spec_field("steps", "native")
+        cfg: float = spec_field("cfg", "native")
+        seed: int | None = spec_field("seed", "native")
+        sampler: str = spec_field("sampler", "native")
+        width: int = spec_field("width", "native")
+        height: int = spec_field("height", "native")
 
     return SimpleNamespace(OpenAIImageRequest=OpenAIImageRequest, A1111Request=A1111Request, JobRequest=JobRequest)
 
@@ -160,12 +169,6 @@ def check_for_model(req: SampleRequest, multiple: int, num_classes: int, names: 
             )
 
 
-def _whole(field: str, v: int, lo: int, hi: int, hint: str) -> int:
-    if not lo <= v <= hi:
-        raise FieldError(field, f"{field} {v} is out of range: it must be between {lo} and {hi}; {hint}")
-    return v
-
-
 def _text(field: str, v: str, limits: ServeLimits) -> str:
     if len(v) > limits.max_prompt_chars:
         raise FieldError(field, f"{field} has {len(v)} characters; the limit is {limits.max_prompt_chars}")
@@ -189,43 +192,44 @@ def sample_request(
     text: bool = True,
 ) -> SampleRequest:
     """A SampleRequest from the API's values (keys: prompt, negative_prompt, labels, n, steps, cfg, seed, sampler,
-    width, height), each checked against `limits`. names: the API's name of each key, for the errors (A1111 says
-    cfg_scale). class_names: a class model's labels, which a prompt may name; text: whether the model reads prompts."""
-    name = (names or {}).get
-    n = _whole(name("n", "n"), fields["n"], 1, limits.max_n, "ask for fewer images per request")
-    steps = _whole(name("steps", "steps"), fields["steps"], 1, limits.max_steps, "25 to 50 is usual")
-    cfg = fields["cfg"]
-    if not (math.isfinite(cfg) and 0 <= cfg <= limits.max_cfg):
-        raise FieldError(name("cfg", "cfg"), f"{name('cfg', 'cfg')} {cfg} must be between 0 and {limits.max_cfg}")
-    for key in ("width", "height"):
-        _whole(name(key, key), fields[key], 0, limits.max_side, "use 0 for the model's resolution")
+    width, height, eta: the parameter table's names), each checked against the table and the server's `limits`.
+    names: the API's name of each key, for the errors (A1111 says cfg_scale; request.api_names(surface) gives
+    them). class_names: a class model's labels, which a prompt may name; text: whether the model reads prompts."""
+    names = names or {}
+    highs = {"n": limits.max_n, "steps": limits.max_steps, "cfg": limits.max_cfg}
+    highs |= {"width": limits.max_side, "height": limits.max_side}
+
+    def check(key: str, value):
+        return SPEC[key].check(value, "native", label=names.get(key, key), high=highs.get(key), fail=FieldError)
+
+    n, steps, cfg, sampler = (check(k, fields[k]) for k in ("n", "steps", "cfg", "sampler"))
+    width, height = check("width", fields["width"]), check("height", fields["height"])
     seed = fields.get("seed")
-    seed = secrets.randbelow(2**31) if seed is None or seed == -1 else seed
-    _whole(name("seed", "seed"), seed, 0, SEED_MAX, "use a seed from 0 upwards, or -1 / none for a random one")
-    if fields["sampler"] not in SAMPLERS:
-        raise FieldError(
-            name("sampler", "sampler"),
-            f"sampler {fields['sampler'][:40]!r} is not known; use one of {', '.join(SAMPLERS)}",
-        )
-    prompt = _text(name("prompt", "prompt"), fields.get("prompt", ""), limits)
-    negative = _text(name("negative_prompt", "negative_prompt"), fields.get("negative_prompt", ""), limits)
+    seed = check("seed", secrets.randbelow(2**31) if seed is None or seed == -1 else seed)
+    check_seed_count(seed, n, fail=FieldError, label=names.get("seed", "seed"))
+    eta = check("eta", fields.get("eta"))
+    check_eta_sampler(eta, sampler, "native", FieldError, {k: names.get(k, k) for k in ("eta", "sampler")})
+    prompt = _text(names.get("prompt", "prompt"), fields.get("prompt", ""), limits)
+    negative = _text(names.get("negative_prompt", "negative_prompt"), fields.get("negative_prompt", ""), limits)
     labels = fields.get("labels")
+    labels = check("labels", labels) if labels is not None else None
     prompts = [prompt] if prompt else None
     if not text:
-        labels, prompts = _labels_from_prompt(prompt, labels, class_names or [], name("prompt", "prompt"))
+        labels, prompts = _labels_from_prompt(prompt, labels, class_names or [], names.get("prompt", "prompt"))
         negative = ""
     return SampleRequest(
         n=n,
         prompts=prompts,
         labels=labels,
         negative_prompt=negative,
-        sampler=fields["sampler"],
+        sampler=sampler,
         steps=steps,
         cfg=cfg,
         seed=seed,
-        width=fields["width"],
-        height=fields["height"],
+        width=width,
+        height=height,
         batch_size=limits.max_n,
+        eta=eta,
     )
 
 

@@ -41,7 +41,8 @@ from ..diffusion.sample import sample_latents
 from ..errors import InputError, MissingFileError, NonFiniteError
 from ..governance.similarity import SimilarityIndex, index_path_for, training_data
 from ..ldm import LatentDiffusion
-from ..pipelines.generate import SampleRequest, blame_options, check_samples_from_noise, whole_number
+from ..pipelines.generate import blame_options, check_samples_from_noise
+from ..pipelines.request import SampleRequest, default, whole_number
 from ..runtime import resolve_device
 from .classifier import Classifier, train_classifier
 
@@ -91,12 +92,12 @@ class SynthOptions:
     per_class: int = 100
     labels: list[int] | None = None
     prompts: list[tuple[str, str]] | None = None
-    sampler: str = "dpmpp_2m"
-    steps: int = 25
-    cfg: float = 3.0
-    seed: int = 0
-    batch_size: int = 64
-    device: str = "auto"
+    sampler: str = default("sampler", "synth")  # the sampling options: the parameter table's (pipelines/request.py)
+    steps: int = default("steps", "synth")
+    cfg: float = default("cfg", "synth")
+    seed: int = default("seed", "synth")
+    batch_size: int = default("batch_size", "synth")
+    device: str = default("device", "synth")
     min_confidence: float | None = None
     classifier: str | None = None  # a classifier.safetensors; None: train one on the model's training data
     dedupe_threshold: float | None = None
