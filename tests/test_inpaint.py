@@ -25,6 +25,7 @@ from ldmkit.pipelines.masks import FEATHER_PX, composite, feather_alpha, latent_
 from ldmkit.pipelines.outpaint import Border, outpaint_canvas, outpaint_to_file
 from ldmkit.samplers import SAMPLERS
 from ldmkit.samplers.repaint import repaint_segments, repaint_steps, sample_repaint
+from ldmkit.tasks import get_task
 
 SD = 0.5  # standard deviation of the toy data
 
@@ -236,7 +237,7 @@ def test_models_with_other_concat_channels_are_refused():
     def fake(in_channels: int, kind: str = "unet"):
         run = DenoiserRun(denoiser=DenoiserConfig(kind=kind))
         run = run.with_backbone(dataclasses.replace(run.backbone, in_channels=in_channels))
-        return types.SimpleNamespace(run=run, latent_channels=4, source="sd-up", task="generate")
+        return types.SimpleNamespace(run=run, latent_channels=4, source="sd-up", task_spec=get_task("generate"))
 
     for kind in ("unet", "dit"):  # whichever backbone the run names
         with pytest.raises(InputError, match="sd-up takes 4 concatenated input channels, not the inpainting layout"):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..conditioning.types import Conditioning
 from ..data.images import Sign
@@ -38,7 +37,6 @@ from .generate import (
     request_batches,
     whole_number,
     write_edits,
-    wrong_task,
 )
 from .images import crop_to, load_edit_image, pad_to_multiple
 from .img2img import checkpoint_channels, model_image
@@ -111,8 +109,7 @@ def inpaint_latents(
 def concat_channels(ldm: LatentDiffusion) -> int:
     """The channels the model's U-Net takes beside the latent: 0 for a plain model, 1 + latent channels for a
     dedicated inpainting model (mask and masked-image latents, as Stable Diffusion's); InputError for any other."""
-    if ldm.task == "upscale":
-        raise wrong_task(ldm, "inpaint")
+    ldm.task_spec.require(ldm, "inpaint")  # an upscaler cannot inpaint
     extra = ldm.run.backbone.in_channels - ldm.latent_channels
     if extra not in (0, ldm.latent_channels + 1):
         raise InputError(
@@ -157,10 +154,8 @@ def prepare_edit(ldm: LatentDiffusion, image: torch.Tensor, mask: torch.Tensor) 
     x0 = ldm.encode(x)  # (1, c, h, w)
     if not extra:
         return _Edit(x, m, size, x0, latent_mask(m, ldm.factor), None)
-    if ldm.run.task == "inpaint":  # trained by ldmkit: the training's rule (training/masks.py), max-pooling
-        m_latent = latent_mask(m, ldm.factor)  # (1, 1, h, w)
-    else:  # imported (Stable Diffusion inpainting): diffusers' nearest-neighbour resize
-        m_latent = F.interpolate(m, size=tuple(x0.shape[-2:]), mode="nearest")  # (1, 1, h, w)
+    # as the model saw masks in training: max-pooling when trained here, nearest for an imported SD inpainting model
+    m_latent = ldm.task_spec.edit_latent_mask(m, tuple(x0.shape[-2:]), ldm.factor)  # (1, 1, h, w)
     concat = torch.cat([m_latent, ldm.encode(x * (1 - m))], dim=1)  # (1, 1 + c, h, w)
     return _Edit(x, m, size, x0, torch.ones_like(m_latent), concat)
 

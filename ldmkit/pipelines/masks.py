@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, MissingFileError
+from ..tasks.masks import latent_mask  # noqa: F401  (the one rule, shared with training)
 from .images import load_edit_image
 
 FEATHER_PX = 4  # default width of the composite's ramp, in pixels, inside the mask (0: a hard edge)
@@ -48,17 +49,6 @@ def load_mask(path: str | Path, size: tuple[int, int], resize: bool = False) -> 
             )
         mask = F.interpolate(mask, size=tuple(size), mode="nearest-exact")  # (1, 1, H, W)
     return mask
-
-
-def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """The mask (B, 1, H, W) at latent resolution (B, 1, H/f, W/f): a latent cell is regenerated when any of its
-    f x f pixels is (max-pooling)."""
-    if mask.shape[-2] % factor or mask.shape[-1] % factor:
-        raise InputError(
-            f"mask size {tuple(mask.shape[-2:])} is not a multiple of the autoencoder's factor {factor}; "
-            f"pad it first (pipelines.images.pad_to_multiple)"
-        )
-    return F.max_pool2d(mask.float(), factor) if factor > 1 else mask.float()
 
 
 def _window_max(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:

@@ -39,7 +39,6 @@ from .generate import (
     request_batches,
     whole_number,
     write_edits,
-    wrong_task,
 )
 from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image
 from .img2img import checkpoint_channels, model_image
@@ -64,8 +63,7 @@ class UpscaleOptions:
 def check_upscaler(ldm: LatentDiffusion, noise_level: int | None) -> int:
     """The noise level to use with `ldm` (InputError naming the model's task when it is not an upscaler, or naming
     the allowed range when the level is outside what it was trained on)."""
-    if ldm.task != "upscale":
-        raise wrong_task(ldm, "upscale")
+    ldm.task_spec.require(ldm, "upscale")
     up = ldm.run.upscale
     level = up.noise_level if noise_level is None else noise_level
     top = min(up.max_noise_level, ldm.run.backbone.num_classes - 1)
