@@ -28,6 +28,15 @@ On a CUDA device the script also measures images/s of training the U-Net baselin
 devices, the scaling efficiency of data-parallel training under torchrun (batch 128 per device: images/s on k
 devices / (k x images/s on one)); without CUDA those rows read "needs a GPU".
 
+--eps-study examines why eps-prediction lagged (issue 27): the U-Net trained as eps on the cosine schedule, as eps on
+scaled_linear and as v on cosine (nothing else changed), then the eps + cosine model sampled from its schedule's last
+sigma (20291, as before the fix), from the last at or below 200, 80 and 14.7 (the default since:
+EpsDenoiser.start_sigma_max), one change at a time. Each row has its FID and the RMS of the model's first x0 estimate
+D(sigma_max z, sigma_max) over --n draws z (the data's latents have an RMS of about 1). Writes
+benchmarks/out/backbones-eps.json:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/backbones.py --eps-study --steps 60 --batch-size 32 \
+        --data-limit 5000 --n 50 --cfg 1 --sampling-steps 25
+
 Every stage is kept under --work and reused by a rerun: a training run resumes from its last checkpoint, a finished
 one is not trained again, and each FID is cached in fid.json. Writes benchmarks/out/backbones.json.
 """
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -50,7 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ldmkit.config import DenoiserRun, load_run  # noqa: E402
+from ldmkit.diffusion.parameterisation import DiscreteDenoiser, EpsDenoiser  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
+from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.training.loop import STATE_FILE  # noqa: E402
 from ldmkit.training.runs import train_denoiser  # noqa: E402
 
@@ -142,6 +154,60 @@ def fid_of(name: str, checkpoint: str, steps: int, args, cache: dict, cache_path
     return cache[key]["fid"]
 
 
+# (row, parameterisation, schedule, sampling start bound): the first three change one training setting against
+# eps + cosine; the last three change only where its sampling starts
+EPS_STUDY = [
+    ("eps + cosine, start 20291", "eps", "cosine", math.inf),
+    ("eps + scaled_linear", "eps", "scaled_linear", math.inf),
+    ("v + cosine", "v", "cosine", math.inf),
+    ("eps + cosine, start <= 200", "eps", "cosine", 200.0),
+    ("eps + cosine, start <= 80", "eps", "cosine", 80.0),
+    ("eps + cosine, start <= 14.7 (the default)", "eps", "cosine", 14.7),
+]
+
+
+@torch.no_grad()
+def first_estimate_rms(checkpoint: str, n: int) -> float:
+    """RMS of the first x0 estimate a sampler forms, D(sigma_max z, sigma_max) for n draws z, unconditional."""
+    ldm = LatentDiffusion.load(checkpoint, "cpu")
+    den = ldm.denoiser
+    size = ldm.run.data.resolution // ldm.factor
+    z = torch.randn(n, ldm.latent_channels, size, size, generator=torch.Generator().manual_seed(0))
+    return float(den(z * den.sigma_max, den.sigma_max, ldm.null_conditioning(n)).pow(2).mean().sqrt())
+
+
+def eps_study(args, work: Path) -> int:
+    """Train the three rows of EPS_STUDY, then each row's FID and first-estimate RMS under its start bound."""
+    cache_path = work / "fid.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    rows, steps = [], args.sampling_steps[0]
+    for label, param, schedule, bound in EPS_STUDY:
+        name = f"unet-{param}-{schedule}"
+        over = [f"diffusion.parameterisation={param}", f"diffusion.schedule={schedule}"]
+        row = train_row(name, common_settings(args, args.steps) + over, work)
+        saved = EpsDenoiser.start_sigma_max
+        EpsDenoiser.start_sigma_max = DiscreteDenoiser.start_sigma_max = bound  # v's grid is bounded alike
+        try:
+            key = f"{name}@{bound}"
+            rms = first_estimate_rms(row["checkpoint"], args.n)
+            start = LatentDiffusion.load(row["checkpoint"], "cpu").denoiser.sigma_max
+            fid = fid_of(key, row["checkpoint"], steps, args, cache, cache_path)
+        finally:
+            EpsDenoiser.start_sigma_max, DiscreteDenoiser.start_sigma_max = saved, math.inf
+        rows.append({"row": label, "start_sigma": start, "first_x0_rms": rms, "fid": fid, "loss": row["final_loss"]})
+        print(f"{label}: start sigma {start:.1f}, first x0 RMS {rms:.3g}, FID {fid:.2f}", flush=True)
+    print(f"\n| row | sampling starts at sigma | RMS of the first x0 estimate | final loss | FID {steps} steps |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        cells = f"{r['start_sigma']:.1f} | {r['first_x0_rms']:.3g} | {r['loss']:.4f} | {r['fid']:.2f}"
+        print(f"| {r['row']} | {cells} |")
+    out = Path(args.out.removesuffix(".json") + "-eps.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+    print(f"written {out}")
+    return 0
+
+
 def gpu_rows(args, work: Path) -> list[dict]:
     """Images/s of training the U-Net baseline on one CUDA device, and under torchrun on every device (batch per
     device fixed): the scaling efficiency. Without CUDA: rows that say so."""
@@ -215,6 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-steps", type=int, default=60, help="training steps of each GPU measurement")
     ap.add_argument("--work", default="benchmarks/out/backbones", help="where every stage is kept")
     ap.add_argument("--quick", action="store_true", help="every stage at toy size")
+    ap.add_argument("--eps-study", action="store_true", help="why eps lags: schedule and sampling start (issue 27)")
     ap.add_argument("--out", default="benchmarks/out/backbones.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -223,8 +290,12 @@ def main(argv=None) -> int:
         args.work = args.work.rstrip("/") + "-quick"
         args.out = args.out.removesuffix(".json") + "-quick.json"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.eps_study and args.work == "benchmarks/out/backbones":
+        args.work = "benchmarks/out/backbones-eps"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.eps_study:
+        return eps_study(args, work)
     t0 = time.perf_counter()
     steps = tuple(args.sampling_steps)
 

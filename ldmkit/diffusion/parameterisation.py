@@ -32,6 +32,13 @@ from .schedules import discrete_sigmas, karras_sigmas, schedule_from_config, sig
 PARAMETERISATIONS = ("eps", "v", "edm", "flow")
 FLOW_T_MAX = 0.999  # a flow grid's first t (before the shift): t = 1 is sigma = inf, which sigma space cannot hold
 ZERO_SNR_ABAR = 2.0**-24  # abar used for a zero-terminal-SNR last timestep, as diffusers' schedulers do
+# The highest sigma an eps model's sampling grid starts from: Stable Diffusion's start (its last sigma is 14.615).
+# The first x0 estimate is x - sigma * eps_theta, so an error in eps_theta reaches it multiplied by the start sigma:
+# the cosine schedule's last sigma is 20291 (abar 2.4e-9), a zero-terminal-SNR schedule's 4096, DDPM's linear
+# betas' 157. A schedule that ends higher starts at its last sigma at or below this one instead (the data's share of
+# x there is 1 / sigma, 7%, as in Stable Diffusion). scaled_linear models sample exactly as before. Measured in
+# benchmarks/RESULTS.md, "eps-prediction and the schedule's last sigma".
+EPS_START_SIGMA_MAX = 14.7
 
 
 def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +147,8 @@ class Denoiser(nn.Module):
 class DiscreteDenoiser(Denoiser):
     """A model trained on N discrete timesteps: sigma is mapped to a fractional timestep for the backbone."""
 
+    start_sigma_max = math.inf  # sampling grids start at the schedule's last sigma at or below this
+
     def __init__(self, backbone: nn.Module, table: torch.Tensor, min_snr_gamma: float = 0.0):
         """backbone: see `Denoiser`; table: the training sigmas (N,), increasing in t (a last sigma of inf, zero
         terminal SNR, is replaced by the sigma of abar = 2^-24 so that sampling starts from a finite level);
@@ -160,7 +169,13 @@ class DiscreteDenoiser(Denoiser):
 
     @property
     def sigma_max(self) -> float:
-        return float(self.table[-1])
+        """The first sigma of every sampling grid: the schedule's last at or below `start_sigma_max`."""
+        return float(self.table[self.sampled_timesteps - 1])
+
+    @property
+    def sampled_timesteps(self) -> int:
+        """How many of the schedule's timesteps, from t = 0, sampling grids are spaced over (at least 2)."""
+        return max(2, int((self.table <= self.start_sigma_max).sum()))
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep (B,) float64 of sigma by log-sigma interpolation; a sigma equal to a schedule sigma
@@ -180,12 +195,16 @@ class DiscreteDenoiser(Denoiser):
 
     def sigmas(self, steps: int, spacing: str = "trailing", steps_offset: int = 1, rho: float = 7.0) -> torch.Tensor:
         """Sampling grid (steps + 1,): spaced timesteps ("trailing", "leading" with steps_offset as Stable Diffusion,
-        "linspace") or "karras" (rho) between the schedule's ends; always ending in 0."""
-        return discrete_sigmas(self.table, steps, spacing, steps_offset, rho)
+        "linspace") or "karras" (rho) between the schedule's ends; always ending in 0. The grid is spaced over the
+        first `sampled_timesteps` timesteps only (all of them unless `start_sigma_max` bounds the start)."""
+        return discrete_sigmas(self.table[: self.sampled_timesteps], steps, spacing, steps_offset, rho)
 
 
 class EpsDenoiser(DiscreteDenoiser):
-    """Noise prediction (Ho et al. 2020): D = x - sigma eps_theta(x / sqrt(sigma^2 + 1), t(sigma))."""
+    """Noise prediction (Ho et al. 2020): D = x - sigma eps_theta(x / sqrt(sigma^2 + 1), t(sigma)). Sampling starts
+    at sigma EPS_START_SIGMA_MAX at most, since an error in eps_theta reaches D multiplied by sigma."""
+
+    start_sigma_max = EPS_START_SIGMA_MAX
 
     def scalings(self, sigma):
         one = torch.ones_like(sigma)
