@@ -1,4 +1,5 @@
-"""The pictures of README's "Edit images": docs/img2img.png, docs/inpaint.png, docs/outpaint.png, docs/upscale.png.
+"""The pictures of docs/editing.md and the README's editing quick start: docs/img2img.png, docs/inpaint.png,
+docs/outpaint.png, docs/upscale.png.
 
     .venv/bin/python docs/make_pictures.py
 
