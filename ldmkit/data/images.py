@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -206,34 +207,105 @@ def read_parameters(path: str | Path) -> dict[str, str]:
     return json.loads(raw[len(_ASCII_COMMENT) :].decode("ascii")) if raw.startswith(_ASCII_COMMENT) else {}
 
 
+GRID_PADDING = 2  # pixels of white around every tile of a grid
+GRID_LABEL = 12  # pixels of the caption line under each tile of a labelled grid
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where save_grid puts n tiles of h x w pixels: nrow tiles a row, each cell a tile, its caption line (label_h
+    pixels, 0 without captions) and the padding."""
+
+    n: int
+    h: int
+    w: int
+    nrow: int
+    label_h: int = 0
+    padding: int = GRID_PADDING
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(self.n / self.nrow)
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        """(width, height) of one cell: a tile, its caption line and the padding after them."""
+        return self.w + self.padding, self.h + self.label_h + self.padding
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the whole grid."""
+        cw, ch = self.cell
+        return self.nrow * cw + self.padding, self.rows * ch + self.padding
+
+    def box(self, i: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of tile i in the grid, right and bottom excluded (PIL's crop box)."""
+        cw, ch = self.cell
+        x0, y0 = self.padding + (i % self.nrow) * cw, self.padding + (i // self.nrow) * ch
+        return x0, y0, x0 + self.w, y0 + self.h
+
+    def gutters_blank(self, pixels: np.ndarray, least: int = 235) -> bool:
+        """Whether `pixels` (H, W) or (H, W, C) uint8, of this grid's size, are white (at least `least`, which
+        allows for JPEG) in every padding strip between and around the cells: a test that the layout fits."""
+        width, height = self.size
+        if pixels.shape[:2] != (height, width):
+            return False
+        cw, ch = self.cell
+        cols = np.concatenate([np.arange(k * cw, k * cw + self.padding) for k in range(self.nrow + 1)])
+        rows = np.concatenate([np.arange(r * ch, r * ch + self.padding) for r in range(self.rows + 1)])
+        return bool(pixels[:, cols].min() >= least and pixels[rows].min() >= least)
+
+
+def grid_layouts(width: int, height: int, least_side: int = 1, max_nrow: int = 8) -> list[GridLayout]:
+    """Every layout save_grid may have drawn as a grid of width x height pixels (captioned or not, up to max_nrow
+    tiles a row, tiles of at least least_side pixels), with at least two cells, the most cells first. The number of
+    tiles is taken as every cell (the last row may hold fewer: those cells are blank)."""
+    found = []
+    for label_h in (GRID_LABEL, 0):
+        for nrow in range(1, max_nrow + 1):
+            w = (width - GRID_PADDING) / nrow - GRID_PADDING
+            if w != int(w) or w < least_side:
+                continue
+            for rows in range(1, (height - GRID_PADDING) // (least_side + label_h + GRID_PADDING) + 1):
+                h = (height - GRID_PADDING) / rows - label_h - GRID_PADDING
+                if h == int(h) and h >= least_side and nrow * rows > 1:
+                    found.append(GridLayout(nrow * rows, int(h), int(w), nrow, label_h))
+    return sorted(found, key=lambda g: -g.n)
+
+
 def save_grid(
     images: torch.Tensor,
     path: str | Path,
     nrow: int = 8,
     labels: list[str] | None = None,
     metadata: dict[str, str] | None = None,
-    padding: int = 2,
+    padding: int = GRID_PADDING,
     sign: Sign | None = None,
 ) -> Path:
     """Tile images (B, C, H, W) in [-1, 1] into one image file with a one-line text label under each tile, in the
     format the extension of `path` names (.png, .jpg, .jpeg, .webp) with `metadata` (see write_image), signed by
-    `sign` (a PNG only); written atomically. Returns the path."""
+    `sign` (a PNG only); written atomically. Returns the path. The tiles lie where grid_layout says."""
     check_writable(path, metadata, signed=sign is not None)  # before any drawing
     if images.ndim == 3:
         images = images[None]
     b, c, h, w = images.shape
     if labels is not None and len(labels) != b:
         raise InputError(f"save_grid got {b} images but {len(labels)} labels; pass one label per image or None")
-    nrow = max(1, min(nrow, b))
-    rows = math.ceil(b / nrow)
+    layout = grid_layout(b, h, w, nrow, labels, padding)
     font = ImageFont.load_default()
-    label_h = 12 if labels is not None and any(labels) else 0
-    cell_w, cell_h = w + padding, h + label_h + padding
-    canvas = Image.new("RGB", (nrow * cell_w + padding, rows * cell_h + padding), (255, 255, 255))
+    canvas = Image.new("RGB", layout.size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, tile in enumerate(to_pil(images)):
-        x0, y0 = padding + (i % nrow) * cell_w, padding + (i // nrow) * cell_h
+        x0, y0, _, _ = layout.box(i)
         canvas.paste(tile.convert("RGB"), (x0, y0))
-        if label_h and labels[i]:
+        if layout.label_h and labels[i]:
             draw.text((x0 + 1, y0 + h), _fit_text(draw, str(labels[i]), font, w - 2), fill=(0, 0, 0), font=font)
     return write_image(canvas, path, metadata, sign)
+
+
+def grid_layout(
+    n: int, h: int, w: int, nrow: int = 8, labels: list[str] | None = None, padding: int = GRID_PADDING
+) -> GridLayout:
+    """The layout save_grid draws n tiles of h x w pixels in, with these labels (a caption line when any is set)."""
+    label_h = GRID_LABEL if labels is not None and any(labels) else 0
+    return GridLayout(n, h, w, max(1, min(nrow, n)), label_h, padding)

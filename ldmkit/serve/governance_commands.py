@@ -114,9 +114,15 @@ def _lines(found, rows: list[dict], database: str | None) -> list[str]:
         cut = ""
         if found.crop and any(found.crop):
             cut = " (the image was cropped: {} px from the left, {} top, {} right, {} bottom)".format(*found.crop)
-        lines.append(f"watermark: request {found.tag}...{agree}{cut}")
+        marked = sum(1 for t in found.tiles or () if t["watermark"])
+        grid = f" (in {marked} of the grid's {len(found.tiles)} tiles)" if found.tiles else ""
+        lines.append(f"watermark: request {found.tag}...{agree}{cut}{grid}")
     else:
-        lines.append("watermark: none found")
+        lines.append("watermark: none found" + (" in the image or its tiles" if found.tiles else ""))
+    for t in found.tiles or ():
+        seed = f", seed {t['seed']}" if t["seed"] is not None else ""
+        mark = f"request {t['watermark']}..." if t["watermark"] else "none found"
+        lines.append(f"  tile {t['index']}{seed} at {tuple(t['box'])}: watermark {mark}")
     cred = found.credentials
     if cred:
         signer = f", signed by {cred['signer']}" if cred.get("signer") else ""
