@@ -15,7 +15,7 @@ from ldmkit.cli import build_parser, main
 from ldmkit.config import ServeLimits
 from ldmkit.errors import InputError
 from ldmkit.pipelines.request import APIS, FIELDS, MAX_STEPS, SPEC, SampleRequest, api_names, taken_by
-from ldmkit.serve.prompts import PARAMS, TemplateError, check_params
+from ldmkit.serve.prompts import PARAMS, Rendered, TemplateError, check_params, merge
 from ldmkit.serve.schemas import A1111_SAMPLERS, FieldError, api_models, parse_size, sample_request
 from ldmkit.shipped import resolve_model
 from ldmkit.synth.export import SynthOptions
@@ -183,3 +183,11 @@ def test_the_template_parameters_are_the_tables():
     assert PARAMS == tuple(p.names["template"] for p in taken_by("template"))
     assert check_params({"guidance_scale": 4, "size": "64x32"}) == {"cfg": 4.0, "height": 32, "width": 64}
     assert SPEC["cfg"].aliases == ("cfg_scale", "guidance_scale")
+
+
+def test_a_template_fills_only_the_fields_the_client_did_not_send():
+    filled = Rendered("a mug", "blurry", {"cfg": 6.0, "steps": 30}, "shot", 2)
+    fields = BASE | {"cfg": 7.0}
+    merged = merge(fields, filled, {"cfg_scale", "prompt"}, api_names("a1111"))
+    assert merged == fields | {"steps": 30, "prompt": "a mug", "negative_prompt": "blurry"}
+    assert merge(BASE, filled, set(), {})["cfg"] == 6.0
