@@ -1,5 +1,6 @@
-"""What the routes share: the models, the scheduler, keys and audit, and the life of one generation request
-(authorize, reserve quota, queue, wait while watching the client, encode the images, fill the audit row)."""
+"""What the routes share: the models, the scheduler, keys, audit and prompt templates, the life of one generation
+request (authorize, reserve quota, queue, wait while watching the client, encode the images, fill the audit row),
+and the registry of native jobs with their own audit rows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import base64
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -25,6 +27,8 @@ from ..governance.screen import build_screen
 from ..nn.invariant import self_check
 from ..pipelines.generate import SampleRequest, plan, resolution
 from .auth import AuthError, Principal, Reservation, utc_now
+from .edits import unmarked
+from .health import scrub
 from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown, TooCostly
 from .schemas import FieldError
 
@@ -93,8 +97,9 @@ def invariance_status(models: dict) -> dict:
 
 
 class Service:
-    def __init__(self, run: ServeRun, models: dict, keys, audit, metrics, no_auth: bool = False):
+    def __init__(self, run: ServeRun, models: dict, keys, audit, metrics, no_auth: bool = False, templates=None):
         self.run, self.models, self.keys, self.audit, self.metrics = run, models, keys, audit, metrics
+        self.templates = templates  # prompt templates (prompts.Templates) a request may name
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
         # so does a bad certificate, or only one of the two settings
@@ -112,6 +117,7 @@ class Service:
             on_batch=metrics.batch.observe,
             warmup=True,  # admission control has an estimate from the first request on
         )
+        # native jobs, oldest first: id -> (job, record: model, params, created, output, error, ended)
         self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()
         self._held: dict[str, Reservation] = {}  # job id -> the images reserved for it, until settled or given back
         returned = keys.reconcile()  # what requests never answered (the server was killed) still hold
@@ -260,6 +266,74 @@ class Service:
         self.metrics.queue.set(self.scheduler.queued_images())
         return job
 
+    # --- native jobs: queued now, asked for later ----------------------------------------------------------------
+    def submit(self, principal: Principal, served, req: SampleRequest, params: dict) -> Job:
+        """Queue a native job and keep it among the last serve.jobs_kept; its own audit row is written when it ends
+        (the POST's row says it was queued)."""
+        record = {"model": served.name, "params": params, "created": time.time(), "output": None, "ended": False}
+        job = self.queue(principal, served, req, on_done=lambda j: self._job_done(j, served, record))
+        self.jobs[job.id] = (job, record)
+        while len(self.jobs) > self.run.serve.jobs_kept:
+            self.jobs.popitem(last=False)
+        return job
+
+    def _job_done(self, job: Job, served, record: dict) -> None:
+        """A native job's audit row, and its images (or its error) in its record."""
+        row = dict(
+            request_id=job.id,
+            key_id=job.owner or None,
+            route="job",
+            model=served.name,
+            weights_sha256=served.sha256,
+            params=record["params"],
+            queue_ms=round(job.queue_ms, 1),
+            run_ms=round(job.run_ms, 1),
+        )
+        try:
+            out = self.finished(job, served, record["params"], row, job.id)
+            record["output"] = out
+            row.update(decision="served", status=200, outputs=out.sha256)
+        except RequestFailed as err:
+            record["error"] = str(err)
+            row.update(
+                decision="cancelled" if err.status == 499 else "failed", status=err.status, reason=str(err)[:300]
+            )
+        self.audit.record(**row)
+        record["ended"] = True
+
+    def job(self, job_id: str, principal: Principal) -> tuple[Job, dict] | None:
+        """The kept job `job_id` with its record, when `principal` owns it or is an admin; else None."""
+        found = self.jobs.get(job_id)
+        if found is None or (principal.role != "admin" and found[0].owner != principal.key_id):
+            return None
+        return found
+
+    def jobs_of(self, principal: Principal, limit: int) -> list[tuple[Job, dict]]:
+        """The newest `limit` kept jobs `principal` owns (all of them for an admin), newest first."""
+        mine = (j for j in reversed(self.jobs.values()) if principal.role == "admin" or j[0].owner == principal.key_id)
+        return list(itertools.islice(mine, limit))
+
+    def job_view(self, job: Job, record: dict, images: bool = True) -> dict:
+        """A job as its owner sees it: status, model, parameters, and once done its seeds, hashes and images."""
+        out = record.get("output")
+        view = {
+            "id": job.id,
+            "status": job.state if record["ended"] or job.state != DONE else "running",  # done once the PNGs exist
+            "model": record["model"],
+            "params": record["params"],
+            "created": record["created"],
+        }
+        if out is not None:
+            view["seeds"] = out.seeds
+            view["sha256"] = out.sha256
+            if images:
+                view["images"] = out.b64()  # None where the safety filter withheld the image
+            if any(out.withheld):
+                view["withheld"] = out.withheld
+        if record.get("error"):
+            view["error"] = scrub(record["error"], self.models)  # shown to the client: no server path or CLI advice
+        return view
+
     def _check_pixels(self, served, req: SampleRequest) -> None:
         """413 when the request's images (at the model's resolution when it names no size) exceed limits.max_pixels."""
         h, w = resolution(served.ldm, req)
@@ -290,14 +364,20 @@ class Service:
         seeds = [job.req.seed + i for i in range(job.n)]
         record = {"model": served.name, "weights_sha256": served.sha256, **params}
         made = {"request_id": request_id, "time": utc_now().isoformat(timespec="seconds")}
-        metas = [{"ldmkit": json.dumps({**record, "seed": s, "n": 1, "index": i, **made})} for i, s in enumerate(seeds)]
-        screened = self.screens[served.name]([to_pil(img) for img in job.images], watermark.tag_of(request_id))
+        keep = getattr(job.run, "keep", None)  # an inpainting's kept pixels: the watermark changes only the others
+        screened = self.screens[served.name]([to_pil(img) for img in job.images], watermark.tag_of(request_id), keep)
+        notes = unmarked(self.screens[served.name], screened, keep)  # a region too small to carry the mark
+        metas = [
+            {"ldmkit": json.dumps({**record, "seed": s, "n": 1, "index": i, **made, **notes[i]})}
+            for i, s in enumerate(seeds)
+        ]
         pngs = [self._png(s.marked, meta) for s, meta in zip(screened, metas)]
         out = Output(pngs, seeds, shown=[None] * len(pngs), withheld=[None] * len(pngs), flags=[None] * len(pngs))
         for i, s in enumerate(screened):
             out.shown[i] = pngs[i] if s.image is s.marked else None if s.image is None else self._png(s.image, metas[i])
+            out.flags[i] = notes[i].get("note")
             if s.action is not None:
-                out.flags[i] = "; ".join(s.reasons)
+                out.flags[i] = "; ".join(s.reasons + ([out.flags[i]] if out.flags[i] else []))
                 out.withheld[i] = out.flags[i] if s.action in ("withhold", "blur") else None
                 self._count(served.name, s)
         audit["outputs"] = out.sha256
