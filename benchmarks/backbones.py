@@ -29,11 +29,11 @@ devices, the scaling efficiency of data-parallel training under torchrun (batch 
 devices / (k x images/s on one)); without CUDA those rows read "needs a GPU".
 
 --eps-study examines why eps-prediction lagged (issue 27): the U-Net trained as eps on the cosine schedule, as eps on
-scaled_linear and as v on cosine (nothing else changed), then the eps + cosine model sampled from its schedule's last
-sigma (20291, as before the fix), from the last at or below 200, 80 and 14.7 (the default since:
-EpsDenoiser.start_sigma_max), one change at a time. Each row has its FID and the RMS of the model's first x0 estimate
-D(sigma_max z, sigma_max) over --n draws z (the data's latents have an RMS of about 1). Writes
-benchmarks/out/backbones-eps.json:
+scaled_linear, as v on cosine and as eps on cosine without min-SNR weighting (one change each), then the eps + cosine
+models sampled from the schedule's last sigma (20291, as before the fix) or from the last at or below 200, 80 and
+14.7 (the default since: EpsDenoiser.start_sigma_max). Each row has its FID and the RMS of the model's first x0
+estimate D(sigma_max z, sigma_max) over --n draws z, unconditional (an ideal model gives the data's mean there).
+Writes benchmarks/out/backbones-eps.json:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/backbones.py --eps-study --steps 60 --batch-size 32 \
         --data-limit 5000 --n 50 --cfg 1 --sampling-steps 25
 
@@ -154,15 +154,21 @@ def fid_of(name: str, checkpoint: str, steps: int, args, cache: dict, cache_path
     return cache[key]["fid"]
 
 
-# (row, parameterisation, schedule, sampling start bound): the first three change one training setting against
-# eps + cosine; the last three change only where its sampling starts
+# (row, training run, its settings, sampling start bound): the first four change one training setting against eps +
+# cosine (parameterisation, schedule, loss weighting); the rest change only where its sampling starts
+EPS_COSINE = ["diffusion.parameterisation=eps", "diffusion.schedule=cosine"]
+EPS_LINEAR = ["diffusion.parameterisation=eps", "diffusion.schedule=scaled_linear"]
+V_COSINE = ["diffusion.parameterisation=v", "diffusion.schedule=cosine"]
+EPS_COSINE_UNWEIGHTED = [*EPS_COSINE, "diffusion.min_snr_gamma=0"]
 EPS_STUDY = [
-    ("eps + cosine, start 20291", "eps", "cosine", math.inf),
-    ("eps + scaled_linear", "eps", "scaled_linear", math.inf),
-    ("v + cosine", "v", "cosine", math.inf),
-    ("eps + cosine, start <= 200", "eps", "cosine", 200.0),
-    ("eps + cosine, start <= 80", "eps", "cosine", 80.0),
-    ("eps + cosine, start <= 14.7 (the default)", "eps", "cosine", 14.7),
+    ("eps + cosine, start 20291", "unet-eps-cosine", EPS_COSINE, math.inf),
+    ("eps + scaled_linear", "unet-eps-scaled_linear", EPS_LINEAR, math.inf),
+    ("v + cosine", "unet-v-cosine", V_COSINE, math.inf),
+    ("eps + cosine, min_snr_gamma 0, start 20291", "unet-eps-cosine-gamma0", EPS_COSINE_UNWEIGHTED, math.inf),
+    ("eps + cosine, start <= 200", "unet-eps-cosine", EPS_COSINE, 200.0),
+    ("eps + cosine, start <= 80", "unet-eps-cosine", EPS_COSINE, 80.0),
+    ("eps + cosine, start <= 14.7 (the default)", "unet-eps-cosine", EPS_COSINE, 14.7),
+    ("eps + cosine, min_snr_gamma 0, start <= 14.7", "unet-eps-cosine-gamma0", EPS_COSINE_UNWEIGHTED, 14.7),
 ]
 
 
@@ -181,9 +187,7 @@ def eps_study(args, work: Path) -> int:
     cache_path = work / "fid.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows, steps = [], args.sampling_steps[0]
-    for label, param, schedule, bound in EPS_STUDY:
-        name = f"unet-{param}-{schedule}"
-        over = [f"diffusion.parameterisation={param}", f"diffusion.schedule={schedule}"]
+    for label, name, over, bound in EPS_STUDY:
         row = train_row(name, common_settings(args, args.steps) + over, work)
         saved = EpsDenoiser.start_sigma_max
         EpsDenoiser.start_sigma_max = DiscreteDenoiser.start_sigma_max = bound  # v's grid is bounded alike
@@ -312,7 +316,8 @@ def main(argv=None) -> int:
     over = [f"diffusion.parameterisation={BASELINE}", *dit_settings(args)]
     rows.append({"row": "dit-s-time", "backbone": "DiT-S", "parameterisation": BASELINE, "budget": "equal time"})
     same = dit_steps == dit["steps"]  # then the equal-images run is also the equal-time one
-    rows[-1] |= dit if same else train_row("dit-s-time", common_settings(args, dit_steps) + over, work)
+    trained = {k: v for k, v in dit.items() if k not in rows[-1]}  # its run's figures, not its row name
+    rows[-1] |= trained if same else train_row("dit-s-time", common_settings(args, dit_steps) + over, work)
 
     # evaluate: FID of every row at every step count, the first step count for every row before the next (a run
     # stopped early still compares every row; a rerun continues from fid.json)
