@@ -17,6 +17,7 @@ import torch
 from . import checkpoint
 from .errors import InputError, MissingFileError
 from .ldm import LdmFile
+from .tasks import get_task
 
 DEFAULT_MODEL = "emoji"
 SHIPPED = {
@@ -109,8 +110,9 @@ def plan_generation(
         raise InputError("give prompts (text models) or --label (class models), not both")
     if prompts:
         meta = checkpoint.read_metadata(path)["config"]
-        if not meta.get("text_encoder") and meta.get("task") == "upscale":
-            raise InputError(f"the upscaler {model!r} is not text-conditional, so it takes no prompt; drop --prompt")
+        task = get_task(meta.get("task", "generate"), key=f"{model}'s task")
+        if not meta.get("text_encoder") and not task.user_labels:  # e.g. an upscaler: no labels to suggest either
+            raise InputError(f"the {task.summary.split(' ', 1)[-1]} {model!r} is not text-conditional, so it takes no prompt; drop --prompt")
         if not meta.get("text_encoder"):
             names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
             raise InputError(
