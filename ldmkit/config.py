@@ -18,23 +18,74 @@ from typing import Any
 
 from .errors import ConfigError, InputError, MissingFileError
 
+# --- bounds: the allowed values of each numeric setting, declared on its field -------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of a numeric setting (of each entry, for a tuple setting). Every bound rejects nan / inf."""
+
+    lo: float = -math.inf  # smallest allowed value
+    hi: float = math.inf  # largest allowed value
+    lo_open: bool = False  # True: lo itself is not allowed
+    hi_open: bool = False  # True: hi itself is not allowed
+    integer: bool = False  # describe the range as whole numbers (the setting is an int)
+    choices: tuple = ()  # if given, only these values are allowed
+
+    def admits(self, v) -> bool:
+        if self.choices:
+            return v in self.choices
+        if not math.isfinite(v):
+            return False
+        return (v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.choices:
+            return " or ".join(str(c) for c in self.choices)
+        kind = "an integer" if self.integer else "a number"
+        lo, hi = (f"{x:.0f}" if self.integer else f"{x:g}" for x in (self.lo, self.hi))
+        if math.isinf(self.lo) and math.isinf(self.hi):
+            return "any finite number"
+        if math.isinf(self.hi):
+            return f"{kind} {'>' if self.lo_open else '>='} {lo}"
+        return f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+COUNT = Bound(1, integer=True)  # how many of something, at least one
+OPTIONAL_COUNT = Bound(0, integer=True)  # a count or interval where 0 means none / off
+WEIGHT = Bound(0)  # a loss weight, rate or norm where 0 switches the term off
+POSITIVE = Bound(0, lo_open=True)
+PROBABILITY = Bound(0, 1)
+DECAY = Bound(0, 1, hi_open=True)  # a fraction in [0, 1): EMA and Adam decays, dropout
+OPEN_UNIT = Bound(0, 1, lo_open=True, hi_open=True)
+FINITE = Bound()
+SEED = Bound(0, 2**32 - 1, integer=True)
+
+
+def bounded(default, bound: Bound):
+    """A dataclass field with `default` whose allowed values are `bound` (validate() checks them)."""
+    return field(default=default, metadata={"bound": bound})
+
+
 # --- components ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
     kind: str = "kl"  # "kl" (Gaussian posterior, KL term) or "vq" (codebook, commitment term)
-    in_channels: int = 3  # image channels (1 for grayscale data)
-    base_channels: int = 64  # channels of the first level; level i has base_channels * channel_mult[i]
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; downsampling factor is 2 ** (levels - 1)
-    num_res_blocks: int = 1  # residual blocks per level in the encoder (the decoder uses one more)
-    latent_channels: int = 4  # channels of the latent z
+    in_channels: int = bounded(3, COUNT)  # image channels (1 for grayscale data)
+    base_channels: int = bounded(64, COUNT)  # channels of the first level; level i has base_channels * channel_mult[i]
+    # one entry per level; downsampling factor is 2 ** (levels - 1)
+    channel_mult: tuple[int, ...] = bounded((1, 2, 2), COUNT)
+    num_res_blocks: int = bounded(1, COUNT)  # residual blocks per level in the encoder (the decoder uses one more)
+    latent_channels: int = bounded(4, COUNT)  # channels of the latent z
     mid_attention: bool = True  # a self-attention block at the lowest resolution
-    norm_groups: int = 32  # GroupNorm groups; every level's channel count must be divisible by it
-    codebook_size: int = 512  # VQ only: number of code vectors
-    commitment_beta: float = 0.25  # VQ only: weight of the encoder-commitment term
-    scaling_factor: float = 1.0  # latents are multiplied by this before diffusion; set to 1/std after training
-    shift_factor: float = 0.0  # subtracted from latents before scaling (0 for SD-style autoencoders)
+    norm_groups: int = bounded(32, COUNT)  # GroupNorm groups; every level's channel count must be divisible by it
+    codebook_size: int = bounded(512, COUNT)  # VQ only: number of code vectors
+    commitment_beta: float = bounded(0.25, WEIGHT)  # VQ only: weight of the encoder-commitment term
+    # latents are multiplied by this before diffusion; set to 1/std after training
+    scaling_factor: float = bounded(1.0, POSITIVE)
+    shift_factor: float = bounded(0.0, FINITE)  # subtracted from latents before scaling (0 for SD-style autoencoders)
 
     @property
     def factor(self) -> int:
@@ -43,38 +94,43 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class AutoencoderLossConfig:
-    pixel_weight: float = 1.0  # weight of the L1 reconstruction term
-    perceptual_weight: float = 1.0  # weight of the perceptual term (0 disables it)
-    kl_weight: float = 1e-6  # KL term weight (KL autoencoder)
-    codebook_weight: float = 1.0  # VQ term weight (VQ autoencoder)
-    disc_start: int = 2000  # optimizer step at which the patch-GAN discriminator starts to train and to count
-    disc_weight: float = 0.5  # multiplier on the adaptive GAN weight
-    disc_layers: int = 3  # strided conv layers of the patch discriminator
-    disc_channels: int = 64  # channels of the discriminator's first layer
-    disc_lr: float = 0.0  # discriminator learning rate; 0 means "same as the autoencoder's"
+    pixel_weight: float = bounded(1.0, WEIGHT)  # weight of the L1 reconstruction term
+    perceptual_weight: float = bounded(1.0, WEIGHT)  # weight of the perceptual term (0 disables it)
+    kl_weight: float = bounded(1e-6, WEIGHT)  # KL term weight (KL autoencoder)
+    codebook_weight: float = bounded(1.0, WEIGHT)  # VQ term weight (VQ autoencoder)
+    # optimizer step at which the patch-GAN discriminator starts to train and to count
+    disc_start: int = bounded(2000, OPTIONAL_COUNT)
+    disc_weight: float = bounded(0.5, WEIGHT)  # multiplier on the adaptive GAN weight
+    disc_layers: int = bounded(3, COUNT)  # strided conv layers of the patch discriminator
+    disc_channels: int = bounded(64, COUNT)  # channels of the discriminator's first layer
+    disc_lr: float = bounded(0.0, WEIGHT)  # discriminator learning rate; 0 means "same as the autoencoder's"
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    in_channels: int = 4  # latent channels plus any concatenated conditioning channels
-    out_channels: int = 4  # latent channels
-    model_channels: int = 64  # channels of the first level
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # per level; the U-Net downsamples between levels
-    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
-    attention_levels: tuple[int, ...] = (1, 2)  # levels that get transformer blocks after each residual block
-    num_heads: tuple[int, ...] = (4,)  # heads per level (one value broadcasts); ignored where head_dim is set
-    head_dim: int = 0  # if > 0, heads = channels // head_dim at each level
-    transformer_depth: int = 1  # transformer blocks per attention site
-    context_dim: int = 0  # cross-attention context width; 0 means self-attention only
-    num_classes: int = 0  # class-label embedding; 0 means unconditional. Label num_classes is the null label
+    in_channels: int = bounded(4, COUNT)  # latent channels plus any concatenated conditioning channels
+    out_channels: int = bounded(4, COUNT)  # latent channels
+    model_channels: int = bounded(64, COUNT)  # channels of the first level
+    channel_mult: tuple[int, ...] = bounded((1, 2, 2), COUNT)  # per level; the U-Net downsamples between levels
+    num_res_blocks: int = bounded(2, COUNT)  # residual blocks per level on the way down (one more on the way up)
+    # levels that get transformer blocks after each residual block
+    attention_levels: tuple[int, ...] = bounded((1, 2), OPTIONAL_COUNT)
+    # heads per level (one value broadcasts); ignored where head_dim is set
+    num_heads: tuple[int, ...] = bounded((4,), COUNT)
+    head_dim: int = bounded(0, OPTIONAL_COUNT)  # if > 0, heads = channels // head_dim at each level
+    transformer_depth: int = bounded(1, COUNT)  # transformer blocks per attention site
+    context_dim: int = bounded(0, OPTIONAL_COUNT)  # cross-attention context width; 0 means self-attention only
+    # class-label embedding; 0 means unconditional. Label num_classes is the null label
+    num_classes: int = bounded(0, OPTIONAL_COUNT)
     use_linear_projection: bool = False  # linear (SD 2.x) instead of 1x1 conv (SD 1.x) in/out of transformers
     upcast_attention: bool = False  # compute attention scores in float32 (SD 2.1 needs it in fp16)
     mid_attention: bool = True  # transformer in the middle block
-    norm_groups: int = 32  # GroupNorm groups
-    norm_eps: float = 1e-5  # GroupNorm epsilon of the residual blocks and the output norm (diffusers' norm_eps)
-    dropout: float = 0.0  # dropout in residual blocks
+    norm_groups: int = bounded(32, COUNT)  # GroupNorm groups
+    # GroupNorm epsilon of the residual blocks and the output norm (diffusers' norm_eps)
+    norm_eps: float = bounded(1e-5, POSITIVE)
+    dropout: float = bounded(0.0, DECAY)  # dropout in residual blocks
     flip_sin_to_cos: bool = True  # sinusoidal embedding order (cos, sin), as Stable Diffusion
-    freq_shift: float = 0.0  # shift of the frequency denominator in the sinusoidal embedding
+    freq_shift: float = bounded(0.0, FINITE)  # shift of the frequency denominator in the sinusoidal embedding
 
     @property
     def factor(self) -> int:
@@ -105,19 +161,25 @@ class DiTConfig:
     num_heads, patch_size set above 0 overrides the preset's value (preset "" needs all four)."""
 
     preset: str = "S/2"  # "S", "B", "L" or "XL" / patch size 2, 4 or 8 (e.g. "B/4"); "" = only the four below
-    depth: int = 0  # transformer blocks; 0 = the preset's
-    hidden_size: int = 0  # token width; 0 = the preset's (a multiple of 4 for the 2-D sine-cosine positions)
-    num_heads: int = 0  # attention heads, dividing hidden_size; 0 = the preset's
-    patch_size: int = 0  # latent pixels per patch side; latent sides must be multiples of it; 0 = the preset's
-    in_channels: int = 4  # latent channels plus any concatenated conditioning channels
-    out_channels: int = 4  # latent channels
-    mlp_ratio: float = 4.0  # feed-forward width / hidden_size
-    context_dim: int = 0  # text context width for cross-attention in every block; 0 = no cross-attention
-    num_classes: int = 0  # class embedding added to the noise-level embedding; label num_classes is the null label
+    depth: int = bounded(0, OPTIONAL_COUNT)  # transformer blocks; 0 = the preset's
+    # token width; 0 = the preset's (a multiple of 4 for the 2-D sine-cosine positions)
+    hidden_size: int = bounded(0, OPTIONAL_COUNT)
+    num_heads: int = bounded(0, OPTIONAL_COUNT)  # attention heads, dividing hidden_size; 0 = the preset's
+    # latent pixels per patch side; latent sides must be multiples of it; 0 = the preset's
+    patch_size: int = bounded(0, OPTIONAL_COUNT)
+    in_channels: int = bounded(4, COUNT)  # latent channels plus any concatenated conditioning channels
+    out_channels: int = bounded(4, COUNT)  # latent channels
+    mlp_ratio: float = bounded(4.0, POSITIVE)  # feed-forward width / hidden_size
+    # text context width for cross-attention in every block; 0 = no cross-attention
+    context_dim: int = bounded(0, OPTIONAL_COUNT)
+    # class embedding added to the noise-level embedding; label num_classes is the null label
+    num_classes: int = bounded(0, OPTIONAL_COUNT)
     learned_sigma: bool = False  # the last layer also predicts a variance (original DiT checkpoints); it is dropped
-    norm_eps: float = 1e-6  # epsilon of the LayerNorm before each feed-forward (diffusers' norm_eps, 1e-5 there)
-    sample_size: int = 0  # latent side whose patch grid the positions are spread over at every size (diffusers'
-    # sample_size); 0 = positions are patch indices
+    # epsilon of the LayerNorm before each feed-forward (diffusers' norm_eps, 1e-5 there)
+    norm_eps: float = bounded(1e-6, POSITIVE)
+    # latent side whose patch grid the positions are spread over at every size (diffusers' sample_size); 0 =
+    # positions are patch indices
+    sample_size: int = bounded(0, OPTIONAL_COUNT)
 
     def size(self) -> tuple[int, int, int, int]:
         """(depth, hidden_size, num_heads, patch_size) after the preset."""
@@ -145,55 +207,60 @@ BACKBONE_KINDS = ("unet", "dit")  # the values of DenoiserConfig.kind
 class DiffusionConfig:
     parameterisation: str = "eps"  # "eps", "v" (both discrete-time, 1000 steps), "edm" (continuous sigma) or "flow"
     schedule: str = "scaled_linear"  # beta schedule: "linear", "scaled_linear" or "cosine"
-    num_timesteps: int = 1000  # discrete training timesteps (eps / v)
-    beta_start: float = 0.00085  # first beta (linear / scaled_linear)
-    beta_end: float = 0.012  # last beta (linear / scaled_linear)
+    num_timesteps: int = bounded(1000, COUNT)  # discrete training timesteps (eps / v)
+    beta_start: float = bounded(0.00085, OPEN_UNIT)  # first beta (linear / scaled_linear)
+    beta_end: float = bounded(0.012, OPEN_UNIT)  # last beta (linear / scaled_linear)
     zero_terminal_snr: bool = False  # rescale betas so the last timestep is pure noise (use with v)
-    sigma_data: float = 1.0  # std of the (scaled) latents; EDM preconditioning
-    min_snr_gamma: float = 0.0  # min-SNR loss weighting with this gamma; 0 disables it
-    p_mean: float = -1.2  # EDM training: log-sigma mean
-    p_std: float = 1.2  # EDM training: log-sigma std
-    sigma_min: float = 0.002  # EDM sampling range
-    sigma_max: float = 80.0
-    flow_shift: float = 1.0  # flow: sigma = t / (1 - t) is multiplied by this in training and sampling (Esser et
-    # al. 2024's resolution shift; 3.0 for about 4x the pixels of the base resolution)
-    logit_mean: float = 0.0  # flow training: logit(t) ~ N(logit_mean, logit_std^2) before the shift
-    logit_std: float = 1.0
+    sigma_data: float = bounded(1.0, POSITIVE)  # std of the (scaled) latents; EDM preconditioning
+    min_snr_gamma: float = bounded(0.0, WEIGHT)  # min-SNR loss weighting with this gamma; 0 disables it
+    p_mean: float = bounded(-1.2, FINITE)  # EDM training: log-sigma mean
+    p_std: float = bounded(1.2, POSITIVE)  # EDM training: log-sigma std
+    sigma_min: float = bounded(0.002, POSITIVE)  # EDM sampling range
+    sigma_max: float = bounded(80.0, POSITIVE)
+    # flow: sigma = t / (1 - t) is multiplied by this in training and sampling (Esser et al. 2024's resolution
+    # shift; 3.0 for about 4x the pixels of the base resolution)
+    flow_shift: float = bounded(1.0, POSITIVE)
+    logit_mean: float = bounded(0.0, FINITE)  # flow training: logit(t) ~ N(logit_mean, logit_std^2) before the shift
+    logit_std: float = bounded(1.0, POSITIVE)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion-mnist"  # a built-in name ("fashion-mnist", "emoji") or a folder of images
     split: str = "train"  # built-in data sets: "train" or "test"
-    resolution: int = 32  # images are resized and cropped to resolution x resolution
-    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    resolution: int = bounded(32, COUNT)  # images are resized and cropped to resolution x resolution
+    channels: int = bounded(3, Bound(choices=(1, 3)))  # 1 (grayscale) or 3 (RGB)
     crop: str = "center"  # "center" or "random"
     flip: bool = False  # random horizontal flips
-    limit: int = 0  # use only the first N images; 0 means all
-    holdout: int = 256  # images held out (from the end) for reconstruction metrics
-    caption_dropout: float = 0.1  # probability of dropping the label / caption (classifier-free guidance)
-    max_pixels: int = 200_000_000  # image folders: a file that decodes to more pixels is skipped; 0 = no limit
+    limit: int = bounded(0, OPTIONAL_COUNT)  # use only the first N images; 0 means all
+    holdout: int = bounded(256, OPTIONAL_COUNT)  # images held out (from the end) for reconstruction metrics
+    # probability of dropping the label / caption (classifier-free guidance)
+    caption_dropout: float = bounded(0.1, PROBABILITY)
+    # image folders: a file that decodes to more pixels is skipped; 0 = no limit
+    max_pixels: int = bounded(200_000_000, OPTIONAL_COUNT)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 32  # images per optimizer step (split into grad_accum micro-batches)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4  # AdamW learning rate
-    warmup_steps: int = 100  # linear warm-up
-    weight_decay: float = 0.0  # AdamW weight decay
-    adam_betas: tuple[float, ...] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    ema_decay: float = 0.999  # EMA of weights; 0 disables it
-    seed: int = 0
+    steps: int = bounded(1000, COUNT)  # optimizer steps
+    batch_size: int = bounded(32, COUNT)  # images per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = bounded(1, COUNT)  # micro-batches per optimizer step
+    lr: float = bounded(2e-4, POSITIVE)  # AdamW learning rate
+    warmup_steps: int = bounded(100, OPTIONAL_COUNT)  # linear warm-up
+    weight_decay: float = bounded(0.0, WEIGHT)  # AdamW weight decay
+    adam_betas: tuple[float, ...] = bounded((0.9, 0.999), DECAY)
+    grad_clip: float = bounded(1.0, WEIGHT)  # max gradient norm; 0 disables clipping
+    ema_decay: float = bounded(0.999, DECAY)  # EMA of weights; 0 disables it
+    seed: int = bounded(0, SEED)
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "bf16" or "no"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    log_every: int = 10  # JSONL log interval (steps)
-    sample_every: int = 0  # sample grid interval (steps); 0 disables
-    ckpt_every: int = 500  # checkpoint interval (steps); 0: only the final checkpoint, which is always written
-    num_workers: int = -1  # data-loading processes; -1: one per available core for image folders, none for
-    # data sets already in memory; 0: load in the training process. Never changes results, only speed
+    log_every: int = bounded(10, COUNT)  # JSONL log interval (steps)
+    sample_every: int = bounded(0, OPTIONAL_COUNT)  # sample grid interval (steps); 0 disables
+    # checkpoint interval (steps); 0: only the final checkpoint, which is always written
+    ckpt_every: int = bounded(500, OPTIONAL_COUNT)
+    # data-loading processes; -1: one per available core for image folders, none for data sets already in memory;
+    # 0: load in the training process. Never changes results, only speed
+    num_workers: int = bounded(-1, Bound(-1, 256, integer=True))
     distributed: str = "auto"  # under torchrun: "auto" or "ddp" (a full model per rank), "fsdp" (parameters,
     # gradients, optimizer state and EMA sharded over the ranks; `ldmkit train` only), "none" (refuses several
     # ranks). Unused without torchrun
@@ -209,12 +276,14 @@ class UpscaleConfig:
     the U-Net takes the low-resolution image, resized to the latent's size, concatenated to the latent, after
     noise augmentation; the augmentation's level enters as a class-style embedding (one row per level)."""
 
-    factor: int = 4  # output side / input side
-    max_noise_level: int = 350  # training draws augmentation levels 0..max_noise_level uniformly
-    noise_level: int = 20  # the level `ldmkit upscale` adds by default (--noise-level)
+    factor: int = bounded(4, Bound(2, 16, integer=True))  # output side / input side
+    # training draws augmentation levels 0..max_noise_level uniformly
+    max_noise_level: int = bounded(350, Bound(0, 999, integer=True))
+    # the level `ldmkit upscale` adds by default (--noise-level)
+    noise_level: int = bounded(20, Bound(0, 999, integer=True))
     schedule: str = "scaled_linear"  # the augmentation's beta schedule over 1000 levels (SD x4's low_res_scheduler)
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
+    beta_start: float = bounded(0.0001, OPEN_UNIT)
+    beta_end: float = bounded(0.02, OPEN_UNIT)
 
 
 # --- runs ---------------------------------------------------------------------------------------------------------
@@ -266,31 +335,33 @@ TASK_NAMES: list[str] = []  # the values of DenoiserRun.task: filled by the task
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"  # the address to listen on; anything but loopback needs keys (no --no-auth)
-    port: int = 8000
+    port: int = bounded(8000, Bound(0, 65535, integer=True))
     models: tuple[str, ...] = ()  # shipped model names or model files; () = every shipped generation model
     database: str = ""  # keys and audit: a SQLite path or postgresql:// URL; "" = $LDMKIT_HOME/ldmkit.db
     device: str = "auto"
-    max_batch: int = 16  # images per forward pass, from one request or several
-    max_wait_ms: float = 25.0  # how long the oldest queued request waits for others to share its pass
-    queue_images: int = 64  # images that may wait; more gets 429 with Retry-After
-    timeout_s: float = 300.0  # a request still unanswered after this gets 504
-    jobs_kept: int = 200  # finished native jobs kept in memory for GET /v1/jobs/{id}
+    max_batch: int = bounded(16, Bound(1, 256, integer=True))  # images per forward pass, from one request or several
+    # how long the oldest queued request waits for others to share its pass
+    max_wait_ms: float = bounded(25.0, Bound(0, 10_000))
+    queue_images: int = bounded(64, COUNT)  # images that may wait; more gets 429 with Retry-After
+    timeout_s: float = bounded(300.0, POSITIVE)  # a request still unanswered after this gets 504
+    jobs_kept: int = bounded(200, COUNT)  # finished native jobs kept in memory for GET /v1/jobs/{id}
     policy: str = ""  # a policy.toml whose rules refuse prompts (read at start); "" = no content policy
     watermark: bool = True  # hide each request's id in its images' pixels (a policy's [provenance] overrides it)
-    monitor_window: int = 256  # outputs per model in the rolling Frechet distance of /metrics; 0 = no monitor
+    # outputs per model in the rolling Frechet distance of /metrics; 0 = no monitor
+    monitor_window: int = bounded(256, OPTIONAL_COUNT)
     c2pa_cert: str = ""  # a PEM certificate chain: sign every output PNG with C2PA content credentials; "" = none
     c2pa_key: str = ""  # the PEM private key of c2pa_cert's first certificate
 
 
 @dataclass(frozen=True)
 class ServeLimits:
-    max_n: int = 8  # images per request
-    max_steps: int = 100  # sampling steps
-    max_side: int = 1024  # pixels per side of a generated image
-    max_pixels: int = 512 * 512  # pixels of one generated image (width x height)
-    max_prompt_chars: int = 2000  # characters of a prompt or negative prompt
-    max_upload_bytes: int = 8 * 2**20  # a request body (uploaded images in base64 included)
-    max_cfg: float = 30.0  # guidance scale; larger values overflow float32 in some models
+    max_n: int = bounded(8, Bound(1, 256, integer=True))  # images per request
+    max_steps: int = bounded(100, Bound(1, 10_000, integer=True))  # sampling steps
+    max_side: int = bounded(1024, COUNT)  # pixels per side of a generated image
+    max_pixels: int = bounded(512 * 512, COUNT)  # pixels of one generated image (width x height)
+    max_prompt_chars: int = bounded(2000, COUNT)  # characters of a prompt or negative prompt
+    max_upload_bytes: int = bounded(8 * 2**20, COUNT)  # a request body (uploaded images in base64 included)
+    max_cfg: float = bounded(30.0, POSITIVE)  # guidance scale; larger values overflow float32 in some models
 
 
 @dataclass(frozen=True)
@@ -304,165 +375,11 @@ class ServeRun:
 # --- validation ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Bound:
-    """The allowed values of a numeric setting (of each entry, for a tuple setting). Every bound rejects nan / inf."""
+def bounds(cls: type) -> dict[str, Bound]:
+    """{numeric setting -> its allowed values} of a config dataclass, read from its fields (each declared once, where
+    the field is); tests check that every int and float setting has one."""
+    return {f.name: f.metadata["bound"] for f in dataclasses.fields(cls) if "bound" in f.metadata}
 
-    lo: float = -math.inf  # smallest allowed value
-    hi: float = math.inf  # largest allowed value
-    lo_open: bool = False  # True: lo itself is not allowed
-    hi_open: bool = False  # True: hi itself is not allowed
-    integer: bool = False  # describe the range as whole numbers (the setting is an int)
-    choices: tuple = ()  # if given, only these values are allowed
-
-    def admits(self, v) -> bool:
-        if self.choices:
-            return v in self.choices
-        if not math.isfinite(v):
-            return False
-        return (v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi)
-
-    def describe(self) -> str:
-        if self.choices:
-            return " or ".join(str(c) for c in self.choices)
-        kind = "an integer" if self.integer else "a number"
-        lo, hi = (f"{x:.0f}" if self.integer else f"{x:g}" for x in (self.lo, self.hi))
-        if math.isinf(self.lo) and math.isinf(self.hi):
-            return "any finite number"
-        if math.isinf(self.hi):
-            return f"{kind} {'>' if self.lo_open else '>='} {lo}"
-        return f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-
-
-COUNT = Bound(1, integer=True)  # how many of something, at least one
-OPTIONAL_COUNT = Bound(0, integer=True)  # a count or interval where 0 means none / off
-WEIGHT = Bound(0)  # a loss weight, rate or norm where 0 switches the term off
-POSITIVE = Bound(0, lo_open=True)
-PROBABILITY = Bound(0, 1)
-DECAY = Bound(0, 1, hi_open=True)  # a fraction in [0, 1): EMA and Adam decays, dropout
-OPEN_UNIT = Bound(0, 1, lo_open=True, hi_open=True)
-FINITE = Bound()
-SEED = Bound(0, 2**32 - 1, integer=True)
-
-# dataclass -> {numeric setting -> its allowed values}; tests check that every int and float setting is listed
-BOUNDS: dict[type, dict[str, Bound]] = {
-    AutoencoderConfig: dict(
-        in_channels=COUNT,
-        base_channels=COUNT,
-        channel_mult=COUNT,
-        num_res_blocks=COUNT,
-        latent_channels=COUNT,
-        norm_groups=COUNT,
-        codebook_size=COUNT,
-        commitment_beta=WEIGHT,
-        scaling_factor=POSITIVE,
-        shift_factor=FINITE,
-    ),
-    AutoencoderLossConfig: dict(
-        pixel_weight=WEIGHT,
-        perceptual_weight=WEIGHT,
-        kl_weight=WEIGHT,
-        codebook_weight=WEIGHT,
-        disc_start=OPTIONAL_COUNT,
-        disc_weight=WEIGHT,
-        disc_layers=COUNT,
-        disc_channels=COUNT,
-        disc_lr=WEIGHT,
-    ),
-    UNetConfig: dict(
-        in_channels=COUNT,
-        out_channels=COUNT,
-        model_channels=COUNT,
-        channel_mult=COUNT,
-        num_res_blocks=COUNT,
-        attention_levels=OPTIONAL_COUNT,
-        num_heads=COUNT,
-        head_dim=OPTIONAL_COUNT,
-        transformer_depth=COUNT,
-        context_dim=OPTIONAL_COUNT,
-        num_classes=OPTIONAL_COUNT,
-        norm_groups=COUNT,
-        norm_eps=POSITIVE,
-        dropout=DECAY,
-        freq_shift=FINITE,
-    ),
-    DiTConfig: dict(
-        depth=OPTIONAL_COUNT,
-        hidden_size=OPTIONAL_COUNT,
-        num_heads=OPTIONAL_COUNT,
-        patch_size=OPTIONAL_COUNT,
-        in_channels=COUNT,
-        out_channels=COUNT,
-        mlp_ratio=POSITIVE,
-        context_dim=OPTIONAL_COUNT,
-        num_classes=OPTIONAL_COUNT,
-        norm_eps=POSITIVE,
-        sample_size=OPTIONAL_COUNT,
-    ),
-    DiffusionConfig: dict(
-        num_timesteps=COUNT,
-        beta_start=OPEN_UNIT,
-        beta_end=OPEN_UNIT,
-        sigma_data=POSITIVE,
-        min_snr_gamma=WEIGHT,
-        p_mean=FINITE,
-        p_std=POSITIVE,
-        sigma_min=POSITIVE,
-        sigma_max=POSITIVE,
-        flow_shift=POSITIVE,
-        logit_mean=FINITE,
-        logit_std=POSITIVE,
-    ),
-    DataConfig: dict(
-        resolution=COUNT,
-        channels=Bound(choices=(1, 3)),
-        limit=OPTIONAL_COUNT,
-        holdout=OPTIONAL_COUNT,
-        caption_dropout=PROBABILITY,
-        max_pixels=OPTIONAL_COUNT,
-    ),
-    UpscaleConfig: dict(
-        factor=Bound(2, 16, integer=True),
-        max_noise_level=Bound(0, 999, integer=True),
-        noise_level=Bound(0, 999, integer=True),
-        beta_start=OPEN_UNIT,
-        beta_end=OPEN_UNIT,
-    ),
-    ServeConfig: dict(
-        port=Bound(0, 65535, integer=True),
-        max_batch=Bound(1, 256, integer=True),
-        max_wait_ms=Bound(0, 10_000),
-        queue_images=COUNT,
-        timeout_s=POSITIVE,
-        jobs_kept=COUNT,
-        monitor_window=OPTIONAL_COUNT,
-    ),
-    ServeLimits: dict(
-        max_n=Bound(1, 256, integer=True),
-        max_steps=Bound(1, 10_000, integer=True),
-        max_side=COUNT,
-        max_pixels=COUNT,
-        max_prompt_chars=COUNT,
-        max_upload_bytes=COUNT,
-        max_cfg=POSITIVE,
-    ),
-    TrainConfig: dict(
-        steps=COUNT,
-        batch_size=COUNT,
-        grad_accum=COUNT,
-        lr=POSITIVE,
-        warmup_steps=OPTIONAL_COUNT,
-        weight_decay=WEIGHT,
-        adam_betas=DECAY,
-        grad_clip=WEIGHT,
-        ema_decay=DECAY,
-        seed=SEED,
-        log_every=COUNT,
-        sample_every=OPTIONAL_COUNT,
-        ckpt_every=OPTIONAL_COUNT,
-        num_workers=Bound(-1, 256, integer=True),
-    ),
-}
 
 # settings that no longer exist: still accepted (and ignored) so that files written before their removal load.
 # (train.num_workers was here while nothing read it; it is back, and the files that carry it load as they are.)
@@ -474,7 +391,7 @@ def _key(where: str, name: str) -> str:
 
 
 def _check_bounds(cfg, where: str):
-    for name, bound in BOUNDS.get(type(cfg), {}).items():
+    for name, bound in bounds(type(cfg)).items():
         value = getattr(cfg, name)
         items = value if isinstance(value, tuple) else (value,)
         if all(bound.admits(v) for v in items):

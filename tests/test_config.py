@@ -118,14 +118,15 @@ def test_out_of_range_numbers_name_the_key_the_value_and_the_range(cls, item, me
 
 
 def test_every_numeric_setting_has_a_range():
-    for cls in COMPONENTS:
+    extra = (config_module.DiTConfig, config_module.UpscaleConfig, config_module.ServeConfig, config_module.ServeLimits)
+    for cls in COMPONENTS + extra:
         hints = typing.get_type_hints(cls)
         numeric = {
             f.name
             for f in dataclasses.fields(cls)
             if hints[f.name] in (int, float) or typing.get_args(hints[f.name])[:1] in ((int,), (float,))
         }
-        assert numeric == set(config_module.BOUNDS[cls]), cls.__name__
+        assert numeric == set(config_module.bounds(cls)), cls.__name__
 
 
 def test_defaults_presets_and_recipes_are_valid():
