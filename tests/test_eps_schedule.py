@@ -66,6 +66,9 @@ def test_the_bounded_start_is_a_training_timestep_and_the_grid_reaches_zero():
         assert g[0].item() == pytest.approx(den.sigma_max, rel=1e-6) and g[-1] == 0 and (g[:-1] > g[1:]).all()
     assert den.sigmas(10, "leading")[0] <= den.sigma_max  # "leading" never starts at the top
     assert den.timestep(den.sigmas(10)[:1]).item() == start  # the backbone sees the timestep it was trained at
+    assert len(den.sigmas(start + 1)) == start + 2  # every sampled timestep once
+    with pytest.raises(ValueError, match=f"steps 1000 is more than the {start + 1} timesteps sampling uses"):
+        den.sigmas(1000)
 
 
 def test_stable_diffusions_schedule_keeps_its_grids_bit_for_bit():

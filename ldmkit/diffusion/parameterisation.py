@@ -197,7 +197,14 @@ class DiscreteDenoiser(Denoiser):
         """Sampling grid (steps + 1,): spaced timesteps ("trailing", "leading" with steps_offset as Stable Diffusion,
         "linspace") or "karras" (rho) between the schedule's ends; always ending in 0. The grid is spaced over the
         first `sampled_timesteps` timesteps only (all of them unless `start_sigma_max` bounds the start)."""
-        return discrete_sigmas(self.table[: self.sampled_timesteps], steps, spacing, steps_offset, rho)
+        k = self.sampled_timesteps
+        if spacing != "karras" and k < self.num_timesteps and steps > k:
+            raise InputError(
+                f"steps {steps} is more than the {k} timesteps sampling uses: it starts at sigma {self.sigma_max:.4g} "
+                f"(timestep {k - 1}), not at the schedule's last {self.table[-1]:.4g}, where an eps model's error is "
+                f"multiplied by sigma; use at most {k} steps"
+            )
+        return discrete_sigmas(self.table[:k], steps, spacing, steps_offset, rho)
 
 
 class EpsDenoiser(DiscreteDenoiser):
