@@ -438,8 +438,7 @@ def write_edits(
     signed = sign is not None
     target = as_target(out)
     wanted = [check_output(p, False, meta(i), signed) for i, p in enumerate(edit_paths(target.path, req.n))]
-    inputs = (*target.inputs, checkpoint, *(extra[k] for k in ("image", "mask") if isinstance(extra.get(k), str)))
-    claims = claim(wanted, inputs, target.overwrite)
+    claims = claim(wanted, (*target.inputs, checkpoint), target.overwrite)  # the inputs: see output.reading
     paths = claims.paths
     written: list[Path] = []
     try:

@@ -22,6 +22,8 @@ from ..errors import InputError
 from ..ldm import LatentDiffusion
 from .generate import Finish, SampleRequest, collect, latent_batches, plan, write_edits
 from .images import check_edit_size, crop_to, load_edit_image, pad_to_multiple, to_channels
+from .output import reading
+from .record import input_record
 
 RANGE_SLACK = 1e-3  # image values may leave [-1, 1] by this much (rounding) before they are refused
 
@@ -114,6 +116,6 @@ def img2img_to_file(
     strength, the image, the output and the request are checked before sampling."""
     strength = check_strength(strength)
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W)
-    extra = {"image": str(image), "strength": strength}
+    extra = {"image": input_record(image), "strength": strength}
     batches = lambda ldm: img2img_batches(ldm, x, req, strength, progress)  # noqa: E731
-    return write_edits(checkpoint, req, out, batches, extra, finish, sign)
+    return write_edits(checkpoint, req, reading(out, image), batches, extra, finish, sign)

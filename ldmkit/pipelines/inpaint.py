@@ -41,6 +41,8 @@ from .generate import (
 from .images import crop_to, load_edit_image, pad_to_multiple
 from .img2img import checkpoint_channels, model_image
 from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
+from .output import reading
+from .record import input_record
 
 MAX_RESAMPLE = 50  # RePaint passes per jump point; each multiplies the sampling time, and 10 is the paper's
 MAX_JUMP = MAX_STEPS  # steps back up at a jump point; it must also stay below --steps
@@ -266,5 +268,5 @@ def inpaint_to_file(
         x = load_edit_image(image, channels)  # (1, C, H, W)
         return x, load_mask(mask, tuple(x.shape[-2:]), opts.resize_mask)
 
-    about = {"image": str(image), "mask": str(mask)}
-    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign)
+    about = {"image": input_record(image), "mask": input_record(mask)}
+    return edit_to_file(checkpoint, req, inputs, reading(out, image, mask), opts, about, progress, finish, sign)

@@ -20,6 +20,8 @@ from .generate import Finish, SampleRequest, whole_number
 from .images import MAX_EDIT_PIXELS, load_edit_image
 from .inpaint import InpaintOptions, edit_to_file
 from .masks import require_file
+from .output import reading
+from .record import input_record
 
 
 @dataclass(frozen=True)
@@ -84,5 +86,6 @@ def outpaint_to_file(
     def inputs(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         return outpaint_canvas(load_edit_image(image, channels), border)
 
-    about = {"image": str(image), "border": [border.left, border.right, border.top, border.bottom]}
+    about = {"image": input_record(image), "border": [border.left, border.right, border.top, border.bottom]}
+    out = reading(out, image)
     return edit_to_file(checkpoint, req, inputs, out, opts or InpaintOptions(), about, progress, finish, sign)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -122,3 +122,11 @@ class Target(os.PathLike):
 
 def as_target(out: str | Path | Target) -> Target:
     return out if isinstance(out, Target) else Target(Path(out))
+
+
+def reading(out: str | Path | Target, *inputs: str | Path) -> Target:
+    """`out` as a Target that also knows the run reads `inputs` (an edit's image and mask), so that it never
+    writes over them: the writers take the inputs from here, not from the generation record (which holds only their
+    names and hashes)."""
+    target = as_target(out)
+    return replace(target, inputs=(*target.inputs, *(Path(p) for p in inputs)))

@@ -1,8 +1,9 @@
-"""What a generation record says about the model: its name and the SHA-256 of its weights, never a local path.
+"""What a generation record says about the model and an edit's input files: names and SHA-256s, never a local path.
 
 The record travels with every image ldmkit writes, to whoever receives it; a path such as /home/NAME/runs/x would
-leak the user's name and folders. The name is what `ldmkit serve` calls the model: a shipped model's name, the
-folder of a run's `model.safetensors`, or the file's stem; the SHA-256 identifies the weights exactly.
+leak the user's name and folders. The model's name is what `ldmkit serve` calls it: a shipped model's name, the
+folder of a run's `model.safetensors`, or the file's stem; the SHA-256 identifies the weights exactly. An edit's
+input image and mask are recorded by their file names (no folder) and the SHA-256 of their bytes.
 """
 
 from __future__ import annotations
@@ -31,3 +32,9 @@ def model_record(path: str | Path) -> dict[str, str]:
         return {"model": model_name(path)}
     stat = path.stat()
     return {"model": model_name(path), "weights_sha256": _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+
+
+def input_record(path: str | Path) -> dict[str, str]:
+    """{"name": file name, "sha256": hash of its bytes} of an edit's input file `path`, as a generation record holds
+    it: the name without its folders (which may name the user), the hash to tell the exact file."""
+    return {"name": Path(path).name, "sha256": file_sha256(path)}

@@ -43,6 +43,8 @@ from .generate import (
 from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image
 from .img2img import checkpoint_channels, model_image
 from .masks import require_file
+from .output import reading
+from .record import input_record
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,6 @@ def upscale_to_file(
     factor = (read_metadata(checkpoint).get("config") or {}).get("upscale", {}).get("factor")
     if isinstance(factor, int) and factor > 0:
         check_input_size(str(image), x.shape[-1], x.shape[-2], factor)
-    about = {"image": str(image), "noise_level": opts.noise_level, "tile": opts.tile, "overlap": opts.overlap}
-    return write_edits(
-        checkpoint, req, out, lambda ldm: upscale_batches(ldm, x, req, opts, progress), about, finish, sign
-    )
+    about = {"image": input_record(image), "noise_level": opts.noise_level, "tile": opts.tile, "overlap": opts.overlap}
+    batches = lambda ldm: upscale_batches(ldm, x, req, opts, progress)  # noqa: E731
+    return write_edits(checkpoint, req, reading(out, image), batches, about, finish, sign)
