@@ -249,7 +249,11 @@ def test_the_command_writes_the_enlarged_image_with_its_parameters(upscaler, tmp
     img = Image.open(out)
     assert img.size == (20, 12)
     about = json.loads(img.info["ldmkit"])
-    assert about["image"] == str(src) and about["noise_level"] == 5 and about["steps"] == 2
+    assert (
+        about["image"] == {"name": src.name, "sha256": checkpoint.file_sha256(src)}
+        and about["noise_level"] == 5
+        and about["steps"] == 2
+    )
     assert main([*argv, "--n", "2"]) == 0
     assert (tmp_path / "big-0.png").is_file() and (tmp_path / "big-1.png").is_file()
 
