@@ -184,7 +184,8 @@ def upscaler(tmp_path, tiny_ae, monkeypatch, blobs):
 def test_upscale_progress_counts_tiles_times_steps(upscaler, capsys):
     ldm = LatentDiffusion.load(upscaler)
     x = torch.zeros(1, 1, 16, 16)  # 32x32 out, latent 16x16: tiles of 8 (the training size) overlapping by 2
-    upscale(ldm, x, SampleRequest(n=1, steps=2), UpscaleOptions(), progress=True)
+    tile = ldm.run.data.resolution // ldm.run.upscale.factor  # the training size in input pixels: 3 x 3 tiles
+    upscale(ldm, x, SampleRequest(n=1, steps=2), UpscaleOptions(tile=tile), progress=True)
     err = capsys.readouterr().err
     assert "1 image x 9 tiles x 2 steps" in err and "18/18" in err, err
 

@@ -58,7 +58,7 @@ class UpscaleOptions:
     def __post_init__(self):
         if self.noise_level is not None:
             whole_number("--noise-level", self.noise_level, low=0, hint="20 is usual; higher trusts the input less")
-        whole_number("--tile", self.tile, low=0, hint="use 0 for the model's training size")
+        whole_number("--tile", self.tile, low=0, hint="use 0 for twice the model's training size")
         whole_number("--overlap", self.overlap, low=-1, hint="use -1 for a quarter of the tile")
 
 
