@@ -1,0 +1,196 @@
+"""Low-rank adaptation (Hu et al. 2021): W' = W + s * (alpha / r) * B A on linear layers and 1x1 convolutions.
+
+A `LoRA` holds the factors of one layer, a `LoRASet` those of one network, keyed by the module paths of that
+network. A set changes a network in one of two ways, neither of which touches a sampler:
+- unmerged (`attach`): a forward hook adds s_b * (alpha / r) * B A x_b to each targeted layer's output, with one
+  scale s_b per sample, so a batch can mix scales (and, with several sets, adapters: a sample's scale is 0 for the
+  sets it does not use, which adds an exact zero);
+- merged (`merge`): W += s * (alpha / r) * B A in place, the fastest to sample with; `Merged.unmerge` puts back a
+  copy of the weights taken before, so the base weights return bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+
+Targetable = (nn.Linear, nn.Conv2d)
+
+
+def lora_shape(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a layer a LoRA can adapt: a linear layer or a 1x1 convolution; InputError otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
+        return module.in_channels, module.out_channels
+    raise InputError(f"a LoRA adapts linear layers and 1x1 convolutions, not {type(module).__name__}")
+
+
+class LoRA(nn.Module):
+    """The update (alpha / r) * B A of one layer with weight (out, in): A (r, in) "down", B (out, r) "up"."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float | None = None):
+        """in_features / out_features: the adapted layer's; rank: r, at most min(in, out); alpha: the scale
+        numerator (default r, a factor 1)."""
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise InputError(
+                f"LoRA rank {rank} does not fit a layer of {in_features} -> {out_features} features; use a rank "
+                f"from 1 to {min(in_features, out_features)}"
+            )
+        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.down = nn.Parameter(torch.empty(rank, in_features))  # A
+        self.up = nn.Parameter(torch.empty(out_features, rank))  # B
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """A as a linear layer's default (Kaiming uniform), B zero: training starts from the base model exactly."""
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        nn.init.zeros_(self.up)
+
+    @property
+    def factor(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) * B A, (out, in)."""
+        return (self.up @ self.down) * self.factor
+
+    def forward(self, x: torch.Tensor, conv: bool) -> torch.Tensor:
+        """(alpha / r) * B A x for the input of a linear layer (..., in) or of a 1x1 convolution (B, in, H, W)."""
+        if conv:
+            h = F.conv2d(x, self.down.to(x.dtype)[:, :, None, None])  # (B, r, H, W)
+            return F.conv2d(h, self.up.to(x.dtype)[:, :, None, None]) * self.factor  # (B, out, H, W)
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * self.factor  # (..., out)
+
+
+def _slot(path: str) -> str:
+    return path.replace(".", "/")  # a ModuleDict key cannot hold a dot
+
+
+class LoRASet(nn.Module):
+    """The LoRAs of one network, keyed by module path (`down.0.attn.0.blocks.0.attn1.to_q`)."""
+
+    def __init__(self, layers: Mapping[str, LoRA]):
+        super().__init__()
+        self.layers = nn.ModuleDict({_slot(p): m for p, m in layers.items()})
+
+    def items(self) -> Iterator[tuple[str, LoRA]]:
+        for slot, m in self.layers.items():
+            yield slot.replace("/", "."), m
+
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.items()]
+
+    def __getitem__(self, path: str) -> LoRA:
+        return self.layers[_slot(path)]
+
+    def __contains__(self, path: str) -> bool:
+        return _slot(path) in self.layers
+
+    @classmethod
+    def for_modules(cls, net: nn.Module, paths: list[str], rank: int, alpha: float | None = None) -> "LoRASet":
+        """Fresh LoRAs of `rank` for the modules `paths` of `net` (A random, B zero)."""
+        mods = dict(net.named_modules())
+        return cls({p: LoRA(*lora_shape(mods[p]), rank, alpha) for p in paths})
+
+
+# --- unmerged: forward hooks with per-sample scales -----------------------------------------------------------------
+
+# the scales of the current call, per attached set: {id(set): (B,) tensor or float}; set by `scales`
+_SCALES: contextvars.ContextVar[dict[int, torch.Tensor | float]] = contextvars.ContextVar("lora_scales", default={})
+
+
+@contextmanager
+def scales(per_set: Mapping[LoRASet, torch.Tensor | float]):
+    """Within the block, each attached set in `per_set` adds its update at that scale: one number, or one per sample
+    (B,) (a batch k times as long, as classifier-free guidance makes it, repeats them k times). Context-local, so
+    concurrent requests on one model do not see each other's scales."""
+    token = _SCALES.set({**_SCALES.get(), **{id(s): v for s, v in per_set.items()}})
+    try:
+        yield
+    finally:
+        _SCALES.reset(token)
+
+
+def _per_sample(scale: torch.Tensor | float, out: torch.Tensor) -> torch.Tensor | float:
+    """`scale` shaped to multiply `out` (B, ...): a number as is, a vector (n,) as (B, 1, ...) (B = k n)."""
+    if not isinstance(scale, torch.Tensor) or scale.ndim == 0:
+        return float(scale)
+    b, n = out.shape[0], scale.shape[0]
+    if b % n:
+        raise InputError(f"{n} LoRA scales do not fit a batch of {b}; give one scale per sample")
+    return scale.to(out).repeat(b // n).view(b, *([1] * (out.ndim - 1)))
+
+
+class Attached:
+    """A set hooked into a network unmerged; `remove()` takes the hooks out again."""
+
+    def __init__(self, net: nn.Module, lora: LoRASet, scale: torch.Tensor | float = 1.0):
+        """net: the adapted network; lora: its set (paths of `net`); scale: the scale outside a `scales` block."""
+        mods = dict(net.named_modules())
+        missing = [p for p in lora.paths() if p not in mods]
+        if missing:
+            raise InputError(f"the LoRA names {len(missing)} modules the network lacks, first {missing[0]}")
+        self.lora, self.default = lora, scale
+        self.handles = [mods[p].register_forward_hook(self._hook(m)) for p, m in lora.items()]
+
+    def _hook(self, layer: LoRA):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            s = _SCALES.get().get(id(self.lora), self.default)
+            return out + _per_sample(s, out) * layer(inputs[0], isinstance(module, nn.Conv2d))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def attach(net: nn.Module, lora: LoRASet, scale: torch.Tensor | float = 1.0) -> Attached:
+    """Hook `lora` into `net` unmerged at `scale` (one number, or one per sample)."""
+    return Attached(net, lora, scale)
+
+
+# --- merged ---------------------------------------------------------------------------------------------------------
+
+
+class Merged:
+    """Sets merged into a network's weights, with a copy of each changed weight as it was before the first merge."""
+
+    def __init__(self, net: nn.Module):
+        self.mods = dict(net.named_modules())
+        self.saved: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def merge(self, lora: LoRASet, scale: float = 1.0) -> "Merged":
+        """W += scale * (alpha / r) * B A for every layer of `lora` (computed in float32, cast to W's dtype)."""
+        for path, layer in lora.items():
+            if path not in self.mods:
+                raise InputError(f"the LoRA names module {path}, which the network lacks")
+            w = self.mods[path].weight
+            self.saved.setdefault(path, w.detach().clone())
+            delta = scale * layer.delta_weight().float().to(w.device)
+            w.copy_((w.float() + delta.view(w.shape[0], -1).view_as(w)).to(w.dtype))
+        return self
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Every merged weight back to its copy: the base weights bit for bit."""
+        for path, w in self.saved.items():
+            self.mods[path].weight.copy_(w)
+        self.saved = {}
+
+
+def merge(net: nn.Module, lora: LoRASet, scale: float = 1.0) -> Merged:
+    """Merge `lora` into `net` at `scale`; the result's `unmerge()` restores the weights exactly."""
+    return Merged(net).merge(lora, scale)
