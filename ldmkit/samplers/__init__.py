@@ -15,6 +15,8 @@ from .ddim import sample_ddim, sample_ddpm
 from .dpm import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral, sample_heun
 from .flow import sample_flow_euler
+from .lcm import sample_lcm
+from .unipc import sample_unipc, sample_unipc_bh1
 
 SAMPLERS = {
     "ddpm": sample_ddpm,
@@ -24,6 +26,9 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,  # UniPC-2 with B(h) = e^{-h} - 1 ("bh2"), diffusers' default
+    "unipc_bh1": sample_unipc_bh1,
+    "lcm": sample_lcm,  # multistep consistency sampling, for consistency (LCM) models
     "flow_euler": sample_flow_euler,  # the same steps as euler, written in the rectified flow's x_t and t
 }
 
