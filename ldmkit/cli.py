@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .checkpoint import check_output_path, read_metadata
-from .config import AutoencoderRun, DenoiserRun, ServeRun, load_run
+from .config import CONDITIONS, AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .distributed import World, launched, main_process, process_group
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
@@ -22,6 +22,7 @@ from .governance.policy import load_policy
 from .governance.screen import build_screen, finisher, load_index
 from .governance.similarity import DEFAULT_THRESHOLD as COPY_THRESHOLD
 from .interop.convert import convert
+from .pipelines.control import parse_control
 from .pipelines.generate import SampleRequest, generate_to_file
 from .pipelines.img2img import check_strength, img2img_to_file
 from .pipelines.inpaint import MAX_RESAMPLE, InpaintOptions, inpaint_to_file
@@ -186,6 +187,8 @@ def cmd_train(args):
         extra.append(f"task={args.task}")
     if args.init:
         extra.append(f"init={args.init}")
+    if args.condition:
+        extra.append(f"control.condition={args.condition}")
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
     result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if main_process():
@@ -241,18 +244,20 @@ def _progress(args) -> bool:
 def _target(args, out) -> Target:
     """`out` under the output rule of every image command (pipelines/output.py): never an input file, and an
     existing file replaced only with --overwrite (else NAME-1.png, NAME-2.png, ... beside it)."""
-    given = (getattr(args, k, None) for k in ("prompt_file", "policy", "c2pa_cert", "c2pa_key", "image", "mask"))
+    given = [getattr(args, k, None) for k in ("prompt_file", "policy", "c2pa_cert", "c2pa_key", "image", "mask")]
+    given += [p for c in getattr(args, "control", None) or [] for p in c.split(":")[:2]]  # ControlNets, images
     return Target(Path(out), overwrite=args.overwrite, inputs=tuple(Path(p) for p in given if p))
 
 
-def _generate_files(args, checkpoint, req: SampleRequest, out, grid: bool) -> list[Path]:
-    """generate_to_file with the screen and signer the options ask for. Under torchrun the ranks share the images,
-    each on its own device; rank 0 returns every path written, the others none."""
+def _generate_files(args, checkpoint, req: SampleRequest, out, grid: bool, controls=None) -> list[Path]:
+    """generate_to_file with the screen and signer the options ask for (and the ControlNets of --control). Under
+    torchrun the ranks share the images, each on its own device; rank 0 returns every path written, the others
+    none."""
     with process_group(args.device, "--device") as (world, device):
         req = replace(req, device=str(device)) if world.active else req
         finish, sign = _finish(args, checkpoint, world), _sign(args)
         progress = _progress(args) and world.main
-        return generate_to_file(checkpoint, req, _target(args, out), grid, progress, finish, sign, world)
+        return generate_to_file(checkpoint, req, _target(args, out), grid, progress, finish, sign, world, controls)
 
 
 def cmd_sample(args):
@@ -269,10 +274,11 @@ def cmd_sample(args):
 
 def cmd_generate(args):
     prompts = [_utf8(p, "prompt", _ARGV_FIX) for p in args.prompt]
+    controls = [parse_control(c, args.control_start, args.control_end) for c in args.control or []]
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
     out = plan.out.with_suffix("") if args.separate and not args.out else plan.out  # default folder generated/PROMPT
-    for p in _generate_files(args, plan.checkpoint, req, out, grid=not args.separate):
+    for p in _generate_files(args, plan.checkpoint, req, out, grid=not args.separate, controls=controls):
         print(f"wrote {p}")
 
 
@@ -595,7 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         choices=list(task_names()),
         help="generate (default); inpaint: a model that also takes a mask and a masked image; upscale: a super-"
-        "resolution model that takes a low-resolution image (set upscale.factor, default 4) (task)",
+        "resolution model that takes a low-resolution image (set upscale.factor, default 4); control: a ControlNet "
+        "beside the frozen --init model (task)",
+    )
+    p.add_argument(
+        "--condition",
+        choices=list(CONDITIONS),
+        help="--task control: the condition each image is paired with: canny edges, a foreground mask (alpha, or "
+        "what differs from the background), a coarse colour layout, or folder (metadata.jsonl's "
+        "conditioning_image) (control.condition)",
     )
     _run_options(p, "runs/denoiser")
 
@@ -666,6 +680,20 @@ def _sampling_commands(command):
     )
     _generation_options(p, "generate")
     _sampling_options(p, "generate")
+    p.add_argument(
+        "--control",
+        action="append",
+        metavar="CONTROLNET:IMAGE[:SCALE[:KIND]]",
+        help="steer the model with a ControlNet (from `ldmkit train --task control`) and a condition image, its "
+        "residuals scaled by SCALE (default 1); KIND: canny, mask, colour or raw (default: the ControlNet's "
+        "detector, raw for paired folders); repeat for several",
+    )
+    p.add_argument(
+        "--control-start", type=float, default=0.0, help="the fraction of the steps the controls start at (default 0)"
+    )
+    p.add_argument(
+        "--control-end", type=float, default=1.0, help="the fraction of the steps the controls end at (default 1)"
+    )
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument(
         "--out",

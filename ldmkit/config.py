@@ -286,6 +286,23 @@ class UpscaleConfig:
     beta_end: float = bounded(0.02, OPEN_UNIT)
 
 
+CONDITIONS = ("canny", "mask", "colour", "folder")  # the values of ControlConfig.condition
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """A ControlNet (task "control"; Zhang et al. 2023): a trainable copy of the base model's U-Net encoder, fed the
+    condition image through a small hint encoder, whose residuals enter the frozen U-Net. `condition` says where
+    training takes each image's condition from: a built-in detector run on the image (canny, mask, colour) or the
+    folder's metadata.jsonl (`conditioning_image` beside `file_name`)."""
+
+    condition: str = "canny"
+    canny_low: int = bounded(100, Bound(0, 255, integer=True))  # Canny's hysteresis thresholds on 0..255 grey
+    canny_high: int = bounded(200, Bound(0, 255, integer=True))
+    colour_cells: int = bounded(8, Bound(1, 64, integer=True))  # the colour layout's grid: cells per side
+    hint_width: int = bounded(16, Bound(1, 256, integer=True))  # the hint encoder's first width (doubles per halving)
+
+
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
@@ -310,6 +327,7 @@ class DenoiserRun:
     init: str = ""  # start from this model (`--init`: a shipped name, ldm file, diffusers folder or SD file)
     init_sha256: str = ""  # the SHA-256 of that model, recorded when the run starts
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
+    control: ControlConfig = field(default_factory=ControlConfig)  # task "control" only
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
     dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
 
@@ -476,6 +494,16 @@ def _check_train(cfg: TrainConfig, where: str):
 def _check_denoiser_run(cfg: DenoiserRun, where: str):
     """The backbone and the task are known (the task registry, ldmkit/tasks/, names the tasks once loaded), and an
     upscaler's schedule and default noise level are ones it can use."""
+    if cfg.control.condition not in CONDITIONS:
+        raise ConfigError(
+            f"{_key(where, 'control.condition')} = {cfg.control.condition!r} is not a condition; use "
+            f"{' or '.join(CONDITIONS)} (e.g. --condition canny)"
+        )
+    if cfg.control.canny_low > cfg.control.canny_high:
+        raise ConfigError(
+            f"{_key(where, 'control.canny_low')} = {cfg.control.canny_low} is above {_key(where, 'control.canny_high')}"
+            f" = {cfg.control.canny_high}; the low threshold must not exceed the high one"
+        )
     if cfg.denoiser.kind not in BACKBONE_KINDS:
         raise ConfigError(
             f"{_key(where, 'denoiser.kind')} = {cfg.denoiser.kind!r} is not a backbone; use "

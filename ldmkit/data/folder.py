@@ -76,6 +76,22 @@ def read_metadata(path: Path) -> dict[str, tuple[int, str | None]]:
     return out
 
 
+def conditioning_files(path: Path) -> set[str]:
+    """The `conditioning_image` paths (posix, relative) a metadata.jsonl names: paired ControlNet data, where they
+    are conditions rather than training images (data/conditions.py reads and checks them)."""
+    if not path.is_file():
+        return set()
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue  # read_metadata reports it, with its line number
+        if isinstance(row, dict) and isinstance(row.get("conditioning_image"), str):
+            out.add(PurePosixPath(row["conditioning_image"].replace("\\", "/")).as_posix())
+    return out
+
+
 def stored_size(cfg: DataConfig) -> int:
     """The side of the square kept per image: the resolution, plus a margin for random crops to move in."""
     return cfg.resolution + (cfg.resolution // 8 if cfg.crop == "random" else 0)
@@ -89,6 +105,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.cfg, self.root = cfg, Path(root if root is not None else cfg.dataset).expanduser()
         self._check_root()
         files = find_images(self.root)
+        paired = conditioning_files(self.root / "metadata.jsonl")
+        files = [f for f in files if f.as_posix() not in paired]  # a ControlNet's condition images are no items
         if not files:
             raise MissingFileError(
                 f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}; add images "

@@ -2,7 +2,9 @@
 
 Called as `unet(x_in, c_noise, cond)`: x_in (B, in_channels - concat channels, H, W) is the preconditioned latent,
 c_noise (B,) the noise level as the parameterisation encodes it (a timestep for discrete-time models), cond a
-`Conditioning` (context for cross-attention, labels for the class embedding, concat channels).
+`Conditioning` (context for cross-attention, labels for the class embedding, concat channels, and control residuals:
+one tensor per skip connection, in the order the encoder makes them, then one for the middle block's output, each
+added where it belongs; that is the one hook a ControlNet (denoisers/controlnet.py) acts through).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch.nn import functional as F
 
 from ..conditioning.types import Conditioning, backbone_inputs
 from ..config import UNetConfig
+from ..errors import InputError
 from ..nn.attention import SpatialTransformer
 from ..nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from ..nn.embeddings import TimestepMLP, timestep_embedding
@@ -31,8 +34,9 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """Latent-diffusion U-Net (Rombach et al. 2022), laid out block for block like Stable Diffusion's."""
 
-    def __init__(self, cfg: UNetConfig):
-        """cfg: every architectural choice; see `UNetConfig` for each field."""
+    def __init__(self, cfg: UNetConfig, encoder_only: bool = False):
+        """cfg: every architectural choice; see `UNetConfig` for each field. encoder_only: build the encoder path and
+        the middle block only (a ControlNet's trainable copy), with the same parameter names."""
         super().__init__()
         self.cfg = cfg
         ch0 = cfg.model_channels
@@ -78,6 +82,12 @@ class UNet(nn.Module):
         self.mid_attn = attn(n_levels - 1, ch) if cfg.mid_attention else None
         self.mid_res2 = res(ch, ch)
 
+        self.skip_channels = tuple(skips)  # channels of each skip connection, in the order the encoder makes them
+        self.mid_channels = ch
+        if encoder_only:
+            self.initialize_weights()
+            return
+
         # Decoder path: each block consumes one skip connection.
         self.up = nn.ModuleList()
         for i in reversed(range(n_levels)):
@@ -97,8 +107,9 @@ class UNet(nn.Module):
     def initialize_weights(self):
         """PyTorch defaults everywhere, except: the output convolution and every block's last layer start at zero,
         so each residual branch starts as the identity and the untrained model predicts zero."""
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if hasattr(self, "conv_out"):
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
         for m in self.modules():
             if isinstance(m, ResBlock):
                 nn.init.zeros_(m.conv2.weight)
@@ -117,14 +128,14 @@ class UNet(nn.Module):
             emb = emb + self.class_emb(labels)
         return emb
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        x, c_noise, cond = backbone_inputs(x, c_noise, cond, self.cfg.in_channels, "U-Net")
-        emb = self.embed(c_noise, cond.labels)
-        ctx, mask = cond.context, cond.context_mask
-        if ctx is not None:
-            ctx = ctx.to(x.dtype)
-
+    def encode(
+        self, x: torch.Tensor, emb: torch.Tensor, ctx, mask, added: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder path and the middle block: (middle block output, skip connections in order). added: a tensor
+        added to the input convolution's output (a ControlNet's encoded condition)."""
         h = self.conv_in(x)
+        if added is not None:
+            h = h + added
         skips = [h]
         for level in self.down:
             for j, block in enumerate(level.res):
@@ -140,6 +151,20 @@ class UNet(nn.Module):
         if self.mid_attn is not None:
             h = self.mid_attn(h, ctx, mask)
         h = self.mid_res2(h, emb)
+        return h, skips
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        x, c_noise, cond = backbone_inputs(x, c_noise, cond, self.cfg.in_channels, "U-Net")
+        emb = self.embed(c_noise, cond.labels)
+        ctx, mask = cond.context, cond.context_mask
+        if ctx is not None:
+            ctx = ctx.to(x.dtype)
+
+        h, skips = self.encode(x, emb, ctx, mask)
+        if cond.control is not None:  # injected residuals: one per skip connection, then the middle block's
+            *down, mid = check_residuals(cond.control, skips, h)
+            skips = [s + r for s, r in zip(skips, down)]
+            h = h + mid
 
         for level in self.up:
             for j, block in enumerate(level.res):
@@ -149,3 +174,16 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def check_residuals(control, skips: list[torch.Tensor], mid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The control residuals, cast to the features' dtype, once their number and shapes match the skip connections
+    and the middle block's output (InputError otherwise: a ControlNet made for another U-Net)."""
+    want = [*skips, mid]
+    if len(control) != len(want) or any(r.shape[1:] != t.shape[1:] for r, t in zip(control, want)):
+        got = [tuple(r.shape[1:]) for r in control]
+        raise InputError(
+            f"the control residuals {got} do not fit this U-Net, whose skip connections and middle block are "
+            f"{[tuple(t.shape[1:]) for t in want]}; the ControlNet was made for another denoiser"
+        )
+    return tuple(r.to(t.dtype) for r, t in zip(control, want))

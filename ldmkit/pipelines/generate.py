@@ -29,6 +29,7 @@ from ..errors import InputError, NonFiniteError, OutputWriteError
 from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
 from ..runtime import resolve_device
+from .control import ControlSpec, apply_controls, control_record
 from .output import Target, as_target, claim
 from .record import model_record
 from .request import ETA_SAMPLERS, MAX_STEPS, SEED_END, SampleRequest, whole_number  # noqa: F401 (re-exported)
@@ -282,6 +283,7 @@ def generate_to_file(
     finish: Finish | None = None,
     sign: Sign | None = None,
     world: World | None = None,
+    controls: list[ControlSpec] | None = None,
 ) -> list[Path]:
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it; a single image is
     written as itself) or, with grid=False, one PNG per image into the folder `out`, with the parameters embedded.
@@ -289,12 +291,17 @@ def generate_to_file(
     and the request are all checked before sampling; progress: a bar over images x sampler steps.
     sign: content
     credentials for every file written (PNG only). world: under torchrun, the ranks share the images (see
-    write_batches); every rank calls this with the same arguments, its own device in req.device."""
+    write_batches); every rank calls this with the same arguments, its own device in req.device. controls:
+    ControlNets that steer the model (pipelines/control.py), each recorded in the images' parameters."""
 
     def batches(ldm: LatentDiffusion, share: range):
+        if controls:
+            p = plan(ldm, req)
+            apply_controls(ldm, controls, (p.height, p.width), req.steps)
         return generate_batches(ldm, req, progress, share)
 
-    return write_batches(checkpoint, req, out, batches, grid, finish=finish, sign=sign, world=world)
+    extra = {"controls": control_record(controls)} if controls else None
+    return write_batches(checkpoint, req, out, batches, grid, extra, finish=finish, sign=sign, world=world)
 
 
 def write_batches(

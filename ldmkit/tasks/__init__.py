@@ -1,8 +1,20 @@
 """Model tasks: one module each, and the registry that maps names to them (see registry.py)."""
 
+from .control import CONTROL
 from .generate import GENERATE
 from .inpaint import INPAINT
 from .registry import TASKS, Task, get_task, register, task_names, unregister
 from .upscale import UPSCALE
 
-__all__ = ["GENERATE", "INPAINT", "TASKS", "UPSCALE", "Task", "get_task", "register", "task_names", "unregister"]
+__all__ = [
+    "CONTROL",
+    "GENERATE",
+    "INPAINT",
+    "TASKS",
+    "UPSCALE",
+    "Task",
+    "get_task",
+    "register",
+    "task_names",
+    "unregister",
+]

@@ -36,6 +36,7 @@ class Task:
     user_labels: bool = True  # its class embedding holds labels a user picks (not, e.g., noise levels)
     trains_on_images: bool = False  # training encodes each step's images itself (masks, degradations)
     from_noise: bool = True  # it generates from noise and a prompt or label alone (generate, sample, img2img)
+    base_model: bool = False  # it trains modules beside a frozen model that --init names, which keeps its own task
 
     # --- the backbone's shape ----------------------------------------------------------------------------------
     def concat_channels(self, run, ae_cfg, current: int) -> int:
@@ -61,6 +62,20 @@ class Task:
         """(clean latents (B, c, h, w), conditioning) of items idx, every draw from the items' own generators."""
         z = trainer.ldm.to_latent(trainer.draw_latents(idx, gens)).to(trainer.device)
         return z, trainer.condition(idx, gens)
+
+    def trained_modules(self, trainer) -> dict | None:
+        """The modules a run of this task trains instead of the backbone (and a trainable text encoder), by name; the
+        trainer's model and data are set when it is asked. None: the backbone, as for every model task."""
+        return None
+
+    def export(self, trainer, out_dir, weights, step: int):
+        """Write the checkpoint of `weights` (the trained modules, the EMA's where there is one) and return its path;
+        None: the default, a self-contained model file."""
+        return None
+
+    def preview_backbone(self, trainer, weights):
+        """The backbone a training preview samples with, from `weights` (see export)."""
+        return weights["unet"].eval()
 
     def preview_inputs(self, trainer, n: int, cond: Conditioning, uncond, size: tuple[int, int]):
         """(cond, uncond, composite) for a progress grid of n images of latent size `size`; composite (or None)

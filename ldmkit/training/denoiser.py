@@ -62,8 +62,11 @@ class DenoiserTask:
         self.text_cache, self.images = text_cache, images
         self.size = len(latents)
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
+        trained = self.task.trained_modules(self)  # e.g. a ControlNet beside the frozen backbone
         self.model = nn.ModuleDict(
-            {"unet": model.unet} | ({"text_encoder": model.text_encoder} if trainable_text else {})
+            trained
+            if trained is not None
+            else {"unet": model.unet} | ({"text_encoder": model.text_encoder} if trainable_text else {})
         )
         t = run.train
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -129,13 +132,16 @@ class DenoiserTask:
         return {"loss": loss.item()}
 
     def export(self, out_dir: Path, weights: nn.Module, step: int) -> Path:
+        own = self.task.export(self, out_dir, weights, step)  # e.g. a ControlNet file
+        if own is not None:
+            return own
         state = weights.state_dict()
         unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
         text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
         return self.ldm.save(out_dir / "model.safetensors", unet, text or None, step=step)
 
     def sample(self, out_dir: Path, weights: nn.Module, step: int) -> Path | None:
-        unet = weights["unet"].eval()
+        unet = self.task.preview_backbone(self, weights)
         text = weights["text_encoder"] if "text_encoder" in weights else self.ldm.text_encoder
         ldm = LatentDiffusion(self.ldm.autoencoder, self.ldm.ae_config, unet, self.run, text)
         cond, uncond, names = grid_conditions(ldm, self.latents)

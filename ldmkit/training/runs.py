@@ -139,7 +139,7 @@ def train_denoiser(
             "from a model with --init MODEL"
         )
     validate(run)
-    run, parent = start_from(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
+    run, parent = _start(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
     with process_group(run.train.device) as (world, device):
         world.check_same("settings", flatten(to_dict(run)))
         progress = progress and world.main
@@ -168,6 +168,23 @@ def train_denoiser(
             }
             world.on_main(lambda: (folder.path / "metrics.json").write_text(json.dumps(result, indent=2)))
     return result
+
+
+def _start(run: DenoiserRun, out_dir: str | Path) -> tuple[DenoiserRun, LdmFile | None]:
+    """start_from, for a task that trains beside a frozen base model (a ControlNet) too: the base comes from --init
+    and keeps its own task; the run's task stays the one asked for."""
+    task = get_task(run.task)
+    if not task.base_model:
+        return start_from(run, out_dir)
+    if not run.init:
+        raise InputError(f"--task {task.name} trains beside a frozen model: name it with --init MODEL")
+    started, parent = start_from(replace(run, task=DenoiserRun().task), out_dir)
+    if started.task != DenoiserRun().task:
+        raise InputError(
+            f"--init {run.init} is {get_task(started.task).summary} (task {started.task}); --task {task.name} needs "
+            f"a generation model"
+        )
+    return replace(started, task=task.name), parent
 
 
 def _denoiser_task(

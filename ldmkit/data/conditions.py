@@ -1,0 +1,194 @@
+"""Condition images for ControlNets: the built-in detectors, paired condition files, and condition images read for
+sampling.
+
+A condition image is (B, 3, H, W) float in [0, 1] at the image's resolution (three channels, as diffusers' ControlNets
+take them). Detectors take images (B, C, H, W) in [-1, 1] (C = 1 or 3; 4 with an alpha channel):
+- canny: Canny edges (OpenCV) of the grey image, white on black;
+- mask: the foreground, white on black: from the alpha channel where there is one, else the pixels that differ from
+  the background colour (the median of the border pixels), as for images composited on white like the emoji;
+- colour: a coarse colour layout, the mean colour of each cell of a cells x cells grid.
+Paired data (`--condition folder`) names each image's condition in metadata.jsonl, as diffusers' ControlNet training
+takes it: {"file_name": "images/1.png", "conditioning_image": "conditions/1.png", "text": "..."}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ..config import ControlConfig
+from ..errors import InputError, MissingFileError
+
+DETECTORS = ("canny", "mask", "colour")
+KINDS = DETECTORS + ("raw",)  # what `--control` takes: a detector run on the image, or the condition itself
+
+
+def _grey_uint8(images: torch.Tensor) -> np.ndarray:
+    rgb = images[:, :3] if images.shape[1] >= 3 else images[:, :1].expand(-1, 3, -1, -1)
+    grey = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]  # (B, H, W) in [-1, 1]
+    return ((grey.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def canny(images: torch.Tensor, low: int = 100, high: int = 200) -> torch.Tensor:
+    """Canny edges of images (B, C, H, W) in [-1, 1] -> (B, 3, H, W) in {0, 1}."""
+    edges = np.stack([cv2.Canny(g, low, high) for g in _grey_uint8(images)])  # (B, H, W) in {0, 255}
+    return torch.from_numpy(edges > 0).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def foreground_mask(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """The foreground of images (B, C, H, W) in [-1, 1] -> (B, 3, H, W) in {0, 1}: alpha > 0.5 with 4 channels, else
+    pixels farther than `threshold` (in [0, 1] units, max over channels) from the median border colour."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    if x.shape[1] == 4:
+        fg = x[:, 3] > 0.5
+    else:
+        border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (B, C, 2H + 2W)
+        bg = border.median(dim=-1).values[..., None, None]  # (B, C, 1, 1)
+        fg = (x - bg).abs().amax(dim=1) > threshold
+    return fg.float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def colour_layout(images: torch.Tensor, cells: int = 8) -> torch.Tensor:
+    """The mean colour of each cell of a cells x cells grid of images (B, C, H, W) in [-1, 1] -> (B, 3, H, W)."""
+    x = (images[:, :3].float().clamp(-1, 1) + 1) / 2
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[-2:]
+    small = F.adaptive_avg_pool2d(x, (min(cells, h), min(cells, w)))
+    return F.interpolate(small, size=(h, w), mode="nearest").contiguous()
+
+
+def detect(kind: str, images: torch.Tensor, cfg: ControlConfig | None = None) -> torch.Tensor:
+    """The condition `kind` (a detector) of images (B, C, H, W) in [-1, 1] -> (B, 3, H, W) in [0, 1]."""
+    cfg = cfg or ControlConfig()
+    if kind == "canny":
+        return canny(images, cfg.canny_low, cfg.canny_high)
+    if kind == "mask":
+        return foreground_mask(images)
+    if kind == "colour":
+        return colour_layout(images, cfg.colour_cells)
+    raise InputError(f"unknown detector {kind!r}; use {' or '.join(DETECTORS)}, or raw for a ready condition image")
+
+
+def _read(path: Path, what: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise MissingFileError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise InputError(f"{what} {path} is empty, truncated or not an image ({e})") from None
+
+
+def _fit(img: Image.Image, size: tuple[int, int], what: str) -> Image.Image:
+    """img resized to size (H, W), with a note; refused when its aspect ratio differs by more than 1%."""
+    h, w = size
+    if img.size == (w, h):
+        return img
+    a, b = img.width / img.height, w / h
+    if abs(a / b - 1) > 0.01:
+        raise InputError(
+            f"{what} is {img.width}x{img.height}, whose aspect ratio differs from the output's {w}x{h} by more "
+            f"than 1%; crop it to the output's shape"
+        )
+    print(f"note: {what} is {img.width}x{img.height}; resized to {w}x{h}", file=sys.stderr)
+    return img.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def condition_image(
+    kind: str, path: str | Path, size: tuple[int, int], cfg: ControlConfig | None = None, note: bool = True
+) -> torch.Tensor:
+    """The condition (1, 3, H, W) in [0, 1] that `--control KIND:IMAGE` gives a ControlNet at output size (H, W):
+    the detector `kind` run on the image, or the image itself for `raw` (a greyscale one converted with a note)."""
+    if kind not in KINDS:
+        raise InputError(f"unknown detector {kind!r} in --control; use {' or '.join(KINDS)}")
+    what = f"the control image {path}"
+    img = _fit(_read(Path(path), "the control image"), size, what)
+    if kind == "raw":
+        if img.mode not in ("RGB", "RGBA") and note:
+            print(f"note: {what} is {img.mode}, not RGB; converted to three channels", file=sys.stderr)
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+    mode = "RGBA" if kind == "mask" and ("A" in img.mode or "transparency" in img.info) else "RGB"
+    arr = np.asarray(img.convert(mode), dtype=np.float32) / 127.5 - 1.0
+    return detect(kind, torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0), cfg)
+
+
+class PairedConditions:
+    """The condition image of each item of an image folder, from its metadata.jsonl's `conditioning_image`."""
+
+    def __init__(self, dataset):
+        """dataset: a FolderDataset (data/folder.py); its centre crops are the conditions' (no random crop, no flip,
+        which would move the image away from its condition)."""
+        cfg, root = dataset.cfg, Path(dataset.root)
+        if cfg.crop != "center" or cfg.flip:
+            raise InputError(
+                "--condition folder pairs each image with its condition, so data.crop must be center and data.flip "
+                "false (a random crop or flip would move the image away from its condition)"
+            )
+        meta = root / "metadata.jsonl"
+        if not meta.is_file():
+            raise MissingFileError(
+                f"--condition folder reads {meta}, which does not exist; add one line per image: "
+                '{"file_name": "images/1.png", "conditioning_image": "conditions/1.png", "text": "..."}'
+            )
+        rows: dict[str, tuple[int, str]] = {}
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{meta} line {n} is not valid JSON ({e.msg}); fix or delete that line") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                continue  # read_metadata (data/folder.py) reports it
+            cond = row.get("conditioning_image")
+            if not isinstance(cond, str) or not cond:
+                raise InputError(f'{meta} line {n} has no "conditioning_image"; --condition folder needs one per image')
+            rel = PurePosixPath(cond.replace("\\", "/"))
+            if rel.is_absolute() or PureWindowsPath(cond).drive or ".." in rel.parts:
+                raise InputError(
+                    f"{meta} line {n}: conditioning_image {cond!r} points outside the data folder {root}; give its "
+                    f"path relative to that folder"
+                )
+            if not (root / rel).is_file():
+                raise MissingFileError(f"{meta} line {n}: conditioning_image {cond!r} does not exist under {root}")
+            name = PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix()
+            rows[name] = (n, rel.as_posix())
+        missing = [f.as_posix() for f in dataset.files if f.as_posix() not in rows]
+        if missing:
+            raise InputError(
+                f"{meta} names no conditioning_image for {len(missing)} image(s), e.g. {missing[0]!r}; add a line "
+                f"for each or remove those images"
+            )
+        self.root, self.rows, self.files, self.resolution = root, rows, list(dataset.files), cfg.resolution
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def get(self, i: int) -> torch.Tensor:
+        """Item i's condition (3, R, R) in [0, 1]: resized (shorter side) and centre-cropped as its image."""
+        j = i % len(self.files)
+        if j not in self._cache:
+            n, rel = self.rows[self.files[j].as_posix()]
+            img = _read(self.root / rel, f"metadata.jsonl line {n}: conditioning_image").convert("RGB")
+            r = self.resolution
+            s = r / min(img.size)
+            img = img.resize((max(r, round(img.width * s)), max(r, round(img.height * s))), Image.Resampling.BICUBIC)
+            left, top = (img.width - r) // 2, (img.height - r) // 2
+            img = img.crop((left, top, left + r, top + r))
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            self._cache[j] = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        return self._cache[j]
+
+    def batch(self, idx) -> torch.Tensor:
+        return torch.stack([self.get(int(i)) for i in idx])  # (B, 3, R, R)

@@ -1,0 +1,223 @@
+"""ControlNet (Zhang et al. 2023): spatial control of a frozen U-Net by a trainable copy of its encoder.
+
+The copy (the U-Net's input convolution, noise-level and class embeddings, encoder levels and middle block, with the
+U-Net's own parameter names) also sees a condition image (edges, a mask, a colour layout, a depth map ...) through a
+small hint encoder: strided convolutions from the image's resolution down to the latent's, whose last layer starts
+at zero. Each skip connection and the middle block's output leave it through a 1x1 convolution that also starts at
+zero, so an untrained ControlNet changes nothing. Its outputs are residuals the frozen U-Net adds to its skip
+connections and its middle block (`Conditioning.control`, the U-Net's one hook for injected residuals).
+
+`Controlled` wraps a backbone with one or more ControlNets, each with its condition image, a scale and the fraction
+of the sampling steps it acts on (start, end); it is a backbone itself, so samplers and guidance see nothing new.
+A ControlNet file is a safetensors checkpoint of kind "controlnet": the weights, the U-Net configuration it was made
+for, the hint encoder's widths, the condition it was trained on and its base model's SHA-256.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import checkpoint
+from ..conditioning.types import Conditioning, backbone_inputs
+from ..config import UNetConfig, from_dict, to_dict
+from ..errors import InputError
+from .unet import UNet
+
+KIND = "controlnet"  # the checkpoint kind of a ControlNet file
+
+
+def hint_widths(factor: int, first: int = 16) -> tuple[int, ...]:
+    """The hint encoder's widths for an autoencoder downsampling by `factor` (a power of two): one per resolution,
+    doubling at each halving."""
+    k = int(round(math.log2(factor)))
+    if 2**k != factor:
+        raise InputError(f"a ControlNet needs an autoencoder factor that is a power of two, not {factor}")
+    return tuple(first * 2**i for i in range(k + 1))
+
+
+class HintEncoder(nn.Module):
+    """Condition image (B, C, H, W) in [0, 1] -> features (B, model_channels, H/f, W/f): a convolution, then per
+    halving a convolution and a strided one (SiLU after each), then a zero-initialised output convolution."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], out_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for a, b in zip(widths[:-1], widths[1:]):
+            self.blocks.append(nn.Conv2d(a, a, 3, padding=1))
+            self.blocks.append(nn.Conv2d(a, b, 3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, hint: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.conv_in(hint))
+        for conv in self.blocks:
+            h = F.silu(conv(h))
+        return self.conv_out(h)
+
+
+class ControlNet(UNet):
+    """The trainable copy of a U-Net's encoder and middle block, a hint encoder and the zero convolutions."""
+
+    def __init__(self, cfg: UNetConfig, hint_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 128)):
+        """cfg: the controlled U-Net's configuration; hint_channels: the condition image's channels; widths: the hint
+        encoder's (len(widths) - 1 halvings: the autoencoder's factor is 2 ** (len(widths) - 1))."""
+        super().__init__(cfg, encoder_only=True)
+        self.hint_channels, self.widths = hint_channels, tuple(widths)
+        self.factor = 2 ** (len(widths) - 1)
+        self.hint = HintEncoder(hint_channels, self.widths, cfg.model_channels)
+        self.zero_convs = nn.ModuleList(nn.Conv2d(c, c, 1) for c in self.skip_channels)
+        self.mid_out = nn.Conv2d(self.mid_channels, self.mid_channels, 1)
+        for conv in [*self.zero_convs, self.mid_out]:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    @classmethod
+    def from_unet(cls, unet: UNet, factor: int, hint_channels: int = 3, first_width: int = 16) -> "ControlNet":
+        """A ControlNet for `unet`, its encoder and middle block copied from it (the rest starts at zero)."""
+        net = cls(unet.cfg, hint_channels, hint_widths(factor, first_width))
+        own = net.state_dict()
+        shared = {k: v for k, v in unet.state_dict().items() if k in own}
+        net.load_state_dict(shared, strict=False)
+        return net.to(next(unet.parameters()).device)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning, hint: torch.Tensor):
+        """Residuals (one per skip connection, then the middle block's) for the U-Net's inputs (x, c_noise, cond)
+        and the condition image hint (B, hint_channels, H, W) in [0, 1], H = x's height times the factor."""
+        x, c_noise, cond = backbone_inputs(x, c_noise, cond, self.cfg.in_channels, "ControlNet")
+        if hint.shape[-2] != x.shape[-2] * self.factor or hint.shape[-1] != x.shape[-1] * self.factor:
+            raise InputError(
+                f"the control image is {hint.shape[-1]}x{hint.shape[-2]}, but a ControlNet for latents of "
+                f"{x.shape[-1]}x{x.shape[-2]} takes {x.shape[-1] * self.factor}x{x.shape[-2] * self.factor}"
+            )
+        emb = self.embed(c_noise, cond.labels)
+        ctx = cond.context.to(x.dtype) if cond.context is not None else None
+        h, skips = self.encode(x, emb, ctx, cond.context_mask, added=self.hint(hint.to(x.dtype)))
+        return [conv(s) for conv, s in zip(self.zero_convs, skips)] + [self.mid_out(h)]
+
+
+@dataclass
+class Control:
+    """One ControlNet acting on a sampling: its condition image (1 or B, C, H, W) in [0, 1] (None: taken from the
+    conditioning's `hint`, as in training), the scale of its residuals, and the fraction of the steps it acts on."""
+
+    net: ControlNet
+    image: torch.Tensor | None = None
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    window: tuple[float, float] | None = None  # the c_noise range it acts on (step_window); None: every call
+
+
+def check_control(scale: float, start: float, end: float, name: str = "--control") -> None:
+    """InputError for a scale that is NaN or negative, or a start/end outside [0, 1] or a start after the end."""
+    if not scale >= 0 or math.isinf(scale):
+        raise InputError(f"{name}: the scale {scale} must be a finite number >= 0 (1 is the trained strength)")
+    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+        raise InputError(f"{name}: start {start} and end {end} are fractions of the steps, between 0 and 1")
+    if start >= end:
+        raise InputError(f"{name}: the start {start} is not before the end {end}; the control would never act")
+
+
+def step_window(denoiser, sigmas: torch.Tensor, start: float, end: float) -> tuple[float, float] | None:
+    """The range of the backbone's noise level (c_noise) over which a control acts when sampling over `sigmas`
+    (N + 1 values, the last 0): step i of N acts when i / N >= start and (i + 1) / N <= end, the rule of diffusers'
+    ControlNet pipelines. None: every step (start 0, end 1); (inf, -inf): none."""
+    if start <= 0.0 and end >= 1.0:
+        return None
+    n = len(sigmas) - 1
+    first, last = math.ceil(start * n - 1e-9), math.floor(end * n + 1e-9) - 1
+    if first > last:
+        return (math.inf, -math.inf)
+    c = denoiser.c_noise(sigmas[[last, first]].float()).tolist()  # c_noise grows with sigma
+    lo, hi = min(c), max(c)
+    pad = 1e-4 * max(abs(lo), abs(hi), 1.0)
+    return (lo - pad, hi + pad)
+
+
+class Controlled(nn.Module):
+    """A backbone with ControlNets: called as the backbone is, it adds the scaled sum of their residuals to the
+    backbone's skip connections and middle block (Conditioning.control). Each control's image comes from the
+    conditioning's `hint` (one per control, training) or from the control itself (sampling), repeated to the
+    batch (guidance doubles it)."""
+
+    def __init__(self, backbone: nn.Module, controls: list[Control]):
+        super().__init__()
+        self.backbone = backbone
+        self.controls = controls
+        self.nets = nn.ModuleList(c.net for c in controls)  # so .to(), .parameters() and state reach them
+
+    @property
+    def cfg(self):
+        return self.backbone.cfg
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        cond = cond or Conditioning()
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(x.shape[0])
+        total = None
+        for k, ctl in enumerate(self.controls):
+            active = _active(ctl.window, c_noise)  # (B,) 1 where the control acts on the item's step
+            if ctl.scale == 0 or not bool(active.any()):
+                continue
+            hint = cond.hint[k] if cond.hint is not None else ctl.image
+            if hint is None:
+                raise InputError(f"control {k + 1} has no condition image")
+            if hint.shape[0] != x.shape[0]:
+                if x.shape[0] % hint.shape[0]:
+                    raise InputError(f"{hint.shape[0]} control images for a batch of {x.shape[0]}")
+                hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)
+            res = ctl.net(x, c_noise, replace(cond, hint=None, control=None), hint.to(x.device))
+            w = (active * ctl.scale).to(x.dtype).view(-1, 1, 1, 1)
+            res = [r * w for r in res]
+            total = res if total is None else [a + b for a, b in zip(total, res)]
+        cond = replace(cond, hint=None, control=tuple(total) if total is not None else None)
+        return self.backbone(x, c_noise, cond)
+
+
+def _active(window: tuple[float, float] | None, c_noise: torch.Tensor) -> torch.Tensor:
+    if window is None:
+        return torch.ones_like(c_noise, dtype=torch.float32)
+    lo, hi = window
+    return ((c_noise >= lo) & (c_noise <= hi)).float()
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+
+
+def save_controlnet(path: str | Path, net: ControlNet, state: dict | None = None, **extra) -> Path:
+    """Write a ControlNet file: weights (`state`, default the module's), the U-Net configuration it was made for,
+    the hint encoder's shape, and `extra` (condition, base_sha256, step ...) as metadata."""
+    config = {"unet": to_dict(net.cfg), "hint_channels": net.hint_channels, "hint_widths": list(net.widths)}
+    return checkpoint.save(path, state if state is not None else net.state_dict(), KIND, config, **extra)
+
+
+def load_controlnet(path: str | Path, device="cpu") -> tuple[ControlNet, dict]:
+    """(the ControlNet in file `path`, in eval mode and frozen, the file's metadata)."""
+    tensors, meta = checkpoint.load(path, KIND)
+    cfg = meta["config"]
+    net = ControlNet(from_dict(UNetConfig, cfg["unet"]), cfg["hint_channels"], tuple(cfg["hint_widths"]))
+    checkpoint.load_state(net, tensors, path, "ControlNet")
+    return net.to(device).eval().requires_grad_(False), meta
+
+
+def check_fits(net: ControlNet, unet, factor: int, source: str | Path) -> None:
+    """InputError naming the first difference when the ControlNet in `source` was made for another denoiser."""
+    if not isinstance(unet, UNet):
+        raise InputError(f"{source} is a ControlNet for a U-Net; this model's denoiser is not a U-Net")
+    mine, theirs = to_dict(net.cfg), to_dict(unet.cfg)
+    diff = [f"unet.{k}={mine[k]!r} (the model has {theirs.get(k)!r})" for k in mine if mine[k] != theirs.get(k)]
+    if diff:
+        raise InputError(f"{source} was made for another denoiser: {'; '.join(diff[:3])}")
+    if net.factor != factor:
+        raise InputError(
+            f"{source} takes condition images {net.factor}x the latent's size, but this model's autoencoder "
+            f"downsamples by {factor}"
+        )
