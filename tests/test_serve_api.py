@@ -30,7 +30,9 @@ STEPS = 3
 def live(tmp_path_factory):
     db = tmp_path_factory.mktemp("serve") / "ldmkit.db"
     # no watermark here: these tests hold the server to bit-identical images across APIs and batches
-    server = LiveServer(db, models=("emoji", "fashion-mnist"), max_wait_ms=150, watermark=False)
+    # a long time limit: admission control (refusing what cannot finish in time) must not refuse the deliberately
+    # long job of the cancellation test on a slow or loaded machine
+    server = LiveServer(db, models=("emoji", "fashion-mnist"), max_wait_ms=150, watermark=False, timeout_s=3600)
     keys = Keys(open_store(str(db)))
     server.keys = {role: keys.create(f"{role}-key", role)[0] for role in ("viewer", "user", "admin")}
     server.keys["limited"] = keys.create("limited", "user", images_per_day=3)[0]
