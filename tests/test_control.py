@@ -228,3 +228,54 @@ def test_control_training_needs_a_base_model_and_a_known_condition(tmp_path, tin
 
         validate(replace(DenoiserRun(), control=ControlConfig(condition="depth")))
     assert from_dict(DenoiserRun, {"control": {"condition": "mask"}}).control.condition == "mask"
+
+
+def _paired_folder(root, n=8):
+    (root / "images").mkdir(parents=True)
+    (root / "conditions").mkdir()
+    rows = []
+    for i in range(n):
+        img = np.zeros((16, 16), np.uint8)
+        img[i % 8 : i % 8 + 6, 2:8] = 255
+        Image.fromarray(img, "L").save(root / "images" / f"{i}.png")
+        Image.fromarray(np.stack([255 - img] * 3, -1)).save(root / "conditions" / f"{i}.png")
+        rows.append({"file_name": f"images/{i}.png", "conditioning_image": f"conditions/{i}.png", "label": i % 2})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_the_command_line_trains_on_paired_folders_and_reports_bad_rows(tmp_path, tiny_ldm, capsys):
+    rows = _paired_folder(tmp_path / "data")
+    args = [
+        "train",
+        "--task",
+        "control",
+        "--init",
+        str(tiny_ldm),
+        "--condition",
+        "folder",
+        "--data",
+        str(tmp_path / "data"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--set",
+        "train.sample_every=0",
+        "--set",
+        "train.num_workers=0",
+    ]
+    assert main(args + ["--out", str(tmp_path / "run")]) == 0
+    meta = checkpoint.read_metadata(tmp_path / "run" / "controlnet.safetensors")
+    assert meta["condition"] == "folder" and meta["base"] == str(tiny_ldm)
+
+    rows[3]["conditioning_image"] = "conditions/missing.png"
+    (tmp_path / "data" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "run2")]) != 0
+    assert "line 4: conditioning_image 'conditions/missing.png' does not exist" in capsys.readouterr().err
+    rows[3]["conditioning_image"] = "../outside.png"
+    (tmp_path / "data" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(args + ["--out", str(tmp_path / "run3")]) != 0
+    assert "line 4: conditioning_image '../outside.png' points outside the data folder" in capsys.readouterr().err
