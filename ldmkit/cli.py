@@ -14,6 +14,8 @@ from PIL import Image
 
 from .checkpoint import check_output_path, read_metadata
 from .config import CONDITIONS, AutoencoderRun, DenoiserRun, ServeRun, load_run
+from .data.conditions import DETECTORS, condition_image
+from .data.images import to_pil, write_image
 from .distributed import World, launched, main_process, process_group
 from .errors import InputError, LdmkitError, MissingFileError
 from .evaluation.evaluate import evaluate, format_table, result_path, write_result
@@ -498,6 +500,17 @@ def _edit_commands(command):
         p.add_argument(f"--{side}", type=int, help=f"pixels to add on the {side} (overrides --extend there)")
 
 
+def cmd_condition(args):
+    """What a ControlNet sees: the detector's map of IMAGE, written as an image."""
+    with Image.open(args.image) as img:
+        size = (img.height, img.width)
+    out = check_output_path(Path(args.out), "--out")
+    if out.resolve() == Path(args.image).resolve():
+        raise InputError(f"--out {out} is the input image; write the map elsewhere")
+    cond = condition_image(args.detector, args.image, size)[0]  # (3, H, W) in [0, 1]
+    print(f"wrote {write_image(to_pil(cond * 2 - 1), out)}")
+
+
 def cmd_info(args):
     meta = read_metadata(args.checkpoint)
     print(json.dumps(meta, indent=2))
@@ -644,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompts_command(sub, common)
     _policy_command(sub, common)
     add_governance_commands(sub, common)
+
+    p = command("condition", "show what a ControlNet sees: a detector's map of an image", cmd_condition)
+    p.add_argument("detector", choices=list(DETECTORS), help="canny edges, a foreground mask or a colour layout")
+    p.add_argument("image", help="the image to run the detector on")
+    p.add_argument("--out", required=True, help="the map's image file (.png, .jpg, .webp)")
 
     p = command("info", "print a checkpoint's kind and configuration", cmd_info)
     p.add_argument("checkpoint")
