@@ -279,3 +279,14 @@ def test_the_command_line_trains_on_paired_folders_and_reports_bad_rows(tmp_path
     (tmp_path / "data" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(args + ["--out", str(tmp_path / "run3")]) != 0
     assert "line 4: conditioning_image '../outside.png' points outside the data folder" in capsys.readouterr().err
+
+
+def test_the_condition_command_shows_what_the_controlnet_sees(tmp_path, capsys):
+    img = np.zeros((24, 24, 4), np.uint8)
+    img[6:18, 6:18] = 255
+    Image.fromarray(img, "RGBA").save(tmp_path / "e.png")
+    assert main(["condition", "mask", str(tmp_path / "e.png"), "--out", str(tmp_path / "m.png")]) == 0
+    m = np.asarray(Image.open(tmp_path / "m.png"))
+    assert m.shape == (24, 24, 3) and m[12, 12, 0] == 255 and m[0, 0, 0] == 0
+    assert main(["condition", "canny", str(tmp_path / "e.png"), "--out", str(tmp_path / "e.png")]) != 0
+    assert "is the input image" in capsys.readouterr().err
