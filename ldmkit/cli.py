@@ -12,8 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from .adapters import describe as describe_lora
 from .checkpoint import check_output_path, read_metadata
-from .config import CONDITIONS, AutoencoderRun, DenoiserRun, ServeRun, load_run
+from .config import CONDITIONS, LORA_LAYOUTS, LORA_TARGETS, AutoencoderRun, DenoiserRun, ServeRun, load_run
 from .data.conditions import DETECTORS, condition_image
 from .data.images import to_pil, write_image
 from .distributed import World, launched, main_process, process_group
@@ -24,10 +25,12 @@ from .governance.policy import load_policy
 from .governance.screen import build_screen, finisher, load_index
 from .governance.similarity import DEFAULT_THRESHOLD as COPY_THRESHOLD
 from .interop.convert import convert
+from .ldm import LatentDiffusion
 from .pipelines.control import parse_control
 from .pipelines.generate import SampleRequest, generate_to_file
 from .pipelines.img2img import check_strength, img2img_to_file
 from .pipelines.inpaint import MAX_RESAMPLE, InpaintOptions, inpaint_to_file
+from .pipelines.lora import parse_lora
 from .pipelines.masks import FEATHER_PX
 from .pipelines.outpaint import Border, outpaint_to_file
 from .pipelines.output import Target
@@ -191,11 +194,14 @@ def cmd_train(args):
         extra.append(f"init={args.init}")
     if args.condition:
         extra.append(f"control.condition={args.condition}")
+    for key in ("rank", "alpha", "targets", "layout"):
+        if getattr(args, f"lora_{key}") is not None:
+            extra.append(f"lora.{key}={getattr(args, f'lora_{key}')}")
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
     result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if main_process():
         print(json.dumps(result, indent=2))
-        print(f"model written to {result['checkpoint']}")
+        print(f"{'LoRA' if run.lora.rank else 'model'} written to {result['checkpoint']}")
 
 
 def _request(args, n: int, prompts: list[str] | None) -> SampleRequest:
@@ -259,7 +265,10 @@ def _generate_files(args, checkpoint, req: SampleRequest, out, grid: bool, contr
         req = replace(req, device=str(device)) if world.active else req
         finish, sign = _finish(args, checkpoint, world), _sign(args)
         progress = _progress(args) and world.main
-        return generate_to_file(checkpoint, req, _target(args, out), grid, progress, finish, sign, world, controls)
+        loras = [parse_lora(s) for s in getattr(args, "lora", None) or []]
+        kw = {"loras": loras, "lora_merge": getattr(args, "lora_merge", False)} if loras else {}
+        target = _target(args, out)
+        return generate_to_file(checkpoint, req, target, grid, progress, finish, sign, world, controls, **kw)
 
 
 def cmd_sample(args):
@@ -550,6 +559,22 @@ def cmd_policy_check(args):
     return 1
 
 
+def cmd_lora_inspect(args):
+    net = LatentDiffusion.load(resolve_model(args.model), "cpu").unet if args.model else None
+    print(json.dumps(describe_lora(args.file, net), indent=2))
+
+
+def _lora_command(sub, common):
+    p = sub.add_parser("lora", help="LoRA files: inspect", parents=[common])
+    actions = p.add_subparsers(dest="lora_action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "inspect", help="the layout, ranks and alphas of a LoRA file, and the layers that fit --model", parents=[common]
+    )
+    a.add_argument("file", help="a kohya or diffusers/PEFT LoRA .safetensors")
+    a.add_argument("--model", help="a shipped model's name or a model.safetensors: list which layers match it")
+    a.set_defaults(fn=cmd_lora_inspect)
+
+
 def _policy_command(sub, common):
     p = sub.add_parser("policy", help="check prompts against a content policy (policy.toml)", parents=[common])
     actions = p.add_subparsers(dest="policy_action", required=True, metavar="ACTION")
@@ -624,6 +649,25 @@ def build_parser() -> argparse.ArgumentParser:
         "what differs from the background), a coarse colour layout, or folder (metadata.jsonl's "
         "conditioning_image) (control.condition)",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="with --init: train rank-R LoRA adapters on the frozen model and write lora.safetensors (lora.rank)",
+    )
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="the LoRA scale numerator (default R) (lora.alpha)")
+    p.add_argument(
+        "--lora-targets",
+        choices=list(LORA_TARGETS),
+        help="layers to adapt: attention projections (default), and feed-forward, or every linear and 1x1 "
+        "convolution (lora.targets)",
+    )
+    p.add_argument(
+        "--lora-layout",
+        choices=list(LORA_LAYOUTS),
+        help="lora.safetensors' keys: peft (diffusers' load_lora_weights; default) or kohya (AUTOMATIC1111, "
+        "ComfyUI) (lora.layout)",
+    )
     _run_options(p, "runs/denoiser")
 
     _sampling_commands(command)
@@ -656,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_command(sub, common)
     add_prompts_command(sub, common)
     _policy_command(sub, common)
+    _lora_command(sub, common)
     add_governance_commands(sub, common)
 
     p = command("condition", "show what a ControlNet sees: a detector's map of an image", cmd_condition)
@@ -666,6 +711,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("info", "print a checkpoint's kind and configuration", cmd_info)
     p.add_argument("checkpoint")
     return ap
+
+
+def _lora_options(p: argparse.ArgumentParser):
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (kohya or diffusers/PEFT .safetensors) at SCALE (default 1, negative allowed); repeatable",
+    )
+    p.add_argument("--lora-merge", action="store_true", help="merge the LoRAs into the weights (fastest)")
 
 
 def _sampling_commands(command):
@@ -712,6 +767,7 @@ def _sampling_commands(command):
     p.add_argument(
         "--control-end", type=float, default=1.0, help="the fraction of the steps the controls end at (default 1)"
     )
+    _lora_options(p)
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument(
         "--out",

@@ -303,6 +303,24 @@ class ControlConfig:
     hint_width: int = bounded(16, Bound(1, 256, integer=True))  # the hint encoder's first width (doubles per halving)
 
 
+LORA_TARGETS = ("attn", "attn+ff", "all")  # the values of LoRAConfig.targets
+LORA_LAYOUTS = ("peft", "kohya")  # the values of LoRAConfig.layout
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) trained on the frozen backbone of an --init model: W + (alpha / r) B A
+    on the layers `targets` names. A run with rank > 0 trains and writes only the adapters (lora.safetensors)."""
+
+    rank: int = bounded(0, Bound(0, 4096, integer=True))  # r; 0: no LoRA (the backbone itself trains)
+    alpha: float = bounded(0.0, WEIGHT)  # the update's numerator; 0: the rank (a factor alpha / r of 1)
+    # "attn": the attention projections (to_q, to_k, to_v, to_out); "attn+ff": and the feed-forward layers;
+    # "all": every linear layer and 1x1 convolution of the backbone
+    targets: str = bounded("attn", Bound(choices=LORA_TARGETS))
+    # the written file's keys: "peft" (diffusers' load_lora_weights) or "kohya" (AUTOMATIC1111, ComfyUI)
+    layout: str = bounded("peft", Bound(choices=LORA_LAYOUTS))
+
+
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
@@ -328,6 +346,7 @@ class DenoiserRun:
     init_sha256: str = ""  # the SHA-256 of that model, recorded when the run starts
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
     control: ControlConfig = field(default_factory=ControlConfig)  # task "control" only
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # [lora] rank > 0: train adapters on the --init model
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
     dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
 

@@ -25,3 +25,23 @@ def save_lora(path: str | Path, lora: LoRASet, net: nn.Module, layout: str = "pe
     """Write `lora` (a set on backbone `net`) in `layout`: "peft" (diffusers' load_lora_weights) or "kohya"."""
     file, convs = to_file(lora, net, layout, about)
     return write_lora(path, file, convs)
+
+
+def describe(path: str | Path, net: nn.Module | None = None) -> dict:
+    """What `ldmkit lora inspect` shows: the layout, ranks, alphas, what ldmkit recorded of its base model, and,
+    given a backbone, which of its U-Net layers match that model and which do not."""
+    f = read_lora(path)
+    layers = f.layers()
+    out = {
+        "file": str(path),
+        "layout": f.layout,
+        "layers": {part: len(v) for part, v in f.parts.items()},
+        "ranks": sorted({x.rank for _, _, x in layers}),
+        "alphas": sorted({x.alpha for _, _, x in layers}),
+        "base": {k: f.about[k] for k in ("base", "base_sha256", "targets", "step") if k in f.about},
+    }
+    if net is not None:
+        m = match(f, net)
+        out |= {"matched": len(m.matched), "unmatched": m.unmatched, "fits": not m.unmatched}
+        out["text_encoder_layers_not_applied"] = len(m.text)
+    return out

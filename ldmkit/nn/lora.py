@@ -106,7 +106,9 @@ class LoRASet(nn.Module):
 # --- unmerged: forward hooks with per-sample scales -----------------------------------------------------------------
 
 # the scales of the current call, per attached set: {id(set): (B,) tensor or float}; set by `scales`
-_SCALES: contextvars.ContextVar[dict[int, torch.Tensor | float]] = contextvars.ContextVar("lora_scales", default={})
+_SCALES: contextvars.ContextVar[dict[int, torch.Tensor | float] | None] = contextvars.ContextVar(
+    "lora_scales", default=None
+)
 
 
 @contextmanager
@@ -114,7 +116,7 @@ def scales(per_set: Mapping[LoRASet, torch.Tensor | float]):
     """Within the block, each attached set in `per_set` adds its update at that scale: one number, or one per sample
     (B,) (a batch k times as long, as classifier-free guidance makes it, repeats them k times). Context-local, so
     concurrent requests on one model do not see each other's scales."""
-    token = _SCALES.set({**_SCALES.get(), **{id(s): v for s, v in per_set.items()}})
+    token = _SCALES.set({**(_SCALES.get() or {}), **{id(s): v for s, v in per_set.items()}})
     try:
         yield
     finally:
@@ -145,7 +147,7 @@ class Attached:
 
     def _hook(self, layer: LoRA):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-            s = _SCALES.get().get(id(self.lora), self.default)
+            s = (_SCALES.get() or {}).get(id(self.lora), self.default)
             return out + _per_sample(s, out) * layer(inputs[0], isinstance(module, nn.Conv2d))
 
         return hook

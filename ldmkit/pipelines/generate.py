@@ -30,6 +30,7 @@ from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
 from ..runtime import resolve_device
 from .control import ControlSpec, apply_controls, control_record
+from .lora import LoRASpec, apply_loras, check_loras, lora_record
 from .output import Target, as_target, claim
 from .record import model_record
 from .request import ETA_SAMPLERS, MAX_STEPS, SEED_END, SampleRequest, whole_number  # noqa: F401 (re-exported)
@@ -284,6 +285,8 @@ def generate_to_file(
     sign: Sign | None = None,
     world: World | None = None,
     controls: list[ControlSpec] | None = None,
+    loras: list[LoRASpec] | None = None,
+    lora_merge: bool = False,
 ) -> list[Path]:
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it; a single image is
     written as itself) or, with grid=False, one PNG per image into the folder `out`, with the parameters embedded.
@@ -292,15 +295,21 @@ def generate_to_file(
     sign: content
     credentials for every file written (PNG only). world: under torchrun, the ranks share the images (see
     write_batches); every rank calls this with the same arguments, its own device in req.device. controls:
-    ControlNets that steer the model (pipelines/control.py), each recorded in the images' parameters."""
+    ControlNets that steer the model (pipelines/control.py), each recorded in the images' parameters. loras: LoRAs
+    on the model (pipelines/lora.py), unmerged, or merged into its weights with lora_merge."""
+    check_loras(loras or [])
 
     def batches(ldm: LatentDiffusion, share: range):
+        if loras:
+            apply_loras(ldm, loras, lora_merge)
         if controls:
             p = plan(ldm, req)
             apply_controls(ldm, controls, (p.height, p.width), req.steps)
         return generate_batches(ldm, req, progress, share)
 
     extra = {"controls": control_record(controls)} if controls else None
+    if loras:
+        extra = (extra or {}) | {"loras": lora_record(loras, lora_merge)}
     return write_batches(checkpoint, req, out, batches, grid, extra, finish=finish, sign=sign, world=world)
 
 

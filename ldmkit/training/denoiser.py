@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..adapters import save_lora
 from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun
 from ..data.images import save_grid
@@ -21,6 +22,7 @@ from ..data.latents import LatentCache
 from ..diffusion.sample import sample_latents
 from ..errors import InputError
 from ..ldm import LatentDiffusion
+from ..nn.lora import LoRASet
 from ..noise import generators_from_seed, randn
 from ..tasks import get_task
 from .parallel import Parallel
@@ -48,11 +50,13 @@ class DenoiserTask:
         device: torch.device,
         text_cache=None,
         images=None,
+        adapter: LoRASet | None = None,
     ):
         """run: the resolved configuration; model: the bundle whose U-Net (and trainable text encoder) is trained;
         latents: the encoded training set; text_cache: embeddings of every caption for a frozen text encoder;
         images: the training set itself (items with an "image" (C, H, W) in [-1, 1]), needed by the tasks that encode
-        each step's images (inpaint, upscale)."""
+        each step's images (inpaint, upscale); adapter: LoRAs hooked into the frozen backbone (run.lora), which then
+        are all that trains, is averaged and is exported (lora.safetensors)."""
         self.task = get_task(run.task)
         if self.task.trains_on_images and images is None:
             raise InputError(
@@ -62,7 +66,8 @@ class DenoiserTask:
         self.text_cache, self.images = text_cache, images
         self.size = len(latents)
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
-        trained = self.task.trained_modules(self)  # e.g. a ControlNet beside the frozen backbone
+        self.adapter = adapter
+        trained = {"lora": adapter} if adapter is not None else self.task.trained_modules(self)  # or a ControlNet
         self.model = nn.ModuleDict(
             trained
             if trained is not None
@@ -127,11 +132,17 @@ class DenoiserTask:
         self, step: int, idx: torch.Tensor, gens: Sequence[torch.Generator], scale: float, x: torch.Tensor | None
     ) -> dict[str, float]:
         self.model.train()
+        if self.adapter is not None:
+            self.ldm.unet.train()  # the frozen backbone runs as in training, its adapters inside it
         loss = self.loss_fn(idx, gens, x)
         (loss * scale).backward()
         return {"loss": loss.item()}
 
     def export(self, out_dir: Path, weights: nn.Module, step: int) -> Path:
+        if self.adapter is not None:  # the adapters alone, in the layout asked for
+            lora, about = self.run.lora, {"base": self.run.init, "base_sha256": self.run.init_sha256, "step": step}
+            about |= {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "targets": lora.targets}
+            return save_lora(out_dir / "lora.safetensors", weights["lora"], self.ldm.unet, lora.layout, about)
         own = self.task.export(self, out_dir, weights, step)  # e.g. a ControlNet file
         if own is not None:
             return own
@@ -141,7 +152,16 @@ class DenoiserTask:
         return self.ldm.save(out_dir / "model.safetensors", unet, text or None, step=step)
 
     def sample(self, out_dir: Path, weights: nn.Module, step: int) -> Path | None:
-        unet = self.task.preview_backbone(self, weights)
+        if self.adapter is None:
+            return self._grid(out_dir, self.task.preview_backbone(self, weights), weights, step)
+        live = {k: v.clone() for k, v in self.adapter.state_dict().items()}
+        self.adapter.load_state_dict(weights["lora"].state_dict())  # the grid shows the weights given (the EMA's)
+        try:
+            return self._grid(out_dir, self.ldm.unet.eval(), weights, step)
+        finally:
+            self.adapter.load_state_dict(live)  # copied back: training goes on bit for bit
+
+    def _grid(self, out_dir: Path, unet: nn.Module, weights: nn.Module, step: int) -> Path | None:
         text = weights["text_encoder"] if "text_encoder" in weights else self.ldm.text_encoder
         ldm = LatentDiffusion(self.ldm.autoencoder, self.ldm.ae_config, unet, self.run, text)
         cond, uncond, names = grid_conditions(ldm, self.latents)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import target_paths
 from ..autoencoder.files import load_autoencoder
 from ..conditioning.text import EmbeddingCache, build_text_encoder
 from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, validate
@@ -18,6 +19,7 @@ from ..distributed import World, process_group
 from ..errors import InputError
 from ..evaluation.metrics import reconstruction_metrics
 from ..ldm import LatentDiffusion, LdmFile
+from ..nn.lora import LoRASet, attach
 from ..runtime import autocast
 from ..tasks import get_task
 from .autoencoder import AutoencoderTask
@@ -139,6 +141,7 @@ def train_denoiser(
             "from a model with --init MODEL"
         )
     validate(run)
+    check_lora_run(run)
     run, parent = _start(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
     with process_group(run.train.device) as (world, device):
         world.check_same("settings", flatten(to_dict(run)))
@@ -165,6 +168,7 @@ def train_denoiser(
                 "step": res.step,
                 "final_loss": res.history[-1]["loss"] if res.history else None,
                 "parameters": sum(p.numel() for p in task.ldm.unet.parameters()),
+                "trained_parameters": sum(p.numel() for p in task.model.parameters()),
             }
             world.on_main(lambda: (folder.path / "metrics.json").write_text(json.dumps(result, indent=2)))
     return result
@@ -216,6 +220,31 @@ def _denoiser_task(
     if parent is not None:
         load_parent_weights(parent, unet, None, run.init)
     unet = unet.to(device)
+    adapter = _lora_adapter(run, unet)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
     images = train_set if get_task(run.task).trains_on_images else None  # encoded each step (mask, degradation)
-    return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images)
+    return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images, adapter=adapter)
+
+
+def check_lora_run(run: DenoiserRun) -> None:
+    """InputError for a LoRA run (lora.rank > 0) that has no model to adapt or asks to train more."""
+    if not run.lora.rank:
+        return
+    if not run.init:
+        raise InputError("--lora-rank trains adapters on an existing model; pass --init MODEL (or drop --lora-rank)")
+    if run.train.trainable == "backbone+text":
+        raise InputError("--lora-rank trains the adapters alone; drop train.trainable=backbone+text")
+    if get_task(run.task).base_model:
+        raise InputError(f"--lora-rank adapts the model itself; drop --task {run.task} (or --lora-rank)")
+
+
+def _lora_adapter(run: DenoiserRun, unet: torch.nn.Module) -> LoRASet | None:
+    """For lora.rank > 0: freeze the backbone and hook fresh LoRAs into the layers lora.targets names (B = 0, so
+    training starts from the model unchanged); None otherwise."""
+    if not run.lora.rank:
+        return None
+    unet.requires_grad_(False)
+    lora = LoRASet.for_modules(unet, target_paths(unet, run.lora.targets), run.lora.rank, run.lora.alpha or None)
+    lora = lora.to(next(unet.parameters()).device)
+    attach(unet, lora)
+    return lora
