@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -44,6 +45,17 @@ def live(tmp_path_factory):
 @pytest.fixture(scope="module")
 def emoji():
     return LatentDiffusion.load(resolve_model("emoji"))
+
+
+def finished(client, job_id: str, timeout: float = 300) -> dict:
+    """The job's view once it is no longer queued or running (polled for up to `timeout` seconds: a loaded machine
+    may take a while)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return view
+        time.sleep(0.05)
 
 
 def alone_pixels(ldm, prompt: str, n: int, seed: int, cfg: float = 5.0) -> list[bytes]:
@@ -83,10 +95,7 @@ def test_same_request_same_image_through_every_api_and_alone_or_batched(live, em
         json={"prompt": "blue heart", "steps": STEPS, "seed": 42, "cfg_scale": 4.0, "sampler_name": "DPM++ 2M"},
     ).json()
     job = user.post("/v1/jobs", json={**body, "model": "emoji"}).json()
-    for _ in range(400):
-        view = user.get(f"/v1/jobs/{job['id']}").json()
-        if view["status"] not in ("queued", "running"):
-            break
+    view = finished(user, job["id"])
     assert view["status"] == "done"
     expected = alone_pixels(emoji, "blue heart", 1, 42, cfg=4.0)[0]
     assert pixels(openai) == pixels(a1111["images"][0]) == pixels(view["images"][0]) == expected
@@ -236,11 +245,7 @@ def test_jobs_are_private_and_cancellable(live):
     assert job["id"] not in [j["id"] for j in viewer.get("/v1/jobs").json()["data"]]
     long = user.post("/v1/jobs", json={"prompt": "dog", "steps": 100, "n": 8, "model": "emoji"}).json()
     assert user.delete(f"/v1/jobs/{long['id']}").status_code == 200
-    for _ in range(600):
-        status = user.get(f"/v1/jobs/{long['id']}").json()["status"]
-        if status not in ("queued", "running"):
-            break
-    assert status == "cancelled"
+    assert finished(user, long["id"])["status"] == "cancelled"
 
 
 def test_every_request_is_audited_and_no_key_leaks(live, capfd):
