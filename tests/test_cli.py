@@ -192,7 +192,9 @@ def test_readme_commands_parse():
 
     from ldmkit.cli import build_parser
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text().replace("\\\n", " ")
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]  # the README and the docs it points to
+    text = "\n".join(p.read_text() for p in pages).replace("\\\n", " ")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(".venv/bin/ldmkit ")]
     assert len(lines) > 10
     for ln in lines:
@@ -363,9 +365,7 @@ def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path
     monkeypatch.setattr(
         cli,
         "generate_to_file",
-        lambda ckpt, req, out, grid=True, progress=True, finish=None, sign=None, world=None: (
-            seen.append(progress) or [out]
-        ),
+        lambda ckpt, req, out, grid=True, progress=True, *args, **kwargs: seen.append(progress) or [out],
     )
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # shown on a terminal only
     for quiet in ([], ["--quiet"]):

@@ -22,6 +22,8 @@ FLOW = DiffusionConfig(parameterisation="flow")
 # dpmpp_2m_sde 0.07-4.3 % (the stochastic ones with the 0.3 % sampling error of the std of 65,536 values)
 TOL_50 = dict(euler=0.07, ddim=0.07, flow_euler=0.07, ddpm=0.15, euler_ancestral=0.15, heun=0.03, dpmpp_2m=0.03)
 TOL_50["dpmpp_2m_sde"] = 0.06
+TOL_50 |= dict(unipc=0.01, unipc_bh1=0.025)  # measured at most 0.0048 and 0.015 (sd 0.5, shift 3)
+CONSISTENCY = {"lcm"}  # walks a consistency function, not the ODE: tests/test_samplers_unipc.py has its known answer
 
 
 class IdealVelocity(nn.Module):
@@ -105,7 +107,7 @@ def test_training_times_are_logit_normal_then_shifted():
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("sd", [0.5, 1.0, 2.0])
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - CONSISTENCY))
 def test_every_sampler_on_the_flow_grid_returns_data_of_std_sd(name, sd, shift):
     den = FlowDenoiser(IdealVelocity(sd), shift=shift)
 

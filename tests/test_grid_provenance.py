@@ -71,7 +71,8 @@ def test_a_watermarked_grid_of_three_is_read_tile_by_tile(capsys, marked_grid):
     code, printed, _ = run(capsys, "provenance", str(marked_grid))
     assert "watermark: none found" not in printed and f"watermark: request {tag}..." in printed
     for i, t in enumerate(record["tiles"]):
-        assert f"tile {i}, seed {t['seed']} at {tuple(t['box'])}: watermark request {tag}..." in printed
+        box = tuple(t["box"][k] for k in ("left", "top", "right", "bottom"))
+        assert f"tile {i}, seed {t['seed']} at {box}: watermark request {tag}..." in printed
     code, printed, _ = run(capsys, "provenance", str(marked_grid), "--json")
     report = json.loads(printed)
     assert code == 0 and report["watermark"] == tag and report["consistent"] is True
@@ -79,7 +80,8 @@ def test_a_watermarked_grid_of_three_is_read_tile_by_tile(capsys, marked_grid):
     # the record says which image and seed each tile is, and where it lies
     assert [t["index"] for t in record["tiles"]] == [0, 1, 2]
     assert [t["seed"] for t in record["tiles"]] == [record["seed"] + i for i in range(3)]
-    assert [t["box"] for t in record["tiles"]] == [[2, 2, 34, 34], [36, 2, 68, 34], [70, 2, 102, 34]]
+    boxes = [[t["box"][k] for k in ("left", "top", "right", "bottom")] for t in record["tiles"]]
+    assert boxes == [[2, 2, 34, 34], [36, 2, 68, 34], [70, 2, 102, 34]]
     assert size == grid_layout(3, 32, 32, labels=["x"] * 3).size == (104, 48)
 
 

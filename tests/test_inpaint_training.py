@@ -95,8 +95,9 @@ def test_the_latent_mask_follows_the_pipelines_rule():
 
 
 def test_task_is_validated_and_set_by_the_command_line():
-    with pytest.raises(ConfigError, match=r"task = 'paint' is not a task; use generate or inpaint or upscale"):
+    with pytest.raises(ConfigError, match=r"task = 'paint' is not a task; use ") as err:
         from_dict(DenoiserRun, {"task": "paint"})
+    assert all(f"{name} or" in str(err.value) or f"or {name}" in str(err.value) for name in ("generate", "inpaint"))
     assert DenoiserRun().task == "generate"
     assert load_run(DenoiserRun, None, ["task=inpaint"]).task == "inpaint"
 

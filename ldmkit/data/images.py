@@ -211,6 +211,9 @@ GRID_PADDING = 2  # pixels of white around every tile of a grid
 GRID_LABEL = 12  # pixels of the caption line under each tile of a labelled grid
 
 
+BOX_KEYS = ("left", "top", "right", "bottom")  # a tile's box, as a grid's record names its corners
+
+
 @dataclass(frozen=True)
 class GridLayout:
     """Where save_grid puts n tiles of h x w pixels: nrow tiles a row, each cell a tile, its caption line (label_h

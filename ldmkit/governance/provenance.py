@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import grid_layouts, read_parameters
+from ..data.images import BOX_KEYS, grid_layouts, read_parameters
 from ..errors import InputError, MissingFileError
 from . import watermark
 from .credentials import read_credentials
@@ -108,6 +108,8 @@ def _record_tiles(record: dict | None, shape: tuple[int, int]) -> list[dict] | N
     tiles = []
     for t in listed:
         box = t.get("box") if isinstance(t, dict) else None
+        if isinstance(box, dict):  # {"left", "top", "right", "bottom"}: a list of small numbers would reach a
+            box = [box.get(k) for k in BOX_KEYS]  # C2PA manifest as a byte string
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
             return None
         left, top, right, bottom = box

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import check_output_path
 from ..conditioning.types import Conditioning
 from ..config import check_multiple
-from ..data.images import Sign, check_writable, grid_layout, save_grid, to_pil, to_tensor, write_image
+from ..data.images import BOX_KEYS, Sign, check_writable, grid_layout, save_grid, to_pil, to_tensor, write_image
 from ..denoisers import backbone_name
 from ..diffusion.sample import sample_latents, start_index
 from ..distributed import World
@@ -380,7 +380,7 @@ def _write_grid(ldm, batches, share, world, finish, sign, paths, about) -> list[
     # where each image lies in the grid, so that `ldmkit provenance` reads each tile's watermark
     layout = grid_layout(len(images), *images.shape[-2:], nrow=8, labels=captions)
     tiles = [
-        {"index": i, "seed": about["seed"] + i, "box": list(layout.box(i))}
+        {"index": i, "seed": about["seed"] + i, "box": dict(zip(BOX_KEYS, layout.box(i)))}
         | {k: v for k, v in f.items() if k not in shared}
         for i, f in enumerate(facts)
     ]
