@@ -112,7 +112,8 @@ def plan_generation(
         meta = checkpoint.read_metadata(path)["config"]
         task = get_task(meta.get("task", "generate"), key=f"{model}'s task")
         if not meta.get("text_encoder") and not task.user_labels:  # e.g. an upscaler: no labels to suggest either
-            raise InputError(f"the {task.summary.split(' ', 1)[-1]} {model!r} is not text-conditional, so it takes no prompt; drop --prompt")
+            what = task.summary.split(" ", 1)[-1]  # "an upscaler" -> "upscaler"
+            raise InputError(f"the {what} {model!r} is not text-conditional, so it takes no prompt; drop --prompt")
         if not meta.get("text_encoder"):
             names = ", ".join(f"{i}={c}" for i, c in enumerate(meta.get("class_names", [])))
             raise InputError(

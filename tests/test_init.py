@@ -96,4 +96,3 @@ def test_the_command_line_takes_init(tmp_path, tiny_ldm, data, capsys):
 def test_the_run_starts_from_the_model_weights_not_fresh_ones(tmp_path, tiny_ldm, data):
     fine_tune(tiny_ldm, tmp_path / "still", lr=1e-30, weight_decay=0.0)  # a step too small to move a weight
     assert not changed(LdmFile.read(tiny_ldm).unet, LdmFile.read(tmp_path / "still" / "model.safetensors").unet)
-

@@ -16,10 +16,10 @@ from ldmkit.ldm import LatentDiffusion, LdmFile
 from ldmkit.pipelines.generate import SampleRequest, generate
 from ldmkit.pipelines.inpaint import inpaint, prepare_edit
 from ldmkit.pipelines.masks import latent_mask
-from ldmkit.training import runs
-from ldmkit.training.loop import STATE_FILE, step_generator
 from ldmkit.tasks import masks as task_masks
 from ldmkit.tasks.masks import MASK_KINDS, border_mask, box_mask, brush_mask, random_masks
+from ldmkit.training import runs
+from ldmkit.training.loop import STATE_FILE, step_generator
 
 
 def inpaint_run(tiny_ae, steps=4, **train_kw) -> DenoiserRun:

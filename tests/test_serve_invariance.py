@@ -2,9 +2,9 @@
 start and in /readyz, and kept by batches of one where this CPU breaks it."""
 
 import pytest
+from serve_helpers import LiveServer
 
 import ldmkit.serve.service as service
-from serve_helpers import LiveServer
 
 
 @pytest.fixture
