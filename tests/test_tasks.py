@@ -41,6 +41,16 @@ class Tint(Task):
         return with_concat(cond, b), with_concat(uncond, b), None
 
 
+def tint_run(tiny_ae, **train) -> DenoiserRun:
+    """One training step of a tiny U-Net of the toy task on the tiny autoencoder's latents."""
+    unet = UNetConfig(
+        model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(), norm_groups=4, mid_attention=False
+    )
+    kw = dict(steps=1, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=1, sample_every=0) | train
+    data = DataConfig(resolution=16, channels=1, holdout=0)
+    return DenoiserRun(autoencoder=str(tiny_ae), task="tint-test", data=data, unet=unet, train=TrainConfig(**kw))
+
+
 @pytest.fixture
 def tint():
     task = register(Tint())
@@ -61,21 +71,7 @@ def test_the_built_in_tasks_are_registered_with_what_they_take():
 def test_a_task_defined_in_a_test_trains_previews_saves_loads_and_samples(tmp_path, tiny_ae, blobs, monkeypatch, tint):
     monkeypatch.setattr(runs, "_datasets", lambda cfg, holdout: (blobs, None))
     assert from_dict(DenoiserRun, {"task": "tint-test"}).task == "tint-test"  # the config accepts it once registered
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae),
-        task="tint-test",
-        data=DataConfig(resolution=16, channels=1, holdout=0),
-        unet=UNetConfig(
-            model_channels=8,
-            channel_mult=(1,),
-            num_res_blocks=1,
-            attention_levels=(),
-            norm_groups=4,
-            mid_attention=False,
-        ),
-        train=TrainConfig(steps=1, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=1, sample_every=1),
-    )
-    runs.train_denoiser(run, tmp_path / "run", progress=False)
+    runs.train_denoiser(tint_run(tiny_ae, sample_every=1), tmp_path / "run", progress=False)
     assert list((tmp_path / "run").glob("samples-*.png")), "the task's preview grid was drawn"
 
     path = tmp_path / "run" / "model.safetensors"
@@ -96,21 +92,7 @@ def test_a_task_defined_in_a_test_trains_previews_saves_loads_and_samples(tmp_pa
 
 def test_a_model_of_an_unregistered_task_says_so_when_it_is_used(tmp_path, tiny_ae, blobs, monkeypatch, tint):
     monkeypatch.setattr(runs, "_datasets", lambda cfg, holdout: (blobs, None))
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae),
-        task="tint-test",
-        data=DataConfig(resolution=16, channels=1, holdout=0),
-        unet=UNetConfig(
-            model_channels=8,
-            channel_mult=(1,),
-            num_res_blocks=1,
-            attention_levels=(),
-            norm_groups=4,
-            mid_attention=False,
-        ),
-        train=TrainConfig(steps=1, batch_size=8, warmup_steps=1, log_every=1, ckpt_every=1, sample_every=0),
-    )
-    runs.train_denoiser(run, tmp_path / "run", progress=False)
+    runs.train_denoiser(tint_run(tiny_ae), tmp_path / "run", progress=False)
     unregister("tint-test")
     with pytest.raises((InputError, ConfigError), match="tint-test"):
         _ = LatentDiffusion.load(tmp_path / "run" / "model.safetensors").task_spec
