@@ -5,6 +5,7 @@ import base64
 import gzip
 import hashlib
 import json
+import os
 import sys
 import time
 import zipfile
@@ -53,11 +54,12 @@ def test_the_dry_run_runs_every_part_on_the_cpu_and_writes_the_json_and_the_tabl
 
 
 def test_a_part_that_overruns_its_budget_is_cut_off_and_its_missing_rows_read_out_of_time(tmp_path):
-    args = SimpleNamespace(dry_run=True, out=str(tmp_path), env=None)
+    stall = {**os.environ, "LDMKIT_GPU_CHECK_STALL": "600"}  # the part would overrun on any machine, however fast
+    args = SimpleNamespace(dry_run=True, out=str(tmp_path), env=stall)
     start = time.time()
     with open(tmp_path / "log", "w") as log:
-        rows, info = gpu_check.run_part("speed", 1.1, args, tmp_path, log)  # importing torch alone takes longer
-    assert time.time() - start < 1.1 + gpu_check.GRACE + 5
+        rows, info = gpu_check.run_part("speed", 2.0, args, tmp_path, log)
+    assert time.time() - start < 2.0 + gpu_check.GRACE + 5
     assert info["end"] == "killed at the end of its budget"
     assert [r["row"] for r in rows] == gpu_check.plan("speed", args)
     assert gpu_check.OUT_OF_TIME in {r["status"] for r in rows}
