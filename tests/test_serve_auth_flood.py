@@ -100,7 +100,7 @@ def test_wrong_secrets_for_a_known_key_do_not_stall_the_event_loop(server, monke
     for t in threads:
         t.join()
     assert sorted(statuses) == [401, 401, 401]
-    assert len(health) >= 5 and max(health) < 0.3, health  # each verification held its thread 0.6 s
+    assert len(health) >= 5 and max(health) < 0.5, health  # each verification held its thread 0.6 s
 
 
 def test_verifications_run_on_a_bounded_pool_and_refuse_a_long_wait(tmp_path, monkeypatch):
