@@ -293,14 +293,24 @@ def cmd_generate(args):
         print(f"wrote {p}")
 
 
+def _edit_loras(args) -> dict:
+    """img2img / inpaint / outpaint's --lora FILE[:SCALE] (repeatable) and --lora-merge, as keyword arguments."""
+    loras = [parse_lora(s) for s in args.lora or []]
+    return {"loras": loras, "lora_merge": args.lora_merge} if loras else {}
+
+
 def cmd_img2img(args):
     check_strength(args.strength)
+    loras = _edit_loras(args)
     prompts = [_utf8(args.prompt, "prompt", _ARGV_FIX)] if args.prompt is not None else []
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = _request(args, plan.n, plan.prompts)
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     out = _target(args, plan.out)
-    for p in img2img_to_file(plan.checkpoint, args.image, req, args.strength, out, _progress(args), finish, sign):
+    files = img2img_to_file(
+        plan.checkpoint, args.image, req, args.strength, out, _progress(args), finish, sign, **loras
+    )
+    for p in files:
         print(f"wrote {p}")
 
 
@@ -343,10 +353,14 @@ def _edit_request(args, default_out: Path, task: str):
 
 
 def cmd_inpaint(args):
+    loras = _edit_loras(args)
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png", "inpaint")
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     out = _target(args, plan.out)
-    for p in inpaint_to_file(plan.checkpoint, req, args.image, args.mask, out, opts, _progress(args), finish, sign):
+    files = inpaint_to_file(
+        plan.checkpoint, req, args.image, args.mask, out, opts, _progress(args), finish, sign, **loras
+    )
+    for p in files:
         print(f"wrote {p}")
 
 
@@ -359,10 +373,14 @@ def cmd_outpaint(args):
             f"more (pixels on every side), or a positive --left / --right / --top / --bottom"
         )
     border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
+    loras = _edit_loras(args)
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
     finish, sign = _finish(args, plan.checkpoint), _sign(args)
     out = _target(args, plan.out)
-    for p in outpaint_to_file(plan.checkpoint, req, args.image, border, out, opts, _progress(args), finish, sign):
+    files = outpaint_to_file(
+        plan.checkpoint, req, args.image, border, out, opts, _progress(args), finish, sign, **loras
+    )
+    for p in files:
         print(f"wrote {p}")
 
 
@@ -492,6 +510,7 @@ def _edit_options(p: argparse.ArgumentParser, what: str):
     p.add_argument(
         "--feather", type=int, default=FEATHER_PX, help=f"blend ramp inside the mask in pixels (default {FEATHER_PX})"
     )
+    _lora_options(p)
     p.add_argument("--out", help=f"output image (default generated/IMAGE-{what}ed.png)")
 
 
@@ -782,6 +801,7 @@ def _sampling_commands(command):
     p.add_argument("--model", help="as for generate: a shipped model's name or a model.safetensors path")
     _generation_options(p, "img2img")
     _sampling_options(p, "img2img")
+    _lora_options(p)
     p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
 
     p = command("evaluate", "FID/KID of a model, or PSNR/SSIM/rFID of an autoencoder", cmd_evaluate)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -22,10 +22,13 @@ from ..errors import InputError
 from ..ldm import LatentDiffusion
 from .generate import Finish, SampleRequest, collect, latent_batches, plan, write_edits
 from .images import check_edit_size, crop_to, load_edit_image, pad_to_multiple, to_channels
+from .lora import LoRASpec, apply_loras, check_loras, lora_record
 from .output import reading
 from .record import input_record
 
 RANGE_SLACK = 1e-3  # image values may leave [-1, 1] by this much (rounding) before they are refused
+
+EditBatches = Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]]
 
 
 def check_strength(strength) -> float:
@@ -101,6 +104,24 @@ def checkpoint_channels(checkpoint: str | Path) -> int:
     return int(ae.get("in_channels", 3)) if isinstance(ae, dict) else 3
 
 
+def with_loras(batches: EditBatches, loras: list[LoRASpec] | None, merge: bool = False) -> tuple[EditBatches, dict]:
+    """(batches that first hook `loras` into the loaded model, unmerged or merged with `merge`, as generate does;
+    what each image's record adds: the LoRAs' files, SHA-256 and scales). The files are checked before the model
+    loads: each given once and present."""
+    if not loras:
+        return batches, {}
+    check_loras(loras)
+    for s in loras:
+        if not Path(s.path).is_file():
+            raise InputError(f"--lora {s.path}: no such file; give a LoRA .safetensors (kohya or diffusers/PEFT)")
+
+    def lora_batches(ldm: LatentDiffusion):
+        apply_loras(ldm, loras, merge)  # on the model write_edits loaded for this edit alone
+        return batches(ldm)
+
+    return lora_batches, {"loras": lora_record(loras, merge)}
+
+
 def img2img_to_file(
     checkpoint: str | Path,
     image: str | Path,
@@ -110,12 +131,15 @@ def img2img_to_file(
     progress: bool = True,
     finish: Finish | None = None,
     sign: Sign | None = None,
+    loras: list[LoRASpec] | None = None,
+    lora_merge: bool = False,
 ) -> list[Path]:
     """img2img of the image file `image` (read by load_edit_image), each result written at the input's size as every
     edit is (see generate.write_edits), with the parameters, the input image's path and the strength embedded. The
-    strength, the image, the output and the request are checked before sampling."""
+    strength, the image, the output and the request are checked before sampling. loras: LoRAs on the model
+    (pipelines/lora.py), unmerged, or merged into its weights with lora_merge; each recorded with its SHA-256."""
     strength = check_strength(strength)
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W)
-    extra = {"image": input_record(image), "strength": strength}
-    batches = lambda ldm: img2img_batches(ldm, x, req, strength, progress)  # noqa: E731
+    batches, about = with_loras(lambda ldm: img2img_batches(ldm, x, req, strength, progress), loras, lora_merge)
+    extra = {"image": input_record(image), "strength": strength, **about}
     return write_edits(checkpoint, req, reading(out, image), batches, extra, finish, sign)

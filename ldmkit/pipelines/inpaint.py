@@ -39,7 +39,8 @@ from .generate import (
     write_edits,
 )
 from .images import crop_to, load_edit_image, pad_to_multiple
-from .img2img import checkpoint_channels, model_image
+from .img2img import checkpoint_channels, model_image, with_loras
+from .lora import LoRASpec
 from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
 from .output import reading
 from .record import input_record
@@ -233,16 +234,20 @@ def edit_to_file(
     progress: bool = True,
     finish: Finish | None = None,
     sign: Sign | None = None,
+    loras: list[LoRASpec] | None = None,
+    lora_merge: bool = False,
 ) -> list[Path]:
     """Take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each edited image at
     the input's size (see write_edits) with the parameters and `about` (the input files) embedded. The options and
-    inputs are checked before the model is loaded. The pixels the mask keeps stay the input's with every option:
-    finish (the screen) gets them as `keep`, so a watermark goes only into the regenerated region (or, where that
-    is too small to carry it, nowhere); an all-black mask writes the input with no record, mark or credentials."""
+    inputs are checked before the model is loaded. loras: LoRAs on the model, unmerged or merged with lora_merge,
+    each recorded with its SHA-256 (see img2img.with_loras). The pixels the mask keeps stay the input's with every
+    option: finish (the screen) gets them as `keep`, so a watermark goes only into the regenerated region (or,
+    where that is too small to carry it, nowhere); an all-black mask writes the input with no record, mark or
+    credentials."""
     check_repaint(req.steps, opts.resample, opts.jump)
     image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
-    extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about}
-    batches = lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress)  # noqa: E731
+    batches, used = with_loras(lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress), loras, lora_merge)
+    extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about, **used}
     keep = (mask[0, 0] <= 0.5).cpu().numpy()  # (H, W): the pixels written bit for bit, watermark or not
     if finish is not None:
         finish = partial(finish, keep=keep)
@@ -259,8 +264,11 @@ def inpaint_to_file(
     progress: bool = True,
     finish: Finish | None = None,
     sign: Sign | None = None,
+    loras: list[LoRASpec] | None = None,
+    lora_merge: bool = False,
 ) -> list[Path]:
-    """Inpaint the image file `image` where the mask file `mask` is white and write the results (see edit_to_file)."""
+    """Inpaint the image file `image` where the mask file `mask` is white and write the results (see edit_to_file,
+    which applies `loras`)."""
     require_file(image, "image", "give the picture to edit (PNG, JPEG, WebP, BMP or GIF)")
     require_file(mask, "mask", "give an image file, white where the picture is regenerated and black where kept")
 
@@ -269,4 +277,5 @@ def inpaint_to_file(
         return x, load_mask(mask, tuple(x.shape[-2:]), opts.resize_mask)
 
     about = {"image": input_record(image), "mask": input_record(mask)}
-    return edit_to_file(checkpoint, req, inputs, reading(out, image, mask), opts, about, progress, finish, sign)
+    out = reading(out, image, mask)
+    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign, loras, lora_merge)

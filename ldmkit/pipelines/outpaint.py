@@ -19,6 +19,7 @@ from ..errors import InputError
 from .generate import Finish, SampleRequest, whole_number
 from .images import MAX_EDIT_PIXELS, load_edit_image
 from .inpaint import InpaintOptions, edit_to_file
+from .lora import LoRASpec
 from .masks import require_file
 from .output import reading
 from .record import input_record
@@ -78,9 +79,11 @@ def outpaint_to_file(
     progress: bool = True,
     finish: Finish | None = None,
     sign: Sign | None = None,
+    loras: list[LoRASpec] | None = None,
+    lora_merge: bool = False,
 ) -> list[Path]:
     """Enlarge the image file `image` by `border` and write the results (see inpaint.edit_to_file); opts: the
-    sampling and composite options (default InpaintOptions())."""
+    sampling and composite options (default InpaintOptions()); loras: LoRAs on the model, merged with lora_merge."""
     require_file(image, "image", "give the picture to enlarge (PNG, JPEG, WebP, BMP or GIF)")
 
     def inputs(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,4 +91,5 @@ def outpaint_to_file(
 
     about = {"image": input_record(image), "border": [border.left, border.right, border.top, border.bottom]}
     out = reading(out, image)
-    return edit_to_file(checkpoint, req, inputs, out, opts or InpaintOptions(), about, progress, finish, sign)
+    opts = opts or InpaintOptions()
+    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign, loras, lora_merge)
