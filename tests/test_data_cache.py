@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 
@@ -524,3 +525,31 @@ def test_ctrl_c_during_the_build_keeps_what_was_decoded(tmp_path, cache, monkeyp
     ds = ImageFolder(_cfg(root))
     assert ds.prepare().decoded == 8
     assert torch.equal(_items(ds), _items(ImageFolder(_cfg(root))))
+
+
+def test_a_second_builder_waits_for_the_first_and_says_so(tmp_path, cache, capsys):
+    root = _noise_folder(tmp_path / "noise", n=4)
+    ds = ImageFolder(_cfg(root))
+    ds.cache.path.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CACHE, str(ds.cache.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    release = threading.Timer(0.5, lambda: (holder.stdin.write("\n"), holder.stdin.flush()))
+    release.start()
+    try:
+        assert ds.prepare(progress=True).decoded == 4
+    finally:
+        release.join()
+        assert holder.wait(timeout=30) == 0
+    assert f"waiting for another process that is building the image cache {ds.cache.path}" in capsys.readouterr().err
+
+
+HOLD_CACHE = (
+    "import sys\nfrom ldmkit.locks import FolderLock\nwith FolderLock(sys.argv[1], wait=True):\n"
+    "    print('locked', flush=True)\n    sys.stdin.readline()\n"
+)

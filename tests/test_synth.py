@@ -106,7 +106,7 @@ def test_a_second_writer_into_the_same_folder_is_refused(tiny_ldm, tmp_path):
         with pytest.raises(InputError, match="another `ldmkit synth` is writing"):
             _run(tiny_ldm, out, per_class=1)
     finally:
-        held.close()
+        held.release()
     assert _run(tiny_ldm, out, per_class=1)["written"] == 2
 
 

@@ -21,7 +21,6 @@ every COMMIT_S seconds, so an interrupted build keeps most of its work.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
 from ..errors import DiskSpaceError, InputError, MissingFileError
+from ..locks import FolderLock
 from .common import cache_home, digest, file_stamp, human_bytes
 from .decode import TooLarge, prepare_pixels
 
@@ -366,35 +366,30 @@ class PreparedCache:
 
 
 class _Lock:
-    """flock on the cache folder's .lock for one build; tells the user when it waits for another process. In a
-    folder this process cannot write, `writable` is False (and `why` says why): the lock is then taken on the
-    existing .lock opened for reading, or not at all where there is none, and nothing may be written."""
+    """flock on the cache folder's .lock for one build (locks.FolderLock); tells the user when it waits for another
+    process. In a folder this process cannot write, `writable` is False (and `why` says why): the lock is then taken
+    on the existing .lock opened for reading, or not at all where there is none, and nothing may be written."""
 
     def __init__(self, folder: Path, progress: bool):
         self.folder, self.progress = folder, progress
-        self.writable, self.why, self.fd = True, "", None
+        self._lock = FolderLock(folder, wait=True, waiting=self._waiting, read_only=True, make=make_folder)
+
+    @property
+    def writable(self) -> bool:
+        return self._lock.writable
+
+    @property
+    def why(self) -> str:
+        return self._lock.why
+
+    def _waiting(self):
+        if self.progress:
+            print(f"waiting for another process that is building the image cache {self.folder}", file=sys.stderr)
 
     def __enter__(self):
-        try:
-            make_folder(self.folder)
-            self.fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            self.writable, self.why = False, f"{type(e).__name__}: {e.strerror}"
-            try:
-                self.fd = os.open(self.folder / ".lock", os.O_RDONLY)
-            except OSError:
-                return self
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if self.progress:
-                print(f"waiting for another process that is building the image cache {self.folder}", file=sys.stderr)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self._lock.acquire()
         return self
 
     def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
+        self._lock.release()
         return False

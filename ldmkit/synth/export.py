@@ -20,7 +20,6 @@ metadata lines are appended and flushed to disk.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -41,6 +40,7 @@ from ..diffusion.sample import sample_latents
 from ..errors import InputError, MissingFileError, NonFiniteError
 from ..governance.similarity import SimilarityIndex, index_path_for, training_data
 from ..ldm import LatentDiffusion
+from ..locks import FolderLock
 from ..pipelines.generate import blame_options, check_samples_from_noise
 from ..pipelines.request import SampleRequest, default, whole_number
 from ..runtime import resolve_device
@@ -276,15 +276,13 @@ def _intact(out: Path, row: dict) -> bool:
         return False
 
 
-def _lock(out: Path):
-    """An exclusive lock on the folder for this process's lifetime; a second synth into it is refused."""
-    f = (out / LOCK).open("a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise InputError(f"another `ldmkit synth` is writing {out}; wait for it, or give another --out") from None
-    return f
+def _lock(out: Path) -> FolderLock:
+    """An exclusive lock on the folder until its release(); a second synth into it is refused."""
+
+    def busy(holder: dict) -> InputError:
+        return InputError(f"another `ldmkit synth` is writing {out}; wait for it, or give another --out")
+
+    return FolderLock(out, name=LOCK, busy=busy).acquire()
 
 
 def real_data(source: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -344,7 +342,7 @@ def synthesize(
         clf = _classifier(ldm, model, out, opts, progress, report) if opts.min_confidence is not None else None
         return _synthesize(ldm, items, clf, index, model, out, opts, progress, report, t0)
     finally:
-        lock.close()
+        lock.release()
 
 
 def _index(model: Path) -> SimilarityIndex:
