@@ -191,3 +191,10 @@ def test_a_template_fills_only_the_fields_the_client_did_not_send():
     merged = merge(fields, filled, {"cfg_scale", "prompt"}, api_names("a1111"))
     assert merged == fields | {"steps": 30, "prompt": "a mug", "negative_prompt": "blurry"}
     assert merge(BASE, filled, set(), {})["cfg"] == 6.0
+
+
+def test_every_automatic1111_sampler_name_is_a_registered_sampler():
+    from ldmkit.samplers import SAMPLERS
+
+    assert set(A1111_SAMPLERS.values()) <= set(SAMPLERS)
+    assert {"UniPC", "LCM"} <= set(A1111_SAMPLERS)

@@ -26,6 +26,8 @@ A1111_SAMPLERS = {  # AUTOMATIC1111's sampler names -> ldmkit's (the schedules a
     "Heun": "heun",
     "DDIM": "ddim",
     "DDPM": "ddpm",
+    "UniPC": "unipc",
+    "LCM": "lcm",
 }
 SEED_MAX = SPEC["seed"].high  # seeds the APIs take (each image uses seed + i, below 2**63)
 A1111_DEFAULT_SAMPLER = next(a for a, ours in A1111_SAMPLERS.items() if ours == SPEC["sampler"].default_for("a1111"))
