@@ -13,9 +13,8 @@ takes it: {"file_name": "images/1.png", "conditioning_image": "conditions/1.png"
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -25,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import ControlConfig
 from ..errors import InputError, MissingFileError
+from .folder import inside_folder, metadata_rows
 
 DETECTORS = ("canny", "mask", "colour")
 KINDS = DETECTORS + ("raw",)  # what `--control` takes: a detector run on the image, or the condition itself
@@ -141,20 +141,14 @@ class PairedConditions:
                 '{"file_name": "images/1.png", "conditioning_image": "conditions/1.png", "text": "..."}'
             )
         rows: dict[str, tuple[int, str]] = {}
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{meta} line {n} is not valid JSON ({e.msg}); fix or delete that line") from None
+        for n, row in metadata_rows(meta):
             if not isinstance(row, dict) or "file_name" not in row:
                 continue  # read_metadata (data/folder.py) reports it
             cond = row.get("conditioning_image")
             if not isinstance(cond, str) or not cond:
                 raise InputError(f'{meta} line {n} has no "conditioning_image"; --condition folder needs one per image')
-            rel = PurePosixPath(cond.replace("\\", "/"))
-            if rel.is_absolute() or PureWindowsPath(cond).drive or ".." in rel.parts:
+            rel = inside_folder(cond)
+            if rel is None:
                 raise InputError(
                     f"{meta} line {n}: conditioning_image {cond!r} points outside the data folder {root}; give its "
                     f"path relative to that folder"

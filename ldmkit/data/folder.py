@@ -24,6 +24,7 @@ import json
 import sys
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,25 +49,38 @@ def find_images(root: Path) -> list[Path]:
     return sorted(out, key=lambda r: r.as_posix())
 
 
-def read_metadata(path: Path) -> dict[str, tuple[int, str | None]]:
-    """Rows of a metadata.jsonl: relative file name (posix) -> (line number, caption or None); a later line for
-    the same file wins. A file_name that leaves the folder (absolute, or with a ".." part) is refused."""
-    out: dict[str, tuple[int, str | None]] = {}
+def metadata_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a metadata.jsonl; InputError naming the line for one
+    that is not JSON."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {n} is not valid JSON ({e.msg}); fix or delete that line") from None
+
+
+def inside_folder(name: str) -> PurePosixPath | None:
+    """A path a metadata.jsonl gives, relative to its folder (backslashes read as slashes); None when it leaves the
+    folder (absolute, a drive, or a ".." part)."""
+    rel = PurePosixPath(name.replace("\\", "/"))
+    return None if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts else rel
+
+
+def read_metadata(path: Path) -> dict[str, tuple[int, str | None]]:
+    """Rows of a metadata.jsonl: relative file name (posix) -> (line number, caption or None); a later line for
+    the same file wins. A file_name that leaves the folder (absolute, or with a ".." part) is refused."""
+    out: dict[str, tuple[int, str | None]] = {}
+    for n, row in metadata_rows(path):
         if not isinstance(row, dict) or "file_name" not in row:
             raise InputError(
                 f'{path} line {n} has no "file_name"; each line must look like '
                 f'{{"file_name": "sub/img.png", "text": "a caption"}}'
             )
         name = str(row["file_name"])
-        rel = PurePosixPath(name.replace("\\", "/"))
-        if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts:
+        rel = inside_folder(name)
+        if rel is None:
             raise InputError(
                 f"{path} line {n}: file_name {name!r} points outside the data folder {path.parent}; "
                 f'give the image\'s path relative to that folder, e.g. "sub/img.png"'
