@@ -21,6 +21,7 @@ from ..autoencoder.files import KIND as AE_KIND
 from ..config import AutoencoderRun, DataConfig, DenoiserRun, to_dict
 from ..errors import InputError
 from ..interop.convert import model_sha256, read_model, source_format
+from ..interop.files import PICKLE_SUFFIXES
 from ..ldm import LdmFile
 from ..shipped import resolve_model
 from .rundir import flatten
@@ -30,12 +31,12 @@ INHERITED = ("unet.", "dit.", "denoiser.", "diffusion.", "upscale.", "text_encod
 PARENT_AE = "parent-autoencoder.safetensors"  # a converted model's autoencoder, kept in the run folder
 
 
-def _source(init: str) -> Path:
-    """A shipped name or an ldm file -> its file; a diffusers folder or a single file as given."""
+def _source(init: str) -> tuple[Path, str]:
+    """(the model's path, its format): a shipped name resolves to its file, anything else is read as a path."""
     p = Path(init)
-    if p.is_dir() or p.suffix in (".ckpt", ".pt", ".pth", ".bin") or (p.is_file() and source_format(p) != "ldm"):
-        return p
-    return resolve_model(init)
+    if not (p.exists() or p.suffix in PICKLE_SUFFIXES):
+        p = resolve_model(init)  # a shipped name, or its own error for a name or file that is not there
+    return p, source_format(p)
 
 
 def _contradictions(run: DenoiserRun, parent: DenoiserRun) -> list[str]:
@@ -53,7 +54,7 @@ def start_from(run: DenoiserRun, out_dir: str | Path) -> tuple[DenoiserRun, LdmF
     without --init. InputError for a setting that contradicts the model."""
     if not run.init:
         return run, None
-    source = _source(run.init)
+    source, fmt = _source(run.init)
     if run.autoencoder:
         raise InputError(
             f"--init {run.init} brings its own autoencoder; drop --autoencoder {run.autoencoder} (or train from "
@@ -67,7 +68,7 @@ def start_from(run: DenoiserRun, out_dir: str | Path) -> tuple[DenoiserRun, LdmF
             f"scratch without --init)"
         )
     autoencoder = str(source)
-    if source_format(source) != "ldm":  # a converted model: its autoencoder as a file of the run, for the cache
+    if fmt != "ldm":  # a converted model: its autoencoder as a file of the run, for the cache
         autoencoder = str(Path(out_dir) / PARENT_AE)
         if not Path(autoencoder).is_file():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
