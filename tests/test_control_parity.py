@@ -3,6 +3,7 @@ residuals, and the U-Net with them the same output, to 1e-4; the key map holds b
 
 import pytest
 import torch
+from tiny_sd import TINY_UNET, randomize
 
 from ldmkit.conditioning.types import Conditioning
 from ldmkit.denoisers.controlnet import Control, Controlled
@@ -13,34 +14,14 @@ from ldmkit.interop.diffusers_controlnet import (
     controlnet_to_diffusers,
 )
 
-UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    norm_num_groups=8,
-    attention_head_dim=2,
-)
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
 
 @pytest.fixture(scope="module")
 def models():
     diffusers = pytest.importorskip("diffusers")
-    unet = _randomize(diffusers.UNet2DConditionModel(**UNET), 0)
-    a = _randomize(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32)), 1)
-    b = _randomize(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32)), 2)
+    unet = randomize(diffusers.UNet2DConditionModel(**TINY_UNET), 0, std=0.05)
+    hint = (8, 16, 16, 32)  # the hint encoder's channels
+    a = randomize(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint), 1, std=0.05)
+    b = randomize(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint), 2, std=0.05)
     return unet, a, b
 
 

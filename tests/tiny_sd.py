@@ -24,6 +24,21 @@ class FixedText:
         return Conditioning(context=torch.cat([self.table[p] for p in prompts]))
 
 
+# the tiny Stable Diffusion U-Net layout of the parity tests (diffusers' UNet2DConditionModel arguments)
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    norm_num_groups=8,
+    attention_head_dim=2,
+)
+
+
 def randomize(model, seed: int = 1, std: float = 0.2):
     """Every parameter drawn from N(0, std^2) with `seed`, the layers initialised to zero included (else the outputs
     are trivially zero), so the networks do something visible; eval mode."""
@@ -44,19 +59,7 @@ def tiny_sd(diffusers, in_channels: int = 4, num_class_embeds: int | None = None
     `in_channels` U-Net inputs (4, 9 for an inpainting model, 7 for an upscaler), `num_class_embeds` class
     embeddings (an upscaler's noise levels) and the VAE's latent `scaling_factor`."""
     unet = randomize(
-        diffusers.UNet2DConditionModel(
-            sample_size=8,
-            in_channels=in_channels,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            norm_num_groups=8,
-            attention_head_dim=2,
-            num_class_embeds=num_class_embeds,
-        ),
+        diffusers.UNet2DConditionModel(**TINY_UNET | dict(in_channels=in_channels, num_class_embeds=num_class_embeds)),
         1,
         std=0.1,
     )
