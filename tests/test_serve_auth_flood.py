@@ -137,13 +137,19 @@ def test_verifications_run_on_a_bounded_pool_and_refuse_a_long_wait(tmp_path, mo
         assert keys.authenticate(f"Bearer {secret}", "10.0.0.9").name == "alice"  # the busy ones were no failures
 
 
-# --- failed attempts are limited ----------------------------------------------------------------------------------
-def test_failed_attempts_are_limited_per_key_id(tmp_path, monkeypatch):
-    clock = [1000.0]
+@pytest.fixture
+def counted(monkeypatch):
+    """(clock, calls): auth's monotonic clock set by clock[0], and one entry in calls per scrypt verification."""
+    clock, calls = [1000.0], []
     monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
-    calls = []
     real = auth._scrypt
     monkeypatch.setattr(auth, "_scrypt", lambda *a: calls.append(1) or real(*a))
+    return clock, calls
+
+
+# --- failed attempts are limited ----------------------------------------------------------------------------------
+def test_failed_attempts_are_limited_per_key_id(tmp_path, counted):
+    clock, calls = counted
     with open_store(str(tmp_path / "k.db")) as store:
         keys = Keys(store)
         secret, _ = keys.create("alice", "user")
@@ -189,12 +195,8 @@ def test_a_lockout_is_answered_429_with_retry_after_and_audited(server):
 
 
 # --- remembered verifications ---------------------------------------------------------------------------------------
-def test_a_remembered_verification_expires_and_is_forgotten_on_revocation(tmp_path, monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
-    calls = []
-    real = auth._scrypt
-    monkeypatch.setattr(auth, "_scrypt", lambda *a: calls.append(1) or real(*a))
+def test_a_remembered_verification_expires_and_is_forgotten_on_revocation(tmp_path, counted):
+    clock, calls = counted
     with open_store(str(tmp_path / "k.db")) as store:
         keys = Keys(store)
         secret, _ = keys.create("alice", "user")
