@@ -37,6 +37,7 @@ _LINEAR = {F.linear}
 _ATTENTION = {F.scaled_dot_product_attention}
 _PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
 _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
+_ROUTED = _CONV | _LINEAR | _ATTENTION | _PRODUCTS | _BADDBMM
 
 
 def _own(t: torch.Tensor, i: int) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _each(n: int, call) -> torch.Tensor:
 
 def _split_mask(mask, n: int, i: int):
     """An attention mask's share for image i: its own row when it has one per image, else the shared mask."""
-    if isinstance(mask, torch.Tensor) and mask.ndim >= 3 and mask.shape[0] == n and n > 1:
+    if isinstance(mask, torch.Tensor) and mask.ndim >= 3 and mask.shape[0] == n:
         return _own(mask, i)
     return mask
 
@@ -92,7 +93,7 @@ class BatchInvariant(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func in _CONV or func in _LINEAR or func in _ATTENTION or func in _PRODUCTS or func in _BADDBMM) and args:
+        if func in _ROUTED and args:
             x = args[0]
             if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.ndim >= 2 and not torch.is_grad_enabled():
                 out = _per_image(func, args, kwargs)
