@@ -1,24 +1,33 @@
-"""ControlNets at sampling time: `--control CONTROLNET:IMAGE[:SCALE[:KIND]]`, repeatable, with --control-start and
---control-end (fractions of the steps).
+"""ControlNets at sampling time: `--control CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]]`, repeatable; START and END
+(fractions of the steps) default to --control-start and --control-end, so each control may act on its own steps.
 
 Each control is checked before any sampling (its file, its scale, the window, its image, that it was made for the
 model's U-Net), then the model's denoiser calls its U-Net through `Controlled` (denoisers/controlnet.py): the
 samplers and guidance see an ordinary backbone. KIND says how IMAGE becomes the condition: a detector (canny, mask,
 colour) run on it, or raw when IMAGE is the condition already; by default the detector the ControlNet was trained
-with (raw for one trained on paired folders).
+with (raw for one trained on paired folders). The edits (img2img, inpaint, outpaint) take controls the same way
+(`with_controls`): the condition at the input's size, padded as the image is, and for img2img the window counted over
+the steps it runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
 
 from ..checkpoint import file_sha256
 from ..config import ControlConfig, from_dict
 from ..data.conditions import DETECTORS, KINDS, condition_image
 from ..denoisers.controlnet import Control, Controlled, check_control, check_fits, load_controlnet, step_window
+from ..diffusion.sample import start_index
 from ..errors import InputError, MissingFileError
 from ..ldm import LatentDiffusion
+from .images import pad_to_multiple
+
+SPEC = "CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]]"
 
 
 @dataclass(frozen=True)
@@ -34,23 +43,30 @@ class ControlSpec:
     end: float = 1.0
 
 
+def _fraction(text: str, part: str, what: str, default: float) -> float:
+    if not part:
+        return default
+    try:
+        return float(part)
+    except ValueError:
+        raise InputError(f"--control {text!r}: the {what} {part!r} is not a number") from None
+
+
 def parse_control(text: str, start: float = 0.0, end: float = 1.0) -> ControlSpec:
-    """'CONTROLNET:IMAGE[:SCALE[:KIND]]' -> ControlSpec, checked (InputError naming what is wrong)."""
+    """'CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]]' -> ControlSpec, checked (InputError naming what is wrong);
+    `start` and `end` are the defaults for a spec that gives none (--control-start, --control-end)."""
     parts = text.split(":")
-    if len(parts) < 2 or len(parts) > 4 or not parts[0] or not parts[1]:
+    if len(parts) < 2 or len(parts) > 6 or not parts[0] or not parts[1]:
         raise InputError(
-            f"--control {text!r}: give CONTROLNET:IMAGE[:SCALE[:KIND]], e.g. runs/control/controlnet.safetensors:"
-            f"edges.png:0.8"
+            f"--control {text!r}: give {SPEC}, e.g. runs/control/controlnet.safetensors:edges.png:0.8 or "
+            f"...:edges.png:0.8:canny:0:0.6"
         )
-    scale = 1.0
-    if len(parts) > 2 and parts[2]:
-        try:
-            scale = float(parts[2])
-        except ValueError:
-            raise InputError(f"--control {text!r}: the scale {parts[2]!r} is not a number") from None
-    kind = parts[3] if len(parts) > 3 else ""
+    parts += [""] * (6 - len(parts))
+    scale = _fraction(text, parts[2], "scale", 1.0)
+    kind = parts[3]
     if kind and kind not in KINDS:
         raise InputError(f"--control {text!r}: unknown detector {kind!r}; use {' or '.join(KINDS)}")
+    start, end = _fraction(text, parts[4], "start", start), _fraction(text, parts[5], "end", end)
     check_control(scale, start, end, f"--control {text}")
     for path, what in ((parts[0], "ControlNet"), (parts[1], "control image")):
         if not Path(path).is_file():
@@ -58,24 +74,47 @@ def parse_control(text: str, start: float = 0.0, end: float = 1.0) -> ControlSpe
     return ControlSpec(parts[0], parts[1], scale, kind, start, end)
 
 
-def apply_controls(ldm: LatentDiffusion, specs: list[ControlSpec], size: tuple[int, int], steps: int) -> None:
+def apply_controls(
+    ldm: LatentDiffusion, specs: list[ControlSpec], size: tuple[int, int], steps: int, strength: float = 1.0
+) -> None:
     """Make `ldm`'s denoiser call its U-Net through the ControlNets of `specs`, each with its condition image at
-    the output size (H, W) and its window over a sampling of `steps` steps. InputError, before any sampling, for a
-    ControlNet made for another denoiser or an image that does not fit."""
+    size (H, W) (padded by edge replication to the model's multiple, as edits pad their image) and its window over
+    the steps a sampling of `steps` steps runs (img2img at `strength` runs the last of them). InputError, before
+    any sampling, for a ControlNet made for another denoiser or an image that does not fit."""
     if not specs:
         return
     controls = []
-    sigmas = ldm.denoiser.sigmas(steps)
+    sigmas = ldm.denoiser.sigmas(steps)[start_index(steps, strength) :]  # the sigmas walked, as img2img walks them
+    multiple = ldm.factor * ldm.run.backbone.factor
     for spec in specs:
         net, meta = load_controlnet(spec.model, ldm.device)
         check_fits(net, ldm.unet, ldm.factor, spec.model)
         trained = meta.get("condition", "raw")
         kind = spec.kind or (trained if trained in DETECTORS else "raw")
         cfg = from_dict(ControlConfig, meta["control"]) if isinstance(meta.get("control"), dict) else ControlConfig()
-        image = condition_image(kind, spec.image, size, cfg).to(ldm.device)
+        image, _ = pad_to_multiple(condition_image(kind, spec.image, size, cfg), multiple)  # (1, 3, H', W')
         window = step_window(ldm.denoiser, sigmas, spec.start, spec.end)
-        controls.append(Control(net, image, spec.scale, spec.start, spec.end, window))
+        controls.append(Control(net, image.to(ldm.device), spec.scale, spec.start, spec.end, window))
     ldm.denoiser.backbone = Controlled(ldm.unet, controls)
+
+
+Batches = Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]]
+
+
+def with_controls(
+    batches: Batches, specs: list[ControlSpec] | None, size: tuple[int, int], steps: int, strength: float = 1.0
+) -> tuple[Batches, dict]:
+    """(batches that first put the ControlNets of `specs` on the model an edit loaded (apply_controls: conditions at
+    the input's size (H, W), windows over the steps an edit of `steps` steps at `strength` runs); what each image's
+    record adds). No specs: the batches unchanged and nothing added."""
+    if not specs:
+        return batches, {}
+
+    def controlled(ldm: LatentDiffusion):
+        apply_controls(ldm, specs, size, steps, strength)
+        return batches(ldm)
+
+    return controlled, {"controls": control_record(specs)}
 
 
 def control_record(specs: list[ControlSpec]) -> list[dict]:

@@ -20,6 +20,7 @@ from ..checkpoint import read_metadata
 from ..data.images import Sign
 from ..errors import InputError
 from ..ldm import LatentDiffusion
+from .control import ControlSpec, with_controls
 from .generate import Finish, SampleRequest, collect, latent_batches, plan, write_edits
 from .images import check_edit_size, crop_to, load_edit_image, pad_to_multiple, to_channels
 from .lora import LoRASpec, apply_loras, check_loras, lora_record
@@ -133,13 +134,16 @@ def img2img_to_file(
     sign: Sign | None = None,
     loras: list[LoRASpec] | None = None,
     lora_merge: bool = False,
+    controls: list[ControlSpec] | None = None,
 ) -> list[Path]:
     """img2img of the image file `image` (read by load_edit_image), each result written at the input's size as every
     edit is (see generate.write_edits), with the parameters, the input image's path and the strength embedded. The
     strength, the image, the output and the request are checked before sampling. loras: LoRAs on the model
-    (pipelines/lora.py), unmerged, or merged into its weights with lora_merge; each recorded with its SHA-256."""
+    (pipelines/lora.py), unmerged, or merged into its weights with lora_merge; each recorded with its SHA-256.
+    controls: ControlNets that steer the edit (pipelines/control.py), their windows counted over the steps run."""
     strength = check_strength(strength)
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W)
     batches, about = with_loras(lambda ldm: img2img_batches(ldm, x, req, strength, progress), loras, lora_merge)
-    extra = {"image": input_record(image), "strength": strength, **about}
+    batches, steered = with_controls(batches, controls, tuple(x.shape[-2:]), req.steps, strength)
+    extra = {"image": input_record(image), "strength": strength, **about, **steered}
     return write_edits(checkpoint, req, reading(out, image), batches, extra, finish, sign)

@@ -27,6 +27,7 @@ from ..ldm import LatentDiffusion
 from ..noise import Generators, randn
 from ..samplers import get_sampler
 from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
+from .control import ControlSpec, with_controls
 from .generate import (
     MAX_STEPS,
     Finish,
@@ -236,18 +237,21 @@ def edit_to_file(
     sign: Sign | None = None,
     loras: list[LoRASpec] | None = None,
     lora_merge: bool = False,
+    controls: list[ControlSpec] | None = None,
 ) -> list[Path]:
     """Take (image (1, C, H, W), mask (1, 1, H, W)) from inputs(channels), inpaint, and write each edited image at
     the input's size (see write_edits) with the parameters and `about` (the input files) embedded. The options and
     inputs are checked before the model is loaded. loras: LoRAs on the model, unmerged or merged with lora_merge,
-    each recorded with its SHA-256 (see img2img.with_loras). The pixels the mask keeps stay the input's with every
-    option: finish (the screen) gets them as `keep`, so a watermark goes only into the regenerated region (or,
-    where that is too small to carry it, nowhere); an all-black mask writes the input with no record, mark or
-    credentials."""
+    each recorded with its SHA-256 (see img2img.with_loras); controls: ControlNets that steer the regenerated
+    region, each condition at the image's size (see control.with_controls). The pixels the mask keeps stay the
+    input's with every option: finish (the screen) gets them as `keep`, so a watermark goes only into the
+    regenerated region (or, where that is too small to carry it, nowhere); an all-black mask writes the input with
+    no record, mark or credentials."""
     check_repaint(req.steps, opts.resample, opts.jump)
     image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
     batches, used = with_loras(lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress), loras, lora_merge)
-    extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about, **used}
+    batches, steered = with_controls(batches, controls, tuple(image.shape[-2:]), req.steps)
+    extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about, **used, **steered}
     keep = (mask[0, 0] <= 0.5).cpu().numpy()  # (H, W): the pixels written bit for bit, watermark or not
     if finish is not None:
         finish = partial(finish, keep=keep)
@@ -266,9 +270,10 @@ def inpaint_to_file(
     sign: Sign | None = None,
     loras: list[LoRASpec] | None = None,
     lora_merge: bool = False,
+    controls: list[ControlSpec] | None = None,
 ) -> list[Path]:
     """Inpaint the image file `image` where the mask file `mask` is white and write the results (see edit_to_file,
-    which applies `loras`)."""
+    which applies `loras` and `controls`)."""
     require_file(image, "image", "give the picture to edit (PNG, JPEG, WebP, BMP or GIF)")
     require_file(mask, "mask", "give an image file, white where the picture is regenerated and black where kept")
 
@@ -278,4 +283,4 @@ def inpaint_to_file(
 
     about = {"image": input_record(image), "mask": input_record(mask)}
     out = reading(out, image, mask)
-    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign, loras, lora_merge)
+    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign, loras, lora_merge, controls)

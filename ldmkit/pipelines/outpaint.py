@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..data.images import Sign
 from ..errors import InputError
+from .control import ControlSpec
 from .generate import Finish, SampleRequest, whole_number
 from .images import MAX_EDIT_PIXELS, load_edit_image
 from .inpaint import InpaintOptions, edit_to_file
@@ -81,9 +82,11 @@ def outpaint_to_file(
     sign: Sign | None = None,
     loras: list[LoRASpec] | None = None,
     lora_merge: bool = False,
+    controls: list[ControlSpec] | None = None,
 ) -> list[Path]:
     """Enlarge the image file `image` by `border` and write the results (see inpaint.edit_to_file); opts: the
-    sampling and composite options (default InpaintOptions()); loras: LoRAs on the model, merged with lora_merge."""
+    sampling and composite options (default InpaintOptions()); loras: LoRAs on the model, merged with lora_merge;
+    controls: ControlNets whose condition images have the enlarged image's size."""
     require_file(image, "image", "give the picture to enlarge (PNG, JPEG, WebP, BMP or GIF)")
 
     def inputs(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,4 +95,4 @@ def outpaint_to_file(
     about = {"image": input_record(image), "border": [border.left, border.right, border.top, border.bottom]}
     out = reading(out, image)
     opts = opts or InpaintOptions()
-    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign, loras, lora_merge)
+    return edit_to_file(checkpoint, req, inputs, out, opts, about, progress, finish, sign, loras, lora_merge, controls)
