@@ -388,6 +388,10 @@ class ServeConfig:
     monitor_window: int = bounded(256, OPTIONAL_COUNT)
     c2pa_cert: str = ""  # a PEM certificate chain: sign every output PNG with C2PA content credentials; "" = none
     c2pa_key: str = ""  # the PEM private key of c2pa_cert's first certificate
+    loras: str = ""  # the folder of the LoRAs requests may name (and nothing outside it); "" = no LoRAs
+    # "ROLE:PATTERN" entries: a role named here may use only the LoRAs matching its patterns (e.g. "user:styles/*");
+    # a role not named may use every LoRA of the folder
+    lora_roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Several generation requests in one forward pass, each image exactly as its request alone would give it.
 
 Requests share a pass when they agree on what shapes the computation: the model, the size, the sampler, its steps
-and eta, guidance on or off and its rescale (`share_key`). Prompts, labels, negative prompts, seeds and guidance
-scales may differ: every image keeps its own generator (seeded seed + i of its request), its own conditioning and
-its own guidance scale, and the CPU kernels are batch-invariant (nn/invariant.py), so batching changes no bit.
+and eta, guidance on or off and its rescale (`share_key`). Prompts, labels, negative prompts, seeds, guidance
+scales and LoRAs may differ: every image keeps its own generator (seeded seed + i of its request), its own
+conditioning, guidance scale and LoRAs (pipelines/lora.py: per_sample_loras), and the CPU kernels are
+batch-invariant (nn/invariant.py), so batching changes no bit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed
 from .generate import SampleRequest, blame_options, check_samples_from_noise, plan
+from .lora import per_sample_loras
+from .request import LoRASpec
 
 
 def share_key(req: SampleRequest) -> tuple:
@@ -36,6 +39,7 @@ class _Sample:
     negative: str
     cfg: float
     seed: int
+    loras: tuple[LoRASpec, ...] = ()
 
 
 def _samples(ldm: LatentDiffusion, reqs: Sequence[SampleRequest]) -> tuple[list[_Sample], tuple[int, int]]:
@@ -47,7 +51,7 @@ def _samples(ldm: LatentDiffusion, reqs: Sequence[SampleRequest]) -> tuple[list[
         for i in range(req.n):
             label = p.labels[i] if p.labels is not None else None
             prompt = p.prompts[i] if p.prompts is not None else None
-            out.append(_Sample(label, prompt, req.negative_prompt, req.cfg, req.seed + i))
+            out.append(_Sample(label, prompt, req.negative_prompt, req.cfg, req.seed + i, req.loras))
     if len(sizes) != 1 or len({share_key(r)[2:] for r in reqs}) != 1:
         raise InputError("requests batched together must share size, sampler, steps, eta and guidance rescale")
     return out, sizes.pop()
@@ -68,9 +72,17 @@ def _sample_chunk(
         uncond = ldm.null_conditioning(n)
     generators = [g for s in chunk for g in generators_from_seed(s.seed, 1)]
     sampling = req.sampling() | {"cfg_scale": torch.tensor([s.cfg for s in chunk])}
-    return sample_latents(
-        ldm.denoiser, (n, *shape), cond, uncond, generator=generators, device=ldm.device, callback=callback, **sampling
-    )
+    with per_sample_loras(ldm, [s.loras for s in chunk]):
+        return sample_latents(
+            ldm.denoiser,
+            (n, *shape),
+            cond,
+            uncond,
+            generator=generators,
+            device=ldm.device,
+            callback=callback,
+            **sampling,
+        )
 
 
 def generate_together(

@@ -1,29 +1,37 @@
-"""LoRAs at sampling time: `--lora FILE[:SCALE]`, repeatable, negative scales allowed, with `--lora-merge`.
+"""LoRAs at sampling time: `--lora FILE[:SCALE]`, repeatable, negative scales allowed, with `--lora-merge`; and the
+LoRAs of a request (SampleRequest.loras), applied per image so that requests with different LoRAs share a batch.
 
 Every LoRA is checked before sampling (a safetensors file, a finite scale, not given twice, made for the model's
 backbone), then hooked into the backbone unmerged (nn/lora.py: the samplers and guidance see an ordinary model) or,
 with --lora-merge, merged into its weights (fastest; `unmerge()` restores them bit for bit).
+
+Per image: `per_sample_loras` hooks in every LoRA a batch's images use, in one order (by SHA-256), each with a scale
+per image that is 0 for the images that do not use it. An image's numbers then are those it gets alone: a LoRA it
+does not use adds an exact zero, and the batch-invariant kernels (nn/invariant.py) compute each image's share of
+the others alone.
 """
 
 from __future__ import annotations
 
+import collections
+import fnmatch
 import math
-from dataclasses import dataclass
+import threading
+import weakref
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
 
 from ..adapters import load_lora
 from ..checkpoint import file_sha256
 from ..errors import InputError
 from ..ldm import LatentDiffusion
-from ..nn.lora import Attached, Merged, attach
-
-
-@dataclass(frozen=True)
-class LoRASpec:
-    """One --lora: the file and its scale."""
-
-    path: str
-    scale: float = 1.0
+from ..nn.lora import Attached, LoRASet, Merged, attach, scales
+from .request import LoRASpec
 
 
 def parse_lora(text: str) -> LoRASpec:
@@ -73,3 +81,147 @@ def lora_record(specs: list[LoRASpec], merged: bool = False) -> list[dict]:
     return [
         {"file": Path(s.path).name, "sha256": file_sha256(s.path), "scale": s.scale, "merged": merged} for s in specs
     ]
+
+
+# --- the LoRAs of a request, per image ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A LoRA file read and matched to one backbone: its set (on the backbone's device) and the file's SHA-256."""
+
+    lora: LoRASet
+    sha256: str
+
+
+# backbone -> {(path, size, mtime): Loaded}, newest last; forgotten with the backbone
+_CACHE: weakref.WeakKeyDictionary[nn.Module, collections.OrderedDict] = weakref.WeakKeyDictionary()
+_CACHE_SIZE = 32  # LoRAs kept read per backbone (a few MB each)
+_LOCK = threading.Lock()
+
+
+def loaded(ldm: LatentDiffusion, spec: LoRASpec) -> Loaded:
+    """The LoRA of `spec` on `ldm`'s backbone, read once and kept (a file changed on disk is read again); InputError
+    for a file that is missing, unreadable or made for another architecture."""
+    if not spec.path:
+        raise InputError(f"LoRA {spec.name!r} names no file; a server finds it in its LoRA folder (LoRAFolder.resolve)")
+    path = Path(spec.path)
+    try:
+        st = path.stat()
+    except OSError:
+        raise InputError(f"LoRA file {path} does not exist; give the path of a .safetensors LoRA") from None
+    unet, key = ldm.unet, (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _LOCK:
+        cache = _CACHE.setdefault(unet, collections.OrderedDict())
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+    out = Loaded(load_lora(path, unet).to(next(unet.parameters()).device).requires_grad_(False), file_sha256(path))
+    with _LOCK:
+        cache[key] = out
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    return out
+
+
+@contextmanager
+def per_sample_loras(ldm: LatentDiffusion, per_image: Sequence[Sequence[LoRASpec]]) -> Iterator[None]:
+    """Within the block, image i of a batch (of len(per_image) images, or k times that under guidance) gets the
+    LoRAs per_image[i] at their scales, and no other: every LoRA any image uses is hooked into the backbone once,
+    with a scale per image (0 where the image does not use it). Nothing is hooked when no image has a LoRA."""
+    if not any(per_image):
+        yield
+        return
+    sets: dict[str, Loaded] = {}  # sha256 -> loaded; one order whatever the batch: by SHA-256
+    use: list[dict[str, float]] = []
+    for specs in per_image:
+        mine = {}
+        for spec in specs:
+            got = loaded(ldm, spec)
+            sets[got.sha256] = got
+            mine[got.sha256] = mine.get(got.sha256, 0.0) + spec.scale
+        use.append(mine)
+    with ExitStack() as stack:
+        hooked = []
+        for sha in sorted(sets):
+            hooked.append(attach(ldm.unet, sets[sha].lora, 0.0))
+            stack.callback(hooked[-1].remove)
+        per_set = {sets[sha].lora: torch.tensor([u.get(sha, 0.0) for u in use]) for sha in sorted(sets)}
+        with scales(per_set):
+            yield
+
+
+@contextmanager
+def request_loras(ldm: LatentDiffusion, specs: Sequence[LoRASpec]) -> Iterator[None]:
+    """Within the block, every image `ldm` draws gets the LoRAs `specs` at their scales (an edit's, which runs
+    alone); hooked in the order per_sample_loras uses, so the numbers are those of a batch."""
+    if not specs:
+        yield
+        return
+    with ExitStack() as stack:
+        for got, scale in sorted(((loaded(ldm, s), s.scale) for s in specs), key=lambda x: x[0].sha256):
+            stack.callback(attach(ldm.unet, got.lora, scale).remove)
+        yield
+
+
+def request_lora_record(specs: Sequence[LoRASpec]) -> list[dict]:
+    """What a request's images and audit row record of its LoRAs: the name, SHA-256 and scale of each."""
+    return [
+        {"name": s.name or Path(s.path).name, "sha256": s.sha256 or file_sha256(s.path), "scale": s.scale}
+        for s in specs
+    ]
+
+
+class LoRAFolder:
+    """The LoRAs a server may apply: the .safetensors files under one folder, named by their path inside it without
+    the suffix ("toy", "styles/ink"). A name that leaves the folder, or names no file of it, is refused."""
+
+    SUFFIX = ".safetensors"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise InputError(f"LoRA folder {self.root} does not exist; create it or set serve.loras to a folder")
+        self.root = self.root.resolve()
+
+    def names(self) -> list[str]:
+        """Every LoRA of the folder, by name, sorted."""
+        return sorted(
+            p.relative_to(self.root).as_posix()[: -len(self.SUFFIX)]
+            for p in self.root.rglob(f"*{self.SUFFIX}")
+            if p.is_file() and p.resolve().is_relative_to(self.root)
+        )
+
+    def path(self, name: str) -> Path:
+        """The file of LoRA `name`; InputError naming it when it leaves the folder or is not there."""
+        shown = repr(name[:80])
+        rel = name.replace("\\", "/")
+        rel = rel if rel.endswith(self.SUFFIX) else rel + self.SUFFIX
+        parts = Path(rel).parts
+        if not name or Path(rel).is_absolute() or ".." in parts or ":" in parts[0]:
+            raise InputError(f"LoRA {shown} leaves the LoRA folder; name a LoRA inside it (GET /sdapi/v1/loras)")
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root):  # a link out of the folder
+            raise InputError(f"LoRA {shown} leaves the LoRA folder; name a LoRA inside it (GET /sdapi/v1/loras)")
+        if not path.is_file():
+            raise InputError(f"LoRA {shown} is not in this server's LoRA folder; GET /sdapi/v1/loras lists them")
+        return path
+
+    def resolve(self, ldm: LatentDiffusion, specs: Sequence[LoRASpec]) -> tuple[LoRASpec, ...]:
+        """The request's LoRAs with their files and SHA-256, each read and matched to `ldm` now (InputError naming
+        the LoRA otherwise), so the batch that runs them finds them ready."""
+        out = []
+        for spec in specs:
+            path = str(self.path(spec.name))
+            try:
+                got = loaded(ldm, replace(spec, path=path))
+            except InputError as err:  # said with the LoRA's name: the client knows no server path
+                raise InputError(str(err).replace(path, repr(spec.name[:80]))) from None
+            out.append(replace(spec, path=path, sha256=got.sha256))
+        return tuple(out)
+
+
+def allowed(patterns: Sequence[str], name: str) -> bool:
+    """Whether LoRA `name` matches one of `patterns` (shell patterns: "styles/*")."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

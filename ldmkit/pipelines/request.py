@@ -139,7 +139,41 @@ class Param:
             return value
         if not isinstance(value, (list, tuple)):
             raise fail(field_name, f"{name} must be a list, not {type(value).__name__}{tail}")
+        if self.item is LoRASpec:
+            return _loras(name, value, tail, lambda m: fail(field_name, m))
         return [_whole(name, v, *self.bounds(high), tail, lambda m: fail(field_name, m)) for v in value]
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """One LoRA a request applies: its file and scale; name: what the request called it (a served folder's name),
+    sha256: the file's, once read (both recorded with the images)."""
+
+    path: str
+    scale: float = 1.0
+    name: str = ""
+    sha256: str = ""
+
+
+def _loras(name: str, value, tail: str, fail) -> tuple[LoRASpec, ...]:
+    """LoRAs as a request gives them (LoRASpec, or {"name": ..., "scale": ...} from an API) checked: a name, a
+    finite scale, each LoRA once; fail(message) naming `name` otherwise."""
+    out, seen = [], set()
+    for v in value:
+        if isinstance(v, dict):
+            unknown = sorted(set(v) - {"name", "scale"})
+            if unknown:
+                raise fail(f"{name} entries take name and scale, not {', '.join(map(str, unknown))[:60]}{tail}")
+            v = LoRASpec("", v.get("scale", 1.0), v.get("name"))  # the server finds the file by its name
+        if not isinstance(v, LoRASpec) or not isinstance(v.name or v.path, str) or not (v.name or v.path):
+            raise fail(f'{name} entries need a name: a LoRA of the server\'s folder, e.g. {{"name": "toy"}}{tail}')
+        label = v.name or v.path
+        scale = _number(f"{name} {label[:60]!r} scale", v.scale, None, None, tail, fail)
+        if label in seen:
+            raise fail(f"{name} names {label[:60]!r} twice; give each LoRA once (scales add: sum them)")
+        seen.add(label)
+        out.append(LoRASpec(v.path, scale, v.name, v.sha256))
+    return tuple(out)
 
 
 def _range_words(low, high) -> str:
@@ -320,6 +354,17 @@ FIELDS: tuple[Param, ...] = (
         names={"cli": "--eta", "template": "eta"},
     ),
     Param(
+        "loras",
+        list,
+        (),
+        "LoRAs applied to this request's images alone, each with its scale (several requests with different LoRAs "
+        "still share a batch)",
+        "name LoRAs of the server's folder (GET /sdapi/v1/loras lists them), each with a finite scale",
+        item=LoRASpec,
+        commands=(),  # the commands take --lora FILE[:SCALE] (pipelines/lora.py)
+        names={"openai": "loras", "native": "loras"},  # AUTOMATIC1111's: <lora:name:scale> in the prompt
+    ),
+    Param(
         "batch_size",
         int,
         16,
@@ -418,11 +463,13 @@ class SampleRequest:
     batch_size: int = SPEC["batch_size"].default  # images per forward pass
     device: str = SPEC["device"].default
     eta: float | None = SPEC["eta"].default  # stochasticity of ddim / ancestral / sde samplers (None: the sampler's)
+    loras: tuple[LoRASpec, ...] = SPEC["loras"].default  # applied per image, so requests with others still batch
 
     def __post_init__(self):
         for p in FIELDS:
-            if p.name != "device" and not (p.name == "labels" and self.labels is None):  # the device: resolve_device
-                p.check(getattr(self, p.name))
+            if p.name not in ("device", "loras") and not (p.name == "labels" and self.labels is None):  # device:
+                p.check(getattr(self, p.name))  # resolve_device checks it
+        object.__setattr__(self, "loras", SPEC["loras"].check(self.loras, label="--lora"))
         check_seed_count(self.seed, self.n)
         check_eta_sampler(self.eta, self.sampler)
         if self.prompts is not None:

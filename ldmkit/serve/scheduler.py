@@ -32,6 +32,7 @@ import torch
 from ..errors import LdmkitError
 from ..pipelines.batching import generate_together, share_key
 from ..pipelines.generate import SampleRequest
+from ..pipelines.lora import request_loras
 from .cost import StepCost, StepTimer, describe, units_per_step
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -365,7 +366,8 @@ class Scheduler:
         measured = True
         try:
             if batch[0].run is not None:
-                results = [batch[0].run(ldm)]
+                with request_loras(ldm, batch[0].req.loras):  # an edit runs alone: its LoRAs on the whole model
+                    results = [batch[0].run(ldm)]
             else:
                 results = self._generate(ldm, batch, stop_when_abandoned)
         except Cancelled:

@@ -57,6 +57,13 @@ def api_models() -> SimpleNamespace:
         value = p.default_for(surface) if default is ... else default
         return Field(value, description=p.help, json_schema_extra=bounds or None)
 
+    class LoRAItem(BaseModel):
+        """One LoRA of a request: a name of the server's LoRA folder (GET /sdapi/v1/loras) and its scale."""
+
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        scale: float = 1.0
+
     class OpenAIImageRequest(BaseModel):
         """POST /v1/images/generations: OpenAI's fields, and ldmkit's own as extras."""
 
@@ -76,6 +83,7 @@ def api_models() -> SimpleNamespace:
         cfg: float = spec_field("cfg", "openai")
         seed: int | None = spec_field("seed", "openai")  # None: a random seed, returned with each image
         sampler: str = spec_field("sampler", "openai")
+        loras: list[LoRAItem] = spec_field("loras", "openai")  # LoRAs of the server's folder, applied per image
 
     class A1111Request(BaseModel):
         """POST /sdapi/v1/txt2img and img2img: AUTOMATIC1111's field names. Fields ldmkit does not use (styles,
@@ -123,6 +131,7 @@ def api_models() -> SimpleNamespace:
         sampler: str = spec_field("sampler", "native")
         width: int = spec_field("width", "native")
         height: int = spec_field("height", "native")
+        loras: list[LoRAItem] = spec_field("loras", "native")
 
     return SimpleNamespace(OpenAIImageRequest=OpenAIImageRequest, A1111Request=A1111Request, JobRequest=JobRequest)
 
@@ -215,6 +224,7 @@ def sample_request(
     negative = _text(names.get("negative_prompt", "negative_prompt"), fields.get("negative_prompt", ""), limits)
     labels = fields.get("labels")
     labels = check("labels", labels) if labels is not None else None
+    loras = check("loras", fields.get("loras") or ())  # names of the server's LoRA folder, found by the service
     prompts = [prompt] if prompt else None
     if not text:
         labels, prompts = _labels_from_prompt(prompt, labels, class_names or [], names.get("prompt", "prompt"))
@@ -232,6 +242,7 @@ def sample_request(
         height=height,
         batch_size=limits.max_n,
         eta=eta,
+        loras=loras,
     )
 
 

@@ -26,9 +26,11 @@ from ..governance.safety import SafetyFilter
 from ..governance.screen import build_screen
 from ..nn.invariant import self_check
 from ..pipelines.generate import SampleRequest, plan, resolution
+from ..pipelines.lora import request_lora_record
 from .auth import AuthError, Principal, Reservation, utc_now
 from .edits import unmarked
 from .health import scrub
+from .loras import ServedLoRAs
 from .scheduler import CANCELLED, DONE, Cancelled, Job, Scheduler, ShuttingDown, TooCostly
 from .schemas import FieldError
 
@@ -67,8 +69,10 @@ class Output:
 
 
 def request_params(req: SampleRequest, **extra) -> dict:
-    """The parameters recorded for a request (audit rows, PNG metadata): all of SampleRequest's but the batching."""
-    return {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")} | extra
+    """The parameters recorded for a request (audit rows, PNG metadata): all of SampleRequest's but the batching,
+    each LoRA by its name, SHA-256 and scale (not the server's path of its file)."""
+    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "loras")}
+    return params | ({"loras": request_lora_record(req.loras)} if req.loras else {}) | extra
 
 
 C2PA_SETTINGS = ("serve.c2pa_cert", "serve.c2pa_key")
@@ -102,6 +106,7 @@ class Service:
         self.templates = templates  # prompt templates (prompts.Templates) a request may name
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
+        self.loras = ServedLoRAs(run.serve.loras, run.serve.lora_roles)  # so does a missing LoRA folder
         # so does a bad certificate, or only one of the two settings
         self.sign = file_signer(credentials_from(run.serve.c2pa_cert, run.serve.c2pa_key, C2PA_SETTINGS))
         safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None
@@ -206,7 +211,9 @@ class Service:
             raise FieldError("request", str(err).replace("--height", "height").replace("--width", "width")) from None
 
     def check_policy(self, req: SampleRequest, principal: Principal) -> None:
-        """PolicyRefusal (counted by rule in the metrics) when the content policy refuses one of the prompts."""
+        """PolicyRefusal (counted by rule in the metrics) when the content policy refuses one of the prompts;
+        AuthError (403) when the key's role may not apply one of its LoRAs."""
+        self.loras.check_role(req, principal)
         if self.policy is not None:
             try:
                 self.policy.enforce(req.prompts or [], principal.role)

@@ -1,16 +1,18 @@
-"""AUTOMATIC1111's API: POST /sdapi/v1/txt2img and /sdapi/v1/img2img, GET /sdapi/v1/sd-models and
-/sdapi/v1/samplers, with A1111's field names translated to ldmkit's and back."""
+"""AUTOMATIC1111's API: POST /sdapi/v1/txt2img and /sdapi/v1/img2img, GET /sdapi/v1/sd-models, /sdapi/v1/samplers
+and /sdapi/v1/loras, with A1111's field names translated to ldmkit's and back (LoRAs: `<lora:name:scale>` in the
+prompt)."""
 
 import json
 from dataclasses import replace
 
 from ..deps import parse_body, typed
 from ..edits import a1111_edit
+from ..loras import prompt_loras
 from ..models import IMG2IMG, TXT2IMG
 from ..schemas import A1111_SAMPLERS, FieldError, api_models
 from .common import checked_request, templated
 
-NAMES = {"n": "batch_size", "cfg": "cfg_scale", "sampler": "sampler_name"}  # ldmkit's field -> A1111's
+NAMES = {"n": "batch_size", "cfg": "cfg_scale", "sampler": "sampler_name", "loras": "prompt"}  # ldmkit's -> A1111's
 
 
 def router():
@@ -67,6 +69,18 @@ def router():
             for n, m in svc.models.items()
         ]
 
+    class LoRA(BaseModel):
+        name: str
+        alias: str
+        path: str  # inside the server's LoRA folder
+        metadata: dict
+
+    @r.get("/sdapi/v1/loras", response_model=list[LoRA])
+    async def loras(principal: t.ViewerKey, svc: t.ServiceDep):
+        """The LoRAs of the server's folder that the caller's role may apply, as <lora:NAME:SCALE> names them."""
+        names = svc.loras.names(principal.role)
+        return [{"name": n, "alias": n, "path": f"{n}.safetensors", "metadata": {}} for n in names]
+
     @r.get("/sdapi/v1/samplers", response_model=list[Sampler])
     async def samplers(_: t.ViewerKey):
         return [{"name": a, "aliases": [ours], "options": {}} for a, ours in A1111_SAMPLERS.items()]
@@ -97,6 +111,7 @@ def a1111_request(svc, body, route: str):
         height=body.height,
     )
     fields, used = templated(svc, body, fields, NAMES)
+    fields["prompt"], fields["loras"] = prompt_loras(fields["prompt"])  # <lora:name:scale>, taken out of the prompt
     return served, checked_request(svc, served, fields, NAMES, route), fields, used
 
 

@@ -45,4 +45,5 @@ def checked_request(svc: Service, served, fields: dict, names: dict, route: str)
     except InputError as err:
         raise FieldError(*option_field(str(err), names)) from None
     check_for_model(req, served.describe()["multiple"], ldm.num_classes, names)
+    req = svc.loras.resolve(ldm, req, names.get("loras", "loras"))  # from the server's folder only
     return req if fields.get("eta") is None else replace(req, eta=fields["eta"])

@@ -67,6 +67,7 @@ def router():
             sampler=body.sampler,
             width=width,
             height=height,
+            loras=[lora.model_dump() for lora in body.loras],
         )
         fields, used = templated(svc, body, fields, SIZE)
         req = checked_request(svc, served, fields, SIZE, GENERATIONS)
