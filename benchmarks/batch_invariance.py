@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.nn.invariant import plain_kernels, self_check  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import generate  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.shipped import resolve_model  # noqa: E402
 
 

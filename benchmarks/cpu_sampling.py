@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from ldmkit.interop.diffusers import vae_to_diffusers  # noqa: E402
 from ldmkit.interop.diffusers_config import diffusion_config_to_scheduler  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import generate  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import diffusers_copy  # noqa: E402

@@ -56,14 +56,15 @@ from text2img_quality import real_images, train_classifier  # noqa: E402
 from ldmkit.config import DataConfig  # noqa: E402
 from ldmkit.data import build_dataset, stack_images  # noqa: E402
 from ldmkit.diffusion.lowres import downscale  # noqa: E402
+from ldmkit.diffusion.sample import Known, sample_latents  # noqa: E402
 from ldmkit.evaluation import metrics  # noqa: E402
 from ldmkit.evaluation.fid import FeatureStats, InceptionFeatures  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.noise import generators_from_seed  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest  # noqa: E402
 from ldmkit.pipelines.img2img import img2img  # noqa: E402
-from ldmkit.pipelines.inpaint import InpaintOptions, inpaint, inpaint_latents, prepare_edit  # noqa: E402
+from ldmkit.pipelines.inpaint import InpaintOptions, inpaint, prepare_edit  # noqa: E402
 from ldmkit.pipelines.masks import composite  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import UpscaleOptions, upscale  # noqa: E402
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8)
@@ -131,8 +132,8 @@ def telea(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, radiu
 
 def diffusion_inpaint(ldm: LatentDiffusion, args, opts: InpaintOptions):
     """`pipelines.inpaint` batched across images: each image keeps its own mask, label and seed (image i: seed + i),
-    through the pipeline's own steps (prepare_edit, inpaint_latents, composite). `check_against_pipeline` checks
-    that an image comes out as `inpaint()` gives it alone."""
+    through the pipeline's own steps (prepare_edit, sample_latents with kept latents, composite).
+    `check_against_pipeline` checks that an image comes out as `inpaint()` gives it alone."""
 
     @torch.no_grad()
     def run(images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -145,18 +146,18 @@ def diffusion_inpaint(ldm: LatentDiffusion, args, opts: InpaintOptions):
             if eds[0].concat is not None:  # a dedicated inpainting model: mask and masked-image latents
                 concat = torch.cat([ed.concat for ed in eds])  # (b, 1 + c, h, w)
                 cond, uncond = replace(cond, concat=concat), replace(uncond, concat=concat)
-            z = inpaint_latents(
+            x0 = torch.cat([ed.x0 for ed in eds])  # (b, c, h, w)
+            regenerate = torch.cat([ed.regenerate for ed in eds])  # (b, 1, h, w)
+            z = sample_latents(
                 ldm.denoiser,
-                torch.cat([ed.x0 for ed in eds]),  # (b, c, h, w)
-                torch.cat([ed.regenerate for ed in eds]),  # (b, 1, h, w)
+                tuple(x0.shape),
                 cond,
                 uncond,
                 sampler=args.sampler,
                 steps=args.steps,
                 cfg_scale=args.cfg,
                 generator=generators_from_seed(args.seed + s, e - s),
-                resample=opts.resample,
-                jump=opts.jump,
+                known=Known(x0, regenerate, opts.resample, opts.jump),
             )
             done = composite(
                 torch.cat([ed.image for ed in eds]), ldm.decode(z), torch.cat([ed.mask for ed in eds]), opts.feather

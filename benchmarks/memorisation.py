@@ -36,7 +36,8 @@ from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.images import to_pil  # noqa: E402
 from ldmkit.governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, build_index, index_path_for  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import generate  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.shipped import resolve_model  # noqa: E402
 
 

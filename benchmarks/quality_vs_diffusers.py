@@ -49,7 +49,8 @@ from ldmkit.data.latents import LatentCache, encode_dataset  # noqa: E402
 from ldmkit.evaluation.fid import InceptionFeatures, compute_stats, reference_stats  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.noise import generators_from_seed, randn  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import generate  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.runtime import autocast, resolve_device  # noqa: E402
 from ldmkit.training.loop import batch_indices, step_generator  # noqa: E402
 from ldmkit.training.runs import train_denoiser  # noqa: E402

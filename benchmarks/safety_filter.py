@@ -32,8 +32,9 @@ from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.images import to_pil  # noqa: E402
 from ldmkit.governance.safety import SafetyFilter, SafetySettings  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import generate  # noqa: E402
 from ldmkit.pipelines.inpaint import InpaintOptions, inpaint_batches  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import UpscaleOptions, upscale_batches  # noqa: E402
 from ldmkit.shipped import resolve_model  # noqa: E402
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest, generate  # noqa: E402
+from ldmkit.pipelines.generate import generate  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 
 
 def real_images(ldm: LatentDiffusion, k: int, max_per: int, seed: int):

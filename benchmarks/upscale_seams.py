@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from ldmkit.config import DataConfig  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import UpscaleOptions, tiling_for, upscale  # noqa: E402
 
 

@@ -29,10 +29,10 @@ from ldmkit.data.emoji import NotoRenderer, finish  # noqa: E402
 from ldmkit.data.images import to_pil, uint8_to_tensor  # noqa: E402
 from ldmkit.diffusion.lowres import downscale  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest  # noqa: E402
 from ldmkit.pipelines.img2img import img2img  # noqa: E402
 from ldmkit.pipelines.inpaint import InpaintOptions, inpaint  # noqa: E402
 from ldmkit.pipelines.outpaint import Border, outpaint_canvas  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import upscale  # noqa: E402
 
 OUT = ROOT / "docs"

@@ -41,8 +41,9 @@ from ldmkit.data.images import save_grid  # noqa: E402
 from ldmkit.diffusion.lowres import downscale  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import SampleRequest, generate_to_file  # noqa: E402
+from ldmkit.pipelines.generate import generate_to_file  # noqa: E402
 from ldmkit.pipelines.inpaint import inpaint  # noqa: E402
+from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import upscale  # noqa: E402
 from ldmkit.runtime import resolve_device  # noqa: E402
 from ldmkit.shipped import SHIPPED, export_half, weights_dir  # noqa: E402

@@ -1,7 +1,10 @@
-"""Drawing latents from a denoiser: initial noise (or a noised start image), guidance wrapper, sampler, in one call,
-with a finiteness watch."""
+"""Drawing latents from a denoiser, the one sampling driver of every pipeline (generate, img2img, inpaint and
+RePaint, upscale, synth, the server's batches, the training previews): initial noise (or a noised start image),
+the guidance wrapper, the inpainting blend, the sampler, in one call, with a finiteness watch."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -9,7 +12,20 @@ from ..conditioning.types import Conditioning
 from ..errors import InputError, NonFiniteError
 from ..noise import Generators, randn
 from ..samplers import get_sampler
-from .guidance import guided
+from ..samplers.repaint import repaint_steps, sample_repaint
+from .guidance import InpaintBlend, guided
+
+
+@dataclass(frozen=True)
+class Known:
+    """Latents kept while sampling (inpainting, outpainting): x0 (B, c, h, w) stays where `regenerate` (1 or B, 1,
+    h, w) is 0 and is sampled where it is 1; RePaint (Lugmayr et al. 2022) walks back up `jump` steps and down again
+    `resample` times at each jump point (resample 1: no resampling)."""
+
+    x0: torch.Tensor
+    regenerate: torch.Tensor
+    resample: int = 1
+    jump: int = 5
 
 
 def non_finite_at(step: int, steps: int, sigma: float) -> NonFiniteError:
@@ -63,6 +79,7 @@ def sample_latents(
     callback=None,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    known: Known | None = None,
     **sampler_options,
 ) -> torch.Tensor:
     """Latents of `shape` (B, C, h, w) sampled from `denoiser` under `cond`, with classifier-free guidance against
@@ -71,6 +88,8 @@ def sample_latents(
     init: clean scaled latents x0 of `shape` to start from (img2img, SDEdit): the sampler runs over
     sigmas[t_start:] (`start_index`) from x = init + sigmas[t_start] * noise, the noise drawn as without init.
     strength 1 is exactly sampling without init; strength 0 runs no step and returns init.
+    known: latents to keep (inpainting; see Known): the sampler walks RePaint's schedule with the guided denoiser
+    wrapped in InpaintBlend; a mask that regenerates everything gives exactly the latents drawn without it.
     NonFiniteError (with `.step`, `.steps`) at the first step whose prediction is NaN or infinite, or when the last
     update is: never latents that would decode to a black image."""
     fn = get_sampler(sampler)
@@ -78,6 +97,8 @@ def sample_latents(
     if sigmas is None:
         sigmas = denoiser.sigmas(steps)
     sigmas = sigmas.to(device)
+    if init is not None and known is not None:
+        raise InputError("a start image (img2img strength) and kept latents (inpainting) cannot be combined")
     if init is not None:
         if tuple(init.shape) != tuple(shape):
             raise InputError(f"init latents have shape {tuple(init.shape)}, not {tuple(shape)}; pass one per sample")
@@ -94,7 +115,34 @@ def sample_latents(
                 raise NonFiniteError("the start latents hold NaN or infinite values; check the encoded image")
             return x
     denoise = guided(denoiser, cond, uncond, cfg_scale, cfg_rescale)
+    if known is not None:
+        return _sample_known(denoise, x, sigmas, known, fn, generator, callback, sampler_options)
     x = fn(denoise, x, sigmas, generator=generator, callback=finite_watch(n_steps, callback), **sampler_options)
     if not bool(torch.isfinite(x).all()):  # the last update (noise, step size) went wrong after a finite prediction
         raise non_finite_at(n_steps, n_steps, float(sigmas[-2]))
+    return x
+
+
+def _sample_known(denoise, x, sigmas, known: Known, step, generator, callback, sampler_options) -> torch.Tensor:
+    """sample_latents' walk when latents are kept: the blend first draws its fixed noise from `generator` (after
+    the initial noise, so image i's draws do not depend on the mask), then RePaint's segments run `step`."""
+    if tuple(known.x0.shape) != tuple(x.shape):
+        raise InputError(f"kept latents have shape {tuple(known.x0.shape)}, not {tuple(x.shape)}; pass one per sample")
+    keep = 1 - known.regenerate.to(known.x0)  # InpaintBlend's mask: 1 where the original stays
+    if bool(keep.any()):
+        denoise = InpaintBlend(denoise, known.x0, keep, generator)
+    n = repaint_steps(len(sigmas) - 1, known.resample, known.jump)
+    x = sample_repaint(
+        denoise,
+        x,
+        sigmas,
+        generator=generator,
+        callback=finite_watch(n, callback),
+        step=step,
+        resample=known.resample,
+        jump=known.jump,
+        **sampler_options,
+    )
+    if not bool(torch.isfinite(x).all()):
+        raise non_finite_at(n, n, float(sigmas[-2]))
     return x

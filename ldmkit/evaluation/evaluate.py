@@ -33,7 +33,8 @@ from ..data.images import to_pil
 from ..distributed import World, process_group
 from ..errors import InputError
 from ..ldm import LatentDiffusion
-from ..pipelines.generate import SampleRequest, generate
+from ..pipelines.generate import generate
+from ..pipelines.request import SampleRequest
 from ..runtime import resolve_device
 from .fid import FeatureStats, InceptionFeatures, compute_stats, reference_indices, reference_stats
 from .metrics import reconstruction_metrics

@@ -15,13 +15,12 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion.guidance import guides
-from ..diffusion.sample import sample_latents
-from ..errors import InputError, NonFiniteError
+from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..noise import generators_from_seed
-from .generate import SampleRequest, blame_options, check_samples_from_noise, plan
 from .lora import per_sample_loras
-from .request import LoRASpec
+from .plan import check_samples_from_noise, draw, plan
+from .request import LoRASpec, SampleRequest
 
 
 def share_key(req: SampleRequest) -> tuple:
@@ -71,17 +70,9 @@ def _sample_chunk(
         cond = ldm.conditioning(labels=labels, n=n)
         uncond = ldm.null_conditioning(n)
     generators = [g for s in chunk for g in generators_from_seed(s.seed, 1)]
-    sampling = req.sampling() | {"cfg_scale": torch.tensor([s.cfg for s in chunk])}
     with per_sample_loras(ldm, [s.loras for s in chunk]):
-        return sample_latents(
-            ldm.denoiser,
-            (n, *shape),
-            cond,
-            uncond,
-            generator=generators,
-            device=ldm.device,
-            callback=callback,
-            **sampling,
+        return draw(
+            ldm, req, (n, *shape), cond, uncond, generators, callback, cfg_scale=torch.tensor([s.cfg for s in chunk])
         )
 
 
@@ -104,10 +95,7 @@ def generate_together(
     images = []
     for s in range(0, len(samples), batch_size):
         chunk = samples[s : s + batch_size]
-        try:
-            z = _sample_chunk(ldm, chunk, shape, reqs[0], callback)
-        except NonFiniteError as err:
-            raise blame_options(ldm, reqs[0], err) from None
+        z = _sample_chunk(ldm, chunk, shape, reqs[0], callback)
         images.append(ldm.decode(z).cpu())
     flat = torch.cat(images)
     bounds = torch.tensor([0] + [r.n for r in reqs]).cumsum(0).tolist()

@@ -21,11 +21,12 @@ from ..data.images import Sign
 from ..errors import InputError
 from ..ldm import LatentDiffusion
 from .control import ControlSpec, with_controls
-from .generate import Finish, SampleRequest, collect, latent_batches, plan, write_edits
 from .images import check_edit_size, crop_to, load_edit_image, pad_to_multiple, to_channels
 from .lora import LoRASpec, apply_loras, check_loras, lora_record
-from .output import reading
+from .output import Finish, reading, write_edits
+from .plan import collect, latent_batches, plan
 from .record import input_record
+from .request import SampleRequest
 
 RANGE_SLACK = 1e-3  # image values may leave [-1, 1] by this much (rounding) before they are refused
 

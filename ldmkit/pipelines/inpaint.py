@@ -20,31 +20,19 @@ import torch
 
 from ..conditioning.types import Conditioning
 from ..data.images import Sign
-from ..diffusion.guidance import InpaintBlend, guided
-from ..diffusion.sample import finite_watch, non_finite_at
-from ..errors import InputError, NonFiniteError
+from ..diffusion.sample import Known
+from ..errors import InputError
 from ..ldm import LatentDiffusion
-from ..noise import Generators, randn
-from ..samplers import get_sampler
-from ..samplers.repaint import check_repaint, repaint_steps, sample_repaint
+from ..samplers.repaint import check_repaint, repaint_steps
 from .control import ControlSpec, with_controls
-from .generate import (
-    MAX_STEPS,
-    Finish,
-    SampleRequest,
-    blame_options,
-    collect,
-    plan,
-    request_batches,
-    whole_number,
-    write_edits,
-)
 from .images import crop_to, load_edit_image, pad_to_multiple
 from .img2img import checkpoint_channels, model_image, with_loras
 from .lora import LoRASpec
 from .masks import FEATHER_PX, composite, latent_mask, load_mask, require_file
-from .output import reading
+from .output import Finish, reading, write_edits
+from .plan import collect, draw, plan, request_batches
 from .record import input_record
+from .request import MAX_STEPS, SampleRequest, whole_number
 
 MAX_RESAMPLE = 50  # RePaint passes per jump point; each multiplies the sampling time, and 10 is the paper's
 MAX_JUMP = MAX_STEPS  # steps back up at a jump point; it must also stay below --steps
@@ -64,50 +52,6 @@ class InpaintOptions:
         whole_number("--resample", self.resample, low=1, high=MAX_RESAMPLE, hint=hint)
         whole_number("--jump", self.jump, low=1, high=MAX_JUMP, hint="use a few steps, smaller than --steps")
         whole_number("--feather", self.feather, low=0, hint="use 0 (a hard edge) or a few pixels")
-
-
-@torch.no_grad()
-def inpaint_latents(
-    denoiser,
-    x0_known: torch.Tensor,
-    regenerate: torch.Tensor,
-    cond: Conditioning,
-    uncond: Conditioning | None = None,
-    *,
-    sampler: str = "dpmpp_2m",
-    steps: int = 25,
-    cfg_scale: float = 1.0,
-    cfg_rescale: float = 0.0,
-    generator: Generators = None,
-    resample: int = 1,
-    jump: int = 5,
-    callback=None,
-    **sampler_options,
-) -> torch.Tensor:
-    """Latents (B, c, h, w) that keep x0_known (B, c, h, w) where `regenerate` (1 or B, 1, h, w) is 0 and are
-    sampled where it is 1. The initial noise comes first from `generator`, as in `sample_latents`, so a mask
-    that regenerates everything gives exactly the image `generate` draws with the same seed."""
-    sigmas = denoiser.sigmas(steps).to(x0_known.device)
-    x = randn(x0_known.shape, generator, device=x0_known.device) * sigmas[0]  # (B, c, h, w)
-    denoise = guided(denoiser, cond, uncond, cfg_scale, cfg_rescale)
-    keep = 1 - regenerate.to(x0_known)  # InpaintBlend's mask: 1 where the original stays
-    if bool(keep.any()):
-        denoise = InpaintBlend(denoise, x0_known, keep, generator)
-    n = repaint_steps(len(sigmas) - 1, resample, jump)
-    x = sample_repaint(
-        denoise,
-        x,
-        sigmas,
-        generator=generator,
-        callback=finite_watch(n, callback),
-        step=get_sampler(sampler),
-        resample=resample,
-        jump=jump,
-        **sampler_options,
-    )
-    if not bool(torch.isfinite(x).all()):
-        raise non_finite_at(n, n, float(sigmas[-2]))
-    return x
 
 
 def concat_channels(ldm: LatentDiffusion) -> int:
@@ -194,21 +138,10 @@ def inpaint_batches(
         if empty:
             yield crop_to(ed.image, ed.size).cpu().expand(b.size, -1, -1, -1).clone(), b.captions
             continue
-        try:
-            z = inpaint_latents(
-                ldm.denoiser,
-                ed.x0.expand(b.size, -1, -1, -1),
-                ed.regenerate,
-                _with_concat(b.cond, ed.concat, b.size),
-                _with_concat(b.uncond, ed.concat, b.size),
-                generator=b.generators,
-                resample=opts.resample,
-                jump=opts.jump,
-                callback=b.tick,
-                **req.sampling(),
-            )
-        except NonFiniteError as err:
-            raise blame_options(ldm, req, err) from None
+        x0 = ed.x0.expand(b.size, -1, -1, -1)
+        cond, uncond = _with_concat(b.cond, ed.concat, b.size), _with_concat(b.uncond, ed.concat, b.size)
+        known = Known(x0, ed.regenerate, opts.resample, opts.jump)
+        z = draw(ldm, req, tuple(x0.shape), cond, uncond, b.generators, b.tick, known=known)
         out = composite(ed.image, ldm.decode(z), ed.mask, opts.feather)  # (b, C, H', W')
         yield crop_to(out, ed.size).cpu(), b.captions
 

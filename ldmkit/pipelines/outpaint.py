@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from ..data.images import Sign
 from ..errors import InputError
 from .control import ControlSpec
-from .generate import Finish, SampleRequest, whole_number
 from .images import MAX_EDIT_PIXELS, load_edit_image
 from .inpaint import InpaintOptions, edit_to_file
 from .lora import LoRASpec
 from .masks import require_file
-from .output import reading
+from .output import Finish, reading
 from .record import input_record
+from .request import SampleRequest, whole_number
 
 
 @dataclass(frozen=True)

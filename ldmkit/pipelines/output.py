@@ -1,4 +1,5 @@
-"""Where the image commands write: one rule for generate, sample, img2img, inpaint, outpaint and upscale.
+"""Where and how the image commands write: one rule for generate, sample, img2img, inpaint, outpaint and upscale,
+and the writers every one of them uses (write_batches for grids and folders, write_edits for edits).
 
 An output is never an input: a path that names one of the command's input files (the same file by name, by a
 symbolic link or by a hard link) is refused. An existing file is never replaced unless the user asks for it
@@ -10,13 +11,26 @@ got no image (an error, a withheld image) is removed again.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-from ..errors import InputError
+import torch
+from PIL import Image
+
+from ..checkpoint import check_output_path
+from ..data.images import BOX_KEYS, Sign, check_writable, grid_layout, save_grid, to_pil, to_tensor, write_image
+from ..distributed import World
+from ..errors import InputError, OutputWriteError
+from ..ldm import LatentDiffusion
+from ..runtime import resolve_device
+from .plan import collect
+from .record import model_record
+from .request import SampleRequest
 
 MAX_SUFFIX = 9_999  # name-1 .. name-9999: past this the folder is full of earlier results
 
@@ -130,3 +144,202 @@ def reading(out: str | Path | Target, *inputs: str | Path) -> Target:
     names and hashes)."""
     target = as_target(out)
     return replace(target, inputs=(*target.inputs, *(Path(p) for p in inputs)))
+
+
+WITHHELD_GREY = 128  # the tile a grid shows where an image was withheld
+
+# What happens to images between sampling and their file (the commands' governance screen): finish(images, index of
+# the first) -> for each image what to write (None: nothing, it was withheld) and facts to embed with its parameters.
+Finish = Callable[[list[Image.Image], int], list[tuple[Image.Image | None, dict]]]
+
+
+def check_output(out: str | Path, folder: bool, metadata: dict[str, str] | None = None, signed: bool = False) -> Path:
+    """Refuse, before any work, an output the writing would fail on: a file name without an extension or with one
+    ldmkit does not write (or parameters a JPEG cannot hold, or a signature a format other than PNG cannot), a
+    folder where a file is expected or the reverse, a parent folder that cannot be created or written. folder:
+    `out` is a folder of PNGs (--separate) rather than one image file."""
+    out = Path(out)
+    if not folder:
+        if not out.suffix:
+            raise InputError(
+                f"--out {out} has no extension, so it names no image format; write {out}.png, or end it in one of "
+                f".png, .jpg, .jpeg, .webp"
+            )
+        check_writable(out, metadata, signed)
+    return check_output_path(out, "--out", folder=folder)
+
+
+def write_or_rescue(write, out: Path) -> Path:
+    """write(out); when that fails (a full disk, a folder removed meanwhile) write to a temporary file instead and
+    raise the error naming it, so sampled images are never lost."""
+    try:
+        return write(out)
+    except OSError as e:
+        fd, rescue = tempfile.mkstemp(prefix="ldmkit-rescued-", suffix=out.suffix)
+        os.close(fd)
+        try:
+            write(Path(rescue))
+        except OSError:
+            os.unlink(rescue)
+            raise e from None
+        raise OutputWriteError(
+            e.errno, f"could not write {out} ({e.strerror or e}); the images were saved to {rescue} instead"
+        ) from e
+
+
+def write_batches(
+    checkpoint: str | Path,
+    req: SampleRequest,
+    out: str | Path | Target,
+    batches: Callable[[LatentDiffusion, range], Iterable[tuple[torch.Tensor, list[str]]]],
+    grid: bool = True,
+    extra: dict | None = None,
+    finish: Finish | None = None,
+    sign: Sign | None = None,
+    world: World | None = None,
+) -> list[Path]:
+    """The writing of generate_to_file for any pipeline: check and claim `out` (see pipelines.output: a Target says
+    whether an existing file is replaced), load the model in `checkpoint`, then write the (images, captions) that
+    batches(model, share) yields for the images `share` (all of them, or this rank's) as one grid or (grid=False)
+    one PNG per image in the folder `out`. A single image is written as itself, never as a grid of one. The
+    embedded parameters are the request's plus `extra` (JSON values: an edit's input image, its strength). finish:
+    the screen every image passes first (a withheld image is not written; a grid shows a grey tile); sign: content
+    credentials for every file written (see data.images.write_image). world: under torchrun each rank draws its
+    block of the images (the images of one process: image i keeps seed + i) and writes its own files, or sends its
+    tiles to rank 0, which writes the grid; rank 0 returns every path written, the other ranks nothing."""
+    world = world or World()
+    share = world.shard(req.n)
+    target = as_target(out)
+    params = model_record(checkpoint) | {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")}
+    params |= extra or {}
+    meta = {"ldmkit": json.dumps(params)}
+    separate, single = not grid, grid and req.n == 1  # single: one image, written as itself to `out`
+    grid = grid and not single
+    out = check_output(target.path, folder=separate, metadata=None if separate else meta, signed=sign is not None)
+    if grid:
+        wanted = {0: out} if world.main else {}
+    elif single:
+        wanted = {i: out for i in share}
+    else:
+        wanted = {i: out / f"{i:05d}.png" for i in share}
+    claims = claim(wanted.values(), (*target.inputs, checkpoint), target.overwrite)
+    paths = dict(zip(wanted, claims.paths))
+    written: list[Path] = []
+    try:
+        ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+        about = dict(params)
+        if grid:
+            written += _write_grid(ldm, batches, share, world, finish, sign, paths, about)
+            return written if world.main else []
+        written += _write_each(ldm, batches, share, finish, sign, paths, about)
+    finally:
+        claims.release(written)
+    if not world.active:
+        return written
+    every = world.gather(written)
+    return [p for part in every for p in part] if world.main else []
+
+
+def _write_grid(ldm, batches, share, world, finish, sign, paths, about) -> list[Path]:
+    """write_batches for a grid: rank 0 gathers every rank's images and writes them as one grid to paths[0]."""
+    mine = collect(batches(ldm, share)) if len(share) else None
+    parts = [p for p in world.gather(mine) if p is not None]
+    if not world.main:
+        return []
+    images, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
+    shared, facts = {}, [{} for _ in captions]
+    if finish is not None:
+        images, captions, facts = _finished_grid(images, captions, finish)
+        shared = {k: v for k, v in facts[0].items() if all(f.get(k) == v for f in facts)}  # the run's id, time
+    # where each image lies in the grid, so that `ldmkit provenance` reads each tile's watermark
+    layout = grid_layout(len(images), *images.shape[-2:], nrow=8, labels=captions)
+    tiles = [
+        {"index": i, "seed": about["seed"] + i, "box": dict(zip(BOX_KEYS, layout.box(i)))}
+        | {k: v for k, v in f.items() if k not in shared}
+        for i, f in enumerate(facts)
+    ]
+    meta = {"ldmkit": json.dumps(about | shared | {"tiles": tiles})}
+    save = lambda p: save_grid(images, p, nrow=layout.nrow, labels=captions, metadata=meta, sign=sign)  # noqa: E731
+    return [write_or_rescue(save, paths[0])]
+
+
+def _write_each(ldm, batches, share, finish, sign, paths, about) -> list[Path]:
+    """write_batches for single images: each to paths[i], written batch by batch, so memory stays bounded and
+    finished images are kept."""
+    written = []
+    done = share.start
+    for images, captions in batches(ldm, share):
+        for (img, facts), cap in zip(_finished(images, finish, done), captions, strict=True):
+            i, done = done, done + 1
+            m = {"ldmkit": json.dumps(about | {"seed": about["seed"] + i, "n": 1, "index": i, "caption": cap} | facts)}
+            if img is not None:
+                written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), paths[i]))
+    return written
+
+
+def _finished(images: torch.Tensor, finish: Finish | None, first: int) -> list[tuple[Image.Image | None, dict]]:
+    """(what to write, facts to embed) for each image (B, C, H, W) of a batch whose first is image `first`."""
+    pils = [to_pil(x) for x in images]
+    return finish(pils, first) if finish is not None else [(p, {}) for p in pils]
+
+
+def _finished_grid(images: torch.Tensor, captions: list[str], finish: Finish) -> tuple[torch.Tensor, list[str], list]:
+    """A grid's tiles after `finish`: withheld ones grey and captioned so, with each tile's facts."""
+    tiles, labels, facts = [], [], []
+    for (img, about), cap, x in zip(_finished(images, finish, 0), captions, images, strict=True):
+        tiles.append(to_tensor(img) if img is not None else torch.full_like(x, WITHHELD_GREY / 127.5 - 1))
+        labels.append(cap if img is not None else "withheld")
+        facts.append(about)
+    return torch.stack(tiles), labels, facts
+
+
+def edit_paths(out: str | Path, n: int) -> list[Path]:
+    """Where n edited images go: `out` itself for one image, else OUT-0.png, OUT-1.png, ... beside it."""
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def write_edits(
+    checkpoint: str | Path,
+    req: SampleRequest,
+    out: str | Path | Target,
+    batches: Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]],
+    extra: dict,
+    finish: Finish | None = None,
+    sign: Sign | None = None,
+    record: bool = True,
+) -> list[Path]:
+    """The writing of every edit (img2img, inpaint, outpaint): each edited image on its own, at the input's size, to
+    edit_paths(out, req.n), with the request's parameters, its seed and `extra` (the input files, the edit's
+    options) embedded; record=False (an edit that changes nothing): the pixels alone, with no record, screen or
+    credentials, since nothing in them was generated. The outputs are checked before the model loads; each image
+    is written when its batch is done. finish: the screen every image passes first (a withheld image is not
+    written); sign: content credentials for every file written (PNG only). `out` is checked and claimed as
+    pipelines.output says (a Target: whether an existing file is replaced); the model file and the input image and
+    mask are never overwritten."""
+    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")} | extra
+    params = model_record(checkpoint) | params
+    finish, sign = (finish, sign) if record else (None, None)
+
+    def meta(i: int) -> dict[str, str]:
+        about = {**params, "seed": req.seed + i, "n": 1, "index": i}
+        return {"ldmkit": json.dumps(about)} if record else {}
+
+    signed = sign is not None
+    target = as_target(out)
+    wanted = [check_output(p, False, meta(i), signed) for i, p in enumerate(edit_paths(target.path, req.n))]
+    claims = claim(wanted, (*target.inputs, checkpoint), target.overwrite)  # the inputs: see output.reading
+    paths = claims.paths
+    written: list[Path] = []
+    try:
+        ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+        done = 0
+        for images, _ in batches(ldm):
+            for img, facts in _finished(images, finish, done):
+                i, done = done, done + 1
+                m = {"ldmkit": json.dumps(json.loads(meta(i)["ldmkit"]) | facts)} if record else None
+                if img is not None:
+                    written.append(write_or_rescue(lambda p, img=img, m=m: write_image(img, p, m, sign), paths[i]))
+    finally:
+        claims.release(written)
+    return written

@@ -479,6 +479,6 @@ class SampleRequest:
                 raise InputError("the prompt list is empty; give at least one prompt, or none for unconditional")
 
     def sampling(self) -> dict:
-        """The request's options as sample_latents (and inpaint_latents) take them: sampler, steps, guidance, eta."""
+        """The request's options as sample_latents takes them: sampler, steps, guidance, eta."""
         eta = {} if self.eta is None else {"eta": self.eta}
         return dict(sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg, cfg_rescale=self.cfg_rescale, **eta)

@@ -26,25 +26,16 @@ from ..checkpoint import read_metadata
 from ..conditioning.types import Conditioning
 from ..data.images import Sign
 from ..diffusion.lowres import low_res_conditioning
-from ..diffusion.sample import sample_latents
-from ..errors import InputError, NonFiniteError
+from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..noise import randn
-from .generate import (
-    Finish,
-    SampleRequest,
-    blame_options,
-    collect,
-    plan,
-    request_batches,
-    whole_number,
-    write_edits,
-)
 from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image
 from .img2img import checkpoint_channels, model_image
 from .masks import require_file
-from .output import reading
+from .output import Finish, reading, write_edits
+from .plan import collect, draw, plan, request_batches
 from .record import input_record
+from .request import SampleRequest, whole_number
 
 
 @dataclass(frozen=True)
@@ -240,17 +231,8 @@ def upscale_latents(
     cond = replace(cond, labels=lowres.labels, concat=lowres.concat)
     if uncond is not None:
         uncond = replace(uncond, labels=lowres.labels, concat=lowres.concat)
-    denoiser = TiledDenoiser(ldm.denoiser, tiling) if tiling is not None else ldm.denoiser
-    return sample_latents(
-        denoiser,
-        (b, ldm.latent_channels, *size),
-        cond,
-        uncond,
-        generator=gens,
-        device=ldm.device,
-        callback=callback,
-        **req.sampling(),
-    )
+    denoiser = TiledDenoiser(ldm.denoiser, tiling) if tiling is not None else None
+    return draw(ldm, req, (b, ldm.latent_channels, *size), cond, uncond, gens, callback, denoiser=denoiser)
 
 
 @torch.no_grad()
@@ -279,11 +261,8 @@ def upscale_batches(
     guide = ldm.text_encoder is not None  # an upscaler without text has nothing to guide against
     tiles = len(tiling.windows(x.shape[-2] * up.factor // ldm.factor, x.shape[-1] * up.factor // ldm.factor))
     for b in request_batches(ldm, req, p, "upscaling", progress, steps=req.steps, tiles=tiles):
-        try:
-            low = x.expand(b.size, -1, -1, -1)
-            z = upscale_latents(ldm, low, b.cond, b.uncond if guide else None, level, req, b.generators, tiling, b.tick)
-        except NonFiniteError as err:
-            raise blame_options(ldm, req, err) from None
+        low = x.expand(b.size, -1, -1, -1)
+        z = upscale_latents(ldm, low, b.cond, b.uncond if guide else None, level, req, b.generators, tiling, b.tick)
         out = decode_tiled(ldm, z, tiling)  # (b, C, H', W')
         yield crop_to(out, (size[0] * up.factor, size[1] * up.factor)).cpu(), b.captions
 

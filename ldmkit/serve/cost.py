@@ -15,7 +15,8 @@ import math
 import time
 
 from ..diffusion.guidance import guides
-from ..pipelines.generate import SampleRequest, resolution
+from ..pipelines.plan import resolution
+from ..pipelines.request import SampleRequest
 
 
 def units_per_step(ldm, req: SampleRequest) -> int:

@@ -11,9 +11,9 @@ import torch
 from ..config import ServeLimits
 from ..governance import watermark
 from ..governance.screen import OutputScreen, Screened
-from ..pipelines.generate import SampleRequest
 from ..pipelines.img2img import img2img
 from ..pipelines.inpaint import InpaintOptions, inpaint
+from ..pipelines.request import SampleRequest
 from .schemas import FieldError, decode_image
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from ..checkpoint import file_sha256
 from ..errors import InputError
 from ..ldm import LatentDiffusion
-from ..pipelines.generate import check_samples_from_noise
 from ..pipelines.inpaint import concat_channels
+from ..pipelines.plan import check_samples_from_noise
 from ..runtime import resolve_device
 from ..shipped import SHIPPED, resolve_model, weights_dir
 

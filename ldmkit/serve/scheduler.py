@@ -31,8 +31,8 @@ import torch
 
 from ..errors import LdmkitError
 from ..pipelines.batching import generate_together, share_key
-from ..pipelines.generate import SampleRequest
 from ..pipelines.lora import request_loras
+from ..pipelines.request import SampleRequest
 from .cost import StepCost, StepTimer, describe, units_per_step
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"

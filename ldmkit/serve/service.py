@@ -25,8 +25,9 @@ from ..governance.policy import PolicyRefusal, load_policy
 from ..governance.safety import SafetyFilter
 from ..governance.screen import build_screen
 from ..nn.invariant import self_check
-from ..pipelines.generate import SampleRequest, plan, resolution
 from ..pipelines.lora import request_lora_record
+from ..pipelines.plan import plan, resolution
+from ..pipelines.request import SampleRequest
 from .auth import AuthError, Principal, Reservation, utc_now
 from .edits import unmarked
 from .health import scrub

@@ -36,12 +36,11 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write, check_output_path, file_sha256
 from ..data import build_dataset
 from ..data.images import png_bytes, to_pil
-from ..diffusion.sample import sample_latents
-from ..errors import InputError, MissingFileError, NonFiniteError
+from ..errors import InputError, MissingFileError
 from ..governance.similarity import SimilarityIndex, index_path_for, training_data
 from ..ldm import LatentDiffusion
 from ..locks import FolderLock
-from ..pipelines.generate import blame_options, check_samples_from_noise
+from ..pipelines.plan import check_samples_from_noise, draw
 from ..pipelines.request import SampleRequest, default, whole_number
 from ..runtime import resolve_device
 from .classifier import Classifier, train_classifier
@@ -455,18 +454,7 @@ def _draw(ldm: LatentDiffusion, batch: list[Item], shape: tuple[int, ...], opts:
     else:
         cond = ldm.conditioning(n=n)
     gens = [torch.Generator("cpu").manual_seed(it.seed) for it in batch]
-    try:
-        z = sample_latents(
-            ldm.denoiser,
-            (n, *shape),
-            cond,
-            ldm.null_conditioning(n),
-            generator=gens,
-            device=ldm.device,
-            **opts.request.sampling(),
-        )
-    except NonFiniteError as err:
-        raise blame_options(ldm, opts.request, err) from None
+    z = draw(ldm, opts.request, (n, *shape), cond, ldm.null_conditioning(n), gens)
     return ldm.decode(z).cpu()
 
 
