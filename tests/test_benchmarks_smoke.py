@@ -55,11 +55,10 @@ def test_diffusers_peer_is_the_same_network():
 
 def _tiny_autoencoder(path: Path) -> Path:
     """An untrained f=4 KL autoencoder for 32x32 grayscale images (what the recipe's data config asks for)."""
-    from conftest import TensorDataset
-
     from ldmkit.autoencoder import build_autoencoder
     from ldmkit.autoencoder.files import save_autoencoder
     from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
+    from tests.conftest import TensorDataset
 
     run = AutoencoderRun(
         model=AutoencoderConfig(
