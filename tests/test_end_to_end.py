@@ -8,7 +8,8 @@ import torch
 
 from ldmkit.config import AutoencoderRun, DenoiserRun, load_run
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.samplers import SAMPLERS
 from ldmkit.training.runs import train_autoencoder, train_denoiser
 

@@ -13,8 +13,9 @@ from ldmkit.data import build_dataset
 from ldmkit.diffusion.lowres import downscale
 from ldmkit.errors import InputError
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.inpaint import inpaint
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.pipelines.upscale import upscale
 from ldmkit.shipped import SHIPPED, default_model, plan_generation, weights_dir
 

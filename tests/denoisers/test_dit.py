@@ -21,7 +21,8 @@ from ldmkit.interop.diffusers_dit import (
     write_diffusers_dit,
 )
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 from tests.tiny_sd import randomize, rel_err
 
 TINY = dict(preset="", depth=2, hidden_size=32, num_heads=2, patch_size=2)

@@ -13,9 +13,10 @@ from ldmkit.checkpoint import file_sha256
 from ldmkit.data.images import load_image
 from ldmkit.governance import watermark
 from ldmkit.governance.screen import OutputScreen, finisher
-from ldmkit.pipelines.generate import SampleRequest, generate_to_file
+from ldmkit.pipelines.generate import generate_to_file
 from ldmkit.pipelines.inpaint import InpaintOptions, inpaint_to_file
 from ldmkit.pipelines.outpaint import Border, outpaint_to_file
+from ldmkit.pipelines.request import SampleRequest
 
 
 def _png(path, arr):

@@ -14,7 +14,8 @@ from ldmkit.errors import ConfigError
 from ldmkit.governance.policy import load_policy
 from ldmkit.governance.safety import SafetyFilter, SafetySettings, placeholder
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import Keys
 from ldmkit.serve.store import open_store

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.nn.invariant import batch_invariant, plain_kernels, self_check
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.shipped import resolve_model
 
 
@@ -183,7 +184,8 @@ _CHILD = """
 import json, sys, torch
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.nn.invariant import self_check
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 out = {}
 ldm = LatentDiffusion.load(sys.argv[1])
 prompts = ["a", "bb cc", "", "d e f"]

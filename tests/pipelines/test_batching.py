@@ -6,7 +6,8 @@ import torch
 from ldmkit.errors import InputError
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.batching import generate_together, share_key
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 
 
 @pytest.fixture(scope="module")

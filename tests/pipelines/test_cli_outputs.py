@@ -14,10 +14,11 @@ import ldmkit.pipelines.generate as generate_module
 from ldmkit.cli import main
 from ldmkit.errors import InputError
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.img2img import img2img
 from ldmkit.pipelines.inpaint import InpaintOptions, inpaint
 from ldmkit.pipelines.output import claim
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.pipelines.upscale import UpscaleOptions, upscale
 from ldmkit.samplers.repaint import repaint_steps
 from ldmkit.training import runs

@@ -10,10 +10,10 @@ from PIL import Image
 
 from ldmkit.checkpoint import file_sha256
 from ldmkit.errors import InputError
-from ldmkit.pipelines.generate import SampleRequest
 from ldmkit.pipelines.img2img import img2img_to_file
 from ldmkit.pipelines.inpaint import inpaint_to_file
 from ldmkit.pipelines.outpaint import Border, outpaint_to_file
+from ldmkit.pipelines.request import SampleRequest
 
 REQ = SampleRequest(n=1, labels=[1], steps=1, sampler="euler", seed=3)
 

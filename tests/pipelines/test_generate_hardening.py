@@ -19,8 +19,10 @@ from ldmkit.data.images import _fit_text, save_grid
 from ldmkit.diffusion.sample import sample_latents
 from ldmkit.errors import CheckpointError, InputError, NonFiniteError, OutputWriteError
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines import generate as generate_module
-from ldmkit.pipelines.generate import SampleRequest, generate, generate_to_file
+from ldmkit.pipelines import output as output_module
+from ldmkit.pipelines import plan as plan_module
+from ldmkit.pipelines.generate import generate, generate_to_file
+from ldmkit.pipelines.request import SampleRequest
 
 
 def _no_sampling(monkeypatch):
@@ -29,7 +31,7 @@ def _no_sampling(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("sampling started before the request was checked")
 
-    monkeypatch.setattr(generate_module, "sample_latents", boom)
+    monkeypatch.setattr(plan_module, "sample_latents", boom)
 
 
 def _rewrite(src: Path, dst: Path, change_tensors=None, drop_meta=()):
@@ -257,13 +259,13 @@ def test_ldm_file_without_autoencoder_metadata_is_a_checkpoint_error(tiny_ldm, t
 def test_only_each_batchs_generators_are_built_and_image_i_ignores_the_batch_size(tiny_ldm, monkeypatch):
     ldm = LatentDiffusion.load(tiny_ldm)
     built = []
-    real = generate_module.generators_from_seed
+    real = plan_module.generators_from_seed
 
     def counting(seed, n):
         built.append(n)
         return real(seed, n)
 
-    monkeypatch.setattr(generate_module, "generators_from_seed", counting)
+    monkeypatch.setattr(plan_module, "generators_from_seed", counting)
     a, _ = generate(ldm, SampleRequest(n=5, steps=2, sampler="euler_ancestral", seed=3, batch_size=2))
     assert sum(built) == 5
     b, _ = generate(ldm, SampleRequest(n=5, steps=2, sampler="euler_ancestral", seed=3, batch_size=5))
@@ -290,7 +292,7 @@ def test_sample_on_missing_cuda_names_the_device_option(tiny_ldm, tmp_path, monk
 
 
 def test_a_failed_write_after_sampling_keeps_the_images_elsewhere(tiny_ldm, tmp_path, monkeypatch):
-    real = generate_module.save_grid
+    real = output_module.save_grid
     out = tmp_path / "s.png"
 
     def disk_full(images, path, **kw):
@@ -298,7 +300,7 @@ def test_a_failed_write_after_sampling_keeps_the_images_elsewhere(tiny_ldm, tmp_
             raise OSError(28, "No space left on device")
         return real(images, path, **kw)
 
-    monkeypatch.setattr(generate_module, "save_grid", disk_full)
+    monkeypatch.setattr(output_module, "save_grid", disk_full)
     with pytest.raises(OutputWriteError, match="saved to") as e:  # an ldmkit error: the CLI prints one line
         generate_to_file(tiny_ldm, SampleRequest(n=2, steps=1), out, progress=False)
     assert isinstance(e.value, OSError)
@@ -317,7 +319,7 @@ def test_an_output_folder_that_takes_no_files_is_refused_before_sampling(tiny_ld
     def boom(*a, **kw):
         raise AssertionError("sampled although the output cannot be written")
 
-    monkeypatch.setattr(generate_module, "sample_latents", boom)
+    monkeypatch.setattr(plan_module, "sample_latents", boom)
     with pytest.raises(InputError, match="cannot write in /proc"):
         generate_to_file(tiny_ldm, SampleRequest(n=1, steps=1), "/proc/x.png", progress=False)
 

@@ -14,9 +14,10 @@ from ldmkit.data.images import read_parameters, to_tensor
 from ldmkit.diffusion.sample import sample_latents, start_index
 from ldmkit.errors import InputError, NonFiniteError
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.images import load_edit_image, pad_to_multiple, to_channels
 from ldmkit.pipelines.img2img import check_strength, img2img, img2img_to_file
+from ldmkit.pipelines.request import SampleRequest
 from tests.tiny_sd import SD_SCHEDULE, sd_pipeline, tiny_sd
 
 

@@ -19,10 +19,11 @@ from ldmkit.errors import InputError, MissingFileError
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.noise import generators_from_seed
 from ldmkit.pipelines import inpaint as inpaint_module
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.inpaint import InpaintOptions, concat_channels, inpaint, inpaint_to_file
 from ldmkit.pipelines.masks import FEATHER_PX, composite, feather_alpha, latent_mask, load_mask
 from ldmkit.pipelines.outpaint import Border, outpaint_canvas, outpaint_to_file
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.samplers import SAMPLERS
 from ldmkit.samplers.repaint import repaint_segments, repaint_steps, sample_repaint
 from ldmkit.tasks import get_task
@@ -218,7 +219,7 @@ def test_empty_mask_returns_the_input_without_sampling(ldm, monkeypatch):
     def no_sampling(*a, **k):
         raise AssertionError("sampled with an empty mask")
 
-    monkeypatch.setattr(inpaint_module, "inpaint_latents", no_sampling)
+    monkeypatch.setattr(inpaint_module, "draw", no_sampling)
     x = torch.rand(1, 1, 16, 16) * 2 - 1
     with pytest.warns(UserWarning, match="mask is all black"):
         out, _ = inpaint(ldm, SampleRequest(n=2, labels=[0], steps=2), x, torch.zeros(1, 1, 16, 16))

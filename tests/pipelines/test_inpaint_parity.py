@@ -16,8 +16,8 @@ import torch
 from ldmkit.interop.convert import convert
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.noise import generators_from_seed, randn
-from ldmkit.pipelines.generate import SampleRequest
 from ldmkit.pipelines.inpaint import inpaint
+from ldmkit.pipelines.request import SampleRequest
 
 diffusers = pytest.importorskip("diffusers")
 

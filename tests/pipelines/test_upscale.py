@@ -15,8 +15,9 @@ from ldmkit.config import DataConfig, DenoiserRun, TrainConfig, UNetConfig, Upsc
 from ldmkit.diffusion.lowres import augmentation_abar, downscale, noise_augment
 from ldmkit.errors import ConfigError, InputError
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.inpaint import inpaint
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.pipelines.upscale import (
     TiledDenoiser,
     Tiling,

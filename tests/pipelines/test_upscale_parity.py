@@ -17,7 +17,7 @@ import torch
 from ldmkit.config import UpscaleConfig
 from ldmkit.interop.convert import convert
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.pipelines.upscale import UpscaleOptions, upscale
 
 diffusers = pytest.importorskip("diffusers")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.serve import scheduler as scheduler_module
 from ldmkit.serve.cost import StepCost, units_per_step
 from ldmkit.serve.scheduler import DONE, FAILED, Job, QueueFull, Scheduler, TooCostly

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.serve.scheduler import CANCELLED, DONE, FAILED, Job, QueueFull, Scheduler, ShuttingDown
 
 
