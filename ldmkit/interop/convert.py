@@ -5,7 +5,9 @@ Formats are told from the paths:
 - "ldm": a .safetensors file with ldmkit metadata (kind "ldm");
 - "single-file": any other .safetensors, or a .ckpt (read only, and only with unsafe_pickle=True).
 A .safetensors destination is "single-file" when the source is ldmkit's and "ldm" when the source is foreign;
-from a diffusers folder it is ambiguous, so name the format with `to=`.
+from a diffusers folder it is ambiguous, so name the format with `to=`. ControlNets convert by the same rules between
+their own three layouts (an ldmkit ControlNet file, a ControlNetModel folder, Stable Diffusion's ControlNet file;
+see controlnet_files.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..errors import InputError, MissingFileError, OutputExistsError
 from ..ldm import KIND as LDM
 from ..ldm import LdmFile
 from .bundle import ModelWeights
+from .controlnet_files import controlnet_format, convert_controlnet
 from .diffusers_pipeline import is_pipeline_folder, read_pipeline, write_pipeline
 from .files import PICKLE_SUFFIXES
 from .single_file import read_single_file, write_single_file
@@ -206,6 +209,7 @@ def convert(
     to: str | None = None,
     heads=None,
     overwrite: bool = False,
+    base: str | Path | None = None,
 ) -> Path:
     """Convert a model between ldmkit's "ldm" checkpoint, a diffusers pipeline folder and an SD single file.
 
@@ -213,14 +217,27 @@ def convert(
     foreign sources (default from the scheduler config, or by SD version for single files); to: "ldm",
     "diffusers" or "single-file" when the destination path does not say; heads: U-Net attention heads for a
     single file that is neither SD 1.x nor 2.x; overwrite: replace an existing destination (a folder is
-    replaced component by component). Returns the written path.
+    replaced component by component); base: for a ControlNet, the model it was made for (any format), whose U-Net
+    configuration a foreign single file lacks and whose SHA-256 an ldmkit ControlNet file records. Returns the
+    written path.
     """
-    src_fmt = source_format(src)
+    control = controlnet_format(src, unsafe_pickle)
+    src_fmt = control or source_format(src)
     dst_fmt = destination_format(dst, src_fmt, to)
     if Path(src).resolve() == Path(dst).resolve():
         raise InputError(f"source and destination are the same path ({dst}); write to a new path")
     if Path(dst).exists() and not overwrite and not (Path(dst).is_dir() and not any(Path(dst).iterdir())):
         raise OutputExistsError(f"{dst} already exists; choose a new path or pass overwrite=True (--overwrite)")
+    if control:
+        if prediction:
+            raise InputError(f"{src} is a ControlNet, which has no prediction type; drop --prediction")
+        unet = read_model(base, unsafe_pickle=unsafe_pickle).run.unet if base else None
+        sha = model_sha256(base) if base else None
+        return convert_controlnet(
+            src, control, dst, dst_fmt, unet=unet, heads=heads, unsafe_pickle=unsafe_pickle, base_sha256=sha
+        )
+    if base:
+        raise InputError(f"--base names the model a ControlNet was made for; {src} is a model, so drop --base")
     w = read_any(src, unsafe_pickle=unsafe_pickle, prediction=prediction, heads=heads)
     writers = {"ldm": write_ldm, "diffusers": write_pipeline, "single-file": write_single_file}
     return writers[dst_fmt](dst, w)

@@ -128,6 +128,22 @@ def _unet_rules_ldm(cfg: UNetConfig) -> list[Rule]:
     return rules
 
 
+def controlnet_rules(cfg: UNetConfig, halvings: int, layout: str) -> list[Rule]:
+    """The block map of a ControlNet for `UNet(cfg)` whose hint encoder halves `halvings` times: the U-Net's map for
+    its encoder copy, then the hint encoder, the zero convolutions and the middle block's projection, to diffusers'
+    ControlNetModel ("diffusers") or to Stable Diffusion's ControlNet files ("ldm", `control_model.` removed), whose
+    input_hint_block is one sequence with a SiLU between convolutions (so convolution j sits at index 2j)."""
+    rules = unet_rules(cfg, layout)
+    skips = len(cfg.channel_mult) * (cfg.num_res_blocks + 1)  # conv_in, each block, a downsampler but the last
+    if layout == "diffusers":
+        rules += [("hint", "controlnet_cond_embedding", ()), ("mid_out", "controlnet_mid_block", ())]
+        return rules + [(f"zero_convs.{i}", f"controlnet_down_blocks.{i}", ()) for i in range(skips)]
+    rules += [("hint.conv_in", "input_hint_block.0", ()), ("mid_out", "middle_block_out.0", ())]
+    rules += [(f"hint.blocks.{j}", f"input_hint_block.{2 * j + 2}", ()) for j in range(2 * halvings)]
+    rules.append(("hint.conv_out", f"input_hint_block.{4 * halvings + 2}", ()))
+    return rules + [(f"zero_convs.{i}", f"zero_convs.{i}.0", ()) for i in range(skips)]
+
+
 def vae_rules(cfg: AutoencoderConfig, layout: str) -> list[Rule]:
     """The block map of `AutoencoderKL(cfg)` to the "diffusers" or "ldm" layout."""
     if layout not in ("diffusers", "ldm"):

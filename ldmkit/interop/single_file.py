@@ -44,9 +44,12 @@ def _fail(source, what: str) -> CheckpointError:
 # --- inferring the architecture -------------------------------------------------------------------------------------
 
 
-def infer_unet_config(s: dict[str, torch.Tensor], heads=None, source: str = "") -> UNetConfig:
-    """The UNetConfig of U-Net weights in the ldm layout (prefix removed); heads: int or one per level, else SD's."""
-    if "input_blocks.0.0.weight" not in s or "out.2.weight" not in s:
+def infer_unet_config(
+    s: dict[str, torch.Tensor], heads=None, source: str = "", out_channels: int | None = None
+) -> UNetConfig:
+    """The UNetConfig of U-Net weights in the ldm layout (prefix removed); heads: int or one per level, else SD's;
+    out_channels: for weights without the output layers (a ControlNet's copy of the encoder)."""
+    if "input_blocks.0.0.weight" not in s or ("out.2.weight" not in s and out_channels is None):
         raise _fail(source, "no U-Net weights (model.diffusion_model.input_blocks.0.0 / out.2)")
     if any(k.startswith("label_emb.0.") for k in s):
         raise CheckpointError(
@@ -84,7 +87,7 @@ def infer_unet_config(s: dict[str, torch.Tensor], heads=None, source: str = "") 
     label = s.get("label_emb.weight")
     return UNetConfig(
         in_channels=in_ch,
-        out_channels=s["out.2.weight"].shape[0],
+        out_channels=out_channels or s["out.2.weight"].shape[0],
         model_channels=ch0,
         channel_mult=tuple(c // ch0 for c in chans),
         num_res_blocks=per_level,
