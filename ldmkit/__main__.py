@@ -1,4 +1,4 @@
-"""`python -m ldmkit ...` and `torchrun -m ldmkit ...`: runs the ldmkit command (ldmkit/cli.py) as a script."""
+"""`python -m ldmkit ...` and `torchrun -m ldmkit ...`: runs the ldmkit command (ldmkit/cli/) as a script."""
 
 import runpy
 

@@ -33,9 +33,13 @@ def _part(module: str) -> str:
 
 
 def test_no_ldmkit_imports_inside_functions():
-    """Only optional heavy dependencies (transformers, diffusers, ...) may be imported inside a function."""
+    """Only optional heavy dependencies (transformers, diffusers, ...) may be imported inside a function. The CLI's
+    handlers are the exception: each imports its command's library when it runs, so that `ldmkit --help` and a
+    command's start stay fast; nothing imports the CLI, so no cycle can hide there."""
     hidden = []
     for name, package, tree in _modules():
+        if name == "ldmkit.cli" or name.startswith("ldmkit.cli."):
+            continue
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):

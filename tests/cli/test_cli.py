@@ -124,7 +124,8 @@ def test_prompt_negative_prompt_and_guidance_rescale_reach_the_image(capsys, tmp
 
 def test_prompt_file_gives_one_image_per_line_in_batches(capsys, tmp_path, tiny_text_ldm):
     from ldmkit.ldm import LatentDiffusion
-    from ldmkit.pipelines.generate import SampleRequest, generate
+    from ldmkit.pipelines.generate import generate
+    from ldmkit.pipelines.request import SampleRequest
 
     lines = ["red apple", "", "blue whale", "snowy mountain", "green leaf"]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
@@ -223,7 +224,7 @@ def test_without_debug_a_user_error_is_one_line(capsys, tmp_path):
 
 @pytest.mark.parametrize("cmd,fn", [("train-autoencoder", "train_autoencoder"), ("train", "train_denoiser")])
 def test_overwrite_reaches_the_training_function(capsys, monkeypatch, tmp_path, tiny_ae, cmd, fn):
-    import ldmkit.cli as cli
+    import ldmkit.training.runs as runs  # the commands import it when they run
 
     seen = {}
 
@@ -231,7 +232,7 @@ def test_overwrite_reaches_the_training_function(capsys, monkeypatch, tmp_path, 
         seen.update(kw, out=out)
         return {"checkpoint": str(tmp_path / "x.safetensors"), "step": 0}
 
-    monkeypatch.setattr(cli, fn, fake)
+    monkeypatch.setattr(runs, fn, fake)
     extra = ["--autoencoder", str(tiny_ae)] if cmd == "train" else []
     assert main([cmd, *extra, "--out", str(tmp_path / "r"), "--overwrite", "--quiet"]) == 0
     assert seen["overwrite"] is True and seen["out"] == str(tmp_path / "r")
@@ -344,11 +345,11 @@ def test_run_folder_that_is_a_file_is_one_line(capsys, tmp_path):
 
 
 def test_evaluate_result_that_cannot_be_written_is_refused_before_evaluating(capsys, monkeypatch, tmp_path):
-    import ldmkit.cli as cli
+    import ldmkit.evaluation.evaluate as evaluation  # the command imports it when it runs
 
     calls = []
-    monkeypatch.setattr(cli, "evaluate", lambda path, **kw: calls.append(path) or {"data": "blobs", "fid": 1.0})
-    monkeypatch.setattr(cli, "format_table", lambda result: "fid 1.0")
+    monkeypatch.setattr(evaluation, "evaluate", lambda path, **kw: calls.append(path) or {"data": "blobs", "fid": 1.0})
+    monkeypatch.setattr(evaluation, "format_table", lambda result: "fid 1.0")
     (tmp_path / "afile").write_text("x")
     for out in (tmp_path, tmp_path / "afile" / "r.json", "/proc/r.json"):
         code, printed, err = run(capsys, "evaluate", "model.safetensors", "--out", str(out), "--quiet")
@@ -359,11 +360,11 @@ def test_evaluate_result_that_cannot_be_written_is_refused_before_evaluating(cap
 
 
 def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path, tiny_ldm):
-    import ldmkit.cli as cli
+    import ldmkit.pipelines.generate as generate  # the commands import it when they run
 
     seen = []
     monkeypatch.setattr(
-        cli,
+        generate,
         "generate_to_file",
         lambda ckpt, req, out, grid=True, progress=True, *args, **kwargs: seen.append(progress) or [out],
     )

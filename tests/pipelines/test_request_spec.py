@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from ldmkit import cli
 from ldmkit.cli import build_parser, main
 from ldmkit.config import ServeLimits
 from ldmkit.errors import InputError
@@ -171,7 +170,7 @@ def test_sample_takes_a_shipped_models_name_as_generate_does(monkeypatch, tmp_pa
         seen["checkpoint"] = Path(checkpoint)
         return [Path(out.path)]
 
-    monkeypatch.setattr(cli, "generate_to_file", fake)
+    monkeypatch.setattr("ldmkit.pipelines.generate.generate_to_file", fake)  # imported when sample runs
     out = tmp_path / "s.png"
     assert main(["sample", "fashion-mnist", "--n", "1", "--steps", "1", "--out", str(out)]) == 0
     assert seen["checkpoint"] == resolve_model("fashion-mnist")

@@ -9,8 +9,8 @@ import json
 import threading
 
 import pytest
-from ldmkit.serve.commands import add_prompts_command
 
+from ldmkit.cli.prompts import add_prompts_command
 from ldmkit.errors import InputError
 from ldmkit.serve.prompts import Rendered, Template, TemplateError, Templates, params_from_text, parse_ref, segments
 from ldmkit.serve.store import Conflict, open_store

@@ -14,9 +14,9 @@ import threading
 
 import pytest
 
+from ldmkit.cli import serve as commands
 from ldmkit.errors import InputError, OutputExistsError
 from ldmkit.serve import audit as audit_module
-from ldmkit.serve import commands
 from ldmkit.serve.audit import GENESIS, Audit
 from ldmkit.serve.store import open_store
 from tests.serve.test_serve_auth import run_command

@@ -10,8 +10,8 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from ldmkit.serve.commands import add_audit_command, add_keys_command
 
+from ldmkit.cli.serve import add_audit_command, add_keys_command
 from ldmkit.errors import InputError
 from ldmkit.serve import auth
 from ldmkit.serve.auth import ROLES, AuthError, Keys, Principal, seconds_to_midnight
@@ -224,7 +224,7 @@ def test_keys_command_on_the_default_database(tmp_path, monkeypatch, capsys):
 def test_rate_option_takes_requests_a_minute_with_or_without_per_min():
     import argparse
 
-    from ldmkit.serve.commands import rate_per_minute
+    from ldmkit.cli.serve import rate_per_minute
 
     assert rate_per_minute("30/min") == rate_per_minute("30") == 30.0
     with pytest.raises(argparse.ArgumentTypeError, match="30/min"):

@@ -13,9 +13,10 @@ from ldmkit.config import DataConfig, DenoiserRun, TrainConfig, UNetConfig, from
 from ldmkit.errors import ConfigError, InputError
 from ldmkit.interop.convert import convert
 from ldmkit.ldm import LatentDiffusion, LdmFile
-from ldmkit.pipelines.generate import SampleRequest, generate
+from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.inpaint import inpaint, prepare_edit
 from ldmkit.pipelines.masks import latent_mask
+from ldmkit.pipelines.request import SampleRequest
 from ldmkit.tasks import masks as task_masks
 from ldmkit.tasks.masks import MASK_KINDS, border_mask, box_mask, brush_mask, random_masks
 from ldmkit.training import runs
@@ -175,7 +176,7 @@ def test_generate_with_an_inpainting_model_is_refused_naming_its_task(trained, t
 
 
 def test_the_task_option_reaches_the_training_run(monkeypatch, tmp_path, tiny_ae, capsys):
-    import ldmkit.cli as cli
+    import ldmkit.training.runs as runs
 
     seen = {}
 
@@ -183,7 +184,7 @@ def test_the_task_option_reaches_the_training_run(monkeypatch, tmp_path, tiny_ae
         seen["task"] = run.task
         return {"checkpoint": str(tmp_path / "x.safetensors"), "step": 0}
 
-    monkeypatch.setattr(cli, "train_denoiser", fake)
+    monkeypatch.setattr(runs, "train_denoiser", fake)  # the command imports it when it runs
     assert main(["train", "--autoencoder", str(tiny_ae), "--task", "inpaint", "--out", str(tmp_path), "--quiet"]) == 0
     assert seen["task"] == "inpaint"
     assert main(["train", "--autoencoder", str(tiny_ae), "--out", str(tmp_path), "--quiet"]) == 0

@@ -1,5 +1,5 @@
-"""`ldmkit provenance IMAGE`, `ldmkit index build` / `screen` and `ldmkit monitor reference`: governance from the
-command line. cli.py adds them with add_governance_commands(sub, common); each command function takes the parsed
+"""Governance from the command line: `ldmkit policy check`, `ldmkit provenance IMAGE`, `ldmkit credentials
+demo-cert`, `ldmkit index build` / `screen` and `ldmkit monitor reference`. Each command function takes the parsed
 arguments and returns an exit status."""
 
 from __future__ import annotations
@@ -10,37 +10,48 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from ..data import build_dataset
 from ..errors import InputError, MissingFileError
-from ..evaluation.fid import reference_stats
-from ..governance.credentials import demo_certificates
-from ..governance.monitor import reference_path
-from ..governance.provenance import inspect_image
-from ..governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, build_index, index_path_for
-from ..ldm import LatentDiffusion
-from ..shipped import default_model, resolve_model
-from .audit import Audit
-from .commands import _database_option
-from .store import default_database, open_store
+from .inputs import ARGV_FIX, utf8
+from .options import command, database_option
 
 
-def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
-    """`ldmkit provenance`, `ldmkit index build` and `screen`, `ldmkit monitor reference`."""
+def add(sub, common: argparse.ArgumentParser) -> None:
+    """`ldmkit policy check`, `ldmkit provenance`, `ldmkit credentials demo-cert`, `ldmkit index build` and
+    `screen`, `ldmkit monitor reference`."""
+    help = "check prompts against a content policy (policy.toml)"
+    command(sub, common, "policy", help, options=lambda p: _policy_actions(p, common))
     help = (
         "where an image came from: its embedded record, its watermark, its content credentials and its request in "
         "the audit trail"
     )
-    p = sub.add_parser("provenance", help=help, description=help, parents=[common])
+    command(sub, common, "provenance", help, cmd_provenance, _provenance_options, description=help)
+    help = "content credentials (C2PA) for ldmkit serve"
+    command(sub, common, "credentials", help, options=lambda p: _credentials_actions(p, common))
+    help = "the training-data similarity index of a model: build it, screen an image against it"
+    command(sub, common, "index", help, options=lambda p: _index_actions(p, common))
+    help = "the reference of the rolling output statistic of ldmkit serve"
+    command(sub, common, "monitor", help, options=lambda p: _monitor_actions(p, common))
+
+
+def _policy_actions(p: argparse.ArgumentParser, common: argparse.ArgumentParser):
+    actions = p.add_subparsers(dest="policy_action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "check", help="say whether the policy allows a prompt (exit status 1: refused)", parents=[common]
+    )
+    a.add_argument("prompt")
+    a.add_argument("--policy", required=True, help="the policy.toml")
+    a.add_argument("--role", choices=["viewer", "user", "admin"], help="the key role to check for (default: all rules)")
+    a.set_defaults(fn=cmd_policy_check)
+
+
+def _provenance_options(p: argparse.ArgumentParser):
     p.add_argument("image", help="an image file (PNG, JPEG, WebP, ...), metadata stripped or not")
-    _database_option(p)
+    database_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--trust", metavar="ROOTS.pem", help="root certificates whose content credentials count as trusted")
-    p.set_defaults(fn=cmd_provenance)
 
-    p = sub.add_parser("credentials", help="content credentials (C2PA) for ldmkit serve", parents=[common])
+
+def _credentials_actions(p: argparse.ArgumentParser, common: argparse.ArgumentParser):
     actions = p.add_subparsers(dest="credentials_action", required=True, metavar="ACTION")
     help = "write a throwaway root and signing certificate to try content credentials with (not for production)"
     a = actions.add_parser("demo-cert", help=help, description=help, parents=[common])
@@ -48,8 +59,10 @@ def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
     a.add_argument("--overwrite", action="store_true", help="replace certificates already in --out")
     a.set_defaults(fn=cmd_demo_cert)
 
-    help = "the training-data similarity index of a model: build it, screen an image against it"
-    p = sub.add_parser("index", help=help, parents=[common])
+
+def _index_actions(p: argparse.ArgumentParser, common: argparse.ArgumentParser):
+    from ..governance.similarity import DEFAULT_THRESHOLD
+
     actions = p.add_subparsers(dest="index_action", required=True, metavar="ACTION")
     help = "index every training image of a model (or a data set) for the similarity screen"
     a = actions.add_parser("build", help=help, description=help, parents=[common])
@@ -72,8 +85,8 @@ def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
     a.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     a.set_defaults(fn=cmd_index_screen)
 
-    help = "the reference of the rolling output statistic of ldmkit serve"
-    p = sub.add_parser("monitor", help=help, parents=[common])
+
+def _monitor_actions(p: argparse.ArgumentParser, common: argparse.ArgumentParser):
     actions = p.add_subparsers(dest="monitor_action", required=True, metavar="ACTION")
     help = "Inception statistics of a model's training images, which serve's rolling output statistic compares with"
     a = actions.add_parser("reference", help=help, description=help, parents=[common])
@@ -85,8 +98,25 @@ def add_governance_commands(sub, common: argparse.ArgumentParser) -> None:
     a.set_defaults(fn=cmd_monitor_reference)
 
 
+def cmd_policy_check(args):
+    from ..governance.policy import load_policy
+
+    decision = load_policy(args.policy).check(utf8(args.prompt, "prompt", ARGV_FIX), args.role)
+    if decision.allowed:
+        print(
+            f"allowed: no rule of {args.policy} refuses this prompt" + (f" for role {args.role}" if args.role else "")
+        )
+        return 0
+    print(f"refused by rule {decision.rule}: {decision.message}")
+    return 1
+
+
 def cmd_provenance(args) -> int:
     """Exit status 0 when the image's origin was found (a record, a watermark or an audit row), 1 otherwise."""
+    from ..governance.provenance import inspect_image
+    from ..serve.audit import Audit
+    from ..serve.store import default_database, open_store
+
     found = inspect_image(args.image, trust=args.trust)
     rows = []
     database = args.database or (str(default_database()) if default_database().is_file() else None)
@@ -157,6 +187,8 @@ def _lines(found, rows: list[dict], database: str | None) -> list[str]:
 
 
 def cmd_demo_cert(args) -> int:
+    from ..governance.credentials import demo_certificates
+
     out = Path(args.out)
     taken = [n for n in ("chain.pem", "key.pem", "root.pem") if (out / n).exists()]
     if taken and not args.overwrite:
@@ -171,6 +203,8 @@ def cmd_demo_cert(args) -> int:
 
 
 def cmd_index_build(args) -> int:
+    from ..governance.similarity import build_index
+
     out = Path(args.out) if args.out else _default_index(args.source)
     if out.exists() and not args.overwrite:
         raise InputError(f"{out} exists; pass --overwrite to replace it, or --out elsewhere")
@@ -181,6 +215,12 @@ def cmd_index_build(args) -> int:
 
 def cmd_index_screen(args) -> int:
     """Screen one image against a similarity index as the output screen does; exit status 1 when it is flagged."""
+    import numpy as np
+    from PIL import Image
+
+    from ..governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, index_path_for
+    from ..shipped import default_model, resolve_model
+
     if not math.isfinite(args.threshold) or not -1.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold {args.threshold} is outside [-1, 1]; {DEFAULT_THRESHOLD} is the screen's")
     if args.index and args.model:
@@ -211,6 +251,9 @@ def cmd_index_screen(args) -> int:
 
 def _default_index(source: str) -> Path:
     """MODEL.index.npz beside a model's weights; a data set needs --out."""
+    from ..governance.similarity import index_path_for
+    from ..shipped import resolve_model
+
     try:
         model = resolve_model(source)
     except Exception:
@@ -219,6 +262,12 @@ def _default_index(source: str) -> Path:
 
 
 def cmd_monitor_reference(args) -> int:
+    from ..data import build_dataset
+    from ..evaluation.fid import reference_stats
+    from ..governance.monitor import reference_path
+    from ..ldm import LatentDiffusion
+    from ..shipped import resolve_model
+
     model = resolve_model(args.model)
     out = Path(args.out) if args.out else reference_path(model)
     if out.exists() and not args.overwrite:

@@ -1,0 +1,131 @@
+"""`ldmkit train-autoencoder` and `ldmkit train`: a run's options -> its configuration -> the training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .options import command, set_option
+
+
+def add(sub, common: argparse.ArgumentParser) -> None:
+    command(
+        sub,
+        common,
+        "train-autoencoder",
+        "train the first stage (KL or VQ autoencoder)",
+        cmd_train_autoencoder,
+        lambda p: run_options(p, "runs/autoencoder"),
+    )
+    command(sub, common, "train", "train the denoiser on latents of a trained autoencoder", cmd_train, _train_options)
+
+
+def run_options(p: argparse.ArgumentParser, default_out: str):
+    p.add_argument("--config", help="a preset name (see ldmkit/presets) or a .toml file")
+    p.add_argument("--data", help="data set: fashion-mnist, emoji, or a folder of images (data.dataset)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (data.resolution)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--batch-size", type=int, help="images per step (train.batch_size)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (train.device)")
+    p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a finished or stopped run in --out instead of refusing"
+    )
+    set_option(p, "--set train.lr=1e-4 --set unet.channel_mult=1,2,2")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_options(p: argparse.ArgumentParser):
+    from ..config import CONDITIONS, LORA_LAYOUTS, LORA_TARGETS
+    from ..tasks import task_names
+
+    p.add_argument("--autoencoder", help="autoencoder checkpoint (from train-autoencoder)")
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from this model (a shipped name, a model.safetensors, a diffusers folder or a Stable Diffusion "
+        "file): its architecture, autoencoder and weights; set train.trainable for what trains (init)",
+    )
+    p.add_argument("--text-encoder", help="minilm, clip or trainable: makes a text-to-image model")
+    p.add_argument(
+        "--task",
+        choices=list(task_names()),
+        help="generate (default); inpaint: a model that also takes a mask and a masked image; upscale: a super-"
+        "resolution model that takes a low-resolution image (set upscale.factor, default 4); control: a ControlNet "
+        "beside the frozen --init model (task)",
+    )
+    p.add_argument(
+        "--condition",
+        choices=list(CONDITIONS),
+        help="--task control: the condition each image is paired with: canny edges, a foreground mask (alpha, or "
+        "what differs from the background), a coarse colour layout, or folder (metadata.jsonl's "
+        "conditioning_image) (control.condition)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="with --init: train rank-R LoRA adapters on the frozen model and write lora.safetensors (lora.rank)",
+    )
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="the LoRA scale numerator (default R) (lora.alpha)")
+    p.add_argument(
+        "--lora-targets",
+        choices=list(LORA_TARGETS),
+        help="layers to adapt: attention projections (default), and feed-forward, or every linear and 1x1 "
+        "convolution (lora.targets)",
+    )
+    p.add_argument(
+        "--lora-layout",
+        choices=list(LORA_LAYOUTS),
+        help="lora.safetensors' keys: peft (diffusers' load_lora_weights; default) or kohya (AUTOMATIC1111, "
+        "ComfyUI) (lora.layout)",
+    )
+    run_options(p, "runs/denoiser")
+
+
+def _overrides(args) -> list[str]:
+    pairs = [
+        ("data.dataset", args.data),
+        ("data.resolution", args.resolution),
+        ("train.steps", args.steps),
+        ("train.batch_size", args.batch_size),
+        ("train.device", args.device),
+    ]
+    return [f"{k}={v}" for k, v in pairs if v is not None] + list(args.overrides)
+
+
+def cmd_train_autoencoder(args):
+    from ..config import AutoencoderRun, load_run
+    from ..distributed import main_process
+    from ..training.runs import train_autoencoder
+
+    run = load_run(AutoencoderRun, args.config, _overrides(args))
+    result = train_autoencoder(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if main_process():  # under torchrun, rank 0 alone reports
+        print(json.dumps(result, indent=2))
+        print(f"autoencoder written to {result['checkpoint']}")
+
+
+def cmd_train(args):
+    from ..config import DenoiserRun, load_run
+    from ..distributed import main_process
+    from ..training.runs import train_denoiser
+
+    extra = [f"autoencoder={args.autoencoder}"] if args.autoencoder else []
+    if args.text_encoder:
+        extra.append(f"text_encoder={args.text_encoder}")
+    if args.task:
+        extra.append(f"task={args.task}")
+    if args.init:
+        extra.append(f"init={args.init}")
+    if args.condition:
+        extra.append(f"control.condition={args.condition}")
+    for key in ("rank", "alpha", "targets", "layout"):
+        if getattr(args, f"lora_{key}") is not None:
+            extra.append(f"lora.{key}={getattr(args, f'lora_{key}')}")
+    run = load_run(DenoiserRun, args.config, extra + _overrides(args))
+    result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if main_process():
+        print(json.dumps(result, indent=2))
+        print(f"{'LoRA' if run.lora.rank else 'model'} written to {result['checkpoint']}")
