@@ -1,8 +1,11 @@
+import functools
 import os
 import tempfile
 
 import pytest
 import torch
+
+from tests.factory import attention_unet, save_tiny_ldm, tiny_autoencoder_run, tiny_denoiser_run
 
 # Keep caches of tests out of the user's home and make CPU runs deterministic and light.
 os.environ.setdefault("LDMKIT_CACHE", tempfile.mkdtemp(prefix="ldmkit-test-cache-"))
@@ -49,14 +52,8 @@ def tiny_ae(tmp_path_factory):
     """A 2-step trained f=2 KL autoencoder checkpoint for 16x16 grayscale images."""
     from ldmkit.autoencoder import build_autoencoder
     from ldmkit.autoencoder.files import save_autoencoder
-    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
 
-    run = AutoencoderRun(
-        model=AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4),
-        loss=AutoencoderLossConfig(perceptual_weight=0),
-        data=DataConfig(resolution=16, channels=1),
-        train=TrainConfig(steps=1),
-    )
+    run = tiny_autoencoder_run()
     torch.manual_seed(0)
     images = torch.rand(8, 1, 16, 16) * 2 - 1
     path = tmp_path_factory.mktemp("ae") / "autoencoder.safetensors"
@@ -66,64 +63,21 @@ def tiny_ae(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ldm(tmp_path_factory, tiny_ae):
     """An untrained but complete class-conditional model (2 classes) on the tiny autoencoder."""
-    from ldmkit.autoencoder.files import load_autoencoder
-    from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
-    from ldmkit.denoisers.unet import UNet
-    from ldmkit.ldm import LatentDiffusion
-
-    ae, ae_run = load_autoencoder(tiny_ae)
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae),
-        unet=UNetConfig(
-            in_channels=2,
-            out_channels=2,
-            model_channels=16,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_levels=(1,),
-            num_heads=(2,),
-            norm_groups=8,
-            num_classes=2,
-        ),
-        data=DataConfig(resolution=16, channels=1),
+    run = tiny_denoiser_run(
+        tiny_ae,
+        unet=attention_unet(in_channels=2, out_channels=2, num_classes=2),
         class_names=("top-left", "bottom-right"),
     )
-    torch.manual_seed(0)
-    unet = UNet(run.unet)
-    for p in unet.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return LatentDiffusion(ae, ae_run.model, unet, run).save(tmp_path_factory.mktemp("ldm") / "model.safetensors")
+    return save_tiny_ldm(tmp_path_factory.mktemp("ldm") / "model.safetensors", run)
 
 
 @pytest.fixture(scope="session")
 def tiny_text_ldm(tmp_path_factory, tiny_ae):
     """An untrained text-conditional model (small trainable text encoder) on the tiny autoencoder."""
-    from ldmkit.autoencoder.files import load_autoencoder
     from ldmkit.conditioning.text import build_text_encoder
-    from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
-    from ldmkit.denoisers.unet import UNet
-    from ldmkit.ldm import LatentDiffusion
 
-    ae, ae_run = load_autoencoder(tiny_ae)
-    torch.manual_seed(0)
-    text = build_text_encoder("trainable", dim=32, layers=1, heads=2, max_length=16)
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae),
-        text_encoder="trainable",
-        unet=UNetConfig(
-            in_channels=2,
-            out_channels=2,
-            model_channels=16,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_levels=(1,),
-            num_heads=(2,),
-            norm_groups=8,
-            context_dim=32,
-        ),
-        data=DataConfig(resolution=16, channels=1),
+    run = tiny_denoiser_run(
+        tiny_ae, unet=attention_unet(in_channels=2, out_channels=2, context_dim=32), text_encoder="trainable"
     )
-    unet = UNet(run.unet)
-    for p in unet.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return LatentDiffusion(ae, ae_run.model, unet, run, text).save(tmp_path_factory.mktemp("t") / "model.safetensors")
+    text = functools.partial(build_text_encoder, "trainable", dim=32, layers=1, heads=2, max_length=16)
+    return save_tiny_ldm(tmp_path_factory.mktemp("t") / "model.safetensors", run, text=text)
