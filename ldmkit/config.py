@@ -131,6 +131,11 @@ class UNetConfig:
     dropout: float = bounded(0.0, DECAY)  # dropout in residual blocks
     flip_sin_to_cos: bool = True  # sinusoidal embedding order (cos, sin), as Stable Diffusion
     freq_shift: float = bounded(0.0, FINITE)  # shift of the frequency denominator in the sinusoidal embedding
+    # video (denoisers/temporal.py): heads of the temporal attention after every block; 0 = an image model
+    temporal_heads: int = bounded(0, OPTIONAL_COUNT)
+    temporal_depth: int = bounded(1, COUNT)  # temporal transformer blocks per site
+    temporal_conv: bool = False  # a temporal 1-D convolution before each temporal attention (Video LDM)
+    max_frames: int = bounded(32, COUNT)  # frames per clip at most (the temporal position table's length)
 
     @property
     def factor(self) -> int:
@@ -238,6 +243,10 @@ class DataConfig:
     caption_dropout: float = bounded(0.1, PROBABILITY)
     # image folders: a file that decodes to more pixels is skipped; 0 = no limit
     max_pixels: int = bounded(200_000_000, OPTIONAL_COUNT)
+    # clip data sets (moving-fashion, a folder of clips): frames per training clip (0: 8) and the rate they are
+    # sampled at (frames per second of the source)
+    frames: int = bounded(0, OPTIONAL_COUNT)
+    fps: float = bounded(8.0, POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -267,7 +276,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the backbone's block activations in the backward pass
     compile: bool = False  # torch.compile the backbone (the autoencoder in train-autoencoder)
     trainable: str = "auto"  # what a denoiser run trains: "backbone", "backbone+text" (a text encoder with weights
-    # of its own too), "auto" (backbone+text from scratch, backbone alone from --init). The autoencoder never trains
+    # of its own too), "auto" (backbone+text from scratch, backbone alone from --init), "temporal" (a video model's
+    # temporal layers alone, its image layers frozen). The autoencoder never trains
 
 
 @dataclass(frozen=True)
@@ -362,7 +372,7 @@ class DenoiserRun:
 
 
 DISTRIBUTED = ("auto", "ddp", "fsdp", "none")  # the values of TrainConfig.distributed
-TRAINABLE = ("auto", "backbone", "backbone+text")  # the values of TrainConfig.trainable
+TRAINABLE = ("auto", "backbone", "backbone+text", "temporal")  # the values of TrainConfig.trainable
 TASK_NAMES: list[str] = []  # the values of DenoiserRun.task: filled by the task registry (ldmkit/tasks/) as it loads
 
 
@@ -392,6 +402,8 @@ class ServeConfig:
     # "ROLE:PATTERN" entries: a role named here may use only the LoRAs matching its patterns (e.g. "user:styles/*");
     # a role not named may use every LoRA of the folder
     lora_roles: tuple[str, ...] = ()
+    # the folder of the ControlNets requests may name (A1111's alwayson_scripts.controlnet); "" = no ControlNets
+    controlnets: str = ""
 
 
 @dataclass(frozen=True)

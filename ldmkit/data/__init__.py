@@ -20,6 +20,7 @@ from .common import Subset, dataset_fingerprint, prepare_dataset, split_holdout,
 from .emoji import EmojiDataset
 from .fashion_mnist import FashionMNIST
 from .folder import ImageFolder
+from .moving_fashion import MovingFashion
 
 
 def _fashion_mnist(cfg: DataConfig):
@@ -39,6 +40,7 @@ BUILTINS = {
     "emoji": _emoji(("noto",)),
     "emoji-openmoji": _emoji(("openmoji",)),
     "emoji-all": _emoji(("noto", "openmoji")),
+    "moving-fashion": MovingFashion,  # clips (F, C, H, W): the video task's built-in set
 }
 
 

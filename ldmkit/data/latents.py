@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import DataConfig, to_dict
+from ..nn.frames import fold, is_clip, unfold
 from .common import cache_home, dataset_fingerprint
 
 
@@ -36,8 +37,8 @@ def file_digest(path: str | Path) -> str:
 
 @dataclass
 class LatentCache:
-    mean: torch.Tensor  # (N, C, h, w) unscaled latents (posterior mean for KL)
-    std: torch.Tensor | None  # (N, C, h, w) posterior std (KL) or None (VQ: deterministic)
+    mean: torch.Tensor  # (N, C, h, w) unscaled latents (posterior mean for KL); (N, F, C, h, w) for clips
+    std: torch.Tensor | None  # the same shape: posterior std (KL) or None (VQ: deterministic)
     labels: torch.Tensor  # (N,) int64, -1 where there is no label
     captions: list[str]  # "" where there is no caption
     class_names: list[str]
@@ -87,13 +88,19 @@ def encode_dataset(
     kl = hasattr(autoencoder, "encode")
     for i in tqdm(range(0, len(dataset), batch), desc="encoding latents", disable=not progress, unit="batch"):
         items = [dataset[j] for j in range(i, min(i + batch, len(dataset)))]
-        x = torch.stack([it["image"] for it in items]).to(device)
+        x = torch.stack([it["image"] for it in items]).to(device)  # (B, C, H, W), or clips (B, F, C, H, W)
+        frames = x.shape[1] if is_clip(x) else 0
+        x = fold(x) if frames else x  # each frame encoded as an image
+
+        def back(z: torch.Tensor, frames=frames) -> torch.Tensor:
+            return (unfold(z, frames) if frames else z).float().cpu()
+
         if kl:
             post = autoencoder.encode(x)
-            means.append(post.mean.float().cpu())
-            stds.append(post.std.float().cpu())
+            means.append(back(post.mean))
+            stds.append(back(post.std))
         else:
-            means.append(autoencoder.latents(x).float().cpu())
+            means.append(back(autoencoder.latents(x)))
         labels += [int(it["label"]) for it in items]
         captions += [it["caption"] for it in items]
     out = LatentCache(

@@ -73,7 +73,7 @@ class CFGDenoiser:
             )
         self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
         self.guides, self.rescale = guides(scale), float(rescale)
-        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)  # (B or 1,)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if not self.guides:
@@ -83,7 +83,8 @@ class CFGDenoiser:
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma  # (B,)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([self.cond, self.uncond]))
         d_cond, d_uncond = both[:b], both[b:]  # (B, C, H, W) each
-        scale = self.scale.to(device=x.device, dtype=d_cond.dtype)  # (B or 1, 1, 1, 1)
+        # (B or 1, 1, ...): one scale per image (B, C, H, W) or per clip (B, F, C, H, W)
+        scale = self.scale.to(device=x.device, dtype=d_cond.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         guided = d_uncond + scale * (d_cond - d_uncond)
         if self.rescale == 0.0:
             return guided

@@ -5,6 +5,7 @@ from .generate import GENERATE
 from .inpaint import INPAINT
 from .registry import TASKS, Task, get_task, register, task_names, unregister
 from .upscale import UPSCALE
+from .video import VIDEO
 
 __all__ = [
     "CONTROL",
@@ -12,6 +13,7 @@ __all__ = [
     "INPAINT",
     "TASKS",
     "UPSCALE",
+    "VIDEO",
     "Task",
     "get_task",
     "register",

@@ -35,6 +35,7 @@ class ControlTask(Task):
     base_model = True
 
     def check_run(self, run, ae_factor, backbone_factor, backbone):
+        super().check_run(run, ae_factor, backbone_factor, backbone)
         if backbone != "U-Net":
             raise InputError(f"--task control needs a U-Net model; --init {run.init} has a {backbone}")
 

@@ -37,6 +37,7 @@ class Task:
     trains_on_images: bool = False  # training encodes each step's images itself (masks, degradations)
     from_noise: bool = True  # it generates from noise and a prompt or label alone (generate, sample, img2img)
     base_model: bool = False  # it trains modules beside a frozen model that --init names, which keeps its own task
+    extends: tuple[str, ...] = ()  # the tasks of --init models it grows from beside its own (video: generate)
 
     # --- the backbone's shape ----------------------------------------------------------------------------------
     def concat_channels(self, run, ae_cfg, current: int) -> int:
@@ -55,7 +56,12 @@ class Task:
         return net, names
 
     def check_run(self, run, ae_factor: int, backbone_factor: int, backbone: str) -> None:
-        """Refuse a run this task cannot train (before any slow work)."""
+        """Refuse a run this task cannot train (before any slow work); a subclass calls this one too."""
+        if run.train.trainable == "temporal":
+            raise InputError(
+                f"train.trainable=temporal trains a video model's temporal layers; a model of task {self.name} has "
+                f"none (use --task video, or train.trainable=backbone)"
+            )
 
     # --- training ----------------------------------------------------------------------------------------------
     def training_inputs(self, trainer, idx: torch.Tensor, gens, x: torch.Tensor | None):

@@ -35,6 +35,7 @@ class Upscale(Task):
         ), ()
 
     def check_run(self, run, ae_factor, backbone_factor, backbone):
+        super().check_run(run, ae_factor, backbone_factor, backbone)
         f = ae_factor * backbone_factor
         check_multiple(
             "data.resolution",

@@ -19,6 +19,7 @@ from .. import checkpoint
 from ..autoencoder import build_autoencoder
 from ..autoencoder.files import KIND as AE_KIND
 from ..config import AutoencoderRun, DataConfig, DenoiserRun, to_dict
+from ..denoisers.temporal import temporal_state
 from ..errors import InputError
 from ..interop.convert import model_sha256, read_model, source_format
 from ..interop.files import PICKLE_SUFFIXES
@@ -103,9 +104,10 @@ def trains_text(run: DenoiserRun) -> bool:
 def load_parent_weights(
     parent: LdmFile, backbone: nn.Module | None, text_encoder: nn.Module | None, source: str
 ) -> None:
-    """The model's backbone weights (and its text encoder's, when it stores them) into the run's modules."""
+    """The model's backbone weights (and its text encoder's, when it stores them) into the run's modules. Temporal
+    layers the model lacks (an image model starting a video run) keep their initial weights, the identity."""
     with torch.no_grad():
         if backbone is not None:
-            checkpoint.load_state(backbone, parent.unet, source, "backbone")
+            checkpoint.load_state(backbone, temporal_state(backbone) | parent.unet, source, "backbone")
         if text_encoder is not None and parent.text:
             checkpoint.load_state(text_encoder, parent.text, source, "text encoder")

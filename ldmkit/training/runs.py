@@ -175,18 +175,20 @@ def train_denoiser(
 
 
 def _start(run: DenoiserRun, out_dir: str | Path) -> tuple[DenoiserRun, LdmFile | None]:
-    """start_from, for a task that trains beside a frozen base model (a ControlNet) too: the base comes from --init
-    and keeps its own task; the run's task stays the one asked for."""
+    """start_from, for a task that trains beside a frozen base model (a ControlNet) or extends a model of another
+    task (a video model from an image model) too: the base comes from --init and keeps its own task; the run's task
+    stays the one asked for."""
     task = get_task(run.task)
-    if not task.base_model:
+    if not (task.base_model or (task.extends and run.init)):
         return start_from(run, out_dir)
     if not run.init:
         raise InputError(f"--task {task.name} trains beside a frozen model: name it with --init MODEL")
     started, parent = start_from(replace(run, task=DenoiserRun().task), out_dir)
-    if started.task != DenoiserRun().task:
+    takes = (DenoiserRun().task,) if task.base_model else (*task.extends, task.name)
+    if started.task not in takes:
         raise InputError(
             f"--init {run.init} is {get_task(started.task).summary} (task {started.task}); --task {task.name} needs "
-            f"a generation model"
+            f"{' or '.join(get_task(t).summary for t in takes)}"
         )
     return replace(started, task=task.name), parent
 

@@ -62,7 +62,9 @@ def test_the_built_in_tasks_are_registered_with_what_they_take():
     assert {"control", "generate", "inpaint", "upscale"} <= set(TASKS)
     assert get_task("generate").from_noise and not get_task("inpaint").from_noise
     assert not get_task("upscale").user_labels and get_task("upscale").trains_on_images
-    with pytest.raises(InputError, match="'paint' is not a task; use control or generate or inpaint or upscale"):
+    with pytest.raises(
+        InputError, match="'paint' is not a task; use control or generate or inpaint or upscale or video"
+    ):
         get_task("paint")
     with pytest.raises(ValueError, match="taken"):
         register(get_task("inpaint"))
