@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py                     # emoji, 1 / 4 / 16 clients, 4 requests each
     .venv/bin/python benchmarks/serve_load.py --clients 1,4 --requests 2 --steps 4   # a quick run
+    .venv/bin/python benchmarks/serve_load.py --clients 1 --lora-clients 4 --requests 1 --steps 2 --kill-seconds 0
 
 Each configuration starts its own `ldmkit serve` process with the shipped emoji model and a fresh database and
 key. "batched" is the default server (max_batch 16, max_wait_ms 25); "one at a time" is the same server with
@@ -9,8 +10,12 @@ max_batch 1, so requests run one after another as in the popular UIs. Every clie
 the other (n=1 image each, its own prompt and seed); the table reports images/s, p50 / p99 latency and errors
 (anything but a 200 or an intended 429). Both modes must give every request the same image: its decoded pixels
 are compared (by SHA-256), not the PNG files, which embed each request's id and time and so always differ.
-Last, the kill test: clients keep sending while the server is killed with SIGKILL; every request that was answered
-must have its audit row (found by the X-Request-Id header), and `audit verify` must pass.
+The LoRA row: `--lora-clients` clients (16 by default) each apply one of 4 LoRAs (rank 4 on the attention layers,
+random factors, written to a temporary serve.loras folder) at scale 0.8; batched, requests with different LoRAs
+share forward passes, each LoRA applied per image, and every image must still equal the one-at-a-time server's.
+Last, the kill test (--kill-seconds 0 skips it): clients keep sending while the server is killed with SIGKILL;
+every request that was answered must have its audit row (found by the X-Request-Id header), and `audit verify`
+must pass.
 Writes benchmarks/out/serve_load.json.
 """
 
@@ -58,7 +63,9 @@ def start(folder: Path, *settings: str) -> tuple[subprocess.Popen, str, str, Pat
     port = free_port()
     # watermarks differ per request, and the run compares the PNGs of both servers: both leave it off
     settings = ("serve.watermark=false", *settings)
-    proc = start_process(db, port, "--model", "emoji", *(x for s in settings for x in ("--set", s)), threads=None)
+    proc = start_process(
+        db, port, "--model", "emoji", *(x for s in settings for x in ("--set", s)), threads=None, ready_s=600
+    )
     return proc, f"http://127.0.0.1:{port}", secret, db
 
 
@@ -68,8 +75,31 @@ def pixel_hash(png: bytes) -> str:
         return hashlib.sha256(f"{im.mode} {im.size}".encode() + im.tobytes()).hexdigest()
 
 
-def load(url: str, key: str, clients: int, requests: int, steps: int) -> dict:
-    """`clients` threads each sending `requests` requests in turn; latencies, errors and the images' pixel hashes."""
+def make_loras(folder: Path, count: int = 4) -> list[str]:
+    """`count` LoRAs for the emoji model (rank 4, attention layers, random factors) in `folder`; their names."""
+    import torch
+
+    from ldmkit.adapters import save_lora, target_paths
+    from ldmkit.ldm import LatentDiffusion
+    from ldmkit.nn.lora import LoRASet
+    from ldmkit.shipped import resolve_model
+
+    unet = LatentDiffusion.load(resolve_model("emoji")).unet
+    names = []
+    for k in range(count):
+        lora = LoRASet.for_modules(unet, target_paths(unet, "attn"), 4)
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for _, m in lora.items():
+                m.up.copy_(0.05 * torch.randn(m.up.shape, generator=g))
+        save_lora(folder / f"style{k}.safetensors", lora, unet)
+        names.append(f"style{k}")
+    return names
+
+
+def load(url: str, key: str, clients: int, requests: int, steps: int, loras: list[str] | None = None) -> dict:
+    """`clients` threads each sending `requests` requests in turn; latencies, errors and the images' pixel hashes.
+    loras: client c applies loras[c % len(loras)] at scale 0.8."""
     latencies, errors, hashes, lock = [], [], {}, threading.Lock()
 
     def client(c: int):
@@ -77,6 +107,8 @@ def load(url: str, key: str, clients: int, requests: int, steps: int) -> dict:
             for r in range(requests):
                 i = c * requests + r
                 body = {"prompt": PROMPTS[i % len(PROMPTS)], "n": 1, "steps": steps, "seed": 1000 + i, "model": "emoji"}
+                if loras:
+                    body["loras"] = [{"name": loras[c % len(loras)], "scale": 0.8}]
                 t = time.perf_counter()
                 resp = http.post("/v1/images/generations", json=body)
                 dt = time.perf_counter() - t
@@ -128,35 +160,44 @@ def main():
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--kill-seconds", type=float, default=6.0)
+    ap.add_argument("--lora-clients", type=int, default=16, help="clients of the LoRA row (4 LoRAs); 0 skips it")
+    ap.add_argument("--kill-seconds", type=float, default=6.0, help="length of the kill test; 0 skips it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/out/serve_load.json"))
     args = ap.parse_args()
     modes = {"batched": (), "one at a time": ("serve.max_batch=1", "serve.max_wait_ms=0")}
     rows, same = [], True
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for clients in [int(c) for c in args.clients.split(",")]:
+        runs = [(int(c), None) for c in args.clients.split(",")]
+        if args.lora_clients:
+            (folder / "loras").mkdir()
+            runs.append((args.lora_clients, make_loras(folder / "loras")))
+        for clients, loras in runs:
             got = {}
             for mode, settings in modes.items():
-                proc, url, key, _ = start(folder, *settings)
+                extra = (f"serve.loras={folder / 'loras'}",) if loras else ()
+                proc, url, key, _ = start(folder, *settings, *extra)
                 try:
-                    got[mode] = load(url, key, clients, args.requests, args.steps)
+                    got[mode] = load(url, key, clients, args.requests, args.steps, loras)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(60)
-                rows.append({"mode": mode, **{k: v for k, v in got[mode].items() if k != "hashes"}})
-                print(f"{mode:>14} {clients:>3} clients: {rows[-1]['images_per_s']:.2f} images/s", flush=True)
+                label = f"{mode}, 4 LoRAs" if loras else mode
+                rows.append({"mode": label, **{k: v for k, v in got[mode].items() if k != "hashes"}})
+                print(f"{label:>22} {clients:>3} clients: {rows[-1]['images_per_s']:.2f} images/s", flush=True)
             same &= got["batched"]["hashes"] == got["one at a time"]["hashes"]
-        kill = kill_test(folder, clients=8, steps=args.steps, seconds=args.kill_seconds)
-    print(f"\n{'mode':>14} {'clients':>7} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
+        kill = kill_test(folder, clients=8, steps=args.steps, seconds=args.kill_seconds) if args.kill_seconds else None
+    print(f"\n{'mode':>22} {'clients':>7} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
     for r in rows:
         cells = f"{r['images_per_s']:>9.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {len(r['errors']):>6}"
-        print(f"{r['mode']:>14} {r['clients']:>7} {cells}")
+        print(f"{r['mode']:>22} {r['clients']:>7} {cells}")
     by = {(r["mode"], r["clients"]): r for r in rows}
-    ratios = {
-        c: round(by[("batched", c)]["images_per_s"] / by[("one at a time", c)]["images_per_s"], 2)
+    ratios = {  # "16": plain requests at 16 clients; "16, 4 LoRAs": the LoRA row
+        f"{c}{m.removeprefix('batched')}": round(
+            by[(m, c)]["images_per_s"] / by[(m.replace("batched", "one at a time"), c)]["images_per_s"], 2
+        )
         for (m, c) in by
-        if m == "batched"
+        if m.startswith("batched")
     }
     print(f"\nbatched / one at a time, images/s: {ratios}")
     print(f"same pixels for every request in both modes: {same}")
@@ -169,7 +210,13 @@ def main():
         "speedup": ratios,
         "same_images_both_modes": same,
         "kill": kill,
-        "targets": {"speedup_at_16": 2.0, "p99_no_worse": True, "errors": 0, "missing_audit_rows": 0},
+        "targets": {
+            "speedup_at_16": 2.0,
+            "speedup_at_16_with_4_loras": 1.8,
+            "p99_no_worse": True,
+            "errors": 0,
+            "missing_audit_rows": 0,
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -61,10 +61,10 @@ class LiveServer:
 
 
 def start_process(
-    database: Path, port: int, *args: str, log: Path | None = None, threads: int | None = 1
+    database: Path, port: int, *args: str, log: Path | None = None, threads: int | None = 1, ready_s: float = 60
 ) -> subprocess.Popen:
     """`ldmkit serve` as a child process (its output to `log`, torch on `threads` threads, None: torch's default);
-    returns once it answers /readyz."""
+    returns once it answers /readyz (within `ready_s` seconds)."""
     out = open(log, "wb") if log else subprocess.DEVNULL
     env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     proc = subprocess.Popen(
@@ -74,7 +74,7 @@ def start_process(
         cwd=ROOT,
         env=env,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ldmkit serve exited with {proc.returncode}" + (f": {log.read_text()}" if log else ""))
@@ -84,7 +84,7 @@ def start_process(
         except httpx.TransportError:
             time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
-    raise RuntimeError("ldmkit serve did not become ready in 60 s")
+    raise RuntimeError(f"ldmkit serve did not become ready in {ready_s:g} s")
 
 
 def kill_under_load(
