@@ -39,11 +39,11 @@ def tiny_autoencoder(**overrides) -> AutoencoderConfig:
 
 
 def tiny_autoencoder_run(*, model=None, loss=None, data=None, train=None) -> AutoencoderRun:
-    """A run of the tiny autoencoder without the perceptual loss, one training step; each argument is a dict of
-    overrides of that section (`train=dict(steps=6, lr=1e-3)`)."""
+    """A run of the tiny autoencoder without the perceptual loss and with a small discriminator, one training step;
+    each argument is a dict of overrides of that section (`train=dict(steps=6, lr=1e-3)`)."""
     return AutoencoderRun(
         model=tiny_autoencoder(**model or {}),
-        loss=AutoencoderLossConfig(**dict(perceptual_weight=0.0) | (loss or {})),
+        loss=AutoencoderLossConfig(**dict(perceptual_weight=0.0, disc_channels=8, disc_layers=2) | (loss or {})),
         data=DataConfig(**DATA | (data or {})),
         train=TrainConfig(**dict(steps=1) | (train or {})),
     )

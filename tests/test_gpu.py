@@ -23,15 +23,7 @@ import torch  # noqa: E402
 
 from ldmkit import checkpoint  # noqa: E402
 from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
-from ldmkit.config import (  # noqa: E402
-    AutoencoderConfig,
-    AutoencoderLossConfig,
-    AutoencoderRun,
-    DataConfig,
-    DenoiserRun,
-    TrainConfig,
-    UNetConfig,
-)
+from ldmkit.config import AutoencoderRun, DenoiserRun, TrainConfig, UNetConfig  # noqa: E402
 from ldmkit.data.latents import encode_dataset  # noqa: E402
 from ldmkit.denoisers import build_backbone  # noqa: E402
 from ldmkit.diffusion.sample import sample_latents  # noqa: E402
@@ -40,6 +32,7 @@ from ldmkit.noise import generators_from_seed  # noqa: E402
 from ldmkit.training.autoencoder import AutoencoderTask  # noqa: E402
 from ldmkit.training.denoiser import DenoiserTask, resolve_run  # noqa: E402
 from ldmkit.training.loop import STATE_FILE, train  # noqa: E402
+from tests.factory import attention_unet, normal_init, tiny_autoencoder_run, tiny_denoiser_run  # noqa: E402
 
 
 def _device() -> torch.device | None:
@@ -90,39 +83,20 @@ def sync():
 def ae_run(steps: int = 1, **train_kw) -> AutoencoderRun:
     """A tiny KL autoencoder with its discriminator active from step 0 (the GAN path runs too); no perceptual term
     (its TF-Inception network is not on a lent GPU machine)."""
-    return AutoencoderRun(
-        model=AutoencoderConfig(
-            in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4, mid_attention=True
-        ),
-        loss=AutoencoderLossConfig(perceptual_weight=0.0, disc_start=0, disc_channels=8, disc_layers=2),
-        data=DataConfig(resolution=16, channels=1),
-        train=TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.0, log_every=1, **train_kw),
-    )
+    train = dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.0, log_every=1, **train_kw)
+    return tiny_autoencoder_run(model=dict(mid_attention=True), loss=dict(disc_start=0), train=train)
 
 
 def denoiser_task(tiny_ae, blobs, **train_kw) -> DenoiserTask:
     """A tiny class-conditional U-Net on the tiny autoencoder's latents of `blobs`, weights drawn with seed 0 (not
     the zero-output initialisation, so the loss depends on every layer)."""
     ae, ae_cfg = load_autoencoder(tiny_ae, DEVICE)
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae),
-        unet=UNetConfig(
-            model_channels=16,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_levels=(1,),
-            num_heads=(2,),
-            norm_groups=8,
-        ),  # fmt: skip
-        data=DataConfig(resolution=16, channels=1),
-        train=TrainConfig(batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9, log_every=1, **train_kw),
-    )
+    train = dict(batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9, log_every=1, **train_kw)
+    run = tiny_denoiser_run(tiny_ae, unet=attention_unet(), train=train)
     latents = encode_dataset(ae, tiny_ae, blobs, run.data, DEVICE, progress=False, cache=False)
     run = resolve_run(run, ae_cfg.model, latents)
     torch.manual_seed(0)
-    unet = build_backbone(run)
-    for p in unet.parameters():
-        torch.nn.init.normal_(p, std=0.02)
+    unet = normal_init(build_backbone(run))
     return DenoiserTask(run, LatentDiffusion(ae, ae_cfg.model, unet.to(DEVICE), run), latents, DEVICE)
 
 

@@ -11,32 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from ldmkit.config import (
-    AutoencoderConfig,
-    AutoencoderLossConfig,
-    AutoencoderRun,
-    DataConfig,
-    DenoiserRun,
-    TrainConfig,
-    UNetConfig,
-)
+from ldmkit.config import DataConfig, DenoiserRun
 from ldmkit.errors import ConfigError, InputError, MissingFileError, RunFolderError
 from ldmkit.training import runs
 from ldmkit.training.loop import STATE_FILE
 from ldmkit.training.runlock import LOCK_FILE, RunLock
+from tests.factory import tiny_autoencoder_run, tiny_denoiser_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def ae_run(steps=2, **train_kw):
     kw = dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.0, log_every=1, ckpt_every=100)
-    return AutoencoderRun(
-        model=AutoencoderConfig(
-            in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4, mid_attention=False
-        ),
-        loss=AutoencoderLossConfig(perceptual_weight=0.0, disc_start=100, disc_channels=8, disc_layers=2),
-        data=DataConfig(resolution=16, channels=1, holdout=0),
-        train=TrainConfig(**(kw | train_kw)),
+    return tiny_autoencoder_run(
+        model=dict(mid_attention=False), loss=dict(disc_start=100), data=dict(holdout=0), train=kw | train_kw
     )
 
 
@@ -161,18 +149,8 @@ def test_resume_with_the_same_configuration_is_silent(tmp_path, data):
 
 def test_denoiser_resume_with_another_unet_is_refused_before_encoding(tmp_path, tiny_ae, data, monkeypatch):
     out = tmp_path / "run"
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae),
-        data=DataConfig(resolution=16, channels=1, holdout=0),
-        unet=UNetConfig(
-            model_channels=8,
-            channel_mult=(1,),
-            num_res_blocks=1,
-            attention_levels=(),
-            norm_groups=4,
-            mid_attention=False,
-        ),
-        train=TrainConfig(steps=2, batch_size=8, warmup_steps=1, ema_decay=0.0, log_every=1),
+    run = tiny_denoiser_run(
+        tiny_ae, data=dict(holdout=0), train=dict(steps=2, batch_size=8, warmup_steps=1, ema_decay=0.0, log_every=1)
     )
     runs.train_denoiser(run, out, progress=False)
     saved = json.loads((out / "config.json").read_text())

@@ -6,31 +6,18 @@ import torch
 
 from ldmkit import checkpoint
 from ldmkit.autoencoder.files import load_autoencoder
-from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
+from ldmkit.config import AutoencoderRun, DataConfig
 from ldmkit.training.autoencoder import AutoencoderTask
 from ldmkit.training.loop import STATE_FILE, batch_indices, train
+from tests.factory import attention_unet, tiny_autoencoder_run, tiny_denoiser_run
 
 CPU = torch.device("cpu")
 
 
 def tiny_ae_run(steps=6, **train_kw):
-    return AutoencoderRun(
-        model=AutoencoderConfig(
-            in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4, mid_attention=False
-        ),
-        loss=AutoencoderLossConfig(perceptual_weight=0.0, disc_start=2, disc_channels=8, disc_layers=2),
-        data=DataConfig(resolution=16, channels=1),
-        train=TrainConfig(
-            steps=steps,
-            batch_size=8,
-            grad_accum=2,
-            lr=1e-3,
-            warmup_steps=2,
-            ema_decay=0.9,
-            log_every=1,
-            ckpt_every=100,
-            **train_kw,
-        ),
+    train = dict(batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_every=1, ckpt_every=100)
+    return tiny_autoencoder_run(
+        model=dict(mid_attention=False), loss=dict(disc_start=2), train=train | dict(steps=steps, **train_kw)
     )
 
 
@@ -169,7 +156,6 @@ def test_a_trainable_text_encoder_starts_from_the_same_weights_on_the_first_run_
     import numpy as np
     from PIL import Image
 
-    from ldmkit.config import DenoiserRun, UNetConfig
     from ldmkit.distributed import World
     from ldmkit.training.runs import _denoiser_task
 
@@ -182,19 +168,12 @@ def test_a_trainable_text_encoder_starts_from_the_same_weights_on_the_first_run_
         Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8), "L").save(root / f"{i}.png")
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"caption {i % 3}"}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae),
+    run = tiny_denoiser_run(
+        tiny_ae,
         text_encoder="trainable",
-        unet=UNetConfig(
-            model_channels=16,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_levels=(1,),
-            num_heads=(2,),
-            norm_groups=8,
-        ),
-        data=DataConfig(dataset=str(root), resolution=16, channels=1, holdout=0, crop="random"),
-        train=TrainConfig(steps=1, num_workers=0),
+        unet=attention_unet(),
+        data=dict(dataset=str(root), holdout=0, crop="random"),
+        train=dict(steps=1, num_workers=0),
     )
 
     def initial_weights():
