@@ -110,8 +110,15 @@ def condition_image(
     the detector `kind` run on the image, or the image itself for `raw` (a greyscale one converted with a note)."""
     if kind not in KINDS:
         raise InputError(f"unknown detector {kind!r} in --control; use {' or '.join(KINDS)}")
-    what = f"the control image {path}"
-    img = _fit(_read(Path(path), "the control image"), size, what)
+    return condition_of(kind, _read(Path(path), "the control image"), size, cfg, f"the control image {path}", note)
+
+
+def condition_of(
+    kind: str, img: Image.Image, size: tuple[int, int], cfg: ControlConfig | None = None, what: str = "", note=True
+) -> torch.Tensor:
+    """condition_image for an image already read (a served request's); `what` names it in notes and errors."""
+    what = what or "the control image"
+    img = _fit(img, size, what)
     if kind == "raw":
         if img.mode not in ("RGB", "RGBA") and note:
             print(f"note: {what} is {img.mode}, not RGB; converted to three channels", file=sys.stderr)

@@ -12,9 +12,10 @@ the steps it runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -89,13 +90,43 @@ def apply_controls(
     for spec in specs:
         net, meta = load_controlnet(spec.model, ldm.device)
         check_fits(net, ldm.unet, ldm.factor, spec.model)
-        trained = meta.get("condition", "raw")
-        kind = spec.kind or (trained if trained in DETECTORS else "raw")
-        cfg = from_dict(ControlConfig, meta["control"]) if isinstance(meta.get("control"), dict) else ControlConfig()
+        kind, cfg = condition_settings(meta, spec.kind)
         image, _ = pad_to_multiple(condition_image(kind, spec.image, size, cfg), multiple)  # (1, 3, H', W')
         window = step_window(ldm.denoiser, sigmas, spec.start, spec.end)
         controls.append(Control(net, image.to(ldm.device), spec.scale, spec.start, spec.end, window))
     ldm.denoiser.backbone = Controlled(ldm.unet, controls)
+
+
+def condition_settings(meta: dict, kind: str = "") -> tuple[str, ControlConfig]:
+    """(how an image becomes a ControlNet's condition: `kind`, else the detector it was trained with, raw for one
+    trained on paired folders or converted from elsewhere; the detector's settings in its training) from the
+    metadata of its file."""
+    trained = meta.get("condition", "raw")
+    cfg = from_dict(ControlConfig, meta["control"]) if isinstance(meta.get("control"), dict) else ControlConfig()
+    return kind or (trained if trained in DETECTORS else "raw"), cfg
+
+
+@contextmanager
+def controlled(ldm: LatentDiffusion, controls: list[Control], steps: int, strength: float = 1.0) -> Iterator[None]:
+    """`ldm`'s denoiser calling its U-Net through `controls` while the block runs, each control's window set for a
+    sampling of `steps` steps at `strength` (its condition image already at the padded output size); the backbone
+    it had afterwards, so a model shared between requests (a server's) is left as it was."""
+    sigmas = ldm.denoiser.sigmas(steps)[start_index(steps, strength) :]
+    windowed = [
+        replace(
+            c,
+            net=c.net.to(ldm.device),
+            image=c.image.to(ldm.device),
+            window=step_window(ldm.denoiser, sigmas, c.start, c.end),
+        )
+        for c in controls
+    ]
+    before = ldm.denoiser.backbone
+    ldm.denoiser.backbone = Controlled(ldm.unet, windowed)
+    try:
+        yield
+    finally:
+        ldm.denoiser.backbone = before
 
 
 Batches = Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]]

@@ -29,6 +29,7 @@ from ..pipelines.lora import request_lora_record
 from ..pipelines.plan import plan, resolution
 from ..pipelines.request import SampleRequest
 from .auth import AuthError, Principal, Reservation, utc_now
+from .controls import ServedControlNets
 from .edits import unmarked
 from .health import scrub
 from .loras import ServedLoRAs
@@ -108,6 +109,7 @@ class Service:
         self.limits, self.no_auth = run.limits, no_auth
         self.policy = load_policy(run.serve.policy) if run.serve.policy else None  # a bad file stops the start
         self.loras = ServedLoRAs(run.serve.loras, run.serve.lora_roles)  # so does a missing LoRA folder
+        self.controlnets = ServedControlNets(run.serve.controlnets)  # and a missing ControlNet folder
         # so does a bad certificate, or only one of the two settings
         self.sign = file_signer(credentials_from(run.serve.c2pa_cert, run.serve.c2pa_key, C2PA_SETTINGS))
         safety = SafetyFilter(self.policy.safety) if self.policy and self.policy.safety else None

@@ -1,10 +1,11 @@
 """AUTOMATIC1111's API: POST /sdapi/v1/txt2img and /sdapi/v1/img2img, GET /sdapi/v1/sd-models, /sdapi/v1/samplers
 and /sdapi/v1/loras, with A1111's field names translated to ldmkit's and back (LoRAs: `<lora:name:scale>` in the
-prompt)."""
+prompt); the ControlNet extension's alwayson_scripts.controlnet units, /controlnet/model_list and module_list."""
 
 import json
 from dataclasses import replace
 
+from ..controls import MODULES, a1111_controls, uses_controlnet
 from ..deps import parse_body, typed
 from ..edits import a1111_edit
 from ..loras import prompt_loras
@@ -47,7 +48,8 @@ def router():
         body = await parse_body(request, api_models().A1111Request)
         served, req, fields, used = a1111_request(svc, body, TXT2IMG)
         svc.check(served, req, principal)
-        out = await svc.generate(request, principal, served, req, **used)
+        run, controls = a1111_controls(svc, served, body, req)  # ControlNet units: the request runs alone
+        out = await svc.generate(request, principal, served, req, run=run, **controls, **used)
         return a1111_answer(body, served, req, out, fields)
 
     @r.post("/sdapi/v1/img2img", response_model=Answer)
@@ -59,7 +61,10 @@ def router():
             raise FieldError("init_images", "img2img needs init_images: one base64-encoded image")
         at_image_size = replace(req, width=0, height=0)  # an edit works at the init image's own size
         edit, extra = a1111_edit(served.ldm, body, at_image_size, svc.limits)
-        out = await svc.generate(request, principal, served, at_image_size, run=edit, **extra, **used)
+        w, h = (int(v) for v in extra["init_image"].split("x"))
+        strength = 1.0 if body.mask is not None else body.denoising_strength  # inpainting runs every step
+        edit, controls = a1111_controls(svc, served, body, at_image_size, edit, (h, w), strength)
+        out = await svc.generate(request, principal, served, at_image_size, run=edit, **extra, **controls, **used)
         return a1111_answer(body, served, req, out, fields)
 
     @r.get("/sdapi/v1/sd-models", response_model=list[SdModel])
@@ -80,6 +85,22 @@ def router():
         """The LoRAs of the server's folder that the caller's role may apply, as <lora:NAME:SCALE> names them."""
         names = svc.loras.names(principal.role)
         return [{"name": n, "alias": n, "path": f"{n}.safetensors", "metadata": {}} for n in names]
+
+    class ControlNetModels(BaseModel):
+        model_list: list[str]  # "name [first 8 hex digits of its SHA-256]", as the extension lists them
+
+    class ControlNetModules(BaseModel):
+        module_list: list[str]
+
+    @r.get("/controlnet/model_list", response_model=ControlNetModels)
+    async def controlnet_models(_: t.ViewerKey, svc: t.ServiceDep):
+        """The ControlNets of the server's folder (serve.controlnets), as units name them in their model field."""
+        return {"model_list": svc.controlnets.model_list()}
+
+    @r.get("/controlnet/module_list", response_model=ControlNetModules)
+    async def controlnet_modules(_: t.ViewerKey):
+        """The preprocessors a unit's module may name ("none": the image is the condition already)."""
+        return {"module_list": list(MODULES)}
 
     @r.get("/sdapi/v1/samplers", response_model=list[Sampler])
     async def samplers(_: t.ViewerKey):
@@ -130,7 +151,7 @@ def a1111_answer(body, served, req, out, fields: dict) -> dict:
         "height": req.height or served.ldm.run.data.resolution,
         "sd_model_name": served.name,
         "sd_model_hash": served.sha256[:10],
-        "ignored": sorted(body.model_extra or {}),
+        "ignored": sorted(k for k in body.model_extra or {} if k != "alwayson_scripts" or not uses_controlnet(body)),
         "withheld": [
             {"index": i, "seed": s, "reason": why} for i, (s, why) in enumerate(zip(out.seeds, out.withheld)) if why
         ],

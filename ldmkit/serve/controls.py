@@ -1,0 +1,229 @@
+"""ControlNets on served requests, in the shape AUTOMATIC1111's ControlNet extension takes them:
+`alwayson_scripts: {"controlnet": {"args": [{"image": BASE64, "module": "canny", "model": NAME, "weight": 1.0,
+"guidance_start": 0.0, "guidance_end": 1.0}, ...]}}` on /sdapi/v1/txt2img and img2img, listed by
+/controlnet/model_list and /controlnet/module_list. ControlNets come only from the server's folder (serve.controlnets),
+each read once and checked against the model a request names; a refusal is a 400 naming the unit's field as A1111
+does. No model maths here: the condition images are made by data/conditions.py and the ControlNets hooked around the
+denoiser by pipelines/control.py for the run of the request alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import file_sha256
+from ..config import ServeLimits
+from ..data.conditions import condition_of
+from ..data.images import to_pil
+from ..denoisers.controlnet import Control, ControlNet, check_control, check_fits, load_controlnet
+from ..errors import ConfigError, InputError
+from ..pipelines.control import condition_settings, controlled
+from ..pipelines.generate import generate
+from ..pipelines.images import pad_to_multiple
+from ..pipelines.plan import resolution
+from .edits import Edit
+from .schemas import FieldError, decode_image
+
+# A1111's preprocessor ("module") names -> ldmkit's condition kinds; "none": the image is the condition already
+MODULES = {"none": "raw", "canny": "canny", "mask": "mask", "colour": "colour", "color": "colour"}
+SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One enabled unit of a request: its ControlNet, condition image, weight and window, and what the audit row
+    records of it (the ControlNet's name and SHA-256, never the server's path)."""
+
+    control: Control
+    record: dict[str, Any]
+
+
+class ServedControlNets:
+    """A server's ControlNet folder: the .safetensors ControlNet files under it, named by their path inside it
+    without the suffix, each loaded once."""
+
+    def __init__(self, folder: str):
+        """folder: serve.controlnets ("" = no ControlNets)."""
+        self.root = Path(folder).expanduser().resolve() if folder else None
+        if self.root is not None and not self.root.is_dir():
+            raise ConfigError(f"serve.controlnets = {folder!r} is not a folder; create it or leave the setting empty")
+        self._loaded: dict[str, tuple[ControlNet, dict, str]] = {}
+
+    def files(self) -> dict[str, Path]:
+        """name -> file, every ControlNet of the folder (links leaving it are left out)."""
+        if self.root is None:
+            return {}
+        found = (p for p in sorted(self.root.rglob(f"*{SUFFIX}")) if p.is_file())
+        return {
+            p.relative_to(self.root).as_posix()[: -len(SUFFIX)]: p
+            for p in found
+            if p.resolve().is_relative_to(self.root)
+        }
+
+    def model_list(self) -> list[str]:
+        """The folder's ControlNets as the extension lists them: "name [first 8 hex digits of the SHA-256]"."""
+        return [f"{name} [{self._load(name, path)[2][:8]}]" for name, path in self.files().items()]
+
+    def _load(self, name: str, path: Path) -> tuple[ControlNet, dict, str]:
+        if name not in self._loaded:
+            net, meta = load_controlnet(path)
+            self._loaded[name] = (net, meta, file_sha256(path))
+        return self._loaded[name]
+
+    def get(self, model: str, field: str) -> tuple[str, ControlNet, dict, str]:
+        """(name, ControlNet, its file's metadata, SHA-256) of `model` ("name" or "name [hash]"); FieldError naming
+        `field` when the folder holds no such ControlNet or the hash names another version of it."""
+        name, _, tail = model.strip().partition(" [")
+        files = self.files()
+        if self.root is None:
+            raise FieldError(field, f"{field}: this server has no ControlNets (no serve.controlnets folder)")
+        if name not in files:
+            raise FieldError(
+                field, f"{field}: ControlNet {model[:80]!r} is not in this server's folder; GET /controlnet/model_list"
+            )
+        net, meta, sha = self._load(name, files[name])
+        want = tail.removesuffix("]").strip().lower()
+        if want and not sha.startswith(want):
+            raise FieldError(
+                field, f"{field}: {model[:80]!r} names another version of {name!r}, whose hash is {sha[:8]}"
+            )
+        return name, net, meta, sha
+
+    def units(self, ldm, body, size: tuple[int, int], limits: ServeLimits) -> list[ControlUnit]:
+        """The enabled units of an A1111 body's alwayson_scripts.controlnet.args, each checked before any work:
+        its model in the folder and made for `ldm`, its module known, its image within the upload limits and of
+        the output's shape (H, W), its weight and window valid."""
+        args = _unit_args(body)
+        units = []
+        for i, unit in enumerate(args):
+            at = f"alwayson_scripts.controlnet.args[{i}]"
+            if not isinstance(unit, dict):
+                raise FieldError(at, f"{at} must be an object with image, module, model, weight ...")
+            if unit.get("enabled", True) is False:
+                continue
+            units.append(self._unit(ldm, unit, at, size, limits))
+        return units
+
+    def _unit(self, ldm, unit: dict, at: str, size: tuple[int, int], limits: ServeLimits) -> ControlUnit:
+        model = unit.get("model")
+        if not isinstance(model, str) or not model or model.lower() == "none":
+            raise FieldError(f"{at}.model", f"{at}.model must name a ControlNet; GET /controlnet/model_list lists them")
+        name, net, meta, sha = self.get(model, f"{at}.model")
+        try:
+            check_fits(net, ldm.unet, ldm.factor, name)
+        except InputError as err:
+            raise FieldError(f"{at}.model", f"{at}.model: {err}") from None
+        module = unit.get("module", "none")
+        if module not in MODULES:
+            raise FieldError(
+                f"{at}.module", f"{at}.module {str(module)[:40]!r} is not available; use one of: {', '.join(MODULES)}"
+            )
+        weight, start, end = (
+            _number(unit, k, d, at) for k, d in (("weight", 1.0), ("guidance_start", 0.0), ("guidance_end", 1.0))
+        )
+        try:
+            check_control(weight, start, end, at)
+        except InputError as err:
+            field = "weight" if "scale" in str(err) else "guidance_start"
+            raise FieldError(f"{at}.{field}", str(err).replace("the scale", "the weight")) from None
+        data, field = _image_of(unit, at)
+        image = decode_image(field, data, 3, limits.max_upload_bytes)  # (1, 3, H, W) in [-1, 1]
+        h, w = image.shape[-2:]
+        if max(h, w) > limits.max_side:
+            raise FieldError(field, f"{field} is {w}x{h}; the limit is {limits.max_side} pixels a side")
+        kind, cfg = condition_settings(meta, MODULES[module])
+        try:
+            cond = condition_of(kind, to_pil(image[0]), size, cfg, field, note=False)  # (1, 3, H, W) in [0, 1]
+        except InputError as err:
+            raise FieldError(field, str(err)) from None
+        cond, _ = pad_to_multiple(cond, ldm.factor * ldm.run.backbone.factor)
+        record = {
+            "model": name,
+            "sha256": sha,
+            "module": module,
+            "weight": weight,
+            "guidance_start": start,
+            "guidance_end": end,
+            "image_sha256": hashlib.sha256(_bytes(data)).hexdigest(),
+        }
+        return ControlUnit(Control(net, cond, weight, start, end), record)
+
+
+def _unit_args(body) -> list:
+    scripts = (body.model_extra or {}).get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise FieldError("alwayson_scripts", 'alwayson_scripts must be an object, e.g. {"controlnet": {"args": [...]}}')
+    cn = scripts.get("controlnet") or scripts.get("ControlNet") or {}
+    args = cn.get("args", []) if isinstance(cn, dict) else None
+    if not isinstance(args, list):
+        raise FieldError("alwayson_scripts.controlnet.args", "alwayson_scripts.controlnet.args must be a list of units")
+    return args
+
+
+def _number(unit: dict, key: str, default: float, at: str) -> float:
+    value = unit.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FieldError(f"{at}.{key}", f"{at}.{key} must be a finite number, not {str(value)[:40]!r}")
+    return float(value)
+
+
+def _image_of(unit: dict, at: str) -> tuple[str, str]:
+    """(the base64 image, its field) of a unit: `image` (a string, or {"image": ...} as newer clients send it) or
+    the older `input_image`."""
+    for key in ("image", "input_image"):
+        value = unit.get(key)
+        if isinstance(value, dict):
+            value, key = value.get("image"), f"{key}.image"
+        if isinstance(value, str) and value:
+            return value, f"{at}.{key}"
+    raise FieldError(f"{at}.image", f"{at}.image must be a base64-encoded condition image")
+
+
+def _bytes(data: str) -> bytes:
+    try:
+        return base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data)
+    except (binascii.Error, ValueError):
+        return data.encode()
+
+
+def with_units(run, units: list[ControlUnit], steps: int, strength: float = 1.0):
+    """run(ldm) -> images, with the units' ControlNets around the model's denoiser for that run alone."""
+
+    def steered(ldm):
+        with controlled(ldm, [u.control for u in units], steps, strength):
+            return run(ldm)
+
+    return steered
+
+
+def uses_controlnet(body) -> bool:
+    """Whether an A1111 body's alwayson_scripts holds ControlNet units (then it is no ignored field)."""
+    scripts = (body.model_extra or {}).get("alwayson_scripts")
+    return isinstance(scripts, dict) and bool(scripts.get("controlnet") or scripts.get("ControlNet"))
+
+
+def a1111_controls(svc, served, body, req, run=None, size=None, strength: float = 1.0) -> tuple[Any, dict]:
+    """(what the scheduler runs: `run`, or for a generation generate(ldm, req), with the body's ControlNet units
+    around it; what the audit row records of them) for an A1111 body; (run, {}) without units. size: the output's
+    (H, W) (default the request's); strength: img2img's, so windows count the steps it runs."""
+    if not uses_controlnet(body):
+        return run, {}
+    size = size or resolution(served.ldm, req)
+    units = svc.controlnets.units(served.ldm, body, size, svc.limits)
+    if not units:
+        return run, {}
+    if run is None:
+
+        def run(ldm):
+            return generate(ldm, req)[0]
+
+    steered = with_units(run, units, req.steps, strength)
+    if isinstance(run, Edit):
+        steered = Edit(steered, run.keep)
+    return steered, {"controls": [u.record for u in units]}

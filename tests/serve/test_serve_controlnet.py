@@ -1,0 +1,155 @@
+"""ControlNets on a live server in the shape of AUTOMATIC1111's ControlNet extension: alwayson_scripts.controlnet
+units on /sdapi/v1/txt2img and img2img, /controlnet/model_list and /controlnet/module_list, ControlNets from the
+server's folder only, refusals naming the unit's field, and the audit row naming each ControlNet's SHA-256."""
+
+import base64
+import hashlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldmkit.checkpoint import file_sha256
+from ldmkit.data.images import to_pil
+from ldmkit.denoisers.controlnet import Control, ControlNet, save_controlnet
+from ldmkit.ldm import LatentDiffusion
+from ldmkit.pipelines.batching import generate_together
+from ldmkit.pipelines.control import controlled
+from ldmkit.pipelines.request import SampleRequest
+from ldmkit.serve.audit import Audit
+from ldmkit.serve.auth import Keys
+from ldmkit.serve.store import open_store
+from tests.serve_helpers import LiveServer, pixels
+
+STEPS = 2
+
+
+def random_controlnet(ldm, path, seed):
+    net = ControlNet.from_unet(ldm.unet, ldm.factor)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_controlnet(path, net, condition="raw")
+    return net
+
+
+def b64_png(arr) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+EDGES = np.zeros((16, 16, 3), np.uint8)
+EDGES[2:14, 5] = 255
+EDGES[8, 3:13] = 200
+
+
+@pytest.fixture(scope="module")
+def ldm(tiny_text_ldm):
+    return LatentDiffusion.load(tiny_text_ldm)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_text_ldm, tiny_ldm, ldm):
+    root = tmp_path_factory.mktemp("controlnets")
+    random_controlnet(ldm, root / "edges.safetensors", 1)
+    random_controlnet(LatentDiffusion.load(tiny_ldm), root / "other" / "labels.safetensors", 2)
+    (root.parent / "outside.safetensors").write_bytes((root / "edges.safetensors").read_bytes())
+    db = tmp_path_factory.mktemp("serve") / "ldmkit.db"
+    server = LiveServer(db, models=(str(tiny_text_ldm),), watermark=False, timeout_s=3600, controlnets=str(root))
+    server.key = Keys(open_store(str(db))).create("user-key", "user")[0]
+    server.db, server.root = db, root
+    yield server
+    server.close()
+
+
+def unit(**kw):
+    return {"image": b64_png(EDGES), "module": "none", "model": "edges", "weight": 0.8} | kw
+
+
+def txt2img(live, *units, **body):
+    body = {"prompt": "red", "steps": STEPS, "seed": 5, "cfg_scale": 3.0} | body
+    if units:
+        body["alwayson_scripts"] = {"controlnet": {"args": list(units)}}
+    return live.client(live.key).post("/sdapi/v1/txt2img", json=body)
+
+
+def test_the_lists_answer_as_the_extension_does(live):
+    client = live.client(live.key)
+    sha = file_sha256(live.root / "edges.safetensors")
+    assert client.get("/controlnet/model_list").json() == {
+        "model_list": [
+            f"edges [{sha[:8]}]",
+            f"other/labels [{file_sha256(live.root / 'other/labels.safetensors')[:8]}]",
+        ]
+    }
+    assert client.get("/controlnet/module_list").json()["module_list"][:2] == ["none", "canny"]
+
+
+def test_a_unit_steers_txt2img_as_the_library_does_and_is_audited(live, ldm):
+    plain, on = txt2img(live), txt2img(live, unit(guidance_end=0.5))
+    assert plain.status_code == on.status_code == 200, on.text
+    assert pixels(on.json()["images"][0]) != pixels(plain.json()["images"][0]), "the ControlNet changes the image"
+    assert "alwayson_scripts" not in on.json()["info"]  # used, so not among the ignored fields
+
+    # the library, with the same ControlNet, condition image, weight and window
+    net = random_controlnet(ldm, live.root.parent / "copy.safetensors", 1)  # the same weights as "edges"
+    cond = torch.from_numpy(EDGES).permute(2, 0, 1)[None].float() / 255
+    req = SampleRequest(n=1, prompts=["red"], steps=STEPS, seed=5, cfg=3.0)
+    with controlled(ldm, [Control(net.eval(), cond, 0.8, 0.0, 0.5)], STEPS):
+        want = generate_together(ldm, [req])[0][0]
+    buf = io.BytesIO()
+    to_pil(want).save(buf, format="PNG")
+    assert pixels(on.json()["images"][0]) == pixels(buf.getvalue())
+    assert ldm.denoiser.backbone is ldm.unet, "the model is left as it was"
+
+    # a disabled unit is no unit, bit for bit
+    off = txt2img(live, unit(enabled=False))
+    assert pixels(off.json()["images"][0]) == pixels(plain.json()["images"][0])
+
+    rows = Audit(open_store(str(live.db))).tail(10)
+    row = next(r for r in rows if r["decision"] == "served" and (r["params"] or {}).get("controls"))
+    (c,) = row["params"]["controls"]
+    assert c["model"] == "edges" and c["sha256"] == file_sha256(live.root / "edges.safetensors")
+    assert (c["weight"], c["guidance_start"], c["guidance_end"]) == (0.8, 0.0, 0.5)
+    assert c["image_sha256"] == hashlib.sha256(base64.b64decode(unit()["image"])).hexdigest()
+    assert str(live.root) not in str(row), "no server path in the record"
+
+
+@pytest.mark.parametrize(
+    "bad, field, says",
+    [
+        ({"module": "depth_leres"}, "module", "'depth_leres' is not available"),
+        ({"model": "nope"}, "model", "'nope' is not in this server's folder"),
+        ({"model": "../outside"}, "model", "is not in this server's folder"),
+        ({"model": "edges [deadbeef]"}, "model", "another version"),
+        ({"model": "other/labels"}, "model", "made for another denoiser"),
+        ({"guidance_start": 0.7, "guidance_end": 0.2}, "guidance_start", "not before"),
+        ({"weight": -1}, "weight", "weight -1.0"),
+        ({"image": b64_png(np.zeros((16, 40, 3), np.uint8))}, "image", "aspect ratio"),
+        ({"image": "not an image"}, "image", "not a base64-encoded"),
+    ],
+)
+def test_bad_units_are_refused_naming_the_field(live, bad, field, says):
+    r = txt2img(live, unit(), unit(**bad))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[1].{field}", r.text
+    assert says in r.text
+
+
+def test_img2img_inpainting_with_a_unit_keeps_the_unmasked_pixels(live):
+    init = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)  # the tiny model is greyscale
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    body = {"prompt": "red", "steps": STEPS, "seed": 3, "init_images": [b64_png(init)], "mask": b64_png(mask)}
+    body["alwayson_scripts"] = {"controlnet": {"args": [unit()]}}
+    r = live.client(live.key).post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) as im:
+        out = np.asarray(im.convert("L"))
+    kept = mask == 0
+    assert np.array_equal(out[kept], init[kept]) and not np.array_equal(out[~kept], init[~kept])
