@@ -1,0 +1,109 @@
+"""Clip files: writing frames as an animated GIF, an MP4 (H.264 through PyAV, which bundles its own FFmpeg) or a
+PNG frame strip, by the extension, each with the generation parameters embedded; and reading frames from clip files
+(mp4, webm, gif, ...) at a chosen rate without decoding more of the file than the frames asked for.
+
+PyAV is an optional dependency (`pip install ldmkit[video]`): GIF and PNG strips need only Pillow.
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..checkpoint import atomic_write
+from ..errors import InputError
+from .images import write_image
+
+CLIP_FORMATS = (".gif", ".mp4", ".png")  # what `ldmkit video --out` writes; .png is a strip of the frames
+
+
+def clip_format(path: str | Path) -> str:
+    """The extension of a clip file ldmkit writes (InputError naming the choices otherwise)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in CLIP_FORMATS:
+        named = f"its extension {suffix!r}" if suffix else "no extension"
+        raise InputError(f"--out {path} has {named}; a clip is written as .gif, .mp4 or .png (a strip of its frames)")
+    if suffix == ".mp4":
+        _av()  # refused now, before any sampling, when PyAV is missing
+    return suffix
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise InputError(
+            "writing or reading video files needs PyAV: pip install 'ldmkit[video]' (or av); .gif and .png clips "
+            "need nothing more"
+        ) from None
+    return av
+
+
+def strip(frames: list[Image.Image]) -> Image.Image:
+    """The frames side by side, left to right, as one image."""
+    w, h = frames[0].size
+    out = Image.new(frames[0].mode, (w * len(frames), h))
+    for i, f in enumerate(frames):
+        out.paste(f, (i * w, 0))
+    return out
+
+
+def write_clip(frames: list[Image.Image], path: str | Path, fps: float, parameters: dict | None = None, sign=None):
+    """Write `frames` (PIL images of one size) atomically to `path` as its extension says, `fps` frames per second,
+    with `parameters` as JSON: a PNG text chunk, the GIF's comment, the MP4's comment tag. sign: content credentials
+    (PNG strips only). Returns the path."""
+    suffix = clip_format(path)
+    text = json.dumps(parameters) if parameters is not None else None
+    if suffix == ".png":
+        return write_image(strip(frames), path, {"ldmkit": text} if text else None, sign)
+    if sign is not None:
+        raise InputError(f"content credentials are written into PNG files only; write {Path(path).stem}.png")
+    if suffix == ".gif":
+        options = {"comment": text.encode()} if text else {}
+        ms = max(int(round(1000 / fps)), 20)  # GIF delays are in hundredths of a second; browsers clamp below 20 ms
+        save = (
+            lambda tmp: frames[0].save(  # noqa: E731
+                tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms, loop=0, **options
+            )
+        )
+        return atomic_write(path, save)
+    return atomic_write(path, lambda tmp: _write_mp4(frames, tmp, fps, text))
+
+
+def _write_mp4(frames: list[Image.Image], path: str, fps: float, comment: str | None) -> None:
+    """H.264 in MP4 (yuv420p, the format every player reads): sides are padded with black to even numbers."""
+    av = _av()
+    w, h = frames[0].size
+    W, H = w + w % 2, h + h % 2
+    with av.open(path, "w", format="mp4") as out:
+        if comment:
+            out.metadata["comment"] = comment
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"crf": "18", "preset": "medium"}
+        for f in frames:
+            canvas = Image.new("RGB", (W, H))
+            canvas.paste(f.convert("RGB"), (0, 0))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def read_clip_parameters(path: str | Path) -> dict:
+    """The parameters write_clip embedded in `path` ({} when there are none)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".mp4":
+        with _av().open(str(path)) as f:
+            text = f.metadata.get("comment")
+    else:
+        with Image.open(path) as im:
+            im.load()
+            text = im.info.get("comment") if suffix == ".gif" else getattr(im, "text", {}).get("ldmkit")
+    if isinstance(text, bytes):
+        text = text.decode()
+    return json.loads(text) if text else {}
