@@ -65,11 +65,10 @@ def write_clip(frames: list[Image.Image], path: str | Path, fps: float, paramete
     if suffix == ".gif":
         options = {"comment": text.encode()} if text else {}
         ms = max(int(round(1000 / fps)), 20)  # GIF delays are in hundredths of a second; browsers clamp below 20 ms
-        save = (
-            lambda tmp: frames[0].save(  # noqa: E731
-                tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms, loop=0, **options
-            )
-        )
+
+        def save(tmp):
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms, loop=0, **options)
+
         return atomic_write(path, save)
     return atomic_write(path, lambda tmp: _write_mp4(frames, tmp, fps, text))
 
