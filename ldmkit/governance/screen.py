@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import MissingFileError
 from . import watermark
 from .policy import Policy, SimilaritySettings
 from .safety import SafetyFilter, placeholder
-from .similarity import DEFAULT_THRESHOLD, SimilarityIndex, index_path_for
+from .similarity import DEFAULT_THRESHOLD, SimilarityIndex, load_index
 
 SEVERITY = {None: 0, "flag": 1, "blur": 2, "withhold": 3}
 
@@ -118,17 +117,6 @@ def _marked(img: Image.Image, tag: bytes, keep=None) -> Image.Image | None:
         return Image.fromarray(watermark.embed(pixels, tag))
     marked = watermark.embed_within(pixels, tag, ~np.asarray(keep, dtype=bool))
     return None if marked is None else Image.fromarray(marked)
-
-
-def load_index(model_path: Path) -> SimilarityIndex:
-    """The training-data index beside a model's weights; a clear error saying how to build it when it is missing."""
-    path = index_path_for(model_path)
-    if not path.is_file():
-        raise MissingFileError(
-            f"the policy screens outputs against training data, but {model_path} has no index {path}; "
-            f"build it with: ldmkit index build {model_path} --out {path}"
-        )
-    return SimilarityIndex.load(path)
 
 
 def build_screen(

@@ -432,6 +432,19 @@ def index_path_for(model_path: str | Path) -> Path:
     return model_path.with_name(model_path.name.removesuffix(".safetensors") + ".index.npz")
 
 
+def load_index(
+    model_path: str | Path, why: str = "the policy screens outputs against training data"
+) -> SimilarityIndex:
+    """The training-data index beside a model's weights; a clear error saying how to build it when it is missing,
+    after `why` (what needs it, as the user asked for it)."""
+    path = index_path_for(model_path)
+    if not path.is_file():
+        raise MissingFileError(
+            f"{why}, but {model_path} has no index {path}; build it with: ldmkit index build {model_path} --out {path}"
+        )
+    return SimilarityIndex.load(path)
+
+
 def training_data(source: str) -> DataConfig:
     """The data a source names: a shipped model's or checkpoint's training data, a built-in data set, or a folder."""
     if source in SHIPPED or source.endswith(".safetensors"):

@@ -37,7 +37,7 @@ from ..checkpoint import atomic_write, check_output_path, file_sha256
 from ..data import build_dataset
 from ..data.images import png_bytes, to_pil
 from ..errors import InputError, MissingFileError
-from ..governance.similarity import SimilarityIndex, index_path_for, training_data
+from ..governance.similarity import load_index, training_data
 from ..ldm import LatentDiffusion
 from ..locks import FolderLock
 from ..pipelines.plan import check_samples_from_noise, draw
@@ -334,7 +334,8 @@ def synthesize(
     ldm = LatentDiffusion.load(model, resolve_device(opts.device, "--device"))
     check_samples_from_noise(ldm, "synth")
     items = plan_items(ldm, opts)
-    index = _index(model) if opts.dedupe_threshold is not None else None
+    why = "--dedupe-threshold compares images with the model's training images"
+    index = load_index(model, why) if opts.dedupe_threshold is not None else None
     out.mkdir(parents=True, exist_ok=True)  # only once the model and the options are known to work
     lock = _lock(out)
     try:
@@ -342,16 +343,6 @@ def synthesize(
         return _synthesize(ldm, items, clf, index, model, out, opts, progress, report, t0)
     finally:
         lock.release()
-
-
-def _index(model: Path) -> SimilarityIndex:
-    path = index_path_for(model)
-    if not path.is_file():
-        raise MissingFileError(
-            f"--dedupe-threshold compares images with the model's training images, but {model} has no index "
-            f"{path}; build it with: ldmkit index build {model} --out {path}"
-        )
-    return SimilarityIndex.load(path)
 
 
 def _synthesize(ldm, items, clf, index, model, out, opts, progress, report, t0) -> dict:
