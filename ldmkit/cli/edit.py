@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import InputError
 from . import inputs
 from .inputs import ARGV_FIX, utf8
-from .options import Once, command, generation_options, lora_options, sampling_options
+from .options import Once, command, control_options, generation_options, lora_options, sampling_options
 
 
 def add(sub, common: argparse.ArgumentParser) -> None:
@@ -58,6 +58,7 @@ def _img2img_options(p: argparse.ArgumentParser):
     p.add_argument("--model", help="as for generate: a shipped model's name or a model.safetensors path")
     generation_options(p, "img2img")
     sampling_options(p, "img2img")
+    control_options(p)
     lora_options(p)
     p.add_argument("--out", help="output PNG (default generated/PROMPT.png)")
 
@@ -89,6 +90,7 @@ def _edit_options(p: argparse.ArgumentParser, what: str):
     p.add_argument(
         "--feather", type=int, default=FEATHER_PX, help=f"blend ramp inside the mask in pixels (default {FEATHER_PX})"
     )
+    control_options(p)
     lora_options(p)
     p.add_argument("--out", help=f"output image (default generated/IMAGE-{what}ed.png)")
 
@@ -140,13 +142,13 @@ def cmd_img2img(args):
     from ..shipped import plan_generation
 
     check_strength(args.strength)
-    loras = inputs.loras(args)
+    steer = inputs.loras(args) | inputs.controls(args)  # LoRAs and ControlNets, checked before the model loads
     plan = plan_generation(args.model, _prompts(args), args.label, args.n, args.out)
     req = inputs.request(args, plan.n, plan.prompts)
     finish, sign = inputs.finish(args, plan.checkpoint), inputs.sign(args)
     out = inputs.target(args, plan.out)
     files = img2img_to_file(
-        plan.checkpoint, args.image, req, args.strength, out, inputs.progress(args), finish, sign, **loras
+        plan.checkpoint, args.image, req, args.strength, out, inputs.progress(args), finish, sign, **steer
     )
     for p in files:
         print(f"wrote {p}")
@@ -171,12 +173,12 @@ def _edit_request(args, default_out: Path, task: str):
 def cmd_inpaint(args):
     from ..pipelines.inpaint import inpaint_to_file
 
-    loras = inputs.loras(args)
+    steer = inputs.loras(args) | inputs.controls(args)  # LoRAs and ControlNets, checked before the model loads
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-inpainted.png", "inpaint")
     finish, sign = inputs.finish(args, plan.checkpoint), inputs.sign(args)
     out = inputs.target(args, plan.out)
     files = inpaint_to_file(
-        plan.checkpoint, req, args.image, args.mask, out, opts, inputs.progress(args), finish, sign, **loras
+        plan.checkpoint, req, args.image, args.mask, out, opts, inputs.progress(args), finish, sign, **steer
     )
     for p in files:
         print(f"wrote {p}")
@@ -193,12 +195,12 @@ def cmd_outpaint(args):
             f"more (pixels on every side), or a positive --left / --right / --top / --bottom"
         )
     border = Border.of(args.extend, args.left, args.right, args.top, args.bottom)
-    loras = inputs.loras(args)
+    steer = inputs.loras(args) | inputs.controls(args)  # LoRAs and ControlNets, checked before the model loads
     plan, req, opts = _edit_request(args, Path("generated") / f"{Path(args.image).stem}-outpainted.png", "generate")
     finish, sign = inputs.finish(args, plan.checkpoint), inputs.sign(args)
     out = inputs.target(args, plan.out)
     files = outpaint_to_file(
-        plan.checkpoint, req, args.image, border, out, opts, inputs.progress(args), finish, sign, **loras
+        plan.checkpoint, req, args.image, border, out, opts, inputs.progress(args), finish, sign, **steer
     )
     for p in files:
         print(f"wrote {p}")

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from . import inputs
 from .inputs import ARGV_FIX, utf8
-from .options import command, generation_options, lora_options, sampling_options
+from .options import command, control_options, generation_options, lora_options, sampling_options
 
 
 def add(sub, common: argparse.ArgumentParser) -> None:
@@ -51,20 +51,7 @@ def _generate_options(p: argparse.ArgumentParser):
     )
     generation_options(p, "generate")
     sampling_options(p, "generate")
-    p.add_argument(
-        "--control",
-        action="append",
-        metavar="CONTROLNET:IMAGE[:SCALE[:KIND]]",
-        help="steer the model with a ControlNet (from `ldmkit train --task control`) and a condition image, its "
-        "residuals scaled by SCALE (default 1); KIND: canny, mask, colour or raw (default: the ControlNet's "
-        "detector, raw for paired folders); repeat for several",
-    )
-    p.add_argument(
-        "--control-start", type=float, default=0.0, help="the fraction of the steps the controls start at (default 0)"
-    )
-    p.add_argument(
-        "--control-end", type=float, default=1.0, help="the fraction of the steps the controls end at (default 1)"
-    )
+    control_options(p)
     lora_options(p)
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument(
@@ -107,11 +94,10 @@ def cmd_sample(args):
 
 
 def cmd_generate(args):
-    from ..pipelines.control import parse_control
     from ..shipped import plan_generation
 
     prompts = [utf8(p, "prompt", ARGV_FIX) for p in args.prompt]
-    controls = [parse_control(c, args.control_start, args.control_end) for c in args.control or []]
+    controls = inputs.controls(args).get("controls")
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
     req = inputs.request(args, plan.n, plan.prompts)
     out = plan.out.with_suffix("") if args.separate and not args.out else plan.out  # default folder generated/PROMPT

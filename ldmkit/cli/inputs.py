@@ -108,6 +108,14 @@ def target(args, out):
     return Target(Path(out), overwrite=args.overwrite, inputs=tuple(Path(p) for p in given if p))
 
 
+def controls(args) -> dict:
+    """--control CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]] (repeatable), each checked, as keyword arguments."""
+    from ..pipelines.control import parse_control
+
+    parsed = [parse_control(c, args.control_start, args.control_end) for c in args.control or []]
+    return {"controls": parsed} if parsed else {}
+
+
 def loras(args) -> dict:
     """The edits' --lora FILE[:SCALE] (repeatable) and --lora-merge, as keyword arguments."""
     from ..pipelines.lora import parse_lora

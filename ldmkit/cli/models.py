@@ -44,7 +44,11 @@ def _evaluate_options(p: argparse.ArgumentParser):
 
 
 def _convert_options(p: argparse.ArgumentParser):
-    p.add_argument("src", help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt")
+    p.add_argument(
+        "src",
+        help="ldmkit .safetensors, diffusers pipeline folder, SD .safetensors or .ckpt; or a ControlNet: ldmkit's, "
+        "a diffusers ControlNetModel folder or Stable Diffusion's ControlNet .safetensors / .pth",
+    )
     p.add_argument("dst", help="destination file or folder (the format follows from the path, or use --to)")
     p.add_argument("--to", choices=["ldm", "diffusers", "single-file"], help="destination format when ambiguous")
     p.add_argument(
@@ -53,6 +57,11 @@ def _convert_options(p: argparse.ArgumentParser):
         help="the model's prediction type, for foreign sources (default: scheduler config, or SD 1.x eps / 2.x v)",
     )
     p.add_argument("--heads", type=int, help="U-Net attention heads, for single files that are neither SD 1.x nor 2.x")
+    p.add_argument(
+        "--base",
+        help="for a ControlNet: the model it was made for (any format), whose U-Net configuration a foreign "
+        "single file lacks; its SHA-256 is recorded",
+    )
     p.add_argument(
         "--unsafe-pickle",
         action="store_true",
@@ -116,6 +125,7 @@ def cmd_convert(args):
         to=args.to,
         heads=args.heads,
         overwrite=args.overwrite,
+        base=args.base,
     )
     print(f"written {out}")
 

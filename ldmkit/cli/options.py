@@ -116,6 +116,24 @@ def generation_options(p: argparse.ArgumentParser, command: str):
     )
 
 
+def control_options(p: argparse.ArgumentParser):
+    p.add_argument(
+        "--control",
+        action="append",
+        metavar="CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]]",
+        help="steer the model with a ControlNet (from `ldmkit train --task control` or `ldmkit convert`) and a "
+        "condition image, its residuals scaled by SCALE (default 1); KIND: canny, mask, colour or raw (default: the "
+        "ControlNet's detector, raw for paired folders); START, END: the fraction of the steps it acts on (default "
+        "--control-start, --control-end); repeat for several",
+    )
+    p.add_argument(
+        "--control-start", type=float, default=0.0, help="the fraction of the steps the controls start at (default 0)"
+    )
+    p.add_argument(
+        "--control-end", type=float, default=1.0, help="the fraction of the steps the controls end at (default 1)"
+    )
+
+
 def lora_options(p: argparse.ArgumentParser):
     p.add_argument(
         "--lora",

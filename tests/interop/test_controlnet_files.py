@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldmkit.checkpoint import file_sha256
 from ldmkit.conditioning.types import Conditioning
 from ldmkit.config import DataConfig, DenoiserRun
 from ldmkit.denoisers.controlnet import load_controlnet
@@ -140,3 +141,12 @@ def test_a_controlnet_for_another_model_is_refused(files, tiny_ldm):
     with pytest.raises(InputError, match="drop --base"):
         convert(tiny_ldm, d / "m.safetensors", base=tiny_ldm)
     assert not (d / "bad.safetensors").exists()
+
+
+def test_the_convert_command_takes_a_controlnet_and_its_base(files, capsys):
+    from ldmkit.cli import main
+
+    _, d, base = files
+    assert main(["convert", str(d / "cn-sd.safetensors"), str(d / "cli.safetensors"), "--base", str(base)]) == 0
+    assert "cli.safetensors" in capsys.readouterr().out
+    assert load_controlnet(d / "cli.safetensors")[1]["base_sha256"] == file_sha256(base)

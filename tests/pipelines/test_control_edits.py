@@ -166,3 +166,18 @@ def test_an_edit_refuses_a_control_image_of_another_shape(files, tiny_ldm):
             controls=[ControlSpec(a, f"{d}/wide.png")],
         )
     assert not (d / "x.png").exists()
+
+
+def test_the_edit_commands_take_control(files, tiny_ldm, capsys):
+    from ldmkit.cli import main
+
+    d, arr, regenerate, a, _ = files
+    out = d / "cli.png"
+    common = ["--model", str(tiny_ldm), "--label", "1", "--steps", "3", "--quiet", "--out", str(out)]
+    argv = ["inpaint", str(d / "in.png"), "--mask", str(d / "mask.png"), *common]
+    assert main([*argv, "--control", f"{a}:{d}/edges.png:0.6:raw:0:0.5", "--control-end", "0.9"]) == 0
+    img, meta = _pixels(out)
+    assert [(c["scale"], c["kind"], c["start"], c["end"]) for c in meta["controls"]] == [(0.6, "raw", 0.0, 0.5)]
+    assert np.array_equal(img[~regenerate], arr[~regenerate])
+    assert main([*argv, "--overwrite", "--control", f"{a}:{d}/edges.png:1:depth"]) != 0
+    assert "unknown detector 'depth'" in capsys.readouterr().err
