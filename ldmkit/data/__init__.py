@@ -16,6 +16,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import InputError, MissingFileError
+from .clip_folder import ClipFolder
 from .common import Subset, dataset_fingerprint, prepare_dataset, split_holdout, stack_images
 from .emoji import EmojiDataset
 from .fashion_mnist import FashionMNIST
@@ -59,6 +60,8 @@ def build_dataset(cfg: DataConfig) -> torch.utils.data.Dataset:
             f"data folder {cfg.dataset} does not exist; set data.dataset to a folder of images or "
             f"to a built-in data set ({', '.join(BUILTINS)})"
         )
+    if cfg.frames > 0:  # a folder of clips: video files or folders of frames
+        return ClipFolder(cfg)
     return ImageFolder(cfg)
 
 

@@ -12,13 +12,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from ..checkpoint import atomic_write
 from ..errors import InputError
-from .images import write_image
+from .images import IMAGE_SUFFIXES, write_image
 
 CLIP_FORMATS = (".gif", ".mp4", ".png")  # what `ldmkit video --out` writes; .png is a strip of the frames
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")  # clip files a training folder may hold
 
 
 def clip_format(path: str | Path) -> str:
@@ -106,3 +107,66 @@ def read_clip_parameters(path: str | Path) -> dict:
     if isinstance(text, bytes):
         text = text.decode()
     return json.loads(text) if text else {}
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+class ClipError(Exception):
+    """A clip that cannot give the frames asked for (no video stream, nothing decodable, a truncated file)."""
+
+
+def _sample(timed, frames: int, fps: float) -> list[Image.Image]:
+    """`frames` frames at times k / fps (k = 0, 1, ...) from `timed`, an iterator of (time in s, PIL image) in
+    display order: each time gets the last frame shown at or before it, the clip's last frame holding past its end.
+    Stops drawing from `timed` once the last time is reached, so a long clip is never decoded whole."""
+    out: list[Image.Image] = []
+    prev = None
+    for t, img in timed:
+        while prev is not None and len(out) < frames and t > len(out) / fps + 1e-6:
+            out.append(prev)
+        if len(out) == frames:
+            break
+        prev = img
+    if prev is None:
+        raise ClipError("no frame could be decoded")
+    out += [prev] * (frames - len(out))
+    return out
+
+
+def read_frames(path: str | Path, frames: int, fps: float) -> list[Image.Image]:
+    """`frames` frames of the clip `path` sampled at `fps` from its start (see _sample): a video file through
+    PyAV, a GIF through Pillow, or a folder of frame images (consecutive frames, in file-name order). ClipError for
+    a clip that gives none."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise ClipError("the frame folder holds no images")
+        images = [_rgb(f) for f in files[:frames]]
+        return images + [images[-1]] * (frames - len(images))
+    if path.suffix.lower() == ".gif":
+        with Image.open(path) as im:
+            return _sample(_gif_frames(im), frames, fps)
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ClipError("it has no video stream")
+            stream = container.streams.video[0]
+            timed = ((float(f.time or 0.0), f.to_image()) for f in container.decode(stream))
+            return _sample(timed, frames, fps)
+    except av.FFmpegError as e:
+        raise ClipError(f"it cannot be decoded ({e})") from None
+
+
+def _rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _gif_frames(im: Image.Image):
+    t = 0.0
+    for frame in ImageSequence.Iterator(im):
+        yield t, frame.convert("RGB")
+        t += (frame.info.get("duration") or 100) / 1000

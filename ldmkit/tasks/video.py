@@ -66,8 +66,8 @@ class Video(Task):
         z, cond = super().training_inputs(trainer, idx, gens, x)
         if z.ndim != 5:
             raise InputError(
-                f"--task video trains on clips, but data.dataset={trainer.run.data.dataset!r} holds images; use "
-                f"moving-fashion or a folder of clips"
+                f"--task video trains on clips, but data.dataset={trainer.run.data.dataset!r} was read as images; "
+                f"use moving-fashion, or set data.frames (e.g. 8) to read a folder as clips"
             )
         return z, cond
 
