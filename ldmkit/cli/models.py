@@ -135,8 +135,9 @@ def cmd_lora_inspect(args):
     from ..ldm import LatentDiffusion
     from ..shipped import resolve_model
 
-    net = LatentDiffusion.load(resolve_model(args.model), "cpu").unet if args.model else None
-    print(json.dumps(describe_lora(args.file, net), indent=2))
+    ldm = LatentDiffusion.load(resolve_model(args.model), "cpu") if args.model else None
+    net, text = (ldm.unet, ldm.text_encoder) if ldm is not None else (None, None)
+    print(json.dumps(describe_lora(args.file, net, text), indent=2))
 
 
 def cmd_info(args):

@@ -62,15 +62,15 @@ def _sample_chunk(
 ) -> torch.Tensor:
     """Latents (len(chunk), c, h, w) for a run of images, each with its own condition, guidance scale and seed."""
     n = len(chunk)
-    if ldm.text_encoder is not None:
-        cond = ldm.conditioning(prompts=[s.prompt or "" for s in chunk])
-        uncond = ldm.null_conditioning(n, [s.negative for s in chunk])
-    else:
-        labels = [s.label for s in chunk] if ldm.num_classes else None
-        cond = ldm.conditioning(labels=labels, n=n)
-        uncond = ldm.null_conditioning(n)
-    generators = [g for s in chunk for g in generators_from_seed(s.seed, 1)]
-    with per_sample_loras(ldm, [s.loras for s in chunk]):
+    with per_sample_loras(ldm, [s.loras for s in chunk]):  # on the text encoder too: the conditions are inside
+        if ldm.text_encoder is not None:
+            cond = ldm.conditioning(prompts=[s.prompt or "" for s in chunk])
+            uncond = ldm.null_conditioning(n, [s.negative for s in chunk])
+        else:
+            labels = [s.label for s in chunk] if ldm.num_classes else None
+            cond = ldm.conditioning(labels=labels, n=n)
+            uncond = ldm.null_conditioning(n)
+        generators = [g for s in chunk for g in generators_from_seed(s.seed, 1)]
         return draw(
             ldm, req, (n, *shape), cond, uncond, generators, callback, cfg_scale=torch.tensor([s.cfg for s in chunk])
         )

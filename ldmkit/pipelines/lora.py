@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..adapters import load_lora
+from ..adapters import load_lora_parts
 from ..checkpoint import file_sha256
 from ..errors import InputError
 from ..ldm import LatentDiffusion
@@ -61,19 +61,19 @@ def check_loras(specs: list[LoRASpec]) -> None:
         seen.add(p)
 
 
-def apply_loras(ldm: LatentDiffusion, specs: list[LoRASpec], merged: bool = False) -> list[Attached] | Merged:
-    """Hook each LoRA into `ldm`'s backbone at its scale (or merge them all with merged=True); every file is read
-    and matched first, so a bad one leaves the model untouched."""
+def apply_loras(ldm: LatentDiffusion, specs: list[LoRASpec], merged: bool = False) -> list[Attached] | list[Merged]:
+    """Hook each LoRA into `ldm`'s backbone, and its text-encoder layers into the text encoder, at its scale (or
+    merge them all with merged=True: one Merged per network); every file is read and matched first, so a bad one
+    leaves the model untouched."""
     check_loras(specs)
-    unet = ldm.unet
-    device = next(unet.parameters()).device
-    sets = [(load_lora(s.path, unet).to(device), s.scale) for s in specs]
+    sets = [(loaded(ldm, s), s.scale) for s in specs]
     if merged:
-        m = Merged(unet)
-        for lora, scale in sets:
-            m.merge(lora, scale)
-        return m
-    return [attach(unet, lora, scale) for lora, scale in sets]
+        out = {}
+        for got, scale in sets:
+            for net, lora in _parts(ldm, got):
+                out.setdefault(id(net), Merged(net)).merge(lora, scale)
+        return list(out.values())
+    return [attach(net, lora, scale) for got, scale in sets for net, lora in _parts(ldm, got)]
 
 
 def lora_record(specs: list[LoRASpec], merged: bool = False) -> list[dict]:
@@ -88,10 +88,17 @@ def lora_record(specs: list[LoRASpec], merged: bool = False) -> list[dict]:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A LoRA file read and matched to one backbone: its set (on the backbone's device) and the file's SHA-256."""
+    """A LoRA file read and matched to one model: its set on the backbone and its set on the text encoder (None:
+    the file has no text-encoder layers), each on its network's device, and the file's SHA-256."""
 
     lora: LoRASet
     sha256: str
+    text: LoRASet | None = None
+
+
+def _parts(ldm: LatentDiffusion, got: Loaded) -> list[tuple[nn.Module, LoRASet]]:
+    """(network, set) of each network the LoRA adapts: the backbone, and the text encoder when it has layers there."""
+    return [(ldm.unet, got.lora)] + ([(ldm.text_encoder, got.text)] if got.text is not None else [])
 
 
 # backbone -> {(path, size, mtime): Loaded}, newest last; forgotten with the backbone
@@ -117,7 +124,10 @@ def loaded(ldm: LatentDiffusion, spec: LoRASpec) -> Loaded:
         if hit is not None:
             cache.move_to_end(key)
             return hit
-    out = Loaded(load_lora(path, unet).to(next(unet.parameters()).device).requires_grad_(False), file_sha256(path))
+    lora, text = load_lora_parts(path, unet, ldm.text_encoder)
+    if text is not None:
+        text = text.to(next(ldm.text_encoder.parameters()).device).requires_grad_(False)
+    out = Loaded(lora.to(next(unet.parameters()).device).requires_grad_(False), file_sha256(path), text)
     with _LOCK:
         cache[key] = out
         while len(cache) > _CACHE_SIZE:
@@ -143,11 +153,11 @@ def per_sample_loras(ldm: LatentDiffusion, per_image: Sequence[Sequence[LoRASpec
             mine[got.sha256] = mine.get(got.sha256, 0.0) + spec.scale
         use.append(mine)
     with ExitStack() as stack:
-        hooked = []
+        per_set = {}
         for sha in sorted(sets):
-            hooked.append(attach(ldm.unet, sets[sha].lora, 0.0))
-            stack.callback(hooked[-1].remove)
-        per_set = {sets[sha].lora: torch.tensor([u.get(sha, 0.0) for u in use]) for sha in sorted(sets)}
+            for net, lora in _parts(ldm, sets[sha]):
+                stack.callback(attach(net, lora, 0.0).remove)
+                per_set[lora] = torch.tensor([u.get(sha, 0.0) for u in use])
         with scales(per_set):
             yield
 
@@ -161,16 +171,9 @@ def request_loras(ldm: LatentDiffusion, specs: Sequence[LoRASpec]) -> Iterator[N
         return
     with ExitStack() as stack:
         for got, scale in sorted(((loaded(ldm, s), s.scale) for s in specs), key=lambda x: x[0].sha256):
-            stack.callback(attach(ldm.unet, got.lora, scale).remove)
+            for net, lora in _parts(ldm, got):
+                stack.callback(attach(net, lora, scale).remove)
         yield
-
-
-def request_lora_record(specs: Sequence[LoRASpec]) -> list[dict]:
-    """What a request's images and audit row record of its LoRAs: the name, SHA-256 and scale of each."""
-    return [
-        {"name": s.name or Path(s.path).name, "sha256": s.sha256 or file_sha256(s.path), "scale": s.scale}
-        for s in specs
-    ]
 
 
 class LoRAFolder:

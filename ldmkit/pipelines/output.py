@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -210,8 +210,7 @@ def write_batches(
     world = world or World()
     share = world.shard(req.n)
     target = as_target(out)
-    params = model_record(checkpoint) | {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")}
-    params |= extra or {}
+    params = model_record(checkpoint) | req.record() | (extra or {})
     meta = {"ldmkit": json.dumps(params)}
     separate, single = not grid, grid and req.n == 1  # single: one image, written as itself to `out`
     grid = grid and not single
@@ -317,7 +316,7 @@ def write_edits(
     written); sign: content credentials for every file written (PNG only). `out` is checked and claimed as
     pipelines.output says (a Target: whether an existing file is replaced); the model file and the input image and
     mask are never overwritten."""
-    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "height", "width")} | extra
+    params = req.record("height", "width") | extra
     params = model_record(checkpoint) | params
     finish, sign = (finish, sign) if record else (None, None)
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
+from ..checkpoint import file_sha256
 from ..errors import InputError
 from ..samplers import SAMPLERS
 
@@ -477,6 +479,17 @@ class SampleRequest:
                 raise InputError("prompts must be a list of strings, one per image")
             if not self.prompts:
                 raise InputError("the prompt list is empty; give at least one prompt, or none for unconditional")
+
+    def record(self, *drop: str) -> dict:
+        """The request as its images and audit rows record it: every field but the device, the batching and `drop`;
+        its LoRAs, when it has any, by name, SHA-256 and scale (never a server's path)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "loras", *drop)}
+        if self.loras:
+            out["loras"] = [
+                {"name": s.name or Path(s.path).name, "sha256": s.sha256 or file_sha256(s.path), "scale": s.scale}
+                for s in self.loras
+            ]
+        return out
 
     def sampling(self) -> dict:
         """The request's options as sample_latents takes them: sampler, steps, guidance, eta."""

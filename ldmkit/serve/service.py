@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..config import ServeRun
 from ..data.images import png_bytes, to_pil
@@ -25,7 +25,6 @@ from ..governance.policy import PolicyRefusal, load_policy
 from ..governance.safety import SafetyFilter
 from ..governance.screen import build_screen
 from ..nn.invariant import self_check
-from ..pipelines.lora import request_lora_record
 from ..pipelines.plan import plan, resolution
 from ..pipelines.request import SampleRequest
 from .auth import AuthError, Principal, Reservation, utc_now
@@ -73,8 +72,7 @@ class Output:
 def request_params(req: SampleRequest, **extra) -> dict:
     """The parameters recorded for a request (audit rows, PNG metadata): all of SampleRequest's but the batching,
     each LoRA by its name, SHA-256 and scale (not the server's path of its file)."""
-    params = {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size", "loras")}
-    return params | ({"loras": request_lora_record(req.loras)} if req.loras else {}) | extra
+    return req.record() | extra
 
 
 C2PA_SETTINGS = ("serve.c2pa_cert", "serve.c2pa_key")

@@ -10,7 +10,7 @@ from ldmkit.ldm import LatentDiffusion
 from ldmkit.nn.lora import LoRASet
 from ldmkit.pipelines.batching import generate_together, share_key
 from ldmkit.pipelines.generate import SampleRequest, generate
-from ldmkit.pipelines.lora import LoRAFolder, LoRASpec, apply_loras, request_lora_record
+from ldmkit.pipelines.lora import LoRAFolder, LoRASpec, apply_loras
 
 
 def random_lora(unet, path, seed: int, targets: str = "all"):
@@ -72,7 +72,9 @@ def test_the_folder_lists_resolves_and_refuses_names_outside_it(ldm, folder, tmp
     assert folder.names() == ["ink", "styles/toy"]
     (toy,) = folder.resolve(ldm, [LoRASpec("", 1.0, "styles/toy.safetensors")])
     assert toy.path.endswith("toy.safetensors") and len(toy.sha256) == 64
-    assert request_lora_record([toy]) == [{"name": "styles/toy.safetensors", "sha256": toy.sha256, "scale": 1.0}]
+    record = SampleRequest(loras=(toy,)).record()
+    assert record["loras"] == [{"name": "styles/toy.safetensors", "sha256": toy.sha256, "scale": 1.0}]
+    assert "loras" not in SampleRequest().record(), "a request without LoRAs records none"
     outside = tmp_path / "secret.safetensors"
     random_lora(ldm.unet, outside, 3)
     (folder.root / "link.safetensors").symlink_to(outside)
