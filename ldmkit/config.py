@@ -331,6 +331,17 @@ class LoRAConfig:
     layout: str = bounded("peft", Bound(choices=LORA_LAYOUTS))
 
 
+@dataclass(frozen=True)
+class TextualInversionConfig:
+    """Textual inversion (Gal et al. 2022) on an --init model with a clip or trainable text encoder: a new prompt
+    word whose embedding vectors are all that trains. A run with a token writes embedding.safetensors
+    (AUTOMATIC1111) and learned_embeds.safetensors (diffusers' load_textual_inversion)."""
+
+    token: str = ""  # the new word, e.g. "<sks>"; "" = no textual inversion
+    vectors: int = bounded(1, Bound(1, 64, integer=True))  # embedding vectors the word stands for
+    init: str = ""  # a word whose embedding the vectors start from; "" = the mean of the token table
+
+
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
@@ -357,6 +368,8 @@ class DenoiserRun:
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
     control: ControlConfig = field(default_factory=ControlConfig)  # task "control" only
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # [lora] rank > 0: train adapters on the --init model
+    # [textual_inversion] a token: learn its embedding on the --init model
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
     dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
 

@@ -7,7 +7,14 @@ from dataclasses import replace
 
 from . import inputs
 from .inputs import ARGV_FIX, utf8
-from .options import command, control_options, generation_options, lora_options, sampling_options
+from .options import (
+    command,
+    control_options,
+    embedding_options,
+    generation_options,
+    lora_options,
+    sampling_options,
+)
 
 
 def add(sub, common: argparse.ArgumentParser) -> None:
@@ -53,6 +60,7 @@ def _generate_options(p: argparse.ArgumentParser):
     sampling_options(p, "generate")
     control_options(p)
     lora_options(p)
+    embedding_options(p)
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument(
         "--out",
@@ -67,7 +75,7 @@ def _generate_files(args, checkpoint, req, out, grid: bool, controls=None) -> li
     none."""
     from ..distributed import process_group
     from ..pipelines.generate import generate_to_file
-    from ..pipelines.lora import parse_lora
+    from ..pipelines.lora import parse_embedding, parse_lora
 
     with process_group(args.device, "--device") as (world, device):
         req = replace(req, device=str(device)) if world.active else req
@@ -75,6 +83,8 @@ def _generate_files(args, checkpoint, req, out, grid: bool, controls=None) -> li
         progress = inputs.progress(args) and world.main
         loras = [parse_lora(s) for s in getattr(args, "lora", None) or []]
         kw = {"loras": loras, "lora_merge": getattr(args, "lora_merge", False)} if loras else {}
+        if getattr(args, "embedding", None):
+            kw["embeddings"] = [parse_embedding(e) for e in args.embedding]
         target = inputs.target(args, out)
         return generate_to_file(checkpoint, req, target, grid, progress, finish, sign, world, controls, **kw)
 

@@ -144,6 +144,16 @@ def lora_options(p: argparse.ArgumentParser):
     p.add_argument("--lora-merge", action="store_true", help="merge the LoRAs into the weights (fastest)")
 
 
+def embedding_options(p: argparse.ArgumentParser):
+    p.add_argument(
+        "--embedding",
+        action="append",
+        metavar="FILE[:TOKEN]",
+        help="add a textual-inversion word (AUTOMATIC1111 or diffusers learned_embeds .safetensors) to the text "
+        "encoder, written in prompts as the file's token or TOKEN; repeatable",
+    )
+
+
 def database_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--database",

@@ -81,6 +81,14 @@ def _train_options(p: argparse.ArgumentParser):
         help="lora.safetensors' keys: peft (diffusers' load_lora_weights; default) or kohya (AUTOMATIC1111, "
         "ComfyUI) (lora.layout)",
     )
+    p.add_argument(
+        "--textual-inversion",
+        metavar="TOKEN",
+        help="with --init (a clip or trainable text encoder): learn the embedding of the new word TOKEN, e.g. "
+        "'<sks>', from --data and write embedding.safetensors (AUTOMATIC1111) and learned_embeds.safetensors "
+        "(diffusers); captions without the word get it in front (textual_inversion.token; set "
+        "textual_inversion.vectors and .init)",
+    )
     run_options(p, "runs/denoiser")
 
 
@@ -121,6 +129,8 @@ def cmd_train(args):
         extra.append(f"init={args.init}")
     if args.condition:
         extra.append(f"control.condition={args.condition}")
+    if args.textual_inversion is not None:
+        extra.append(f"textual_inversion.token={args.textual_inversion}")
     for key in ("rank", "alpha", "targets", "layout"):
         if getattr(args, f"lora_{key}") is not None:
             extra.append(f"lora.{key}={getattr(args, f'lora_{key}')}")
@@ -128,4 +138,5 @@ def cmd_train(args):
     result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if main_process():
         print(json.dumps(result, indent=2))
-        print(f"{'LoRA' if run.lora.rank else 'model'} written to {result['checkpoint']}")
+        what = "LoRA" if run.lora.rank else "embedding" if run.textual_inversion.token else "model"
+        print(f"{what} written to {result['checkpoint']}")

@@ -92,6 +92,14 @@ class CLIPTextEncoder(TextEncoder):
     def token_lists(self, prompts: list[str]) -> list[list[int]]:
         return self.tokenizer.token_lists(prompts)
 
+    def embedding_site(self) -> tuple[torch.nn.Module, str]:
+        return getattr(self.model, "text_model", self.model).embeddings, "token_embedding"  # transformers 5: none
+
+    def in_vocabulary(self, token: str) -> bool:
+        """A word of the BPE vocabulary (as a whole word, `cat</w>`, or a piece, `cat`), or a token added before."""
+        ids = self.tokenizer.ids
+        return token in self.added_tokens or token in ids or f"{token}</w>" in ids
+
     def load_clip_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load CLIP text-tower weights in transformers / diffusers naming (with or without `text_model.`)."""
         state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}

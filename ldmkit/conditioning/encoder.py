@@ -8,6 +8,7 @@ gradients, so they are deterministic. Nothing is downloaded: pretrained files co
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,32 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.dim, self.max_length, self.pad_id = dim, max_length, pad_id
         self.options = dict(options)
+        self.added_tokens: dict[str, list[int]] = {}  # textual inversion: a new token -> the ids it stands for
+
+    def embedding_site(self) -> tuple[nn.Module, str]:
+        """(module, attribute) of the token embedding table, where textual inversion adds rows (adapters/
+        embeddings.py); InputError for an encoder that cannot learn new tokens, saying why."""
+        raise InputError(f"the {self.name!r} text encoder has no token table to extend; use clip or trainable")
+
+    def in_vocabulary(self, token: str) -> bool:
+        """Whether `token` is already one token of the vocabulary (textual inversion refuses it)."""
+        return token in self.added_tokens
+
+    def _token_lists(self, prompts: list[str]) -> list[list[int]]:
+        """token_lists, with each added token (textual inversion) cut out of the text first and replaced by its
+        ids; the text around it is tokenized as it stands."""
+        if not self.added_tokens:
+            return self.token_lists(prompts)
+        start, *_, end = self.token_lists([""])[0]
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(self.added_tokens, key=len, reverse=True)))
+        out = []
+        for prompt in prompts:
+            ids, pos = [], 0
+            for m in pattern.finditer(prompt):
+                ids += self.token_lists([prompt[pos : m.start()]])[0][1:-1] + self.added_tokens[m.group(0)]
+                pos = m.end()
+            out.append([start, *ids, *self.token_lists([prompt[pos:]])[0][1:-1], end])
+        return out
 
     def token_lists(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt with its start and end tokens, not truncated."""
@@ -67,7 +94,7 @@ class TextEncoder(nn.Module):
         ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros(len(prompts), T, dtype=torch.bool)  # (B, T)
         cut = []
-        for row, toks in enumerate(self.token_lists(list(prompts))):
+        for row, toks in enumerate(self._token_lists(list(prompts))):
             if len(toks) > T:
                 cut.append(f"{len(toks) - T} tokens from prompt {row} ({_shorten(prompts[row])!r})")
                 toks = toks[: T - 1] + toks[-1:]

@@ -59,6 +59,13 @@ class MiniLMEncoder(TextEncoder):
         out = self.tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False)
         return out["input_ids"]  # [CLS] word pieces [SEP]
 
+    def embedding_site(self) -> tuple[nn.Module, str]:
+        raise InputError(
+            "the minilm text encoder is frozen: its weights ship in a package and the denoiser learned to read "
+            "its sentence embeddings as they are, so it cannot learn new tokens; textual inversion needs a model "
+            "with a clip or trainable text encoder"
+        )
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.model(input_ids=ids, attention_mask=mask.long(), token_type_ids=torch.zeros_like(ids))
         return h.last_hidden_state  # (B, T, 384)
@@ -115,6 +122,13 @@ class TrainableTextEncoder(TextEncoder):
         # NFC so that composed and decomposed accents give the same bytes; whitespace runs become one space.
         texts = (" ".join(unicodedata.normalize("NFC", p).split()) for p in prompts)
         return [[self.START, *t.encode("utf-8"), self.END] for t in texts]
+
+    def embedding_site(self) -> tuple[nn.Module, str]:
+        return self, "token_embedding"
+
+    def in_vocabulary(self, token: str) -> bool:
+        """One byte (each byte is a token of this encoder), or a token added before."""
+        return token in self.added_tokens or len(token.encode("utf-8")) == 1
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # (B, T, D)

@@ -18,7 +18,7 @@ from ..data.images import Sign
 from ..distributed import World
 from ..ldm import LatentDiffusion
 from .control import ControlSpec, apply_controls, control_record
-from .lora import LoRASpec, apply_loras, check_loras, lora_record
+from .lora import LoRASpec, apply_embeddings, apply_loras, check_loras, embedding_record, lora_record
 from .output import Finish, Target, write_batches
 from .plan import collect, latent_batches, plan
 from .request import SampleRequest
@@ -52,6 +52,7 @@ def generate_to_file(
     controls: list[ControlSpec] | None = None,
     loras: list[LoRASpec] | None = None,
     lora_merge: bool = False,
+    embeddings: list[tuple[str, str | None]] | None = None,
 ) -> list[Path]:
     """Generate and write a labelled grid image (.png, .jpg, .jpeg or .webp, as `out` names it; a single image is
     written as itself) or, with grid=False, one PNG per image into the folder `out`, with the parameters embedded.
@@ -61,10 +62,13 @@ def generate_to_file(
     credentials for every file written (PNG only). world: under torchrun, the ranks share the images (see
     write_batches); every rank calls this with the same arguments, its own device in req.device. controls:
     ControlNets that steer the model (pipelines/control.py), each recorded in the images' parameters. loras: LoRAs
-    on the model (pipelines/lora.py), unmerged, or merged into its weights with lora_merge."""
+    on the model (pipelines/lora.py), unmerged, or merged into its weights with lora_merge. embeddings: (file,
+    token or None) textual-inversion words added to the model's text encoder, each recorded with its SHA-256."""
     check_loras(loras or [])
 
     def batches(ldm: LatentDiffusion, share: range):
+        if embeddings:
+            apply_embeddings(ldm, embeddings)
         if loras:
             apply_loras(ldm, loras, lora_merge)
         if controls:
@@ -75,4 +79,6 @@ def generate_to_file(
     extra = {"controls": control_record(controls)} if controls else None
     if loras:
         extra = (extra or {}) | {"loras": lora_record(loras, lora_merge)}
+    if embeddings:
+        extra = (extra or {}) | {"embeddings": embedding_record(embeddings)}  # a bad file: refused before loading
     return write_batches(checkpoint, req, out, batches, grid, extra, finish=finish, sign=sign, world=world)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..adapters import load_lora_parts
+from ..adapters.embeddings import load_embedding, read_embedding
 from ..checkpoint import file_sha256
 from ..errors import InputError
 from ..ldm import LatentDiffusion
@@ -81,6 +82,32 @@ def lora_record(specs: list[LoRASpec], merged: bool = False) -> list[dict]:
     return [
         {"file": Path(s.path).name, "sha256": file_sha256(s.path), "scale": s.scale, "merged": merged} for s in specs
     ]
+
+
+# --- textual-inversion embeddings: `--embedding FILE[:TOKEN]` -----------------------------------------------------
+
+
+def parse_embedding(text: str) -> tuple[str, str | None]:
+    """'FILE[:TOKEN]' -> (file, the token prompts use instead of the file's, or None)."""
+    path, sep, token = text.rpartition(":")
+    if not sep or Path(text).is_file() or not path.lower().endswith(".safetensors"):
+        return text, None
+    if not token.strip():
+        raise InputError(f"--embedding {text}: the token after ':' is empty; write FILE:TOKEN (e.g. {path}:<sks>)")
+    return path, token
+
+
+def apply_embeddings(ldm: LatentDiffusion, specs: Sequence[tuple[str, str | None]]) -> list[str]:
+    """Load each embedding into `ldm`'s text encoder; the tokens prompts may now use. InputError for a model
+    without a text encoder, or one that cannot take new tokens (MiniLM)."""
+    if specs and ldm.text_encoder is None:
+        raise InputError("--embedding adds a word to a text encoder, and this model has none; drop --embedding")
+    return [load_embedding(ldm.text_encoder, path, token) for path, token in specs]
+
+
+def embedding_record(specs: Sequence[tuple[str, str | None]]) -> list[dict]:
+    """What the images' parameters record of each embedding: its file name, SHA-256 and token."""
+    return [{"file": Path(p).name, "sha256": file_sha256(p), "token": read_embedding(p, t)[0]} for p, t in specs]
 
 
 # --- the LoRAs of a request, per image ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..adapters import save_lora
+from ..adapters.embeddings import write_embedding
 from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun
 from ..data.images import save_grid
@@ -51,12 +52,14 @@ class DenoiserTask:
         text_cache=None,
         images=None,
         adapter: LoRASet | None = None,
+        tokens: nn.Module | None = None,
     ):
         """run: the resolved configuration; model: the bundle whose U-Net (and trainable text encoder) is trained;
         latents: the encoded training set; text_cache: embeddings of every caption for a frozen text encoder;
         images: the training set itself (items with an "image" (C, H, W) in [-1, 1]), needed by the tasks that encode
         each step's images (inpaint, upscale); adapter: LoRAs hooked into the frozen backbone (run.lora), which then
-        are all that trains, is averaged and is exported (lora.safetensors)."""
+        are all that trains, is averaged and is exported (lora.safetensors); tokens: the rows of a textual-inversion
+        word (run.textual_inversion), likewise all that trains (embedding.safetensors, learned_embeds.safetensors)."""
         self.task = get_task(run.task)
         if self.task.trains_on_images and images is None:
             raise InputError(
@@ -66,8 +69,9 @@ class DenoiserTask:
         self.text_cache, self.images = text_cache, images
         self.size = len(latents)
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
-        self.adapter = adapter
-        trained = {"lora": adapter} if adapter is not None else self.task.trained_modules(self)  # or a ControlNet
+        self.adapter, self.tokens = adapter, tokens
+        trained = {"lora": adapter} if adapter is not None else {"embedding": tokens} if tokens is not None else None
+        trained = trained or self.task.trained_modules(self)  # or a ControlNet
         self.model = nn.ModuleDict(
             trained
             if trained is not None
@@ -132,7 +136,7 @@ class DenoiserTask:
         self, step: int, idx: torch.Tensor, gens: Sequence[torch.Generator], scale: float, x: torch.Tensor | None
     ) -> dict[str, float]:
         self.model.train()
-        if self.adapter is not None:
+        if self.adapter is not None or self.tokens is not None:
             self.ldm.unet.train()  # the frozen backbone runs as in training, its adapters inside it
         loss = self.loss_fn(idx, gens, x)
         (loss * scale).backward()
@@ -143,6 +147,13 @@ class DenoiserTask:
             lora, about = self.run.lora, {"base": self.run.init, "base_sha256": self.run.init_sha256, "step": step}
             about |= {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "targets": lora.targets}
             return save_lora(out_dir / "lora.safetensors", weights["lora"], self.ldm.unet, lora.layout, about)
+        if self.tokens is not None:  # the new word's vectors, in both layouts
+            ti = self.run.textual_inversion
+            about = {"base": self.run.init, "base_sha256": self.run.init_sha256, "step": step}
+            about |= {"text_encoder": self.run.text_encoder, "vectors": ti.vectors}
+            rows = weights["embedding"].rows
+            write_embedding(out_dir / "learned_embeds.safetensors", ti.token, rows, "diffusers", about)
+            return write_embedding(out_dir / "embedding.safetensors", ti.token, rows, "a1111", about)
         own = self.task.export(self, out_dir, weights, step)  # e.g. a ControlNet file
         if own is not None:
             return own
@@ -152,14 +163,16 @@ class DenoiserTask:
         return self.ldm.save(out_dir / "model.safetensors", unet, text or None, step=step)
 
     def sample(self, out_dir: Path, weights: nn.Module, step: int) -> Path | None:
-        if self.adapter is None:
+        if self.adapter is None and self.tokens is None:
             return self._grid(out_dir, self.task.preview_backbone(self, weights), weights, step)
-        live = {k: v.clone() for k, v in self.adapter.state_dict().items()}
-        self.adapter.load_state_dict(weights["lora"].state_dict())  # the grid shows the weights given (the EMA's)
+        module, key = (self.adapter, "lora") if self.adapter is not None else (self.tokens, "embedding")
+        live = {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(weights[key].state_dict())  # the grid shows the weights given (the EMA's)
         try:
-            return self._grid(out_dir, self.ldm.unet.eval(), weights, step)
+            with torch.no_grad():
+                return self._grid(out_dir, self.ldm.unet.eval(), weights, step)
         finally:
-            self.adapter.load_state_dict(live)  # copied back: training goes on bit for bit
+            module.load_state_dict(live)  # copied back: training goes on bit for bit
 
     def _grid(self, out_dir: Path, unet: nn.Module, weights: nn.Module, step: int) -> Path | None:
         text = weights["text_encoder"] if "text_encoder" in weights else self.ldm.text_encoder

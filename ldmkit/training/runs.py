@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import target_paths
+from ..adapters.embeddings import add_embedding, initial_vectors
 from ..autoencoder.files import load_autoencoder
 from ..conditioning.text import EmbeddingCache, build_text_encoder
 from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, validate
@@ -142,6 +143,7 @@ def train_denoiser(
         )
     validate(run)
     check_lora_run(run)
+    check_textual_inversion_run(run)
     run, parent = _start(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
     with process_group(run.train.device) as (world, device):
         world.check_same("settings", flatten(to_dict(run)))
@@ -216,6 +218,9 @@ def _denoiser_task(
         latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
     torch.manual_seed(run.train.seed)  # the cache build (first run on a folder only) may draw from the global RNG
     text, text_cache = text_setup(run, latents.captions, device, parent)
+    tokens = _new_tokens(run, text)
+    if tokens is not None:  # every caption names the new word; its embeddings are computed each step
+        latents.captions, text_cache = [with_token(c, run.textual_inversion.token) for c in latents.captions], None
     run = resolve_run(run, ae_run.model, latents, text_dim=getattr(text, "dim", 0))
     torch.manual_seed(run.train.seed)
     unet = build_backbone(run)
@@ -223,9 +228,11 @@ def _denoiser_task(
         load_parent_weights(parent, unet, None, run.init)
     unet = unet.to(device)
     adapter = _lora_adapter(run, unet)
+    if tokens is not None:
+        unet.requires_grad_(False)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
     images = train_set if get_task(run.task).trains_on_images else None  # encoded each step (mask, degradation)
-    return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images, adapter=adapter)
+    return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images, adapter=adapter, tokens=tokens)
 
 
 def check_lora_run(run: DenoiserRun) -> None:
@@ -238,6 +245,40 @@ def check_lora_run(run: DenoiserRun) -> None:
         raise InputError("--lora-rank trains the adapters alone; drop train.trainable=backbone+text")
     if get_task(run.task).base_model:
         raise InputError(f"--lora-rank adapts the model itself; drop --task {run.task} (or --lora-rank)")
+
+
+def check_textual_inversion_run(run: DenoiserRun) -> None:
+    """InputError for a textual-inversion run that has no model to start from or asks to train more."""
+    if not run.textual_inversion.token:
+        return
+    if not run.init:
+        raise InputError("--textual-inversion learns a word for an existing model; pass --init MODEL")
+    if run.lora.rank or run.train.trainable == "backbone+text" or get_task(run.task).base_model:
+        raise InputError(
+            "--textual-inversion trains the new word's embedding alone; drop --lora-rank, --task and "
+            "train.trainable=backbone+text (or --textual-inversion)"
+        )
+
+
+def with_token(caption: str, token: str) -> str:
+    """A training caption that names the new word: as it is when it does, else the word before it."""
+    return caption if token in caption else f"{token}, {caption}" if caption else token
+
+
+def _new_tokens(run: DenoiserRun, text) -> torch.nn.Module | None:
+    """For a textual-inversion run: freeze the text encoder, add the word (vectors from textual_inversion.init) and
+    return the module holding its rows, all that trains; None otherwise."""
+    ti = run.textual_inversion
+    if not ti.token:
+        return None
+    if text is None:
+        raise InputError(f"--init {run.init} is not text-conditional; textual inversion needs a text-to-image model")
+    text.requires_grad_(False)
+    new = add_embedding(text, ti.token, initial_vectors(text, ti.vectors, ti.init))
+    text.trainable = True  # its forward builds a graph: the gradient reaches the new rows, and only them
+    holder = torch.nn.Module()
+    holder.rows = new.rows  # the same Parameter: checkpoints and the EMA hold the rows alone, not the whole table
+    return holder
 
 
 def _lora_adapter(run: DenoiserRun, unet: torch.nn.Module) -> LoRASet | None:
