@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ldmkit.cli import main
 from ldmkit.data.images import grid_layout, grid_layouts
 from ldmkit.governance import watermark
 from ldmkit.governance.provenance import inspect_image
+from tests.factory import save_tiny_ldm, tiny_denoiser_run, tiny_unet
 
 
 def run(capsys, *argv):
@@ -24,31 +24,11 @@ def run(capsys, *argv):
 @pytest.fixture(scope="module")
 def model32(tmp_path_factory, tiny_ae):
     """An untrained class-conditional model (2 classes) drawing 32x32 images: big enough to carry the mark."""
-    from ldmkit.autoencoder.files import load_autoencoder
-    from ldmkit.config import DataConfig, DenoiserRun, UNetConfig
-    from ldmkit.denoisers.unet import UNet
-    from ldmkit.ldm import LatentDiffusion
-
-    ae, ae_run = load_autoencoder(tiny_ae)
-    unet = UNetConfig(
-        in_channels=2,
-        out_channels=2,
-        model_channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        norm_groups=4,
-        num_classes=2,
-        attention_levels=(),
-        num_heads=(2,),
+    unet = tiny_unet(
+        in_channels=2, out_channels=2, channel_mult=(1, 2), mid_attention=True, num_heads=(2,), num_classes=2
     )
-    run = DenoiserRun(
-        autoencoder=str(tiny_ae), unet=unet, data=DataConfig(resolution=32, channels=1), class_names=("a", "b")
-    )
-    torch.manual_seed(0)
-    net = UNet(run.unet)
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return LatentDiffusion(ae, ae_run.model, net, run).save(tmp_path_factory.mktemp("ldm32") / "model.safetensors")
+    run = tiny_denoiser_run(tiny_ae, unet=unet, data=dict(resolution=32), class_names=("a", "b"))
+    return save_tiny_ldm(tmp_path_factory.mktemp("ldm32") / "model.safetensors", run)
 
 
 def _generate(model, out, *more):

@@ -11,7 +11,7 @@ from ldmkit import checkpoint
 from ldmkit.autoencoder.files import load_autoencoder
 from ldmkit.cli import main
 from ldmkit.conditioning.types import Conditioning
-from ldmkit.config import DataConfig, DenoiserRun, TrainConfig, UNetConfig, UpscaleConfig, validate
+from ldmkit.config import DenoiserRun, UpscaleConfig, validate
 from ldmkit.diffusion.lowres import augmentation_abar, downscale, noise_augment
 from ldmkit.errors import ConfigError, InputError
 from ldmkit.ldm import LatentDiffusion
@@ -28,23 +28,16 @@ from ldmkit.pipelines.upscale import (
 )
 from ldmkit.training import runs
 from ldmkit.training.loop import STATE_FILE
+from tests.factory import tiny_denoiser_run
 
 
 def upscale_run(tiny_ae, steps=2, **kw) -> DenoiserRun:
-    return DenoiserRun(
-        autoencoder=str(tiny_ae),
+    return tiny_denoiser_run(
+        tiny_ae,
         task="upscale",
         upscale=UpscaleConfig(factor=2, max_noise_level=100, noise_level=10),
-        data=DataConfig(resolution=16, channels=1, holdout=0),
-        unet=UNetConfig(
-            model_channels=8,
-            channel_mult=(1,),
-            num_res_blocks=1,
-            attention_levels=(),
-            norm_groups=4,
-            mid_attention=False,
-        ),
-        train=TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9, log_every=1, **kw),
+        data=dict(holdout=0),
+        train=dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9, log_every=1, **kw),
     )
 
 

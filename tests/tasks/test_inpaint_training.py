@@ -9,7 +9,7 @@ import torch
 
 from ldmkit import checkpoint
 from ldmkit.cli import main
-from ldmkit.config import DataConfig, DenoiserRun, TrainConfig, UNetConfig, from_dict, load_run
+from ldmkit.config import DenoiserRun, from_dict, load_run
 from ldmkit.errors import ConfigError, InputError
 from ldmkit.interop.convert import convert
 from ldmkit.ldm import LatentDiffusion, LdmFile
@@ -21,24 +21,12 @@ from ldmkit.tasks import masks as task_masks
 from ldmkit.tasks.masks import MASK_KINDS, border_mask, box_mask, brush_mask, random_masks
 from ldmkit.training import runs
 from ldmkit.training.loop import STATE_FILE, step_generator
+from tests.factory import tiny_denoiser_run
 
 
 def inpaint_run(tiny_ae, steps=4, **train_kw) -> DenoiserRun:
     kw = dict(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9, log_every=1, ckpt_every=100)
-    return DenoiserRun(
-        autoencoder=str(tiny_ae),
-        task="inpaint",
-        data=DataConfig(resolution=16, channels=1, holdout=0),
-        unet=UNetConfig(
-            model_channels=8,
-            channel_mult=(1,),
-            num_res_blocks=1,
-            attention_levels=(),
-            norm_groups=4,
-            mid_attention=False,
-        ),
-        train=TrainConfig(**(kw | train_kw)),
-    )
+    return tiny_denoiser_run(tiny_ae, task="inpaint", data=dict(holdout=0), train=kw | train_kw)
 
 
 @pytest.fixture

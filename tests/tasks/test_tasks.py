@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldmkit.config import ConfigError, DataConfig, DenoiserRun, TrainConfig, UNetConfig, from_dict
+from ldmkit.config import ConfigError, DenoiserRun, from_dict
 from ldmkit.diffusion.sample import sample_latents
 from ldmkit.errors import InputError
 from ldmkit.ldm import LatentDiffusion, LdmFile
@@ -12,6 +12,7 @@ from ldmkit.noise import generators_from_seed
 from ldmkit.tasks import TASKS, Task, get_task, register, unregister
 from ldmkit.tasks.registry import with_concat
 from ldmkit.training import runs
+from tests.factory import tiny_denoiser_run, tiny_unet
 
 
 class Tint(Task):
@@ -43,12 +44,8 @@ class Tint(Task):
 
 def tint_run(tiny_ae, **train) -> DenoiserRun:
     """One training step of a tiny U-Net of the toy task on the tiny autoencoder's latents."""
-    unet = UNetConfig(
-        model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(), norm_groups=4, mid_attention=False
-    )
     kw = dict(steps=1, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=1, sample_every=0) | train
-    data = DataConfig(resolution=16, channels=1, holdout=0)
-    return DenoiserRun(autoencoder=str(tiny_ae), task="tint-test", data=data, unet=unet, train=TrainConfig(**kw))
+    return tiny_denoiser_run(tiny_ae, task="tint-test", data=dict(holdout=0), train=kw)
 
 
 @pytest.fixture
@@ -123,17 +120,8 @@ def _tiny_model(tmp_path, tiny_ae):
     from ldmkit.denoisers.unet import UNet
 
     ae, ae_run = load_autoencoder(tiny_ae)
-    cfg = UNetConfig(
-        in_channels=2,
-        out_channels=2,
-        model_channels=8,
-        channel_mult=(1,),
-        num_res_blocks=1,
-        attention_levels=(),
-        norm_groups=4,
-        mid_attention=False,
-    )
-    run = DenoiserRun(autoencoder=str(tiny_ae), unet=cfg, data=DataConfig(resolution=16, channels=1))
+    cfg = tiny_unet(in_channels=2, out_channels=2)
+    run = tiny_denoiser_run(tiny_ae, unet=cfg)
     path = tmp_path / "m.safetensors"
     LatentDiffusion(ae, ae_run.model, UNet(cfg), run).save(path, UNet(cfg).state_dict())
     return path
