@@ -65,6 +65,7 @@ def request(args, n: int, prompts: list[str] | None):
         batch_size=args.batch_size,
         device=args.device,
         eta=args.eta,
+        precision=getattr(args, "precision", "fp32"),
     )
 
 
@@ -72,6 +73,8 @@ def finish(args, checkpoint, world=None):
     """The screen the policy and --watermark ask for, as the writers take it (None: nothing to do). A missing
     classifier or index is an error now, before any sampling. world: under torchrun, rank 0 draws the run's id
     for all ranks, so that every image of the run carries the same one."""
+    if not args.policy and not args.watermark:  # build_screen(None, ..., mark=False) screens nothing
+        return None
     from ..distributed import World
     from ..governance.policy import load_policy
     from ..governance.screen import build_screen, finisher
