@@ -65,7 +65,6 @@ def request(args, n: int, prompts: list[str] | None):
         batch_size=args.batch_size,
         device=args.device,
         eta=args.eta,
-        precision=getattr(args, "precision", "fp32"),
     )
 
 
