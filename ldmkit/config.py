@@ -342,6 +342,19 @@ class TextualInversionConfig:
     init: str = ""  # a word whose embedding the vectors start from; "" = the mean of the token table
 
 
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    """DreamBooth (Ruiz et al. 2023) on an --init text-to-image model: the instance images (data.dataset), each
+    captioned `instance_prompt`, fine-tune the model (or LoRAs, with lora.rank); with class images (`class_data`,
+    drawn by the base model for the class prompt), the loss is the instance loss + prior_weight x the class loss."""
+
+    instance_prompt: str = ""  # the prompt that names the instance, e.g. "a photo of sks toy"; "" = no DreamBooth
+    class_prompt: str = ""  # the prompt the class images were drawn for; "" = no prior preservation
+    class_data: str = ""  # their folder (`ldmkit train --dreambooth` draws and caches them)
+    class_images: int = bounded(100, COUNT)  # how many the base model draws
+    prior_weight: float = bounded(1.0, WEIGHT)  # the class loss's weight
+
+
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
@@ -370,6 +383,7 @@ class DenoiserRun:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # [lora] rank > 0: train adapters on the --init model
     # [textual_inversion] a token: learn its embedding on the --init model
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)  # [dreambooth] an instance prompt: on
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
     dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
 

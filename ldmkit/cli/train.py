@@ -89,6 +89,19 @@ def _train_options(p: argparse.ArgumentParser):
         "(diffusers); captions without the word get it in front (textual_inversion.token; set "
         "textual_inversion.vectors and .init)",
     )
+    p.add_argument(
+        "--dreambooth",
+        action="store_true",
+        help="with --init (a text-to-image model): fine-tune it (or LoRAs, with --lora-rank) on --instance-data, "
+        "each image captioned --instance-prompt; with --class-prompt, the base model's images of the class keep "
+        "its prior (drawn once and cached by model and prompt; dreambooth.class_images of them)",
+    )
+    p.add_argument("--instance-data", metavar="DIR", help="--dreambooth: the instance's images (data.dataset)")
+    p.add_argument("--instance-prompt", help="--dreambooth: the prompt naming the instance, e.g. 'a photo of sks toy'")
+    p.add_argument("--class-prompt", help="--dreambooth: the class's prompt, e.g. 'a photo of a toy'")
+    p.add_argument(
+        "--prior-weight", type=float, help="--dreambooth: the class loss's weight (default 1; dreambooth.prior_weight)"
+    )
     run_options(p, "runs/denoiser")
 
 
@@ -115,6 +128,26 @@ def cmd_train_autoencoder(args):
         print(f"autoencoder written to {result['checkpoint']}")
 
 
+def _dreambooth(args) -> list[str]:
+    """The settings of --dreambooth and its options (InputError for the options without it, or it without them)."""
+    from ..errors import InputError
+
+    given = {k: getattr(args, k) for k in ("instance_data", "instance_prompt", "class_prompt", "prior_weight")}
+    if not args.dreambooth:
+        named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        if named:
+            raise InputError(f"{', '.join(named)} {'goes' if len(named) == 1 else 'go'} with --dreambooth; add it")
+        return []
+    if not args.init or not given["instance_data"] or not given["instance_prompt"]:
+        raise InputError("--dreambooth needs --init MODEL, --instance-data DIR and --instance-prompt PROMPT")
+    out = [f"data.dataset={given['instance_data']}", f"dreambooth.instance_prompt={given['instance_prompt']}"]
+    if given["class_prompt"] is not None:
+        out.append(f"dreambooth.class_prompt={given['class_prompt']}")
+    if given["prior_weight"] is not None:
+        out.append(f"dreambooth.prior_weight={given['prior_weight']}")
+    return out
+
+
 def cmd_train(args):
     from ..config import DenoiserRun, load_run
     from ..distributed import main_process
@@ -134,7 +167,15 @@ def cmd_train(args):
     for key in ("rank", "alpha", "targets", "layout"):
         if getattr(args, f"lora_{key}") is not None:
             extra.append(f"lora.{key}={getattr(args, f'lora_{key}')}")
+    extra += _dreambooth(args)
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
+    if run.dreambooth.class_prompt and not run.dreambooth.class_data:  # drawn by the base model, or found cached
+        from ..pipelines.dreambooth import class_images
+        from ..shipped import resolve_model
+
+        db = run.dreambooth
+        folder = class_images(resolve_model(run.init), db.class_prompt, db.class_images, progress=not args.quiet)
+        run = load_run(DenoiserRun, args.config, [*extra, f"dreambooth.class_data={folder}", *_overrides(args)])
     result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if main_process():
         print(json.dumps(result, indent=2))

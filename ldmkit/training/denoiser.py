@@ -70,6 +70,7 @@ class DenoiserTask:
         self.size = len(latents)
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
         self.adapter, self.tokens = adapter, tokens
+        self.weights: torch.Tensor | None = None  # (N,) each item's loss weight (DreamBooth's prior), or None
         trained = {"lora": adapter} if adapter is not None else {"embedding": tokens} if tokens is not None else None
         trained = trained or self.task.trained_modules(self)  # or a ControlNet
         self.model = nn.ModuleDict(
@@ -130,7 +131,8 @@ class DenoiserTask:
         """The mean loss of items idx (their images x for a task that encodes them), every draw from the items' own
         generators."""
         z, cond = self.task.training_inputs(self, idx, gens, x)
-        return self.ldm.denoiser.loss(z, cond, generator=list(gens)).mean()
+        loss = self.ldm.denoiser.loss(z, cond, generator=list(gens))  # (B,)
+        return (loss * self.weights[idx].to(loss)).mean() if self.weights is not None else loss.mean()
 
     def micro_step(
         self, step: int, idx: torch.Tensor, gens: Sequence[torch.Generator], scale: float, x: torch.Tensor | None

@@ -14,7 +14,7 @@ from ..autoencoder.files import load_autoencoder
 from ..conditioning.text import EmbeddingCache, build_text_encoder
 from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, validate
 from ..data import build_dataset, prepare_dataset, split_holdout
-from ..data.latents import encode_dataset
+from ..data.latents import LatentCache, encode_dataset
 from ..denoisers import backbone_name, build_backbone
 from ..distributed import World, process_group
 from ..errors import InputError
@@ -144,6 +144,7 @@ def train_denoiser(
     validate(run)
     check_lora_run(run)
     check_textual_inversion_run(run)
+    check_dreambooth_run(run)
     run, parent = _start(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
     with process_group(run.train.device) as (world, device):
         world.check_same("settings", flatten(to_dict(run)))
@@ -170,7 +171,7 @@ def train_denoiser(
                 "step": res.step,
                 "final_loss": res.history[-1]["loss"] if res.history else None,
                 "parameters": sum(p.numel() for p in task.ldm.unet.parameters()),
-                "trained_parameters": sum(p.numel() for p in task.model.parameters()),
+                "trained_parameters": sum(p.numel() for p in task.model.parameters() if p.requires_grad),
             }
             world.on_main(lambda: (folder.path / "metrics.json").write_text(json.dumps(result, indent=2)))
     return result
@@ -216,8 +217,11 @@ def _denoiser_task(
     with world.main_first(), autocast(run.train.mixed_precision, device):
         _prepare(train_set, run.train.num_workers, progress)
         latents = encode_dataset(ae, run.autoencoder, train_set, run.data, device, progress=progress)
+    latents, weights = _dreambooth(run, ae, latents, device, world, progress)
     torch.manual_seed(run.train.seed)  # the cache build (first run on a folder only) may draw from the global RNG
     text, text_cache = text_setup(run, latents.captions, device, parent)
+    if run.dreambooth.instance_prompt and text is None:
+        raise InputError(f"--init {run.init} is not text-conditional; DreamBooth needs a text-to-image model")
     tokens = _new_tokens(run, text)
     if tokens is not None:  # every caption names the new word; its embeddings are computed each step
         latents.captions, text_cache = [with_token(c, run.textual_inversion.token) for c in latents.captions], None
@@ -232,7 +236,9 @@ def _denoiser_task(
         unet.requires_grad_(False)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
     images = train_set if get_task(run.task).trains_on_images else None  # encoded each step (mask, degradation)
-    return run, DenoiserTask(run, ldm, latents, device, text_cache, images=images, adapter=adapter, tokens=tokens)
+    task = DenoiserTask(run, ldm, latents, device, text_cache, images=images, adapter=adapter, tokens=tokens)
+    task.weights = weights
+    return run, task
 
 
 def check_lora_run(run: DenoiserRun) -> None:
@@ -258,6 +264,54 @@ def check_textual_inversion_run(run: DenoiserRun) -> None:
             "--textual-inversion trains the new word's embedding alone; drop --lora-rank, --task and "
             "train.trainable=backbone+text (or --textual-inversion)"
         )
+
+
+def check_dreambooth_run(run: DenoiserRun) -> None:
+    """InputError for a DreamBooth run without a model, or with a class prompt but no class images."""
+    db = run.dreambooth
+    if not db.instance_prompt:
+        if db.class_prompt or db.class_data:
+            raise InputError("a class prompt or class images without an instance prompt; give --instance-prompt")
+        return
+    if not run.init:
+        raise InputError("--dreambooth fine-tunes an existing model; pass --init MODEL")
+    if run.textual_inversion.token or get_task(run.task).base_model:
+        raise InputError("--dreambooth trains the model (or its LoRAs); drop --textual-inversion and --task")
+    if bool(db.class_prompt) != bool(db.class_data):
+        raise InputError(
+            "dreambooth.class_prompt and dreambooth.class_data go together: `ldmkit train --dreambooth "
+            "--class-prompt ...` draws the class images and sets both"
+        )
+
+
+def _dreambooth(run: DenoiserRun, ae, latents: LatentCache, device, world: World, progress: bool):
+    """For a DreamBooth run: (the instance latents captioned with the instance prompt, followed by the class
+    images' captioned with the class prompt; each item's loss weight: the two halves weigh 1 and prior_weight,
+    whatever their sizes), or (latents, None) for any other run."""
+    db = run.dreambooth
+    if not db.instance_prompt:
+        return latents, None
+    inst = replace(latents, captions=[db.instance_prompt] * len(latents))
+    if not db.class_data:
+        return inst, None
+    data = replace(run.data, dataset=db.class_data, limit=0)
+    class_set = build_dataset(data)
+    with world.main_first(), autocast(run.train.mixed_precision, device):
+        _prepare(class_set, run.train.num_workers, progress)
+        cls = encode_dataset(ae, run.autoencoder, class_set, data, device, progress=progress)
+    n_i, n_c = len(inst), len(cls)
+    merged = replace(
+        inst,
+        mean=torch.cat([inst.mean, cls.mean]),
+        std=None if inst.std is None else torch.cat([inst.std, cls.std]),
+        labels=torch.cat([inst.labels, cls.labels]),
+        captions=inst.captions + [db.class_prompt] * n_c,
+    )
+    total = n_i + n_c  # mean weight 1 at prior_weight 1: a batch's loss is (instance + w class) / 2 on average
+    weights = torch.cat(
+        [torch.full((n_i,), total / (2 * n_i)), torch.full((n_c,), db.prior_weight * total / (2 * n_c))]
+    )
+    return merged, weights
 
 
 def with_token(caption: str, token: str) -> str:
