@@ -313,6 +313,20 @@ class ControlConfig:
     hint_width: int = bounded(16, Bound(1, 256, integer=True))  # the hint encoder's first width (doubles per halving)
 
 
+@dataclass(frozen=True)
+class VideoConfig:
+    """The temporal layers the video task adds to an image model's U-Net (task "video"; a video model keeps the
+    ones in its [unet] settings)."""
+
+    # heads of the temporal attention; 0: 8, fewer where a head would get under 4 channels
+    temporal_heads: int = bounded(0, OPTIONAL_COUNT)
+    temporal_depth: int = bounded(1, COUNT)  # temporal transformer blocks after each U-Net block
+    # a temporal convolution before each temporal attention (Video LDM); false: AnimateDiff's layout alone, which
+    # converts to a diffusers MotionAdapter
+    temporal_conv: bool = True
+    max_frames: int = bounded(32, COUNT)  # frames per clip at most
+
+
 LORA_TARGETS = ("attn", "attn+ff", "all")  # the values of LoRAConfig.targets
 LORA_LAYOUTS = ("peft", "kohya")  # the values of LoRAConfig.layout
 
@@ -380,6 +394,7 @@ class DenoiserRun:
     init_sha256: str = ""  # the SHA-256 of that model, recorded when the run starts
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)  # task "upscale" only
     control: ControlConfig = field(default_factory=ControlConfig)  # task "control" only
+    video: VideoConfig = field(default_factory=VideoConfig)  # task "video" only
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # [lora] rank > 0: train adapters on the --init model
     # [textual_inversion] a token: learn its embedding on the --init model
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)

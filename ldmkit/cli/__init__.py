@@ -11,10 +11,10 @@ import sys
 import warnings
 
 from ..errors import LdmkitError
-from . import edit, generate, governance, models, prompts, serve, synth, train
+from . import edit, generate, governance, inversion, models, prompts, serve, synth, train, video
 from .options import Commands
 
-GROUPS = (train, generate, edit, models, synth, serve, prompts, governance)
+GROUPS = (train, generate, video, edit, inversion, models, synth, serve, prompts, governance)
 
 
 def build_parser(lazy: bool = False) -> argparse.ArgumentParser:

@@ -53,7 +53,8 @@ def _train_options(p: argparse.ArgumentParser):
         choices=list(task_names()),
         help="generate (default); inpaint: a model that also takes a mask and a masked image; upscale: a super-"
         "resolution model that takes a low-resolution image (set upscale.factor, default 4); control: a ControlNet "
-        "beside the frozen --init model (task)",
+        "beside the frozen --init model; video: temporal layers added to the --init image model, trained on clips "
+        "(task)",
     )
     p.add_argument(
         "--condition",

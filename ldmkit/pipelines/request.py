@@ -32,9 +32,9 @@ ETA_SAMPLERS = tuple(name for name, fn in SAMPLERS.items() if "eta" in inspect.s
 
 SURFACES = ("cli", "openai", "a1111", "native", "template")
 APIS = ("openai", "a1111", "native")
-TASKS = ("generate", "inpaint", "upscale")  # the tasks whose models sample under these parameters (ldmkit/tasks/)
+TASKS = ("generate", "inpaint", "upscale", "video")  # the tasks whose models sample under these parameters
 EDITS = ("img2img", "inpaint", "outpaint", "upscale")
-DRAWING = ("sample", "generate", *EDITS)  # the commands that write images from a SampleRequest
+DRAWING = ("sample", "generate", *EDITS, "video")  # the commands that write images (or clips) from a SampleRequest
 SAMPLING = (*DRAWING, "evaluate")  # ... and evaluate, which takes their sampling options too
 RANDOM_SEED = {"openai": None, "native": None, "a1111": -1}  # the APIs draw a random seed, returned with the images
 
@@ -233,7 +233,7 @@ FIELDS: tuple[Param, ...] = (
         names=_names("--n", "n", a1111="batch_size", template=True),
         flags=("--images",),  # under torchrun, `--n` is an ambiguous abbreviation of torchrun's own options
         defaults={"generate": 4, "img2img": 4, "inpaint": 1, "outpaint": 1, "upscale": 1, "evaluate": 10000}
-        | {"openai": 1, "native": 1, "a1111": 1},
+        | {"video": 1, "openai": 1, "native": 1, "a1111": 1},
         hints={api: "ask for fewer images per request" for api in APIS},
         helps={
             "generate": "images per prompt",
@@ -242,6 +242,7 @@ FIELDS: tuple[Param, ...] = (
             "outpaint": "edited images (several: OUT-0.png, OUT-1.png, ...)",
             "upscale": "upscaled versions (several: OUT-0.png, OUT-1.png, ...)",
             "evaluate": "images to generate / reconstruct",
+            "video": "clips (several: OUT-0.gif, OUT-1.gif, ...)",
         },
     ),
     Param(
@@ -375,7 +376,8 @@ FIELDS: tuple[Param, ...] = (
         low=1,
         names={"cli": "--batch-size"},
         commands=(*SAMPLING, "synth"),
-        defaults={"inpaint": 4, "outpaint": 4, "upscale": 4, "evaluate": 50, "synth": 64},
+        defaults={"inpaint": 4, "outpaint": 4, "upscale": 4, "evaluate": 50, "synth": 64, "video": 1},
+        helps={"video": "clips per forward pass (each of --frames images)"},
     ),
     Param(
         "device",

@@ -36,20 +36,27 @@ class Video(Task):
 
     def resolve(self, run, net, text_dim, names):
         """The base's (text or labels), with temporal layers where the model has none yet (an image model): attention
-        and a 1-D convolution across frames after every block."""
+        and (video.temporal_conv) a 1-D convolution across frames after every block, as [video] says."""
         net, names = super().resolve(run, net, text_dim, names)
+        v = run.video
         if not net.temporal_heads:
-            net = replace(net, temporal_heads=temporal_heads(net.model_channels), temporal_conv=True)
+            heads = v.temporal_heads or temporal_heads(net.model_channels)
+            net = replace(
+                net,
+                temporal_heads=heads,
+                temporal_depth=v.temporal_depth,
+                temporal_conv=v.temporal_conv,
+                max_frames=v.max_frames,
+            )
         return net, names
 
     def check_run(self, run, ae_factor, backbone_factor, backbone):
         if backbone != "U-Net":
             raise InputError(f"--task video needs a U-Net model (temporal layers go into its blocks), not a {backbone}")
-        frames = run.data.frames
-        if frames == 1 or frames > run.unet.max_frames:
+        frames, limit = run.data.frames, run.unet.max_frames if run.unet.temporal_heads else run.video.max_frames
+        if frames == 1 or frames > limit:
             raise InputError(
-                f"data.frames={frames}: a training clip needs 2 to {run.unet.max_frames} frames (0: the data set's "
-                f"default, 8)"
+                f"data.frames={frames}: a training clip needs 2 to {limit} frames (0: the data set's default, 8)"
             )
 
     def trained_modules(self, trainer):

@@ -28,11 +28,11 @@ BASE = dict(prompt="", negative_prompt="", n=1, steps=2, cfg=3.0, seed=1, sample
 # served models' guidance and AUTOMATIC1111's own steps and guidance, and the APIs' random seed. Any other
 # difference is a surface that stopped deriving from the table.
 EXCEPTIONS = {
-    "n": {"generate", "img2img", "inpaint", "outpaint", "upscale", "evaluate", "openai", "native", "a1111"},
+    "n": {"generate", "img2img", "inpaint", "outpaint", "upscale", "evaluate", "video", "openai", "native", "a1111"},
     "steps": {"a1111"},
     "cfg": {"openai", "native", "a1111"},
     "seed": {"openai", "native", "a1111"},
-    "batch_size": {"inpaint", "outpaint", "upscale", "evaluate", "synth"},
+    "batch_size": {"inpaint", "outpaint", "upscale", "evaluate", "synth", "video"},
 }
 
 

@@ -44,11 +44,13 @@ def test_moving_fashion_is_deterministic_and_captions_say_what_moves_where():
 def test_an_image_model_trains_temporal_layers_alone_and_the_video_model_samples_clips(tmp_path, tiny_text_ldm):
     res = runs.train_denoiser(video_run(tiny_text_ldm), tmp_path / "run", progress=False)
     f = LdmFile.read(res["checkpoint"])
+    temporal = temporal_state(LatentDiffusion.load(res["checkpoint"]).unet)
+    assert res["trained_parameters"] == sum(v.numel() for v in temporal.values()) < res["parameters"]
     assert f.run.task == "video" and f.run.unet.temporal_heads > 0 and f.run.init_sha256
     parent = LdmFile.read(tiny_text_ldm)
     for k, v in parent.unet.items():  # the image layers were frozen
         assert torch.equal(f.unet[k], v.to(f.unet[k].dtype)), k
-    assert set(f.unet) - set(parent.unet) == set(temporal_state(LatentDiffusion.load(res["checkpoint"]).unet))
+    assert set(f.unet) - set(parent.unet) == set(temporal)
     assert any(v.abs().sum() > 0 for k, v in f.unet.items() if "attn.proj_out" in k), "the temporal layers trained"
 
     ldm = LatentDiffusion.load(res["checkpoint"])
