@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldmkit.config import UNetConfig
+from tests.factory import attention_unet, tiny_autoencoder_run, tiny_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -28,17 +28,7 @@ def test_diffusers_peer_is_the_same_network():
     from ldmkit.conditioning.types import Conditioning
     from ldmkit.denoisers.unet import UNet
 
-    cfg = UNetConfig(
-        in_channels=2,
-        out_channels=2,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_levels=(1,),
-        num_heads=(2,),
-        norm_groups=8,
-        num_classes=3,
-    )
+    cfg = attention_unet(in_channels=2, out_channels=2, num_classes=3)
     torch.manual_seed(0)
     ours = UNet(cfg).eval()
     _bench()  # puts benchmarks/ on the path
@@ -57,17 +47,9 @@ def _tiny_autoencoder(path: Path) -> Path:
     """An untrained f=4 KL autoencoder for 32x32 grayscale images (what the recipe's data config asks for)."""
     from ldmkit.autoencoder import build_autoencoder
     from ldmkit.autoencoder.files import save_autoencoder
-    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun, DataConfig, TrainConfig
     from tests.conftest import TensorDataset
 
-    run = AutoencoderRun(
-        model=AutoencoderConfig(
-            in_channels=1, base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, norm_groups=4
-        ),
-        loss=AutoencoderLossConfig(perceptual_weight=0),
-        data=DataConfig(resolution=32, channels=1),
-        train=TrainConfig(steps=1),
-    )
+    run = tiny_autoencoder_run(model=dict(channel_mult=(1, 2, 2)), data=dict(resolution=32))
     torch.manual_seed(0)
     images = torch.rand(8, 1, 32, 32) * 2 - 1
     return save_autoencoder(path, build_autoencoder(run.model), run, TensorDataset(images), 0)
@@ -174,17 +156,7 @@ def _tiny_unet_file(source: Path, out: Path, run_changes: dict, in_extra: int, n
 
     f = LdmFile.read(source)
     c = f.ae_config.latent_channels
-    cfg = UNetConfig(
-        in_channels=c + in_extra,
-        out_channels=c,
-        model_channels=8,
-        channel_mult=(1,),
-        num_res_blocks=1,
-        attention_levels=(),
-        norm_groups=4,
-        mid_attention=False,
-        num_classes=num_classes,
-    )
+    cfg = tiny_unet(in_channels=c + in_extra, out_channels=c, num_classes=num_classes)
     torch.manual_seed(0)
     run = replace(f.run, unet=cfg, **run_changes)
     LdmFile(run, f.ae_config, UNet(cfg).state_dict(), f.autoencoder).write(out)

@@ -4,21 +4,13 @@ import torch
 from ldmkit import checkpoint
 from ldmkit.autoencoder import build_autoencoder
 from ldmkit.conditioning.types import Conditioning
-from ldmkit.config import AutoencoderConfig, UNetConfig
 from ldmkit.denoisers.unet import UNet
+from tests.factory import attention_unet, tiny_autoencoder
 
 
 def test_round_trip_gives_same_outputs(tmp_path):
     torch.manual_seed(0)
-    cfg = UNetConfig(
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        num_heads=(2,),
-        norm_groups=8,
-        context_dim=8,
-        num_classes=3,
-    )
+    cfg = attention_unet(context_dim=8, num_classes=3)
     unet = UNet(cfg)
     for p in unet.parameters():  # zero-initialised layers would hide a loading bug
         torch.nn.init.normal_(p, std=0.05)
@@ -46,7 +38,7 @@ def test_wrong_kind_missing_file_and_truncation(tmp_path):
 
 
 def test_mismatched_weights_name_the_keys(tmp_path):
-    ae = build_autoencoder(AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), norm_groups=4))
+    ae = build_autoencoder(tiny_autoencoder())
     state = ae.state_dict()
     state.pop("decoder.conv_out.bias")
     state["extra.weight"] = torch.zeros(1)

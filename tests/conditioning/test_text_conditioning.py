@@ -18,6 +18,7 @@ from ldmkit.diffusion.sample import sample_latents
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.noise import generators_from_seed
 from ldmkit.training.runs import train_denoiser
+from tests.factory import tiny_autoencoder_run
 
 pytest.importorskip("sentence_transformers", reason="the minilm encoder needs `pip install '.[text]'`")
 CAPTIONS = ("a red apple on a plate", "a snowy mountain at night")
@@ -47,15 +48,10 @@ def _autoencoder(path, data):
     half of its moments is pushed to the clamp, so latents carry the picture and not the posterior's noise."""
     from ldmkit.autoencoder import build_autoencoder
     from ldmkit.autoencoder.files import save_autoencoder
-    from ldmkit.config import AutoencoderConfig, AutoencoderLossConfig, AutoencoderRun
     from ldmkit.data import build_dataset
 
-    cfg = AutoencoderConfig(in_channels=1, base_channels=8, channel_mult=(1, 2), latent_channels=2, norm_groups=4)
-    run = AutoencoderRun(
-        model=cfg,
-        loss=AutoencoderLossConfig(perceptual_weight=0),
-        data=DataConfig(dataset=str(data), resolution=16, channels=1, holdout=0),
-    )
+    run = tiny_autoencoder_run(data=dict(dataset=str(data), holdout=0))
+    cfg = run.model
     torch.manual_seed(0)
     model = build_autoencoder(cfg)
     with torch.no_grad():

@@ -6,6 +6,7 @@ from ldmkit.conditioning.types import Conditioning
 from ldmkit.config import AutoencoderConfig, UNetConfig, check_multiple
 from ldmkit.denoisers import UNET_PRESETS
 from ldmkit.denoisers.unet import UNet
+from tests.factory import attention_unet
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
@@ -26,17 +27,7 @@ def test_autoencoder_shapes(kind, mult):
 
 def test_unet_conditioning_paths():
     torch.manual_seed(0)
-    cfg = UNetConfig(
-        in_channels=6,
-        out_channels=4,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        num_heads=(2,),
-        norm_groups=8,
-        context_dim=8,
-        num_classes=3,
-    )
+    cfg = attention_unet(in_channels=6, out_channels=4, context_dim=8, num_classes=3)
     unet = UNet(cfg)
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -63,7 +54,7 @@ def test_unet_conditioning_paths():
 
 
 def test_untrained_unet_predicts_zero():
-    unet = UNet(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
+    unet = UNet(attention_unet())
     assert unet(torch.randn(1, 4, 8, 8), torch.tensor([5.0])).abs().max() == 0
 
 
