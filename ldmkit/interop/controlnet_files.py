@@ -37,7 +37,7 @@ HINT_IN = "input_hint_block.0.weight"  # the key that tells a single-file Contro
 
 def controlnet_format(path: str | Path, unsafe_pickle: bool = False) -> str | None:
     """The layout ("ldm", "diffusers", "single-file") of a ControlNet at `path`, or None when it holds none. A
-    pickle is only opened with unsafe_pickle."""
+    pickle is only opened when it is a .pth, and refused (CheckpointError) without unsafe_pickle."""
     path = Path(path)
     if path.is_dir():
         config = path / "config.json"
@@ -50,8 +50,10 @@ def controlnet_format(path: str | Path, unsafe_pickle: bool = False) -> str | No
         return "diffusers" if name == CLASS else None
     if not path.is_file():
         return None
-    if path.suffix in PICKLE_SUFFIXES:
-        return "single-file" if unsafe_pickle and _is_single_file(read_tensors(path, unsafe_pickle=True)[0]) else None
+    if path.suffix in PICKLE_SUFFIXES:  # opened only for .pth, the suffix ControlNets ship with (a .ckpt is a model)
+        if path.suffix != ".pth":
+            return None
+        return "single-file" if _is_single_file(read_tensors(path, unsafe_pickle=unsafe_pickle)[0]) else None
     if path.suffix != ".safetensors":
         return None
     meta = checkpoint.read_header(path)

@@ -85,16 +85,14 @@ def apply_controls(
     if not specs:
         return
     controls = []
-    sigmas = ldm.denoiser.sigmas(steps)[start_index(steps, strength) :]  # the sigmas walked, as img2img walks them
     multiple = ldm.factor * ldm.run.backbone.factor
     for spec in specs:
         net, meta = load_controlnet(spec.model, ldm.device)
         check_fits(net, ldm.unet, ldm.factor, spec.model)
         kind, cfg = condition_settings(meta, spec.kind)
         image, _ = pad_to_multiple(condition_image(kind, spec.image, size, cfg), multiple)  # (1, 3, H', W')
-        window = step_window(ldm.denoiser, sigmas, spec.start, spec.end)
-        controls.append(Control(net, image.to(ldm.device), spec.scale, spec.start, spec.end, window))
-    ldm.denoiser.backbone = Controlled(ldm.unet, controls)
+        controls.append(Control(net, image, spec.scale, spec.start, spec.end))
+    ldm.denoiser.backbone = _controlled_unet(ldm, controls, steps, strength)
 
 
 def condition_settings(meta: dict, kind: str = "") -> tuple[str, ControlConfig]:
@@ -111,22 +109,23 @@ def controlled(ldm: LatentDiffusion, controls: list[Control], steps: int, streng
     """`ldm`'s denoiser calling its U-Net through `controls` while the block runs, each control's window set for a
     sampling of `steps` steps at `strength` (its condition image already at the padded output size); the backbone
     it had afterwards, so a model shared between requests (a server's) is left as it was."""
-    sigmas = ldm.denoiser.sigmas(steps)[start_index(steps, strength) :]
-    windowed = [
-        replace(
-            c,
-            net=c.net.to(ldm.device),
-            image=c.image.to(ldm.device),
-            window=step_window(ldm.denoiser, sigmas, c.start, c.end),
-        )
-        for c in controls
-    ]
     before = ldm.denoiser.backbone
-    ldm.denoiser.backbone = Controlled(ldm.unet, windowed)
+    ldm.denoiser.backbone = _controlled_unet(ldm, controls, steps, strength)
     try:
         yield
     finally:
         ldm.denoiser.backbone = before
+
+
+def _controlled_unet(ldm: LatentDiffusion, controls: list[Control], steps: int, strength: float) -> Controlled:
+    """`ldm`'s U-Net with `controls` on its device, each window over the sigmas walked (img2img: the last of them)."""
+    sigmas = ldm.denoiser.sigmas(steps)[start_index(steps, strength) :]
+    dev = ldm.device
+    on = [
+        replace(c, net=c.net.to(dev), image=c.image.to(dev), window=step_window(ldm.denoiser, sigmas, c.start, c.end))
+        for c in controls
+    ]
+    return Controlled(ldm.unet, on)
 
 
 Batches = Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]]
@@ -141,11 +140,11 @@ def with_controls(
     if not specs:
         return batches, {}
 
-    def controlled(ldm: LatentDiffusion):
+    def steered(ldm: LatentDiffusion):
         apply_controls(ldm, specs, size, steps, strength)
         return batches(ldm)
 
-    return controlled, {"controls": control_record(specs)}
+    return steered, {"controls": control_record(specs)}
 
 
 def control_record(specs: list[ControlSpec]) -> list[dict]:

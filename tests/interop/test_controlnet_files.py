@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldmkit.checkpoint import file_sha256
+from ldmkit.checkpoint import CheckpointError, file_sha256
 from ldmkit.conditioning.types import Conditioning
 from ldmkit.config import DataConfig, DenoiserRun
 from ldmkit.denoisers.controlnet import load_controlnet
@@ -150,3 +150,13 @@ def test_the_convert_command_takes_a_controlnet_and_its_base(files, capsys):
     assert main(["convert", str(d / "cn-sd.safetensors"), str(d / "cli.safetensors"), "--base", str(base)]) == 0
     assert "cli.safetensors" in capsys.readouterr().out
     assert load_controlnet(d / "cli.safetensors")[1]["base_sha256"] == file_sha256(base)
+
+
+def test_a_pth_controlnet_is_read_only_when_pickles_are_allowed(files):
+    _, d, base = files
+    torch.save(load_file(d / "cn-sd.safetensors"), d / "cn-sd.pth")
+    with pytest.raises(CheckpointError, match="pickle"):
+        convert(d / "cn-sd.pth", d / "p.safetensors", base=base)
+    net, _ = load_controlnet(convert(d / "cn-sd.pth", d / "p.safetensors", base=base, unsafe_pickle=True))
+    want, _ = load_controlnet(convert(d / "cn-sd.safetensors", d / "q.safetensors", base=base))
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in net.state_dict().items())
