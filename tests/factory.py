@@ -95,3 +95,16 @@ def save_tiny_ldm(path: Path, run: DenoiserRun, *, text=None, seed: int = 0, std
     encoder = text() if text is not None else None
     unet = normal_init(UNet(run.unet), std)
     return LatentDiffusion(ae, ae_run.model, unet, run, encoder).save(path)
+
+
+def set_options(section: str, values: dict) -> list[str]:
+    """The command line's `--set SECTION.KEY=VALUE` options giving `values` (`set_options("model", AUTOENCODER)`
+    for the tiny autoencoder): tuples as comma lists, booleans as true or false."""
+    options = []
+    for key, value in values.items():
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value))
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        options += ["--set", f"{section}.{key}={value}"]
+    return options

@@ -37,6 +37,17 @@ TINY_UNET = dict(
     norm_num_groups=8,
     attention_head_dim=2,
 )
+# the tiny f=2 VAE beside it (diffusers' AutoencoderKL arguments, but the latent scaling factor)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(16, 32),
+    latent_channels=4,
+    norm_num_groups=8,
+    layers_per_block=1,
+)
 
 
 def randomize(model, seed: int = 1, std: float = 0.2):
@@ -63,21 +74,7 @@ def tiny_sd(diffusers, in_channels: int = 4, num_class_embeds: int | None = None
         1,
         std=0.1,
     )
-    vae = randomize(
-        diffusers.AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            scaling_factor=scaling_factor,
-        ),
-        2,
-        std=0.1,
-    )
+    vae = randomize(diffusers.AutoencoderKL(**TINY_VAE, scaling_factor=scaling_factor), 2, std=0.1)
     g = torch.Generator().manual_seed(3)
     embeds = {"a cat": torch.randn(1, 5, 16, generator=g), "": torch.randn(1, 5, 16, generator=g)}
     ours_unet, ours_vae = unet_from_diffusers(unet), vae_from_diffusers(vae)

@@ -22,6 +22,7 @@ from ldmkit.data import prepared
 from ldmkit.data.decode import prepare_pixels
 from ldmkit.data.folder import ImageFolder
 from ldmkit.errors import DiskSpaceError, InputError
+from tests.factory import AUTOENCODER, set_options
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -371,10 +372,8 @@ def test_ctrl_c_with_loading_processes_saves_the_state(tmp_path, cache):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ldmkit.cli", "train-autoencoder", "--config", "demo-autoencoder", "--data", str(root)]
     cmd += ["--resolution", "16", "--steps", "100000", "--batch-size", "4", "--out", str(out), "--device", "cpu"]
-    sets = ["train.num_workers=2", "data.holdout=0", "model.base_channels=8", "model.channel_mult=1,2"]
-    sets += ["model.norm_groups=4", "loss.perceptual_weight=0", "train.log_every=1", "model.latent_channels=2"]
-    for s in sets:
-        cmd += ["--set", s]
+    cmd += set_options("model", AUTOENCODER) + set_options("loss", dict(perceptual_weight=0))
+    cmd += set_options("train", dict(num_workers=2, log_every=1)) + set_options("data", dict(holdout=0))
     env = {**os.environ, "LDMKIT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = out / "log.jsonl"

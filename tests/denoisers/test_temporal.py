@@ -15,18 +15,9 @@ from ldmkit.diffusion.sample import sample_latents
 from ldmkit.errors import InputError
 from ldmkit.nn.frames import fold, unfold
 from ldmkit.noise import generators_from_seed
+from tests.factory import attention_unet
 
-IMAGE = UNetConfig(
-    in_channels=2,
-    out_channels=2,
-    model_channels=16,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_levels=(1,),
-    num_heads=(2,),
-    norm_groups=8,
-    context_dim=8,
-)
+IMAGE = attention_unet(in_channels=2, out_channels=2, context_dim=8)
 VIDEO = replace(IMAGE, temporal_heads=2, temporal_conv=True, max_frames=8)
 
 

@@ -21,21 +21,12 @@ from ldmkit.interop.diffusers import (
     write_diffusers_vae,
 )
 from ldmkit.interop.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
-from tests.tiny_sd import randomize, rel_err
+from tests.tiny_sd import TINY_UNET, TINY_VAE, randomize, rel_err
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BASE_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    norm_num_groups=8,
-)
+# the parity tests' tiny U-Net without its head count: each layout below sets its own
+BASE_UNET = {k: v for k, v in TINY_UNET.items() if k != "attention_head_dim"}
 UNET_CONFIGS = {
     # SD 1.x: 1x1 convolution projections, one head count for every block.
     "sd1": dict(attention_head_dim=2),
@@ -76,18 +67,7 @@ def make_unet(diffusers, name):
 
 
 def make_vae(diffusers, **kw):
-    cfg = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        scaling_factor=0.13025,
-    )
-    return randomize(diffusers.AutoencoderKL(**{**cfg, **kw}))
+    return randomize(diffusers.AutoencoderKL(**TINY_VAE | dict(scaling_factor=0.13025) | kw))
 
 
 # --- forward parity -------------------------------------------------------------------------------------------------
