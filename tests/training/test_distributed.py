@@ -30,24 +30,23 @@ from ldmkit.ldm import LatentDiffusion
 from ldmkit.training.batches import item_generators, rank_positions
 from ldmkit.training.loop import STATE_FILE
 from ldmkit.training.parallel import check_batch, strategy
+from tests.factory import ATTENTION_UNET, AUTOENCODER, set_options
 
+# the tests' tiny autoencoder and attention U-Net (tests/factory.py) on 16x16 grayscale images, as command-line options
+TRAIN = dict(lr=1e-3, warmup_steps=2, ema_decay=0.9, log_every=1, num_workers=0)
 AE_ARGS = [
-    "--resolution", "16", "--batch-size", "8", "--device", "cpu", "--quiet",
-    "--set", "data.channels=1", "--set", "data.holdout=0", "--set", "model.in_channels=1",
-    "--set", "model.base_channels=8", "--set", "model.channel_mult=1,2", "--set", "model.latent_channels=2",
-    "--set", "model.norm_groups=4", "--set", "model.mid_attention=false", "--set", "loss.perceptual_weight=0",
-    "--set", "loss.disc_start=1", "--set", "loss.disc_channels=8", "--set", "loss.disc_layers=2",
-    "--set", "train.grad_accum=2", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=2",
-    "--set", "train.ema_decay=0.9", "--set", "train.log_every=1", "--set", "train.num_workers=0",
-]  # fmt: skip
-
+    *["--resolution", "16", "--batch-size", "8", "--device", "cpu", "--quiet"],
+    *set_options("data", dict(channels=1, holdout=0)),
+    *set_options("model", AUTOENCODER | dict(mid_attention=False)),
+    *set_options("loss", dict(perceptual_weight=0, disc_start=1, disc_channels=8, disc_layers=2)),
+    *set_options("train", dict(grad_accum=2) | TRAIN),
+]
 UNET_ARGS = [
-    "--resolution", "16", "--batch-size", "8", "--device", "cpu", "--quiet",
-    "--set", "data.channels=1", "--set", "unet.model_channels=16", "--set", "unet.channel_mult=1,2",
-    "--set", "unet.num_res_blocks=1", "--set", "unet.attention_levels=1", "--set", "unet.num_heads=2",
-    "--set", "unet.norm_groups=8", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=2",
-    "--set", "train.ema_decay=0.9", "--set", "train.log_every=1", "--set", "train.num_workers=0",
-]  # fmt: skip
+    *["--resolution", "16", "--batch-size", "8", "--device", "cpu", "--quiet"],
+    *set_options("data", dict(channels=1)),
+    *set_options("unet", ATTENTION_UNET),
+    *set_options("train", TRAIN),
+]
 
 
 def torchrun(args, nproc=2, check=True, timeout=180, env=None):
