@@ -116,6 +116,10 @@ RESOLVED_KEYS = (
     "unet.out_channels",
     "unet.context_dim",
     "unet.num_classes",
+    "unet.temporal_heads",  # the video task adds temporal layers to an image model ([video])
+    "unet.temporal_depth",
+    "unet.temporal_conv",
+    "unet.max_frames",
     "dit.in_channels",
     "dit.out_channels",
     "dit.context_dim",
