@@ -42,7 +42,7 @@ from .request import SampleRequest
 
 KIND = "inversion"  # the checkpoint kind of a noise file written by `ldmkit invert`
 DEFAULT_STEPS = 50
-DEFAULT_ITERATIONS = 2  # fixed-point iterations per inversion step (benchmarks/RESULTS.md, "Inversion")
+DEFAULT_ITERATIONS = 2  # fixed-point iterations per inversion step (each one model call)
 
 
 @dataclass(frozen=True)
