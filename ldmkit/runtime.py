@@ -43,3 +43,42 @@ def autocast(mixed_precision: str, device: torch.device):
     if on:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# --- sampling precision ---------------------------------------------------------------------------------------------
+SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")  # --precision: what the denoiser's sampling steps compute in
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or AMX
+    tiles, as torch's cpuinfo detects them (never guessed from the model name)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def sampling_dtype(precision: str, device: torch.device, option: str = "--precision") -> torch.dtype | None:
+    """The autocast dtype of the sampling steps for `precision`: None (float32) for "fp32", bfloat16 for "bf16",
+    and for "auto" bfloat16 where the device computes it natively (benchmarks/precision.py measures it) and
+    float32 elsewhere. "bf16" on a device without native bf16 is refused: emulated, it runs slower than float32."""
+    if precision not in SAMPLING_PRECISIONS:
+        raise InputError(f"{option} {precision!r} is not known; use one of {', '.join(SAMPLING_PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    native = native_bf16(device)
+    if precision == "bf16" and not native:
+        where = "this CPU has neither AVX-512 BF16 nor AMX" if device.type == "cpu" else f"{device} has no bf16"
+        raise InputError(
+            f"{option} bf16: {where}, so bfloat16 would be emulated and slower than float32; use {option} fp32 "
+            f"(or auto, which picks bf16 only where it is native)"
+        )
+    return torch.bfloat16 if native else None
+
+
+def sampling_autocast(precision: str, device: torch.device, option: str = "--precision"):
+    """The context the sampling steps run in: bf16 autocast when sampling_dtype says so, else nothing (float32, the
+    same numbers bit for bit as without the option)."""
+    dtype = sampling_dtype(precision, device, option)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -65,6 +65,7 @@ def request(args, n: int, prompts: list[str] | None):
         batch_size=args.batch_size,
         device=args.device,
         eta=args.eta,
+        precision=getattr(args, "precision", "fp32"),
     )
 
 

@@ -90,7 +90,7 @@ def sampling_options(p: argparse.ArgumentParser, command: str):
 def generation_options(p: argparse.ArgumentParser, command: str):
     """What the image commands share beyond sampling_options: labels, the negative prompt, guidance rescale, eta
     (from the parameter table), and the governance of their output."""
-    spec_options(p, command, "labels", "negative_prompt", "cfg_rescale", "eta")
+    spec_options(p, command, "labels", "negative_prompt", "cfg_rescale", "eta", "precision")
     p.add_argument(
         "--policy",
         help="a policy.toml: prompts its rules refuse stop the command before any work; its [safety] and "

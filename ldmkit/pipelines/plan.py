@@ -18,6 +18,7 @@ from ..diffusion.sample import sample_latents, start_index
 from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
+from ..runtime import sampling_autocast
 from .request import SampleRequest
 
 UNCONDITIONAL = "unconditional"  # the caption of an image drawn without a label (label -1)
@@ -97,18 +98,22 @@ def draw(
     """Latents of `shape` (B, c, h, w) drawn with the request's sampling options (sampler, steps, guidance, eta),
     one generator per image: the call every pipeline makes. options: what the pipeline adds or overrides (a start
     image and its strength, kept latents, a per-image guidance tensor); denoiser: a wrapped denoiser (tiling),
-    default the model's. A NonFiniteError comes back naming the command's options to change (blame_options)."""
+    default the model's. A NonFiniteError comes back naming the command's options to change (blame_options). The
+    sampling steps run under the request's precision (runtime.sampling_autocast; fp32: no autocast); decoding
+    after them stays float32."""
     try:
-        return sample_latents(
-            denoiser if denoiser is not None else ldm.denoiser,
-            shape,
-            cond,
-            uncond,
-            generator=generators,
-            device=ldm.device,
-            callback=callback,
-            **(req.sampling() | options),
-        )
+        with sampling_autocast(req.precision, ldm.device):
+            z = sample_latents(
+                denoiser if denoiser is not None else ldm.denoiser,
+                shape,
+                cond,
+                uncond,
+                generator=generators,
+                device=ldm.device,
+                callback=callback,
+                **(req.sampling() | options),
+            )
+        return z.float()
     except NonFiniteError as err:
         raise blame_options(ldm, req, err) from None
 

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 
 from ..checkpoint import file_sha256
 from ..errors import InputError
+from ..runtime import SAMPLING_PRECISIONS
 from ..samplers import SAMPLERS
 
 MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger values are typing mistakes
@@ -387,6 +388,16 @@ FIELDS: tuple[Param, ...] = (
         names={"cli": "--device"},
         commands=(*SAMPLING, "synth"),
     ),
+    Param(
+        "precision",
+        str,
+        "fp32",
+        "what the sampling steps compute in: fp32, bf16 (autocast, where the CPU or GPU has native bf16; the "
+        "decoder stays fp32) or auto (bf16 where native, else fp32)",
+        choices=SAMPLING_PRECISIONS,
+        names={"cli": "--precision"},
+        commands=DRAWING,
+    ),
 )
 SPEC: Mapping[str, Param] = MappingProxyType({p.name: p for p in FIELDS})
 
@@ -468,6 +479,7 @@ class SampleRequest:
     device: str = SPEC["device"].default
     eta: float | None = SPEC["eta"].default  # stochasticity of ddim / ancestral / sde samplers (None: the sampler's)
     loras: tuple[LoRASpec, ...] = SPEC["loras"].default  # applied per image, so requests with others still batch
+    precision: str = SPEC["precision"].default  # fp32, bf16 or auto: the sampling steps' autocast (runtime.py)
 
     def __post_init__(self):
         for p in FIELDS:
@@ -486,6 +498,8 @@ class SampleRequest:
         """The request as its images and audit rows record it: every field but the device, the batching and `drop`;
         its LoRAs, when it has any, by name, SHA-256 and scale (never a server's path)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "loras", *drop)}
+        if self.precision == SPEC["precision"].default:  # fp32 records nothing: the same record as before the option
+            out.pop("precision", None)
         if self.loras:
             out["loras"] = [
                 {"name": s.name or Path(s.path).name, "sha256": s.sha256 or file_sha256(s.path), "scale": s.scale}
