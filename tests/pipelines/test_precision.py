@@ -49,7 +49,7 @@ def test_fp32_is_the_plain_path_bit_for_bit_and_records_nothing(ldm, monkeypatch
 
 
 @native
-@pytest.mark.slow  # three generations of the tiny model; not yet seen to finish on the loaded machine it was written on
+@pytest.mark.slow  # three generations of the tiny model: 329 s on the loaded 2-core machine it was written on
 def test_bf16_is_finite_close_to_fp32_and_batch_invariant(ldm):
     fp32, _ = generate(ldm, request("fp32", n=3, batch_size=3))
     bf16, _ = generate(ldm, request("bf16", n=3, batch_size=3))
