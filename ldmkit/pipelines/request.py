@@ -1,7 +1,7 @@
 """The generation parameters, declared once: one table of fields, each with its type, default, bounds, help, the
 tasks and commands that take it, and the name every surface calls it by.
 
-Everything else derives from the table: the sampling options of the commands (ldmkit/cli.py), SampleRequest's
+Everything else derives from the table: the sampling options of the commands (ldmkit/cli/options.py), SampleRequest's
 checks (below), the request bodies of the three HTTP APIs (serve/schemas.py), the parameters a prompt template may
 set (serve/prompts.py) and synth's options (synth/export.py). A value is checked by `Param.check`, whose error
 names the field as the surface that received it calls it: `--cfg` on the command line, `cfg_scale` in the
