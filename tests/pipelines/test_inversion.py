@@ -7,7 +7,6 @@ import torch
 from ldmkit.checkpoint import save
 from ldmkit.errors import CheckpointError, InputError
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.nn.attention import Attention
 from ldmkit.pipelines.inversion import invert, load_inversion, resample, save_inversion
 
 
@@ -38,22 +37,14 @@ def test_resampling_under_the_same_prompt_gives_the_round_trip(text_ldm, inverte
     assert not torch.equal(other, same)  # (an untrained model barely listens to its prompt: no size to assert)
 
 
-def test_keeping_the_layout_under_the_same_prompt_is_the_reconstruction_and_changes_an_edit(text_ldm, inverted):
+def test_keeping_the_layout_under_the_same_prompt_is_the_reconstruction(text_ldm, inverted):
+    """Replaying the source's own attention under its own prompt changes nothing. That a replayed map moves an edit
+    is checked against a hand-computed attention in tests/nn/test_attention_replay.py: on this untrained model two
+    prompts give nearly the same context, so an edit's maps equal the source's to 2e-6 even with sharpened
+    attention, and nothing an edit here could show."""
     plain = resample(text_ldm, inverted, "a square")
     kept = resample(text_ldm, inverted, "a square", keep_layout=inverted.steps)  # replays its own attention
     torch.testing.assert_close(kept, plain, atol=1e-4, rtol=0)
-    # the untrained model's attention is nearly uniform (its q and k are tiny), so that replaying it changes nothing
-    # a float32 image shows; sharpened 30x, the source's maps do move the edit
-    sharp = LatentDiffusion.load(text_ldm.source)
-    with torch.no_grad():
-        for m in sharp.unet.modules():
-            if isinstance(m, Attention):
-                m.to_q.weight.mul_(30)
-                m.to_k.weight.mul_(30)
-    inv = invert(sharp, square(), "a square", steps=4)
-    edit = resample(sharp, inv, "a red circle", cfg=3.0)
-    edit_kept = resample(sharp, inv, "a red circle", cfg=3.0, keep_layout=2)
-    assert float((edit - edit_kept).abs().max()) > 1e-4
     with pytest.raises(InputError, match="--keep-layout 7"):
         resample(text_ldm, inverted, "x", keep_layout=7)
 
