@@ -21,7 +21,7 @@ from ..config import DataConfig
 from ..errors import InputError, MissingFileError
 from .clips import VIDEO_SUFFIXES, ClipError, read_frames
 from .common import digest, file_stamp
-from .folder import read_metadata
+from .folder import captions_of, labels_of, read_metadata
 from .images import IMAGE_SUFFIXES, resize_and_crop, to_mode, uint8_to_tensor
 from .moving_fashion import DEFAULT_FRAMES
 
@@ -62,20 +62,10 @@ class ClipFolder(torch.utils.data.Dataset):
             )
         self.files = files[: cfg.limit] if cfg.limit > 0 else files
         self._warned: set[str] = set()
-        nested = [f for f in self.files if len(f.parts) > 1]
-        self.class_names = sorted({f.parts[0] for f in nested})
-        index = {c: i for i, c in enumerate(self.class_names)}
-        self.labels = [index[f.parts[0]] if len(f.parts) > 1 else -1 for f in self.files]
+        self.class_names, self.labels = labels_of(self.files)
         meta_path = self.root / "metadata.jsonl"
         meta = read_metadata(meta_path) if meta_path.is_file() else {}
-        caps = []
-        for f in self.files:
-            cap = meta.get(f.as_posix(), (0, None))[1]
-            side = (self.root / f).with_suffix(".txt")
-            if cap is None and side.is_file():
-                cap = side.read_text(encoding="utf-8", errors="replace").strip()
-            caps.append(cap or "")
-        self.captions = caps if any(caps) else None
+        self.captions = captions_of(self.root, self.files, meta)
 
     def fingerprint(self) -> str:
         """A content key for caches: the folder, the settings that change the frames, every clip's size and mtime."""

@@ -106,6 +106,26 @@ def conditioning_files(path: Path) -> set[str]:
     return out
 
 
+def labels_of(files: list[Path]) -> tuple[list[str], list[int]]:
+    """(class names, a label per file) from the first sub-folder of each relative path (-1 for files at the top)."""
+    names = sorted({f.parts[0] for f in files if len(f.parts) > 1})
+    index = {c: i for i, c in enumerate(names)}
+    return names, [index[f.parts[0]] if len(f.parts) > 1 else -1 for f in files]
+
+
+def captions_of(root: Path, files: list[Path], meta: dict[str, tuple[int, str | None]]) -> list[str] | None:
+    """A caption per file (relative to root): its metadata.jsonl text, else its sidecar .txt, else ""; None when no
+    file has one."""
+    caps = []
+    for f in files:
+        cap = meta.get(f.as_posix(), (0, None))[1]
+        side = (root / f).with_suffix(".txt")
+        if cap is None and side.is_file():
+            cap = side.read_text(encoding="utf-8", errors="replace").strip()
+        caps.append(cap or "")
+    return caps if any(caps) else None
+
+
 def stored_size(cfg: DataConfig) -> int:
     """The side of the square kept per image: the resolution, plus a margin for random crops to move in."""
     return cfg.resolution + (cfg.resolution // 8 if cfg.crop == "random" else 0)
@@ -162,10 +182,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def _labels(self) -> None:
         """Class of each file: its first path component when images live in subfolders, else none (-1)."""
-        nested = [f for f in self.files if len(f.parts) > 1]
-        self.class_names = sorted({f.parts[0] for f in nested})
-        index = {c: i for i, c in enumerate(self.class_names)}
-        self.labels = [index[f.parts[0]] if len(f.parts) > 1 else -1 for f in self.files]
+        self.class_names, self.labels = labels_of(self.files)
 
     def _captions(self, found: set[str]) -> None:
         """Caption of each file: metadata.jsonl first, then a sidecar .txt with the same stem; None if none.
@@ -183,14 +200,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"unused; fix the file_name or delete the line",
                 stacklevel=3,
             )
-        caps = []
-        for f in self.files:
-            cap = meta.get(f.as_posix(), (0, None))[1]
-            side = (self.root / f).with_suffix(".txt")
-            if cap is None and side.is_file():
-                cap = side.read_text(encoding="utf-8", errors="replace").strip()
-            caps.append(cap or "")
-        self.captions = caps if any(caps) else None
+        self.captions = captions_of(self.root, self.files, meta)
 
     def fingerprint(self) -> str:
         """A short content key for caches: the absolute folder, the settings that change pixels, and for every
