@@ -17,11 +17,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import InputError
+from .files import read_safetensors
 
 EMBEDDING_LAYOUTS = ("a1111", "diffusers")
 A1111_KEY = "emb_params"
@@ -98,19 +98,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, tor
     """(token, vectors (n, width)) of an embedding file in either layout; token overrides the file's. InputError,
     in one line, for pickles, unreadable files and files that hold no embedding."""
     path = Path(path)
-    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):
-        raise InputError(
-            f"{path}: embeddings are read as .safetensors only (a pickle file can run code); convert it with "
-            f"safetensors.torch.save_file or get the .safetensors release"
-        )
-    if not path.is_file():
-        raise InputError(f"embedding file {path} does not exist; give the path of a .safetensors embedding")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({e}); is it truncated? download it again") from e
+    state, meta = read_safetensors(path, "embedding")
     if {"clip_l", "clip_g"} & set(state):
         raise InputError(f"{path} is an SDXL embedding (clip_l and clip_g: two text encoders); ldmkit's have one")
     if A1111_KEY in state:

@@ -56,14 +56,16 @@ class LoRAFile:
         return [(part, name, f) for part, layers in self.parts.items() for name, f in layers.items()]
 
 
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter file (what: "LoRA", "embedding"); InputError in one line for a pickle,
+    a missing file and an unreadable or truncated one."""
     if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):
         raise InputError(
-            f"{path}: LoRA files are read as .safetensors only (a pickle file can run code); convert it with "
+            f"{path}: {what} files are read as .safetensors only (a pickle file can run code); convert it with "
             f"safetensors.torch.save_file or get the .safetensors release"
         )
     if not path.is_file():
-        raise InputError(f"LoRA file {path} does not exist; give the path of a .safetensors LoRA")
+        raise InputError(f"{what} file {path} does not exist; give the path of a .safetensors {what}")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -87,7 +89,7 @@ def read_lora(path: str | Path) -> LoRAFile:
     """The layers of a kohya or PEFT LoRA file; InputError (one line) for pickles, unreadable files and files
     holding no LoRA keys."""
     path = Path(path)
-    state, meta = _load(path)
+    state, meta = read_safetensors(path, "LoRA")
     about = json.loads(meta[META_KEY]) if META_KEY in meta else {}
     if any(k.endswith(".lora_down.weight") for k in state):
         return _read_kohya(path, state, about)
