@@ -247,6 +247,8 @@ class DataConfig:
     # sampled at (frames per second of the source)
     frames: int = bounded(0, OPTIONAL_COUNT)
     fps: float = bounded(8.0, POSITIVE)
+    # built-in clip sets (moving-fashion, emoji-motion): draw only these motions, e.g. ("zooming in",); (): all
+    motions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
