@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,28 +63,37 @@ def check_video_model(ldm: LatentDiffusion, clip: ClipRequest) -> None:
     check_clip(clip, ldm.run.unet.max_frames)
 
 
-def first_frame_latents(ldm: LatentDiffusion, path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """The scaled latent (1, c, h, w) of the image file `path` at the clips' pixel size (H, W); an image of another
-    size is resized to it, with a note."""
-    x = to_channels(load_edit_image(path, ldm.ae_config.in_channels), ldm.ae_config.in_channels)  # (1, C, H', W')
+def first_frame_latents(ldm: LatentDiffusion, image: str | Path | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The scaled latent (1, c, h, w) of `image` (a file, or (1, C, H', W') in [-1, 1]) at the clips' pixel size
+    (H, W); an image of another size is resized to it, with a note."""
+    x = image if isinstance(image, torch.Tensor) else load_edit_image(image, ldm.ae_config.in_channels)
+    x = to_channels(x, ldm.ae_config.in_channels)  # (1, C, H', W')
     if tuple(x.shape[-2:]) != tuple(size):
+        what = f"--first-frame {image}" if not isinstance(image, torch.Tensor) else "the first frame"
         warnings.warn(
-            f"--first-frame {path} is {x.shape[-1]}x{x.shape[-2]}; it is resized to the clip's {size[1]}x{size[0]}",
-            stacklevel=2,
+            f"{what} is {x.shape[-1]}x{x.shape[-2]}; it is resized to the clip's {size[1]}x{size[0]}", stacklevel=2
         )
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
     return ldm.encode(x)
 
 
 def video_latents(
-    ldm: LatentDiffusion, req: SampleRequest, clip: ClipRequest, progress: bool = False
+    ldm: LatentDiffusion,
+    req: SampleRequest,
+    clip: ClipRequest,
+    progress: bool = False,
+    callback: Callable | None = None,
+    first_frame: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(latent clips (b, F, c, h, w), a caption per clip) for each batch of req.batch_size clips; clip i always
-    uses seed + i. progress: a bar on stderr over clips x frames x sampler steps."""
+    uses seed + i. progress: a bar on stderr over clips x frames x sampler steps; callback: called at every
+    sampling step as the samplers call it (it may raise to stop); first_frame: the image (1, C, H, W) in [-1, 1]
+    the clips start from, instead of clip.first_frame's file."""
     check_video_model(ldm, clip)
     p = plan(ldm, req)
     c, h, w, frames = ldm.latent_channels, p.height // ldm.factor, p.width // ldm.factor, clip.frames
-    first = first_frame_latents(ldm, clip.first_frame, (p.height, p.width)) if clip.first_frame else None
+    image = first_frame if first_frame is not None else clip.first_frame
+    first = first_frame_latents(ldm, image, (p.height, p.width)) if image is not None else None
     work = f"{req.n} clip{'s' if req.n != 1 else ''} x {frames} frames x {req.steps} steps"
     with tqdm(total=req.n * frames * req.steps, unit="frame-step", desc=f"video ({work})", disable=not progress) as bar:
         for b in request_batches(ldm, req, p, "video"):
@@ -96,7 +105,12 @@ def video_latents(
                 regenerate = torch.ones(1, frames, 1, h, w, device=ldm.device)
                 regenerate[:, 0] = 0
                 known = Known(x0, regenerate)
-            tick = lambda *_, k=b.size * frames: bar.update(k)  # noqa: E731
+
+            def tick(*args, k=b.size * frames):
+                bar.update(k)
+                if callback is not None:
+                    callback(*args)
+
             yield draw(ldm, req, shape, b.cond, b.uncond, b.generators, tick, known=known), b.captions
 
 
@@ -106,11 +120,17 @@ def decode_clips(ldm: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
 
 
 def generate_clips(
-    ldm: LatentDiffusion, req: SampleRequest, clip: ClipRequest, progress: bool = False
+    ldm: LatentDiffusion,
+    req: SampleRequest,
+    clip: ClipRequest,
+    progress: bool = False,
+    callback: Callable | None = None,
+    first_frame: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Every clip of the request: frames (n, F, C, H, W) in [-1, 1] and a caption per clip."""
+    """Every clip of the request: frames (n, F, C, H, W) in [-1, 1] and a caption per clip (callback and first_frame
+    as video_latents takes them)."""
     clips, captions = [], []
-    for z, caps in video_latents(ldm, req, clip, progress):
+    for z, caps in video_latents(ldm, req, clip, progress, callback, first_frame):
         clips.append(decode_clips(ldm, z))
         captions += caps
     return torch.cat(clips), captions
@@ -139,7 +159,7 @@ def video_to_file(
     inputs = (*target.inputs, checkpoint, *([clip.first_frame] if clip.first_frame else []))
     if clip.first_frame and not Path(clip.first_frame).is_file():
         load_edit_image(clip.first_frame, 3)  # its own error: missing, a folder
-    params = model_record(checkpoint) | {k: v for k, v in asdict(req).items() if k not in ("device", "batch_size")}
+    params = model_record(checkpoint) | req.record()  # LoRAs by name and hash, precision as the image commands
     params |= {"frames": clip.frames, "fps": clip.fps}
     if clip.first_frame:
         params["first_frame"] = input_record(clip.first_frame)

@@ -1,6 +1,7 @@
 """ldmkit's video pipeline: clips written as GIF, MP4 or a PNG frame strip with their parameters, the screen on
 every frame, image-to-video keeping the first frame, and one-line refusals before any sampling."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -61,6 +62,15 @@ def test_clips_are_written_as_gif_mp4_and_frame_strips_with_their_parameters(tmp
     assert len(frames) == 3 and frames[0].shape == (16, 16)
     assert np.abs(frames[0].astype(np.float32) - strip_px[:, :16]).mean() < 12  # lossy, but the same pictures
     assert read_clip_parameters(mp4)["fps"] == 4
+
+
+def test_a_clip_records_its_request_as_the_image_commands_do(tmp_path, tiny_video):
+    one = replace(REQ, n=1)
+    (gif,) = video_to_file(tiny_video, one, ClipRequest(frames=2), tmp_path / "r.gif", progress=False)
+    about = read_clip_parameters(gif)
+    own = {"model", "weights_sha256", "frames", "fps", "seed", "n", "index", "caption"}
+    assert {k: v for k, v in about.items() if k not in own} == json.loads(json.dumps(one.record("seed", "n")))
+    assert "precision" not in about and "loras" not in about  # fp32 and no LoRA record nothing, as for images
 
 
 def test_every_frame_passes_the_screen(tmp_path, tiny_video):
