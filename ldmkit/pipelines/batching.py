@@ -9,7 +9,7 @@ batch-invariant (nn/invariant.py), so batching changes no bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -71,9 +71,9 @@ def _sample_chunk(
             cond = ldm.conditioning(labels=labels, n=n)
             uncond = ldm.null_conditioning(n)
         generators = [g for s in chunk for g in generators_from_seed(s.seed, 1)]
-        return draw(
-            ldm, req, (n, *shape), cond, uncond, generators, callback, cfg_scale=torch.tensor([s.cfg for s in chunk])
-        )
+        sampling = replace(req, loras=())  # the images' LoRAs are hooked above, per image; draw adds no others
+        cfg = torch.tensor([s.cfg for s in chunk])
+        return draw(ldm, sampling, (n, *shape), cond, uncond, generators, callback, cfg_scale=cfg)
 
 
 def generate_together(

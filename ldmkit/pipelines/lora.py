@@ -191,8 +191,9 @@ def per_sample_loras(ldm: LatentDiffusion, per_image: Sequence[Sequence[LoRASpec
 
 @contextmanager
 def request_loras(ldm: LatentDiffusion, specs: Sequence[LoRASpec]) -> Iterator[None]:
-    """Within the block, every image `ldm` draws gets the LoRAs `specs` at their scales (an edit's, which runs
-    alone); hooked in the order per_sample_loras uses, so the numbers are those of a batch."""
+    """Within the block, every image `ldm` draws gets the LoRAs `specs` at their scales (one request's: plan.draw
+    and request_batches hook req.loras so, for every pipeline); hooked in the order per_sample_loras uses, so the
+    numbers are those of a batch."""
     if not specs:
         yield
         return

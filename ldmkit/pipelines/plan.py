@@ -19,6 +19,7 @@ from ..errors import InputError, NonFiniteError
 from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
 from ..runtime import sampling_autocast
+from .lora import request_loras
 from .request import SampleRequest
 
 UNCONDITIONAL = "unconditional"  # the caption of an image drawn without a label (label -1)
@@ -100,9 +101,10 @@ def draw(
     image and its strength, kept latents, a per-image guidance tensor); denoiser: a wrapped denoiser (tiling),
     default the model's. A NonFiniteError comes back naming the command's options to change (blame_options). The
     sampling steps run under the request's precision (runtime.sampling_autocast; fp32: no autocast); decoding
-    after them stays float32."""
+    after them stays float32. The request's LoRAs (req.loras) are hooked into the backbone, unmerged, for these
+    steps alone (pipelines/lora.py: request_loras); a caller that hooks per-image LoRAs itself passes none."""
     try:
-        with sampling_autocast(req.precision, ldm.device):
+        with request_loras(ldm, req.loras), sampling_autocast(req.precision, ldm.device):
             z = sample_latents(
                 denoiser if denoiser is not None else ldm.denoiser,
                 shape,
@@ -190,7 +192,8 @@ def request_batches(
     x tiles x steps, moved on by each batch's `tick` (pass it as the sampler's callback), with an estimate of the
     time left. steps=0: a bar over images, shown when there is more than one batch. share: only these images (a
     block of 0..n-1), numbered as in the whole request: the same seeds, labels and prompts, so a rank's share is
-    those images of one process."""
+    those images of one process. The conditions are computed under the request's LoRAs (those with text-encoder
+    layers change them), as draw() samples under them."""
     share = share if share is not None else range(req.n)
     n = len(share)
     bar = _progress_bar(desc, n, steps, tiles, quiet or not progress or (not steps and n <= req.batch_size))
@@ -199,8 +202,9 @@ def request_batches(
             e = min(share.stop, s + req.batch_size)
             lab = p.labels[s:e] if p.labels is not None else None
             pr = p.prompts[s:e] if p.prompts is not None else None
-            cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
-            uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
+            with request_loras(ldm, req.loras):  # on the text encoder too
+                cond = ldm.conditioning(labels=lab, prompts=pr, n=e - s)
+                uncond = ldm.null_conditioning(e - s, [req.negative_prompt] * (e - s) if req.negative_prompt else None)
             captions = [caption_of(ldm, int(label)) for label in lab] if lab is not None else (pr or [""] * (e - s))
             gens = generators_from_seed(req.seed + s, e - s)
             tick = (lambda *_, k=(e - s) * tiles: bar.update(k)) if steps else None

@@ -160,7 +160,7 @@ class LoRASpec:
 
 def _loras(name: str, value, tail: str, fail) -> tuple[LoRASpec, ...]:
     """LoRAs as a request gives them (LoRASpec, or {"name": ..., "scale": ...} from an API) checked: a name, a
-    finite scale, each LoRA once; fail(message) naming `name` otherwise."""
+    finite scale, each LoRA once, a file given by its path present; fail(message) naming `name` otherwise."""
     out, seen = [], set()
     for v in value:
         if isinstance(v, dict):
@@ -174,6 +174,8 @@ def _loras(name: str, value, tail: str, fail) -> tuple[LoRASpec, ...]:
         scale = _number(f"{name} {label[:60]!r} scale", v.scale, None, None, tail, fail)
         if label in seen:
             raise fail(f"{name} names {label[:60]!r} twice; give each LoRA once (scales add: sum them)")
+        if v.path and not Path(v.path).is_file():  # a library caller's file (a server's names are found later)
+            raise fail(f"{name} {v.path[:200]}: no such file; give the path of a LoRA .safetensors")
         seen.add(label)
         out.append(LoRASpec(v.path, scale, v.name, v.sha256))
     return tuple(out)

@@ -31,7 +31,6 @@ import torch
 
 from ..errors import LdmkitError
 from ..pipelines.batching import generate_together, share_key
-from ..pipelines.lora import request_loras
 from ..pipelines.request import SampleRequest
 from .cost import StepCost, StepTimer, describe, units_per_step
 
@@ -365,9 +364,8 @@ class Scheduler:
         t0 = time.monotonic()
         measured = True
         try:
-            if batch[0].run is not None:
-                with request_loras(ldm, batch[0].req.loras):  # an edit runs alone: its LoRAs on the whole model
-                    results = [batch[0].run(ldm)]
+            if batch[0].run is not None:  # an edit runs alone; its pipeline applies its request's LoRAs (plan.draw)
+                results = [batch[0].run(ldm)]
             else:
                 results = self._generate(ldm, batch, stop_when_abandoned)
         except Cancelled:
