@@ -126,6 +126,13 @@ def png_size(b64: str) -> tuple[int, int]:
         return im.size
 
 
+def b64_png(arr) -> str:
+    """An image array (H, W[, C]) uint8 as the base64 PNG the APIs take for input images."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def pixels(b64_or_bytes) -> bytes:
     raw = base64.b64decode(b64_or_bytes) if isinstance(b64_or_bytes, str) else b64_or_bytes
     with Image.open(io.BytesIO(raw)) as im:

@@ -21,7 +21,7 @@ from ldmkit.pipelines.request import SampleRequest
 from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import Keys
 from ldmkit.serve.store import open_store
-from tests.serve_helpers import LiveServer, pixels
+from tests.serve_helpers import LiveServer, b64_png, pixels
 
 STEPS = 2
 
@@ -35,12 +35,6 @@ def random_controlnet(ldm, path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
     save_controlnet(path, net, condition="raw")
     return net
-
-
-def b64_png(arr) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 EDGES = np.zeros((16, 16, 3), np.uint8)

@@ -2,26 +2,29 @@
 GET /sdapi/v1/loras, only the server's folder, a role's allow-list, one batch for different LoRAs with each image
 bit for bit its alone image, and the audit row naming each LoRA's SHA-256 and scale."""
 
+import base64
 import concurrent.futures
 import hashlib
 import io
 import json
 import time
 
+import numpy as np
 import pytest
 
 from ldmkit.data.images import to_pil
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.batching import generate_together
+from ldmkit.pipelines.img2img import img2img
 from ldmkit.pipelines.lora import LoRAFolder, LoRASpec
 from ldmkit.pipelines.request import SampleRequest
 from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import Keys
 from ldmkit.serve.loras import prompt_loras
-from ldmkit.serve.schemas import FieldError
+from ldmkit.serve.schemas import FieldError, decode_image
 from ldmkit.serve.store import open_store
 from tests.pipelines.test_batching_loras import random_lora
-from tests.serve_helpers import LiveServer, pixels
+from tests.serve_helpers import LiveServer, b64_png, pixels
 
 STEPS = 2
 
@@ -54,12 +57,18 @@ def live(tmp_path_factory, tiny_text_ldm, ldm):
     server.close()
 
 
-def alone(ldm, folder, prompt: str, seed: int, cfg: float, loras: list[tuple[str, float]]) -> bytes:
-    """The PNG pixels of the request alone, its LoRAs found in the folder as the server finds them."""
+def alone(ldm, folder, prompt: str, seed: int, cfg: float, loras: list[tuple[str, float]], init=None) -> bytes:
+    """The PNG pixels of the request alone, its LoRAs found in the folder as the server finds them; init: (a base64
+    image, strength) for an img2img of it, the image decoded as the server decodes it."""
     specs = folder.resolve(ldm, [LoRASpec("", s, n) for n, s in loras])
     req = SampleRequest(n=1, prompts=[prompt], steps=STEPS, seed=seed, cfg=cfg, loras=specs)
+    if init is None:
+        image = generate_together(ldm, [req])[0][0]
+    else:
+        x = decode_image("init_images", init[0], ldm.ae_config.in_channels, 1 << 20)  # (1, C, H, W)
+        image = img2img(ldm, x, req, init[1])[0][0]
     buf = io.BytesIO()
-    to_pil(generate_together(ldm, [req])[0][0]).save(buf, format="PNG")
+    to_pil(image).save(buf, format="PNG")
     return pixels(buf.getvalue())
 
 
@@ -136,6 +145,33 @@ def test_a_native_job_applies_its_loras(live, ldm):
     assert view["status"] == "done"
     assert view["params"]["loras"] == [{"name": "ink", "sha256": _sha(live, "ink"), "scale": -1.0}]
     assert pixels(view["images"][0]) == alone(ldm, live.folder, "tree", 4, 3.0, [("ink", -1.0)])
+
+
+def test_a1111_img2img_applies_the_prompt_loras(live, ldm):
+    admin, user = live.client(live.keys["admin"]), live.client(live.keys["user"])
+    init = b64_png(np.linspace(0, 255, 256).astype(np.uint8).reshape(16, 16))
+    body = {"init_images": [init], "denoising_strength": 0.7, "steps": STEPS, "seed": 6, "cfg_scale": 3.0}
+
+    def edit(client, prompt):
+        r = client.post("/sdapi/v1/img2img", json=body | {"prompt": prompt})
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["prompt"] == "dusk"
+        return r.json()["images"][0]
+
+    on, plain = edit(admin, "dusk <lora:ink:0.8>"), edit(admin, "dusk")
+    assert pixels(on) != pixels(plain), "the LoRA changes the edit of the same seed"
+    assert pixels(on) == alone(ldm, live.folder, "dusk", 6, 3.0, [("ink", 0.8)], (init, 0.7))
+    assert pixels(plain) == alone(ldm, live.folder, "dusk", 6, 3.0, [], (init, 0.7))
+    digest = hashlib.sha256(base64.b64decode(on)).hexdigest()
+    row = next(r for r in Audit(open_store(str(live.db))).tail(5) if digest in (r["outputs"] or []))
+    assert row["route"] == "POST /sdapi/v1/img2img"
+    assert row["params"]["loras"] == [{"name": "ink", "sha256": _sha(live, "ink"), "scale": 0.8}], row
+    # a role's allow-list and the folder hold for edits too
+    r = user.post("/sdapi/v1/img2img", json=body | {"prompt": "dusk <lora:ink:0.8>"})
+    assert r.status_code == 403 and "'ink'" in r.text, r.text
+    r = user.post("/sdapi/v1/img2img", json=body | {"prompt": "dusk <lora:../outside:1>"})
+    assert r.status_code == 400 and "leaves the LoRA folder" in r.text, r.text
+    assert edit(user, "dusk <lora:styles/toy:0.5>") != plain
 
 
 @pytest.mark.parametrize(
