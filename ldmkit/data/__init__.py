@@ -1,4 +1,4 @@
-"""Data sets: image folders with labels and captions, and the built-ins (Fashion-MNIST, emoji).
+"""Data sets: image folders with labels and captions, and the built-ins (Fashion-MNIST, emoji, their clip sets).
 
 Every data set is a `torch.utils.data.Dataset` whose item is
 `{"image": (C, H, W) float in [-1, 1], "label": int (-1 if none), "caption": str ("" if none), "index": int}` and
@@ -19,6 +19,7 @@ from ..errors import InputError, MissingFileError
 from .clip_folder import ClipFolder
 from .common import Subset, dataset_fingerprint, prepare_dataset, split_holdout, stack_images
 from .emoji import EmojiDataset
+from .emoji_motion import EmojiMotion
 from .fashion_mnist import FashionMNIST
 from .folder import ImageFolder
 from .moving_fashion import MovingFashion
@@ -41,7 +42,8 @@ BUILTINS = {
     "emoji": _emoji(("noto",)),
     "emoji-openmoji": _emoji(("openmoji",)),
     "emoji-all": _emoji(("noto", "openmoji")),
-    "moving-fashion": MovingFashion,  # clips (F, C, H, W): the video task's built-in set
+    "moving-fashion": MovingFashion,  # clips (F, C, H, W): the video task's built-in sets
+    "emoji-motion": EmojiMotion,
 }
 
 

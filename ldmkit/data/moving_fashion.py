@@ -2,9 +2,9 @@
 with captions that say what moves how ("a sneaker moving left and a bag growing").
 
 Built offline from Debian's dataset-fashion-mnist files (data/fashion_mnist.py). Clip i of a split is drawn from a
-generator seeded by the split and i alone, so the set is the same on every machine and any clip can be made on its
-own, in any order, without the others. Each clip's layout (`spec(i)`: items, motions, centres and sizes per frame)
-is what a motion benchmark checks a generated clip against.
+generator seeded by the split and i alone (data/motion.py), so the set is the same on every machine and any clip can
+be made on its own, in any order, without the others. Each clip's layout (`spec(i)`: items, motions, centres and
+sizes per frame) is what a motion benchmark checks a generated clip against.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..config import DataConfig
 from ..errors import InputError
 from .common import digest, file_stamp
 from .fashion_mnist import CLASS_NAMES, ROOT, load_arrays, split_files
+from .motion import MotionClips, chosen_motions, clip_frames, with_article
 
 # how the caption names each class
 NOUNS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -26,7 +27,6 @@ NOUNS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "
 DIRECTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
 MOTIONS = (*DIRECTIONS, "bouncing", "growing", "shrinking")
 CLIPS = {"train": 20_000, "test": 2_000}  # clips per split (data.limit takes fewer)
-DEFAULT_FRAMES = 8
 _SEED = {"train": 0x5EED, "test": 0x7E57}
 
 
@@ -43,8 +43,7 @@ class Track:
 
     @property
     def words(self) -> str:
-        noun = NOUNS[self.label]
-        return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun} {self.motion}"
+        return f"{with_article(NOUNS[self.label])} {self.motion}"
 
 
 def _track(g: np.random.Generator, index: int, label: int, motion: str, frames: int, res: int) -> Track:
@@ -82,17 +81,21 @@ def _bounce(start: float, step: float, frames: int, lo: float, hi: float) -> np.
     return lo + np.where(folded > width, 2 * width - folded, folded)
 
 
-class MovingFashion(torch.utils.data.Dataset):
+class MovingFashion(MotionClips):
     """Clip items {"image": (F, C, R, R) in [-1, 1], "label": the first item's class, "caption", "index"}."""
 
+    name = "moving-fashion"
+
     def __init__(self, cfg: DataConfig, root=ROOT):
-        """cfg: resolution (the canvas side), channels (3 replicates grey), split, limit (clips), frames (0: 8)."""
+        """cfg: resolution (the canvas side), channels (3 replicates grey), split, limit (clips), frames (0: 8),
+        motions (those drawn; empty: all of MOTIONS)."""
         if cfg.channels not in (1, 3):
             raise InputError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
         if cfg.resolution < 8:
             raise InputError(f"data.resolution={cfg.resolution} is too small for moving-fashion; use 16 or more")
         self.cfg = cfg
-        self.frames = cfg.frames or DEFAULT_FRAMES
+        self.frames = clip_frames(cfg, self.name)
+        self.motions = chosen_motions(cfg, MOTIONS, self.name)
         self.images, self.labels = load_arrays(cfg.split, str(root))
         n = CLIPS[cfg.split]
         self.n = min(cfg.limit, n) if cfg.limit > 0 else n
@@ -100,16 +103,9 @@ class MovingFashion(torch.utils.data.Dataset):
         self.captions = [self.caption(i) for i in range(self.n)]
         c = cfg
         self._fingerprint = digest(
-            ["moving-fashion", 1, c.split, c.resolution, c.channels, self.frames, self.n]
+            ["moving-fashion", 1, c.split, c.resolution, c.channels, self.frames, self.n, list(self.motions)]
             + [[str(f.resolve()), file_stamp(f)] for f in split_files(c.split, root)]
         )
-
-    def fingerprint(self) -> str:
-        """Content key for caches: the IDX files (path, size, mtime) and the settings that change the clips."""
-        return self._fingerprint
-
-    def __len__(self) -> int:
-        return self.n
 
     def spec(self, i: int) -> list[Track]:
         """The items of clip i and where each is in every frame (drawn from clip i's own generator)."""
@@ -118,12 +114,9 @@ class MovingFashion(torch.utils.data.Dataset):
         tracks = []
         for _ in range(count):
             index = int(g.integers(len(self.images)))
-            motion = MOTIONS[int(g.integers(len(MOTIONS)))]
+            motion = self.motions[int(g.integers(len(self.motions)))]
             tracks.append(_track(g, index, int(self.labels[index]), motion, self.frames, self.cfg.resolution))
         return tracks
-
-    def caption(self, i: int) -> str:
-        return " and ".join(t.words for t in self.spec(i))
 
     def render(self, tracks: list[Track]) -> torch.Tensor:
         """The clip (F, C, R, R) in [-1, 1]: each item resized to its side and placed at its centre, the brighter
@@ -141,15 +134,3 @@ class MovingFashion(torch.utils.data.Dataset):
                 np.maximum(region, sprite, out=region)
         x = torch.from_numpy(clip).float().div(127.5).sub(1.0)[:, None]  # (F, 1, R, R)
         return x.expand(-1, 3, -1, -1).contiguous() if self.cfg.channels == 3 else x
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} is out of range for {len(self)} moving-fashion clips")
-        i = i % len(self)
-        tracks = self.spec(i)
-        return {
-            "image": self.render(tracks),
-            "label": tracks[0].label,
-            "caption": " and ".join(t.words for t in tracks),
-            "index": i,
-        }

@@ -4,8 +4,8 @@ It grows from an image generation model through --init: the image model's weight
 that start as the identity are added after each block, so the first training step starts from the image model frame
 by frame (Video LDM, Blattmann et al. 2023; AnimateDiff, Guo et al. 2024). With `train.trainable=temporal` only those
 layers train and the image layers stay frozen. Training reads clips (data.frames frames each) from a clip data set
-(moving-fashion, a folder of clips), whose every frame the frozen autoencoder encodes once into the latent cache.
-The checkpoint is an ordinary model file of task "video", used by `ldmkit video`.
+(moving-fashion, emoji-motion, a folder of clips), whose every frame the frozen autoencoder encodes once into the
+latent cache. The checkpoint is an ordinary model file of task "video", used by `ldmkit video`.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Video(Task):
         if z.ndim != 5:
             raise InputError(
                 f"--task video trains on clips, but data.dataset={trainer.run.data.dataset!r} was read as images; "
-                f"use moving-fashion, or set data.frames (e.g. 8) to read a folder as clips"
+                f"use moving-fashion or emoji-motion, or set data.frames (e.g. 8) to read a folder as clips"
             )
         return z, cond
 
