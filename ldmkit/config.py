@@ -459,6 +459,7 @@ class ServeLimits:
     max_prompt_chars: int = bounded(2000, COUNT)  # characters of a prompt or negative prompt
     max_upload_bytes: int = bounded(8 * 2**20, COUNT)  # a request body (uploaded images in base64 included)
     max_cfg: float = bounded(30.0, POSITIVE)  # guidance scale; larger values overflow float32 in some models
+    max_frames: int = bounded(32, Bound(1, 256, integer=True))  # frames of a clip; each counts as an image
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""The HTTP application: the routers (routers/: OpenAI's images API, AUTOMATIC1111's API, native jobs, keys, audit
-and metrics for admins, health and the web page), the middleware around them, and the error map. Routes parse,
-authorize (a typed dependency, deps.py) and answer; service.py runs the work, pipelines make images."""
+"""The HTTP application: the routers (routers/: OpenAI's images and videos APIs, AUTOMATIC1111's API, native jobs,
+keys, audit and metrics for admins, health and the web page), the middleware around them, and the error map. Routes
+parse, authorize (a typed dependency, deps.py) and answer; service.py runs the work, pipelines make images."""
 
 import logging
 
@@ -15,7 +15,7 @@ from .metrics import Metrics
 from .middleware import BodyTooLarge, ServeMiddleware, error_body
 from .prompt_routes import add_prompt_routes
 from .prompts import Templates
-from .routers import a1111, admin, health, native, openai
+from .routers import a1111, admin, health, native, openai, videos
 from .scheduler import QueueFull, ShuttingDown
 from .schemas import FieldError
 from .service import RequestFailed, Service
@@ -44,7 +44,7 @@ def create_app(run: ServeRun, models: dict, store, no_auth: bool = False):
         return JSON(error_body(message, param, code, kind), status_code=status, headers=headers)
 
     add_error_handlers(app, fail, run)
-    for api in (health, openai, a1111, native, admin):
+    for api in (health, openai, a1111, native, videos, admin):
         app.include_router(api.router())
     add_prompt_routes(app, svc, templates, parse_body, fail)
     return ServeMiddleware(app, audit, metrics, run.limits.max_upload_bytes), svc

@@ -25,11 +25,12 @@ def units_per_step(ldm, req: SampleRequest) -> int:
     return h * w * req.n * (2 if guides(req.cfg) else 1)
 
 
-def describe(ldm, req: SampleRequest) -> str:
-    """The request's work in words, for an error that refuses it."""
+def describe(ldm, req: SampleRequest, frames: int = 1) -> str:
+    """The request's work in words, for an error that refuses it (frames: of each clip; 1: images)."""
     h, w = resolution(ldm, req)
     passes = ", 2 passes a step for guidance" if guides(req.cfg) else ""
-    return f"{w}x{h} pixels x {req.n} images x {req.steps} steps{passes}"
+    what = f"{req.n} images" if frames == 1 else f"{req.n} clip{'s' if req.n != 1 else ''} of {frames} frames"
+    return f"{w}x{h} pixels x {what} x {req.steps} steps{passes}"
 
 
 class StepCost:

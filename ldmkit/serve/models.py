@@ -14,7 +14,9 @@ from ..runtime import resolve_device
 from ..shipped import SHIPPED, resolve_model, weights_dir
 
 GENERATIONS, TXT2IMG, IMG2IMG, JOBS = "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs"
+VIDEOS = "/v1/videos"
 WHAT = {GENERATIONS: "generation", TXT2IMG: "generation", JOBS: "generation", IMG2IMG: "img2img and inpainting"}
+WHAT[VIDEOS] = "video"
 
 
 @dataclass
@@ -39,8 +41,11 @@ class ServedModel:
         }
 
     def routes(self) -> list[str]:
-        """The POST routes that can use this model: a generation model serves them all; a model that needs more
-        than noise to start from (an inpainting model: an image and a mask) serves img2img with a mask only."""
+        """The POST routes that can use this model: a generation model serves the image routes; a model that needs
+        more than noise to start from (an inpainting model: an image and a mask) serves img2img with a mask only; a
+        video model (its task's routes name /v1/videos) serves the video route only."""
+        if VIDEOS in self.ldm.task_spec.routes:
+            return [VIDEOS]
         try:
             check_samples_from_noise(self.ldm)
             return [GENERATIONS, TXT2IMG, IMG2IMG, JOBS]

@@ -69,6 +69,7 @@ class Job:
     req: SampleRequest
     owner: str = ""  # the key id that asked
     run: Callable | None = None  # run(ldm) -> images (n, C, H, W), for work that is not plain generation
+    frames: int = 1  # frames per image: a clip of F frames counts as F images (queue, quota, cost)
     timeout_s: float = 300.0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: str = QUEUED
@@ -84,7 +85,8 @@ class Job:
 
     @property
     def n(self) -> int:
-        return self.req.n
+        """Its images: the request's, times the frames of each (a clip)."""
+        return self.req.n * self.frames
 
     @property
     def key(self) -> tuple:
@@ -181,7 +183,7 @@ class Scheduler:
 
     def _units(self, job: Job) -> int:
         try:
-            return units_per_step(self.models[job.model], job.req)
+            return units_per_step(self.models[job.model], job.req) * job.frames
         except (LdmkitError, KeyError):  # a size the model cannot sample: the run reports it
             return 0
 
@@ -190,7 +192,7 @@ class Scheduler:
         own = self.estimate(job)
         if own is None:
             return
-        what = describe(self.models[job.model], job.req)
+        what = describe(self.models[job.model], job.req, job.frames)
         if own > job.timeout_s:
             raise TooCostly(
                 f"this request ({what}) would take about {own:.1f} s on this server, over its {job.timeout_s:g} s "

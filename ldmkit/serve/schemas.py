@@ -1,4 +1,4 @@
-"""Request bodies of the three APIs (OpenAI images, AUTOMATIC1111, native jobs) and their translation into
+"""Request bodies of the APIs (OpenAI images and videos, AUTOMATIC1111, native jobs) and their translation into
 ldmkit's SampleRequest, checked against the server's limits and the model. Every refusal names the field."""
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class FieldError(InputError):
 @functools.cache
 def api_models() -> SimpleNamespace:
     """The request bodies as pydantic models (pydantic comes with the `serve` extra, so they are built on first
-    use): OpenAIImageRequest, A1111Request and JobRequest. The generation parameters' defaults and bounds come from
-    the parameter table (spec_field)."""
+    use): OpenAIImageRequest, A1111Request, JobRequest and VideoRequest. The generation parameters' defaults and
+    bounds come from the parameter table (spec_field)."""
     from pydantic import BaseModel, ConfigDict, Field
 
     def spec_field(name: str, surface: str, default=...):
@@ -132,8 +132,36 @@ def api_models() -> SimpleNamespace:
         width: int = spec_field("width", "native")
         height: int = spec_field("height", "native")
         loras: list[LoRAItem] = spec_field("loras", "native")
+        # ControlNet units: image (base64), kind, model, scale, start, end; read by serve/controls.py
+        controls: list[dict] = Field(default_factory=list)
 
-    return SimpleNamespace(OpenAIImageRequest=OpenAIImageRequest, A1111Request=A1111Request, JobRequest=JobRequest)
+    class VideoRequest(BaseModel):
+        """POST /v1/videos: OpenAI's fields (prompt, model, seconds, size, input_reference) and ldmkit's own."""
+
+        model_config = ConfigDict(extra="forbid")
+        model: str | None = None
+        prompt: str = ""
+        negative_prompt: str = spec_field("negative_prompt", "native")
+        template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
+        variables: dict[str, str] | None = None  # the template's variables
+        labels: list[int] | None = spec_field("labels", "native")
+        seconds: str | float | None = None  # OpenAI's length ("4"): frames = seconds x fps
+        frames: int | None = None  # frames of the clip, instead of seconds; neither: 16, as `ldmkit video`
+        fps: float = 8.0  # frames per second of the MP4
+        size: str | None = None  # "WIDTHxHEIGHT"; None: the model's training resolution
+        input_reference: str | dict | None = None  # the first frame: base64 or {"image_url": "data:image/png;..."}
+        steps: int = spec_field("steps", "native")
+        cfg: float = spec_field("cfg", "native")
+        seed: int | None = spec_field("seed", "native")
+        sampler: str = spec_field("sampler", "native")
+        loras: list[LoRAItem] = spec_field("loras", "native")
+
+    return SimpleNamespace(
+        OpenAIImageRequest=OpenAIImageRequest,
+        A1111Request=A1111Request,
+        JobRequest=JobRequest,
+        VideoRequest=VideoRequest,
+    )
 
 
 def parse_size(size: str | None) -> tuple[int, int]:

@@ -252,14 +252,14 @@ class Service:
         request.state.quota = held
         return out
 
-    def queue(self, principal: Principal, served, req: SampleRequest, run=None, on_done=None) -> Job:
-        """Reserve the images of the key's quota and queue the job; on_done(job) is attached before the worker can
-        see the job, so it runs however fast the job ends. Refused at once (413) when its images are larger than
-        limits.max_pixels or it cannot finish within serve.timeout_s, and (429) when the work queued ahead leaves it
-        too little time."""
+    def queue(self, principal: Principal, served, req: SampleRequest, run=None, on_done=None, frames: int = 1) -> Job:
+        """Reserve the images of the key's quota (frames: of each image, a clip's; each frame counts) and queue the
+        job; on_done(job) is attached before the worker can see the job, so it runs however fast the job ends.
+        Refused at once (413) when its images are larger than limits.max_pixels or it cannot finish within
+        serve.timeout_s, and (429) when the work queued ahead leaves it too little time."""
         self._check_pixels(served, req)
-        held = None if self.no_auth else self.keys.reserve_images(principal, req.n, self._hold_s())
-        job = Job(served.name, req, owner=principal.key_id, run=run, timeout_s=self.run.serve.timeout_s)
+        job = Job(served.name, req, owner=principal.key_id, run=run, timeout_s=self.run.serve.timeout_s, frames=frames)
+        held = None if self.no_auth else self.keys.reserve_images(principal, job.n, self._hold_s())
         if held is not None:
             self._held[job.id] = held  # settled or given back exactly once: by finished, generate or _release
         if on_done is not None:
@@ -275,22 +275,41 @@ class Service:
         return job
 
     # --- native jobs: queued now, asked for later ----------------------------------------------------------------
-    def submit(self, principal: Principal, served, req: SampleRequest, params: dict) -> Job:
-        """Queue a native job and keep it among the last serve.jobs_kept; its own audit row is written when it ends
-        (the POST's row says it was queued)."""
-        record = {"model": served.name, "params": params, "created": time.time(), "output": None, "ended": False}
-        job = self.queue(principal, served, req, on_done=lambda j: self._job_done(j, served, record))
+    def submit(
+        self,
+        principal: Principal,
+        served,
+        req: SampleRequest,
+        params: dict,
+        route: str = "job",
+        run=None,
+        frames: int = 1,
+        output=None,
+    ) -> Job:
+        """Queue a native job and keep it among the last serve.jobs_kept; its own audit row (of `route`) is written
+        when it ends (the POST's row says it was queued). route "job": images; "video": a clip, which the video API
+        makes with its `run` and turns into a file with its `output` (as finished takes it)."""
+        record = {
+            "route": route,
+            "model": served.name,
+            "params": params,
+            "created": time.time(),
+            "output": None,
+            "ended": False,
+        }
+        done = lambda j: self._job_done(j, served, record, output)  # noqa: E731
+        job = self.queue(principal, served, req, run, done, frames)
         self.jobs[job.id] = (job, record)
         while len(self.jobs) > self.run.serve.jobs_kept:
             self.jobs.popitem(last=False)
         return job
 
-    def _job_done(self, job: Job, served, record: dict) -> None:
-        """A native job's audit row, and its images (or its error) in its record."""
+    def _job_done(self, job: Job, served, record: dict, output=None) -> None:
+        """A native job's audit row, and its output (or its error) in its record."""
         row = dict(
             request_id=job.id,
             key_id=job.owner or None,
-            route="job",
+            route=record["route"],
             model=served.name,
             weights_sha256=served.sha256,
             params=record["params"],
@@ -298,7 +317,7 @@ class Service:
             run_ms=round(job.run_ms, 1),
         )
         try:
-            out = self.finished(job, served, record["params"], row, job.id)
+            out = self.finished(job, served, record["params"], row, job.id, output)
             record["output"] = out
             row.update(decision="served", status=200, outputs=out.sha256)
         except RequestFailed as err:
@@ -309,17 +328,21 @@ class Service:
         self.audit.record(**row)
         record["ended"] = True
 
-    def job(self, job_id: str, principal: Principal) -> tuple[Job, dict] | None:
-        """The kept job `job_id` with its record, when `principal` owns it or is an admin; else None."""
+    def job(self, job_id: str, principal: Principal, route: str = "job") -> tuple[Job, dict] | None:
+        """The kept job `job_id` of `route` with its record, when `principal` owns it or is an admin; else None."""
         found = self.jobs.get(job_id)
-        if found is None or (principal.role != "admin" and found[0].owner != principal.key_id):
+        if found is None or found[1]["route"] != route or not self._owns(principal, found[0]):
             return None
         return found
 
-    def jobs_of(self, principal: Principal, limit: int) -> list[tuple[Job, dict]]:
-        """The newest `limit` kept jobs `principal` owns (all of them for an admin), newest first."""
-        mine = (j for j in reversed(self.jobs.values()) if principal.role == "admin" or j[0].owner == principal.key_id)
+    def jobs_of(self, principal: Principal, limit: int, route: str = "job") -> list[tuple[Job, dict]]:
+        """The newest `limit` kept jobs of `route` that `principal` owns (all of them for an admin), newest first."""
+        mine = (j for j in reversed(self.jobs.values()) if j[1]["route"] == route and self._owns(principal, j[0]))
         return list(itertools.islice(mine, limit))
+
+    @staticmethod
+    def _owns(principal: Principal, job: Job) -> bool:
+        return principal.role == "admin" or job.owner == principal.key_id
 
     def job_view(self, job: Job, record: dict, images: bool = True) -> dict:
         """A job as its owner sees it: status, model, parameters, and once done its seeds, hashes and images."""
@@ -352,12 +375,16 @@ class Service:
                 413,
             )
 
-    def finished(self, job: Job, served, params: dict, audit: dict, request_id: str) -> Output:
+    def finished(self, job: Job, served, params: dict, audit: dict, request_id: str, output=None) -> Output:
         """The job's images as PNGs (each with its generation record embedded: model, weights hash, parameters,
         seed, request id, time) after the output screen, or the error the job ended with. Its reserved images are
-        settled when this returns, and given back when it raises."""
+        settled when this returns, and given back when it raises. output: what makes the answer of a done job
+        instead, called as _output is (the video API's MP4)."""
+        self.metrics.queue.set(self.scheduler.queued_images())
         try:
-            out = self._output(job, served, params, audit, request_id)
+            if job.state != DONE:
+                raise self._failure(job)
+            out = (output or self._output)(job, served, params, audit, request_id)
         except BaseException:
             self._release(job)
             raise
@@ -365,11 +392,7 @@ class Service:
         return out
 
     def _output(self, job: Job, served, params: dict, audit: dict, request_id: str) -> Output:
-        self.metrics.queue.set(self.scheduler.queued_images())
-        if job.state != DONE:
-            self._release(job)
-            raise self._failure(job)
-        seeds = [job.req.seed + i for i in range(job.n)]
+        seeds = [job.req.seed + i for i in range(job.req.n)]
         record = {"model": served.name, "weights_sha256": served.sha256, **params}
         made = {"request_id": request_id, "time": utc_now().isoformat(timespec="seconds")}
         keep = getattr(job.run, "keep", None)  # an inpainting's kept pixels: the watermark changes only the others

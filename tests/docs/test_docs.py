@@ -30,6 +30,7 @@ VENV_LDMKIT, VENV_PYTHON, VENV_TORCHRUN = ".venv/bin/ldmkit", ".venv/bin/python"
 # lines that never run (a block holding one is checked only): they install, serve, or take minutes to hours
 CHECK_ONLY = {"make", VENV_TORCHRUN}
 SHELL_BUILTINS = {"cd", "mkdir", "ls", "cat", "cp", "rm", "echo"}
+LOCAL_SERVER = "http://127.0.0.1:8000/"  # `ldmkit serve`'s default address, which curl examples use
 FAST_TIMEOUT_S, SLOW_TIMEOUT_S = 300, 1800
 
 
@@ -133,6 +134,10 @@ def check_command(argv: list[str], targets: set[str]) -> str | None:
         return f"{rest[0]} has no option {unknown}" if unknown else None
     if prog in SHELL_BUILTINS:
         return None
+    if prog == "curl":  # an example against a local server: its URLs only
+        urls = [a for a in rest if "://" in a]
+        wrong = [u for u in urls if not u.startswith(LOCAL_SERVER)]
+        return f"curl to {wrong or 'no URL'}: examples talk to {LOCAL_SERVER}" if wrong or not urls else None
     return f"unknown program {prog!r}: teach tests/docs/test_docs.py how to check it"
 
 
