@@ -173,3 +173,27 @@ def test_delete_forgets_a_clip(live):
         gone = c.delete(f"/v1/videos/{made['id']}")
         assert gone.status_code == 200 and gone.json() == {"id": made["id"], "object": "video.deleted", "deleted": True}
         assert c.get(f"/v1/videos/{made['id']}").status_code == 404
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client's notice about OpenAI's own video service
+def test_the_official_client_creates_polls_downloads_and_deletes_a_clip(live):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{live.url}/v1", api_key=live.key, max_retries=0)
+    buf = io.BytesIO()
+    Image.new("L", (16, 16), 200).save(buf, format="PNG")
+    made = client.videos.create(  # a multipart form: every field a string, the first frame a file
+        model=live.video,
+        prompt="bag left",
+        seconds="1",
+        input_reference=("first.png", buf.getvalue(), "image/png"),
+        extra_body={"fps": 4, "steps": 2, "seed": 5},
+    )
+    assert made.object == "video" and made.seconds == "1" and made.to_dict()["frames"] == 4
+    done = client.videos.poll(made.id, poll_interval_ms=100)
+    assert done.status == "completed", done
+    mp4 = client.videos.download_content(made.id).content
+    assert hashlib.sha256(mp4).hexdigest() == done.to_dict()["sha256"]
+    assert audit_row(live, made.id)["params"]["first_frame"]["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest()
+    assert made.id in [v.id for v in client.videos.list()]
+    assert client.videos.delete(made.id).deleted

@@ -2,12 +2,27 @@
 GET /v1/videos/{id} polls it, GET /v1/videos/{id}/content downloads its MP4, GET /v1/videos lists the caller's
 clips, DELETE /v1/videos/{id} cancels one and forgets it. The jobs are the service's native jobs (route "video")."""
 
-from ..deps import parse_body, typed
+import base64
+
+from ..deps import parse_body, typed, validated
 from ..models import VIDEOS
 from ..schemas import FieldError, api_models, parse_size
 from ..service import RequestFailed, request_params
 from ..videos import ClipRun, clip_request, first_frame, mp4_output, video_view
 from .common import checked_request, templated
+
+
+async def video_body(request):
+    """The body as api_models().VideoRequest: JSON, or the multipart form OpenAI's client sends (each field a
+    string, which the model reads as the number it names; a file input_reference taken as base64)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await parse_body(request, api_models().VideoRequest)
+    form, data = await request.form(), {}
+    for key, value in form.multi_items():
+        if key in data:
+            raise FieldError(key, f"{key} is given twice; give it once")
+        data[key] = base64.b64encode(await value.read()).decode() if hasattr(value, "read") else value
+    return validated(api_models().VideoRequest, data)
 
 
 def router():
@@ -64,7 +79,7 @@ def router():
 
     @r.post("/v1/videos", response_model=Video)
     async def create_video(request: Request, principal: t.UserKey, svc: t.ServiceDep):
-        body = await parse_body(request, api_models().VideoRequest)
+        body = await video_body(request)
         served = svc.model(body.model)
         width, height = parse_size(body.size)
         fields = body.model_dump(include={"prompt", "negative_prompt", "labels", "steps", "cfg", "seed", "sampler"})
