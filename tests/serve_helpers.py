@@ -120,6 +120,17 @@ def kill_under_load(
     return answered
 
 
+def finished(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    """The native job's view once it is no longer queued or running (polled for up to `timeout` seconds: a loaded
+    machine may take a while)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return view
+        time.sleep(0.05)
+
+
 def png_size(b64: str) -> tuple[int, int]:
     with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
         assert im.format == "PNG"

@@ -1,10 +1,12 @@
 """ControlNets on served requests, in the shape AUTOMATIC1111's ControlNet extension takes them:
 `alwayson_scripts: {"controlnet": {"args": [{"image": BASE64, "module": "canny", "model": NAME, "weight": 1.0,
 "guidance_start": 0.0, "guidance_end": 1.0}, ...]}}` on /sdapi/v1/txt2img and img2img, listed by
-/controlnet/model_list and /controlnet/module_list. ControlNets come only from the server's folder (serve.controlnets),
-each read once and checked against the model a request names; a refusal is a 400 naming the unit's field as A1111
-does. No model maths here: the condition images are made by data/conditions.py and the ControlNets hooked around the
-denoiser by pipelines/control.py for the run of the request alone.
+/controlnet/model_list and /controlnet/module_list; and in the native jobs' `controls` list, with --control's names:
+`[{"image": BASE64, "kind": "canny", "model": NAME, "scale": 1.0, "start": 0.0, "end": 1.0}, ...]`. Both are read by
+one parser (UnitFields says what each API calls a unit's fields). ControlNets come only from the server's folder
+(serve.controlnets), each read once and checked against the model a request names; a refusal is a 400 naming the
+unit's field as the client sent it. No model maths here: the condition images are made by data/conditions.py and
+the ControlNets hooked around the denoiser by pipelines/control.py for the run of the request alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from ..checkpoint import file_sha256
 from ..config import ServeLimits
-from ..data.conditions import condition_of
+from ..data.conditions import KINDS, condition_of
 from ..data.images import to_pil
 from ..denoisers.controlnet import Control, ControlNet, check_control, check_fits, load_controlnet
 from ..errors import ConfigError, InputError
@@ -33,6 +35,31 @@ from .schemas import FieldError, decode_image
 # A1111's preprocessor ("module") names -> ldmkit's condition kinds; "none": the image is the condition already
 MODULES = {"none": "raw", "canny": "canny", "mask": "mask", "colour": "colour", "color": "colour"}
 SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class UnitFields:
+    """What one API calls the fields of a control unit, and the values its `kind` field takes."""
+
+    at: str  # the list's field: "alwayson_scripts.controlnet.args", "controls"
+    kind: str  # the field naming how the image becomes the condition
+    kinds: dict[str, str]  # its values -> ldmkit's condition kinds ("" = the detector the ControlNet was trained with)
+    default_kind: str  # the value when the field is left out
+    weight: str  # the scale of the ControlNet's residuals
+    start: str  # the fractions of the steps the unit acts on
+    end: str
+    images: tuple[str, ...]  # the fields holding the base64 condition image, in the order they are looked for
+    known: tuple[str, ...] | None = None  # the fields a unit may have (None: others are ignored, as A1111 does)
+
+
+A1111_UNIT = UnitFields(
+    "alwayson_scripts.controlnet.args", "module", MODULES, "none", "weight", "guidance_start", "guidance_end",
+    ("image", "input_image"),
+)  # fmt: skip
+NATIVE_UNIT = UnitFields(
+    "controls", "kind", {k: k for k in KINDS}, "", "scale", "start", "end", ("image",),
+    known=("image", "kind", "model", "scale", "start", "end"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,22 +122,26 @@ class ServedControlNets:
             )
         return name, net, meta, sha
 
-    def units(self, ldm, body, size: tuple[int, int], limits: ServeLimits) -> list[ControlUnit]:
-        """The enabled units of an A1111 body's alwayson_scripts.controlnet.args, each checked before any work:
-        its model in the folder and made for `ldm`, its module known, its image within the upload limits and of
-        the output's shape (H, W), its weight and window valid."""
-        args = _unit_args(body)
+    def units(
+        self, ldm, args: list, size: tuple[int, int], limits: ServeLimits, f: UnitFields = A1111_UNIT
+    ) -> list[ControlUnit]:
+        """The enabled units of `args` (an A1111 body's alwayson_scripts.controlnet.args, or with NATIVE_UNIT a
+        native body's controls), each checked before any work: its model in the folder and made for `ldm`, its kind
+        known, its image within the upload limits and of the output's shape (H, W), its weight and window valid."""
         units = []
         for i, unit in enumerate(args):
-            at = f"alwayson_scripts.controlnet.args[{i}]"
+            at = f"{f.at}[{i}]"
             if not isinstance(unit, dict):
-                raise FieldError(at, f"{at} must be an object with image, module, model, weight ...")
+                raise FieldError(at, f"{at} must be an object with image, {f.kind}, model, {f.weight} ...")
+            if f.known is not None and set(unit) - set(f.known):
+                extra = ", ".join(sorted(map(str, set(unit) - set(f.known))))[:80]
+                raise FieldError(at, f"{at} takes {', '.join(f.known)}, not {extra}")
             if unit.get("enabled", True) is False:
                 continue
-            units.append(self._unit(ldm, unit, at, size, limits))
+            units.append(self._unit(ldm, unit, at, size, limits, f))
         return units
 
-    def _unit(self, ldm, unit: dict, at: str, size: tuple[int, int], limits: ServeLimits) -> ControlUnit:
+    def _unit(self, ldm, unit: dict, at: str, size: tuple[int, int], limits: ServeLimits, f: UnitFields) -> ControlUnit:
         model = unit.get("model")
         if not isinstance(model, str) or not model or model.lower() == "none":
             raise FieldError(f"{at}.model", f"{at}.model must name a ControlNet; GET /controlnet/model_list lists them")
@@ -119,37 +150,36 @@ class ServedControlNets:
             check_fits(net, ldm.unet, ldm.factor, name)
         except InputError as err:
             raise FieldError(f"{at}.model", f"{at}.model: {err}") from None
-        module = unit.get("module", "none")
-        if module not in MODULES:
+        module = unit.get(f.kind, f.default_kind)
+        if not isinstance(module, str) or (module not in f.kinds and module != f.default_kind):
+            choices = ", ".join(f.kinds)
             raise FieldError(
-                f"{at}.module", f"{at}.module {str(module)[:40]!r} is not available; use one of: {', '.join(MODULES)}"
+                f"{at}.{f.kind}", f"{at}.{f.kind} {str(module)[:40]!r} is not available; use one of: {choices}"
             )
-        weight, start, end = (
-            _number(unit, k, d, at) for k, d in (("weight", 1.0), ("guidance_start", 0.0), ("guidance_end", 1.0))
-        )
+        weight, start, end = (_number(unit, k, d, at) for k, d in ((f.weight, 1.0), (f.start, 0.0), (f.end, 1.0)))
         try:
             check_control(weight, start, end, at)
         except InputError as err:
-            field = "weight" if "scale" in str(err) else "guidance_start"
-            raise FieldError(f"{at}.{field}", str(err).replace("the scale", "the weight")) from None
-        data, field = _image_of(unit, at)
+            field = f.weight if "scale" in str(err) else f.start
+            raise FieldError(f"{at}.{field}", str(err).replace("the scale", f"the {f.weight}")) from None
+        data, field = _image_of(unit, at, f.images)
         image = decode_image(field, data, 3, limits.max_upload_bytes)  # (1, 3, H, W) in [-1, 1]
         h, w = image.shape[-2:]
         if max(h, w) > limits.max_side:
             raise FieldError(field, f"{field} is {w}x{h}; the limit is {limits.max_side} pixels a side")
-        kind, cfg = condition_settings(meta, MODULES[module])
+        kind, cfg = condition_settings(meta, f.kinds.get(module, ""))
         try:
             cond = condition_of(kind, to_pil(image[0]), size, cfg, field, note=False)  # (1, 3, H, W) in [0, 1]
         except InputError as err:
             raise FieldError(field, str(err)) from None
         cond, _ = pad_to_multiple(cond, ldm.factor * ldm.run.backbone.factor)
-        record = {
+        record = {  # with the API's own names, as the client sent them
             "model": name,
             "sha256": sha,
-            "module": module,
-            "weight": weight,
-            "guidance_start": start,
-            "guidance_end": end,
+            f.kind: module,
+            f.weight: weight,
+            f.start: start,
+            f.end: end,
             "image_sha256": hashlib.sha256(_bytes(data)).hexdigest(),
         }
         return ControlUnit(Control(net, cond, weight, start, end), record)
@@ -173,10 +203,10 @@ def _number(unit: dict, key: str, default: float, at: str) -> float:
     return float(value)
 
 
-def _image_of(unit: dict, at: str) -> tuple[str, str]:
-    """(the base64 image, its field) of a unit: `image` (a string, or {"image": ...} as newer clients send it) or
-    the older `input_image`."""
-    for key in ("image", "input_image"):
+def _image_of(unit: dict, at: str, keys: tuple[str, ...]) -> tuple[str, str]:
+    """(the base64 image, its field) of a unit: the first of `keys` it has (A1111's: `image`, or the older
+    `input_image`), a string or {"image": ...} as newer clients send it."""
+    for key in keys:
         value = unit.get(key)
         if isinstance(value, dict):
             value, key = value.get("image"), f"{key}.image"
@@ -215,7 +245,20 @@ def a1111_controls(svc, served, body, req, run=None, size=None, strength: float 
     if not uses_controlnet(body):
         return run, {}
     size = size or resolution(served.ldm, req)
-    units = svc.controlnets.units(served.ldm, body, size, svc.limits)
+    return steered(req, svc.controlnets.units(served.ldm, _unit_args(body), size, svc.limits), run, strength)
+
+
+def native_controls(svc, served, controls: list, req) -> tuple[Any, dict]:
+    """(what the scheduler runs, None for a plain generation; what the audit row records) for a native job's
+    `controls`, read as A1111's units are (NATIVE_UNIT's names), the output the request's size."""
+    if not controls:
+        return None, {}
+    units = svc.controlnets.units(served.ldm, controls, resolution(served.ldm, req), svc.limits, NATIVE_UNIT)
+    return steered(req, units, None, 1.0)
+
+
+def steered(req, units: list[ControlUnit], run=None, strength: float = 1.0) -> tuple[Any, dict]:
+    """(`run`, or generate(ldm, req), with `units` around it; their audit records); (run, {}) without units."""
     if not units:
         return run, {}
     if run is None:

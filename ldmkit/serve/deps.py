@@ -66,8 +66,7 @@ def typed() -> SimpleNamespace:
 async def parse_body(request, model):
     """The JSON body as the pydantic `model`, read after the key was checked (FieldError naming the first bad
     field)."""
-    def refuse(constant):
-        raise FieldError("body", f"the body holds {constant}, which JSON does not allow; send finite numbers")
+    from pydantic import ValidationError
 
     raw = await request.body()
     try:
@@ -75,22 +74,15 @@ async def parse_body(request, model):
     except UnicodeDecodeError as e:
         raise FieldError("body", f"the body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8") from None
     try:
-        data = json.loads(text, parse_constant=refuse)
+        data = json.loads(text, parse_constant=float)  # NaN and Infinity, which JSON does not allow: refused below
     except (ValueError, RecursionError):
         raise FieldError("body", "the body is not valid JSON; send a JSON object") from None
     if not isinstance(data, dict):
         raise FieldError("body", f"the body is a JSON {type(data).__name__}; send a JSON object") from None
-    found = find_non_finite(data)  # 1e309 reads as infinity; refused in any field, ignored extras included
+    found = find_non_finite(data)  # so is 1e309; refused naming the field, ignored extras included
     if found is not None:
         field, why = found
         raise FieldError(field, f"{field}: {why}")
-    return validated(model, data)
-
-
-def validated(model, data: dict):
-    """`data` (a parsed body) as the pydantic `model`; FieldError naming the first bad field."""
-    from pydantic import ValidationError
-
     try:
         return model.model_validate(data)
     except ValidationError as err:

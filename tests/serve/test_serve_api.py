@@ -9,7 +9,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import Keys
 from ldmkit.serve.store import open_store
 from ldmkit.shipped import resolve_model
-from tests.serve_helpers import LiveServer, pixels, png_size
+from tests.serve_helpers import LiveServer, finished, pixels, png_size
 
 STEPS = 3
 
@@ -46,17 +45,6 @@ def live(tmp_path_factory):
 @pytest.fixture(scope="module")
 def emoji():
     return LatentDiffusion.load(resolve_model("emoji"))
-
-
-def finished(client, job_id: str, timeout: float = 300) -> dict:
-    """The job's view once it is no longer queued or running (polled for up to `timeout` seconds: a loaded machine
-    may take a while)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        view = client.get(f"/v1/jobs/{job_id}").json()
-        if view["status"] not in ("queued", "running") or time.monotonic() > deadline:
-            return view
-        time.sleep(0.05)
 
 
 def alone_pixels(ldm, prompt: str, n: int, seed: int, cfg: float = 5.0) -> list[bytes]:

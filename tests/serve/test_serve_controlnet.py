@@ -5,6 +5,7 @@ server's folder only, refusals naming the unit's field, and the audit row naming
 import base64
 import hashlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from ldmkit.pipelines.request import SampleRequest
 from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import Keys
 from ldmkit.serve.store import open_store
-from tests.serve_helpers import LiveServer, b64_png, pixels
+from tests.serve_helpers import LiveServer, b64_png, finished, pixels
 
 STEPS = 2
 
@@ -133,6 +134,65 @@ def test_bad_units_are_refused_naming_the_field(live, bad, field, says):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == f"alwayson_scripts.controlnet.args[1].{field}", r.text
     assert says in r.text
+
+
+def control(**kw):
+    """A native job's control: the same ControlNet, image and weight as unit(), in --control's names."""
+    return {"image": b64_png(EDGES), "kind": "raw", "model": "edges", "scale": 0.8} | kw
+
+
+def job(live, *controls, **body):
+    body = {"prompt": "red", "steps": STEPS, "seed": 5, "cfg": 3.0, "sampler": "euler_ancestral"} | body
+    text = json.dumps(body | {"controls": list(controls)})  # NaN as the JSON extension writes it
+    return live.client(live.key).post("/v1/jobs", content=text, headers={"Content-Type": "application/json"})
+
+
+def test_a_native_job_with_controls_equals_the_a1111_image_and_is_audited(live):
+    queued = job(live, control(end=0.5))
+    assert queued.status_code == 202, queued.text
+    view = finished(live.client(live.key), queued.json()["id"])
+    assert view["status"] == "done", view
+    a1111 = txt2img(live, unit(guidance_end=0.5), sampler_name="Euler a")
+    assert pixels(view["images"][0]) == pixels(a1111.json()["images"][0])
+    plain = txt2img(live, sampler_name="Euler a")
+    assert pixels(view["images"][0]) != pixels(plain.json()["images"][0]), "the control changes the image"
+
+    want = {
+        "model": "edges",
+        "sha256": file_sha256(live.root / "edges.safetensors"),
+        "kind": "raw",
+        "scale": 0.8,
+        "start": 0.0,
+        "end": 0.5,
+        "image_sha256": hashlib.sha256(base64.b64decode(control()["image"])).hexdigest(),
+    }
+    assert view["params"]["controls"] == [want]
+    rows = Audit(open_store(str(live.db))).tail(10)
+    row = next(r for r in rows if r["request_id"] == view["id"])  # the job's own row, written when it ended
+    assert row["decision"] == "served" and row["params"]["controls"] == [want]
+    assert str(live.root) not in str(row), "no server path in the record"
+
+
+@pytest.mark.parametrize(
+    "bad, field, says",
+    [
+        ({"model": "nope"}, "controls[1].model", "'nope' is not in this server's folder"),
+        ({"model": "other/labels"}, "controls[1].model", "made for another denoiser"),
+        ({"kind": "none"}, "controls[1].kind", "use one of: canny, mask, colour, raw"),
+        ({"image": "bm90IGFuIGltYWdl"}, "controls[1].image", "not a base64-encoded"),
+        ({"image": "%%%"}, "controls[1].image", "not a base64-encoded"),
+        ({"image": b64_png(np.zeros((1100, 1100, 3), np.uint8))}, "controls[1].image", "limit is 1024 pixels"),
+        ({"scale": float("nan")}, "controls.1.scale", "not a finite number"),
+        ({"scale": -1}, "controls[1].scale", "the scale -1.0"),
+        ({"start": 0.7, "end": 0.2}, "controls[1].start", "not before"),
+        ({"weight": 1.0}, "controls[1]", "not weight"),
+    ],
+)
+def test_bad_native_controls_are_refused_naming_the_field(live, bad, field, says):
+    r = job(live, control(), control(**bad))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field, r.text
+    assert says in r.text, r.text
 
 
 def test_img2img_inpainting_with_a_unit_keeps_the_unmasked_pixels(live):

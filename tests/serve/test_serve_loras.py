@@ -7,7 +7,6 @@ import concurrent.futures
 import hashlib
 import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from ldmkit.serve.loras import prompt_loras
 from ldmkit.serve.schemas import FieldError, decode_image
 from ldmkit.serve.store import open_store
 from tests.pipelines.test_batching_loras import random_lora
-from tests.serve_helpers import LiveServer, b64_png, pixels
+from tests.serve_helpers import LiveServer, b64_png, finished, pixels
 
 STEPS = 2
 
@@ -138,11 +137,8 @@ def test_a_native_job_applies_its_loras(live, ldm):
     model = next(iter(live.service.models))
     body = {"prompt": "tree", "n": 1, "steps": STEPS, "seed": 4, "cfg": 3.0, "model": model}
     job = admin.post("/v1/jobs", json=body | {"loras": [{"name": "ink", "scale": -1.0}]}).json()
-    deadline = time.monotonic() + 300
-    while (view := admin.get(f"/v1/jobs/{job['id']}").json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, view
-        time.sleep(0.1)
-    assert view["status"] == "done"
+    view = finished(admin, job["id"])
+    assert view["status"] == "done", view
     assert view["params"]["loras"] == [{"name": "ink", "sha256": _sha(live, "ink"), "scale": -1.0}]
     assert pixels(view["images"][0]) == alone(ldm, live.folder, "tree", 4, 3.0, [("ink", -1.0)])
 

@@ -1,6 +1,8 @@
 """ldmkit's native jobs: POST /v1/jobs queues one and answers at once (202); GET /v1/jobs and /v1/jobs/{id} show
-the caller's jobs (images once done); DELETE /v1/jobs/{id} cancels one. The registry lives in the service."""
+the caller's jobs (images once done); DELETE /v1/jobs/{id} cancels one. The registry lives in the service. A job's
+`controls` are ControlNet units read as A1111's are (serve/controls.py), with --control's field names."""
 
+from ..controls import native_controls
 from ..deps import parse_body, typed
 from ..models import JOBS
 from ..schemas import api_models
@@ -48,12 +50,13 @@ def router():
     async def create_job(request: Request, principal: t.UserKey, svc: t.ServiceDep):
         body = await parse_body(request, api_models().JobRequest)
         served = svc.model(body.model)
-        fields, used = templated(svc, body, body.model_dump(exclude={"model", "template", "variables"}), {})
+        fields, used = templated(svc, body, body.model_dump(exclude={"model", "template", "variables", "controls"}), {})
         req = checked_request(svc, served, fields, {}, JOBS)
         svc.check(served, req, principal)
-        params = request_params(req, **used)
+        run, controls = native_controls(svc, served, body.controls, req)  # ControlNet units: the job runs alone
+        params = request_params(req, **used, **controls)
         request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
-        job = svc.submit(principal, served, req, params)
+        job = svc.submit(principal, served, req, params, run=run)
         request.state.audit["reason"] = f"queued as job {job.id}"
         return {"id": job.id, "status": job.state}
 
