@@ -371,6 +371,18 @@ class DreamBoothConfig:
     prior_weight: float = bounded(1.0, WEIGHT)  # the class loss's weight
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """Latent consistency distillation (Luo et al. 2023) of the --init model into a few-step student
+    (training/consistency.py): the student, the model itself or its LoRAs (lora.rank), learns to jump from any point
+    of the teacher's guided `grid`-step trajectory to its end. The written model (or LoRA) samples with the LCM
+    sampler in `steps` steps and no further guidance, unless a command says otherwise."""
+
+    steps: int = bounded(0, Bound(0, 64, integer=True))  # the student's sampling steps; 0 = no distillation
+    grid: int = bounded(50, Bound(2, 1000, integer=True))  # the teacher's sampling grid the student learns along
+    guidance: float = bounded(3.0, Bound(1))  # the guidance scale folded into the student (1: none)
+
+
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
@@ -401,6 +413,7 @@ class DenoiserRun:
     # [textual_inversion] a token: learn its embedding on the --init model
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)  # [dreambooth] an instance prompt: on
+    distill: DistillConfig = field(default_factory=DistillConfig)  # [distill] steps > 0: a consistency student
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # which backbone: [unet] or [dit]
     dit: DiTConfig = field(default_factory=DiTConfig)  # denoiser.kind = "dit" only
 

@@ -7,6 +7,7 @@ a sample grid `weights/NAME.png`; the recipe that trains it is `recipes/NAME/`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -15,8 +16,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .adapters import load_lora_parts
+from .adapters.files import META_KEY
+from .config import DenoiserRun, DistillConfig, from_dict
 from .errors import InputError, MissingFileError
-from .ldm import LdmFile
+from .ldm import LatentDiffusion, LdmFile
+from .nn.lora import merge
 from .tasks import get_task
 
 DEFAULT_MODEL = "emoji"
@@ -79,6 +84,62 @@ def resolve_model(name_or_path: str) -> Path:
             f"`git checkout -- weights/` or train it with `python recipes/build.py {name_or_path}`"
         )
     return path
+
+
+# --- a LoRA that names its base is a model of its own (an LCM-LoRA shipped as fashion-mnist-lcm) -------------------
+def model_source(path: str | Path) -> tuple[Path, Path | None, dict]:
+    """(the ldm file, the LoRA to merge into it or None, the LoRA's description) of a model path. An ldm file is
+    itself; a LoRA file ldmkit wrote names the model it was trained on (its `base`: a path, relative to the LoRA's
+    folder or as given, or a shipped name), which must still have the SHA-256 the LoRA recorded. So a LoRA that is
+    a model of its own (an LCM-LoRA shipped as fashion-mnist-lcm) loads wherever a model does."""
+    header = checkpoint.read_header(path)
+    if header.get("format") == checkpoint.FORMAT or META_KEY not in header:
+        return Path(path), None, {}
+    about = json.loads(header[META_KEY])
+    base = str(about.get("base") or "")
+    if not base:
+        raise InputError(f"{path} is a LoRA that names no base model; apply it to its model with --lora {path}")
+    here = Path(path).parent / base
+    if here.is_file():
+        found = here
+    else:
+        found = resolve_model(base)
+    want = about.get("base_sha256")
+    if want and checkpoint.file_sha256(found) != want:
+        raise InputError(
+            f"{path} is a LoRA trained on {base} (SHA-256 {want[:12]}), but {found} is another model; restore that "
+            f"model, or retrain the LoRA on this one"
+        )
+    return Path(found), Path(path), about
+
+
+def with_distill(run: DenoiserRun, about: dict) -> DenoiserRun:
+    """`run` with the distillation a LoRA's description records (an LCM-LoRA makes its base a few-step model)."""
+    if not about.get("distill"):
+        return run
+    return replace(run, distill=from_dict(DistillConfig, about["distill"]))
+
+
+def model_config(path: str | Path) -> dict:
+    """The recorded configuration (a DenoiserRun as a dict) of a model path, an ldm file or a LoRA naming its base,
+    without loading tensors."""
+    base, _, about = model_source(path)
+    config = checkpoint.read_metadata(base).get("config") or {}
+    return config | {"distill": about["distill"]} if about.get("distill") else config
+
+
+def load_model(path: str | Path, device="cpu") -> LatentDiffusion:
+    """The model at `path` in eval mode: an ldm file (LatentDiffusion.load), or a LoRA that names its base, loaded
+    as the base with the LoRA merged at scale 1 and the LoRA's distillation (its sampler and steps) recorded."""
+    base, lora, about = model_source(path)
+    ldm = LatentDiffusion.load(base, device)
+    if lora is None:
+        return ldm
+    on_unet, on_text = load_lora_parts(lora, ldm.unet, ldm.text_encoder)
+    merge(ldm.unet, on_unet.to(ldm.device))
+    if on_text is not None:
+        merge(ldm.text_encoder, on_text.to(ldm.device))
+    return replace(ldm, run=with_distill(ldm.run, about), source=Path(path))
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def cmd_img2img(args):
     check_strength(args.strength)
     steer = inputs.loras(args) | inputs.controls(args)  # LoRAs and ControlNets, checked before the model loads
     plan = plan_generation(args.model, _prompts(args), args.label, args.n, args.out)
-    req = inputs.request(args, plan.n, plan.prompts)
+    req = inputs.request(args, plan.n, plan.prompts, plan.checkpoint)
     finish, sign = inputs.finish(args, plan.checkpoint), inputs.sign(args)
     out = inputs.target(args, plan.out)
     files = img2img_to_file(
@@ -167,7 +167,7 @@ def _edit_request(args, default_out: Path, task: str):
         feather=args.feather,
     )
     plan = plan_generation(args.model, _prompts(args), args.label, args.n, args.out or default_out, task=task)
-    return plan, inputs.request(args, plan.n, plan.prompts), opts
+    return plan, inputs.request(args, plan.n, plan.prompts, plan.checkpoint), opts
 
 
 def cmd_inpaint(args):
@@ -231,7 +231,7 @@ def cmd_upscale(args):
     default_out = Path("generated") / f"{Path(args.image).stem}-upscaled.png"
     plan = plan_generation(args.model, _prompts(args), None, args.n, args.out or default_out, task="upscale")
     opts = UpscaleOptions(noise_level=args.noise_level, tile=args.tile, overlap=args.overlap)
-    req = inputs.request(args, plan.n, plan.prompts)
+    req = inputs.request(args, plan.n, plan.prompts, plan.checkpoint)
     _check_upscale_input(args.image, plan.checkpoint)
     finish, sign = inputs.finish(args, plan.checkpoint), inputs.sign(args)
     for p in upscale_to_file(

@@ -98,7 +98,7 @@ def cmd_sample(args):
     elif args.prompt:  # each --prompt gets --n images
         prompts = [utf8(p, "prompt", ARGV_FIX) for p in args.prompt for _ in range(args.n)]
     checkpoint = resolve_model(args.checkpoint)  # a shipped name or a path, as every command takes a model
-    req = inputs.request(args, len(prompts) if prompts else args.n, prompts)
+    req = inputs.request(args, len(prompts) if prompts else args.n, prompts, checkpoint)
     for p in _generate_files(args, checkpoint, req, args.out, grid=not args.separate):
         print(p)
 
@@ -109,7 +109,7 @@ def cmd_generate(args):
     prompts = [utf8(p, "prompt", ARGV_FIX) for p in args.prompt]
     controls = inputs.controls(args).get("controls")
     plan = plan_generation(args.model, prompts, args.label, args.n, args.out)
-    req = inputs.request(args, plan.n, plan.prompts)
+    req = inputs.request(args, plan.n, plan.prompts, plan.checkpoint)
     out = plan.out.with_suffix("") if args.separate and not args.out else plan.out  # default folder generated/PROMPT
     for p in _generate_files(args, plan.checkpoint, req, out, grid=not args.separate, controls=controls):
         print(f"wrote {p}")

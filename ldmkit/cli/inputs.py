@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import InputError, MissingFileError
+from .options import given
 
 ARGV_FIX = "type it again in a UTF-8 terminal (check the locale, e.g. LANG=C.UTF-8)"
 
@@ -44,22 +45,36 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
-def request(args, n: int, prompts: list[str] | None):
+def request(args, n: int, prompts: list[str] | None, checkpoint=None):
     """The SampleRequest of the image commands: their shared options plus the images and prompts each decides. With
-    --policy, every prompt must pass the policy's rules first."""
+    --policy, every prompt must pass the policy's rules first. The sampler, steps and guidance the command line
+    leaves out are the model's own where it has them (a distilled model, or a --lora LCM-LoRA: lcm, its steps,
+    cfg 1), with a note on stderr saying so."""
     from ..governance.policy import load_policy
-    from ..pipelines.request import SampleRequest
+    from ..pipelines.request import SampleRequest, lcm_note
 
     if args.policy:
         load_policy(args.policy).enforce(prompts or [])
+    chosen = {k: getattr(args, k) for k in ("sampler", "steps", "cfg")}
+    own = {k: v for k, v in model_chosen(args, checkpoint).items() if not given(args, k)}
+    if own:
+        said = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in own.items())
+        print(
+            f"note: the model samples with {said} (its own settings; --sampler, --steps, --cfg override)",
+            file=sys.stderr,
+        )
+    chosen |= own
+    note = lcm_note(chosen["sampler"], chosen["steps"])
+    if note:
+        print(note, file=sys.stderr)
     return SampleRequest(
         n=n,
         labels=args.label,
         prompts=prompts,
         negative_prompt=utf8(args.negative_prompt, "negative prompt", ARGV_FIX),
-        sampler=args.sampler,
-        steps=args.steps,
-        cfg=args.cfg,
+        sampler=chosen["sampler"],
+        steps=chosen["steps"],
+        cfg=chosen["cfg"],
         cfg_rescale=args.guidance_rescale,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -67,6 +82,23 @@ def request(args, n: int, prompts: list[str] | None):
         eta=args.eta,
         precision=getattr(args, "precision", "fp32"),
     )
+
+
+def model_chosen(args, checkpoint) -> dict:
+    """The sampler, steps and guidance the model at `checkpoint` chooses (a distilled model's), or the first --lora
+    that distils its base (an LCM-LoRA); {} when neither does."""
+    from ..pipelines.request import model_sampling
+    from ..shipped import model_config
+
+    for spec in getattr(args, "lora", None) or []:
+        path = spec.rpartition(":")[0] if not Path(spec).is_file() and ":" in spec else spec
+        if Path(path).is_file():
+            from ..adapters import read_lora
+
+            steps = (read_lora(path).about.get("distill") or {}).get("steps")
+            if steps:
+                return model_sampling({"distill": {"steps": steps}})
+    return model_sampling(model_config(checkpoint)) if checkpoint is not None else {}
 
 
 def finish(args, checkpoint, world=None):

@@ -132,10 +132,9 @@ def cmd_convert(args):
 
 def cmd_lora_inspect(args):
     from ..adapters import describe as describe_lora
-    from ..ldm import LatentDiffusion
-    from ..shipped import resolve_model
+    from ..shipped import load_model, resolve_model
 
-    ldm = LatentDiffusion.load(resolve_model(args.model), "cpu") if args.model else None
+    ldm = load_model(resolve_model(args.model), "cpu") if args.model else None
     net, text = (ldm.unet, ldm.text_encoder) if ldm is not None else (None, None)
     print(json.dumps(describe_lora(args.file, net, text), indent=2))
 

@@ -68,13 +68,29 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class Given(argparse._StoreAction):
+    """A stored option that also records its name in `given_options`, so that a model may choose the value of the
+    options a command line leaves out (a distilled model's sampler and steps)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given_options = {*getattr(namespace, "given_options", ()), self.dest}
+
+
+def given(args, name: str) -> bool:
+    """Whether the command line gave the option of parameter `name` (one added with the Given action)."""
+    return name in getattr(args, "given_options", ())
+
+
 def spec_options(p: argparse.ArgumentParser, command: str, *names: str):
     """The generation parameters `names` as `command`'s options: flags, type, default, bounds and help from the
     parameter table (pipelines/request.py)."""
-    from ..pipelines.request import SPEC
+    from ..pipelines.request import MODEL_CHOSEN, SPEC
 
     for name in names:
         flags, kw = SPEC[name].cli(command)
+        if name in MODEL_CHOSEN and "action" not in kw:
+            kw["action"] = Given
         p.add_argument(*flags, **kw)
 
 

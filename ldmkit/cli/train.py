@@ -18,6 +18,14 @@ def add(sub, common: argparse.ArgumentParser) -> None:
         lambda p: run_options(p, "runs/autoencoder"),
     )
     command(sub, common, "train", "train the denoiser on latents of a trained autoencoder", cmd_train, _train_options)
+    command(
+        sub,
+        common,
+        "distill",
+        "distil a model into a few-step consistency (LCM) model or LCM-LoRA",
+        cmd_distill,
+        _distill_options,
+    )
 
 
 def run_options(p: argparse.ArgumentParser, default_out: str):
@@ -104,6 +112,73 @@ def _train_options(p: argparse.ArgumentParser):
         "--prior-weight", type=float, help="--dreambooth: the class loss's weight (default 1; dreambooth.prior_weight)"
     )
     run_options(p, "runs/denoiser")
+
+
+def _distill_options(p: argparse.ArgumentParser):
+    from ..config import LORA_LAYOUTS, LORA_TARGETS
+
+    p.add_argument("model", help="the teacher: a shipped name, a model.safetensors, a diffusers folder or SD file")
+    p.add_argument(
+        "--steps", type=int, default=4, help="the student's sampling steps, 1 to 8 is usual (distill.steps; default 4)"
+    )
+    p.add_argument(
+        "--guidance", type=float, help="the teacher's guidance scale folded into the student (distill.guidance; 3)"
+    )
+    p.add_argument("--grid", type=int, help="the teacher's sampling grid the student learns along (distill.grid; 50)")
+    p.add_argument("--train-steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--batch-size", type=int, help="images per step (train.batch_size)")
+    p.add_argument("--data", help="the images to distil on (data.dataset; default: the model's own data set)")
+    p.add_argument(
+        "--lora-rank", type=int, metavar="R", help="train an LCM-LoRA of rank R instead of the whole model (lora.rank)"
+    )
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="the LoRA scale numerator (default R) (lora.alpha)")
+    p.add_argument("--lora-targets", choices=list(LORA_TARGETS), help="layers the LoRA adapts (lora.targets)")
+    p.add_argument("--lora-layout", choices=list(LORA_LAYOUTS), help="the LoRA file's keys (lora.layout)")
+    p.add_argument("--config", help="a preset name or a .toml file with the run's other settings")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (train.device)")
+    p.add_argument("--out", default="runs/distill", help="run folder (default runs/distill)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
+    set_option(p, "--set train.lr=1e-4 --set data.caption_dropout=0.1")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_distill(args):
+    from ..config import DenoiserRun, load_run
+    from ..distributed import main_process
+    from ..errors import InputError
+    from ..shipped import model_config
+    from ..training.init import init_source
+    from ..training.runs import train_denoiser
+
+    if not 1 <= args.steps <= 64:
+        raise InputError(f"--steps {args.steps}: a consistency model samples in 1 to 8 steps (at most 64); use 4")
+    source, fmt = init_source(args.model)
+    data = args.data
+    if data is None and fmt == "ldm":  # the teacher's own images, as its run recorded them
+        data = (model_config(source).get("data") or {}).get("dataset")
+    if data is None:
+        raise InputError(f"{args.model} does not record its data set; give the images to distil on with --data DIR")
+    pairs = [
+        ("init", args.model),
+        ("distill.steps", args.steps),
+        ("distill.guidance", args.guidance),
+        ("distill.grid", args.grid),
+        ("data.dataset", data),
+        ("train.steps", args.train_steps),
+        ("train.batch_size", args.batch_size),
+        ("train.device", args.device),
+        ("data.caption_dropout", 0.0),  # guidance is folded in: the student learns the conditional trajectory
+    ] + [(f"lora.{k}", getattr(args, f"lora_{k}")) for k in ("rank", "alpha", "targets", "layout")]
+    run = load_run(DenoiserRun, args.config, [f"{k}={v}" for k, v in pairs if v is not None] + list(args.overrides))
+    result = train_denoiser(run, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if main_process():
+        print(json.dumps(result, indent=2))
+        what = "LCM-LoRA" if run.lora.rank else "consistency model"
+        print(
+            f"{what} written to {result['checkpoint']}; `ldmkit generate --model {result['checkpoint']}` samples it "
+            f"with the lcm sampler in {args.steps} steps"
+        )
 
 
 def _overrides(args) -> list[str]:

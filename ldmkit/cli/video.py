@@ -43,7 +43,7 @@ def cmd_video(args):
     check_clip(clip)  # before the prompts, the policy and the model
     prompts = [utf8(p, "prompt", ARGV_FIX) for p in args.prompt for _ in range(args.n)] or None
     checkpoint = resolve_model(args.model)
-    req = inputs.request(args, len(prompts) if prompts else args.n, prompts)
+    req = inputs.request(args, len(prompts) if prompts else args.n, prompts, checkpoint)
     finish, sign = inputs.finish(args, checkpoint), inputs.sign(args)
     target = inputs.target(args, args.out)
     for p in video_to_file(checkpoint, req, clip, target, inputs.progress(args), finish, sign):

@@ -32,10 +32,10 @@ from ..data import build_dataset, stack_images
 from ..data.images import to_pil
 from ..distributed import World, process_group
 from ..errors import InputError
-from ..ldm import LatentDiffusion
 from ..pipelines.generate import generate
 from ..pipelines.request import SampleRequest
 from ..runtime import resolve_device
+from ..shipped import load_model, model_source
 from .fid import FeatureStats, InceptionFeatures, compute_stats, reference_indices, reference_stats
 from .metrics import reconstruction_metrics
 
@@ -113,7 +113,7 @@ def evaluate(
     memorisation: the model's training-data index (governance.similarity.SimilarityIndex: query(images) ->
     matches with a .similarity); the result then also holds the share of generated images at or above
     copy_threshold, and the highest similarity."""
-    kind = checkpoint.read_metadata(path)["kind"]
+    kind = checkpoint.read_metadata(model_source(path)[0])["kind"]  # a LoRA naming its base: the model it makes
     if kind == "ldm":
         with process_group(device, "--device") as (world, dev):
             return _evaluate_model(
@@ -160,7 +160,7 @@ def _evaluate_model(
     start = time.time()
     progress = progress and world.main
     features = InceptionFeatures(device=dev, batch_size=batch_size)
-    ldm = LatentDiffusion.load(path, dev)
+    ldm = load_model(path, dev)
     data_cfg, ds = _reference_data(ldm.run.data, dataset, split, n)
     idx = reference_indices(len(ds), n)
     share = world.shard(n)

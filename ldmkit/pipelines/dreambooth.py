@@ -21,8 +21,8 @@ from ..checkpoint import file_sha256
 from ..data.common import cache_home
 from ..data.images import to_pil
 from ..errors import InputError
-from ..ldm import LatentDiffusion
 from ..runtime import resolve_device
+from ..shipped import load_model
 from .batching import generate_together
 from .request import SampleRequest
 
@@ -53,7 +53,7 @@ def class_images(
     missing = [i for i in range(count) if not (folder / f"{i:05d}.png").is_file()]
     if not missing:
         return folder
-    ldm = LatentDiffusion.load(model, resolve_device(device, "--device"))
+    ldm = load_model(model, resolve_device(device, "--device"))
     if ldm.text_encoder is None:
         raise InputError(f"{model} reads no prompts; DreamBooth needs a text-to-image model to --init from")
     folder.mkdir(parents=True, exist_ok=True)

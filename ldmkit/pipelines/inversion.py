@@ -34,6 +34,7 @@ from ..nn.attention_replay import SelfAttentionReplay
 from ..runtime import resolve_device
 from ..samplers import sample_ddim
 from ..samplers.inversion import invert_ddim
+from ..shipped import load_model
 from .images import crop_to, load_edit_image
 from .img2img import checkpoint_channels, model_image
 from .output import Finish, Target, as_target, reading, write_edits
@@ -229,7 +230,7 @@ def invert_to_file(
         raise InputError(f"--out {path} is an input of this run; name another file")
     check_steps(steps)
     x = load_edit_image(image, checkpoint_channels(checkpoint_path))  # (1, C, H, W)
-    ldm = LatentDiffusion.load(checkpoint_path, resolve_device(device, "--device"))
+    ldm = load_model(checkpoint_path, resolve_device(device, "--device"))
     inv = invert(ldm, x, source, steps, cfg, iterations, progress)
     about = model_record(checkpoint_path) | {"image": input_record(image), "iterations": iterations}
     return save_inversion(path, inv, about)

@@ -28,6 +28,7 @@ from ..distributed import World
 from ..errors import InputError, OutputWriteError
 from ..ldm import LatentDiffusion
 from ..runtime import resolve_device
+from ..shipped import load_model
 from .plan import collect
 from .record import model_record
 from .request import SampleRequest
@@ -225,7 +226,7 @@ def write_batches(
     paths = dict(zip(wanted, claims.paths))
     written: list[Path] = []
     try:
-        ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+        ldm = load_model(checkpoint, resolve_device(req.device, "--device"))
         about = dict(params)
         if grid:
             written += _write_grid(ldm, batches, share, world, finish, sign, paths, about)
@@ -331,7 +332,7 @@ def write_edits(
     paths = claims.paths
     written: list[Path] = []
     try:
-        ldm = LatentDiffusion.load(checkpoint, resolve_device(req.device, "--device"))
+        ldm = load_model(checkpoint, resolve_device(req.device, "--device"))
         done = 0
         for images, _ in batches(ldm):
             for img, facts in _finished(images, finish, done):

@@ -460,6 +460,35 @@ def whole_number(option: str, value, low: int, high: int | None = None, hint: st
     return _whole(option, value, low, high, f"; {hint}" if hint else "", InputError)
 
 
+# --- what a model samples with when a command does not say --------------------------------------------------------
+MODEL_CHOSEN = ("sampler", "steps", "cfg")  # the settings a model may choose for a command that leaves them out
+LCM_STEPS = 8  # a consistency model's useful steps: more are allowed, with a note
+
+
+def distilled_sampling(steps: int) -> dict:
+    """What a consistency-distilled model (or an LCM-LoRA) samples with unless told otherwise: the LCM sampler, the
+    steps it was distilled for, and no guidance (the teacher's is folded in)."""
+    return {"sampler": "lcm", "steps": int(steps), "cfg": 1.0}
+
+
+def model_sampling(config: Mapping | None) -> dict:
+    """The settings of MODEL_CHOSEN a model's recorded configuration chooses: a distilled model's; {} for the rest
+    (the table's defaults apply)."""
+    steps = ((config or {}).get("distill") or {}).get("steps")
+    return distilled_sampling(steps) if steps else {}
+
+
+def lcm_note(sampler: str, steps: int) -> str | None:
+    """The note for a consistency model asked for more steps than it was made for (allowed, but slower and no
+    better), else None."""
+    if sampler == "lcm" and steps > LCM_STEPS:
+        return (
+            f"note: {steps} LCM steps; a consistency model draws its images in 1 to {LCM_STEPS} steps, so more cost "
+            f"time without helping (--steps 4 is usual)"
+        )
+    return None
+
+
 # --- the request ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleRequest:

@@ -43,6 +43,7 @@ from ..locks import FolderLock
 from ..pipelines.plan import check_samples_from_noise, draw
 from ..pipelines.request import SampleRequest, default, whole_number
 from ..runtime import resolve_device
+from ..shipped import load_model
 from .classifier import Classifier, train_classifier
 
 SEED_BITS = 63  # torch generators take seeds below 2**63
@@ -331,7 +332,7 @@ def synthesize(
     t0 = time.perf_counter()
     model = Path(model)
     out = check_output_path(out, "--out", folder=True)
-    ldm = LatentDiffusion.load(model, resolve_device(opts.device, "--device"))
+    ldm = load_model(model, resolve_device(opts.device, "--device"))
     check_samples_from_noise(ldm, "synth")
     items = plan_items(ldm, opts)
     why = "--dedupe-threshold compares images with the model's training images"

@@ -17,15 +17,19 @@ from torch import nn
 from ..adapters import save_lora
 from ..adapters.embeddings import write_embedding
 from ..conditioning.types import Conditioning
-from ..config import AutoencoderConfig, DenoiserRun
+from ..config import AutoencoderConfig, DenoiserRun, to_dict
 from ..data.images import save_grid
 from ..data.latents import LatentCache
+from ..diffusion.parameterisation import make_denoiser
 from ..diffusion.sample import sample_latents
 from ..errors import InputError
 from ..ldm import LatentDiffusion
+from ..nn.invariant import plain_kernels
 from ..nn.lora import LoRASet
+from ..nn.lora import scales as lora_scales
 from ..noise import generators_from_seed, randn
 from ..tasks import get_task
+from .consistency import consistency_loss
 from .parallel import Parallel
 
 
@@ -71,6 +75,7 @@ class DenoiserTask:
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
         self.adapter, self.tokens = adapter, tokens
         self.weights: torch.Tensor | None = None  # (N,) each item's loss weight (DreamBooth's prior), or None
+        self.teacher: nn.Module | None = None  # a distillation's frozen backbone (None: the backbone without LoRAs)
         trained = {"lora": adapter} if adapter is not None else {"embedding": tokens} if tokens is not None else None
         trained = trained or self.task.trained_modules(self)  # or a ControlNet
         self.model = nn.ModuleDict(
@@ -131,8 +136,30 @@ class DenoiserTask:
         """The mean loss of items idx (their images x for a task that encodes them), every draw from the items' own
         generators."""
         z, cond = self.task.training_inputs(self, idx, gens, x)
-        loss = self.ldm.denoiser.loss(z, cond, generator=list(gens))  # (B,)
+        if self.run.distill.steps:
+            loss = self.consistency(z, cond, list(gens))
+        else:
+            loss = self.ldm.denoiser.loss(z, cond, generator=list(gens))  # (B,)
         return (loss * self.weights[idx].to(loss)).mean() if self.weights is not None else loss.mean()
+
+    def consistency(self, z: torch.Tensor, cond: Conditioning, gens: list[torch.Generator]) -> torch.Tensor:
+        """The latent consistency distillation loss (B,) of clean latents z: the student is the model being trained
+        (its LoRAs, when it has them), the teacher the frozen model (the same backbone with its LoRAs at scale 0,
+        or the copy `teacher`), under the guidance distill.guidance folds in."""
+        d, den = self.run.distill, self.ldm.denoiser
+        if self.teacher is not None:
+            if getattr(self, "_teacher", None) is None:
+                self._teacher = make_denoiser(self.teacher, self.run.diffusion)
+            teacher = self._teacher
+        else:
+
+            def teacher(x, sigma, c):
+                with lora_scales({self.adapter: 0.0}):
+                    return den(x, sigma, c)
+
+        uncond = self.ldm.null_conditioning(len(z)).map(lambda t: t.to(self.device)) if d.guidance != 1 else None
+        with plain_kernels():  # training needs no batch invariance; the loss's draws are per item already
+            return consistency_loss(den, teacher, z, cond, uncond, den.sigmas(d.grid), d.guidance, gens)
 
     def micro_step(
         self, step: int, idx: torch.Tensor, gens: Sequence[torch.Generator], scale: float, x: torch.Tensor | None
@@ -148,6 +175,8 @@ class DenoiserTask:
         if self.adapter is not None:  # the adapters alone, in the layout asked for
             lora, about = self.run.lora, {"base": self.run.init, "base_sha256": self.run.init_sha256, "step": step}
             about |= {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "targets": lora.targets}
+            if self.run.distill.steps:  # applied, it makes its base a few-step model (ldm.with_distill)
+                about["distill"] = to_dict(self.run.distill)
             return save_lora(out_dir / "lora.safetensors", weights["lora"], self.ldm.unet, lora.layout, about)
         if self.tokens is not None:  # the new word's vectors, in both layouts
             ti = self.run.textual_inversion

@@ -32,7 +32,7 @@ INHERITED = ("unet.", "dit.", "denoiser.", "diffusion.", "upscale.", "text_encod
 PARENT_AE = "parent-autoencoder.safetensors"  # a converted model's autoencoder, kept in the run folder
 
 
-def _source(init: str) -> tuple[Path, str]:
+def init_source(init: str) -> tuple[Path, str]:
     """(the model's path, its format): a shipped name resolves to its file, anything else is read as a path."""
     p = Path(init)
     if not (p.exists() or p.suffix in PICKLE_SUFFIXES):
@@ -55,7 +55,7 @@ def start_from(run: DenoiserRun, out_dir: str | Path) -> tuple[DenoiserRun, LdmF
     without --init. InputError for a setting that contradicts the model."""
     if not run.init:
         return run, None
-    source, fmt = _source(run.init)
+    source, fmt = init_source(run.init)
     if run.autoencoder:
         raise InputError(
             f"--init {run.init} brings its own autoencoder; drop --autoencoder {run.autoencoder} (or train from "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -149,6 +150,7 @@ def train_denoiser(
     check_lora_run(run)
     check_textual_inversion_run(run)
     check_dreambooth_run(run)
+    check_distill_run(run)
     run, parent = _start(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
     with process_group(run.train.device) as (world, device):
         world.check_same("settings", flatten(to_dict(run)))
@@ -242,6 +244,8 @@ def _denoiser_task(
     images = train_set if get_task(run.task).trains_on_images else None  # encoded each step (mask, degradation)
     task = DenoiserTask(run, ldm, latents, device, text_cache, images=images, adapter=adapter, tokens=tokens)
     task.weights = weights
+    if run.distill.steps and adapter is None:  # a full student: the teacher is a frozen copy of the model
+        task.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
     return run, task
 
 
@@ -286,6 +290,32 @@ def check_dreambooth_run(run: DenoiserRun) -> None:
             "dreambooth.class_prompt and dreambooth.class_data go together: `ldmkit train --dreambooth "
             "--class-prompt ...` draws the class images and sets both"
         )
+
+
+def check_distill_run(run: DenoiserRun) -> None:
+    """InputError for a distillation run without a model to distil, or one that asks for another kind of training
+    at once."""
+    d = run.distill
+    if not d.steps:
+        return
+    if not run.init:
+        raise InputError("distillation makes a few-step student of an existing model; pass --init MODEL")
+    if d.steps > d.grid:
+        raise InputError(
+            f"distill.steps={d.steps} is more than the teacher's grid of distill.grid={d.grid} steps; the student "
+            f"takes at most the grid's steps (LCM: 1 to 8 of 50)"
+        )
+    other = [
+        name
+        for name, on in (
+            ("--textual-inversion", run.textual_inversion.token),
+            ("--dreambooth", run.dreambooth.instance_prompt),
+            (f"--task {run.task}", get_task(run.task).base_model or run.task != DenoiserRun().task),
+        )
+        if on
+    ]
+    if other:
+        raise InputError(f"distillation trains the model (or its LoRAs) alone; drop {', '.join(other)}")
 
 
 def _dreambooth(run: DenoiserRun, ae, latents: LatentCache, device, world: World, progress: bool):
