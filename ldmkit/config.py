@@ -329,6 +329,7 @@ class VideoConfig:
     max_frames: int = bounded(32, COUNT)  # frames per clip at most
 
 
+SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")  # --precision, serve.precision: what sampling steps compute in
 LORA_TARGETS = ("attn", "attn+ff", "all")  # the values of LoRAConfig.targets
 LORA_LAYOUTS = ("peft", "kohya")  # the values of LoRAConfig.layout
 
@@ -461,6 +462,9 @@ class ServeConfig:
     lora_roles: tuple[str, ...] = ()
     # the folder of the ControlNets requests may name (A1111's alwayson_scripts.controlnet); "" = no ControlNets
     controlnets: str = ""
+    # what every request's sampling steps compute in, as the image commands' --precision (runtime.sampling_dtype):
+    # fp32; bf16 (autocast; refused at start where the device has no native bf16); auto (bf16 where native)
+    precision: str = bounded("fp32", Bound(choices=SAMPLING_PRECISIONS))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ def add(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _serve_options(p: argparse.ArgumentParser):
+    from ..config import SAMPLING_PRECISIONS
+
     p.add_argument(
         "--model",
         action="append",
@@ -44,6 +46,12 @@ def _serve_options(p: argparse.ArgumentParser):
         "--database", help="keys and audit: a SQLite file or a postgresql:// URL (default: under $LDMKIT_HOME)"
     )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument(
+        "--precision",
+        choices=SAMPLING_PRECISIONS,
+        help="what every request's sampling steps compute in: fp32, bf16 (autocast; refused at start where the CPU "
+        "or GPU has no native bf16) or auto (bf16 where native, else fp32) (default fp32)",
+    )
     p.add_argument("--policy", help="a policy.toml: prompts its rules refuse get 400 with the rule's id")
     p.add_argument("--config", help="a serve.toml with [serve] and [limits] tables")
     p.add_argument("--no-auth", action="store_true", help="serve without keys (loopback addresses only)")
@@ -55,7 +63,7 @@ def cmd_serve(args):
     from ..serve.server import serve
 
     overrides = list(args.overrides)
-    for key in ("host", "port", "database", "device", "policy"):
+    for key in ("host", "port", "database", "device", "policy", "precision"):
         if getattr(args, key) is not None:
             overrides.append(f"serve.{key}={getattr(args, key)}")
     if args.model:

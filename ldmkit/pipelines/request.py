@@ -478,13 +478,13 @@ def model_sampling(config: Mapping | None) -> dict:
     return distilled_sampling(steps) if steps else {}
 
 
-def lcm_note(sampler: str, steps: int) -> str | None:
+def lcm_note(sampler: str, steps: int, option: str = "--steps") -> str | None:
     """The note for a consistency model asked for more steps than it was made for (allowed, but slower and no
-    better), else None."""
+    better), else None. option: what the surface calls the steps (an API's field: steps)."""
     if sampler == "lcm" and steps > LCM_STEPS:
         return (
             f"note: {steps} LCM steps; a consistency model draws its images in 1 to {LCM_STEPS} steps, so more cost "
-            f"time without helping (--steps 4 is usual)"
+            f"time without helping ({option} 4 is usual)"
         )
     return None
 

@@ -1,8 +1,9 @@
-"""The models a server holds: each loaded once, with the SHA-256 of its weights for the audit trail."""
+"""The models a server holds: each loaded once, with the SHA-256 of its weights for the audit trail, and the sampling
+settings it chooses for requests that leave them out (a distilled model's)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import file_sha256
@@ -10,8 +11,9 @@ from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..pipelines.inpaint import concat_channels
 from ..pipelines.plan import check_samples_from_noise
+from ..pipelines.request import model_sampling
 from ..runtime import resolve_device
-from ..shipped import SHIPPED, resolve_model, weights_dir
+from ..shipped import SHIPPED, load_model, resolve_model, weights_dir
 
 GENERATIONS, TXT2IMG, IMG2IMG, JOBS = "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs"
 VIDEOS = "/v1/videos"
@@ -23,8 +25,8 @@ WHAT[VIDEOS] = "video"
 class ServedModel:
     name: str
     ldm: LatentDiffusion
-    path: Path
-    sha256: str  # of the weights file, recorded with every request it serves
+    path: Path  # the model file, or a LoRA that names its base (an LCM-LoRA served as a model of its own)
+    sha256: str  # of that file, recorded with every request it serves (a LoRA's records its base's SHA-256)
 
     def describe(self) -> dict:
         """What GET /v1/models says about the model beside its name."""
@@ -38,7 +40,14 @@ class ServedModel:
             "classes": ldm.class_names,
             "sha256": self.sha256,
             "routes": self.routes(),
+            "sampling": self.own_sampling(),
         }
+
+    def own_sampling(self) -> dict:
+        """The sampler, steps and guidance this model samples with where a request leaves them out: a distilled
+        model's (lcm, its steps, cfg 1; pipelines/request.py model_sampling); {} for the rest, which take the API's
+        defaults."""
+        return model_sampling(asdict(self.ldm.run))
 
     def routes(self) -> list[str]:
         """The POST routes that can use this model: a generation model serves the image routes; a model that needs
@@ -75,15 +84,16 @@ def default_models() -> list[str]:
 
 def load_models(names: list[str] | tuple[str, ...], device: str = "auto") -> dict[str, ServedModel]:
     """name -> ServedModel for shipped names or model files (a file is served under its stem, or its folder's name
-    for a run's model.safetensors). Errors name the model; two models may not share a name."""
+    for a run's model.safetensors or lora.safetensors). A LoRA that names its base (an LCM-LoRA) is served as that
+    base with the LoRA merged (shipped.load_model). Errors name the model; two models may not share a name."""
     dev = resolve_device(device, "--device")
     out: dict[str, ServedModel] = {}
     for given in names or default_models():
         path = resolve_model(given)
-        name = given if given in SHIPPED else (path.parent.name if path.stem == "model" else path.stem)
+        name = given if given in SHIPPED else (path.parent.name if path.stem in ("model", "lora") else path.stem)
         if name in out:
             raise InputError(f"two --model values are both served as {name!r}; rename one of the files")
-        out[name] = ServedModel(name, LatentDiffusion.load(path, dev), path, file_sha256(path))
+        out[name] = ServedModel(name, load_model(path, dev), path, file_sha256(path))
     if not out:
         raise InputError("no model to serve: no shipped weights are present; give --model PATH")
     return out

@@ -135,13 +135,16 @@ class Scheduler:
         queue_images: int = 64,
         on_batch=None,
         warmup: bool = False,
+        precision: str = "fp32",
     ):
         """models: name -> LatentDiffusion; max_batch: images per forward pass; max_wait_ms: how long the oldest job
         waits for company; queue_images: images that may wait (more: QueueFull); on_batch(images): a metrics hook;
         warmup: time a few tiny batches of each model here, before the worker starts, so admission has an estimate
-        from the first request on (without it, requests are admitted until the first batches were measured)."""
+        from the first request on (without it, requests are admitted until the first batches were measured);
+        precision: the sampling precision the warm-up batches run in, the server's (serve.precision)."""
         self.models, self.max_batch, self.max_wait = models, max_batch, max_wait_ms / 1000
         self.queue_images, self.on_batch, self.warmup = queue_images, on_batch, warmup
+        self.precision = precision
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._draining = False
@@ -277,7 +280,7 @@ class Scheduler:
         (inpainting, upscaling) are measured by their first batches instead."""
         for name, ldm in self.models.items():
             for n in sorted({1, min(4, self.max_batch)}):
-                req = SampleRequest(n=n, steps=3)
+                req = SampleRequest(n=n, steps=3, precision=self.precision)
                 timer = StepTimer()
                 try:
                     generate_together(ldm, [req], self.max_batch, timer)

@@ -15,6 +15,7 @@ import socket
 
 from ..config import ServeRun
 from ..errors import InputError
+from ..runtime import resolve_device, sampling_dtype
 from .app import create_app
 from .models import load_models
 from .store import open_store
@@ -44,8 +45,10 @@ def check_auth_setting(host: str, no_auth: bool) -> None:
 
 
 def build(run: ServeRun, no_auth: bool = False):
-    """(ASGI app, Service) for `run`: models loaded, store opened."""
+    """(ASGI app, Service) for `run`: models loaded, store opened. Settings the machine cannot honour (bf16 sampling
+    without native bf16) are refused first."""
     check_auth_setting(run.serve.host, no_auth)
+    sampling_dtype(run.serve.precision, resolve_device(run.serve.device, "--device"), "--precision")
     store = open_store(run.serve.database or None)
     models = load_models(run.serve.models, run.serve.device)
     return create_app(run, models, store, no_auth=no_auth)

@@ -14,6 +14,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..config import ServeRun
 from ..data.images import png_bytes, to_pil
 from ..errors import ConfigError, InputError, LdmkitError
@@ -27,6 +29,7 @@ from ..governance.screen import build_screen
 from ..nn.invariant import self_check
 from ..pipelines.plan import plan, resolution
 from ..pipelines.request import SampleRequest
+from ..runtime import sampling_autocast
 from .auth import AuthError, Principal, Reservation, utc_now
 from .controls import ServedControlNets
 from .edits import unmarked
@@ -78,10 +81,11 @@ def request_params(req: SampleRequest, **extra) -> dict:
 C2PA_SETTINGS = ("serve.c2pa_cert", "serve.c2pa_key")
 
 
-def invariance_status(models: dict) -> dict:
+def invariance_status(models: dict, precision: str = "fp32") -> dict:
     """Whether the same request gives the same image alone or batched with others, measured at start on this CPU
-    (nn/invariant.py: self_check). Where it fails, or on a GPU (where it is not promised), the server runs each
-    request in a batch of its own and says so here, at start and in /readyz."""
+    (nn/invariant.py: self_check) in the server's sampling `precision` (serve.precision). Where it fails, or on a
+    GPU (where it is not promised), the server runs each request in a batch of its own and says so here, at start
+    and in /readyz."""
     devices = sorted({str(m.ldm.device) for m in models.values()})
     if any(not d.startswith("cpu") for d in devices):
         return {
@@ -89,7 +93,8 @@ def invariance_status(models: dict) -> dict:
             "devices": devices,
             "reason": "batch invariance is promised on the CPU only; each request runs in a batch of its own",
         }
-    check = self_check()
+    with sampling_autocast(precision, torch.device("cpu"), "--precision"):
+        check = self_check()
     status = {"holds": check["holds"], "devices": devices, "threads": check["threads"], "caps": check["caps"]}
     if not check["holds"]:
         status["reason"] = (
@@ -114,7 +119,7 @@ class Service:
         # one screen a model (its own training-data index), built now: a missing file stops the start
         self.screens = {n: build_screen(self.policy, m.path, run.serve.watermark, safety) for n, m in models.items()}
         cfg = run.serve
-        self.invariance = invariance_status(models)
+        self.invariance = invariance_status(models, cfg.precision)
         self.scheduler = Scheduler(
             {name: m.ldm for name, m in models.items()},
             cfg.max_batch if self.invariance["holds"] else 1,  # batches of one keep the promise where it fails
@@ -122,6 +127,7 @@ class Service:
             cfg.queue_images,
             on_batch=metrics.batch.observe,
             warmup=True,  # admission control has an estimate from the first request on
+            precision=cfg.precision,
         )
         # native jobs, oldest first: id -> (job, record: model, params, created, output, error, ended)
         self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()

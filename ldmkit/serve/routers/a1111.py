@@ -11,9 +11,10 @@ from ..edits import a1111_edit
 from ..loras import prompt_loras
 from ..models import IMG2IMG, TXT2IMG
 from ..schemas import A1111_SAMPLERS, FieldError, api_models
-from .common import checked_request, templated
+from .common import checked_request, notes, templated
 
 NAMES = {"n": "batch_size", "cfg": "cfg_scale", "sampler": "sampler_name", "loras": "prompt"}  # ldmkit's -> A1111's
+A1111_NAMES = {ours: theirs for theirs, ours in A1111_SAMPLERS.items()}  # ldmkit's sampler -> A1111's sampler_name
 
 
 def router():
@@ -131,7 +132,7 @@ def a1111_request(svc, body, route: str):
         width=body.width,
         height=body.height,
     )
-    fields, used = templated(svc, body, fields, NAMES)
+    fields, used = templated(svc, served, body, fields, NAMES)
     fields["prompt"], fields["loras"] = prompt_loras(fields["prompt"])  # <lora:name:scale>, taken out of the prompt
     return served, checked_request(svc, served, fields, NAMES, route), fields, used
 
@@ -146,7 +147,7 @@ def a1111_answer(body, served, req, out, fields: dict) -> dict:
         "all_seeds": out.seeds,
         "steps": req.steps,
         "cfg_scale": req.cfg,
-        "sampler_name": body.sampler_name,
+        "sampler_name": A1111_NAMES.get(req.sampler, req.sampler),  # the model's own where the body named none
         "width": req.width or served.ldm.run.data.resolution,
         "height": req.height or served.ldm.run.data.resolution,
         "sd_model_name": served.name,
@@ -155,6 +156,7 @@ def a1111_answer(body, served, req, out, fields: dict) -> dict:
         "withheld": [
             {"index": i, "seed": s, "reason": why} for i, (s, why) in enumerate(zip(out.seeds, out.withheld)) if why
         ],
+        "notes": notes(req),  # what the request was allowed but advised against (more LCM steps than useful)
     }
     params = body.model_dump(exclude={"init_images", "mask"})
     images = [b for b in out.b64() if b is not None]  # A1111 clients expect strings: withheld ones are left out

@@ -7,7 +7,7 @@ from ..deps import parse_body, typed
 from ..models import JOBS
 from ..schemas import api_models
 from ..service import request_params
-from .common import checked_request, templated
+from .common import checked_request, notes, templated
 
 
 def router():
@@ -21,6 +21,7 @@ def router():
     class Queued(BaseModel):
         id: str
         status: str
+        notes: list[str] | None = None  # only where the request is allowed but advised against: why
 
     class Job(BaseModel):
         id: str
@@ -46,11 +47,12 @@ def router():
 
     r = APIRouter(tags=["jobs"], default_response_class=t.JSON)
 
-    @r.post("/v1/jobs", status_code=202, response_model=Queued)
+    @r.post("/v1/jobs", status_code=202, response_model=Queued, response_model_exclude_unset=True)
     async def create_job(request: Request, principal: t.UserKey, svc: t.ServiceDep):
         body = await parse_body(request, api_models().JobRequest)
         served = svc.model(body.model)
-        fields, used = templated(svc, body, body.model_dump(exclude={"model", "template", "variables", "controls"}), {})
+        fields = body.model_dump(exclude={"model", "template", "variables", "controls"})
+        fields, used = templated(svc, served, body, fields, {})
         req = checked_request(svc, served, fields, {}, JOBS)
         svc.check(served, req, principal)
         run, controls = native_controls(svc, served, body.controls, req)  # ControlNet units: the job runs alone
@@ -58,7 +60,8 @@ def router():
         request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         job = svc.submit(principal, served, req, params, run=run)
         request.state.audit["reason"] = f"queued as job {job.id}"
-        return {"id": job.id, "status": job.state}
+        said = notes(req)
+        return {"id": job.id, "status": job.state} | ({"notes": said} if said else {})
 
     @r.get("/v1/jobs", response_model=Jobs, response_model_exclude_unset=True)
     async def list_jobs(principal: t.ViewerKey, svc: t.ServiceDep, limit: int = 20):

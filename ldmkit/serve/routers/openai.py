@@ -69,7 +69,7 @@ def router():
             height=height,
             loras=[lora.model_dump() for lora in body.loras],
         )
-        fields, used = templated(svc, body, fields, SIZE)
+        fields, used = templated(svc, served, body, fields, SIZE)
         req = checked_request(svc, served, fields, SIZE, GENERATIONS)
         svc.check(served, req, principal)
         out = await svc.generate(request, principal, served, req, user=body.user, **used)

@@ -84,7 +84,7 @@ def router():
         width, height = parse_size(body.size)
         fields = body.model_dump(include={"prompt", "negative_prompt", "labels", "steps", "cfg", "seed", "sampler"})
         fields |= {"n": 1, "width": width, "height": height, "loras": [item.model_dump() for item in body.loras]}
-        fields, used = templated(svc, body, fields, {"width": "size", "height": "size"})
+        fields, used = templated(svc, served, body, fields, {"width": "size", "height": "size"})
         req = checked_request(svc, served, fields, {"width": "size", "height": "size"}, VIDEOS)
         clip, _ = clip_request(body, served.ldm, svc.limits.max_frames)
         image, about = first_frame(body, served.ldm.ae_config.in_channels, svc.limits)
