@@ -337,7 +337,8 @@ LORA_LAYOUTS = ("peft", "kohya")  # the values of LoRAConfig.layout
 @dataclass(frozen=True)
 class LoRAConfig:
     """Low-rank adapters (LoRA, Hu et al. 2021) trained on the frozen backbone of an --init model: W + (alpha / r) B A
-    on the layers `targets` names. A run with rank > 0 trains and writes only the adapters (lora.safetensors)."""
+    on the layers `targets` names (and, with text_encoder, on the text encoder's). A run with rank > 0 trains and
+    writes only the adapters (lora.safetensors)."""
 
     rank: int = bounded(0, Bound(0, 4096, integer=True))  # r; 0: no LoRA (the backbone itself trains)
     alpha: float = bounded(0.0, WEIGHT)  # the update's numerator; 0: the rank (a factor alpha / r of 1)
@@ -346,6 +347,9 @@ class LoRAConfig:
     targets: str = bounded("attn", Bound(choices=LORA_TARGETS))
     # the written file's keys: "peft" (diffusers' load_lora_weights) or "kohya" (AUTOMATIC1111, ComfyUI)
     layout: str = bounded("peft", Bound(choices=LORA_LAYOUTS))
+    # also adapt every linear layer of the text encoder (a clip or trainable one, frozen beside its LoRAs); the
+    # captions are then encoded each step instead of once
+    text_encoder: bool = False
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,12 @@ def _train_options(p: argparse.ArgumentParser):
         "ComfyUI) (lora.layout)",
     )
     p.add_argument(
+        "--lora-text",
+        action="store_true",
+        help="with --lora-rank: also train LoRAs on every linear layer of the model's text encoder (clip or "
+        "trainable), written into the same lora.safetensors (lora.text_encoder)",
+    )
+    p.add_argument(
         "--textual-inversion",
         metavar="TOKEN",
         help="with --init (a clip or trainable text encoder): learn the embedding of the new word TOKEN, e.g. "
@@ -243,6 +249,8 @@ def cmd_train(args):
     for key in ("rank", "alpha", "targets", "layout"):
         if getattr(args, f"lora_{key}") is not None:
             extra.append(f"lora.{key}={getattr(args, f'lora_{key}')}")
+    if args.lora_text:
+        extra.append("lora.text_encoder=true")
     extra += _dreambooth(args)
     run = load_run(DenoiserRun, args.config, extra + _overrides(args))
     if run.dreambooth.class_prompt and not run.dreambooth.class_data:  # drawn by the base model, or found cached

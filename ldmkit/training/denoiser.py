@@ -57,13 +57,16 @@ class DenoiserTask:
         images=None,
         adapter: LoRASet | None = None,
         tokens: nn.Module | None = None,
+        text_adapter: LoRASet | None = None,
     ):
         """run: the resolved configuration; model: the bundle whose U-Net (and trainable text encoder) is trained;
         latents: the encoded training set; text_cache: embeddings of every caption for a frozen text encoder;
         images: the training set itself (items with an "image" (C, H, W) in [-1, 1]), needed by the tasks that encode
         each step's images (inpaint, upscale); adapter: LoRAs hooked into the frozen backbone (run.lora), which then
         are all that trains, is averaged and is exported (lora.safetensors); tokens: the rows of a textual-inversion
-        word (run.textual_inversion), likewise all that trains (embedding.safetensors, learned_embeds.safetensors)."""
+        word (run.textual_inversion), likewise all that trains (embedding.safetensors, learned_embeds.safetensors);
+        text_adapter: LoRAs hooked into the frozen text encoder (run.lora.text_encoder), trained and written with
+        `adapter`'s."""
         self.task = get_task(run.task)
         if self.task.trains_on_images and images is None:
             raise InputError(
@@ -73,10 +76,12 @@ class DenoiserTask:
         self.text_cache, self.images = text_cache, images
         self.size = len(latents)
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
-        self.adapter, self.tokens = adapter, tokens
+        self.adapter, self.tokens, self.text_adapter = adapter, tokens, text_adapter
         self.weights: torch.Tensor | None = None  # (N,) each item's loss weight (DreamBooth's prior), or None
         self.teacher: nn.Module | None = None  # a distillation's frozen backbone (None: the backbone without LoRAs)
         trained = {"lora": adapter} if adapter is not None else {"embedding": tokens} if tokens is not None else None
+        if text_adapter is not None:
+            trained = (trained or {}) | {"text_lora": text_adapter}
         trained = trained or self.task.trained_modules(self)  # or a ControlNet
         self.model = nn.ModuleDict(
             trained
@@ -177,7 +182,11 @@ class DenoiserTask:
             about |= {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "targets": lora.targets}
             if self.run.distill.steps:  # applied, it makes its base a few-step model (ldm.with_distill)
                 about["distill"] = to_dict(self.run.distill)
-            return save_lora(out_dir / "lora.safetensors", weights["lora"], self.ldm.unet, lora.layout, about)
+            text = (weights["text_lora"], self.ldm.text_encoder) if "text_lora" in weights else None
+            if text is not None:
+                about["text_encoder"] = self.run.text_encoder
+            path = out_dir / "lora.safetensors"
+            return save_lora(path, weights["lora"], self.ldm.unet, lora.layout, about, text)
         if self.tokens is not None:  # the new word's vectors, in both layouts
             ti = self.run.textual_inversion
             about = {"base": self.run.init, "base_sha256": self.run.init_sha256, "step": step}
@@ -196,14 +205,13 @@ class DenoiserTask:
     def sample(self, out_dir: Path, weights: nn.Module, step: int) -> Path | None:
         if self.adapter is None and self.tokens is None:
             return self._grid(out_dir, self.task.preview_backbone(self, weights), weights, step)
-        module, key = (self.adapter, "lora") if self.adapter is not None else (self.tokens, "embedding")
-        live = {k: v.clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(weights[key].state_dict())  # the grid shows the weights given (the EMA's)
+        live = {k: v.clone() for k, v in self.model.state_dict().items()}  # the adapters (backbone, text) or word
+        self.model.load_state_dict(weights.state_dict())  # the grid shows the weights given (the EMA's)
         try:
             with torch.no_grad():
                 return self._grid(out_dir, self.ldm.unet.eval(), weights, step)
         finally:
-            module.load_state_dict(live)  # copied back: training goes on bit for bit
+            self.model.load_state_dict(live)  # copied back: training goes on bit for bit
 
     def _grid(self, out_dir: Path, unet: nn.Module, weights: nn.Module, step: int) -> Path | None:
         text = weights["text_encoder"] if "text_encoder" in weights else self.ldm.text_encoder

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import target_paths
+from ..adapters.apply import targetable
 from ..adapters.embeddings import add_embedding, initial_vectors
 from ..autoencoder.files import load_autoencoder
 from ..conditioning.text import EmbeddingCache, build_text_encoder
@@ -94,8 +95,8 @@ def train_autoencoder(
 
 
 def text_setup(run: DenoiserRun, captions: list[str], device, parent: LdmFile | None = None):
-    """The text encoder for a text-conditional run (the --init model's, with its weights) and, for a frozen one,
-    the per-caption embedding cache."""
+    """The text encoder for a text-conditional run (the --init model's, with its weights) and, for a frozen one
+    whose output does not change while training (no LoRAs in it), the per-caption embedding cache."""
     if not run.text_encoder:
         return None, None
     enc = build_text_encoder(run.text_encoder, **(parent.text_options if parent is not None else {}))
@@ -105,7 +106,7 @@ def text_setup(run: DenoiserRun, captions: list[str], device, parent: LdmFile | 
     if getattr(enc, "trainable", False) and not trains_text(run):
         enc.trainable = False  # frozen for this run: eval mode, no graph, cached embeddings
         enc.requires_grad_(False)
-    if getattr(enc, "trainable", False):
+    if getattr(enc, "trainable", False) or run.lora.text_encoder:
         return enc, None
     return enc, EmbeddingCache(enc, sorted(set(captions) | {""}))
 
@@ -152,6 +153,7 @@ def train_denoiser(
     check_dreambooth_run(run)
     check_distill_run(run)
     run, parent = _start(run, out_dir)  # --init: the model's architecture, autoencoder and SHA-256
+    check_lora_text(run)  # needs the model's text encoder, known now
     with process_group(run.train.device) as (world, device):
         world.check_same("settings", flatten(to_dict(run)))
         progress = progress and world.main
@@ -237,12 +239,14 @@ def _denoiser_task(
     if parent is not None:
         load_parent_weights(parent, unet, None, run.init)
     unet = unet.to(device)
-    adapter = _lora_adapter(run, unet)
+    adapter, text_adapter = _lora_adapter(run, unet), _text_lora_adapter(run, text)
     if tokens is not None:
         unet.requires_grad_(False)
     ldm = LatentDiffusion(ae, ae_run.model, unet, run, text)
     images = train_set if get_task(run.task).trains_on_images else None  # encoded each step (mask, degradation)
-    task = DenoiserTask(run, ldm, latents, device, text_cache, images=images, adapter=adapter, tokens=tokens)
+    task = DenoiserTask(
+        run, ldm, latents, device, text_cache, images=images, adapter=adapter, tokens=tokens, text_adapter=text_adapter
+    )
     task.weights = weights
     if run.distill.steps and adapter is None:  # a full student: the teacher is a frozen copy of the model
         task.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -252,6 +256,8 @@ def _denoiser_task(
 def check_lora_run(run: DenoiserRun) -> None:
     """InputError for a LoRA run (lora.rank > 0) that has no model to adapt or asks to train more."""
     if not run.lora.rank:
+        if run.lora.text_encoder:
+            raise InputError("--lora-text adds LoRAs to the text encoder too; give their rank with --lora-rank R")
         return
     if not run.init:
         raise InputError("--lora-rank trains adapters on an existing model; pass --init MODEL (or drop --lora-rank)")
@@ -259,6 +265,23 @@ def check_lora_run(run: DenoiserRun) -> None:
         raise InputError("--lora-rank trains the adapters alone; drop train.trainable=backbone+text")
     if get_task(run.task).base_model:
         raise InputError(f"--lora-rank adapts the model itself; drop --task {run.task} (or --lora-rank)")
+    if run.lora.text_encoder and run.distill.steps:
+        raise InputError(
+            "an LCM-LoRA adapts the backbone alone (its teacher reads the same text encoding); drop --lora-text"
+        )
+
+
+def check_lora_text(run: DenoiserRun) -> None:
+    """InputError for a --lora-text run whose --init model has no text encoder to adapt, or a frozen package one."""
+    if not run.lora.text_encoder:
+        return
+    if not run.text_encoder:
+        raise InputError(f"--init {run.init} has no text encoder (it takes labels or nothing); drop --lora-text")
+    if run.text_encoder == "minilm":
+        raise InputError(
+            f"--init {run.init} reads prompts with the minilm text encoder, a frozen package model whose sentence "
+            f"embeddings the denoiser learned as they are; drop --lora-text (text LoRAs need clip or trainable)"
+        )
 
 
 def check_textual_inversion_run(run: DenoiserRun) -> None:
@@ -378,4 +401,17 @@ def _lora_adapter(run: DenoiserRun, unet: torch.nn.Module) -> LoRASet | None:
     lora = LoRASet.for_modules(unet, target_paths(unet, run.lora.targets), run.lora.rank, run.lora.alpha or None)
     lora = lora.to(next(unet.parameters()).device)
     attach(unet, lora)
+    return lora
+
+
+def _text_lora_adapter(run: DenoiserRun, text) -> LoRASet | None:
+    """For lora.text_encoder: freeze the text encoder and hook fresh LoRAs (lora.rank, lora.alpha) into every one
+    of its linear layers; its forward then builds a graph, so the captions are encoded each step; None otherwise."""
+    if not run.lora.text_encoder:
+        return None
+    text.requires_grad_(False)
+    lora = LoRASet.for_modules(text, list(targetable(text)), run.lora.rank, run.lora.alpha or None)
+    lora = lora.to(text.device)
+    attach(text, lora)
+    text.trainable = True  # its forward builds a graph: the gradient reaches the LoRAs, and only them
     return lora
