@@ -5,6 +5,7 @@ plain model keeps the APIs' defaults. serve.precision: the sampling precision of
 where bf16 is not native, batch-invariant in bf16 too."""
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -24,6 +25,7 @@ from ldmkit.serve.server import build
 from ldmkit.serve.store import open_store
 from ldmkit.training import runs
 from tests.conftest import TensorDataset
+from tests.serve.test_serve_web import CHROMIUM
 from tests.serve_helpers import LiveServer, b64_png, finished, pixels
 from tests.training.test_distill import distill_run
 
@@ -115,6 +117,26 @@ def test_native_jobs_take_the_models_own_settings_and_note_many_lcm_steps(live):
     assert sampling(views[1]["params"]) == {"sampler": "lcm", "steps": 9, "cfg": 2.0}
     assert sampling(views[2]["params"]) == {"sampler": "euler", "steps": 25, "cfg": 5.0}
     assert sampling(audited(live, views[0]["id"])) == DISTILLED
+
+
+@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="the page test drives Debian's chromium")
+def test_the_web_page_offers_a_distilled_models_own_settings(live):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the web page test needs playwright")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#key", "any")  # the server takes no keys
+            page.click("#login")
+            page.wait_for_selector(f"#model option[value='{live.plain}']", state="attached")
+            shown = {}
+            for model in (live.lcm, live.plain):
+                page.select_option("#model", model)
+                shown[model] = [page.input_value(f"#{i}") for i in ("sampler", "steps", "cfg")]
+        finally:
+            browser.close()
+    assert shown == {live.lcm: ["lcm", "2", "1"], live.plain: ["dpmpp_2m", "25", "5"]}
 
 
 def test_bf16_serving_without_native_bf16_is_refused_at_start_in_one_line(tmp_path, tiny_ldm, monkeypatch, capsys):

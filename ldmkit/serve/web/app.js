@@ -131,6 +131,14 @@ function applyModel() {
     $(id).value = m.resolution;
   }
   $("classes").replaceChildren(...classes.map((c) => { const o = el("option"); o.value = c; return o; }));
+  // a distilled model's own sampler, steps and guidance (its `sampling`); the page's defaults for the others
+  const own = m.sampling || {};
+  for (const id of ["sampler", "steps", "cfg"]) {
+    const input = $(id);
+    const initial = input.tagName === "SELECT"
+      ? ([...input.options].find((o) => o.defaultSelected) || input.options[0]).value : input.defaultValue;
+    input.value = id in own ? String(own[id]) : initial;
+  }
   $("negative").disabled = !m.text;
   let takes;
   if (m.text) takes = "takes prompts";
