@@ -329,7 +329,8 @@ class VideoConfig:
     max_frames: int = bounded(32, COUNT)  # frames per clip at most
 
 
-SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")  # --precision, serve.precision: what sampling steps compute in
+# serve.precision's values: runtime.SAMPLING_PRECISIONS, which config (below torch) cannot import; a test compares them
+SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")
 LORA_TARGETS = ("attn", "attn+ff", "all")  # the values of LoRAConfig.targets
 LORA_LAYOUTS = ("peft", "kohya")  # the values of LoRAConfig.layout
 

@@ -6,7 +6,6 @@ import contextlib
 
 import torch
 
-from .config import SAMPLING_PRECISIONS
 from .errors import DeviceError, InputError
 
 PRECISIONS = ("auto", "bf16", "no")
@@ -46,7 +45,10 @@ def autocast(mixed_precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-# --- sampling precision (SAMPLING_PRECISIONS: --precision, serve.precision) ----------------------------------------
+# --- sampling precision ---------------------------------------------------------------------------------------------
+SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")  # --precision, serve.precision: what sampling steps compute in
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or AMX
     tiles, as torch's cpuinfo detects them (never guessed from the model name)."""

@@ -33,7 +33,7 @@ def add(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _serve_options(p: argparse.ArgumentParser):
-    from ..config import SAMPLING_PRECISIONS
+    from ..config import SAMPLING_PRECISIONS  # runtime's, without importing torch
 
     p.add_argument(
         "--model",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldmkit import runtime
+from ldmkit import config, runtime
 from ldmkit.cli import main
 from ldmkit.config import ServeConfig, ServeRun
 from ldmkit.data.images import to_pil
@@ -140,6 +140,7 @@ def test_the_web_page_offers_a_distilled_models_own_settings(live):
 
 
 def test_bf16_serving_without_native_bf16_is_refused_at_start_in_one_line(tmp_path, tiny_ldm, monkeypatch, capsys):
+    assert config.SAMPLING_PRECISIONS == runtime.SAMPLING_PRECISIONS  # serve.precision takes --precision's values
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     run = ServeRun(serve=ServeConfig(models=(str(tiny_ldm),), database=str(tmp_path / "db"), precision="bf16"))
     with pytest.raises(InputError, match="--precision bf16: this CPU has neither AVX-512 BF16 nor AMX"):
