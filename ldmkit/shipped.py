@@ -30,6 +30,7 @@ SHIPPED = {
     "fashion-mnist": "class-conditional (10 classes), 32x32 Fashion-MNIST",
     "fashion-mnist-inpaint": "class-conditional inpainting model (10 classes), 32x32 Fashion-MNIST",
     "emoji-upscale": "4x upscaler, 16x16 -> 64x64 emoji, trained on the built-in `emoji` data set",
+    "fashion-mnist-lcm": "4-step LCM-LoRA of fashion-mnist (consistency-distilled; loads as its base, merged)",
 }
 # the models each command uses without --model, first the one whose weights are present
 DEFAULTS = {

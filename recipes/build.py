@@ -4,9 +4,14 @@
     .venv/bin/python recipes/build.py emoji --set train.steps=2000  # any setting, recorded in the model card
     .venv/bin/python recipes/build.py fashion-mnist --eval-n 2000   # fewer images for FID / KID
     .venv/bin/python recipes/build.py emoji-upscale                 # an editing model on a shipped autoencoder
+    .venv/bin/python recipes/build.py fashion-mnist-lcm --eval-n 2000  # a few-step LCM-LoRA of a shipped model
 
 Stages are resumable: rerunning continues a killed run in runs/recipes/NAME/ (both stages use `--resume`).
 Overrides given with --ae-set apply to the autoencoder and --set to the denoiser.
+
+A distilled model (a recipe with only a distill.toml) trains an LCM-LoRA of the shipped model its `init` names and
+ships the LoRA alone, in half precision: it names its base, and loads as the base with the LoRA merged. Its card
+gives FID at its own steps and at half of them beside the teacher's card figures.
 
 An editing model (a recipe with `task = "inpaint"` or `"upscale"` and only a denoiser.toml) trains its denoiser
 on the autoencoder of the shipped model its recipe names (paths are relative to the repository root), and is
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -46,7 +52,7 @@ from ldmkit.pipelines.inpaint import inpaint  # noqa: E402
 from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import upscale  # noqa: E402
 from ldmkit.runtime import resolve_device  # noqa: E402
-from ldmkit.shipped import SHIPPED, export_half, weights_dir  # noqa: E402
+from ldmkit.shipped import SHIPPED, export_half, load_model, weights_dir  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
 
 GRID_PROMPTS = ["red apple", "grinning face", "blue heart", "rocket", "pizza", "cat face", "sun", "christmas tree"]
@@ -294,6 +300,94 @@ Measured with `ldmkit evaluate` against the {ev["split"]} split, {ev["n"]} image
 """
 
 
+def build_distilled_model(name: str, args) -> int:
+    """recipes/NAME/distill.toml -> weights/NAME.safetensors (the LCM-LoRA in half precision), NAME.md, .png, .json."""
+    out = ROOT / "runs" / "recipes" / name / "ldm"
+    run = load_run(
+        DenoiserRun, str(ROOT / "recipes" / name / "distill.toml"), [f"train.device={args.device}"] + args.set
+    )
+    dn = train_denoiser(run, out, resume=(out / "train-state.safetensors").exists())
+    dst = weights_dir() / f"{name}.safetensors"
+    half_lora(Path(dn["checkpoint"]), dst)
+    k, teacher = run.distill.steps, json.loads((weights_dir() / f"{run.init}.json").read_text())["eval"]
+    evs = [
+        evaluate(dst, split=args.eval_split, n=args.eval_n, sampler="lcm", steps=s, cfg=1.0, device=args.device)
+        for s in dict.fromkeys((k, max(1, k // 2), 1))
+    ]
+    ldm = load_model(dst)
+    req = SampleRequest(n=20, sampler="lcm", steps=k, cfg=1.0, device=args.device)
+    generate_to_file(dst, req, weights_dir() / f"{name}.png")
+    recipe = {"distill": to_dict(run), "distill_s": training_seconds(out), "command": command(name, args)}
+    card = distilled_card(name, recipe, dn, evs, teacher, dst.stat().st_size / 2**20, device_name(args.device))
+    (weights_dir() / f"{name}.md").write_text(card)
+    record = json.dumps({"recipe": recipe, "evals": evs, "teacher_eval": teacher}, indent=2)
+    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))
+    print(f"wrote {dst} ({ldm.run.distill.steps}-step), {name}.md, {name}.png and {name}.json in {weights_dir()}")
+    return 0
+
+
+def half_lora(src: Path, dst: Path) -> Path:
+    """A LoRA file with its floating-point tensors in half precision, its metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    tmp = dst.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    shutil.move(tmp, dst)
+    return dst
+
+
+def distilled_card(name: str, recipe: dict, dn: dict, evs: list, teacher: dict, size_mb: float, dev: str) -> str:
+    d = recipe["distill"]
+    k, base = d["distill"]["steps"], d["init"]
+    t = teacher
+    rows = [f"| {base} (teacher) | {t['sampler']} | {t['steps']} | {t['cfg']} | {t['fid']:.2f} | 1.00 |"]
+    rows += [f"| {name} | lcm | {e['steps']} | 1.0 | {e['fid']:.2f} | {e['fid'] / teacher['fid']:.2f} |" for e in evs]
+    return f"""# {name}
+
+{SHIPPED[name]}.
+
+![samples]({name}.png)
+
+## Use
+
+```sh
+.venv/bin/ldmkit generate --model {name} --label 7
+```
+
+It samples with the lcm sampler in {k} steps and guidance 1 unless `--sampler`, `--steps` or `--cfg` say
+otherwise. The file is a LoRA of rank {d["lora"]["rank"]} on every linear layer and 1x1 convolution of `{base}`'s
+U-Net: it names its base (and its SHA-256), and loads as `{base}` with the LoRA merged;
+`--model {base} --lora weights/{name}.safetensors` is the same model.
+
+## Recipe
+
+`recipes/{name}/distill.toml`: latent consistency distillation of `{base}` along its {d["distill"]["grid"]}-step
+sampling grid with guidance {d["distill"]["guidance"]} folded in, {d["train"]["steps"]} steps of batch
+{d["train"]["batch_size"]} ({dn.get("trained_parameters", 0) / 1e6:.2f} M trained parameters,
+{recipe["distill_s"] / 60:.1f} min on {dev}), built with
+
+```sh
+{recipe["command"]}
+```
+
+Weights: half precision, {size_mb:.2f} MB.
+
+## Quality
+
+Measured with `ldmkit evaluate` against the {evs[0]["split"]} split, {evs[0]["n"]} images (TF-Inception features); the
+teacher's row is its card's:
+
+| model | sampler | steps | guidance | FID | x teacher |
+| --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+"""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", choices=sorted(SHIPPED))
@@ -305,6 +399,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     name = args.name
     os.chdir(ROOT)  # recipes name files relative to the repository root
+    if (ROOT / "recipes" / name / "distill.toml").is_file():
+        return build_distilled_model(name, args)
     if not (ROOT / "recipes" / name / "autoencoder.toml").is_file():
         return build_edit_model(name, args)
     ae, dn, recipe = train_stages(name, args)

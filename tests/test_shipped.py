@@ -3,11 +3,15 @@
 Skipped where the weights are absent (a checkout without them, or a user's own LDMKIT_WEIGHTS folder).
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ldmkit import checkpoint
+from ldmkit.adapters.files import META_KEY
 from ldmkit.config import DataConfig
 from ldmkit.data import build_dataset
 from ldmkit.diffusion.lowres import downscale
@@ -17,7 +21,7 @@ from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.request import SampleRequest
 from ldmkit.pipelines.upscale import upscale
-from ldmkit.shipped import SHIPPED, default_model, plan_generation, weights_dir
+from ldmkit.shipped import SHIPPED, default_model, load_model, plan_generation, weights_dir
 
 PRESENT = [n for n in sorted(SHIPPED) if (weights_dir() / f"{n}.safetensors").exists()]
 
@@ -32,8 +36,13 @@ def test_shipped_weights_are_small_half_precision_and_documented():
     for name in PRESENT:
         path = weights_dir() / f"{name}.safetensors"
         total += path.stat().st_size
-        meta = checkpoint.read_metadata(path)
-        assert meta["kind"] == "ldm" and meta["stored_dtype"] == "float16", name
+        if META_KEY in checkpoint.read_header(path):  # a LoRA that names its shipped base (an LCM-LoRA)
+            base = json.loads(checkpoint.read_header(path)[META_KEY])["base"]
+            assert base in SHIPPED and base != name, name
+            assert {t.dtype for t in load_file(str(path)).values()} == {torch.float16}, name
+        else:
+            meta = checkpoint.read_metadata(path)
+            assert meta["kind"] == "ldm" and meta["stored_dtype"] == "float16", name
         for suffix in (".md", ".png", ".json"):
             assert (weights_dir() / f"{name}{suffix}").exists(), f"{name}{suffix}"
         assert "recipes/build.py" in (weights_dir() / f"{name}.md").read_text()
@@ -41,18 +50,35 @@ def test_shipped_weights_are_small_half_precision_and_documented():
     assert total <= everything < 60 * 2**20  # weights/ in all, cards and grids included
 
 
-@needs("fashion-mnist")
-def test_fashion_mnist_model_draws_the_requested_class():
-    """Generated images are classified by the nearest class mean of real test images (a crude classifier: 67% on
-    real images, chance 10%). Ignoring the label would score about 10%; the shipped model scores about 90%."""
+def _class_means() -> torch.Tensor:
+    """The mean image (10, 1024) of each class among the first 2000 Fashion-MNIST test images."""
     from ldmkit.data.fashion_mnist import FashionMNIST
 
     ds = FashionMNIST(DataConfig(dataset="fashion-mnist", resolution=32, channels=1, split="test"))
     real = torch.stack([ds[i]["image"] for i in range(2000)]).flatten(1)
     labels = torch.tensor([ds[i]["label"] for i in range(2000)])
-    means = torch.stack([real[labels == c].mean(0) for c in range(10)])
-    ldm = LatentDiffusion.load(weights_dir() / "fashion-mnist.safetensors")
-    images, captions = generate(ldm, SampleRequest(n=40, steps=20, device="cpu"))  # every class in turn
+    return torch.stack([real[labels == c].mean(0) for c in range(10)])
+
+
+@needs("fashion-mnist")
+@pytest.mark.parametrize(
+    "name, req",
+    [
+        ("fashion-mnist", SampleRequest(n=40, steps=20, device="cpu")),
+        pytest.param(
+            "fashion-mnist-lcm",
+            SampleRequest(n=40, sampler="lcm", steps=4, cfg=1.0, device="cpu"),
+            marks=needs("fashion-mnist-lcm"),
+        ),
+    ],
+)
+def test_fashion_mnist_model_draws_the_requested_class(name, req):
+    """Generated images are classified by the nearest class mean of real test images (a crude classifier: 67% on
+    real images, chance 10%). Ignoring the label would score about 10%; the shipped model scores about 90%, and its
+    4-step LCM-LoRA (loaded as the base with the LoRA merged) must too."""
+    means = _class_means()
+    ldm = load_model(weights_dir() / f"{name}.safetensors")
+    images, captions = generate(ldm, req)  # every class in turn
     assert images.shape == (40, 1, 32, 32) and torch.isfinite(images).all()
     assert captions[:10] == ldm.class_names
     wanted = torch.arange(40) % 10

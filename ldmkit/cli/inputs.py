@@ -47,26 +47,13 @@ def read_prompt_file(path: str) -> list[str]:
 
 def request(args, n: int, prompts: list[str] | None, checkpoint=None):
     """The SampleRequest of the image commands: their shared options plus the images and prompts each decides. With
-    --policy, every prompt must pass the policy's rules first. The sampler, steps and guidance the command line
-    leaves out are the model's own where it has them (a distilled model, or a --lora LCM-LoRA: lcm, its steps,
-    cfg 1), with a note on stderr saying so."""
+    --policy, every prompt must pass the policy's rules first. The sampler, steps and guidance are `sampling`'s."""
     from ..governance.policy import load_policy
-    from ..pipelines.request import SampleRequest, lcm_note
+    from ..pipelines.request import SampleRequest
 
     if args.policy:
         load_policy(args.policy).enforce(prompts or [])
-    chosen = {k: getattr(args, k) for k in ("sampler", "steps", "cfg")}
-    own = {k: v for k, v in model_chosen(args, checkpoint).items() if not given(args, k)}
-    if own:
-        said = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in own.items())
-        print(
-            f"note: the model samples with {said} (its own settings; --sampler, --steps, --cfg override)",
-            file=sys.stderr,
-        )
-    chosen |= own
-    note = lcm_note(chosen["sampler"], chosen["steps"])
-    if note:
-        print(note, file=sys.stderr)
+    chosen = sampling(args, checkpoint)
     return SampleRequest(
         n=n,
         labels=args.label,
@@ -82,6 +69,24 @@ def request(args, n: int, prompts: list[str] | None, checkpoint=None):
         eta=args.eta,
         precision=getattr(args, "precision", "fp32"),
     )
+
+
+def sampling(args, checkpoint=None) -> dict:
+    """The sampler, steps and guidance of a sampling command: the command line's, and for the options it leaves
+    out the model's own where it has them (a distilled model, or a --lora LCM-LoRA: lcm, its steps, cfg 1), with a
+    note on stderr saying so, and a note for more LCM steps than a consistency model uses."""
+    from ..pipelines.request import lcm_note
+
+    chosen = {k: getattr(args, k) for k in ("sampler", "steps", "cfg")}
+    own = {k: v for k, v in model_chosen(args, checkpoint).items() if not given(args, k)}
+    if own:
+        said = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in own.items())
+        print(f"note: the model samples with {said} (its own; --sampler, --steps, --cfg override)", file=sys.stderr)
+    chosen |= own
+    note = lcm_note(chosen["sampler"], chosen["steps"])
+    if note:
+        print(note, file=sys.stderr)
+    return chosen
 
 
 def model_chosen(args, checkpoint) -> dict:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from . import inputs
 from .options import command, sampling_options
 
 
@@ -90,17 +91,18 @@ def cmd_evaluate(args):
     from ..evaluation.evaluate import evaluate, format_table, result_path, write_result
     from ..governance.screen import load_index
     from ..governance.similarity import DEFAULT_THRESHOLD as COPY_THRESHOLD
+    from ..shipped import resolve_model
 
     if args.out:
         check_output_path(args.out, "--out")  # before the long evaluation
+    model = resolve_model(args.checkpoint)  # a shipped name or a path
+    chosen = inputs.sampling(args, model)  # a distilled model's own sampler, steps and guidance, where not given
     result = evaluate(
-        args.checkpoint,
+        model,
         dataset=args.data,
         split=args.split,
         n=args.n,
-        sampler=args.sampler,
-        steps=args.steps,
-        cfg=args.cfg,
+        **chosen,
         seed=args.seed,
         device=args.device,
         batch_size=args.batch_size,
