@@ -9,6 +9,9 @@ connections and its middle block (`Conditioning.control`, the U-Net's one hook f
 
 `Controlled` wraps a backbone with one or more ControlNets, each with its condition image, a scale and the fraction
 of the sampling steps it acts on (start, end); it is a backbone itself, so samplers and guidance see nothing new.
+A control may steer some images of a batch only (`Control.rows`): a batch of requests with different controls
+(pipelines/control.py: per_sample_controls) runs each ControlNet over the images that use it, and each image's
+residuals are those it gets alone (see `Controlled`).
 A ControlNet file is a safetensors checkpoint of kind "controlnet": the weights, the U-Net configuration it was made
 for, the hint encoder's widths, the condition it was trained on and its base model's SHA-256.
 """
@@ -106,7 +109,8 @@ class ControlNet(UNet):
 @dataclass
 class Control:
     """One ControlNet acting on a sampling: its condition image (1 or B, C, H, W) in [0, 1] (None: taken from the
-    conditioning's `hint`, as in training), the scale of its residuals, and the fraction of the steps it acts on."""
+    conditioning's `hint`, as in training), the scale of its residuals, the fraction of the steps it acts on, and the
+    images of the batch it steers (None: every image; else their indices, and the image is 1 or len(rows) high)."""
 
     net: ControlNet
     image: torch.Tensor | None = None
@@ -114,6 +118,7 @@ class Control:
     start: float = 0.0
     end: float = 1.0
     window: tuple[float, float] | None = None  # the c_noise range it acts on (step_window); None: every call
+    rows: tuple[int, ...] | None = None
 
 
 def check_control(scale: float, start: float, end: float, name: str = "--control") -> None:
@@ -146,13 +151,33 @@ class Controlled(nn.Module):
     """A backbone with ControlNets: called as the backbone is, it adds the scaled sum of their residuals to the
     backbone's skip connections and middle block (Conditioning.control). Each control's image comes from the
     conditioning's `hint` (one per control, training) or from the control itself (sampling), repeated to the
-    batch (guidance doubles it)."""
+    batch (guidance doubles it).
 
-    def __init__(self, backbone: nn.Module, controls: list[Control]):
+    Per image, exactly (controls with `rows`, as per_sample_controls makes them): a control runs its ControlNet only
+    on the batch rows it steers that are in its window at their step (a scale of 0 steers none), and each image's
+    residual is the sum, in the order of `controls`, of the controls that steer it, starting from -0.0 (x + -0.0 is
+    x bit for bit, where +0.0 would turn a -0.0 into +0.0). An image no control steers at a step gets -0.0
+    residuals: the backbone's numbers are those without controls. With batch-invariant kernels (nn/invariant.py) an
+    image's numbers thus do not depend on the other images' controls. Consecutive controls of the same ControlNet
+    that steer different images run as one pass."""
+
+    def __init__(self, backbone: nn.Module, controls: list[Control], images: int | None = None):
+        """backbone: the U-Net; controls: in the order their residuals are summed; images: the images of a batch
+        whose controls name `rows` (the backbone's batch is that many images, repeated once per guidance branch)."""
         super().__init__()
+        if images is None and any(c.rows is not None for c in controls):
+            raise InputError("controls that steer some images (rows) need the batch's number of images")
         self.backbone = backbone
         self.controls = controls
+        self.images = images
         self.nets = nn.ModuleList(c.net for c in controls)  # so .to(), .parameters() and state reach them
+        self.passes: list[list[int]] = []  # indices into controls, run as one pass of their ControlNet
+        for k, c in enumerate(controls):
+            last = self.passes[-1] if self.passes else None
+            if last is not None and c.rows is not None and _joins(c, [controls[j] for j in last]):
+                last.append(k)
+            else:
+                self.passes.append([k])
 
     @property
     def cfg(self):
@@ -162,24 +187,69 @@ class Controlled(nn.Module):
         cond = cond or Conditioning()
         if c_noise.ndim == 0:
             c_noise = c_noise.expand(x.shape[0])
+        plain = replace(cond, hint=None, control=None)
         total = None
-        for k, ctl in enumerate(self.controls):
+        for group in self.passes:
+            steer = self._pass(group, x, c_noise, cond)
+            if steer is None:
+                continue
+            rows, hint, w = steer
+            if rows is None:  # every row of the batch: as one control alone (training, a single request)
+                res = [r * w.view(-1, 1, 1, 1) for r in self.controls[group[0]].net(x, c_noise, plain, hint)]
+                total = res if total is None else [a + b for a, b in zip(total, res)]
+                continue
+            some = plain.map(lambda t, at=rows: t[at])
+            res = self.controls[group[0]].net(x[rows], c_noise[rows], some, hint)
+            res = [r * w.view(-1, 1, 1, 1) for r in res]  # (R, C_i, h_i, w_i)
+            if total is None:
+                total = [r.new_full((x.shape[0], *r.shape[1:]), -0.0) for r in res]
+            total = [t.index_put((rows,), t[rows] + r) for t, r in zip(total, res)]
+        cond = replace(cond, hint=None, control=tuple(total) if total is not None else None)
+        return self.backbone(x, c_noise, cond)
+
+    def _pass(self, group: list[int], x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning):
+        """(the batch rows (R,) the controls `group` of one ControlNet steer at this step, None for every row; their
+        condition images (R or B, C, H, W); their weights (R or B,): the scale, 0 outside the window); None when the
+        pass steers no row at this step."""
+        n = x.shape[0]
+        if len(group) == 1 and self.controls[group[0]].rows is None:
+            k = group[0]
+            ctl = self.controls[k]
             active = _active(ctl.window, c_noise)  # (B,) 1 where the control acts on the item's step
             if ctl.scale == 0 or not bool(active.any()):
-                continue
+                return None
             hint = cond.hint[k] if cond.hint is not None else ctl.image
             if hint is None:
                 raise InputError(f"control {k + 1} has no condition image")
-            if hint.shape[0] != x.shape[0]:
-                if x.shape[0] % hint.shape[0]:
-                    raise InputError(f"{hint.shape[0]} control images for a batch of {x.shape[0]}")
-                hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)
-            res = ctl.net(x, c_noise, replace(cond, hint=None, control=None), hint.to(x.device))
-            w = (active * ctl.scale).to(x.dtype).view(-1, 1, 1, 1)
-            res = [r * w for r in res]
-            total = res if total is None else [a + b for a, b in zip(total, res)]
-        cond = replace(cond, hint=None, control=tuple(total) if total is not None else None)
-        return self.backbone(x, c_noise, cond)
+            if hint.shape[0] != n:
+                if n % hint.shape[0]:
+                    raise InputError(f"{hint.shape[0]} control images for a batch of {n}")
+                hint = hint.repeat(n // hint.shape[0], 1, 1, 1)
+            return None, hint.to(x.device), (active * ctl.scale).to(x.dtype)
+        if n % self.images:
+            raise InputError(f"a batch of {n} rows does not repeat {self.images} images")
+        rows, hints, weights = [], [], []
+        for k in group:
+            ctl = self.controls[k]
+            if ctl.scale == 0:
+                continue
+            image = ctl.image.to(x.device)
+            image = image if image.shape[0] == len(ctl.rows) else image.expand(len(ctl.rows), -1, -1, -1)
+            at = torch.tensor(ctl.rows, device=x.device)
+            for copy in range(n // self.images):  # each guidance branch holds every image once
+                on = _active(ctl.window, c_noise[at + copy * self.images]).bool()
+                rows.append((at + copy * self.images)[on])
+                hints.append(image[on])
+                weights.append(torch.full((int(on.sum()),), ctl.scale, device=x.device))
+        if not sum(len(r) for r in rows):
+            return None
+        return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype)
+
+
+def _joins(c: Control, group: list[Control]) -> bool:
+    """Whether control `c` can run in one pass with `group`: the same ControlNet, rows of their own."""
+    mine = set(c.rows)
+    return all(g.net is c.net and g.rows is not None and not mine & set(g.rows) for g in group)
 
 
 def _active(window: tuple[float, float] | None, c_noise: torch.Tensor) -> torch.Tensor:

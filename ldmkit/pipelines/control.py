@@ -8,6 +8,9 @@ colour) run on it, or raw when IMAGE is the condition already; by default the de
 with (raw for one trained on paired folders). The edits (img2img, inpaint, outpaint) take controls the same way
 (`with_controls`): the condition at the input's size, padded as the image is, and for img2img the window counted over
 the steps it runs.
+
+Per image (`per_sample_controls`): a batch of requests with different controls, or none, runs each image with its own
+controls only, its numbers those it gets alone, so a server batches controlled requests with any others.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -105,19 +108,49 @@ def condition_settings(meta: dict, kind: str = "") -> tuple[str, ControlConfig]:
 
 
 @contextmanager
-def controlled(ldm: LatentDiffusion, controls: list[Control], steps: int, strength: float = 1.0) -> Iterator[None]:
+def controlled(
+    ldm: LatentDiffusion, controls: list[Control], steps: int, strength: float = 1.0, images: int | None = None
+) -> Iterator[None]:
     """`ldm`'s denoiser calling its U-Net through `controls` while the block runs, each control's window set for a
     sampling of `steps` steps at `strength` (its condition image already at the padded output size); the backbone
-    it had afterwards, so a model shared between requests (a server's) is left as it was."""
+    it had afterwards, so a model shared between requests (a server's) is left as it was. images: the batch's
+    images, for controls that steer some of them (Control.rows)."""
     before = ldm.denoiser.backbone
-    ldm.denoiser.backbone = _controlled_unet(ldm, controls, steps, strength)
+    ldm.denoiser.backbone = _controlled_unet(ldm, controls, steps, strength, images)
     try:
         yield
     finally:
         ldm.denoiser.backbone = before
 
 
-def _controlled_unet(ldm: LatentDiffusion, controls: list[Control], steps: int, strength: float) -> Controlled:
+@contextmanager
+def per_sample_controls(ldm: LatentDiffusion, per_image: Sequence[Sequence[Control]], steps: int) -> Iterator[None]:
+    """Within the block, image i of a batch (of len(per_image) images, repeated per guidance branch) is steered by
+    the controls per_image[i] (a sampling of `steps` steps from noise) and by no other, bit for bit as `controlled`
+    with them alone steers it. The controls are taken slot by slot (each image's first, then each image's second
+    ...), so every image sums its residuals in its own order; within a slot, the images that use one ControlNet
+    share one pass of it. Nothing is wrapped when no image has a control."""
+    if not any(per_image):
+        yield
+        return
+    order = []
+    for slot in range(max(len(mine) for mine in per_image)):
+        by_net: dict[int, list[tuple[Control, list[int]]]] = {}  # id(net) -> (control, the images it steers)
+        for i, mine in enumerate(per_image):
+            if slot < len(mine):
+                group = by_net.setdefault(id(mine[slot].net), [])
+                if group and group[-1][0] is mine[slot]:  # a request's images share its controls
+                    group[-1][1].append(i)
+                else:
+                    group.append((mine[slot], [i]))
+        order += [replace(c, rows=tuple(rows)) for group in by_net.values() for c, rows in group]
+    with controlled(ldm, order, steps, images=len(per_image)):
+        yield
+
+
+def _controlled_unet(
+    ldm: LatentDiffusion, controls: list[Control], steps: int, strength: float, images: int | None = None
+) -> Controlled:
     """`ldm`'s U-Net with `controls` on its device, each window over the sigmas walked (img2img: the last of them)."""
     sigmas = ldm.denoiser.sigmas(steps)[start_index(steps, strength) :]
     dev = ldm.device
@@ -125,7 +158,7 @@ def _controlled_unet(ldm: LatentDiffusion, controls: list[Control], steps: int, 
         replace(c, net=c.net.to(dev), image=c.image.to(dev), window=step_window(ldm.denoiser, sigmas, c.start, c.end))
         for c in controls
     ]
-    return Controlled(ldm.unet, on)
+    return Controlled(ldm.unet, on, images)
 
 
 Batches = Callable[[LatentDiffusion], Iterable[tuple[torch.Tensor, list[str]]]]

@@ -5,8 +5,10 @@
 `[{"image": BASE64, "kind": "canny", "model": NAME, "scale": 1.0, "start": 0.0, "end": 1.0}, ...]`. Both are read by
 one parser (UnitFields says what each API calls a unit's fields). ControlNets come only from the server's folder
 (serve.controlnets), each read once and checked against the model a request names; a refusal is a 400 naming the
-unit's field as the client sent it. No model maths here: the condition images are made by data/conditions.py and
-the ControlNets hooked around the denoiser by pipelines/control.py for the run of the request alone.
+unit's field as the client sent it. No model maths here: the condition images are made by data/conditions.py; a
+generation's controls go with its job, which the scheduler batches with other generations (pipelines/control.py:
+per_sample_controls steers each image by its own request's controls only), and an edit's are hooked around the
+denoiser for the edit's run alone (`steered_edit`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from ..data.images import to_pil
 from ..denoisers.controlnet import Control, ControlNet, check_control, check_fits, load_controlnet
 from ..errors import ConfigError, InputError
 from ..pipelines.control import condition_settings, controlled
-from ..pipelines.generate import generate
 from ..pipelines.images import pad_to_multiple
 from ..pipelines.plan import resolution
 from .edits import Edit
@@ -222,51 +223,42 @@ def _bytes(data: str) -> bytes:
         return data.encode()
 
 
-def with_units(run, units: list[ControlUnit], steps: int, strength: float = 1.0):
-    """run(ldm) -> images, with the units' ControlNets around the model's denoiser for that run alone."""
-
-    def steered(ldm):
-        with controlled(ldm, [u.control for u in units], steps, strength):
-            return run(ldm)
-
-    return steered
-
-
 def uses_controlnet(body) -> bool:
     """Whether an A1111 body's alwayson_scripts holds ControlNet units (then it is no ignored field)."""
     scripts = (body.model_extra or {}).get("alwayson_scripts")
     return isinstance(scripts, dict) and bool(scripts.get("controlnet") or scripts.get("ControlNet"))
 
 
-def a1111_controls(svc, served, body, req, run=None, size=None, strength: float = 1.0) -> tuple[Any, dict]:
-    """(what the scheduler runs: `run`, or for a generation generate(ldm, req), with the body's ControlNet units
-    around it; what the audit row records of them) for an A1111 body; (run, {}) without units. size: the output's
-    (H, W) (default the request's); strength: img2img's, so windows count the steps it runs."""
+def a1111_units(svc, served, body, req, size: tuple[int, int] | None = None) -> list[ControlUnit]:
+    """The enabled ControlNet units of an A1111 body, each checked before any work; [] without any. size: the
+    output's (H, W) (default the request's)."""
     if not uses_controlnet(body):
-        return run, {}
-    size = size or resolution(served.ldm, req)
-    return steered(req, svc.controlnets.units(served.ldm, _unit_args(body), size, svc.limits), run, strength)
+        return []
+    return svc.controlnets.units(served.ldm, _unit_args(body), size or resolution(served.ldm, req), svc.limits)
 
 
-def native_controls(svc, served, controls: list, req) -> tuple[Any, dict]:
-    """(what the scheduler runs, None for a plain generation; what the audit row records) for a native job's
-    `controls`, read as A1111's units are (NATIVE_UNIT's names), the output the request's size."""
+def native_units(svc, served, controls: list, req) -> list[ControlUnit]:
+    """The units of a native job's `controls`, read as A1111's are (NATIVE_UNIT's names), the output the request's
+    size; [] without any."""
     if not controls:
-        return None, {}
-    units = svc.controlnets.units(served.ldm, controls, resolution(served.ldm, req), svc.limits, NATIVE_UNIT)
-    return steered(req, units, None, 1.0)
+        return []
+    return svc.controlnets.units(served.ldm, controls, resolution(served.ldm, req), svc.limits, NATIVE_UNIT)
 
 
-def steered(req, units: list[ControlUnit], run=None, strength: float = 1.0) -> tuple[Any, dict]:
-    """(`run`, or generate(ldm, req), with `units` around it; their audit records); (run, {}) without units."""
+def recorded(units: list[ControlUnit]) -> dict:
+    """What a request's parameters and audit row record of its units: {"controls": [...]}; {} without units."""
+    return {"controls": [u.record for u in units]} if units else {}
+
+
+def steered_edit(edit, units: list[ControlUnit], steps: int, strength: float = 1.0):
+    """`edit` (an Edit, or run(ldm) -> images) with the units' ControlNets around the model's denoiser for its run
+    alone (the scheduler runs an edit in a batch of its own), their windows counted over the steps an edit of
+    `steps` steps at `strength` runs; `edit` itself without units."""
     if not units:
-        return run, {}
-    if run is None:
+        return edit
 
-        def run(ldm):
-            return generate(ldm, req)[0]
+    def steered(ldm):
+        with controlled(ldm, [u.control for u in units], steps, strength):
+            return edit(ldm)
 
-    steered = with_units(run, units, req.steps, strength)
-    if isinstance(run, Edit):
-        steered = Edit(steered, run.keep)
-    return steered, {"controls": [u.record for u in units]}
+    return Edit(steered, edit.keep) if isinstance(edit, Edit) else steered

@@ -3,7 +3,8 @@
 One worker thread runs the models (on a CPU the cores are better spent inside one forward pass than split between
 two). It takes the oldest job of the key whose turn it is, gathers the queued jobs that can share its forward passes
 (same model and `share_key`) up to `max_batch` images, waits at most `max_wait_ms` for company, and runs them together
-with pipelines.batching. Batching never changes an image: each keeps its own seed, conditioning and guidance scale.
+with pipelines.batching. Batching never changes an image: each keeps its own seed, conditioning, guidance scale,
+LoRAs and ControlNet controls (a controlled generation batches with plain ones; edits run alone).
 
 Fairness: keys take turns. The next batch starts with the oldest job of the key served longest ago (a key never
 served first), and its company is drawn from the compatible jobs one key at a time, in the same order, so a key with
@@ -69,6 +70,7 @@ class Job:
     req: SampleRequest
     owner: str = ""  # the key id that asked
     run: Callable | None = None  # run(ldm) -> images (n, C, H, W), for work that is not plain generation
+    controls: tuple = ()  # a generation's ControlNet controls (denoisers/controlnet.py: Control), batched per image
     frames: int = 1  # frames per image: a clip of F frames counts as F images (queue, quota, cost)
     timeout_s: float = 300.0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -408,14 +410,14 @@ class Scheduler:
         """Each job's images; when sampling fails for the batch, each job alone, so only the one whose options
         cause non-finite values fails."""
         try:
-            return generate_together(ldm, [j.req for j in batch], self.max_batch, callback)
+            return generate_together(ldm, [j.req for j in batch], self.max_batch, callback, [j.controls for j in batch])
         except LdmkitError:  # NonFiniteError among them
             if len(batch) == 1:
                 raise
         out: list = []
         for job in batch:
             try:
-                out.append(generate_together(ldm, [job.req], self.max_batch, callback)[0])
+                out.append(generate_together(ldm, [job.req], self.max_batch, callback, [job.controls])[0])
             except LdmkitError as err:
                 out.append(err)
         return out

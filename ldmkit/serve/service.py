@@ -31,7 +31,7 @@ from ..pipelines.plan import plan, resolution
 from ..pipelines.request import SampleRequest
 from ..runtime import sampling_autocast
 from .auth import AuthError, Principal, Reservation, utc_now
-from .controls import ServedControlNets
+from .controls import ServedControlNets, recorded
 from .edits import unmarked
 from .health import scrub
 from .loras import ServedLoRAs
@@ -229,13 +229,16 @@ class Service:
                 raise
 
     # --- one request ----------------------------------------------------------------------------------------------
-    async def generate(self, request, principal: Principal, served, req: SampleRequest, run=None, **extra) -> Output:
+    async def generate(
+        self, request, principal: Principal, served, req: SampleRequest, run=None, units=(), **extra
+    ) -> Output:
         """Queue the request (a plain generation, or `run(ldm)` for an edit), wait for it while watching the client,
-        and return its images; the audit row gets the parameters, the outputs and the timings."""
+        and return its images; the audit row gets the parameters, the outputs and the timings. units: a generation's
+        ControlNet units (controls.py: ControlUnit), recorded in its parameters and batched with its job."""
         audit = request.state.audit
-        params = request_params(req, **extra)
+        params = request_params(req, **recorded(units), **extra)
         audit.update(model=served.name, weights_sha256=served.sha256, params=params)
-        job = self.queue(principal, served, req, run)
+        job = self.queue(principal, served, req, run, units=units)
         held = self._held.get(job.id)  # its images, given back by refund() if the answer fails after all
         deadline = time.monotonic() + self.run.serve.timeout_s
         waiter = asyncio.ensure_future(job.wait())  # one completion callback, however long the wait
@@ -258,13 +261,24 @@ class Service:
         request.state.quota = held
         return out
 
-    def queue(self, principal: Principal, served, req: SampleRequest, run=None, on_done=None, frames: int = 1) -> Job:
+    def queue(
+        self, principal: Principal, served, req: SampleRequest, run=None, on_done=None, frames: int = 1, units=()
+    ) -> Job:
         """Reserve the images of the key's quota (frames: of each image, a clip's; each frame counts) and queue the
-        job; on_done(job) is attached before the worker can see the job, so it runs however fast the job ends.
+        job (units: a generation's ControlNet units, which steer its images in any batch); on_done(job) is attached
+        before the worker can see the job, so it runs however fast the job ends.
         Refused at once (413) when its images are larger than limits.max_pixels or it cannot finish within
         serve.timeout_s, and (429) when the work queued ahead leaves it too little time."""
         self._check_pixels(served, req)
-        job = Job(served.name, req, owner=principal.key_id, run=run, timeout_s=self.run.serve.timeout_s, frames=frames)
+        job = Job(
+            served.name,
+            req,
+            owner=principal.key_id,
+            run=run,
+            controls=tuple(u.control for u in units),
+            timeout_s=self.run.serve.timeout_s,
+            frames=frames,
+        )
         held = None if self.no_auth else self.keys.reserve_images(principal, job.n, self._hold_s())
         if held is not None:
             self._held[job.id] = held  # settled or given back exactly once: by finished, generate or _release
@@ -291,10 +305,12 @@ class Service:
         run=None,
         frames: int = 1,
         output=None,
+        units=(),
     ) -> Job:
         """Queue a native job and keep it among the last serve.jobs_kept; its own audit row (of `route`) is written
-        when it ends (the POST's row says it was queued). route "job": images; "video": a clip, which the video API
-        makes with its `run` and turns into a file with its `output` (as finished takes it)."""
+        when it ends (the POST's row says it was queued). route "job": images, steered by its ControlNet `units`
+        (recorded in `params` by the caller); "video": a clip, which the video API makes with its `run` and turns
+        into a file with its `output` (as finished takes it)."""
         record = {
             "route": route,
             "model": served.name,
@@ -304,7 +320,7 @@ class Service:
             "ended": False,
         }
         done = lambda j: self._job_done(j, served, record, output)  # noqa: E731
-        job = self.queue(principal, served, req, run, done, frames)
+        job = self.queue(principal, served, req, run, done, frames, units)
         self.jobs[job.id] = (job, record)
         while len(self.jobs) > self.run.serve.jobs_kept:
             self.jobs.popitem(last=False)

@@ -1,8 +1,10 @@
 """ControlNets on a live server in the shape of AUTOMATIC1111's ControlNet extension: alwayson_scripts.controlnet
 units on /sdapi/v1/txt2img and img2img, /controlnet/model_list and /controlnet/module_list, ControlNets from the
-server's folder only, refusals naming the unit's field, and the audit row naming each ControlNet's SHA-256."""
+server's folder only, refusals naming the unit's field, the audit row naming each ControlNet's SHA-256, and
+controlled requests batched with others, each image the one it gets alone."""
 
 import base64
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -52,6 +54,7 @@ def ldm(tiny_text_ldm):
 def live(tmp_path_factory, tiny_text_ldm, tiny_ldm, ldm):
     root = tmp_path_factory.mktemp("controlnets")
     random_controlnet(ldm, root / "edges.safetensors", 1)
+    random_controlnet(ldm, root / "colour.safetensors", 3)
     random_controlnet(LatentDiffusion.load(tiny_ldm), root / "other" / "labels.safetensors", 2)
     (root.parent / "outside.safetensors").write_bytes((root / "edges.safetensors").read_bytes())
     db = tmp_path_factory.mktemp("serve") / "ldmkit.db"
@@ -78,6 +81,7 @@ def test_the_lists_answer_as_the_extension_does(live):
     sha = file_sha256(live.root / "edges.safetensors")
     assert client.get("/controlnet/model_list").json() == {
         "model_list": [
+            f"colour [{file_sha256(live.root / 'colour.safetensors')[:8]}]",
             f"edges [{sha[:8]}]",
             f"other/labels [{file_sha256(live.root / 'other/labels.safetensors')[:8]}]",
         ]
@@ -207,3 +211,44 @@ def test_img2img_inpainting_with_a_unit_keeps_the_unmasked_pixels(live):
         out = np.asarray(im.convert("L"))
     kept = mask == 0
     assert np.array_equal(out[kept], init[kept]) and not np.array_equal(out[~kept], init[~kept])
+
+
+def test_controlled_and_plain_requests_share_a_batch_and_each_image_is_its_alone_image(live):
+    client = live.client(live.key)
+
+    def served(ask):
+        """(the image, the job's view or None) of an A1111 txt2img or a native job."""
+        if ask[0] == "job":
+            view = finished(client, job(live, *ask[1], **ask[2]).json()["id"])
+            assert view["status"] == "done", view
+            return view["images"][0], view
+        r = txt2img(live, *ask[1], sampler_name="Euler a", **ask[2])
+        assert r.status_code == 200, r.text
+        return r.json()["images"][0], None
+
+    asks = [
+        ("a1111", [unit(guidance_end=0.5)], {}),
+        ("a1111", [unit(model="colour", weight=1.2, guidance_start=0.5), unit(weight=0.4)], {"prompt": "blue"}),
+        ("a1111", [], {"seed": 7}),
+        ("job", [control(model="colour", scale=0.6, end=0.5)], {"seed": 8}),
+    ]
+    scheduler = live.service.scheduler
+    before, scheduler.max_wait = scheduler.max_wait, 5.0  # long enough for the four requests to meet
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+            together = list(pool.map(served, asks))
+    finally:
+        scheduler.max_wait = before
+    view = together[-1][1]
+    assert live.service.jobs[view["id"]][0].batch_images == len(asks), "one batch: controlled, plain and the job"
+    assert [(c["model"], c["scale"], c["end"]) for c in view["params"]["controls"]] == [("colour", 0.6, 0.5)]
+    for ask, (image, _) in zip(asks, together):
+        alone, _ = served(ask)  # a batch of its own
+        assert pixels(image) == pixels(alone), ask
+    assert pixels(together[0][0]) != pixels(served(("a1111", [], {}))[0]), "the control changes the image"
+
+    rows = Audit(open_store(str(live.db))).tail(30)
+    weights = lambda r: [(c["model"], c.get("weight", c.get("scale"))) for c in r["params"].get("controls", [])]  # noqa: E731
+    recorded = [weights(r) for r in rows if r["params"] and r["decision"] == "served"]
+    assert [("colour", 1.2), ("edges", 0.4)] in recorded and [("edges", 0.8)] in recorded
+    assert [("colour", 0.6)] in recorded, "the job's own row"

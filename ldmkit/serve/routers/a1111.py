@@ -5,7 +5,7 @@ prompt); the ControlNet extension's alwayson_scripts.controlnet units, /controln
 import json
 from dataclasses import replace
 
-from ..controls import MODULES, a1111_controls, uses_controlnet
+from ..controls import MODULES, a1111_units, recorded, steered_edit, uses_controlnet
 from ..deps import parse_body, typed
 from ..edits import a1111_edit
 from ..loras import prompt_loras
@@ -49,8 +49,8 @@ def router():
         body = await parse_body(request, api_models().A1111Request)
         served, req, fields, used = a1111_request(svc, body, TXT2IMG)
         svc.check(served, req, principal)
-        run, controls = a1111_controls(svc, served, body, req)  # ControlNet units: the request runs alone
-        out = await svc.generate(request, principal, served, req, run=run, **controls, **used)
+        units = a1111_units(svc, served, body, req)  # ControlNet units: batched with any generation
+        out = await svc.generate(request, principal, served, req, units=units, **used)
         return a1111_answer(body, served, req, out, fields)
 
     @r.post("/sdapi/v1/img2img", response_model=Answer)
@@ -64,8 +64,11 @@ def router():
         edit, extra = a1111_edit(served.ldm, body, at_image_size, svc.limits)
         w, h = (int(v) for v in extra["init_image"].split("x"))
         strength = 1.0 if body.mask is not None else body.denoising_strength  # inpainting runs every step
-        edit, controls = a1111_controls(svc, served, body, at_image_size, edit, (h, w), strength)
-        out = await svc.generate(request, principal, served, at_image_size, run=edit, **extra, **controls, **used)
+        units = a1111_units(svc, served, body, at_image_size, (h, w))
+        edit = steered_edit(edit, units, at_image_size.steps, strength)  # an edit runs alone, its units around it
+        out = await svc.generate(
+            request, principal, served, at_image_size, run=edit, **extra, **recorded(units), **used
+        )
         return a1111_answer(body, served, req, out, fields)
 
     @r.get("/sdapi/v1/sd-models", response_model=list[SdModel])

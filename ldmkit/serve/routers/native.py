@@ -2,7 +2,7 @@
 the caller's jobs (images once done); DELETE /v1/jobs/{id} cancels one. The registry lives in the service. A job's
 `controls` are ControlNet units read as A1111's are (serve/controls.py), with --control's field names."""
 
-from ..controls import native_controls
+from ..controls import native_units, recorded
 from ..deps import parse_body, typed
 from ..models import JOBS
 from ..schemas import api_models
@@ -55,10 +55,10 @@ def router():
         fields, used = templated(svc, served, body, fields, {})
         req = checked_request(svc, served, fields, {}, JOBS)
         svc.check(served, req, principal)
-        run, controls = native_controls(svc, served, body.controls, req)  # ControlNet units: the job runs alone
-        params = request_params(req, **used, **controls)
+        units = native_units(svc, served, body.controls, req)  # ControlNet units: batched with any generation
+        params = request_params(req, **used, **recorded(units))
         request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
-        job = svc.submit(principal, served, req, params, run=run)
+        job = svc.submit(principal, served, req, params, units=units)
         request.state.audit["reason"] = f"queued as job {job.id}"
         said = notes(req)
         return {"id": job.id, "status": job.state} | ({"notes": said} if said else {})
