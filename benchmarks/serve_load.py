@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/serve_load.py                     # emoji, 1 / 4 / 16 clients, 4 requests each
     .venv/bin/python benchmarks/serve_load.py --clients 1,4 --requests 2 --steps 4   # a quick run
     .venv/bin/python benchmarks/serve_load.py --clients 1 --lora-clients 4 --requests 1 --steps 2 --kill-seconds 0
+    .venv/bin/python benchmarks/serve_load.py --clients "" --lora-clients 0 --control-clients 3 --requests 1 \
+        --steps 2 --kill-seconds 0                                # the ControlNet row alone, tiny
 
 Each configuration starts its own `ldmkit serve` process with the shipped emoji model and a fresh database and
 key. "batched" is the default server (max_batch 16, max_wait_ms 25); "one at a time" is the same server with
@@ -13,6 +15,10 @@ are compared (by SHA-256), not the PNG files, which embed each request's id and 
 The LoRA row: `--lora-clients` clients (16 by default) each apply one of 4 LoRAs (rank 4 on the attention layers,
 random factors, written to a temporary serve.loras folder) at scale 0.8; batched, requests with different LoRAs
 share forward passes, each LoRA applied per image, and every image must still equal the one-at-a-time server's.
+The ControlNet row: `--control-clients` clients (16 by default) send A1111 txt2img requests; of every three, one
+sends no unit and the others one unit each of 2 ControlNets (random weights, a written serve.controlnets folder)
+at weight 0.8, the second acting on the first half of the steps only; batched, controlled and plain requests share
+forward passes, and every image must still equal the one-at-a-time server's.
 Last, the kill test (--kill-seconds 0 skips it): clients keep sending while the server is killed with SIGKILL;
 every request that was answered must have its audit row (found by the X-Request-Id header), and `audit verify`
 must pass.
@@ -97,25 +103,72 @@ def make_loras(folder: Path, count: int = 4) -> list[str]:
     return names
 
 
-def load(url: str, key: str, clients: int, requests: int, steps: int, loras: list[str] | None = None) -> dict:
+def make_controlnets(folder: Path, count: int = 2) -> tuple[list[str], str]:
+    """`count` ControlNets for the emoji model (random weights, raw conditions) in `folder`: (their names, a
+    base64 PNG condition image at the model's size)."""
+    import numpy as np
+    import torch
+
+    from ldmkit.denoisers.controlnet import ControlNet, save_controlnet
+    from ldmkit.ldm import LatentDiffusion
+    from ldmkit.pipelines.plan import resolution
+    from ldmkit.pipelines.request import SampleRequest
+    from ldmkit.shipped import resolve_model
+
+    ldm = LatentDiffusion.load(resolve_model("emoji"))
+    names = []
+    for k in range(count):
+        net = ControlNet.from_unet(ldm.unet, ldm.factor)
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        save_controlnet(folder / f"control{k}.safetensors", net, condition="raw")
+        names.append(f"control{k}")
+    h, w = resolution(ldm, SampleRequest())
+    image = np.zeros((h, w, 3), np.uint8)
+    image[h // 4 : 3 * h // 4, w // 2 - 1 : w // 2 + 1] = 255  # a bar
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return names, base64.b64encode(buf.getvalue()).decode()
+
+
+def ask(c: int, i: int, steps: int, loras: list[str] | None, controls: tuple[list[str], str] | None):
+    """(route, body, the base64 image of its answer) of client c's request i: OpenAI's images route (with loras,
+    client c applies loras[c % len(loras)] at scale 0.8), or with controls (names, condition image) A1111's
+    txt2img, where client c sends no unit when c % 3 == 0 and else one of ControlNet (c % 3 - 1) at weight 0.8."""
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "steps": steps, "seed": 1000 + i, "model": "emoji"}
+    if controls is None:
+        if loras:
+            body["loras"] = [{"name": loras[c % len(loras)], "scale": 0.8}]
+        return "/v1/images/generations", body | {"n": 1}, lambda a: a["data"][0]["b64_json"]
+    (names, image), which = controls, c % 3 - 1
+    if which >= 0:
+        unit = {"image": image, "module": "none", "model": names[which], "weight": 0.8}
+        unit |= {"guidance_end": 0.5} if which else {}
+        body["alwayson_scripts"] = {"controlnet": {"args": [unit]}}
+    return "/sdapi/v1/txt2img", body | {"batch_size": 1}, lambda a: a["images"][0]
+
+
+def load(
+    url: str, key: str, clients: int, requests: int, steps: int, loras: list[str] | None = None, controls=None
+) -> dict:
     """`clients` threads each sending `requests` requests in turn; latencies, errors and the images' pixel hashes.
-    loras: client c applies loras[c % len(loras)] at scale 0.8."""
+    loras, controls: as `ask` takes them."""
     latencies, errors, hashes, lock = [], [], {}, threading.Lock()
 
     def client(c: int):
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
             for r in range(requests):
                 i = c * requests + r
-                body = {"prompt": PROMPTS[i % len(PROMPTS)], "n": 1, "steps": steps, "seed": 1000 + i, "model": "emoji"}
-                if loras:
-                    body["loras"] = [{"name": loras[c % len(loras)], "scale": 0.8}]
+                route, body, image = ask(c, i, steps, loras, controls)
                 t = time.perf_counter()
-                resp = http.post("/v1/images/generations", json=body)
+                resp = http.post(route, json=body)
                 dt = time.perf_counter() - t
                 with lock:
                     if resp.status_code == 200:
                         latencies.append(dt)
-                        hashes[i] = pixel_hash(base64.b64decode(resp.json()["data"][0]["b64_json"]))
+                        hashes[i] = pixel_hash(base64.b64decode(image(resp.json())))
                     elif resp.status_code != 429:
                         errors.append(f"{resp.status_code}: {resp.text[:200]}")
 
@@ -161,6 +214,9 @@ def main():
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lora-clients", type=int, default=16, help="clients of the LoRA row (4 LoRAs); 0 skips it")
+    ap.add_argument(
+        "--control-clients", type=int, default=16, help="clients of the ControlNet row (2 ControlNets); 0 skips it"
+    )
     ap.add_argument("--kill-seconds", type=float, default=6.0, help="length of the kill test; 0 skips it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/out/serve_load.json"))
     args = ap.parse_args()
@@ -168,31 +224,35 @@ def main():
     rows, same = [], True
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        runs = [(int(c), None) for c in args.clients.split(",")]
+        runs = [(int(c), None, None) for c in args.clients.split(",") if c]
         if args.lora_clients:
             (folder / "loras").mkdir()
-            runs.append((args.lora_clients, make_loras(folder / "loras")))
-        for clients, loras in runs:
+            runs.append((args.lora_clients, make_loras(folder / "loras"), None))
+        if args.control_clients:
+            (folder / "controlnets").mkdir()
+            runs.append((args.control_clients, None, make_controlnets(folder / "controlnets")))
+        for clients, loras, controls in runs:
             got = {}
             for mode, settings in modes.items():
                 extra = (f"serve.loras={folder / 'loras'}",) if loras else ()
+                extra += (f"serve.controlnets={folder / 'controlnets'}",) if controls else ()
                 proc, url, key, _ = start(folder, *settings, *extra)
                 try:
-                    got[mode] = load(url, key, clients, args.requests, args.steps, loras)
+                    got[mode] = load(url, key, clients, args.requests, args.steps, loras, controls)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(60)
-                label = f"{mode}, 4 LoRAs" if loras else mode
+                label = f"{mode}, 4 LoRAs" if loras else f"{mode}, 2 ControlNets" if controls else mode
                 rows.append({"mode": label, **{k: v for k, v in got[mode].items() if k != "hashes"}})
-                print(f"{label:>22} {clients:>3} clients: {rows[-1]['images_per_s']:.2f} images/s", flush=True)
+                print(f"{label:>28} {clients:>3} clients: {rows[-1]['images_per_s']:.2f} images/s", flush=True)
             same &= got["batched"]["hashes"] == got["one at a time"]["hashes"]
         kill = kill_test(folder, clients=8, steps=args.steps, seconds=args.kill_seconds) if args.kill_seconds else None
-    print(f"\n{'mode':>22} {'clients':>7} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
+    print(f"\n{'mode':>28} {'clients':>7} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
     for r in rows:
         cells = f"{r['images_per_s']:>9.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {len(r['errors']):>6}"
-        print(f"{r['mode']:>22} {r['clients']:>7} {cells}")
+        print(f"{r['mode']:>28} {r['clients']:>7} {cells}")
     by = {(r["mode"], r["clients"]): r for r in rows}
-    ratios = {  # "16": plain requests at 16 clients; "16, 4 LoRAs": the LoRA row
+    ratios = {  # "16": plain requests at 16 clients; "16, 4 LoRAs": the LoRA row; "16, 2 ControlNets"
         f"{c}{m.removeprefix('batched')}": round(
             by[(m, c)]["images_per_s"] / by[(m.replace("batched", "one at a time"), c)]["images_per_s"], 2
         )
