@@ -22,7 +22,7 @@ from .conditioning.text import build_text_encoder
 from .conditioning.types import Conditioning
 from .config import AutoencoderConfig, DenoiserRun, from_dict, to_dict
 from .denoisers import backbone_name, build_backbone
-from .diffusion.parameterisation import make_denoiser
+from .diffusion.parameterisation import make_denoiser, use_distilled_grid
 from .errors import CheckpointError, InputError, NonFiniteError
 from .nn.invariant import batch_invariant
 from .tasks import Task, get_task
@@ -103,6 +103,8 @@ class LatentDiffusion:
 
     def __post_init__(self):
         self.denoiser = make_denoiser(self.unet, self.run.diffusion)
+        if self.run.distill.steps:  # a consistency model samples on the grid it was distilled along
+            use_distilled_grid(self.denoiser, self.run.distill.grid)
 
     # --- latents ------------------------------------------------------------------------------------------------
     @property

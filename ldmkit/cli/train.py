@@ -130,7 +130,7 @@ def _distill_options(p: argparse.ArgumentParser):
     p.add_argument(
         "--guidance", type=float, help="the teacher's guidance scale folded into the student (distill.guidance; 3)"
     )
-    p.add_argument("--grid", type=int, help="the teacher's sampling grid the student learns along (distill.grid; 50)")
+    p.add_argument("--grid", type=int, help="the teacher's sampling grid the student learns along (distill.grid; 16)")
     p.add_argument("--train-steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--batch-size", type=int, help="images per step (train.batch_size)")
     p.add_argument("--data", help="the images to distil on (data.dataset; default: the model's own data set)")

@@ -333,3 +333,21 @@ def make_denoiser(backbone: nn.Module, cfg: DiffusionConfig) -> Denoiser:
         f"unknown parameterisation {cfg.parameterisation!r}; set diffusion.parameterisation to one of "
         f"{', '.join(PARAMETERISATIONS)}"
     )
+
+
+def use_distilled_grid(denoiser: Denoiser, grid_steps: int) -> Denoiser:
+    """Make `denoiser.sigmas(steps)` the grid of a consistency-distilled model (training/consistency.py): for
+    steps <= grid_steps, `steps` points of the grid it was distilled along, at indices i * grid_steps // steps
+    (LCM's rule, Luo et al. 2023 sec. 4.2), then 0. Every step then lands on a sigma the student learned, and none is
+    spent at the grid's sigma_min, where a step changes nothing (a Karras grid ends there). More steps, or a grid
+    asked with options (spacing), are the model's own grid."""
+    own = denoiser.sigmas
+
+    def sigmas(steps: int, *args, **options) -> torch.Tensor:
+        if steps > grid_steps or args or options:
+            return own(steps, *args, **options)
+        grid = own(grid_steps)  # (grid_steps + 1,), ending in 0
+        return torch.cat([grid[(torch.arange(steps) * grid_steps) // steps], grid.new_zeros(1)])
+
+    denoiser.sigmas = sigmas  # an instance attribute: every caller of denoiser.sigmas gets the distilled grid
+    return denoiser

@@ -128,3 +128,18 @@ def _with(parent, steps=2, **fields):
 
     run = distill_run(parent)
     return replace(run, distill=replace(run.distill, steps=steps), **fields)
+
+
+def test_a_distilled_model_samples_on_the_grid_it_learned_and_no_step_is_spent_at_sigma_min(tiny_ldm):
+    from dataclasses import replace
+
+    from ldmkit.ldm import LatentDiffusion
+
+    base = LatentDiffusion.load(tiny_ldm)
+    own = base.denoiser.sigmas(8)
+    student = replace(base, run=replace(base.run, distill=DistillConfig(steps=4, grid=8)))
+    four = student.denoiser.sigmas(4)
+    assert torch.equal(four, torch.cat([own[[0, 2, 4, 6]], own.new_zeros(1)]))  # points of the distillation grid
+    assert float(four[-2]) > float(own[-2])  # the last step is not at the grid's sigma_min
+    assert torch.equal(student.denoiser.sigmas(8), own)  # the whole grid is the grid
+    assert torch.equal(student.denoiser.sigmas(12), base.denoiser.sigmas(12))  # more steps: the model's own
