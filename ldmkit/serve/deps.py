@@ -66,8 +66,6 @@ def typed() -> SimpleNamespace:
 async def parse_body(request, model):
     """The JSON body as the pydantic `model`, read after the key was checked (FieldError naming the first bad
     field)."""
-    from pydantic import ValidationError
-
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
@@ -83,6 +81,13 @@ async def parse_body(request, model):
     if found is not None:
         field, why = found
         raise FieldError(field, f"{field}: {why}")
+    return validated(model, data)
+
+
+def validated(model, data: dict):
+    """`data` (a parsed body) as the pydantic `model`; FieldError naming the first bad field."""
+    from pydantic import ValidationError
+
     try:
         return model.model_validate(data)
     except ValidationError as err:
