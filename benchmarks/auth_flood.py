@@ -15,7 +15,6 @@ Prints a table and writes benchmarks/out/auth_flood.json.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -32,21 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from common import cpu_name, default_out, write_json  # noqa: E402
 from serve_helpers import free_port, start_process  # noqa: E402
 
 from ldmkit.serve.auth import Keys  # noqa: E402
 from ldmkit.serve.store import open_store  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU's model name (as lscpu shows it), from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -107,7 +96,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200, help="wrong-secret requests in the flood")
     ap.add_argument("--clients", type=int, default=10, help="threads sending them")
     ap.add_argument("--deadline", type=float, default=300, help="seconds the whole run may take")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/out/auth_flood.json"))
+    ap.add_argument("--out", default=default_out("auth_flood"))
     args = ap.parse_args()
     deadline = time.monotonic() + args.deadline
 
@@ -165,7 +154,7 @@ def main() -> int:
     ok = summary(during)["p99_ms"] < 50
     print(f"/healthz p99 during the flood under 50 ms: {ok}  (load average {os.getloadavg()[0]:.1f})")
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
         "load_average": os.getloadavg(),  # other work on the machine during the run
         "requests": args.requests,
         "clients": args.clients,
@@ -174,9 +163,7 @@ def main() -> int:
         "rows": [{"what": what, **s} for what, s in rows],
         "healthz_p99_under_50ms": ok,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0 if ok else 1
 
 

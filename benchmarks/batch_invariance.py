@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,18 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import cpu_name, default_out, write_json  # noqa: E402
+
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.nn.invariant import plain_kernels, self_check  # noqa: E402
 from ldmkit.pipelines.generate import generate  # noqa: E402
 from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.shipped import resolve_model  # noqa: E402
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -46,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "batch_invariance.json"))
+    ap.add_argument("--out", default=default_out("batch_invariance"))
     args = ap.parse_args(argv)
 
     ldm = LatentDiffusion.load(resolve_model(args.model))
@@ -93,8 +86,7 @@ def main(argv=None) -> int:
             f"{r['cost']:>5.2f}x {r['max_pixel_difference']:>11.2e}"
         )
     print(f"self-check: {'holds' if check['holds'] else 'FAILS: ' + '; '.join(check['failures'][:3])}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, quiet=True)
     return 0
 
 

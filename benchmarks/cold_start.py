@@ -16,7 +16,6 @@ Writes benchmarks/out/cold_start.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -27,15 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_name, default_out, write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = "import sys\nfrom ldmkit.cli import main\nsys.exit(main())"  # what the `ldmkit` console script runs
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def timed(cmd: list[str], root: Path, cwd: str) -> tuple[float, float, str]:
@@ -81,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tree", default=str(ROOT), help="the ldmkit source tree (holding ldmkit/) to measure")
     ap.add_argument("--baseline", help="another ldmkit source tree to measure beside --tree")
     ap.add_argument("--python", default=sys.executable, help="the interpreter (default: this one)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cold_start.json"))
+    ap.add_argument("--out", default=default_out("cold_start"))
     args = ap.parse_args(argv)
 
     trees = {"this": Path(args.tree).resolve()} | ({"baseline": Path(args.baseline).resolve()} if args.baseline else {})
@@ -91,7 +85,8 @@ def main(argv=None) -> int:
             for name, root in trees.items():
                 runs[name].append(measure(root, args.python, args.model, args.steps, tmp))
             result = summary(args, trees, runs)
-            write(args.out, result)  # after every round: a long run on a busy machine keeps what it measured
+            # after every round: a long run on a busy machine keeps what it measured
+            write_json(args.out, result, quiet=True)
     print(
         f"{args.model}, {args.steps} steps, median of {args.repeats}; {result['cpu']}, "
         f"load average {result['load_average_1min']:.1f}"
@@ -125,11 +120,6 @@ def summary(args, trees: dict[str, Path], runs: dict[str, list[dict]]) -> dict:
         "trees": {name: str(root) for name, root in trees.items()},
         "rows": rows,
     }
-
-
-def write(out: str, result: dict) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
