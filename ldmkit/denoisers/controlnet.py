@@ -131,14 +131,20 @@ def check_control(scale: float, start: float, end: float, name: str = "--control
         raise InputError(f"{name}: the start {start} is not before the end {end}; the control would never act")
 
 
+def acting_steps(n: int, start: float, end: float) -> range:
+    """The steps (of 0 .. n-1) a control with the window (start, end) acts on: step i when i / n >= start and
+    (i + 1) / n <= end, the rule of diffusers' ControlNet pipelines."""
+    return range(math.ceil(start * n - 1e-9), math.floor(end * n + 1e-9))
+
+
 def step_window(denoiser, sigmas: torch.Tensor, start: float, end: float) -> tuple[float, float] | None:
     """The range of the backbone's noise level (c_noise) over which a control acts when sampling over `sigmas`
-    (N + 1 values, the last 0): step i of N acts when i / N >= start and (i + 1) / N <= end, the rule of diffusers'
-    ControlNet pipelines. None: every step (start 0, end 1); (inf, -inf): none."""
+    (N + 1 values, the last 0), on the steps `acting_steps` gives. None: every step (start 0, end 1); (inf, -inf):
+    none."""
     if start <= 0.0 and end >= 1.0:
         return None
-    n = len(sigmas) - 1
-    first, last = math.ceil(start * n - 1e-9), math.floor(end * n + 1e-9) - 1
+    steps = acting_steps(len(sigmas) - 1, start, end)
+    first, last = steps.start, steps.stop - 1
     if first > last:
         return (math.inf, -math.inf)
     c = denoiser.c_noise(sigmas[[last, first]].float()).tolist()  # c_noise grows with sigma

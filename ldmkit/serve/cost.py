@@ -1,7 +1,9 @@
 """What a request will cost before it runs: its work in units, and each model's measured seconds per unit.
 
 A unit is one pixel of one image through one denoiser pass of one step, so a request costs
-`height * width * n * passes` units a step (passes: 2 with classifier-free guidance, else 1), times its steps.
+`height * width * n * passes` units a step (passes: 2 with classifier-free guidance, else 1), times its steps. Each
+ControlNet adds its own pass over the same images on the steps of its window, at its share of a backbone pass
+(`control_share`); its units are spread over the request's steps.
 A sampling step of a batch takes about `a + b * units` seconds: `a` is the fixed cost of a step (Python, kernel
 dispatch), `b` the seconds per unit. Both are fitted by least squares to the batches the model ran, which keeps the
 estimate of a large request honest when most batches are small (a ratio of totals would charge every unit the small
@@ -13,24 +15,47 @@ from __future__ import annotations
 import collections
 import math
 import time
+from typing import Sequence
 
+from ..denoisers.controlnet import Control, acting_steps
 from ..diffusion.guidance import guides
 from ..pipelines.plan import resolution
 from ..pipelines.request import SampleRequest
 
 
-def units_per_step(ldm, req: SampleRequest) -> int:
-    """The units of one sampling step of `req`: pixels x images x denoiser passes (2 with guidance)."""
+def units_per_step(ldm, req: SampleRequest, controls: Sequence[Control] = ()) -> int:
+    """The units of one sampling step of `req`: pixels x images x denoiser passes (2 with guidance), plus for each of
+    `controls` (the ControlNets steering its images) those units times its share of a backbone pass, on the steps of
+    its window, averaged over the request's steps (a scale of 0 steers nothing, so it costs nothing)."""
     h, w = resolution(ldm, req)
-    return h * w * req.n * (2 if guides(req.cfg) else 1)
+    units = h * w * req.n * (2 if guides(req.cfg) else 1)
+    extra = sum(
+        control_share(ldm, c) * len(acting_steps(req.steps, c.start, c.end)) / req.steps for c in controls if c.scale
+    )
+    return round(units * (1 + extra))
 
 
-def describe(ldm, req: SampleRequest, frames: int = 1) -> str:
-    """The request's work in words, for an error that refuses it (frames: of each clip; 1: images)."""
+def control_share(ldm, control: Control) -> float:
+    """A pass of `control`'s ControlNet as a fraction of a pass of `ldm`'s U-Net, by their parameters. A ControlNet is
+    a copy of the U-Net's input convolution, embeddings, encoder and middle block (plus a small hint encoder and 1x1
+    zero convolutions), each level at the resolution of the U-Net's own, so its work per pixel follows its share of
+    the parameters: Stable Diffusion 1.5's ControlNet has 361M of the U-Net's 860M (0.42; counting the FLOPs of both at
+    512x512 gives 0.35, so this errs on the side of refusing), the "base" preset's 47M of 107M (0.44)."""
+    return _parameters(control.net) / _parameters(ldm.unet)
+
+
+def _parameters(net) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def describe(ldm, req: SampleRequest, frames: int = 1, controls: Sequence[Control] = ()) -> str:
+    """The request's work in words, for an error that refuses it (frames: of each clip; 1: images; controls: its
+    ControlNets)."""
     h, w = resolution(ldm, req)
     passes = ", 2 passes a step for guidance" if guides(req.cfg) else ""
+    nets = f", {len(controls)} ControlNet{'s' if len(controls) != 1 else ''}" if controls else ""
     what = f"{req.n} images" if frames == 1 else f"{req.n} clip{'s' if req.n != 1 else ''} of {frames} frames"
-    return f"{w}x{h} pixels x {what} x {req.steps} steps{passes}"
+    return f"{w}x{h} pixels x {what} x {req.steps} steps{passes}{nets}"
 
 
 class StepCost:

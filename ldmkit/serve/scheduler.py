@@ -81,7 +81,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     batch_images: int = 0  # how many images shared its forward passes
-    units: int = 0  # its work in one sampling step (cost.units_per_step); 0 when unknown
+    units: int = 0  # its work in one sampling step, its ControlNets' included (cost.units_per_step); 0 when unknown
     on_done: list[Callable[["Job"], None]] = field(default_factory=list)
     _event: threading.Event = field(default_factory=threading.Event)
 
@@ -188,7 +188,7 @@ class Scheduler:
 
     def _units(self, job: Job) -> int:
         try:
-            return units_per_step(self.models[job.model], job.req) * job.frames
+            return units_per_step(self.models[job.model], job.req, job.controls) * job.frames
         except (LdmkitError, KeyError):  # a size the model cannot sample: the run reports it
             return 0
 
@@ -197,7 +197,7 @@ class Scheduler:
         own = self.estimate(job)
         if own is None:
             return
-        what = describe(self.models[job.model], job.req, job.frames)
+        what = describe(self.models[job.model], job.req, job.frames, job.controls)
         if own > job.timeout_s:
             raise TooCostly(
                 f"this request ({what}) would take about {own:.1f} s on this server, over its {job.timeout_s:g} s "

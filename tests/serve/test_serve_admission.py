@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from ldmkit.denoisers.controlnet import Control, ControlNet
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.request import SampleRequest
@@ -32,7 +33,7 @@ def counting(monkeypatch, on_step=None):
     steps: dict[int, int] = {}
     real = scheduler_module.generate_together
 
-    def wrapped(ldm, reqs, batch_size=16, callback=None):
+    def wrapped(ldm, reqs, batch_size=16, callback=None, controls=None):
         count = [0]
 
         def step(*args):
@@ -44,7 +45,7 @@ def counting(monkeypatch, on_step=None):
             if callback is not None:
                 callback(*args)
 
-        return real(ldm, reqs, batch_size, step)
+        return real(ldm, reqs, batch_size, step, controls)
 
     monkeypatch.setattr(scheduler_module, "generate_together", wrapped)
     return steps
@@ -133,7 +134,7 @@ def gate_pipeline(monkeypatch, order: list):
     """A fake batch runner: records each batch's request seeds and waits for `gate` on the first batch."""
     gate = threading.Event()
 
-    def fake(ldm, reqs, batch_size=16, callback=None):
+    def fake(ldm, reqs, batch_size=16, callback=None, controls=None):
         order.append([r.seed for r in reqs])
         if len(order) == 1:
             assert gate.wait(60)
@@ -178,6 +179,32 @@ def test_a_request_that_cannot_finish_in_time_is_refused_at_once_with_its_estima
     finally:
         gate.set()
         sched.close()
+
+
+def test_a_controlled_request_is_estimated_with_its_controlnet_passes(ldm):
+    """Each ControlNet adds a pass over the request's images on the steps of its window, at its share of the U-Net's
+    parameters (about the encoder half); one with scale 0 steers nothing and costs nothing."""
+    net = ControlNet.from_unet(ldm.unet, ldm.factor)
+    share = sum(p.numel() for p in net.parameters()) / sum(p.numel() for p in ldm.unet.parameters())
+    assert 0.2 < share < 0.8
+    req = SampleRequest(n=2, steps=10, prompts=["a"], cfg=3.0)
+    sched = Scheduler({"m": ldm}, max_wait_ms=0)
+    try:
+        sched.costs["m"].add(1.0, 1.0)  # one second per unit a step: every request below is refused with its estimate
+
+        def refused(*controls):
+            with pytest.raises(TooCostly) as err:
+                sched.submit(Job("m", req, controls=controls, timeout_s=1.0))
+            return err.value
+
+        plain = refused()
+        half = refused(Control(net, end=0.5))  # steps 0-4 of 10
+        three = refused(Control(net), Control(net, start=0.2, end=0.5), Control(net, scale=0.0))  # 10 + 3 + 0 steps
+    finally:
+        sched.close()
+    assert half.estimate_s == pytest.approx(plain.estimate_s * (1 + share * 0.5), rel=1e-3)
+    assert three.estimate_s == pytest.approx(plain.estimate_s * (1 + share * 1.3), rel=1e-3)
+    assert "3 ControlNets" in str(three) and "ControlNet" not in str(plain)
 
 
 def test_the_warm_up_gives_an_estimate_before_the_first_request(ldm):
