@@ -51,11 +51,12 @@ def api_models() -> SimpleNamespace:
     def spec_field(name: str, surface: str, default=...):
         """The field of the table's parameter `name` (pipelines/request.py): the default `surface` has, the help,
         and the bounds in the JSON schema (sample_request checks them, naming the field as the client sent it and
-        lowering the high bounds to the server's limits)."""
+        lowering the high bounds to the server's limits). The default is validated as the field's type, so the
+        table's `()` for loras becomes the list the body declares (a tuple left there warns on every model_dump)."""
         p = SPEC[name]
         bounds = {k: v for k, v in (("minimum", p.low), ("maximum", p.high)) if v is not None}
         value = p.default_for(surface) if default is ... else default
-        return Field(value, description=p.help, json_schema_extra=bounds or None)
+        return Field(value, description=p.help, json_schema_extra=bounds or None, validate_default=True)
 
     class LoRAItem(BaseModel):
         """One LoRA of a request: a name of the server's LoRA folder (GET /sdapi/v1/loras) and its scale."""
