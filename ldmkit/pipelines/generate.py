@@ -78,7 +78,7 @@ def generate_to_file(
 
     extra = {"controls": control_record(controls)} if controls else None
     if loras:
-        extra = (extra or {}) | {"loras": lora_record(loras, lora_merge)}
+        extra = (extra or {}) | {"loras": lora_record(loras, lora_merge, req.loras)}
     if embeddings:
         extra = (extra or {}) | {"embeddings": embedding_record(embeddings)}  # a bad file: refused before loading
     return write_batches(checkpoint, req, out, batches, grid, extra, finish=finish, sign=sign, world=world)

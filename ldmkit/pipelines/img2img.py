@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -106,10 +106,13 @@ def checkpoint_channels(checkpoint: str | Path) -> int:
     return int(ae.get("in_channels", 3)) if isinstance(ae, dict) else 3
 
 
-def with_loras(batches: EditBatches, loras: list[LoRASpec] | None, merge: bool = False) -> tuple[EditBatches, dict]:
+def with_loras(
+    batches: EditBatches, loras: list[LoRASpec] | None, merge: bool = False, request: Sequence[LoRASpec] = ()
+) -> tuple[EditBatches, dict]:
     """(batches that first hook `loras` into the loaded model, unmerged or merged with `merge`, as generate does;
-    what each image's record adds: the LoRAs' files, SHA-256 and scales). The files are checked before the model
-    loads: each given once and present."""
+    what each image's record adds: the LoRAs' files, SHA-256 and scales, then those of `request`, the request's own
+    LoRAs that plan.draw hooks beside them). The files are checked before the model loads: each given once and
+    present."""
     if not loras:
         return batches, {}
     check_loras(loras)
@@ -121,7 +124,7 @@ def with_loras(batches: EditBatches, loras: list[LoRASpec] | None, merge: bool =
         apply_loras(ldm, loras, merge)  # on the model write_edits loaded for this edit alone
         return batches(ldm)
 
-    return lora_batches, {"loras": lora_record(loras, merge)}
+    return lora_batches, {"loras": lora_record(loras, merge, request)}
 
 
 def img2img_to_file(
@@ -144,7 +147,9 @@ def img2img_to_file(
     controls: ControlNets that steer the edit (pipelines/control.py), their windows counted over the steps run."""
     strength = check_strength(strength)
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W)
-    batches, about = with_loras(lambda ldm: img2img_batches(ldm, x, req, strength, progress), loras, lora_merge)
+    batches, about = with_loras(
+        lambda ldm: img2img_batches(ldm, x, req, strength, progress), loras, lora_merge, req.loras
+    )
     batches, steered = with_controls(batches, controls, tuple(x.shape[-2:]), req.steps, strength)
     extra = {"image": input_record(image), "strength": strength, **about, **steered}
     return write_edits(checkpoint, req, reading(out, image), batches, extra, finish, sign)

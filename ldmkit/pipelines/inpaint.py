@@ -182,7 +182,9 @@ def edit_to_file(
     no record, mark or credentials."""
     check_repaint(req.steps, opts.resample, opts.jump)
     image, mask = inputs(checkpoint_channels(checkpoint))  # input mistakes before the model loads
-    batches, used = with_loras(lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress), loras, lora_merge)
+    batches, used = with_loras(
+        lambda ldm: inpaint_batches(ldm, req, image, mask, opts, progress), loras, lora_merge, req.loras
+    )
     batches, steered = with_controls(batches, controls, tuple(image.shape[-2:]), req.steps)
     extra = {"resample": opts.resample, "jump": opts.jump, "feather": opts.feather, **about, **used, **steered}
     keep = (mask[0, 0] <= 0.5).cpu().numpy()  # (H, W): the pixels written bit for bit, watermark or not

@@ -77,10 +77,14 @@ def apply_loras(ldm: LatentDiffusion, specs: list[LoRASpec], merged: bool = Fals
     return [attach(net, lora, scale) for got, scale in sets for net, lora in _parts(ldm, got)]
 
 
-def lora_record(specs: list[LoRASpec], merged: bool = False) -> list[dict]:
-    """What the images' parameters record of each LoRA: its file name, SHA-256, scale, and how it was applied."""
+def lora_record(specs: Sequence[LoRASpec], merged: bool = False, request: Sequence[LoRASpec] = ()) -> list[dict]:
+    """What the images' parameters record of each LoRA: its file name, SHA-256, scale, and how it was applied.
+    request: the request's own LoRAs (req.loras), which plan.draw hooks unmerged beside `specs`: listed after them,
+    so the record names every LoRA the images got."""
     return [
-        {"file": Path(s.path).name, "sha256": file_sha256(s.path), "scale": s.scale, "merged": merged} for s in specs
+        {"file": Path(s.path).name, "sha256": s.sha256 or file_sha256(s.path), "scale": s.scale, "merged": m}
+        for group, m in ((specs, merged), (request, False))
+        for s in group
     ]
 
 

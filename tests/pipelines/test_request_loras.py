@@ -2,6 +2,7 @@
 img2img, inpaint and upscale hook them in per request, unmerged, as the server does; at scale 1 the image is the
 command line's `--lora` image, at scale 0 the image without a LoRA bit for bit."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,7 @@ from ldmkit.data.images import to_pil
 from ldmkit.errors import InputError
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.pipelines.generate import generate, generate_to_file
-from ldmkit.pipelines.img2img import img2img
+from ldmkit.pipelines.img2img import img2img, img2img_to_file
 from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.lora import LoRASpec, apply_loras
 from ldmkit.pipelines.request import SampleRequest
@@ -68,6 +69,25 @@ def test_generate_applies_the_request_loras_as_the_command_line_does(tmp_path, t
     lib = generate_to_file(tiny_ldm, with_lora(req, lora_file, 1.0), tmp_path / "lib.png", progress=False)[0]
     assert np.array_equal(pixels(lib), pixels(cli))
     assert '"scale": 1.0' in Image.open(lib).text["ldmkit"]
+
+
+def test_the_record_lists_the_loras_argument_and_the_request_loras(tmp_path, tiny_ldm, ldm, lora_file):
+    """A file writer given `loras=` and a request with LoRAs of its own applies both (the argument's hooked into the
+    model, the request's by plan.draw); its record named only the argument's."""
+    other = random_lora(ldm.unet, tmp_path / "other.safetensors", 1)
+    req = with_lora(SampleRequest(**ARGS), other, 0.5)
+    hook = [LoRASpec(str(lora_file), 1.0)]
+    out = generate_to_file(tiny_ldm, req, tmp_path / "both.png", progress=False, loras=hook)[0]
+    want = [("style.safetensors", 1.0, False), ("other.safetensors", 0.5, False)]
+    listed = json.loads(Image.open(out).text["ldmkit"])["loras"]
+    assert [(r["file"], r["scale"], r["merged"]) for r in listed] == want
+    both, _ = hooked(ldm, lora_file, lambda: generate(ldm, req))
+    assert np.array_equal(pixels(out), np.asarray(to_pil(both[0])))  # each of them steered the image
+    image = tmp_path / "in.png"
+    to_pil(torch.linspace(-1, 1, 256).view(1, 16, 16)).save(image)
+    edited = img2img_to_file(tiny_ldm, image, req, 0.8, tmp_path / "edit.png", progress=False, loras=hook)[0]
+    listed = json.loads(Image.open(edited).text["ldmkit"])["loras"]
+    assert [(r["file"], r["scale"], r["merged"]) for r in listed] == want
 
 
 @pytest.mark.parametrize("edit", ["img2img", "inpaint"])
