@@ -13,7 +13,6 @@ Writes benchmarks/out/cpu_sampling.json. diffusers is needed only here (it is th
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -23,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.interop.diffusers import vae_to_diffusers  # noqa: E402
 from ldmkit.interop.diffusers_config import diffusion_config_to_scheduler  # noqa: E402
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--prompt", default="red apple")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cpu_sampling.json"))
+    ap.add_argument("--out", default=default_out("cpu_sampling"))
     args = ap.parse_args(argv)
     from diffusers import DPMSolverMultistepScheduler
 
@@ -122,9 +123,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "both_finite": bool(torch.isfinite(a).all() and torch.isfinite(b).all()),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0
 
 

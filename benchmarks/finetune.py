@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import default_out, write_json  # noqa: E402
+
 from ldmkit.config import (  # noqa: E402
     DataConfig,
     DenoiserRun,
@@ -119,7 +121,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--samples", type=int, default=4, help="images drawn per caption")
     ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/out/finetune.json"))
+    ap.add_argument("--out", default=default_out("finetune"))
     args = ap.parse_args()
     model = resolve_model("emoji")
     base = LatentDiffusion.load(model)
@@ -175,9 +177,7 @@ def main():
             "lora_step_of_full": 0.7,
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +30,8 @@ from PIL import Image, ImageEnhance
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.images import to_pil  # noqa: E402
@@ -90,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200, help="ordinary generations and injected images per transform")
     ap.add_argument("--models", nargs="*", default=["emoji", "fashion-mnist"])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "memorisation.json"))
+    ap.add_argument("--out", default=default_out("memorisation"))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -138,10 +139,7 @@ def main() -> None:
             + " | ".join(f"{100 * r[f'detected_{t}']:.1f}% ({100 * r[f'named_{t}']:.0f}%)" for t in names)
             + f" | {100 * r['false_positive_rate']:.1f}% (max {r['ordinary_max']:.3f}) | {r['query_ms']:.0f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows}, indent=2))
-    print(f"written {out}")
+    write_json(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ pixel difference of bf16 from fp32 (images in [-1, 1]) and the CPU's bf16 suppor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.nn.invariant import plain_kernels  # noqa: E402
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--prompt", default="red apple")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "precision.json"))
+    ap.add_argument("--out", default=default_out("precision"))
     args = ap.parse_args(argv)
     cpu = torch.device("cpu")
     if not native_bf16(cpu):
@@ -100,9 +101,7 @@ def main(argv=None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0
 
 

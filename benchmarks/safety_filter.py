@@ -15,7 +15,6 @@ benchmarks/out/safety_filter.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -27,6 +26,8 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.images import to_pil  # noqa: E402
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="images per model (default 1000)")
     ap.add_argument("--models", nargs="*", default=list(MODELS), help="shipped models (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "safety_filter.json"))
+    ap.add_argument("--out", default=default_out("safety_filter"))
     args = ap.parse_args()
 
     settings = SafetySettings()
@@ -160,10 +161,7 @@ def main() -> None:
             f"| {r['model']} | {r['images']} | {r['size']} | {r['flagged']} | {100 * r['false_positive_rate']:.2f}% "
             f"| {r['max_score']:.3f} | {r['p99_score']:.3f} | {r['filter_ms_per_image']:.1f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threshold": settings.threshold, "steps": STEPS, "rows": rows}, indent=2))
-    print(f"written {out}")
+    write_json(args.out, {"threshold": settings.threshold, "steps": STEPS, "rows": rows})
 
 
 if __name__ == "__main__":

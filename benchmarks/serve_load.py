@@ -32,7 +32,6 @@ import base64
 import concurrent.futures
 import hashlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from common import default_out, write_json  # noqa: E402
 from serve_helpers import free_port, kill_under_load, start_process  # noqa: E402
 
 from ldmkit.serve.audit import Audit  # noqa: E402
@@ -218,7 +218,7 @@ def main():
         "--control-clients", type=int, default=16, help="clients of the ControlNet row (2 ControlNets); 0 skips it"
     )
     ap.add_argument("--kill-seconds", type=float, default=6.0, help="length of the kill test; 0 skips it")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/out/serve_load.json"))
+    ap.add_argument("--out", default=default_out("serve_load"))
     args = ap.parse_args()
     modes = {"batched": (), "one at a time": ("serve.max_batch=1", "serve.max_wait_ms=0")}
     rows, same = [], True
@@ -278,9 +278,7 @@ def main():
             "missing_audit_rows": 0,
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ else: 1.0 means the borders are as smooth as the rest, above 1 they show as line
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.config import DataConfig  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tiles", type=int, nargs="*", default=[8, 16, 32])
     ap.add_argument("--checkpoint", default=str(ROOT / "weights" / "emoji-upscale.safetensors"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "upscale_seams.json"))
+    ap.add_argument("--out", default=default_out("upscale_seams"))
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     ldm = LatentDiffusion.load(args.checkpoint, "cpu")
@@ -89,8 +90,7 @@ def main() -> None:
             f"{r['tile']:>5} {r['tiles_per_image']:>6} {r['seam_ratio']:>11.3f} {r['share_above_1.2']:>7.0%} "
             f"{r['s_per_image']:>8.2f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"n": args.n, "steps": args.steps, "rows": rows}, indent=2))
+    write_json(args.out, {"n": args.n, "steps": args.steps, "rows": rows}, quiet=True)
 
 
 if __name__ == "__main__":

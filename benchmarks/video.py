@@ -18,7 +18,6 @@ noise (a still clip), and each with its own noise. Writes benchmarks/out/video.j
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -31,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.config import DataConfig  # noqa: E402
 from ldmkit.data.moving_fashion import DIRECTIONS, MovingFashion  # noqa: E402
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--scale", type=int, nargs="*", default=[8, 16, 32], help="frame counts to time")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "video.json"))
+    ap.add_argument("--out", default=default_out("video"))
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     ldm = LatentDiffusion.load(args.model)
@@ -171,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{t['frames']:3d} frames: {t['seconds_per_clip']:.2f} s per clip, peak RSS {t['peak_rss_mib']:.0f} MiB")
     result = {"model": str(args.model), "clips": len(caps), "frames": args.frames, "steps": args.steps}
     result |= {"rows": rows, "timing": timing}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result, quiet=True)
     return result
 
 

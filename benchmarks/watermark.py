@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.config import DataConfig  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200, help="images per side (default 200)")
     ap.add_argument("--sides", type=int, nargs="*", default=[32, 64, 256, 512])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "watermark.json"))
+    ap.add_argument("--out", default=default_out("watermark"))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     pics = pictures(args.n)
@@ -137,10 +138,7 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {r['false_detections']}/{r['unmarked_reads']} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows}, indent=2))
-    print(f"written {out}")
+    write_json(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":
