@@ -26,7 +26,6 @@ model's; cost <= 1.5x uncontrolled sampling. Writes benchmarks/out/control.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +38,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.config import ControlConfig  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=50, help="images per sampling batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-fid", action="store_true", help="skip FID (loads the Inception network)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "control.json"))
+    ap.add_argument("--out", default=default_out("control"))
     args = ap.parse_args(argv)
     if args.n < 2 and not args.no_fid:
         ap.error("--n must be at least 2 for FID (or pass --no-fid)")
@@ -263,9 +264,8 @@ def main(argv=None) -> int:
         "targets": met,
         "seconds": round(time.time() - t0, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwritten {args.out} ({result['seconds']} s)")
+    print()
+    write_json(args.out, result, note=f" ({result['seconds']} s)")
     return 0
 
 

@@ -36,7 +36,6 @@ benchmarks/out/editing_quality.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -51,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import default_out, write_json  # noqa: E402
 from text2img_quality import real_images, train_classifier  # noqa: E402
 
 from ldmkit.config import DataConfig  # noqa: E402
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
         default=",".join(SECTIONS),
         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}); recipes/build.py runs one",
     )
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "editing_quality.json"))
+    ap.add_argument("--out", default=default_out("editing_quality"))
     args = ap.parse_args(argv)
     sections = [x for x in args.sections.split(",") if x]
     if not sections or any(x not in SECTIONS for x in sections):
@@ -496,9 +496,8 @@ def main(argv=None) -> int:
         "super_resolution": sr,
         "seconds": round(time.time() - t0, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwritten {args.out} ({result['seconds']} s)")
+    print()
+    write_json(args.out, result, note=f" ({result['seconds']} s)")
     return 0
 
 

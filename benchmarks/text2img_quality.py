@@ -14,7 +14,6 @@ Writes benchmarks/out/text2img_quality.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -26,6 +25,8 @@ from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "text2img_quality.json"))
+    ap.add_argument("--out", default=default_out("text2img_quality"))
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -169,9 +170,7 @@ def main(argv=None) -> int:
         "cfg": args.cfg,
         "seconds": round(time.time() - t0, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0
 
 
