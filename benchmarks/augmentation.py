@@ -41,6 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import write_json  # noqa: E402
+
 from ldmkit.data.fashion_mnist import CLASS_NAMES, load_arrays  # noqa: E402
 from ldmkit.synth.classifier import BATCH, train_classifier  # noqa: E402
 from ldmkit.training.loop import STATE_FILE  # noqa: E402
@@ -267,9 +269,7 @@ def main(argv=None) -> int:
         "gain_4_over_3_points": gain,
         "seconds": time.perf_counter() - t0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0
 
 

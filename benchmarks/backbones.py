@@ -59,6 +59,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import write_json  # noqa: E402
+
 from ldmkit.config import DenoiserRun, load_run  # noqa: E402
 from ldmkit.diffusion.parameterisation import DiscreteDenoiser, EpsDenoiser  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
@@ -205,10 +207,7 @@ def eps_study(args, work: Path) -> int:
     for r in rows:
         cells = f"{r['start_sigma']:.1f} | {r['first_x0_rms']:.3g} | {r['loss']:.4f} | {r['fid']:.2f}"
         print(f"| {r['row']} | {cells} |")
-    out = Path(args.out.removesuffix(".json") + "-eps.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
-    print(f"written {out}")
+    write_json(args.out.removesuffix(".json") + "-eps.json", {"settings": vars(args), "rows": rows})
     return 0
 
 
@@ -340,9 +339,7 @@ def main(argv=None) -> int:
         "gpu": gpu,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0
 
 

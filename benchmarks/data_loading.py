@@ -23,7 +23,6 @@ identical batches, so their losses must be equal. Writes benchmarks/out/data_loa
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -41,6 +40,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.config import AutoencoderRun, DataConfig, load_run  # noqa: E402
 from ldmkit.data.folder import ImageFolder  # noqa: E402
@@ -302,10 +303,7 @@ def main():
         "minutes": round(wall / 60, 1),
         "targets": targets,
     }
-    path = ROOT / "benchmarks" / "out" / "data_loading.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"written {path}")
+    write_json(default_out("data_loading"), result)
 
 
 if __name__ == "__main__":

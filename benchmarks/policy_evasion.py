@@ -13,7 +13,6 @@ Fashion-MNIST classes. Prints a table and writes benchmarks/out/policy_evasion.j
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.data.emoji import _emoji_data, caption_of  # noqa: E402
 from ldmkit.data.fashion_mnist import CLASS_NAMES  # noqa: E402
@@ -102,7 +103,7 @@ def policy_file(folder: Path, names) -> Path:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/out/policy_evasion.json"))
+    ap.add_argument("--out", default=default_out("policy_evasion"))
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
     policies = {n: load_policy(policy_file(folder, [n])) for n in POLICIES}
@@ -126,22 +127,17 @@ def main():
     print(f"\nevasions caught: {caught}/{len(EVASIONS)}; harmless cases allowed: {passed}/{len(HARMLESS)}")
     print(f"ordinary prompts refused by the four rules together: {len(refusals)}/{len(prompts)} {refusals[:10]}")
     print(f"check time: {us:.0f} us a prompt (four rules)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "cases": rows,
-                "caught": caught,
-                "evasions": len(EVASIONS),
-                "harmless_allowed": passed,
-                "harmless": len(HARMLESS),
-                "ordinary_prompts": len(prompts),
-                "false_positives": [{"prompt": p, "rule": r} for p, r in refusals],
-                "us_per_prompt": round(us, 1),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "cases": rows,
+        "caught": caught,
+        "evasions": len(EVASIONS),
+        "harmless_allowed": passed,
+        "harmless": len(HARMLESS),
+        "ordinary_prompts": len(prompts),
+        "false_positives": [{"prompt": p, "rule": r} for p, r in refusals],
+        "us_per_prompt": round(us, 1),
+    }
+    write_json(args.out, result, quiet=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Writes benchmarks/out/quality_vs_diffusers.json. diffusers is needed only here (
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -41,6 +40,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import default_out, write_json  # noqa: E402
 
 from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
 from ldmkit.config import DenoiserRun, load_run  # noqa: E402
@@ -89,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sample-batch", type=int, default=250, help="images per sampling batch")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out-dir", default=str(ROOT / "runs" / "bench" / "quality_vs_diffusers"))
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "quality_vs_diffusers.json"))
+    ap.add_argument("--json", default=default_out("quality_vs_diffusers"))
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.n < 2:
@@ -342,9 +343,7 @@ def main(argv=None) -> int:
         "all_finite": all(math.isfinite(r["fid"]) for r in rows),
         "argv": sys.argv[1:] if argv is None else argv,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"written {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import write_json  # noqa: E402
+
 from ldmkit.config import AutoencoderRun, DenoiserRun, load_run  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
 
@@ -84,10 +86,7 @@ def main():
             }
         )
     result["holdout_ssim"] = ae.get("holdout", {}).get("ssim")
-    (out.parent).mkdir(parents=True, exist_ok=True)
-    path = out.parent / "train_small.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"written {path}")
+    write_json(out.parent / "train_small.json", result)
 
 
 if __name__ == "__main__":
