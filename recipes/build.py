@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import editing_quality  # noqa: E402
+from common import cpu_name  # noqa: E402
 from editing_quality import box_mask, stroke_mask  # noqa: E402
 
 from ldmkit.config import AutoencoderRun, DataConfig, DenoiserRun, load_run, to_dict  # noqa: E402
@@ -62,7 +62,8 @@ def device_name(device: str) -> str:
     dev = resolve_device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU ({cpu_name()}, {n} thread{'s' if n != 1 else ''})"
 
 
 def train_edit_stage(name: str, args) -> tuple[dict, dict]:

@@ -143,3 +143,24 @@ def test_a_distilled_model_samples_on_the_grid_it_learned_and_no_step_is_spent_a
     assert float(four[-2]) > float(own[-2])  # the last step is not at the grid's sigma_min
     assert torch.equal(student.denoiser.sigmas(8), own)  # the whole grid is the grid
     assert torch.equal(student.denoiser.sigmas(12), base.denoiser.sigmas(12))  # more steps: the model's own
+
+
+def test_the_few_step_benchmark_times_a_model_against_its_student(tmp_path, tiny_ldm, data):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import few_steps
+
+    lora = runs.train_denoiser(distill_run(tiny_ldm, lora=4), tmp_path / "lora", progress=False)["checkpoint"]
+    out = tmp_path / "few.json"
+    args = ["--teacher", str(tiny_ldm), "--student", lora, "--n", "2", "--repeats", "1", "--out", str(out)]
+    assert few_steps.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["steps"], r["cfg"]) for r in rows] == [
+        ("dpmpp_2m", 25, 3.0),
+        ("dpmpp_2m", 2, 3.0),
+        ("lcm", 2, 1.0),
+        ("lcm", 1, 1.0),
+    ]
+    assert all(r["images_per_s"] > 0 and r["one_image_s"] > 0 and r["fid"] is None for r in rows)
