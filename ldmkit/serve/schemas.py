@@ -115,8 +115,8 @@ def api_models() -> SimpleNamespace:
             name = settings.get("sd_model_checkpoint") if isinstance(settings, dict) else None
             return name if isinstance(name, str) else None
 
-    class JobRequest(BaseModel):
-        """POST /v1/jobs: a generation to run in the background."""
+    class NativeRequest(BaseModel):
+        """What ldmkit's own routes (jobs, videos) take first: the model and the prompt, written or templated."""
 
         model_config = ConfigDict(extra="forbid")
         model: str | None = None
@@ -125,6 +125,10 @@ def api_models() -> SimpleNamespace:
         template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
         variables: dict[str, str] | None = None  # the template's variables
         labels: list[int] | None = spec_field("labels", "native")
+
+    class JobRequest(NativeRequest):
+        """POST /v1/jobs: a generation to run in the background."""
+
         n: int = spec_field("n", "native")
         steps: int = spec_field("steps", "native")
         cfg: float = spec_field("cfg", "native")
@@ -136,16 +140,9 @@ def api_models() -> SimpleNamespace:
         # ControlNet units: image (base64), kind, model, scale, start, end; read by serve/controls.py
         controls: list[dict] = Field(default_factory=list)
 
-    class VideoRequest(BaseModel):
+    class VideoRequest(NativeRequest):
         """POST /v1/videos: OpenAI's fields (prompt, model, seconds, size, input_reference) and ldmkit's own."""
 
-        model_config = ConfigDict(extra="forbid")
-        model: str | None = None
-        prompt: str = ""
-        negative_prompt: str = spec_field("negative_prompt", "native")
-        template: str | None = None  # "name" or "name@3": a prompt template instead of prompt / negative_prompt
-        variables: dict[str, str] | None = None  # the template's variables
-        labels: list[int] | None = spec_field("labels", "native")
         seconds: str | float | None = None  # OpenAI's length ("4"): frames = seconds x fps
         frames: int | None = None  # frames of the clip, instead of seconds; neither: 16, as `ldmkit video`
         fps: float = 8.0  # frames per second of the MP4

@@ -344,19 +344,21 @@ def test_run_folder_that_is_a_file_is_one_line(capsys, tmp_path):
         assert code == 2 and str(out) in err and "--out" in err and err.count("\n") == 1, err
 
 
-def test_evaluate_result_that_cannot_be_written_is_refused_before_evaluating(capsys, monkeypatch, tmp_path):
+def test_evaluate_result_that_cannot_be_written_is_refused_before_evaluating(capsys, monkeypatch, tmp_path, tiny_ldm):
     import ldmkit.evaluation.evaluate as evaluation  # the command imports it when it runs
 
     calls = []
-    monkeypatch.setattr(evaluation, "evaluate", lambda path, **kw: calls.append(path) or {"data": "blobs", "fid": 1.0})
+    monkeypatch.setattr(evaluation, "evaluate", lambda path, **kw: calls.append(str(path)) or {"data": "b", "fid": 1.0})
     monkeypatch.setattr(evaluation, "format_table", lambda result: "fid 1.0")
     (tmp_path / "afile").write_text("x")
     for out in (tmp_path, tmp_path / "afile" / "r.json", "/proc/r.json"):
-        code, printed, err = run(capsys, "evaluate", "model.safetensors", "--out", str(out), "--quiet")
+        code, printed, err = run(capsys, "evaluate", str(tiny_ldm), "--out", str(out), "--quiet")
         assert code == 2 and str(out) in err and err.count("\n") == 1, err
     assert calls == []  # refused before the (long) evaluation ran
-    code, printed, _ = run(capsys, "evaluate", "model.safetensors", "--out", str(tmp_path / "r.json"), "--quiet")
-    assert code == 0 and "fid 1.0" in printed and calls == ["model.safetensors"]
+    code, printed, _ = run(capsys, "evaluate", str(tiny_ldm), "--out", str(tmp_path / "r.json"), "--quiet")
+    assert code == 0 and "fid 1.0" in printed and calls == [str(tiny_ldm)]
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "none.safetensors"), "--quiet")
+    assert code == 2 and "none.safetensors does not exist" in err and calls == [str(tiny_ldm)]  # before evaluating
 
 
 def test_quiet_turns_off_the_sampling_progress_bar(capsys, monkeypatch, tmp_path, tiny_ldm):
