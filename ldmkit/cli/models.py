@@ -143,6 +143,10 @@ def cmd_lora_inspect(args):
 
 def cmd_info(args):
     from ..checkpoint import read_metadata
+    from ..shipped import model_source, resolve_model
 
-    meta = read_metadata(args.checkpoint)
+    base, lora, about = model_source(resolve_model(args.checkpoint))  # a shipped name or a path
+    meta = read_metadata(base)
+    if lora is not None:  # a LoRA that names its base: what it is, then the model it makes
+        meta = {"lora": about, "base": str(base)} | meta
     print(json.dumps(meta, indent=2))

@@ -54,7 +54,7 @@ def runs_first_loss(folder) -> float:
     return next(r["loss"] for r in rows if "loss" in r)
 
 
-def test_a_distilled_model_and_an_lcm_lora_choose_the_lcm_sampler_and_their_steps(tmp_path, tiny_ldm, data):
+def test_a_distilled_model_and_an_lcm_lora_choose_the_lcm_sampler_and_their_steps(tmp_path, tiny_ldm, data, capsys):
     full = runs.train_denoiser(distill_run(tiny_ldm), tmp_path / "full", progress=False)["checkpoint"]
     lora = runs.train_denoiser(distill_run(tiny_ldm, lora=4), tmp_path / "lora", progress=False)["checkpoint"]
     want = {"sampler": "lcm", "steps": 2, "cfg": 1.0}
@@ -62,6 +62,9 @@ def test_a_distilled_model_and_an_lcm_lora_choose_the_lcm_sampler_and_their_step
     assert model_sampling(model_config(lora)) == want  # a LoRA naming its base is a model of its own
     assert model_sampling(model_config(tiny_ldm)) == {}
     assert read_lora(lora).about["distill"]["steps"] == 2
+    assert main(["info", lora]) in (0, None)  # `ldmkit info` shows the LoRA and the model it makes
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["lora"]["distill"]["steps"] == 2 and shown["base"] == str(tiny_ldm) and shown["kind"] == "ldm"
     # the LoRA loads as its base with the LoRA merged: the same denoiser output as the base with the LoRA hooked in
     merged = load_model(lora)
     assert merged.run.distill.steps == 2
