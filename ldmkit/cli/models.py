@@ -82,7 +82,7 @@ def _lora_actions(p: argparse.ArgumentParser, common: argparse.ArgumentParser):
 
 
 def _info_options(p: argparse.ArgumentParser):
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a shipped model's name or any ldmkit checkpoint (model, autoencoder, LoRA)")
 
 
 def cmd_evaluate(args):
