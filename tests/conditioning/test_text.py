@@ -133,7 +133,7 @@ def test_minilm_states_give_the_sentence_transformers_embedding(minilm):
 
 
 def test_truncation_warns_once_with_counts(minilm, clip_tiny):
-    for enc, end_id in ((minilm, minilm.tokenizer.sep_token_id), (clip_tiny, clip_tiny.tokenizer.end_id)):
+    for enc, end_id in ((minilm, minilm.tokenizer.token_to_id("[SEP]")), (clip_tiny, clip_tiny.tokenizer.end_id)):
         prompts = ["short", LONG, "also short", LONG + " and more"]
         counts = [len(t) - 77 for t in enc.token_lists(prompts)]
         with warnings.catch_warnings(record=True) as caught:
