@@ -101,10 +101,7 @@ def model_source(path: str | Path) -> tuple[Path, Path | None, dict]:
     if not base:
         raise InputError(f"{path} is a LoRA that names no base model; apply it to its model with --lora {path}")
     here = Path(path).parent / base
-    if here.is_file():
-        found = here
-    else:
-        found = resolve_model(base)
+    found = here if here.is_file() else resolve_model(base)
     want = about.get("base_sha256")
     if want and checkpoint.file_sha256(found) != want:
         raise InputError(

@@ -92,17 +92,16 @@ def sampling(args, checkpoint=None) -> dict:
 def model_chosen(args, checkpoint) -> dict:
     """The sampler, steps and guidance the model at `checkpoint` chooses (a distilled model's), or the first --lora
     that distils its base (an LCM-LoRA); {} when neither does."""
+    from ..adapters import read_lora
+    from ..pipelines.lora import parse_lora
     from ..pipelines.request import model_sampling
     from ..shipped import model_config
 
     for spec in getattr(args, "lora", None) or []:
-        path = spec.rpartition(":")[0] if not Path(spec).is_file() and ":" in spec else spec
-        if Path(path).is_file():
-            from ..adapters import read_lora
-
-            steps = (read_lora(path).about.get("distill") or {}).get("steps")
-            if steps:
-                return model_sampling({"distill": {"steps": steps}})
+        path = parse_lora(spec).path
+        own = model_sampling(read_lora(path).about) if Path(path).is_file() else {}  # an LCM-LoRA's distillation
+        if own:
+            return own
     return model_sampling(model_config(checkpoint)) if checkpoint is not None else {}
 
 

@@ -20,11 +20,10 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from ..errors import InputError
 from .common import digest
 from .emoji import NotoRenderer, candidates, name_of, sources, squared
 from .images import to_mode, uint8_to_tensor
-from .motion import MotionClips, chosen_motions, clip_frames, with_article
+from .motion import MotionClips, with_article
 
 # motion -> unit direction of the centre (x right, y down) per frame
 PANS = {"panning left": (-1, 0), "panning right": (1, 0), "panning up": (0, -1), "panning down": (0, 1)}
@@ -107,13 +106,7 @@ class EmojiMotion(MotionClips):
     def __init__(self, cfg: DataConfig):
         """cfg: resolution (the canvas side, 64 for the shipped emoji model), channels (1: luma), split, limit
         (clips), frames (0: 8), motions (those drawn; empty: all of MOTIONS)."""
-        if cfg.channels not in (1, 3):
-            raise InputError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
-        if cfg.resolution < 16:
-            raise InputError(f"data.resolution={cfg.resolution} is too small for emoji-motion; use 16 or more")
-        self.cfg = cfg
-        self.frames = clip_frames(cfg, self.name)
-        self.motions = chosen_motions(cfg, MOTIONS, self.name)
+        self.configure(cfg, MOTIONS, smallest=16)
         self.renderer = NotoRenderer()
         # single codepoints (U+FE0F aside): one glyph each, no skin-tone or flag sequences
         self.pool = [e for e in candidates() if len(e.replace("\ufe0f", "")) == 1 and self.renderer.draws(e)]

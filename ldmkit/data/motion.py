@@ -56,6 +56,17 @@ class MotionClips(torch.utils.data.Dataset):
     n = 0
     _fingerprint = ""
 
+    def configure(self, cfg: DataConfig, motions: Sequence[str], smallest: int) -> None:
+        """Check and keep what every clip set reads of `cfg`: 1 or 3 channels, a canvas of at least `smallest`
+        pixels, the frames (clip_frames) and the motions asked for among `motions` (chosen_motions)."""
+        if cfg.channels not in (1, 3):
+            raise InputError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
+        if cfg.resolution < smallest:
+            raise InputError(f"data.resolution={cfg.resolution} is too small for {self.name}; use {smallest} or more")
+        self.cfg = cfg
+        self.frames = clip_frames(cfg, self.name)
+        self.motions = chosen_motions(cfg, motions, self.name)
+
     def spec(self, i: int) -> list:
         raise NotImplementedError
 

@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from ..errors import InputError
 from .common import digest, file_stamp
 from .fashion_mnist import CLASS_NAMES, ROOT, load_arrays, split_files
-from .motion import MotionClips, chosen_motions, clip_frames, with_article
+from .motion import MotionClips, with_article
 
 # how the caption names each class
 NOUNS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -89,13 +88,7 @@ class MovingFashion(MotionClips):
     def __init__(self, cfg: DataConfig, root=ROOT):
         """cfg: resolution (the canvas side), channels (3 replicates grey), split, limit (clips), frames (0: 8),
         motions (those drawn; empty: all of MOTIONS)."""
-        if cfg.channels not in (1, 3):
-            raise InputError(f"data.channels={cfg.channels} is not supported; use 1 (grayscale) or 3 (RGB)")
-        if cfg.resolution < 8:
-            raise InputError(f"data.resolution={cfg.resolution} is too small for moving-fashion; use 16 or more")
-        self.cfg = cfg
-        self.frames = clip_frames(cfg, self.name)
-        self.motions = chosen_motions(cfg, MOTIONS, self.name)
+        self.configure(cfg, MOTIONS, smallest=8)
         self.images, self.labels = load_arrays(cfg.split, str(root))
         n = CLIPS[cfg.split]
         self.n = min(cfg.limit, n) if cfg.limit > 0 else n

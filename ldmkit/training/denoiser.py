@@ -20,7 +20,6 @@ from ..conditioning.types import Conditioning
 from ..config import AutoencoderConfig, DenoiserRun, to_dict
 from ..data.images import save_grid
 from ..data.latents import LatentCache
-from ..diffusion.parameterisation import make_denoiser
 from ..diffusion.sample import sample_latents
 from ..errors import InputError
 from ..ldm import LatentDiffusion
@@ -78,7 +77,7 @@ class DenoiserTask:
         trainable_text = model.text_encoder is not None and getattr(model.text_encoder, "trainable", False)
         self.adapter, self.tokens, self.text_adapter = adapter, tokens, text_adapter
         self.weights: torch.Tensor | None = None  # (N,) each item's loss weight (DreamBooth's prior), or None
-        self.teacher: nn.Module | None = None  # a distillation's frozen backbone (None: the backbone without LoRAs)
+        self.teacher: nn.Module | None = None  # a distillation's frozen denoiser (None: the backbone without LoRAs)
         trained = {"lora": adapter} if adapter is not None else {"embedding": tokens} if tokens is not None else None
         if text_adapter is not None:
             trained = (trained or {}) | {"text_lora": text_adapter}
@@ -151,12 +150,8 @@ class DenoiserTask:
         """The latent consistency distillation loss (B,) of clean latents z: the student is the model being trained
         (its LoRAs, when it has them), the teacher the frozen model (the same backbone with its LoRAs at scale 0,
         or the copy `teacher`), under the guidance distill.guidance folds in."""
-        d, den = self.run.distill, self.ldm.denoiser
-        if self.teacher is not None:
-            if getattr(self, "_teacher", None) is None:
-                self._teacher = make_denoiser(self.teacher, self.run.diffusion)
-            teacher = self._teacher
-        else:
+        d, den, teacher = self.run.distill, self.ldm.denoiser, self.teacher
+        if teacher is None:
 
             def teacher(x, sigma, c):
                 with lora_scales({self.adapter: 0.0}):

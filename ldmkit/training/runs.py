@@ -18,6 +18,7 @@ from ..config import AutoencoderRun, DenoiserRun, check_multiple, to_dict, valid
 from ..data import build_dataset, prepare_dataset, split_holdout
 from ..data.latents import LatentCache, encode_dataset
 from ..denoisers import backbone_name, build_backbone
+from ..diffusion.parameterisation import make_denoiser
 from ..distributed import World, process_group
 from ..errors import InputError
 from ..evaluation.metrics import reconstruction_metrics
@@ -249,7 +250,7 @@ def _denoiser_task(
     )
     task.weights = weights
     if run.distill.steps and adapter is None:  # a full student: the teacher is a frozen copy of the model
-        task.teacher = copy.deepcopy(unet).requires_grad_(False).eval()
+        task.teacher = make_denoiser(copy.deepcopy(unet).requires_grad_(False).eval(), run.diffusion)
     return run, task
 
 
