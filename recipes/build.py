@@ -7,7 +7,9 @@
     .venv/bin/python recipes/build.py fashion-mnist-lcm --eval-n 2000  # a few-step LCM-LoRA of a shipped model
 
 Stages are resumable: rerunning continues a killed run in runs/recipes/NAME/ (both stages use `--resume`).
-Overrides given with --ae-set apply to the autoencoder and --set to the denoiser.
+Overrides given with --ae-set apply to the autoencoder and --set to the denoiser. `--ae-from MODEL` skips the
+autoencoder stage and trains the denoiser on the autoencoder inside MODEL (a shipped model or any model file), so
+a retrained denoiser keeps the latent space the editing models and earlier figures share; the card says so.
 
 A distilled model (a recipe with only a distill.toml) trains an LCM-LoRA of the shipped model its `init` names and
 ships the LoRA alone, in half precision: it names its base, and loads as the base with the LoRA merged. Its card
@@ -41,7 +43,10 @@ import editing_quality  # noqa: E402
 from common import cpu_name  # noqa: E402
 from editing_quality import box_mask, stroke_mask  # noqa: E402
 
-from ldmkit.config import AutoencoderRun, DataConfig, DenoiserRun, load_run, to_dict  # noqa: E402
+from ldmkit import checkpoint  # noqa: E402
+from ldmkit.autoencoder.files import KIND as AE_KIND  # noqa: E402
+from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
+from ldmkit.config import AutoencoderRun, DataConfig, DenoiserRun, from_dict, load_run, to_dict  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.images import save_grid  # noqa: E402
 from ldmkit.diffusion.lowres import downscale  # noqa: E402
@@ -222,8 +227,11 @@ def train_stages(name: str, args) -> tuple[dict, dict, dict]:
     ae_run = load_run(AutoencoderRun, str(recipe / "autoencoder.toml"), dev + args.ae_set)
     times = {}
     t = time.time()
-    resume = (out / "ae" / "train-state.safetensors").exists()
-    ae = train_autoencoder(ae_run, out / "ae", resume=resume)
+    if args.ae_from:
+        ae, ae_run, times["autoencoder_from"] = autoencoder_from(args.ae_from, ae_run, out / "ae")
+    else:
+        resume = (out / "ae" / "train-state.safetensors").exists()
+        ae = train_autoencoder(ae_run, out / "ae", resume=resume)
     times["autoencoder_s"] = round(time.time() - t, 1)
     dn_run = load_run(DenoiserRun, str(recipe / "denoiser.toml"), dev + [f"autoencoder={ae['checkpoint']}"] + args.set)
     t = time.time()
@@ -237,12 +245,47 @@ def train_stages(name: str, args) -> tuple[dict, dict, dict]:
     )
 
 
+def autoencoder_from(model: str, recipe_run: AutoencoderRun, dst: Path) -> tuple[dict, AutoencoderRun, dict]:
+    """The autoencoder inside `model`, written once as dst/model.safetensors (an autoencoder checkpoint with the
+    recipe's data section, so its reconstruction metrics use the recipe's held-out images): (result, run, source).
+    A rerun reuses what it wrote (the build may since have replaced `model`), so a resumed denoiser keeps the
+    latents it began with."""
+    path = dst / "model.safetensors"
+    if path.is_file():
+        meta = checkpoint.read_metadata(path)
+        source = meta.get("source") or {}
+        if source.get("model") != str(model):
+            raise SystemExit(
+                f"{path} holds the autoencoder of {source.get('model', 'a trained stage')}, not of {model}; "
+                f"remove {dst} to start over"
+            )
+        return {"checkpoint": str(path), "step": 0}, from_dict(AutoencoderRun, meta["config"]), source
+    source = {"model": str(model), "sha256": checkpoint.file_sha256(model)}
+    model_ae, run = load_autoencoder(model)
+    run = replace(recipe_run, model=run.model)  # its architecture and latent scale, the recipe's data and training
+    dst.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(path, model_ae.state_dict(), AE_KIND, to_dict(run), step=0, source=source)
+    return {"checkpoint": str(path), "step": 0}, run, source
+
+
 def command(name: str, args) -> str:
     """The build command line that reproduces this model, overrides included."""
     parts = (
-        ["python recipes/build.py", name] + [f"--ae-set {s}" for s in args.ae_set] + [f"--set {s}" for s in args.set]
+        ["python recipes/build.py", name]
+        + ([f"--ae-from {args.ae_from}"] if args.ae_from else [])
+        + [f"--ae-set {s}" for s in args.ae_set]
+        + [f"--set {s}" for s in args.set]
     )
     return " ".join(parts + ([f"--eval-n {args.eval_n}"] if args.eval_n != 10000 else []))
+
+
+def ae_row(recipe: dict) -> str:
+    """The card's autoencoder row: its training, or the model it was taken from (`--ae-from`)."""
+    a, src = recipe["autoencoder"], recipe.get("autoencoder_from")
+    if src:
+        return f"| autoencoder | from `{src['model']}` (SHA-256 {src['sha256'][:12]}...), not retrained | | | |"
+    minutes = recipe["autoencoder_s"] / 60
+    return f"| autoencoder | {a['train']['steps']} | {a['train']['batch_size']} | | {minutes:.1f} min |"
 
 
 def model_card(name: str, recipe: dict, ae: dict, dn: dict, ev: dict, ae_ev: dict, size_mb: float, dev: str) -> str:
@@ -283,7 +326,7 @@ the autoencoder held out its last {a["data"]["holdout"]} images for the reconstr
 
 | stage | steps | batch | parameters | training time |
 | --- | --- | --- | --- | --- |
-| autoencoder | {a["train"]["steps"]} | {a["train"]["batch_size"]} | | {recipe["autoencoder_s"] / 60:.1f} min |
+{ae_row(recipe)}
 | denoiser | {d["train"]["steps"]} | {d["train"]["batch_size"]} | {params} | {recipe["denoiser_s"] / 60:.1f} min |
 
 Diffusion: {d["diffusion"]["parameterisation"]}-prediction, {d["diffusion"]["schedule"]} schedule,
@@ -395,6 +438,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], help="denoiser override KEY=VALUE (repeatable)")
     ap.add_argument("--ae-set", action="append", default=[], help="autoencoder override KEY=VALUE (repeatable)")
+    ap.add_argument("--ae-from", metavar="MODEL", help="train the denoiser on MODEL's autoencoder (no stage 1)")
     ap.add_argument("--eval-n", type=int, default=10000, help="images for FID / KID (default 10000)")
     ap.add_argument("--eval-split", default="test")
     args = ap.parse_args(argv)
