@@ -213,6 +213,26 @@ def test_img2img_inpainting_with_a_unit_keeps_the_unmasked_pixels(live):
     assert np.array_equal(out[kept], init[kept]) and not np.array_equal(out[~kept], init[~kept])
 
 
+def test_an_img2img_units_controlnet_passes_count_in_its_cost(live, monkeypatch):
+    """The scheduler estimates a job from its units of work; an img2img edit with a unit carries the unit's
+    ControlNet, so its ControlNet passes count (they were left out, and a controlled edit could be admitted past its
+    time limit)."""
+    seen = []
+    real = live.service.scheduler.submit
+    monkeypatch.setattr(live.service.scheduler, "submit", lambda job: (seen.append(job), real(job))[1])
+    init = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    body = {"prompt": "red", "steps": STEPS, "seed": 3, "init_images": [b64_png(init)], "denoising_strength": 0.5}
+    plain = live.client(live.key).post("/sdapi/v1/img2img", json=body)
+    body["alwayson_scripts"] = {"controlnet": {"args": [unit(), unit(model="colour")]}}
+    steered = live.client(live.key).post("/sdapi/v1/img2img", json=body)
+    assert plain.status_code == 200 and steered.status_code == 200, steered.text
+    assert [len(j.controls) for j in seen] == [0, 2]
+    assert seen[1].units > seen[0].units > 0
+    rid = steered.headers["X-Request-Id"]
+    row = next(r for r in Audit(open_store(str(live.db))).tail(20) if r["request_id"] == rid)
+    assert [c["model"] for c in row["params"]["controls"]] == ["edges", "colour"]  # recorded once, as before
+
+
 def test_controlled_and_plain_requests_share_a_batch_and_each_image_is_its_alone_image(live):
     client = live.client(live.key)
 

@@ -5,7 +5,7 @@ prompt); the ControlNet extension's alwayson_scripts.controlnet units, /controln
 import json
 from dataclasses import replace
 
-from ..controls import MODULES, a1111_units, recorded, steered_edit, uses_controlnet
+from ..controls import MODULES, a1111_units, steered_edit, uses_controlnet
 from ..deps import parse_body, typed
 from ..edits import a1111_edit
 from ..loras import prompt_loras
@@ -66,9 +66,8 @@ def router():
         strength = 1.0 if body.mask is not None else body.denoising_strength  # inpainting runs every step
         units = a1111_units(svc, served, body, at_image_size, (h, w))
         edit = steered_edit(edit, units, at_image_size.steps, strength)  # an edit runs alone, its units around it
-        out = await svc.generate(
-            request, principal, served, at_image_size, run=edit, **extra, **recorded(units), **used
-        )
+        # the units ride on the job too, so its cost counts their ControlNet passes (the edit applies them itself)
+        out = await svc.generate(request, principal, served, at_image_size, run=edit, units=units, **extra, **used)
         return a1111_answer(body, served, req, out, fields)
 
     @r.get("/sdapi/v1/sd-models", response_model=list[SdModel])
