@@ -7,7 +7,7 @@ The shipped emoji model was trained on the first 3,589 emoji (data.limit=3589); 
 they are, are the new concept. Every method starts from the shipped model and trains `--steps` steps of
 `--batch-size` images on them, on the same CPU:
 - base: no training; full: every backbone weight; lora4 / lora8 / lora16: LoRA of that rank on attention and
-  feed-forward layers; dreambooth: the whole backbone on the new emoji under one instance prompt, with the base
+  feed-forward layers; locon8: rank 8 on every linear layer and convolution (--lora-targets all+conv); dreambooth: the whole backbone on the new emoji under one instance prompt, with the base
   model's images of the class prompt as prior; ti: textual inversion of one new word (2 vectors).
 For each, `--samples` images per new caption are drawn (the instance prompt for DreamBooth, the caption with the new
 word for textual inversion) and compared with the real new emoji, and as many per old caption (the first `--new`
@@ -56,7 +56,7 @@ from ldmkit.shipped import resolve_model  # noqa: E402
 from ldmkit.training.runs import train_denoiser  # noqa: E402
 
 TRAINED = 3589  # the emoji the shipped model was trained on (its data.limit)
-METHODS = ("base", "full", "lora4", "lora8", "lora16", "dreambooth", "ti")
+METHODS = ("base", "full", "lora4", "lora8", "lora16", "locon8", "dreambooth", "ti")
 TOKEN, INSTANCE, CLASS = "<new-emoji>", "a new emoji", "an emoji"
 
 
@@ -79,6 +79,8 @@ def train(method: str, model: Path, folder: Path, out: Path, args, class_data: P
     run = DenoiserRun(init=str(model), data=DataConfig(dataset=str(folder), holdout=0), train=t)
     if method.startswith("lora"):
         run = replace(run, lora=LoRAConfig(rank=int(method[4:]), targets="attn+ff"))
+    elif method.startswith("locon"):
+        run = replace(run, lora=LoRAConfig(rank=int(method[5:]), targets="all+conv"))
     elif method == "dreambooth":
         db = DreamBoothConfig(instance_prompt=INSTANCE, class_prompt=CLASS, class_data=str(class_data))
         run = replace(run, dreambooth=db)

@@ -331,7 +331,7 @@ class VideoConfig:
 
 # serve.precision's values: runtime.SAMPLING_PRECISIONS, which config (below torch) cannot import; a test compares them
 SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")
-LORA_TARGETS = ("attn", "attn+ff", "all")  # the values of LoRAConfig.targets
+LORA_TARGETS = ("attn", "attn+ff", "all", "all+conv")  # the values of LoRAConfig.targets
 LORA_LAYOUTS = ("peft", "kohya")  # the values of LoRAConfig.layout
 
 
@@ -344,7 +344,8 @@ class LoRAConfig:
     rank: int = bounded(0, Bound(0, 4096, integer=True))  # r; 0: no LoRA (the backbone itself trains)
     alpha: float = bounded(0.0, WEIGHT)  # the update's numerator; 0: the rank (a factor alpha / r of 1)
     # "attn": the attention projections (to_q, to_k, to_v, to_out); "attn+ff": and the feed-forward layers;
-    # "all": every linear layer and 1x1 convolution of the backbone
+    # "all": every linear layer and 1x1 convolution of the backbone; "all+conv": and its other convolutions (LoCon:
+    # a k x k down convolution, a 1x1 up)
     targets: str = bounded("attn", Bound(choices=LORA_TARGETS))
     # the written file's keys: "peft" (diffusers' load_lora_weights) or "kohya" (AUTOMATIC1111, ComfyUI)
     layout: str = bounded("peft", Bound(choices=LORA_LAYOUTS))

@@ -15,35 +15,38 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import UNetConfig
+from ..config import LORA_TARGETS, UNetConfig
 from ..errors import InputError
 from ..interop.keymaps import translate, unet_rules
-from ..nn.lora import LoRA, LoRASet, lora_shape
+from ..nn.lora import LoRA, LoRASet, kernel, lora_shape
 from .files import Factors, LoRAFile
 
-TARGETS = ("attn", "attn+ff", "all")  # what `ldmkit train --lora-targets` adapts
+TARGETS = LORA_TARGETS  # what `ldmkit train --lora-targets` adapts
 _ATTN = ("to_q", "to_k", "to_v", "to_out")
 
 
-def targetable(net: nn.Module) -> dict[str, nn.Module]:
-    """Every layer of `net` a LoRA can adapt (linear layers, 1x1 convolutions), by module path."""
+def targetable(net: nn.Module, kernels: bool = True) -> dict[str, nn.Module]:
+    """Every layer of `net` a LoRA can adapt, by module path: linear layers and convolutions; without `kernels`,
+    only the 1x1 convolutions (what "all" adapts; "all+conv" adds the others, LoCon)."""
     out = {}
     for path, m in net.named_modules():
         try:
             lora_shape(m)
         except InputError:
             continue
-        out[path] = m
+        if kernels or kernel(m) == (1, 1):
+            out[path] = m
     return out
 
 
 def target_paths(net: nn.Module, targets: str) -> list[str]:
     """The module paths `targets` names: "attn" the attention projections of the transformer blocks, "attn+ff"
-    also their feed-forward layers, "all" every linear layer and 1x1 convolution."""
+    also their feed-forward layers, "all" every linear layer and 1x1 convolution, "all+conv" also every other
+    convolution (LoCon)."""
     if targets not in TARGETS:
         raise InputError(f"unknown LoRA targets {targets!r}; use one of {', '.join(TARGETS)}")
-    paths = list(targetable(net))
-    if targets == "all":
+    paths = list(targetable(net, kernels=targets == "all+conv"))
+    if targets in ("all", "all+conv"):
         return paths
     keep = _ATTN + (("proj", "ff_out") if targets == "attn+ff" else ())
     in_block = [p for p in paths if ".blocks." in f".{p}" and p.rsplit(".", 1)[-1] in keep]
@@ -98,7 +101,7 @@ def _fit(layers: dict[str, Factors], table: dict[str, str], net: nn.Module, pref
         if path is None or lora_shape(mods[path]) != (f.down.shape[1], f.up.shape[0]) or f.up.shape[1] != f.rank:
             unmatched.append(f"{prefix}{name}")
             continue
-        layer = LoRA(f.down.shape[1], f.up.shape[0], f.rank, f.alpha)
+        layer = LoRA(f.down.shape[1], f.up.shape[0], f.rank, f.alpha, kernel(mods[path]))
         with torch.no_grad():
             layer.down.copy_(f.down.float())
             layer.up.copy_(f.up.float())
@@ -131,10 +134,10 @@ def to_file(
     layout: str,
     about: dict | None = None,
     text: tuple[LoRASet, nn.Module] | None = None,
-) -> tuple[LoRAFile, set[str]]:
-    """(the file of `lora`, adapting `net`, in `layout` "peft" or "kohya"; the names of its 1x1-convolution layers).
+) -> tuple[LoRAFile, dict[str, tuple[int, int]]]:
+    """(the file of `lora`, adapting `net`, in `layout` "peft" or "kohya"; its convolution layers' kernels by name).
     text: (a set, the text encoder it adapts), written as the file's text-encoder layers."""
-    out, convs = LoRAFile(layout, {}, dict(about or {})), set()
+    out, convs = LoRAFile(layout, {}, dict(about or {})), {}
     for part, (s, module, names) in {
         "unet": (lora, net, foreign_names(net)),
         "text": (text[0], text[1], text_names(text[1])) if text else (LoRASet({}), net, {}),
@@ -144,7 +147,7 @@ def to_file(
             name = names[path].replace(".", "_") if layout == "kohya" else names[path]
             out.parts.setdefault(part, {})[name] = Factors(layer.down.detach(), layer.up.detach(), layer.alpha)
             if isinstance(mods[path], nn.Conv2d):
-                convs.add(name)
+                convs[name] = kernel(mods[path])
     out.parts.setdefault("unet", {})
     return out, convs
 

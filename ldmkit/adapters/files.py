@@ -8,7 +8,9 @@ Layouts (the module paths are those of the diffusers `UNet2DConditionModel` and 
 - "peft" (diffusers `save_lora_weights`, PEFT): `unet.<path>.lora_A.weight` / `.lora_B.weight` (or
   `text_encoder.`); no alpha per layer: alpha is the rank unless the file's `lora_adapter_metadata` says
   otherwise, so ldmkit writes (alpha / r) folded into B.
-Convolution factors carry trailing (1, 1) dimensions in both layouts; here they are kept 2-D.
+A convolution's factors are 4-D in both layouts: down (r, in, k, k), a convolution with the layer's kernel (LoCon
+for k > 1), up (out, r, 1, 1); here they are kept 2-D, down flattened to (r, in * k * k), and matched to a layer
+by that shape.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1) if t.ndim == 4 else t  # (r, in, 1, 1) -> (r, in)
+    return t.flatten(1) if t.ndim == 4 else t  # (r, in, k, k) -> (r, in * k * k)
 
 
 def _split(key: str, prefixes: dict[str, str]) -> tuple[str, str] | None:
@@ -135,16 +137,17 @@ def _read_peft(path: Path, state: dict, meta: dict, about: dict) -> LoRAFile:
     return out
 
 
-def write_lora(path: str | Path, lora: LoRAFile, convs: set[str] = frozenset()) -> Path:
-    """Write `lora` in its layout; the layers named in `convs` (as in lora.parts) get (1, 1) kernel dimensions.
-    The PEFT layout folds alpha / r into up."""
+def write_lora(path: str | Path, lora: LoRAFile, convs: dict[str, tuple[int, int]] | None = None) -> Path:
+    """Write `lora` in its layout; the layers named in `convs` (as in lora.parts) are convolutions with that kernel:
+    down (r, in, k, k), up (out, r, 1, 1). The PEFT layout folds alpha / r into up."""
+    convs = convs or {}
     if lora.layout not in LAYOUTS:
         raise InputError(f"unknown LoRA layout {lora.layout!r}; use one of {', '.join(LAYOUTS)}")
     state: dict[str, torch.Tensor] = {}
     for part, name, f in lora.layers():
         down, up = f.down.detach().float().cpu(), f.up.detach().float().cpu()
         if name in convs:
-            down, up = down[:, :, None, None], up[:, :, None, None]
+            down, up = down.view(f.rank, -1, *convs[name]), up[:, :, None, None]
         if lora.layout == "kohya":
             stem = f"{'lora_unet_' if part == 'unet' else 'lora_te_'}{name}"
             state |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}

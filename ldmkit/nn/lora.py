@@ -1,4 +1,8 @@
-"""Low-rank adaptation (Hu et al. 2021): W' = W + s * (alpha / r) * B A on linear layers and 1x1 convolutions.
+"""Low-rank adaptation (Hu et al. 2021): W' = W + s * (alpha / r) * B A on linear layers and convolutions.
+
+On a k x k convolution (LoCon) A is itself a k x k convolution from the layer's input to r channels, with the
+layer's stride, padding and dilation, and B a 1x1 convolution from r to the layer's output: the update is still
+B A with A flattened to (r, in * k * k), so merging adds it to the weight flattened the same way.
 
 A `LoRA` holds the factors of one layer, a `LoRASet` those of one network, keyed by the module paths of that
 network. A set changes a network in one of two ways, neither of which touches a sampler:
@@ -26,20 +30,33 @@ Targetable = (nn.Linear, nn.Conv2d)
 
 
 def lora_shape(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a layer a LoRA can adapt: a linear layer or a 1x1 convolution; InputError otherwise."""
+    """(in, out) features of a layer a LoRA can adapt: a linear layer, or a convolution without groups and with zero
+    padding, whose in is in_channels * k * k; InputError otherwise."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
-        return module.in_channels, module.out_channels
-    raise InputError(f"a LoRA adapts linear layers and 1x1 convolutions, not {type(module).__name__}")
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw, module.out_channels
+    raise InputError(
+        f"a LoRA adapts linear layers and convolutions without groups, not {type(module).__name__}"
+        + (f" (groups={module.groups}, padding_mode={module.padding_mode!r})" if isinstance(module, nn.Conv2d) else "")
+    )
+
+
+def kernel(module: nn.Module) -> tuple[int, int]:
+    """The kernel a LoRA on `module` carries: a convolution's (k, k), (1, 1) for a linear layer."""
+    return tuple(module.kernel_size) if isinstance(module, nn.Conv2d) else (1, 1)
 
 
 class LoRA(nn.Module):
     """The update (alpha / r) * B A of one layer with weight (out, in): A (r, in) "down", B (out, r) "up"."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float | None = None):
-        """in_features / out_features: the adapted layer's; rank: r, at most min(in, out); alpha: the scale
-        numerator (default r, a factor 1)."""
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, alpha: float | None = None, kernel=(1, 1)
+    ) -> None:
+        """in_features / out_features: the adapted layer's (lora_shape: a convolution's in is in_channels * k * k);
+        rank: r, at most min(in, out); alpha: the scale numerator (default r, a factor 1); kernel: a convolution's
+        (k, k)."""
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
             raise InputError(
@@ -47,6 +64,9 @@ class LoRA(nn.Module):
                 f"from 1 to {min(in_features, out_features)}"
             )
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.kernel = tuple(kernel)
+        if in_features % (self.kernel[0] * self.kernel[1]):
+            raise InputError(f"a LoRA of {in_features} input features cannot carry a {self.kernel} kernel")
         self.down = nn.Parameter(torch.empty(rank, in_features))  # A
         self.up = nn.Parameter(torch.empty(out_features, rank))  # B
         self.initialize_weights()
@@ -64,11 +84,13 @@ class LoRA(nn.Module):
         """(alpha / r) * B A, (out, in)."""
         return (self.up @ self.down) * self.factor
 
-    def forward(self, x: torch.Tensor, conv: bool) -> torch.Tensor:
-        """(alpha / r) * B A x for the input of a linear layer (..., in) or of a 1x1 convolution (B, in, H, W)."""
-        if conv:
-            h = F.conv2d(x, self.down.to(x.dtype)[:, :, None, None])  # (B, r, H, W)
-            return F.conv2d(h, self.up.to(x.dtype)[:, :, None, None]) * self.factor  # (B, out, H, W)
+    def forward(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """(alpha / r) * B A x for the input x of `module`, the adapted layer: a linear layer (..., in) or a
+        convolution (B, in, H, W), whose stride, padding and dilation A takes."""
+        if isinstance(module, nn.Conv2d):
+            down = self.down.to(x.dtype).view(self.rank, -1, *self.kernel)
+            h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)  # (B, r, H', W')
+            return F.conv2d(h, self.up.to(x.dtype)[:, :, None, None]) * self.factor  # (B, out, H', W')
         return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * self.factor  # (..., out)
 
 
@@ -98,9 +120,15 @@ class LoRASet(nn.Module):
 
     @classmethod
     def for_modules(cls, net: nn.Module, paths: list[str], rank: int, alpha: float | None = None) -> "LoRASet":
-        """Fresh LoRAs of `rank` for the modules `paths` of `net` (A random, B zero)."""
-        mods = dict(net.named_modules())
-        return cls({p: LoRA(*lora_shape(mods[p]), rank, alpha) for p in paths})
+        """Fresh LoRAs of `rank` for the modules `paths` of `net` (A random, B zero). A k x k convolution narrower
+        than `rank` (a U-Net's conv_out, whose outputs are the latent channels) gets rank min(in, out) with the same
+        factor alpha / r, a full-rank update; any other layer narrower than `rank` is refused (InputError)."""
+        mods, out = dict(net.named_modules()), {}
+        for p in paths:
+            shape, k = lora_shape(mods[p]), kernel(mods[p])
+            r = min(rank, *shape) if k != (1, 1) else rank
+            out[p] = LoRA(*shape, r, None if alpha is None else alpha * r / rank, k)
+        return cls(out)
 
 
 # --- unmerged: forward hooks with per-sample scales -----------------------------------------------------------------
@@ -148,7 +176,7 @@ class Attached:
     def _hook(self, layer: LoRA):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             s = (_SCALES.get() or {}).get(id(self.lora), self.default)
-            return out + _per_sample(s, out) * layer(inputs[0], isinstance(module, nn.Conv2d))
+            return out + _per_sample(s, out) * layer(inputs[0], module)
 
         return hook
 

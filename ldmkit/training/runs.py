@@ -411,7 +411,7 @@ def _text_lora_adapter(run: DenoiserRun, text) -> LoRASet | None:
     if not run.lora.text_encoder:
         return None
     text.requires_grad_(False)
-    lora = LoRASet.for_modules(text, list(targetable(text)), run.lora.rank, run.lora.alpha or None)
+    lora = LoRASet.for_modules(text, list(targetable(text, kernels=False)), run.lora.rank, run.lora.alpha or None)
     lora = lora.to(text.device)
     attach(text, lora)
     text.trainable = True  # its forward builds a graph: the gradient reaches the LoRAs, and only them

@@ -36,7 +36,7 @@ def sd():
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])
-@pytest.mark.parametrize("targets", ["attn", "attn+ff", "all"])
+@pytest.mark.parametrize("targets", ["attn", "attn+ff", "all", "all+conv"])
 def test_lora_matches_diffusers_load_lora_weights(sd, tmp_path, layout, targets):
     unet, vae, _, ldm = sd
     ours = ldm.unet
@@ -57,9 +57,10 @@ def test_lora_matches_diffusers_load_lora_weights(sd, tmp_path, layout, targets)
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])
-def test_both_layouts_round_trip(sd, tmp_path, layout):
+@pytest.mark.parametrize("targets", ["all", "all+conv"])
+def test_both_layouts_round_trip(sd, tmp_path, layout, targets):
     ours = sd[3].unet
-    lora = _random_set(ours, "all")
+    lora = _random_set(ours, targets)
     back = load_lora(save_lora(tmp_path / "l.safetensors", lora, ours, layout), ours)
     assert sorted(back.paths()) == sorted(lora.paths())
     for p, m in lora.items():

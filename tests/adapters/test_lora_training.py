@@ -48,6 +48,21 @@ def test_a_lora_run_trains_only_the_adapters_and_writes_a_small_lora_file(tmp_pa
     assert all(m.up.abs().max() > 0 for _, m in lora.items()), "B moved from zero: the adapters trained"
 
 
+def test_a_locon_run_adapts_the_kernel_convolutions_and_diffusers_layouts_carry_them(tmp_path, tiny_ldm, data):
+    """--lora-targets all+conv: the 3x3 convolutions train too, and the file holds their factors 4-D (A with the
+    layer's kernel, B 1x1), which load back onto the model with the same update."""
+    runs.train_denoiser(lora_run(tiny_ldm, lora=LoRAConfig(rank=2, targets="all+conv")), tmp_path / "r", progress=False)
+    path = tmp_path / "r" / "lora.safetensors"
+    state = load_file(str(path))
+    unet = parent_unet(tiny_ldm)
+    convs = [p for p, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    lora = load_lora(path, unet)
+    assert set(convs) <= set(lora.paths())
+    downs = [v for k, v in state.items() if k.endswith("lora_A.weight") and v.ndim == 4 and v.shape[-1] == 3]
+    assert len(downs) == len(convs)
+    assert all(m.up.abs().max() > 0 for p, m in lora.items() if p in convs), "the convolutions' adapters trained"
+
+
 def test_a_lora_run_with_ema_resumes_exactly(tmp_path, tiny_ldm, data):
     runs.train_denoiser(lora_run(tiny_ldm, steps=3), tmp_path / "whole", progress=False)
     run = lora_run(tiny_ldm, steps=3)

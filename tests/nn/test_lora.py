@@ -52,6 +52,38 @@ def test_one_by_one_convolution():
     assert torch.allclose(conv(x), F.conv2d(x, w, conv[0].bias), atol=1e-6)
 
 
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_kernel_convolution_locon(stride, padding, dilation):
+    """A LoRA on a 3x3 convolution (LoCon): A a 3x3 convolution with the layer's stride, padding and dilation, B a
+    1x1; unmerged it equals the layer with W + s (alpha / r) B A (A unflattened to a kernel), and merged the same,
+    with the weight back bit for bit after unmerge."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(4, 6, 3, stride=stride, padding=padding, dilation=dilation))
+    lora = _set(conv, ["0"], rank=3, alpha=1.5)
+    assert lora["0"].down.shape == (3, 4 * 9) and lora["0"].kernel == (3, 3)
+    x = torch.randn(2, 4, 9, 9)
+    delta = (-0.5 * 0.5 * lora["0"].up @ lora["0"].down).view(6, 4, 3, 3)
+    expected = F.conv2d(x, conv[0].weight + delta, conv[0].bias, stride, padding, dilation)
+    before = conv[0].weight.clone()
+    h = attach(conv, lora, scale=-0.5)
+    assert torch.allclose(conv(x), expected, atol=1e-5)
+    h.remove()
+    m = merge(conv, lora, scale=-0.5)
+    assert torch.allclose(conv(x), expected, atol=1e-5)
+    m.unmerge()
+    assert torch.equal(conv[0].weight, before)
+
+
+def test_a_kernel_convolution_narrower_than_the_rank_gets_a_full_rank_update():
+    """LoCon on a U-Net reaches conv_out, whose outputs are the latent channels: its rank is capped at min(in, out)
+    with the factor alpha / r kept; a linear layer (or 1x1 convolution) narrower than the rank is still refused."""
+    net = nn.Sequential(nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(2, 8, 3, padding=1))
+    s = LoRASet.for_modules(net, ["0", "1"], 8, alpha=4.0)
+    assert (s["0"].rank, s["0"].factor) == (2, 0.5) and (s["1"].rank, s["1"].factor) == (8, 0.5)
+    with pytest.raises(InputError, match="rank 8 does not fit a layer of 4 -> 2"):
+        LoRASet.for_modules(nn.Sequential(nn.Conv2d(4, 2, 1)), ["0"], 8)
+
+
 def test_per_sample_scales_equal_each_sample_alone():
     net = _net()
     a, b = _set(net, ["0", "1"], seed=1), _set(net, ["1"], seed=2)
@@ -101,8 +133,10 @@ def test_merge_matches_unmerged_and_unmerge_restores_bit_for_bit():
 def test_rank_larger_than_the_layer_is_refused():
     with pytest.raises(InputError, match="rank 9 does not fit a layer of 6 -> 8.*from 1 to 6"):
         LoRA(6, 8, 9)
-    with pytest.raises(InputError, match="1x1 convolutions"):
-        LoRASet.for_modules(nn.Sequential(nn.Conv2d(2, 2, 3)), ["0"], 1)
+    with pytest.raises(InputError, match="without groups, not Conv2d \\(groups=2"):
+        LoRASet.for_modules(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), ["0"], 1)
+    with pytest.raises(InputError, match="padding_mode='reflect'"):
+        LoRASet.for_modules(nn.Sequential(nn.Conv2d(2, 2, 3, padding_mode="reflect")), ["0"], 1)
 
 
 def test_wrong_number_of_scales_is_refused():
