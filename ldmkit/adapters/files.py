@@ -29,6 +29,9 @@ LAYOUTS = ("peft", "kohya")
 PARTS = ("unet", "text")  # the denoiser and the text encoder
 KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text", "lora_te1_": "text", "lora_te2_": "text"}
 PEFT_PREFIX = {"unet.": "unet", "text_encoder.": "text"}
+# the factors of LyCORIS's other adapters (LoHa, LoKr) and of its Tucker-decomposed LoCon: a file holding them would
+# apply wrongly as a plain LoRA, so it is refused
+LYCORIS_ONLY = ("hada_w1_a", "hada_w1_b", "lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a", "lora_mid", "hada_t1")
 META_KEY = "ldmkit.lora"  # our description of a file we wrote: rank, alpha, targets, base model
 
 
@@ -93,6 +96,12 @@ def read_lora(path: str | Path) -> LoRAFile:
     path = Path(path)
     state, meta = read_safetensors(path, "LoRA")
     about = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+    lycoris = sorted({part for k in state for part in k.split(".")[1:] if part in LYCORIS_ONLY})
+    if lycoris:
+        raise InputError(
+            f"{path}: a LyCORIS file ({', '.join(lycoris)} keys: LoHa, LoKr or Tucker-decomposed LoCon), which "
+            f"ldmkit does not apply; use a LoRA or LoCon (lora_down / lora_up, or lora_A / lora_B, keys only)"
+        )
     if any(k.endswith(".lora_down.weight") for k in state):
         return _read_kohya(path, state, about)
     if any(k.endswith(".lora_A.weight") for k in state):

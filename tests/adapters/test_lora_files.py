@@ -87,3 +87,11 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(InputError, match="truncated"):
         read_lora(tmp_path / "t.safetensors")
+    base = {"lora_unet_down.lora_down.weight": torch.zeros(2, 4), "lora_unet_down.lora_up.weight": torch.zeros(4, 2)}
+    for extra in (
+        {"lora_unet_down.lora_mid.weight": torch.zeros(2, 2, 3, 3)},
+        {"lora_unet_x.hada_w1_a": torch.zeros(4, 2)},
+    ):
+        save_file(base | extra, str(tmp_path / "lycoris.safetensors"))
+        with pytest.raises(InputError, match="a LyCORIS file .*(lora_mid|hada_w1_a) keys.*does not apply"):
+            read_lora(tmp_path / "lycoris.safetensors")
