@@ -11,6 +11,10 @@ Overrides given with --ae-set apply to the autoencoder and --set to the denoiser
 autoencoder stage and trains the denoiser on the autoencoder inside MODEL (a shipped model or any model file), so
 a retrained denoiser keeps the latent space the editing models and earlier figures share; the card says so.
 
+A style LoRA (a recipe with only a lora.toml) trains a LoRA of the shipped model its `init` names on that model's
+training images made over in the style (emoji-pixel: pixel art), ships the LoRA alone in half precision, and is
+measured by how near its images come to the style, beside the base model's on the same prompts and seeds.
+
 A distilled model (a recipe with only a distill.toml) trains an LCM-LoRA of the shipped model its `init` names and
 ships the LoRA alone, in half precision: it names its base, and loads as the base with the LoRA merged. Its card
 gives FID at its own steps and at half of them beside the teacher's card figures.
@@ -48,11 +52,11 @@ from ldmkit.autoencoder.files import KIND as AE_KIND  # noqa: E402
 from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
 from ldmkit.config import AutoencoderRun, DataConfig, DenoiserRun, from_dict, load_run, to_dict  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
-from ldmkit.data.images import save_grid  # noqa: E402
+from ldmkit.data.images import save_grid, to_pil  # noqa: E402
 from ldmkit.diffusion.lowres import downscale  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
-from ldmkit.pipelines.generate import generate_to_file  # noqa: E402
+from ldmkit.pipelines.generate import generate, generate_to_file  # noqa: E402
 from ldmkit.pipelines.inpaint import inpaint  # noqa: E402
 from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import upscale  # noqa: E402
@@ -60,6 +64,12 @@ from ldmkit.runtime import resolve_device  # noqa: E402
 from ldmkit.shipped import SHIPPED, export_half, load_model, weights_dir  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
 
+TARGET_WORDS = {  # a LoRA's --lora-targets, as its card says them
+    "attn": "the attention projections",
+    "attn+ff": "the attention projections and feed-forward layers",
+    "all": "every linear layer and 1x1 convolution",
+    "all+conv": "every linear layer and convolution (LoCon: a 3x3 down convolution and a 1x1 up on the 3x3 ones)",
+}
 GRID_PROMPTS = ["red apple", "grinning face", "blue heart", "rocket", "pizza", "cat face", "sun", "christmas tree"]
 
 
@@ -370,6 +380,112 @@ def build_distilled_model(name: str, args) -> int:
     return 0
 
 
+def pixel_art(x: torch.Tensor, block: int = 4, levels: int = 6) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1] as pixel art: block x block cells of their mean colour, each channel rounded
+    to `levels` values. The style the example LoRA `emoji-pixel` learns, and the yardstick its card measures with."""
+    cells = F.avg_pool2d(x, block)
+    q = torch.round((cells + 1) / 2 * (levels - 1)) / (levels - 1) * 2 - 1
+    return q.repeat_interleave(block, -2).repeat_interleave(block, -1)
+
+
+def pixel_art_folder(folder: Path, data: DataConfig) -> Path:
+    """The training images of `data` (its held-out ones left out) as pixel art with their captions: folder/*.png
+    and metadata.jsonl, written once (deterministic, so a rerun finds the same data)."""
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    ds = build_dataset(replace(data, holdout=0))
+    keep = len(ds) - data.holdout
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rows = []
+    for i in range(keep):
+        item = ds[i]
+        to_pil(pixel_art(item["image"][None])[0]).save(tmp / f"{i:04d}.png")
+        rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": item["caption"]}) + "\n")
+    (tmp / "metadata.jsonl").write_text("".join(rows))
+    tmp.rename(folder)
+    return folder
+
+
+def pixel_error(images: torch.Tensor) -> float:
+    """Mean absolute difference (0..1) between images and their pixel art: 0 for images that are pixel art."""
+    return float((images - pixel_art(images)).abs().mean() / 2)
+
+
+def build_lora_model(name: str, args) -> int:
+    """recipes/NAME/lora.toml -> weights/NAME.safetensors (a style LoRA of the shipped model its `init` names, in half
+    precision, naming its base), NAME.md, .png (the base and the LoRA on the same prompts and seeds) and .json."""
+    out = ROOT / "runs" / "recipes" / name
+    run = load_run(DenoiserRun, str(ROOT / "recipes" / name / "lora.toml"), [f"train.device={args.device}"] + args.set)
+    base_data = from_dict(
+        DataConfig, checkpoint.read_metadata(weights_dir() / f"{run.init}.safetensors")["config"]["data"]
+    )
+    pixel_art_folder(ROOT / run.data.dataset, base_data)  # the base model's training images, its held-out ones not
+    dn = train_denoiser(run, out / "ldm", resume=(out / "ldm" / "train-state.safetensors").exists())
+    dst = half_lora(Path(dn["checkpoint"]), weights_dir() / f"{name}.safetensors")
+    prompts = GRID_PROMPTS * 8  # 8 seeds of each grid prompt
+    req = SampleRequest(n=len(prompts), prompts=prompts, seed=0, device=args.device)
+    base, _ = generate(load_model(weights_dir() / f"{run.init}.safetensors"), req)
+    styled, _ = generate(load_model(dst), req)
+    k = len(GRID_PROMPTS)
+    save_grid(torch.cat([base[:k], styled[:k]]), weights_dir() / f"{name}.png", nrow=k, labels=GRID_PROMPTS * 2)
+    quality = {"n": len(prompts), "pixel_error_base": pixel_error(base), "pixel_error_lora": pixel_error(styled)}
+    recipe = {"lora": to_dict(run), "lora_s": training_seconds(out / "ldm"), "command": command(name, args)}
+    card = lora_card(name, recipe, dn, quality, dst.stat().st_size / 2**20, device_name(args.device))
+    (weights_dir() / f"{name}.md").write_text(card)
+    record = json.dumps({"recipe": recipe, "quality": quality}, indent=2)
+    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))
+    print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
+    return 0
+
+
+def lora_card(name: str, recipe: dict, dn: dict, quality: dict, size_mb: float, dev: str) -> str:
+    d, base = recipe["lora"], recipe["lora"]["init"]
+    return f"""# {name}
+
+{SHIPPED[name]}.
+
+![the base model (top) and the LoRA (bottom), same prompts and seeds]({name}.png)
+
+## Use
+
+```sh
+.venv/bin/ldmkit generate "red apple" --model {name}
+.venv/bin/ldmkit generate "red apple" --model {base} --lora weights/{name}.safetensors:0.5   # half the style
+```
+
+The file is a LoRA of rank {d["lora"]["rank"]} on {TARGET_WORDS[d["lora"]["targets"]]} of `{base}`'s U-Net,
+in the diffusers/PEFT layout (diffusers' `load_lora_weights` reads it). It names its base (and its SHA-256) and loads
+as `{base}` with the LoRA merged; with `--lora FILE:SCALE` on `{base}` any scale, negative ones included, applies.
+
+## Recipe
+
+`recipes/{name}/lora.toml`: the training images of `{base}` turned into pixel art (4x4-pixel cells of their mean
+colour, 6 levels a channel; `recipes/build.py` writes them to `{d["data"]["dataset"]}`), captioned as they are;
+{d["train"]["steps"]} steps of batch {d["train"]["batch_size"]} on the frozen `{base}`
+({dn.get("trained_parameters", 0) / 1e6:.2f} M trained parameters, {recipe["lora_s"] / 60:.1f} min on {dev}),
+built with
+
+```sh
+{recipe["command"]}
+```
+
+Weights: half precision, {size_mb:.2f} MB.
+
+## Quality
+
+How far the images are from pixel art (the mean absolute difference, 0..1, between an image and its own 4x4-cell,
+6-level version; 0 is pixel art), over {quality["n"]} images of the grid's prompts, seeds 0 to 7, 25 dpmpp_2m steps,
+guidance 3:
+
+| model | pixel-art error |
+| --- | --- |
+| `{base}` | {quality["pixel_error_base"]:.4f} |
+| `{name}` | {quality["pixel_error_lora"]:.4f} |
+"""
+
+
 def half_lora(src: Path, dst: Path) -> Path:
     """A LoRA file with its floating-point tensors in half precision, its metadata kept."""
     from safetensors import safe_open
@@ -404,7 +520,7 @@ def distilled_card(name: str, recipe: dict, dn: dict, evs: list, teacher: dict, 
 ```
 
 It samples with the lcm sampler in {k} steps and guidance 1 unless `--sampler`, `--steps` or `--cfg` say
-otherwise. The file is a LoRA of rank {d["lora"]["rank"]} on every linear layer and 1x1 convolution of `{base}`'s
+otherwise. The file is a LoRA of rank {d["lora"]["rank"]} on {TARGET_WORDS[d["lora"]["targets"]]} of `{base}`'s
 U-Net: it names its base (and its SHA-256), and loads as `{base}` with the LoRA merged;
 `--model {base} --lora weights/{name}.safetensors` is the same model.
 
@@ -446,6 +562,8 @@ def main(argv=None) -> int:
     os.chdir(ROOT)  # recipes name files relative to the repository root
     if (ROOT / "recipes" / name / "distill.toml").is_file():
         return build_distilled_model(name, args)
+    if (ROOT / "recipes" / name / "lora.toml").is_file():
+        return build_lora_model(name, args)
     if not (ROOT / "recipes" / name / "autoencoder.toml").is_file():
         return build_edit_model(name, args)
     ae, dn, recipe = train_stages(name, args)

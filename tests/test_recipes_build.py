@@ -1,11 +1,15 @@
-"""recipes/build.py's `--ae-from`: a shipped model's denoiser retrained on the autoencoder of an existing model."""
+"""recipes/build.py: `--ae-from` (a shipped model's denoiser retrained on the autoencoder of an existing model) and
+the example style LoRA's data and yardstick (pixel art)."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldmkit import checkpoint
 from ldmkit.autoencoder.files import load_autoencoder
@@ -56,3 +60,32 @@ def test_the_card_and_command_name_the_autoencoders_source(build):
     assert "from `weights/emoji.safetensors` (SHA-256 abababababab...), not retrained" in build.ae_row(recipe)
     trained = {"autoencoder": {"train": {"steps": 10, "batch_size": 4}}, "autoencoder_s": 120}
     assert build.ae_row(trained) == "| autoencoder | 10 | 4 | | 2.0 min |"
+
+
+def test_pixel_art_is_what_its_error_measures(build):
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    art = build.pixel_art(x)
+    assert torch.allclose(build.pixel_art(art), art, atol=1e-6)  # pixel art is its own pixel art
+    assert build.pixel_error(art) < 1e-6 < 0.05 < build.pixel_error(x)
+    assert len(torch.unique(art)) <= 6  # 6 levels a channel
+    assert torch.equal(art, art[..., ::4, ::4].repeat_interleave(4, -2).repeat_interleave(4, -1))  # 4x4 cells
+
+
+def test_the_pixel_art_folder_holds_the_training_images_alone_once(build, tmp_path):
+    from ldmkit.config import DataConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = []
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(src / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"colour {i}"}) + "\n")
+    (src / "metadata.jsonl").write_text("".join(rows))
+    data = DataConfig(dataset=str(src), resolution=8, channels=3, holdout=2)
+    out = build.pixel_art_folder(tmp_path / "art", data)
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [m["text"] for m in meta] == ["colour 0", "colour 1", "colour 2"]  # the held-out last 2 are left out
+    stamp = (out / "metadata.jsonl").stat().st_mtime_ns
+    assert (
+        build.pixel_art_folder(tmp_path / "art", data) == out and (out / "metadata.jsonl").stat().st_mtime_ns == stamp
+    )

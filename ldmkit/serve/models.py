@@ -13,7 +13,7 @@ from ..pipelines.inpaint import concat_channels
 from ..pipelines.plan import check_samples_from_noise
 from ..pipelines.request import model_sampling
 from ..runtime import resolve_device
-from ..shipped import SHIPPED, load_model, resolve_model, weights_dir
+from ..shipped import SHIPPED, STYLE_LORAS, load_model, resolve_model, weights_dir
 
 GENERATIONS, TXT2IMG, IMG2IMG, JOBS = "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs"
 VIDEOS = "/v1/videos"
@@ -77,9 +77,10 @@ class ServedModel:
 
 def default_models() -> list[str]:
     """Every shipped model whose weights are present and that generates or edits from prompts or labels (the
-    upscaler is left out: the APIs here generate, and img2img / inpaint work with generation models)."""
+    upscaler is left out: the APIs here generate, and img2img / inpaint work with generation models; so are the
+    example style LoRAs, which a server applies from its serve.loras folder)."""
     names = [n for n in SHIPPED if (weights_dir() / f"{n}.safetensors").is_file()]
-    return [n for n in names if not n.endswith("-upscale")]
+    return [n for n in names if not n.endswith("-upscale") and n not in STYLE_LORAS]
 
 
 def load_models(names: list[str] | tuple[str, ...], device: str = "auto") -> dict[str, ServedModel]:

@@ -171,3 +171,18 @@ def test_a_bf16_server_samples_every_request_in_bf16_and_batching_changes_no_bit
     req = SampleRequest(n=1, labels=[0], steps=2, seed=5, cfg=5.0, precision="bf16")
     library = [to_pil(generate_together(ldm, [r])[0][0]).tobytes() for r in (req, replace(req, precision="fp32"))]
     assert library[0] == alone and library[1] != alone  # the library's bf16 image; autocast acts
+
+
+def test_a_server_without_models_serves_the_shipped_models_but_not_the_upscaler_or_the_style_loras(
+    tmp_path, monkeypatch
+):
+    from ldmkit.serve.models import default_models
+    from ldmkit.shipped import SHIPPED, STYLE_LORAS
+
+    for name in SHIPPED:
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    monkeypatch.setenv("LDMKIT_WEIGHTS", str(tmp_path))
+    served = default_models()
+    assert "emoji" in served and "fashion-mnist-lcm" in served  # an LCM-LoRA is a model of its own
+    assert "emoji-upscale" not in served and not set(STYLE_LORAS) & set(served)
+    assert set(served) | set(STYLE_LORAS) | {"emoji-upscale"} == set(SHIPPED)
