@@ -476,8 +476,8 @@ Weights: half precision, {size_mb:.2f} MB.
 ## Quality
 
 How far the images are from pixel art (the mean absolute difference, 0..1, between an image and its own 4x4-cell,
-6-level version; 0 is pixel art), over {quality["n"]} images of the grid's prompts, seeds 0 to 7, 25 dpmpp_2m steps,
-guidance 3:
+6-level version; 0 is pixel art), over {quality["n"]} images (the grid's 8 prompts, 8 each, seeds 0 to
+{quality["n"] - 1}), 25 dpmpp_2m steps, guidance 3:
 
 | model | pixel-art error |
 | --- | --- |
@@ -495,10 +495,7 @@ def half_lora(src: Path, dst: Path) -> Path:
         meta = f.metadata()
         state = {k: f.get_tensor(k) for k in f.keys()}
     state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    tmp = dst.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    shutil.move(tmp, dst)
-    return dst
+    return checkpoint.atomic_write(dst, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def distilled_card(name: str, recipe: dict, dn: dict, evs: list, teacher: dict, size_mb: float, dev: str) -> str:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoint import atomic_write
 from ..errors import InputError
 from .files import read_safetensors
 
@@ -122,11 +123,9 @@ def write_embedding(
     if layout not in EMBEDDING_LAYOUTS:
         raise InputError(f"unknown embedding layout {layout!r}; use one of {', '.join(EMBEDDING_LAYOUTS)}")
     key = A1111_KEY if layout == "a1111" else token
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {META_KEY: json.dumps({"token": token, **(about or {})})}
-    save_file({key: vectors.detach().float().cpu().contiguous()}, str(path), metadata=meta)
-    return path
+    state = {key: vectors.detach().float().cpu().contiguous()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))  # in one rename, readable as usual
 
 
 def load_embedding(encoder: nn.Module, path: str | Path, token: str | None = None) -> str:

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import atomic_write
 from ..errors import InputError
 
 LAYOUTS = ("peft", "kohya")
@@ -164,7 +165,6 @@ def write_lora(path: str | Path, lora: LoRAFile, convs: dict[str, tuple[int, int
         else:
             stem = f"{'unet.' if part == 'unet' else 'text_encoder.'}{name}"
             state |= {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up * (f.alpha / f.rank)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={META_KEY: json.dumps(lora.about)})
-    return path
+    flat, meta = {k: v.contiguous() for k, v in state.items()}, {META_KEY: json.dumps(lora.about)}
+    # in one rename, with the usual permissions (safetensors' save_file creates its files private, 0o600)
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
