@@ -7,8 +7,9 @@ The shipped emoji model was trained on the first 3,589 emoji (data.limit=3589); 
 they are, are the new concept. Every method starts from the shipped model and trains `--steps` steps of
 `--batch-size` images on them, on the same CPU:
 - base: no training; full: every backbone weight; lora4 / lora8 / lora16: LoRA of that rank on attention and
-  feed-forward layers; locon8: rank 8 on every linear layer and convolution (--lora-targets all+conv); dreambooth: the whole backbone on the new emoji under one instance prompt, with the base
-  model's images of the class prompt as prior; ti: textual inversion of one new word (2 vectors).
+  feed-forward layers; locon8: rank 8 on every linear layer and convolution (--lora-targets all+conv);
+  dreambooth: the whole backbone on the new emoji under one instance prompt, with the base model's images of the
+  class prompt as prior; ti: textual inversion of one new word (2 vectors).
 For each, `--samples` images per new caption are drawn (the instance prompt for DreamBooth, the caption with the new
 word for textual inversion) and compared with the real new emoji, and as many per old caption (the first `--new`
 training emoji) to measure forgetting:
