@@ -108,3 +108,19 @@ def set_options(section: str, values: dict) -> list[str]:
             value = str(value).lower()
         options += ["--set", f"{section}.{key}={value}"]
     return options
+
+
+def with_training_data(model: str | Path, out: Path, dataset: str) -> Path:
+    """A copy of `model` at `out` whose metadata says it was trained on `dataset` (its tensors unchanged)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(model), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    config["data"]["dataset"] = dataset
+    save_file(tensors, str(out), metadata=meta | {"config": json.dumps(config)})
+    return out

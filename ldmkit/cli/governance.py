@@ -218,17 +218,24 @@ def cmd_index_screen(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, index_path_for
+    from ..governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, load_index
     from ..shipped import default_model, resolve_model
 
     if not math.isfinite(args.threshold) or not -1.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold {args.threshold} is outside [-1, 1]; {DEFAULT_THRESHOLD} is the screen's")
     if args.index and args.model:
         raise InputError("give --model (its MODEL.index.npz is used) or --index, not both")
-    path = Path(args.index) if args.index else index_path_for(resolve_model(args.model or default_model()))
-    if not path.is_file():
-        how = f"ldmkit index build {args.model or default_model()}" if not args.index else "ldmkit index build MODEL"
-        raise MissingFileError(f"the similarity index {path} does not exist; build it with: {how} --out {path}")
+    if args.index:
+        if not Path(args.index).is_file():
+            raise MissingFileError(
+                f"the similarity index {args.index} does not exist; build it with: ldmkit index build MODEL "
+                f"--out {args.index}"
+            )
+        index, where = SimilarityIndex.load(args.index), args.index
+    else:
+        model = resolve_model(args.model or default_model())
+        index = load_index(model, "screening an image needs the training data's index")
+        where = str(index.path)
     try:
         with Image.open(args.image) as im:
             pixels = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
@@ -238,10 +245,10 @@ def cmd_index_screen(args) -> int:
         raise InputError(
             f"{args.image} is not an image Pillow can read ({e}); give a PNG, JPEG, WebP, BMP or GIF"
         ) from None
-    [match] = SimilarityIndex.load(path).query([pixels])
+    [match] = index.query([pixels])
     flagged = match.similarity >= args.threshold
     if args.json:
-        about = {"image": args.image, "index": str(path), "nearest": match.name, "similarity": match.similarity}
+        about = {"image": args.image, "index": where, "nearest": match.name, "similarity": match.similarity}
         print(json.dumps(about | {"threshold": args.threshold, "flagged": flagged}))
     else:
         verdict = f"flagged (>= {args.threshold:g})" if flagged else f"not flagged (< {args.threshold:g})"

@@ -27,10 +27,13 @@ that ships offline costs about 0.1 s an image on the CPU, too much to index 60,0
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write, read_metadata
 from ..config import DataConfig
 from ..data import build_dataset
+from ..data.common import cache_home
 from ..errors import InputError, MissingFileError
 from ..shipped import SHIPPED, resolve_model
 
@@ -302,6 +306,7 @@ class SimilarityIndex:
         self.thumbs = np.zeros((0, THUMB, THUMB), np.uint8) if thumbs is None else thumbs  # (N, T, T)
         self.names = list(names or [])
         self.source = source  # what it was built from
+        self.path: Path | None = None  # the file it was read from or last written to
         self.desc, self.whole = _index_descriptors(self.thumbs).unbind(1)  # (N, RETRIEVE**2) each
 
     def __len__(self) -> int:
@@ -393,6 +398,7 @@ class SimilarityIndex:
                 )
 
         atomic_write(path, write)
+        self.path = path
         return path
 
     @classmethod
@@ -423,7 +429,9 @@ class SimilarityIndex:
             raise InputError(f"{path} is damaged (thumbnails {thumbs.shape}); build it again with `ldmkit index build`")
         if len(thumbs) != len(names):
             raise InputError(f"{path} is damaged ({len(thumbs)} thumbnails, {len(names)} names); build it again")
-        return cls(thumbs, names, source)
+        index = cls(thumbs, names, source)
+        index.path = path
+        return index
 
 
 def index_path_for(model_path: str | Path) -> Path:
@@ -435,14 +443,51 @@ def index_path_for(model_path: str | Path) -> Path:
 def load_index(
     model_path: str | Path, why: str = "the policy screens outputs against training data"
 ) -> SimilarityIndex:
-    """The training-data index beside a model's weights; a clear error saying how to build it when it is missing,
-    after `why` (what needs it, as the user asked for it)."""
+    """The training-data index beside a model's weights, else, for a model trained on a built-in data set, the one
+    built from that set (see built_in_index); a clear error saying how to build it when there is neither, after
+    `why` (what needs it, as the user asked for it)."""
     path = index_path_for(model_path)
-    if not path.is_file():
+    if path.is_file():
+        return SimilarityIndex.load(path)
+    index = built_in_index(model_path)
+    if index is None:
         raise MissingFileError(
             f"{why}, but {model_path} has no index {path}; build it with: ldmkit index build {model_path} --out {path}"
         )
-    return SimilarityIndex.load(path)
+    return index
+
+
+BUILT_IN_SETS = ("fashion-mnist", "emoji")  # made on this machine from Debian packages, the same everywhere
+
+
+def built_in_index(model_path: str | Path) -> SimilarityIndex | None:
+    """The index of a model trained on a built-in data set (as the shipped ones are), or None for any other model.
+
+    Its training images are on every machine, so no index ships: it is built on first use (emoji's 3,789 images take
+    about 5 seconds) into $LDMKIT_CACHE/index, keyed by the data's configuration, and later calls read it from
+    there. Models trained on the same set share it."""
+    try:
+        data = training_data(str(model_path))
+    except InputError:
+        return None
+    if data.dataset not in BUILT_IN_SETS:
+        return None
+    data = indexed_data(data)
+    key = hashlib.sha256(json.dumps(asdict(data), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_home() / "index" / f"{data.dataset}-{key}.index.npz"
+    if path.is_file():
+        return SimilarityIndex.load(path)
+    print(
+        f"note: building the similarity index of {data.dataset} (the training data of {model_path}) into {path}; "
+        "later runs reuse it",
+        file=sys.stderr,
+    )
+    return build_index(str(model_path), path, progress=sys.stderr.isatty())
+
+
+def indexed_data(data: DataConfig) -> DataConfig:
+    """What an index holds of a data configuration: every image, held-out ones too, centre-cropped, unflipped."""
+    return replace(data, limit=0, holdout=0, crop="center", flip=False)
 
 
 def training_data(source: str) -> DataConfig:
@@ -462,7 +507,7 @@ def training_data(source: str) -> DataConfig:
 def build_index(source: str, out: str | Path, progress: bool = True) -> SimilarityIndex:
     """Index every training image of `source` (see training_data) and write the index to `out`."""
     data = training_data(source)
-    ds = build_dataset(replace(data, limit=0, holdout=0, crop="center", flip=False))
+    ds = build_dataset(indexed_data(data))
     paths = getattr(ds, "files", None)
     names = (
         [str(p) for p in paths] if paths is not None else [f"{data.dataset}/{data.split}/{i}" for i in range(len(ds))]

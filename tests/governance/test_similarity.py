@@ -8,7 +8,16 @@ from PIL import Image, ImageEnhance
 
 from ldmkit.data.fashion_mnist import load_arrays
 from ldmkit.errors import InputError, MissingFileError
-from ldmkit.governance.similarity import DEFAULT_THRESHOLD, SimilarityIndex, build_index, index_path_for
+from ldmkit.governance import similarity
+from ldmkit.governance.similarity import (
+    DEFAULT_THRESHOLD,
+    SimilarityIndex,
+    build_index,
+    index_path_for,
+    load_index,
+)
+from ldmkit.shipped import resolve_model
+from tests.factory import with_training_data
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +110,34 @@ def test_build_index_from_a_folder(tmp_path, data):
     assert index.query([rgb[3]])[0].name.endswith("p3.png")
     with pytest.raises(InputError, match="neither a model"):
         build_index(str(tmp_path / "nothing"), tmp_path / "g.npz", progress=False)
+
+
+def test_a_model_of_a_built_in_set_has_its_index_built_once_and_reused(tmp_path, monkeypatch, capsys):
+    """No index ships with emoji: the first screen builds it from the emoji set on this machine into the cache (the
+    same index `ldmkit index build emoji` writes), and later ones read it from there without building."""
+    monkeypatch.setattr(similarity, "cache_home", lambda: tmp_path / "cache")
+    model = tmp_path / "emoji.safetensors"
+    model.symlink_to(resolve_model("emoji"))
+    first = load_index(model)
+    assert "building the similarity index of emoji" in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "index").glob("emoji-*.index.npz"))) == 1
+    by_name = build_index("emoji", tmp_path / "by-name.index.npz", progress=False)
+    assert first.names == by_name.names and np.array_equal(first.thumbs, by_name.thumbs)
+
+    def no_build(*a, **k):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(similarity, "build_index", no_build)
+    again = load_index(model)
+    assert np.array_equal(again.thumbs, first.thumbs) and "building" not in capsys.readouterr().err
+
+
+def test_a_model_of_a_folder_still_needs_its_index_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(similarity, "cache_home", lambda: tmp_path / "cache")
+    model = with_training_data(resolve_model("emoji"), tmp_path / "mine.safetensors", str(tmp_path / "photos"))
+    with pytest.raises(MissingFileError, match="ldmkit index build .*mine.index.npz"):
+        load_index(model)
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from ldmkit.governance.similarity import SimilarityIndex, index_path_for
 from ldmkit.ldm import LatentDiffusion
 from ldmkit.synth.classifier import Classifier, SmallCNN, augment, train_classifier
 from ldmkit.synth.export import SynthOptions, _lock, read_prompts_csv, seed_of, synthesize
+from tests.factory import with_training_data
 
 QUICK = dict(steps=2, cfg=1.0, device="cpu")
 
@@ -226,7 +227,6 @@ def test_text_models_draw_per_label_from_a_prompts_csv(tiny_text_ldm, tmp_path):
         (["--classifier", "x.safetensors"], "give --min-confidence"),
         (["--min-confidence", "1.5"], "--min-confidence 1.5 must be a number in"),
         (["--dedupe-threshold", "0"], r"--dedupe-threshold 0.0 must be a number in \(0, 1\]"),
-        (["--dedupe-threshold", "0.9"], "ldmkit index build"),
         (["--steps", "0"], "--steps 0 is out of range"),
     ],
 )
@@ -238,6 +238,17 @@ def test_bad_options_are_one_line_errors(tiny_ldm, tmp_path, capsys, argv, messa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(message, err), err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_dedupe_with_a_model_of_a_folder_says_how_to_build_its_index(tiny_ldm, tmp_path, capsys):
+    """A model trained on a folder has no index until `ldmkit index build` writes one (one of a built-in set is built
+    on first use, see tests/governance/test_similarity.py)."""
+    model = with_training_data(tiny_ldm, tmp_path / "m.safetensors", str(tmp_path / "photos"))
+    argv = ["synth", str(model), "--out", str(tmp_path / "o"), "--device", "cpu", "--dedupe-threshold", "0.9"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "ldmkit index build" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_text_models_need_prompts_and_labels_may_not_collide(tiny_text_ldm, tmp_path):
