@@ -194,7 +194,8 @@ def print_table(kind: str, rows: list[dict], met: dict, n: int) -> None:
 
 
 def trained_controlnet(args, kind: str) -> Path:
-    """The ControlNet of --controlnet, or the one trained into --run (trained now when the run has none)."""
+    """The ControlNet of --controlnet, or the one trained into --run (trained now when the run has none, resumed when
+    an earlier run was stopped)."""
     if args.controlnet:
         return Path(args.controlnet)
     path = Path(args.run) / "controlnet.safetensors"
@@ -206,6 +207,9 @@ def trained_controlnet(args, kind: str) -> Path:
     argv = ["train", "--task", "control", "--init", args.checkpoint, "--condition", kind, "--data", "fashion-mnist"]
     argv += ["--steps", str(args.train_steps), "--batch-size", str(args.train_batch), "--out", args.run]
     argv += ["--set", "train.sample_every=0", "--quiet"]
+    if (Path(args.run) / "train-state.safetensors").is_file():
+        print(f"resuming the interrupted training in {args.run}")
+        argv.append("--resume")
     if cli(argv) != 0:
         raise SystemExit(f"training the ControlNet failed: ldmkit {' '.join(argv)}")
     return path
