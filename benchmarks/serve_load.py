@@ -221,7 +221,7 @@ def main():
     ap.add_argument("--out", default=default_out("serve_load"))
     args = ap.parse_args()
     modes = {"batched": (), "one at a time": ("serve.max_batch=1", "serve.max_wait_ms=0")}
-    rows, same = [], True
+    rows, same, mismatched = [], True, {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         runs = [(int(c), None, None) for c in args.clients.split(",") if c]
@@ -245,7 +245,13 @@ def main():
                 label = f"{mode}, 4 LoRAs" if loras else f"{mode}, 2 ControlNets" if controls else mode
                 rows.append({"mode": label, **{k: v for k, v in got[mode].items() if k != "hashes"}})
                 print(f"{label:>28} {clients:>3} clients: {rows[-1]['images_per_s']:.2f} images/s", flush=True)
-            same &= got["batched"]["hashes"] == got["one at a time"]["hashes"]
+            b, o = got["batched"]["hashes"], got["one at a time"]["hashes"]
+            differ = sorted(k for k in b if b[k] != o.get(k))
+            kind = "4 LoRAs" if loras else "2 ControlNets" if controls else "plain"
+            mismatched[f"{clients}, {kind}"] = differ
+            if differ:
+                print(f"  {len(differ)} of {len(b)} requests got other pixels batched: {differ[:4]}", flush=True)
+            same &= not differ
         kill = kill_test(folder, clients=8, steps=args.steps, seconds=args.kill_seconds) if args.kill_seconds else None
     print(f"\n{'mode':>28} {'clients':>7} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
     for r in rows:
@@ -269,6 +275,7 @@ def main():
         "rows": rows,
         "speedup": ratios,
         "same_images_both_modes": same,
+        "requests_with_other_pixels": mismatched,
         "kill": kill,
         "targets": {
             "speedup_at_16": 2.0,
