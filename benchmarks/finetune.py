@@ -96,7 +96,7 @@ def train(method: str, model: Path, folder: Path, out: Path, args, class_data: P
 def draw(model: Path, method: str, written: Path | None, prompts: list[str], args) -> torch.Tensor:
     """`--samples` images per prompt from the method's model, (N, C, H, W) in [-1, 1]."""
     ldm = LatentDiffusion.load(written if method in ("full", "dreambooth") else model)
-    loras = (LoRASpec(str(written)),) if method.startswith("lora") else ()
+    loras = (LoRASpec(str(written)),) if method.startswith(("lora", "locon")) else ()
     if method == "ti":
         apply_embeddings(ldm, [(str(written), None)])
     reqs = [

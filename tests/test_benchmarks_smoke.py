@@ -266,3 +266,28 @@ def test_backbones_quick_run(tmp_path):
     kept = {p: p.stat().st_mtime_ns for p in [*work.glob("*/metrics.json"), work / "fid.json"]}
     assert backbones.main(argv) == 0  # everything kept: nothing is trained or evaluated again
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+def test_finetune_draws_every_adapter_method_with_its_file(tiny_text_ldm, tmp_path):
+    """The LoRA and LoCon rows of benchmarks/finetune.py sample with the file their training wrote (the locon8 row
+    once drew with the base model alone, and scored exactly the base's figures)."""
+    from types import SimpleNamespace
+
+    from ldmkit.adapters import save_lora, target_paths
+    from ldmkit.ldm import LatentDiffusion
+    from ldmkit.nn.lora import LoRASet
+
+    _bench()
+    import finetune
+
+    unet = LatentDiffusion.load(tiny_text_ldm).unet
+    lora = LoRASet.for_modules(unet, target_paths(unet, "all+conv"), 2)
+    with torch.no_grad():
+        for _, m in lora.items():
+            m.up.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    written = save_lora(tmp_path / "adapter.safetensors", lora, unet)
+    args = SimpleNamespace(samples=1, sample_steps=2)
+    base = finetune.draw(tiny_text_ldm, "base", None, ["a"], args)
+    for method in finetune.METHODS:
+        if method.startswith(("lora", "locon")):
+            assert not torch.equal(finetune.draw(tiny_text_ldm, method, written, ["a"], args), base), method
