@@ -291,3 +291,15 @@ def test_finetune_draws_every_adapter_method_with_its_file(tiny_text_ldm, tmp_pa
     for method in finetune.METHODS:
         if method.startswith(("lora", "locon")):
             assert not torch.equal(finetune.draw(tiny_text_ldm, method, written, ["a"], args), base), method
+
+
+def test_serve_load_compares_only_the_requests_both_servers_answered():
+    """A request refused with a 429 by one server is no pixel difference (the benchmark once reported one for each,
+    and so "not every request got the same pixels" under load)."""
+    _bench()
+    import serve_load
+
+    batched = {0: "a", 1: "b", 2: "c"}
+    alone = {0: "a", 2: "x", 3: "d"}  # 1 refused here, 3 refused batched
+    assert serve_load.compare(batched, alone) == (2, [2])
+    assert serve_load.compare({0: "a", 1: "b"}, {0: "a"}) == (1, [])

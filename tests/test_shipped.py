@@ -95,7 +95,7 @@ def _foreground_colour(x: torch.Tensor) -> torch.Tensor:
 
 @needs("emoji")
 def test_emoji_model_follows_its_prompt():
-    """"red apple" draws red and "grinning face" yellow: yellow is red plus green, so at least 6 of 8 apples hold less
+    """ "red apple" draws red and "grinning face" yellow: yellow is red plus green, so at least 6 of 8 apples hold less
     green than every one of 8 faces. A model ignoring the prompt draws both from one distribution, and 6 of its 8 would
     fall below all 8 of the others with odds of about 1 in 290. (The real emoji: apple green -0.35, face +0.37.)"""
     from ldmkit.data.emoji import load_or_render
