@@ -172,7 +172,7 @@ def plan_generation(
     if prompts and labels is not None:
         raise InputError("give prompts (text models) or --label (class models), not both")
     if prompts:
-        meta = checkpoint.read_metadata(path)["config"]
+        meta = model_config(path)  # a LoRA that is a model (emoji-pixel): its base's configuration
         task = get_task(meta.get("task", "generate"), key=f"{model}'s task")
         if not meta.get("text_encoder") and not task.user_labels:  # e.g. an upscaler: no labels to suggest either
             what = task.summary.split(" ", 1)[-1]  # "an upscaler" -> "upscaler"

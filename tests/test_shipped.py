@@ -169,3 +169,17 @@ def test_the_example_lora_loads_as_its_base_and_draws_nearer_pixel_art():
 
     assert torch.isfinite(styled).all() and not torch.equal(styled, base)
     assert off_the_cells(styled) < 0.7 * off_the_cells(base)
+
+
+@needs("emoji-pixel")
+def test_a_style_lora_named_as_a_model_is_read_as_its_base_everywhere():
+    """`--model emoji-pixel` (a LoRA naming emoji) is planned as a text model, edited with emoji's channels and
+    screened against emoji's training data: each of these read the LoRA file as a model's and stopped with "not an
+    ldmkit checkpoint"."""
+    from ldmkit.governance.similarity import training_data
+    from ldmkit.pipelines.img2img import checkpoint_channels
+
+    plan = plan_generation("emoji-pixel", ["red apple"], None, 2)
+    assert plan.checkpoint.name == "emoji-pixel.safetensors" and plan.prompts == ["red apple", "red apple"]
+    assert checkpoint_channels(plan.checkpoint) == 3
+    assert training_data("emoji-pixel").dataset == "emoji"

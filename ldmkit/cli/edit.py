@@ -211,10 +211,10 @@ def _check_upscale_input(image: str, checkpoint) -> None:
     header, so that a too large input is told what upscale takes rather than the limit of the other edits."""
     from PIL import Image
 
-    from ..checkpoint import read_metadata
     from ..pipelines.upscale import check_input_size
+    from ..shipped import model_config
 
-    factor = ((read_metadata(checkpoint).get("config") or {}).get("upscale") or {}).get("factor")
+    factor = ((model_config(checkpoint) or {}).get("upscale") or {}).get("factor")
     try:
         with Image.open(image) as im:
             w, h = im.size

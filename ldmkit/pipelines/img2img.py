@@ -102,7 +102,9 @@ def img2img(
 def checkpoint_channels(checkpoint: str | Path) -> int:
     """The image channels of the model in `checkpoint`, from its metadata (3 when it does not say: loading the
     model then names what is wrong with the file)."""
-    ae = read_metadata(checkpoint).get("autoencoder")
+    from ..shipped import model_source
+
+    ae = read_metadata(model_source(checkpoint)[0]).get("autoencoder")  # a LoRA that is a model: its base's
     return int(ae.get("in_channels", 3)) if isinstance(ae, dict) else 3
 
 

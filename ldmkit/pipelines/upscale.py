@@ -22,7 +22,6 @@ from typing import Iterator
 
 import torch
 
-from ..checkpoint import read_metadata
 from ..conditioning.types import Conditioning
 from ..data.images import Sign
 from ..diffusion.lowres import low_res_conditioning
@@ -292,7 +291,9 @@ def upscale_to_file(
     and the options are checked before the model loads."""
     require_file(image, "image", "give the picture to upscale (PNG, JPEG, WebP, BMP or GIF)")
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W): input mistakes before the model
-    factor = (read_metadata(checkpoint).get("config") or {}).get("upscale", {}).get("factor")
+    from ..shipped import model_config
+
+    factor = (model_config(checkpoint) or {}).get("upscale", {}).get("factor")
     if isinstance(factor, int) and factor > 0:
         check_input_size(str(image), x.shape[-1], x.shape[-2], factor)
     about = {"image": input_record(image), "noise_level": opts.noise_level, "tile": opts.tile, "overlap": opts.overlap}
