@@ -20,6 +20,7 @@ from ..checkpoint import read_metadata
 from ..data.images import Sign
 from ..errors import InputError
 from ..ldm import LatentDiffusion
+from ..shipped import model_source
 from .control import ControlSpec, with_controls
 from .images import check_edit_size, crop_to, load_edit_image, pad_to_multiple, to_channels
 from .lora import LoRASpec, apply_loras, check_loras, lora_record
@@ -102,8 +103,6 @@ def img2img(
 def checkpoint_channels(checkpoint: str | Path) -> int:
     """The image channels of the model in `checkpoint`, from its metadata (3 when it does not say: loading the
     model then names what is wrong with the file)."""
-    from ..shipped import model_source
-
     ae = read_metadata(model_source(checkpoint)[0]).get("autoencoder")  # a LoRA that is a model: its base's
     return int(ae.get("in_channels", 3)) if isinstance(ae, dict) else 3
 

@@ -28,6 +28,7 @@ from ..diffusion.lowres import low_res_conditioning
 from ..errors import InputError
 from ..ldm import LatentDiffusion
 from ..noise import randn
+from ..shipped import model_config
 from .images import MAX_EDIT_PIXELS, crop_to, load_edit_image
 from .img2img import checkpoint_channels, model_image
 from .masks import require_file
@@ -291,8 +292,6 @@ def upscale_to_file(
     and the options are checked before the model loads."""
     require_file(image, "image", "give the picture to upscale (PNG, JPEG, WebP, BMP or GIF)")
     x = load_edit_image(image, checkpoint_channels(checkpoint))  # (1, C, H, W): input mistakes before the model
-    from ..shipped import model_config
-
     factor = (model_config(checkpoint) or {}).get("upscale", {}).get("factor")
     if isinstance(factor, int) and factor > 0:
         check_input_size(str(image), x.shape[-1], x.shape[-2], factor)
