@@ -298,12 +298,14 @@ def test_serve_load_compares_only_the_requests_both_servers_answered():
     """A request refused with a 429 by one server is no pixel difference (the benchmark once reported one for each,
     and so "not every request got the same pixels" under load)."""
     _bench()
+    import numpy as np
     import serve_load
 
-    batched = {0: "a", 1: "b", 2: "c"}
-    alone = {0: "a", 2: "x", 3: "d"}  # 1 refused here, 3 refused batched
+    a, b, c, x = (np.full((2, 2, 3), v, np.int16) for v in (0, 1, 2, 9))
+    batched = {0: a, 1: b, 2: c}
+    alone = {0: a.copy(), 2: x, 3: a}  # 1 refused here, 3 refused batched
     assert serve_load.compare(batched, alone) == (2, [2])
-    assert serve_load.compare({0: "a", 1: "b"}, {0: "a"}) == (1, [])
+    assert serve_load.compare({0: a, 1: b}, {0: a.copy()}) == (1, [])
 
 
 @pytest.mark.slow

@@ -231,11 +231,10 @@ def cmd_index_screen(args) -> int:
                 f"the similarity index {args.index} does not exist; build it with: ldmkit index build MODEL "
                 f"--out {args.index}"
             )
-        index, where = SimilarityIndex.load(args.index), args.index
+        index = SimilarityIndex.load(args.index)
     else:
         model = resolve_model(args.model or default_model())
         index = load_index(model, "screening an image needs the training data's index")
-        where = str(index.path)
     try:
         with Image.open(args.image) as im:
             pixels = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
@@ -248,7 +247,7 @@ def cmd_index_screen(args) -> int:
     [match] = index.query([pixels])
     flagged = match.similarity >= args.threshold
     if args.json:
-        about = {"image": args.image, "index": where, "nearest": match.name, "similarity": match.similarity}
+        about = {"image": args.image, "index": str(index.path), "nearest": match.name, "similarity": match.similarity}
         print(json.dumps(about | {"threshold": args.threshold, "flagged": flagged}))
     else:
         verdict = f"flagged (>= {args.threshold:g})" if flagged else f"not flagged (< {args.threshold:g})"

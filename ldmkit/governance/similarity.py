@@ -42,12 +42,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, read_metadata
+from ..checkpoint import atomic_write
 from ..config import DataConfig
 from ..data import build_dataset
 from ..data.common import cache_home
 from ..errors import InputError, MissingFileError
-from ..shipped import SHIPPED, model_source, resolve_model
+from ..shipped import SHIPPED, model_config, resolve_model
 
 VERSION = 2  # 2: thumbnails up to 64 pixels (1: always 32)
 THUMB = 64  # largest side of the stored thumbnails (a multiple of 16, as is every side used)
@@ -493,8 +493,7 @@ def indexed_data(data: DataConfig) -> DataConfig:
 def training_data(source: str) -> DataConfig:
     """The data a source names: a shipped model's or checkpoint's training data, a built-in data set, or a folder."""
     if source in SHIPPED or source.endswith(".safetensors"):
-        meta = read_metadata(model_source(resolve_model(source))[0])  # a LoRA that is a model: its base's data
-        data = (meta.get("config") or {}).get("data")
+        data = model_config(resolve_model(source)).get("data")  # a LoRA that is a model: its base's data
         if not isinstance(data, dict):
             raise InputError(f"{source} does not say what it was trained on; index its data set or folder instead")
         known = {k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__}
