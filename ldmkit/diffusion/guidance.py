@@ -13,6 +13,7 @@ import torch
 
 from ..conditioning.types import Conditioning
 from ..errors import InputError
+from ..nn.invariant import image_rows
 from ..noise import Generators, randn_like
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,7 +82,10 @@ class CFGDenoiser:
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma  # (B,)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([self.cond, self.uncond]))
+        with image_rows(2, 2 * b):  # an image's two branches are one call of two rows, as when it is alone
+            both = self.denoiser(
+                torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([self.cond, self.uncond])
+            )
         d_cond, d_uncond = both[:b], both[b:]  # (B, C, H, W) each
         # (B or 1, 1, ...): one scale per image (B, C, H, W) or per clip (B, F, C, H, W)
         scale = self.scale.to(device=x.device, dtype=d_cond.dtype).reshape(-1, *([1] * (x.ndim - 1)))

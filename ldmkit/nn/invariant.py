@@ -12,6 +12,9 @@ results are concatenated. An image's call is then the very same call alone or in
 picks for it, at any instruction-set level and thread count. Every other operation a model uses (normalisation,
 softmax, elementwise maths) reduces within one image only, with a fixed order.
 
+Classifier-free guidance gives each image two rows, its conditional and unconditional branch (`image_rows`): they
+are one call of two rows, the same two-row call the image makes alone, which halves the calls of a guided batch.
+
 The cost is the batching gain those kernels would have had (measured in benchmarks/RESULTS.md, "batch invariance").
 `self_check()` measures the property on this machine; `ldmkit serve` runs it at start and reports it in /readyz.
 Training (gradients on) and GPUs are left alone.
@@ -40,21 +43,46 @@ _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
 _ROUTED = _CONV | _LINEAR | _ATTENTION | _PRODUCTS | _BADDBMM
 
 
-def _own(t: torch.Tensor, i: int) -> torch.Tensor:
-    """Image i's slice of t as a fresh contiguous tensor: the same shape, strides and alignment in any batch."""
-    return t[i : i + 1].clone(memory_format=torch.contiguous_format)
+@contextlib.contextmanager
+def image_rows(k: int, n: int):
+    """Within the block (this thread), a call whose first axis has n rows holds n / k images of k rows each, image
+    i in rows i, i + n / k, ..., as classifier-free guidance stacks its branches (k = 2: the conditional rows, then
+    the unconditional ones). Each image's k rows are then one call, the call the image makes alone; any other call
+    is still split row by row."""
+    before = getattr(_active, "rows", None)
+    _active.rows = (k, n) if k > 1 and n > 0 and n % k == 0 else None
+    try:
+        yield
+    finally:
+        _active.rows = before
 
 
-def _each(n: int, call) -> torch.Tensor:
-    """torch.cat of call(i) over the n images (call(0) alone for one image)."""
-    outs = [call(i) for i in range(n)]
-    return outs[0] if n == 1 else torch.cat(outs)
+def rows_per_image(n: int) -> int:
+    """How many rows of a call with n rows on its first axis belong to one image: k inside `image_rows(k, n)`,
+    else 1."""
+    rows = getattr(_active, "rows", None)
+    return rows[0] if rows is not None and rows[1] == n else 1
 
 
-def _split_mask(mask, n: int, i: int):
-    """An attention mask's share for image i: its own row when it has one per image, else the shared mask."""
+def _own(t: torch.Tensor, i: int, k: int = 1) -> torch.Tensor:
+    """Image i's rows of t (one row, or its k rows i, i + n / k, ...) as a fresh contiguous tensor: the same shape,
+    strides and alignment in any batch."""
+    rows = t[i : i + 1] if k == 1 else t[i :: t.shape[0] // k]
+    return rows.clone(memory_format=torch.contiguous_format)
+
+
+def _each(n: int, call, k: int = 1) -> torch.Tensor:
+    """call(i) over the n / k images, put back in their rows (call(0) alone for one image)."""
+    outs = [call(i) for i in range(n // k)]
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs) if k == 1 else torch.stack(outs, 1).flatten(0, 1)
+
+
+def _split_mask(mask, n: int, i: int, k: int = 1):
+    """An attention mask's share for image i: its own rows when it has one per row, else the shared mask."""
     if isinstance(mask, torch.Tensor) and mask.ndim >= 3 and mask.shape[0] == n:
-        return _own(mask, i)
+        return _own(mask, i, k)
     return mask
 
 
@@ -62,29 +90,34 @@ def _per_image(func, args: tuple, kwargs: dict):
     """func(*args, **kwargs) computed image by image, or None where the call has no image axis to split."""
     x = args[0]
     n = x.shape[0]
+    k = rows_per_image(n)
     if func in _CONV and x.ndim == 4:
-        return _each(n, lambda i: func(_own(x, i), *args[1:], **kwargs))
+        return _each(n, lambda i: func(_own(x, i, k), *args[1:], **kwargs), k)
     if func in _LINEAR and x.ndim >= 2:
-        return _each(n, lambda i: func(_own(x, i), *args[1:], **kwargs))
+        return _each(n, lambda i: func(_own(x, i, k), *args[1:], **kwargs), k)
     if func in _ATTENTION and x.ndim >= 3:
-        q, k, v, *rest = args
-        if k.shape[0] != n or v.shape[0] != n:
+        q, key, v, *rest = args
+        if key.shape[0] != n or v.shape[0] != n:
             return None
         mask = kwargs.get("attn_mask", rest[0] if rest else None)
-        kw = {key: val for key, val in kwargs.items() if key != "attn_mask"}
+        kw = {name: val for name, val in kwargs.items() if name != "attn_mask"}
         tail = tuple(rest[1:])
-        return _each(n, lambda i: func(_own(q, i), _own(k, i), _own(v, i), _split_mask(mask, n, i), *tail, **kw))
+        return _each(
+            n,
+            lambda i: func(_own(q, i, k), _own(key, i, k), _own(v, i, k), _split_mask(mask, n, i, k), *tail, **kw),
+            k,
+        )
     if func in _PRODUCTS and len(args) == 2 and isinstance(args[1], torch.Tensor) and not kwargs:
         a, b = args
         if a.ndim >= 3 and b.ndim >= 3 and b.shape[0] == n:
-            return _each(n, lambda i: func(_own(a, i), _own(b, i)))
+            return _each(n, lambda i: func(_own(a, i, k), _own(b, i, k)), k)
         if a.ndim >= 2 and b.ndim == 2:  # one shared right-hand matrix: each image's rows alone
-            return _each(n, lambda i: func(_own(a, i), b))
+            return _each(n, lambda i: func(_own(a, i, k), b), k)
         return None
     if func in _BADDBMM and len(args) == 3:
         c, a, b = args
         if a.ndim == 3 and c.ndim == 3 and c.shape[0] == a.shape[0] == b.shape[0]:
-            return _each(c.shape[0], lambda i: func(_own(c, i), _own(a, i), _own(b, i), **kwargs))
+            return _each(n, lambda i: func(_own(c, i, k), _own(a, i, k), _own(b, i, k), **kwargs), k)
     return None
 
 
@@ -172,5 +205,17 @@ def self_check(sizes: tuple[int, ...] = (2, 5), seed: int = 0) -> dict:
         for b in sizes:
             together = model(x[:b], t[:b], ctx[:b])
             failures += [f"image {i} of a batch of {b}" for i in range(b) if not torch.equal(together[i], alone[i][0])]
+        # two rows an image, as guidance stacks them: image i's rows i and i + b, against the two alone
+        ctx2 = ctx.flip(0)  # the second branch's own context
+        with image_rows(2, 2):
+            pairs = [model(x[[i, i]], t[[i, i]], torch.stack([ctx[i], ctx2[i]])) for i in range(n)]
+        for b in sizes:
+            with image_rows(2, 2 * b):
+                together = model(torch.cat([x[:b]] * 2), torch.cat([t[:b]] * 2), torch.cat([ctx[:b], ctx2[:b]]))
+            failures += [
+                f"guided image {i} of a batch of {b}"
+                for i in range(b)
+                if not torch.equal(together[i::b], pairs[i])
+            ]
     caps = {k: os.environ[k] for k in CAPS if k in os.environ}
     return {"holds": not failures, "threads": torch.get_num_threads(), "caps": caps, "failures": failures}

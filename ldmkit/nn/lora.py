@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .invariant import image_rows, rows_per_image
 
 Targetable = (nn.Linear, nn.Conv2d)
 
@@ -161,6 +162,25 @@ def _per_sample(scale: torch.Tensor | float, out: torch.Tensor) -> torch.Tensor 
     return scale.to(out).repeat(b // n).view(b, *([1] * (out.ndim - 1)))
 
 
+def _add_where_used(layer: "LoRA", module: nn.Module, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor):
+    """out plus s * layer(x) for the samples whose scale is not 0, the others left as they are (what a scale of 0
+    adds to a finite output): a batch pays for a LoRA only on the images that use it. A sample's rows (k of them
+    under guidance, sample i in rows i, i + n, ...) are computed as they are when only users of the LoRA are in the
+    batch, alone included."""
+    b, n = out.shape[0], s.shape[0]
+    if b % n:
+        raise InputError(f"{n} LoRA scales do not fit a batch of {b}; give one scale per sample")
+    used = s.nonzero()[:, 0]
+    if len(used) == 0:
+        return out
+    k = b // n
+    rows = torch.cat([used + j * n for j in range(k)]).to(x.device)
+    with image_rows(k if rows_per_image(b) == k else 1, len(rows)):
+        delta = layer(x.index_select(0, rows), module)
+    scale = s.to(out)[used].repeat(k).view(-1, *([1] * (out.ndim - 1)))
+    return out.index_add(0, rows, scale * delta)
+
+
 class Attached:
     """A set hooked into a network unmerged; `remove()` takes the hooks out again."""
 
@@ -176,6 +196,8 @@ class Attached:
     def _hook(self, layer: LoRA):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             s = (_SCALES.get() or {}).get(id(self.lora), self.default)
+            if isinstance(s, torch.Tensor) and s.ndim == 1 and not bool(s.all()):
+                return _add_where_used(layer, module, inputs[0], s, out)
             return out + _per_sample(s, out) * layer(inputs[0], module)
 
         return hook

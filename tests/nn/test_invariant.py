@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.ldm import LatentDiffusion
-from ldmkit.nn.invariant import batch_invariant, plain_kernels, self_check
+from ldmkit.nn.invariant import batch_invariant, image_rows, plain_kernels, self_check
 from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.request import SampleRequest
 from ldmkit.shipped import resolve_model
@@ -39,6 +39,32 @@ def test_a_few_rows_of_a_linear_layer_are_as_in_any_batch(shape):
     with batch_invariant():
         assert rows_alone_equal_rows_together(lin, x)
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # same call, whatever the route
+
+
+@torch.no_grad()
+def test_a_guided_image_is_one_call_of_its_two_rows_as_alone():
+    """Inside image_rows(2, n) an image's rows i and i + n / 2 are one two-row call, the call the image makes
+    alone; a call with another row count (attention heads folded in, say) is still split row by row."""
+    g = torch.Generator().manual_seed(5)
+    conv, lin = torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Linear(24, 40)
+    for layer, x in ((conv, torch.randn(10, 8, 8, 8, generator=g)), (lin, torch.randn(10, 6, 24, generator=g))):
+        b = 5
+        with batch_invariant():
+            with image_rows(2, 2 * b):
+                together = layer(x)
+                other = layer(x[:6])  # 6 rows: not the guided batch, split row by row
+            for i in range(b):
+                with image_rows(2, 2):
+                    alone = layer(x[i::b])  # the image alone: its two branches
+                assert torch.equal(together[i::b], alone), (type(layer).__name__, i)
+            assert torch.equal(other, torch.cat([layer(x[i : i + 1]) for i in range(6)]))
+        assert torch.allclose(together, layer(x), atol=1e-5)  # and the numbers the plain kernels give
+    q, k, v = (torch.randn(6, 2, 9, 16, generator=g) for _ in range(3))
+    with batch_invariant(), image_rows(2, 6):
+        together = F.scaled_dot_product_attention(q, k, v)
+        for i in range(3):
+            with image_rows(2, 2):
+                assert torch.equal(together[i::3], F.scaled_dot_product_attention(q[i::3], k[i::3], v[i::3]))
 
 
 def test_gradients_and_other_devices_are_left_alone():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.errors import InputError
+from ldmkit.nn.invariant import batch_invariant, image_rows
 from ldmkit.nn.lora import LoRA, LoRASet, attach, merge, scales
 
 
@@ -99,6 +100,32 @@ def test_per_sample_scales_equal_each_sample_alone():
             alone = net(x[i : i + 1])
         assert torch.allclose(batch[i], alone[0], atol=1e-6)
     assert torch.allclose(doubled[3:], batch, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_batch_computes_a_lora_on_the_images_that_use_it_alone_with_their_numbers():
+    """Per-sample scales with zeros: the update runs on the rows of the images that use the LoRA only (both
+    branches of each under guidance), the other images keep the base numbers bit for bit, and each user gets, bit
+    for bit, what it gets alone."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1))
+    lora = _set(conv, ["0"], rank=3)
+    seen = []
+    lora["0"].register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[0]))
+    x = torch.randn(8, 4, 6, 6)  # 4 images, guided: the conditional rows, then the unconditional
+    s = torch.tensor([0.0, 1.5, 0.0, -0.5])
+    with batch_invariant(), image_rows(2, 8):
+        base = conv(x)
+        attach(conv, lora, scale=0.0)
+        with scales({lora: s}):
+            seen.clear()
+            out = conv(x)
+    assert seen == [4]  # the two users' two rows each
+    assert torch.equal(out[[0, 2, 4, 6]], base[[0, 2, 4, 6]])
+    for i in (1, 3):
+        with batch_invariant(), image_rows(2, 2), scales({lora: float(s[i])}):
+            alone = conv(x[i::4])
+        assert torch.equal(out[i::4], alone), i
 
 
 def test_scale_zero_adds_an_exact_zero():
