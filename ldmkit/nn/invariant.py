@@ -213,9 +213,7 @@ def self_check(sizes: tuple[int, ...] = (2, 5), seed: int = 0) -> dict:
             with image_rows(2, 2 * b):
                 together = model(torch.cat([x[:b]] * 2), torch.cat([t[:b]] * 2), torch.cat([ctx[:b], ctx2[:b]]))
             failures += [
-                f"guided image {i} of a batch of {b}"
-                for i in range(b)
-                if not torch.equal(together[i::b], pairs[i])
+                f"guided image {i} of a batch of {b}" for i in range(b) if not torch.equal(together[i::b], pairs[i])
             ]
     caps = {k: os.environ[k] for k in CAPS if k in os.environ}
     return {"holds": not failures, "threads": torch.get_num_threads(), "caps": caps, "failures": failures}
