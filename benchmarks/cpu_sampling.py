@@ -62,6 +62,8 @@ def run_diffusers(ldm, unet, vae, scheduler, n, steps, cfg, labels, prompts):
     kwargs = {"encoder_hidden_states": both.context}  # None for a class-only U-Net (no cross-attention)
     if both.labels is not None:
         kwargs["class_labels"] = both.labels
+    if both.context_mask is not None:  # padding tokens masked out of cross-attention, as ldmkit does
+        kwargs["encoder_attention_mask"] = both.context_mask
     scheduler.set_timesteps(steps)
     h = ldm.run.data.resolution // ldm.factor
     shape = (1, ldm.latent_channels, h, h)  # image i's noise from seed i, as ldmkit draws it at the default seed 0

@@ -328,26 +328,29 @@ def test_finetune_records_a_refused_method_and_keeps_the_rows_before_it(tmp_path
     assert "frozen" in rows[0]["refused"] and math.isfinite(rows[1]["fid_new"])
 
 
-@pytest.mark.parametrize("parameterisation", ["v", "edm"])
+@pytest.mark.parametrize("parameterisation", ["v", "edm", "text"])
 def test_cpu_sampling_times_the_same_images_on_both_sides(parameterisation, tiny_ae, tmp_path):
     """benchmarks/cpu_sampling.py: diffusers draws, from the same weights and noise, the images ldmkit draws (an
-    EDM model through diffusers' EDM scheduler), so the speed ratio compares the same work; every row is reported."""
+    EDM model through diffusers' EDM scheduler, the shipped MiniLM text model with its padding tokens masked as
+    ldmkit masks them), so the speed ratio compares the same work; every row is reported."""
     from ldmkit.config import DiffusionConfig
     from tests.factory import save_tiny_ldm, tiny_denoiser_run
 
-    run = tiny_denoiser_run(
-        tiny_ae,
-        unet=attention_unet(in_channels=2, out_channels=2, num_classes=2),
-        class_names=("a", "b"),
-        diffusion=DiffusionConfig(parameterisation=parameterisation),
-    )
-    model = save_tiny_ldm(tmp_path / "model.safetensors", run)
+    model = ROOT / "weights" / "emoji.safetensors"
+    if parameterisation != "text":
+        run = tiny_denoiser_run(
+            tiny_ae,
+            unet=attention_unet(in_channels=2, out_channels=2, num_classes=2),
+            class_names=("a", "b"),
+            diffusion=DiffusionConfig(parameterisation=parameterisation),
+        )
+        model = save_tiny_ldm(tmp_path / "model.safetensors", run)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import cpu_sampling
 
     out = tmp_path / "cpu.json"
     argv = [str(model), "--n", "2", "--steps", "3", "--repeats", "1", "--precisions", "fp32", "--out", str(out)]
-    assert cpu_sampling.main(argv) == 0
+    assert cpu_sampling.main([*argv, "--prompt", "a b"]) == 0
     result = json.loads(out.read_text())
     rows = {(r["pipeline"], r["precision"]): r for r in result["batch"]}
     assert set(rows) == {("ldmkit", "fp32"), ("diffusers", "fp32")}
