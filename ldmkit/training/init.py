@@ -9,7 +9,8 @@ backbone and text encoder weights are the starting point, and the run records th
 
 from __future__ import annotations
 
-from dataclasses import replace
+import warnings
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -77,7 +78,12 @@ def start_from(run: DenoiserRun, out_dir: str | Path) -> tuple[DenoiserRun, LdmF
             checkpoint.load_state(ae, parent.autoencoder, source, "autoencoder")
             checkpoint.save(autoencoder, ae.state_dict(), AE_KIND, to_dict(AutoencoderRun(model=parent.ae_config)))
     p = parent.run
-    resolution = run.data.resolution if run.data.resolution != DataConfig().resolution else p.data.resolution
+    if fmt != "ldm" and run.data.dataset == DataConfig().dataset == p.data.dataset:
+        warnings.warn(
+            f"--init {run.init}: the model does not record what it was trained on, so this run trains on "
+            f"{run.data.dataset}, the default data set; give your own images with --data DIR",
+            stacklevel=2,
+        )
     started = replace(
         run,
         unet=p.unet,
@@ -89,10 +95,20 @@ def start_from(run: DenoiserRun, out_dir: str | Path) -> tuple[DenoiserRun, LdmF
         task=p.task,
         class_names=p.class_names,
         autoencoder=autoencoder,
-        data=replace(run.data, resolution=resolution, channels=parent.ae_config.in_channels),
+        data=replace(_inherited_data(run.data, p.data), channels=parent.ae_config.in_channels),
         init_sha256=model_sha256(source),
     )
     return started, parent
+
+
+def _inherited_data(given: DataConfig, model: DataConfig) -> DataConfig:
+    """The run's data settings: each one left at its default comes from the data the model was trained on (its data
+    set, resolution, held-out images ...), so that `--init MODEL` alone goes on training on the model's own data."""
+    default = DataConfig()
+    kept = {
+        f.name: getattr(model, f.name) for f in fields(DataConfig) if getattr(given, f.name) == getattr(default, f.name)
+    }
+    return replace(given, **kept)
 
 
 def trains_text(run: DenoiserRun) -> bool:

@@ -96,3 +96,35 @@ def test_the_command_line_takes_init(tmp_path, tiny_ldm, data, capsys):
 def test_the_run_starts_from_the_model_weights_not_fresh_ones(tmp_path, tiny_ldm, data):
     fine_tune(tiny_ldm, tmp_path / "still", lr=1e-30, weight_decay=0.0)  # a step too small to move a weight
     assert not changed(LdmFile.read(tiny_ldm).unet, LdmFile.read(tmp_path / "still" / "model.safetensors").unet)
+
+
+def test_a_run_started_from_a_model_goes_on_with_the_models_own_data_unless_told_otherwise(tmp_path):
+    """`ldmkit train --init emoji` alone trained the emoji model on Fashion-MNIST (the data setting's default) for
+    half an hour without a word: the data settings left at their defaults now come from the model's own."""
+    from ldmkit.shipped import resolve_model
+    from ldmkit.training.init import start_from
+
+    emoji = resolve_model("emoji")
+    parent = LdmFile.read(emoji).run.data
+    started, _ = start_from(DenoiserRun(init=str(emoji)), tmp_path)
+    assert started.data == parent and started.data.dataset == "emoji"
+    told, _ = start_from(DenoiserRun(init=str(emoji), data=DataConfig(dataset=str(tmp_path), flip=True)), tmp_path)
+    assert (told.data.dataset, told.data.flip, told.data.resolution) == (str(tmp_path), True, parent.resolution)
+
+
+def test_a_converted_model_that_names_no_data_warns_that_the_default_data_is_used(tmp_path):
+    """A diffusers folder or Stable Diffusion file need not say what it was trained on: without --data the run says
+    it trains on the default data set, and names --data."""
+    import diffusers
+
+    from ldmkit.interop.convert import convert
+    from ldmkit.training.init import start_from
+    from tests.tiny_sd import tiny_sd
+
+    _, _, _, ldm = tiny_sd(diffusers)
+    ldm.text_encoder = None  # FixedText has no weights to export
+    folder = convert(ldm.save(tmp_path / "sd.safetensors"), tmp_path / "folder", to="diffusers")
+    with pytest.warns(UserWarning, match="does not record what it was trained on.*--data DIR"):
+        start_from(DenoiserRun(init=str(folder)), tmp_path / "run")
+    told, _ = start_from(DenoiserRun(init=str(folder), data=DataConfig(dataset=str(tmp_path))), tmp_path / "run")
+    assert told.data.dataset == str(tmp_path)
