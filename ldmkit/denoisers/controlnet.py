@@ -30,6 +30,7 @@ from .. import checkpoint
 from ..conditioning.types import Conditioning, backbone_inputs
 from ..config import UNetConfig, from_dict, to_dict
 from ..errors import InputError
+from ..nn.invariant import image_rows, rows_per_image
 from .unet import UNet
 
 KIND = "controlnet"  # the checkpoint kind of a ControlNet file
@@ -199,13 +200,14 @@ class Controlled(nn.Module):
             steer = self._pass(group, x, c_noise, cond)
             if steer is None:
                 continue
-            rows, hint, w = steer
+            rows, hint, w, k = steer
             if rows is None:  # every row of the batch: as one control alone (training, a single request)
                 res = [r * w.view(-1, 1, 1, 1) for r in self.controls[group[0]].net(x, c_noise, plain, hint)]
                 total = res if total is None else [a + b for a, b in zip(total, res)]
                 continue
             some = plain.map(lambda t, at=rows: t[at])
-            res = self.controls[group[0]].net(x[rows], c_noise[rows], some, hint)
+            with image_rows(k, len(rows)):  # an image's guidance branches as one call, as when it is alone
+                res = self.controls[group[0]].net(x[rows], c_noise[rows], some, hint)
             res = [r * w.view(-1, 1, 1, 1) for r in res]  # (R, C_i, h_i, w_i)
             if total is None:
                 total = [r.new_full((x.shape[0], *r.shape[1:]), -0.0) for r in res]
@@ -215,8 +217,9 @@ class Controlled(nn.Module):
 
     def _pass(self, group: list[int], x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning):
         """(the batch rows (R,) the controls `group` of one ControlNet steer at this step, None for every row; their
-        condition images (R or B, C, H, W); their weights (R or B,): the scale, 0 outside the window); None when the
-        pass steers no row at this step."""
+        condition images (R or B, C, H, W); their weights (R or B,): the scale, 0 outside the window; the rows each
+        image has among them for nn.invariant.image_rows: its k guidance branches, the rows one branch after the
+        other, or 1); None when the pass steers no row at this step."""
         n = x.shape[0]
         if len(group) == 1 and self.controls[group[0]].rows is None:
             k = group[0]
@@ -231,10 +234,11 @@ class Controlled(nn.Module):
                 if n % hint.shape[0]:
                     raise InputError(f"{hint.shape[0]} control images for a batch of {n}")
                 hint = hint.repeat(n // hint.shape[0], 1, 1, 1)
-            return None, hint.to(x.device), (active * ctl.scale).to(x.dtype)
+            return None, hint.to(x.device), (active * ctl.scale).to(x.dtype), 1
         if n % self.images:
             raise InputError(f"a batch of {n} rows does not repeat {self.images} images")
-        rows, hints, weights = [], [], []
+        copies = n // self.images  # each guidance branch holds every image once
+        steered = []
         for k in group:
             ctl = self.controls[k]
             if ctl.scale == 0:
@@ -242,14 +246,20 @@ class Controlled(nn.Module):
             image = ctl.image.to(x.device)
             image = image if image.shape[0] == len(ctl.rows) else image.expand(len(ctl.rows), -1, -1, -1)
             at = torch.tensor(ctl.rows, device=x.device)
-            for copy in range(n // self.images):  # each guidance branch holds every image once
-                on = _active(ctl.window, c_noise[at + copy * self.images]).bool()
+            ons = [_active(ctl.window, c_noise[at + copy * self.images]).bool() for copy in range(copies)]
+            steered.append((ctl, image, at, ons))
+        rows, hints, weights = [], [], []
+        for copy in range(copies):  # one branch after the other, as guidance stacks them
+            for ctl, image, at, ons in steered:
+                on = ons[copy]
                 rows.append((at + copy * self.images)[on])
                 hints.append(image[on])
                 weights.append(torch.full((int(on.sum()),), ctl.scale, device=x.device))
         if not sum(len(r) for r in rows):
             return None
-        return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype)
+        same = all(torch.equal(ons[0], on) for *_, ons in steered for on in ons)  # every branch of an image steered
+        k = copies if same and rows_per_image(n) == copies else 1
+        return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype), k
 
 
 def _joins(c: Control, group: list[Control]) -> bool:
