@@ -97,16 +97,6 @@ def peer_scheduler(ldm: LatentDiffusion):
     return DPMSolverMultistepScheduler(**cfg)
 
 
-def best_of(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
-
-
 def interleaved(rows: dict, repeats: int) -> dict:
     """{name: (best seconds, images)} of each row's fn, after one warm-up each, the rows taken in turn `repeats`
     times so that load from other processes hits them alike."""
@@ -128,7 +118,7 @@ def table(n: int, timed: dict) -> list[dict]:
     ref = timed[("ldmkit", "fp32")][1]
     rows = []
     for (who, precision), (seconds, images) in timed.items():
-        diff = float((images.float() - ref.float()).abs().mean()) if images.shape == ref.shape else float("nan")
+        diff = float((images.float() - ref.float()).abs().mean())
         rows.append(
             {"pipeline": who, "precision": precision, "images_per_s": n / seconds, "seconds": seconds, "diff": diff}
         )

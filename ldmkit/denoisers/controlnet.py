@@ -30,7 +30,7 @@ from .. import checkpoint
 from ..conditioning.types import Conditioning, backbone_inputs
 from ..config import UNetConfig, from_dict, to_dict
 from ..errors import InputError
-from ..nn.invariant import image_rows, rows_per_image
+from ..nn.invariant import subset_rows
 from .unet import UNet
 
 KIND = "controlnet"  # the checkpoint kind of a ControlNet file
@@ -200,13 +200,13 @@ class Controlled(nn.Module):
             steer = self._pass(group, x, c_noise, cond)
             if steer is None:
                 continue
-            rows, hint, w, k = steer
+            rows, hint, w, branches = steer
             if rows is None:  # every row of the batch: as one control alone (training, a single request)
                 res = [r * w.view(-1, 1, 1, 1) for r in self.controls[group[0]].net(x, c_noise, plain, hint)]
                 total = res if total is None else [a + b for a, b in zip(total, res)]
                 continue
             some = plain.map(lambda t, at=rows: t[at])
-            with image_rows(k, len(rows)):  # an image's guidance branches as one call, as when it is alone
+            with subset_rows(x.shape[0], branches, len(rows)):  # an image's branches one call, as when alone
                 res = self.controls[group[0]].net(x[rows], c_noise[rows], some, hint)
             res = [r * w.view(-1, 1, 1, 1) for r in res]  # (R, C_i, h_i, w_i)
             if total is None:
@@ -217,9 +217,9 @@ class Controlled(nn.Module):
 
     def _pass(self, group: list[int], x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning):
         """(the batch rows (R,) the controls `group` of one ControlNet steer at this step, None for every row; their
-        condition images (R or B, C, H, W); their weights (R or B,): the scale, 0 outside the window; the rows each
-        image has among them for nn.invariant.image_rows: its k guidance branches, the rows one branch after the
-        other, or 1); None when the pass steers no row at this step."""
+        condition images (R or B, C, H, W); their weights (R or B,): the scale, 0 outside the window; how many
+        guidance branches of each image the rows hold, one branch after the other, for nn.invariant.subset_rows, or 1
+        where a branch is steered without the others); None when the pass steers no row at this step."""
         n = x.shape[0]
         if len(group) == 1 and self.controls[group[0]].rows is None:
             k = group[0]
@@ -258,8 +258,7 @@ class Controlled(nn.Module):
         if not sum(len(r) for r in rows):
             return None
         same = all(torch.equal(ons[0], on) for *_, ons in steered for on in ons)  # every branch of an image steered
-        k = copies if same and rows_per_image(n) == copies else 1
-        return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype), k
+        return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype), copies if same else 1
 
 
 def _joins(c: Control, group: list[Control]) -> bool:

@@ -64,6 +64,13 @@ def rows_per_image(n: int) -> int:
     return rows[0] if rows is not None and rows[1] == n else 1
 
 
+def subset_rows(n: int, k: int, m: int):
+    """`image_rows` for a call on m rows picked from a call of n rows, the picked images' k branches one branch after
+    the other: each image's branches stay one call where the n rows are grouped so (rows_per_image(n) == k), as
+    when the image is alone; otherwise the m rows are split row by row, as the n rows are."""
+    return image_rows(k if rows_per_image(n) == k else 1, m)
+
+
 def _own(t: torch.Tensor, i: int, k: int = 1) -> torch.Tensor:
     """Image i's rows of t (one row, or its k rows i, i + n / k, ...) as a fresh contiguous tensor: the same shape,
     strides and alignment in any batch."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .invariant import image_rows, rows_per_image
+from .invariant import subset_rows
 
 Targetable = (nn.Linear, nn.Conv2d)
 
@@ -167,18 +167,16 @@ def _add_where_used(layer: "LoRA", module: nn.Module, x: torch.Tensor, s: torch.
     adds to a finite output): a batch pays for a LoRA only on the images that use it. A sample's rows (k of them
     under guidance, sample i in rows i, i + n, ...) are computed as they are when only users of the LoRA are in the
     batch, alone included."""
+    per_row = _per_sample(s, out)  # (B, 1, ...): the scales repeated once per guidance branch
     b, n = out.shape[0], s.shape[0]
-    if b % n:
-        raise InputError(f"{n} LoRA scales do not fit a batch of {b}; give one scale per sample")
     used = s.nonzero()[:, 0]
     if len(used) == 0:
         return out
     k = b // n
     rows = torch.cat([used + j * n for j in range(k)]).to(x.device)
-    with image_rows(k if rows_per_image(b) == k else 1, len(rows)):
+    with subset_rows(b, k, len(rows)):
         delta = layer(x.index_select(0, rows), module)
-    scale = s.to(out)[used].repeat(k).view(-1, *([1] * (out.ndim - 1)))
-    return out.index_add(0, rows, scale * delta)
+    return out.index_add(0, rows, per_row.index_select(0, rows) * delta)
 
 
 class Attached:
