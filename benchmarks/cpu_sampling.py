@@ -147,14 +147,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--prompt", default="red apple")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--precisions", default="auto", help="fp32, bf16 or both; auto: bf16 too where it is native")
+    ap.add_argument(
+        "--precisions",
+        default="auto",
+        help="fp32 or fp32,bf16 (fp32 always runs: the reference); auto: bf16 where native",
+    )
     ap.add_argument("--out", default=default_out("cpu_sampling"))
     args = ap.parse_args(argv)
     native = native_bf16(torch.device("cpu"))
-    precisions = ["fp32", "bf16"] if args.precisions == "auto" and native else args.precisions.split(",")
-    if args.precisions == "auto" and not native:
-        precisions = ["fp32"]
-        print("this CPU computes bfloat16 only emulated: float32 rows only", file=sys.stderr)
+    if args.precisions == "auto":
+        precisions = ["fp32", "bf16"] if native else ["fp32"]
+        if not native:
+            print("this CPU computes bfloat16 only emulated: float32 rows only", file=sys.stderr)
+    else:  # ldmkit's float32 images are every row's reference, so its fp32 row always runs
+        precisions = ["fp32", *(p for p in args.precisions.split(",") if p != "fp32")]
     ldm = LatentDiffusion.load(args.checkpoint, "cpu")
     unet = diffusers_copy(ldm.unet).eval()  # a class-only U-Net too (see peers.py)
     vae = vae_to_diffusers(ldm.autoencoder).eval()

@@ -356,3 +356,19 @@ def test_cpu_sampling_times_the_same_images_on_both_sides(parameterisation, tiny
     assert set(rows) == {("ldmkit", "fp32"), ("diffusers", "fp32")}
     assert rows[("diffusers", "fp32")]["diff"] < 1e-3, rows
     assert result["one_image"][1]["diff"] < 1e-3 and result["best_against_best"] > 0
+
+
+def test_cpu_sampling_asked_for_bf16_alone_still_runs_its_fp32_reference(tiny_ldm, tmp_path):
+    """`--precisions bf16` ended in a KeyError: every row's pixel difference is taken from ldmkit's fp32 images."""
+    from ldmkit.runtime import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16: ldmkit refuses --precision bf16 here")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_sampling
+
+    out = tmp_path / "cpu.json"
+    argv = [str(tiny_ldm), "--n", "2", "--steps", "2", "--repeats", "1", "--precisions", "bf16", "--out", str(out)]
+    assert cpu_sampling.main(argv) == 0
+    rows = {(r["pipeline"], r["precision"]) for r in json.loads(out.read_text())["batch"]}
+    assert rows == {(who, p) for who in ("ldmkit", "diffusers") for p in ("fp32", "bf16")}
