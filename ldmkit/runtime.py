@@ -47,6 +47,7 @@ def autocast(mixed_precision: str, device: torch.device):
 
 # --- sampling precision ---------------------------------------------------------------------------------------------
 SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")  # --precision, serve.precision: what sampling steps compute in
+BACKENDS = ("torch", "openvino")  # --backend: what runs the backbone of the sampling steps (pipelines/openvino.py)
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -68,6 +68,7 @@ def request(args, n: int, prompts: list[str] | None, checkpoint=None):
         device=args.device,
         eta=args.eta,
         precision=getattr(args, "precision", "fp32"),
+        backend=getattr(args, "backend", "torch"),
     )
 
 

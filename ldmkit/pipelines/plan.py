@@ -20,6 +20,7 @@ from ..ldm import LatentDiffusion
 from ..noise import Generators, generators_from_seed
 from ..runtime import sampling_autocast
 from .lora import request_loras
+from .openvino import openvino_denoiser
 from .request import SampleRequest
 
 UNCONDITIONAL = "unconditional"  # the caption of an image drawn without a label (label -1)
@@ -102,11 +103,15 @@ def draw(
     default the model's. A NonFiniteError comes back naming the command's options to change (blame_options). The
     sampling steps run under the request's precision (runtime.sampling_autocast; fp32: no autocast); decoding
     after them stays float32. The request's LoRAs (req.loras) are hooked into the backbone, unmerged, for these
-    steps alone (pipelines/lora.py: request_loras); a caller that hooks per-image LoRAs itself passes none."""
+    steps alone (pipelines/lora.py: request_loras); a caller that hooks per-image LoRAs itself passes none. With
+    req.backend "openvino" the backbone runs in OpenVINO (pipelines/openvino.py)."""
+    denoiser = denoiser if denoiser is not None else ldm.denoiser
+    if req.backend == "openvino":
+        denoiser = openvino_denoiser(ldm, denoiser, req.precision)
     try:
         with request_loras(ldm, req.loras), sampling_autocast(req.precision, ldm.device):
             z = sample_latents(
-                denoiser if denoiser is not None else ldm.denoiser,
+                denoiser,
                 shape,
                 cond,
                 uncond,

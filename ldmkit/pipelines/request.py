@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 
 from ..checkpoint import file_sha256
 from ..errors import InputError
-from ..runtime import SAMPLING_PRECISIONS
+from ..runtime import BACKENDS, SAMPLING_PRECISIONS
 from ..samplers import SAMPLERS
 
 MAX_STEPS = 10_000  # more sampling steps than any schedule resolves; larger values are typing mistakes
@@ -400,6 +400,16 @@ FIELDS: tuple[Param, ...] = (
         names={"cli": "--precision"},
         commands=DRAWING,
     ),
+    Param(
+        "backend",
+        str,
+        "torch",
+        "what runs the denoiser's network on the CPU: torch, or openvino (exported once per model and shape, cached "
+        "in $LDMKIT_CACHE/openvino; each image one inference, so batch-invariant too; pip install 'ldmkit[openvino]')",
+        choices=BACKENDS,
+        names={"cli": "--backend"},
+        commands=("sample", "generate"),
+    ),
 )
 SPEC: Mapping[str, Param] = MappingProxyType({p.name: p for p in FIELDS})
 
@@ -511,6 +521,7 @@ class SampleRequest:
     eta: float | None = SPEC["eta"].default  # stochasticity of ddim / ancestral / sde samplers (None: the sampler's)
     loras: tuple[LoRASpec, ...] = SPEC["loras"].default  # applied per image, so requests with others still batch
     precision: str = SPEC["precision"].default  # fp32, bf16 or auto: the sampling steps' autocast (runtime.py)
+    backend: str = SPEC["backend"].default  # torch or openvino: what runs the backbone (pipelines/openvino.py)
 
     def __post_init__(self):
         for p in FIELDS:
@@ -518,6 +529,10 @@ class SampleRequest:
                 p.check(getattr(self, p.name))  # resolve_device checks it
         object.__setattr__(self, "loras", SPEC["loras"].check(self.loras, label="--lora"))
         check_seed_count(self.seed, self.n)
+        if self.backend == "openvino" and self.loras:
+            raise InputError(
+                "--backend openvino does not take --lora yet (the export holds the weights); use --backend torch"
+            )
         check_eta_sampler(self.eta, self.sampler)
         if self.prompts is not None:
             if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
@@ -529,8 +544,9 @@ class SampleRequest:
         """The request as its images and audit rows record it: every field but the device, the batching and `drop`;
         its LoRAs, when it has any, by name, SHA-256 and scale (never a server's path)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "loras", *drop)}
-        if self.precision == SPEC["precision"].default:  # fp32 records nothing: the same record as before the option
-            out.pop("precision", None)
+        for name in ("precision", "backend"):  # their defaults record nothing: the same record as before the options
+            if out.get(name) == SPEC[name].default:
+                out.pop(name, None)
         if self.loras:
             out["loras"] = [
                 {"name": s.name or Path(s.path).name, "sha256": s.sha256 or file_sha256(s.path), "scale": s.scale}

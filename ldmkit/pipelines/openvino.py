@@ -1,0 +1,214 @@
+"""The OpenVINO backend of the sampling steps on the CPU (`--backend openvino`), batch-invariant by construction.
+
+The denoiser's backbone (the U-Net or DiT, the network every sampling step calls) is exported to OpenVINO once per
+model, input signature and precision, cached on disk under $LDMKIT_CACHE/openvino/<key> (the key hashes the weights,
+the signature and the OpenVINO version), and compiled for this CPU with one inference stream per core, each stream on
+one thread. Every image is one inference of a fixed shape: its rows alone (its two guidance branches together, as
+`nn.invariant.image_rows` groups them), so an image's numbers are those of the very same call alone or in any batch,
+and the images of a batch run side by side on the streams instead of each call being split over the cores. The text
+encoder, the autoencoder and the sampler stay in PyTorch; decoding stays float32.
+
+Measured in benchmarks/RESULTS.md ("Sampling speed on the CPU"). `openvino` is an optional dependency
+(`pip install 'ldmkit[openvino]'`); nothing is downloaded: the export runs from the weights on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..conditioning.types import Conditioning
+from ..data.common import cache_home
+from ..errors import InputError
+from ..nn.invariant import plain_kernels, rows_per_image
+from ..runtime import sampling_dtype
+
+FIELDS = ("context", "context_mask", "labels", "concat")  # the conditioning an exported backbone takes
+EXPORT_VERSION = "1"  # bump when the exported graph's inputs change: old cache entries are then not read
+_made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model's denoiser -> {precision: its copy}
+_made_lock = threading.Lock()
+
+
+def load_openvino():
+    """The openvino module, or an InputError that names the extra to install."""
+    try:
+        import openvino
+    except ImportError:
+        raise InputError(
+            "--backend openvino needs the openvino package, which is not installed: pip install 'ldmkit[openvino]' "
+            "(or use --backend torch, the default)"
+        ) from None
+    return openvino
+
+
+def weights_sha256(net: nn.Module) -> str:
+    """SHA-256 of a network's weights and buffers (names, shapes, dtypes and bytes), whatever file they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class _Traced(nn.Module):
+    """backbone(x, c_noise, Conditioning(names = tensors)) with plain tensor inputs, the form an export takes."""
+
+    def __init__(self, backbone: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.backbone, self.names = backbone, names
+
+    def forward(self, x, c_noise, *tensors):
+        return self.backbone(x, c_noise, Conditioning(**dict(zip(self.names, tensors))))
+
+
+class OpenVINOBackbone(nn.Module):
+    """Stands in for a backbone: (x (B, C, H, W), c_noise (B,), cond) -> (B, C', H, W), each image one OpenVINO
+    inference of its own rows. Holds no weights of its own (the exported graph holds them); thread-safe."""
+
+    def __init__(self, backbone: nn.Module, precision: str, cache: Path | None = None, streams: int | None = None):
+        """backbone: the network to export (left unchanged); precision: "f32" or "bf16" (OpenVINO's inference
+        precision hint); cache: where exports are kept (default $LDMKIT_CACHE/openvino); streams: inferences run
+        side by side, one thread each (default: torch's thread count, the cores this process uses)."""
+        super().__init__()
+        self.ov = load_openvino()
+        self.source = [backbone]  # a list, so the backbone's weights are not registered twice
+        self.precision = precision
+        self.cache = Path(cache) if cache is not None else cache_home() / "openvino"
+        self.streams = max(1, int(streams or torch.get_num_threads()))
+        self.core = self.ov.Core()
+        self.compiled: dict[tuple, object] = {}
+        self.lock = threading.Lock()
+        self._sha: str | None = None
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        fields = (cond or Conditioning()).fields()
+        other = sorted(set(fields) - set(FIELDS))
+        if other:
+            raise InputError(
+                f"--backend openvino cannot run a backbone conditioned on {', '.join(other)} (a ControlNet's control "
+                f"images); use --backend torch"
+            )
+        names = tuple(k for k in FIELDS if k in fields)
+        n = x.shape[0]
+        k = rows_per_image(n)
+        m = n // k
+        inputs = [x.float(), c_noise.float().reshape(n)] + [
+            fields[name].float() if fields[name].is_floating_point() else fields[name] for name in names
+        ]
+        signature = (k, names) + tuple((tuple(t.shape[1:]), str(t.dtype)) for t in inputs)
+        per_image = [[_rows(t, i, k, m) for t in inputs] for i in range(m)]
+        with self.lock:
+            compiled = self._compiled(signature, names, per_image[0])
+            outs = self._infer_all(compiled, per_image)
+        out = torch.from_numpy(np.stack(outs, 1).reshape(n, *outs[0].shape[1:]))  # back in the batch's row order
+        return out.to(x.dtype)
+
+    # --- export and compile ---------------------------------------------------------------------------------------
+    def _compiled(self, signature: tuple, names: tuple[str, ...], example: list[np.ndarray]):
+        if signature not in self.compiled:
+            model = self._exported(signature, names, example)
+            config = {
+                "INFERENCE_PRECISION_HINT": self.precision,
+                "PERFORMANCE_HINT": "THROUGHPUT",
+                "NUM_STREAMS": self.streams,
+                "INFERENCE_NUM_THREADS": self.streams,  # one thread a stream
+            }
+            self.compiled[signature] = self.core.compile_model(model, "CPU", config)
+        return self.compiled[signature]
+
+    def _exported(self, signature: tuple, names: tuple[str, ...], example: list[np.ndarray]):
+        """The exported graph for `signature`: read from the cache, or exported from the backbone and cached."""
+        if self._sha is None:
+            self._sha = weights_sha256(self.source[0])
+        key = hashlib.sha256(repr((EXPORT_VERSION, self.ov.get_version(), self._sha, signature)).encode()).hexdigest()[
+            :32
+        ]
+        folder = self.cache / key
+        xml = folder / "model.xml"
+        if xml.is_file():
+            try:
+                return self.core.read_model(str(xml))
+            except Exception as err:  # a damaged entry is exported again, never trusted
+                print(
+                    f"note: the OpenVINO cache entry {folder} could not be read ({err}); exporting again",
+                    file=sys.stderr,
+                )
+                shutil.rmtree(folder, ignore_errors=True)
+        print(
+            f"note: exporting the denoiser to OpenVINO for this input shape (once; cached in {folder})", file=sys.stderr
+        )
+        traced = _Traced(self.source[0], names).eval()
+        tensors = tuple(torch.from_numpy(a) for a in example)
+        with torch.no_grad(), plain_kernels(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
+            # the tracer warns at every shape check (batch size, channels): the export is for this one shape
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # OpenVINO's PyTorch front end traces with torch.jit
+            model = self.ov.convert_model(traced, example_input=tensors)
+            want = traced(*tensors).float()
+        got = torch.from_numpy(self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(example)[0])
+        error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+        if not error < 1e-3:  # a trace that froze a data-dependent branch would differ here
+            raise RuntimeError(f"the OpenVINO export of this backbone differs from it (relative error {error:.2g})")
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.cache))
+        try:
+            self.ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+            try:
+                os.replace(tmp, folder)  # whole or not at all: a crash leaves a temporary folder, never half an entry
+            except OSError:  # another process cached it first: theirs is the same export
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return model
+
+    def _infer_all(self, compiled, per_image: list[list[np.ndarray]]) -> list[np.ndarray]:
+        outs: list[np.ndarray | None] = [None] * len(per_image)
+        if len(per_image) == 1:
+            return [compiled.create_infer_request().infer(per_image[0])[0].copy()]
+        queue = self.ov.AsyncInferQueue(compiled, min(self.streams, len(per_image)))
+
+        def done(request, i):
+            outs[i] = request.get_output_tensor(0).data.copy()
+
+        queue.set_callback(done)
+        for i, arrays in enumerate(per_image):
+            queue.start_async(arrays, i)
+        queue.wait_all()
+        return outs
+
+
+def _rows(t: torch.Tensor, i: int, k: int, m: int) -> np.ndarray:
+    """Image i's k rows of t (rows i, i + m, ...) as a fresh contiguous array."""
+    rows = t[i : i + 1] if k == 1 else t[i::m]
+    return np.ascontiguousarray(rows.detach().cpu().numpy())
+
+
+def openvino_denoiser(ldm, denoiser, precision: str):
+    """`denoiser` (the model's own) with its backbone run by OpenVINO at the sampling precision `precision` (fp32,
+    bf16 or auto, as --precision), made once per model and precision and kept while the model lives."""
+    if ldm.device.type != "cpu":
+        raise InputError(f"--backend openvino runs on the CPU; this model is on {ldm.device}: use --device cpu")
+    if denoiser is not ldm.denoiser:
+        raise InputError("--backend openvino runs a model's own denoiser only (generate, sample); use --backend torch")
+    hint = "bf16" if sampling_dtype(precision, ldm.device) == torch.bfloat16 else "f32"
+    with _made_lock:
+        per_model = _made.setdefault(denoiser, {})
+        if hint not in per_model:
+            made = copy.copy(denoiser)
+            made._modules = dict(denoiser._modules)  # the copy's own module table: the model's stays as it is
+            made._modules["backbone"] = OpenVINOBackbone(denoiser.backbone, hint)
+            per_model[hint] = made
+        return per_model[hint]

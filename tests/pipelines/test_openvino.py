@@ -1,0 +1,122 @@
+"""--backend openvino: the backbone exported to OpenVINO gives the PyTorch numbers (fp32), keeps every image's numbers
+whatever the batch (each image is one inference of its own rows), is exported once and cached (a damaged entry is
+exported again), and is refused in one line where it cannot run."""
+
+import sys
+
+import pytest
+import torch
+
+from ldmkit.conditioning.types import Conditioning
+from ldmkit.denoisers.unet import UNet
+from ldmkit.errors import InputError
+from ldmkit.ldm import LatentDiffusion
+from ldmkit.nn.invariant import image_rows
+from ldmkit.pipelines.generate import generate
+from ldmkit.pipelines.request import LoRASpec, SampleRequest
+from tests.factory import attention_unet, normal_init
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+from ldmkit.pipelines import openvino as backend  # noqa: E402
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "openvino"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return normal_init(UNet(attention_unet(context_dim=8)), std=0.05).eval()
+
+
+def inputs(b: int, seed: int = 1):
+    """b guided images: x, c_noise and a masked context for their 2b rows (conditional rows, then unconditional)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    c_noise = torch.rand(b, generator=g)
+    context = torch.randn(2 * b, 5, 8, generator=g)
+    mask = torch.ones(2 * b, 5, dtype=torch.bool)
+    mask[::2, 3:] = False  # some rows with padding tokens
+    return torch.cat([x, x]), torch.cat([c_noise, c_noise]), Conditioning(context=context, context_mask=mask)
+
+
+def run(net, x, c_noise, cond):
+    with torch.no_grad(), image_rows(2, x.shape[0]):
+        return net(x, c_noise, cond)
+
+
+def test_fp32_gives_the_pytorch_numbers_and_each_image_its_own_alone(unet, cache):
+    net = backend.OpenVINOBackbone(unet, "f32")
+    x, c_noise, cond = inputs(3)
+    together = run(net, x, c_noise, cond)
+    assert (together - run(unet, x, c_noise, cond)).abs().max() < 1e-4
+    for i in range(3):
+        rows = [i, i + 3]
+        alone = run(net, x[rows], c_noise[rows], cond.map(lambda t, rows=rows: t[rows]))
+        assert torch.equal(alone, together[rows])  # bit for bit, alone or in a batch of 3
+    assert len(list(cache.iterdir())) == 1  # one export for one signature (k rows, shapes)
+
+
+def test_the_numbers_do_not_depend_on_the_streams(unet, cache):
+    x, c_noise, cond = inputs(4)
+    one = run(backend.OpenVINOBackbone(unet, "f32", streams=1), x, c_noise, cond)
+    two = run(backend.OpenVINOBackbone(unet, "f32", streams=2), x, c_noise, cond)
+    assert torch.equal(one, two)
+
+
+def test_an_export_is_cached_and_a_damaged_one_is_made_again(unet, cache, monkeypatch, capsys):
+    x, c_noise, cond = inputs(1)
+    first = run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, cond)
+    assert "exporting the denoiser to OpenVINO" in capsys.readouterr().err
+    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: pytest.fail("exported again"))
+    assert torch.equal(run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, cond), first)
+    (entry,) = cache.iterdir()
+    (entry / "model.xml").write_text("<net>cut short")
+    monkeypatch.undo()
+    monkeypatch.setenv("LDMKIT_CACHE", str(cache.parent))
+    again = run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, cond)
+    assert torch.equal(again, first) and "could not be read" in capsys.readouterr().err
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary folder left behind
+
+
+def test_other_weights_are_another_export(unet, cache):
+    x, c_noise, cond = inputs(1)
+    run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, cond)
+    other = UNet(attention_unet(context_dim=8)).eval()
+    other.load_state_dict(unet.state_dict())
+    with torch.no_grad():
+        next(other.parameters()).add_(0.5)
+    run(backend.OpenVINOBackbone(other, "f32"), x, c_noise, cond)
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_refusals_name_what_to_do(unet, cache, monkeypatch, tiny_ldm):
+    x, c_noise, cond = inputs(1)
+    hinted = Conditioning(context=cond.context, context_mask=cond.context_mask, hint=(torch.zeros(2, 3, 32, 32),))
+    with pytest.raises(InputError, match="cannot run a backbone conditioned on hint.*--backend torch"):
+        run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, hinted)
+    ldm = LatentDiffusion.load(tiny_ldm)
+    with pytest.raises(InputError, match="--backend openvino does not take --lora"):
+        generate(ldm, SampleRequest(n=1, steps=2, backend="openvino", loras=(LoRASpec(str(tiny_ldm), 0.5),)))
+    with pytest.raises(InputError, match="--backend"):
+        SampleRequest(backend="onnx")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(InputError, match=r"pip install 'ldmkit\[openvino\]'"):
+        backend.OpenVINOBackbone(unet, "f32")
+
+
+def test_generate_with_openvino_draws_the_pytorch_images_alone_or_batched(tiny_ldm, cache):
+    ldm = LatentDiffusion.load(tiny_ldm)
+
+    def images(backend_name, batch_size):
+        req = SampleRequest(n=3, steps=3, cfg=2.0, seed=5, batch_size=batch_size, backend=backend_name)
+        return generate(ldm, req)[0]
+
+    batched = images("openvino", 3)
+    assert (batched - images("torch", 3)).abs().max() < 1e-3
+    assert torch.equal(images("openvino", 1), batched)
+    assert SampleRequest(backend="openvino").record()["backend"] == "openvino"
+    assert "backend" not in SampleRequest().record()
