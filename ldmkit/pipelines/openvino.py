@@ -36,7 +36,7 @@ from ..nn.invariant import plain_kernels, rows_per_image
 from ..runtime import sampling_dtype
 
 FIELDS = ("context", "context_mask", "labels", "concat")  # the conditioning an exported backbone takes
-EXPORT_VERSION = "1"  # bump when the exported graph's inputs change: old cache entries are then not read
+EXPORT_VERSION = "2"  # bump when the exported graph's inputs change: old cache entries are then not read
 _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model's denoiser -> {precision: its copy}
 _made_lock = threading.Lock()
 
@@ -89,7 +89,8 @@ class OpenVINOBackbone(nn.Module):
         self.cache = Path(cache) if cache is not None else cache_home() / "openvino"
         self.streams = max(1, int(streams or torch.get_num_threads()))
         self.core = self.ov.Core()
-        self.compiled: dict[tuple, object] = {}
+        self.compiled: dict[tuple, object] = {}  # signature -> compiled model
+        self.queues: dict[object, object] = {}  # compiled model -> its inference queue
         self.lock = threading.Lock()
         self._sha: str | None = None
 
@@ -158,6 +159,8 @@ class OpenVINOBackbone(nn.Module):
             warnings.simplefilter("ignore", DeprecationWarning)  # OpenVINO's PyTorch front end traces with torch.jit
             model = self.ov.convert_model(traced, example_input=tensors)
             want = traced(*tensors).float()
+        # the export's inputs come out of any size; fixed to this signature's, the CPU plugin plans for them (1.7x)
+        model.reshape({port: list(a.shape) for port, a in zip(model.inputs, example)})
         got = torch.from_numpy(self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(example)[0])
         error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
         if not error < 1e-3:  # a trace that froze a data-dependent branch would differ here
@@ -175,10 +178,11 @@ class OpenVINOBackbone(nn.Module):
         return model
 
     def _infer_all(self, compiled, per_image: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Each image's inference, side by side on the streams (a queue of one request a stream, kept)."""
+        if compiled not in self.queues:
+            self.queues[compiled] = self.ov.AsyncInferQueue(compiled, self.streams)
+        queue = self.queues[compiled]
         outs: list[np.ndarray | None] = [None] * len(per_image)
-        if len(per_image) == 1:
-            return [compiled.create_infer_request().infer(per_image[0])[0].copy()]
-        queue = self.ov.AsyncInferQueue(compiled, min(self.streams, len(per_image)))
 
         def done(request, i):
             outs[i] = request.get_output_tensor(0).data.copy()
