@@ -350,7 +350,7 @@ def test_cpu_sampling_times_the_same_images_on_both_sides(parameterisation, tiny
 
     out = tmp_path / "cpu.json"
     argv = [str(model), "--n", "2", "--steps", "3", "--repeats", "1", "--precisions", "fp32", "--out", str(out)]
-    assert cpu_sampling.main([*argv, "--prompt", "a b"]) == 0
+    assert cpu_sampling.main([*argv, "--prompt", "a b", "--backends", "torch"]) == 0
     result = json.loads(out.read_text())
     rows = {(r["pipeline"], r["precision"]): r for r in result["batch"]}
     assert set(rows) == {("ldmkit", "fp32"), ("diffusers", "fp32")}
@@ -369,6 +369,22 @@ def test_cpu_sampling_asked_for_bf16_alone_still_runs_its_fp32_reference(tiny_ld
 
     out = tmp_path / "cpu.json"
     argv = [str(tiny_ldm), "--n", "2", "--steps", "2", "--repeats", "1", "--precisions", "bf16", "--out", str(out)]
-    assert cpu_sampling.main(argv) == 0
+    assert cpu_sampling.main([*argv, "--backends", "torch"]) == 0
     rows = {(r["pipeline"], r["precision"]) for r in json.loads(out.read_text())["batch"]}
     assert rows == {(who, p) for who in ("ldmkit", "diffusers") for p in ("fp32", "bf16")}
+
+
+def test_cpu_sampling_times_ldmkit_on_openvino_too(tiny_ldm, tmp_path, monkeypatch):
+    """With --backends openvino, ldmkit's rows on OpenVINO (ldmkit-ov) draw the images of its PyTorch rows."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_sampling
+
+    out = tmp_path / "cpu.json"
+    argv = [str(tiny_ldm), "--n", "2", "--steps", "2", "--repeats", "1", "--precisions", "fp32", "--out", str(out)]
+    assert cpu_sampling.main([*argv, "--backends", "openvino"]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["pipeline"], r["precision"]): r for r in result["batch"] + result["one_image"]}
+    assert {who for who, _ in rows} == {"ldmkit", "ldmkit-ov", "diffusers"}
+    assert rows[("ldmkit-ov", "fp32")]["diff"] < 1e-3 and result["backends"] == ["torch", "openvino"]
