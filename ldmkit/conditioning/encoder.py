@@ -114,7 +114,14 @@ class TextEncoder(nn.Module):
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            context = self(ids, mask)
+            if torch.is_grad_enabled():
+                context = self(ids, mask)
+            else:  # each distinct prompt once (`generate "red apple" --n 16` encodes one), then put back in its rows
+                row_of = {}
+                which = torch.tensor([row_of.setdefault(p, i) for i, p in enumerate(prompts)], device=ids.device)
+                first = torch.tensor(list(row_of.values()), device=ids.device)
+                slot = torch.searchsorted(first, which)  # row i's place among the distinct prompts' rows
+                context = self(ids[first], mask[first])[slot]
         return Conditioning(context=context, context_mask=mask if self.mask_padding else torch.ones_like(mask))
 
 

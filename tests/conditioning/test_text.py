@@ -91,6 +91,26 @@ def test_minilm_shapes_mask_and_frozen(minilm):
     assert not cond.context.requires_grad and not any(p.requires_grad for p in minilm.parameters())
 
 
+def test_a_repeated_prompt_is_encoded_once_with_its_numbers_alone(minilm, monkeypatch):
+    """`generate "red apple" --n 16` encoded the same prompt 16 times (one call each under batch invariance)."""
+    from ldmkit.nn.invariant import batch_invariant
+
+    prompts = ["a red car", "", "a red car", "two dogs", ""]
+    with torch.no_grad(), batch_invariant():
+        alone = [minilm.encode([p]) for p in prompts]
+        rows = []
+        forward = type(minilm).forward
+        monkeypatch.setattr(
+            type(minilm), "forward", lambda self, ids, mask: rows.append(len(ids)) or forward(self, ids, mask)
+        )
+        together = minilm.encode(prompts)
+    assert rows == [3]  # the three distinct prompts, once each
+    for i, one in enumerate(alone):
+        assert torch.equal(together.context[i], one.context[0]) and torch.equal(
+            together.context_mask[i], one.context_mask[0]
+        )
+
+
 def test_minilm_deterministic_even_after_train(minilm):
     a = minilm.encode(["a small boat on a lake"])
     minilm.train()  # BERT has dropout: a frozen encoder must stay in eval mode
