@@ -12,7 +12,8 @@ AMX), in bf16: ldmkit with `precision="bf16"` (its steps under autocast, decodin
 `torch.autocast("cpu", torch.bfloat16)` around its whole loop. The rows are interleaved, each keeps its best of
 `--repeats` after a warm-up, and the headline ratio is best against best. A second table times one image, warm
 (n = 1), the same way. With the openvino extra installed, ldmkit also runs with `backend="openvino"` (rows
-"ldmkit-ov": its backbone exported to OpenVINO, each image one inference). Every row reports its mean absolute pixel difference from ldmkit's float32 images.
+"ldmkit-ov": its backbone exported to OpenVINO, each image one inference). Every row reports its mean absolute
+pixel difference from ldmkit's float32 images.
 Writes benchmarks/out/cpu_sampling.json. diffusers is needed only here (it is the peer, not a dependency).
 """
 
