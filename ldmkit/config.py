@@ -331,6 +331,7 @@ class VideoConfig:
 
 # serve.precision's values: runtime.SAMPLING_PRECISIONS, which config (below torch) cannot import; a test compares them
 SAMPLING_PRECISIONS = ("fp32", "bf16", "auto")
+BACKENDS = ("torch", "openvino")  # serve.backend's values: runtime.BACKENDS (the same test compares them)
 LORA_TARGETS = ("attn", "attn+ff", "all", "all+conv")  # the values of LoRAConfig.targets
 LORA_LAYOUTS = ("peft", "kohya")  # the values of LoRAConfig.layout
 
@@ -473,6 +474,9 @@ class ServeConfig:
     # what every request's sampling steps compute in, as the image commands' --precision (runtime.sampling_dtype):
     # fp32; bf16 (autocast; refused at start where the device has no native bf16); auto (bf16 where native)
     precision: str = bounded("fp32", Bound(choices=SAMPLING_PRECISIONS))
+    # what runs plain generations' denoiser on the CPU, as generate's --backend: torch, or openvino (exported and
+    # compiled at start; requests with LoRAs or ControlNets, and edits, still run in torch, never batched with these)
+    backend: str = bounded("torch", Bound(choices=BACKENDS))
 
 
 @dataclass(frozen=True)

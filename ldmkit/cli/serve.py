@@ -33,7 +33,7 @@ def add(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _serve_options(p: argparse.ArgumentParser):
-    from ..config import SAMPLING_PRECISIONS  # runtime's, without importing torch
+    from ..config import BACKENDS, SAMPLING_PRECISIONS  # runtime's, without importing torch
 
     p.add_argument(
         "--model",
@@ -52,6 +52,12 @@ def _serve_options(p: argparse.ArgumentParser):
         help="what every request's sampling steps compute in: fp32, bf16 (autocast; refused at start where the CPU "
         "or GPU has no native bf16) or auto (bf16 where native, else fp32) (default fp32)",
     )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="what runs plain generations' denoiser: torch, or openvino (exported at start; edits and requests with "
+        "LoRAs or ControlNets still run in torch) (default torch)",
+    )
     p.add_argument("--policy", help="a policy.toml: prompts its rules refuse get 400 with the rule's id")
     p.add_argument("--config", help="a serve.toml with [serve] and [limits] tables")
     p.add_argument("--no-auth", action="store_true", help="serve without keys (loopback addresses only)")
@@ -63,7 +69,7 @@ def cmd_serve(args):
     from ..serve.server import serve
 
     overrides = list(args.overrides)
-    for key in ("host", "port", "database", "device", "policy", "precision"):
+    for key in ("host", "port", "database", "device", "policy", "precision", "backend"):
         if getattr(args, key) is not None:
             overrides.append(f"serve.{key}={getattr(args, key)}")
     if args.model:

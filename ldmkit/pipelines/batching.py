@@ -28,8 +28,8 @@ from .request import LoRASpec, SampleRequest
 
 def share_key(req: SampleRequest) -> tuple:
     """What requests to one model must have in common to share a forward pass (height and width as asked: 0 means
-    the training resolution and is resolved by `plan`)."""
-    return (req.height, req.width, req.sampler, req.steps, req.eta, req.cfg_rescale, guides(req.cfg))
+    the training resolution and is resolved by `plan`), the backend included: an image's numbers are its backend's."""
+    return (req.height, req.width, req.sampler, req.steps, req.eta, req.cfg_rescale, guides(req.cfg), req.backend)
 
 
 @dataclass(frozen=True)

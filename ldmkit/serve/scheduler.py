@@ -138,15 +138,17 @@ class Scheduler:
         on_batch=None,
         warmup: bool = False,
         precision: str = "fp32",
+        backend: str = "torch",
     ):
         """models: name -> LatentDiffusion; max_batch: images per forward pass; max_wait_ms: how long the oldest job
         waits for company; queue_images: images that may wait (more: QueueFull); on_batch(images): a metrics hook;
         warmup: time a few tiny batches of each model here, before the worker starts, so admission has an estimate
         from the first request on (without it, requests are admitted until the first batches were measured);
-        precision: the sampling precision the warm-up batches run in, the server's (serve.precision)."""
+        precision, backend: what the warm-up batches run in, the server's (serve.precision, serve.backend: an
+        OpenVINO export is made or read then, not at the first request)."""
         self.models, self.max_batch, self.max_wait = models, max_batch, max_wait_ms / 1000
         self.queue_images, self.on_batch, self.warmup = queue_images, on_batch, warmup
-        self.precision = precision
+        self.precision, self.backend = precision, backend
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._draining = False
@@ -282,7 +284,7 @@ class Scheduler:
         (inpainting, upscaling) are measured by their first batches instead."""
         for name, ldm in self.models.items():
             for n in sorted({1, min(4, self.max_batch)}):
-                req = SampleRequest(n=n, steps=3, precision=self.precision)
+                req = SampleRequest(n=n, steps=3, precision=self.precision, backend=self.backend)
                 timer = StepTimer()
                 try:
                     generate_together(ldm, [req], self.max_batch, timer)

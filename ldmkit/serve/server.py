@@ -15,6 +15,7 @@ import socket
 
 from ..config import ServeRun
 from ..errors import InputError
+from ..pipelines.openvino import load_openvino
 from ..runtime import resolve_device, sampling_dtype
 from .app import create_app
 from .models import load_models
@@ -46,9 +47,14 @@ def check_auth_setting(host: str, no_auth: bool) -> None:
 
 def build(run: ServeRun, no_auth: bool = False):
     """(ASGI app, Service) for `run`: models loaded, store opened. Settings the machine cannot honour (bf16 sampling
-    without native bf16) are refused first."""
+    without native bf16, OpenVINO on a GPU or without its package) are refused first."""
     check_auth_setting(run.serve.host, no_auth)
-    sampling_dtype(run.serve.precision, resolve_device(run.serve.device, "--device"), "--precision")
+    device = resolve_device(run.serve.device, "--device")
+    sampling_dtype(run.serve.precision, device, "--precision")
+    if run.serve.backend == "openvino":
+        if device.type != "cpu":
+            raise InputError(f"--backend openvino runs on the CPU, not {device}; use --device cpu or --backend torch")
+        load_openvino()  # the package, or the extra to install
     store = open_store(run.serve.database or None)
     models = load_models(run.serve.models, run.serve.device)
     return create_app(run, models, store, no_auth=no_auth)

@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -128,6 +128,7 @@ class Service:
             on_batch=metrics.batch.observe,
             warmup=True,  # admission control has an estimate from the first request on
             precision=cfg.precision,
+            backend=cfg.backend,
         )
         # native jobs, oldest first: id -> (job, record: model, params, created, output, error, ended)
         self.jobs: collections.OrderedDict[str, tuple[Job, dict]] = collections.OrderedDict()
@@ -236,6 +237,7 @@ class Service:
         and return its images; the audit row gets the parameters, the outputs and the timings. units: a generation's
         ControlNet units (controls.py: ControlUnit), recorded in its parameters and batched with its job."""
         audit = request.state.audit
+        req = self.on_backend(req, run, units)
         params = request_params(req, **recorded(units), **extra)
         audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         job = self.queue(principal, served, req, run, units=units)
@@ -261,6 +263,13 @@ class Service:
         request.state.quota = held
         return out
 
+    def on_backend(self, req: SampleRequest, run=None, units=()) -> SampleRequest:
+        """req with the backend it runs on: the server's (serve.backend) for a plain generation, torch for an edit
+        (run) or a request with LoRAs or ControlNets (units), which OpenVINO's export does not hold. The choice
+        depends on the request alone, and requests on different backends never share a batch (share_key)."""
+        plain = run is None and not req.loras and not units
+        return replace(req, backend=self.run.serve.backend if plain else "torch")
+
     def queue(
         self, principal: Principal, served, req: SampleRequest, run=None, on_done=None, frames: int = 1, units=()
     ) -> Job:
@@ -270,6 +279,7 @@ class Service:
         Refused at once (413) when its images are larger than limits.max_pixels or it cannot finish within
         serve.timeout_s, and (429) when the work queued ahead leaves it too little time."""
         self._check_pixels(served, req)
+        req = self.on_backend(req, run, units)
         job = Job(
             served.name,
             req,

@@ -141,6 +141,7 @@ def test_the_web_page_offers_a_distilled_models_own_settings(live):
 
 def test_bf16_serving_without_native_bf16_is_refused_at_start_in_one_line(tmp_path, tiny_ldm, monkeypatch, capsys):
     assert config.SAMPLING_PRECISIONS == runtime.SAMPLING_PRECISIONS  # serve.precision takes --precision's values
+    assert config.BACKENDS == runtime.BACKENDS  # serve.backend takes --backend's
     monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     run = ServeRun(serve=ServeConfig(models=(str(tiny_ldm),), database=str(tmp_path / "db"), precision="bf16"))
     with pytest.raises(InputError, match="--precision bf16: this CPU has neither AVX-512 BF16 nor AMX"):

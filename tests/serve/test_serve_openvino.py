@@ -1,0 +1,68 @@
+"""serve.backend = openvino: plain generations run on OpenVINO (exported at start), each image the library's
+OpenVINO image alone or batched; a request with a LoRA runs in torch, as the library draws it; a server that cannot
+run OpenVINO is refused at start in one line."""
+
+import io
+import sys
+from dataclasses import replace
+
+import pytest
+
+from ldmkit.config import ServeConfig, ServeRun
+from ldmkit.data.images import to_pil
+from ldmkit.errors import InputError
+from ldmkit.ldm import LatentDiffusion
+from ldmkit.pipelines.batching import generate_together
+from ldmkit.pipelines.lora import LoRAFolder, LoRASpec
+from ldmkit.pipelines.request import SampleRequest
+from ldmkit.serve.server import build
+from tests.pipelines.test_batching_loras import random_lora
+from tests.serve_helpers import LiveServer, finished, pixels
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+
+def library(ldm, req: SampleRequest) -> bytes:
+    """The PNG pixels of the request alone, drawn by the library."""
+    buf = io.BytesIO()
+    to_pil(generate_together(ldm, [req])[0][0]).save(buf, format="PNG")
+    return pixels(buf.getvalue())
+
+
+def test_plain_requests_run_on_openvino_and_lora_requests_in_torch(tmp_path, tiny_text_ldm, monkeypatch):
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
+    ldm = LatentDiffusion.load(tiny_text_ldm)
+    random_lora(ldm.unet, tmp_path / "loras" / "ink.safetensors", 1)
+    server = LiveServer(
+        tmp_path / "db",
+        models=(str(tiny_text_ldm),),
+        no_auth=True,
+        watermark=False,
+        backend="openvino",
+        loras=str(tmp_path / "loras"),
+        max_wait_ms=500,
+    )
+    try:
+        assert list((tmp_path / "cache" / "openvino").iterdir())  # exported by the warm-up, before any request
+        body = {"prompt": "a b", "steps": 2, "seed": 5, "cfg": 3.0}
+        with server.client() as c:
+            ids = [c.post("/v1/jobs", json=body | {"n": n}).json()["id"] for n in (1, 2)]
+            ids.append(c.post("/v1/jobs", json=body | {"n": 1, "loras": [{"name": "ink", "scale": 0.8}]}).json()["id"])
+            views = [finished(c, i) for i in ids]
+    finally:
+        server.close()
+    assert [v["params"].get("backend") for v in views] == ["openvino", "openvino", None]  # torch records nothing
+    alone, batched, lora = (pixels(v["images"][0]) for v in views)
+    assert alone == batched  # image 0 of seed 5, alone or beside another
+    req = SampleRequest(n=1, prompts=["a b"], steps=2, seed=5, cfg=3.0)
+    assert library(ldm, replace(req, backend="openvino")) == alone
+    ink = LoRAFolder(tmp_path / "loras").resolve(ldm, [LoRASpec("", 0.8, "ink")])
+    assert library(ldm, replace(req, loras=ink)) == lora and lora != alone
+
+
+def test_a_server_that_cannot_run_openvino_is_refused_at_start(tmp_path, tiny_ldm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    run = ServeRun(serve=ServeConfig(models=(str(tiny_ldm),), database=str(tmp_path / "db"), backend="openvino"))
+    with pytest.raises(InputError, match=r"pip install 'ldmkit\[openvino\]'"):
+        build(run, no_auth=True)
+    assert not (tmp_path / "db").exists()  # before the store opens or a model loads
