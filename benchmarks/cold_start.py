@@ -6,7 +6,7 @@
 
 Three figures, each the median of --repeats fresh processes: `import ldmkit.cli` (the total `-X importtime`
 reports for it, and whether torch came with it), `ldmkit --help`, and `ldmkit generate --model emoji "red apple"
---steps 25` from process start to the PNG on disk. Each process's wall time and its CPU time (user + system) are
+--steps 25` (plus --generate-args) from process start to the PNG on disk. Each process's wall time and its CPU time (user + system) are
 kept: on a machine shared with other jobs the wall time grows with their load while the CPU time mostly does not.
 --baseline names another source tree (e.g. `git archive OLD ldmkit | tar -x -C /tmp/old`, with the weights/ folder
 linked beside it); its runs alternate with this tree's so that a busy machine slows both alike.
@@ -19,6 +19,7 @@ import argparse
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def timed(cmd: list[str], root: Path, cwd: str) -> tuple[float, float, str]:
     return wall, usage.ru_utime + usage.ru_stime, err
 
 
-def measure(root: Path, python: str, model: str, steps: int, tmp: str) -> dict:
+def measure(root: Path, python: str, model: str, steps: int, tmp: str, extra: tuple[str, ...] = ()) -> dict:
     """One run of each figure for the source tree `root`."""
     _, _, err = timed([python, "-X", "importtime", "-c", "import ldmkit.cli"], root, tmp)
     total = [int(m.group(1)) for m in re.finditer(r"\|\s*(\d+) \| ldmkit\.cli$", err, re.M)]
@@ -54,7 +55,7 @@ def measure(root: Path, python: str, model: str, steps: int, tmp: str) -> dict:
     help_wall, help_cpu, _ = timed([python, "-c", CLI, "--help"], root, tmp)
     out = Path(tmp) / "x.png"
     gen = [python, "-c", CLI, "generate", "--model", model, "red apple", "--steps", str(steps), "--out", str(out)]
-    gen_wall, gen_cpu, _ = timed([*gen, "--overwrite"], root, tmp)
+    gen_wall, gen_cpu, _ = timed([*gen, "--overwrite", *extra], root, tmp)
     if not out.is_file():
         raise SystemExit(f"generate wrote no {out} under {root}")
     return {
@@ -72,6 +73,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="emoji")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--generate-args",
+        default="",
+        help='more options for the timed generate, e.g. "--backend openvino --precision auto" (its export cached by '
+        "a first run)",
+    )
     ap.add_argument("--tree", default=str(ROOT), help="the ldmkit source tree (holding ldmkit/) to measure")
     ap.add_argument("--baseline", help="another ldmkit source tree to measure beside --tree")
     ap.add_argument("--python", default=sys.executable, help="the interpreter (default: this one)")
@@ -83,7 +90,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for name, root in trees.items():
-                runs[name].append(measure(root, args.python, args.model, args.steps, tmp))
+                extra = tuple(shlex.split(args.generate_args))
+                runs[name].append(measure(root, args.python, args.model, args.steps, tmp, extra))
             result = summary(args, trees, runs)
             # after every round: a long run on a busy machine keeps what it measured
             write_json(args.out, result, quiet=True)
@@ -116,6 +124,7 @@ def summary(args, trees: dict[str, Path], runs: dict[str, list[dict]]) -> dict:
         "python": platform.python_version(),
         "model": args.model,
         "steps": args.steps,
+        "generate_args": args.generate_args,
         "repeats": len(next(iter(runs.values()))),
         "trees": {name: str(root) for name, root in trees.items()},
         "rows": rows,

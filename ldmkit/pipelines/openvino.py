@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -106,7 +107,8 @@ class OpenVINOBackbone(nn.Module):
         n = x.shape[0]
         k = rows_per_image(n)
         m = n // k
-        inputs = [x.float(), c_noise.float().reshape(n)] + [
+        c_noise = c_noise.float().expand(n) if c_noise.ndim == 0 else c_noise.float().reshape(n)
+        inputs = [x.float(), c_noise] + [
             fields[name].float() if fields[name].is_floating_point() else fields[name] for name in names
         ]
         signature = (k, names) + tuple((tuple(t.shape[1:]), str(t.dtype)) for t in inputs)
@@ -166,6 +168,9 @@ class OpenVINOBackbone(nn.Module):
         if not error < 1e-3:  # a trace that froze a data-dependent branch would differ here
             raise RuntimeError(f"the OpenVINO export of this backbone differs from it (relative error {error:.2g})")
         self.cache.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache.glob(".*-*"):  # what an export killed mid-write left, an hour or more ago
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.cache))
         try:
             self.ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)

@@ -82,6 +82,24 @@ def test_an_export_is_cached_and_a_damaged_one_is_made_again(unet, cache, monkey
     assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary folder left behind
 
 
+def test_an_export_killed_mid_write_leaves_no_entry_and_is_cleared_later(unet, cache, monkeypatch):
+    import os
+    import time
+
+    x, c_noise, cond = inputs(1)
+    monkeypatch.setattr(ov, "save_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, cond)
+    assert list(cache.iterdir()) == []  # nothing half-written is ever read back
+    killed = cache / ".0123-abcd"  # what kill -9 between the write and the rename leaves
+    killed.mkdir()
+    os.utime(killed, (time.time() - 7200,) * 2)
+    monkeypatch.undo()
+    monkeypatch.setenv("LDMKIT_CACHE", str(cache.parent))
+    run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, cond)
+    assert not killed.exists() and len(list(cache.iterdir())) == 1
+
+
 def test_other_weights_are_another_export(unet, cache):
     x, c_noise, cond = inputs(1)
     run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, cond)
