@@ -6,8 +6,9 @@
 
 Three figures, each the median of --repeats fresh processes: `import ldmkit.cli` (the total `-X importtime`
 reports for it, and whether torch came with it), `ldmkit --help`, and `ldmkit generate --model emoji "red apple"
---steps 25` (plus --generate-args) from process start to the PNG on disk. Each process's wall time and its CPU time (user + system) are
-kept: on a machine shared with other jobs the wall time grows with their load while the CPU time mostly does not.
+--steps 25` (plus --generate-args) from process start to the PNG on disk. Each process's wall time and its CPU time
+(user + system) are kept: on a machine shared with other jobs the wall time grows with their load while the CPU
+time mostly does not.
 --baseline names another source tree (e.g. `git archive OLD ldmkit | tar -x -C /tmp/old`, with the weights/ folder
 linked beside it); its runs alternate with this tree's so that a busy machine slows both alike.
 Writes benchmarks/out/cold_start.json.
