@@ -114,8 +114,8 @@ class TextEncoder(nn.Module):
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            if torch.is_grad_enabled():
-                context = self(ids, mask)
+            if torch.is_grad_enabled() or any(m._forward_hooks for m in self.modules()):
+                context = self(ids, mask)  # hooks (a LoRA applied per row) may treat equal prompts differently
             else:  # each distinct prompt once (`generate "red apple" --n 16` encodes one), then put back in its rows
                 row_of = {}
                 which = torch.tensor([row_of.setdefault(p, i) for i, p in enumerate(prompts)], device=ids.device)
