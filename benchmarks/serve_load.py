@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py                     # emoji, 1 / 4 / 16 clients, 4 requests each
     .venv/bin/python benchmarks/serve_load.py --clients 1,4 --requests 2 --steps 4   # a quick run
+    .venv/bin/python benchmarks/serve_load.py --backend openvino  # both servers with serve.backend = openvino
     .venv/bin/python benchmarks/serve_load.py --clients 1 --lora-clients 4 --requests 1 --steps 2 --kill-seconds 0
     .venv/bin/python benchmarks/serve_load.py --clients "" --lora-clients 0 --control-clients 3 --requests 1 \
         --steps 2 --kill-seconds 0                                # the ControlNet row alone, tiny
@@ -227,9 +228,13 @@ def main():
         "--control-clients", type=int, default=16, help="clients of the ControlNet row (2 ControlNets); 0 skips it"
     )
     ap.add_argument("--kill-seconds", type=float, default=6.0, help="length of the kill test; 0 skips it")
+    ap.add_argument(
+        "--backend", default="torch", choices=("torch", "openvino"), help="both servers' serve.backend (default torch)"
+    )
     ap.add_argument("--out", default=default_out("serve_load"))
     args = ap.parse_args()
-    modes = {"batched": (), "one at a time": ("serve.max_batch=1", "serve.max_wait_ms=0")}
+    on = f"serve.backend={args.backend}"
+    modes = {"batched": (on,), "one at a time": (on, "serve.max_batch=1", "serve.max_wait_ms=0")}
     rows, mismatched = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -280,6 +285,7 @@ def main():
     result = {
         "machine": f"{os.cpu_count()} CPUs",
         "steps": args.steps,
+        "backend": args.backend,
         "requests_per_client": args.requests,
         "rows": rows,
         "speedup": ratios,
