@@ -14,7 +14,6 @@ from .options import (
     generation_options,
     lora_options,
     sampling_options,
-    spec_options,
 )
 
 
@@ -43,7 +42,6 @@ def _sample_options(p: argparse.ArgumentParser):
     text.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line; one image per line")
     generation_options(p, "sample")
     sampling_options(p, "sample")
-    spec_options(p, "sample", "backend")
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument(
         "--out",
@@ -60,7 +58,6 @@ def _generate_options(p: argparse.ArgumentParser):
     )
     generation_options(p, "generate")
     sampling_options(p, "generate")
-    spec_options(p, "generate", "backend")
     control_options(p)
     lora_options(p)
     embedding_options(p)

@@ -106,7 +106,11 @@ def sampling_options(p: argparse.ArgumentParser, command: str):
 def generation_options(p: argparse.ArgumentParser, command: str):
     """What the image commands share beyond sampling_options: labels, the negative prompt, guidance rescale, eta
     (from the parameter table), and the governance of their output."""
+    from ..pipelines.request import SPEC
+
     spec_options(p, command, "labels", "negative_prompt", "cfg_rescale", "eta", "precision")
+    if command in SPEC["backend"].commands:
+        spec_options(p, command, "backend")
     p.add_argument(
         "--policy",
         help="a policy.toml: prompts its rules refuse stop the command before any work; its [safety] and "

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..conditioning.types import Conditioning
 from ..data.common import cache_home
+from ..denoisers.controlnet import Controlled
 from ..errors import InputError
 from ..nn.invariant import plain_kernels, rows_per_image
 from ..runtime import sampling_dtype
@@ -212,6 +213,8 @@ def openvino_denoiser(ldm, denoiser, precision: str):
         raise InputError(f"--backend openvino runs on the CPU; this model is on {ldm.device}: use --device cpu")
     if denoiser is not ldm.denoiser:
         raise InputError("--backend openvino runs a model's own denoiser only (generate, sample); use --backend torch")
+    if isinstance(denoiser.backbone, Controlled):
+        raise InputError("--backend openvino does not take ControlNets (--control) yet; use --backend torch")
     hint = "bf16" if sampling_dtype(precision, ldm.device) == torch.bfloat16 else "f32"
     with _made_lock:
         per_model = _made.setdefault(denoiser, {})

@@ -408,7 +408,7 @@ FIELDS: tuple[Param, ...] = (
         "in $LDMKIT_CACHE/openvino; each image one inference, so batch-invariant too; pip install 'ldmkit[openvino]')",
         choices=BACKENDS,
         names={"cli": "--backend"},
-        commands=("sample", "generate"),
+        commands=("sample", "generate", "img2img", "inpaint", "outpaint"),
     ),
 )
 SPEC: Mapping[str, Param] = MappingProxyType({p.name: p for p in FIELDS})

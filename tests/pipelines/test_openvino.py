@@ -138,3 +138,42 @@ def test_generate_with_openvino_draws_the_pytorch_images_alone_or_batched(tiny_l
     assert torch.equal(images("openvino", 1), batched)
     assert SampleRequest(backend="openvino").record()["backend"] == "openvino"
     assert "backend" not in SampleRequest().record()
+
+
+def test_img2img_and_inpaint_on_openvino_draw_the_pytorch_images_alone_or_batched(tiny_ldm, cache):
+    from ldmkit.pipelines.img2img import img2img
+    from ldmkit.pipelines.inpaint import InpaintOptions, inpaint
+
+    ldm = LatentDiffusion.load(tiny_ldm)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 16, 16, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 3:9, 6:14] = 1
+    kw = dict(n=3, labels=[0, 1], steps=3, cfg=2.0, seed=11)
+
+    def edits(backend_name, batch_size):
+        req = SampleRequest(**kw, batch_size=batch_size, backend=backend_name)
+        return img2img(ldm, x, req, 0.6)[0], inpaint(ldm, req, x, mask, InpaintOptions())[0]
+
+    batched = edits("openvino", 3)
+    for ov_images, torch_images, alone in zip(batched, edits("torch", 3), edits("openvino", 1)):
+        assert (ov_images - torch_images).abs().max() < 1e-3
+        assert torch.equal(alone, ov_images)  # image i the same at any batch size on OpenVINO too
+
+
+def test_a_controlnet_is_refused_before_the_steps(tiny_ldm, cache, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.pipelines.control import apply_controls, parse_control
+    from tests.pipelines.test_control_edits import _controlnet
+
+    edges = np.zeros((16, 16, 3), np.uint8)
+    edges[3:13, 6] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    net = _controlnet(tmp_path / "a.safetensors", tiny_ldm, 0)
+    ldm = LatentDiffusion.load(tiny_ldm)
+    apply_controls(ldm, [parse_control(f"{net}:{tmp_path}/edges.png:0.8")], (16, 16), 2)
+    with pytest.raises(InputError, match="does not take ControlNets.*--backend torch"):
+        generate(ldm, SampleRequest(n=1, labels=[1], steps=2, backend="openvino"))
+    assert not cache.exists()  # refused before any export
