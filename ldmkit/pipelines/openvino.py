@@ -94,7 +94,8 @@ class OpenVINOBackbone(nn.Module):
         self.compiled: dict[tuple, object] = {}  # signature -> compiled model
         self.queues: dict[object, object] = {}  # compiled model -> its inference queue
         self.lock = threading.Lock()
-        self._sha: str | None = None
+        self._sha: str | None = None  # the weights' SHA-256, taken at the first export
+        self._version = _weights_version(backbone)  # what the compiled models were made from
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         fields = (cond or Conditioning()).fields()
@@ -115,6 +116,9 @@ class OpenVINOBackbone(nn.Module):
         signature = (k, names) + tuple((tuple(t.shape[1:]), str(t.dtype)) for t in inputs)
         per_image = [[_rows(t, i, k, m) for t in inputs] for i in range(m)]
         with self.lock:
+            version = _weights_version(self.source[0])
+            if version != self._version:  # weights changed in place (a LoRA merged): export anew
+                self.compiled, self.queues, self._sha, self._version = {}, {}, None, version
             compiled = self._compiled(signature, names, per_image[0])
             outs = self._infer_all(compiled, per_image)
         out = torch.from_numpy(np.stack(outs, 1).reshape(n, *outs[0].shape[1:]))  # back in the batch's row order
@@ -198,6 +202,13 @@ class OpenVINOBackbone(nn.Module):
             queue.start_async(arrays, i)
         queue.wait_all()
         return outs
+
+
+def _weights_version(net: nn.Module) -> tuple[int, int]:
+    """Changes whenever a weight or buffer of `net` is changed in place (torch counts each tensor's in-place writes)
+    or replaced: the compiled models are then stale."""
+    tensors = list(net.state_dict(keep_vars=True).values())
+    return sum(t._version for t in tensors), hash(tuple(t.data_ptr() for t in tensors))
 
 
 def _rows(t: torch.Tensor, i: int, k: int, m: int) -> np.ndarray:

@@ -177,3 +177,16 @@ def test_a_controlnet_is_refused_before_the_steps(tiny_ldm, cache, tmp_path):
     with pytest.raises(InputError, match="does not take ControlNets.*--backend torch"):
         generate(ldm, SampleRequest(n=1, labels=[1], steps=2, backend="openvino"))
     assert not cache.exists()  # refused before any export
+
+
+def test_weights_changed_in_place_are_exported_again(cache):
+    torch.manual_seed(0)
+    net = normal_init(UNet(attention_unet(context_dim=8)), std=0.05).eval()
+    ov_net = backend.OpenVINOBackbone(net, "f32")
+    x, c_noise, cond = inputs(1)
+    before = run(ov_net, x, c_noise, cond)
+    with torch.no_grad():
+        next(net.parameters()).add_(0.5)  # what merging a LoRA into the weights does
+    after = run(ov_net, x, c_noise, cond)
+    assert not torch.equal(before, after) and (after - run(net, x, c_noise, cond)).abs().max() < 1e-4
+    assert len(list(cache.iterdir())) == 2
