@@ -237,7 +237,7 @@ class Service:
         and return its images; the audit row gets the parameters, the outputs and the timings. units: a generation's
         ControlNet units (controls.py: ControlUnit), recorded in its parameters and batched with its job."""
         audit = request.state.audit
-        req = self.on_backend(req, run, units)
+        req = self.on_backend(req, served, run, units)
         params = request_params(req, **recorded(units), **extra)
         audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         job = self.queue(principal, served, req, run, units=units)
@@ -263,11 +263,14 @@ class Service:
         request.state.quota = held
         return out
 
-    def on_backend(self, req: SampleRequest, run=None, units=()) -> SampleRequest:
-        """req with the backend it runs on: the server's (serve.backend) for a plain generation, torch for an edit
-        (run) or a request with LoRAs or ControlNets (units), which OpenVINO's export does not hold. The choice
-        depends on the request alone, and requests on different backends never share a batch (share_key)."""
-        plain = run is None and not req.loras and not units
+    def on_backend(self, req: SampleRequest, served, run=None, units=()) -> SampleRequest:
+        """req with the backend it runs on: the server's (serve.backend) for a plain generation at the model's own
+        size, torch for an edit (run), a request with LoRAs or ControlNets (units), which OpenVINO's export does not
+        hold, or one of another size (each size is an export of its own, on disk: clients choosing sizes would fill
+        it). The choice depends on the request alone, and requests on different backends never share a batch
+        (share_key)."""
+        res = served.ldm.run.data.resolution
+        plain = run is None and not req.loras and not units and {req.height, req.width} <= {0, res}
         return replace(req, backend=self.run.serve.backend if plain else "torch")
 
     def queue(
@@ -279,7 +282,7 @@ class Service:
         Refused at once (413) when its images are larger than limits.max_pixels or it cannot finish within
         serve.timeout_s, and (429) when the work queued ahead leaves it too little time."""
         self._check_pixels(served, req)
-        req = self.on_backend(req, run, units)
+        req = self.on_backend(req, served, run, units)
         job = Job(
             served.name,
             req,

@@ -48,11 +48,13 @@ def test_plain_requests_run_on_openvino_and_lora_requests_in_torch(tmp_path, tin
         with server.client() as c:
             ids = [c.post("/v1/jobs", json=body | {"n": n}).json()["id"] for n in (1, 2)]
             ids.append(c.post("/v1/jobs", json=body | {"n": 1, "loras": [{"name": "ink", "scale": 0.8}]}).json()["id"])
+            ids.append(c.post("/v1/jobs", json=body | {"n": 1, "width": 24}).json()["id"])  # another size: torch
             views = [finished(c, i) for i in ids]
     finally:
         server.close()
-    assert [v["params"].get("backend") for v in views] == ["openvino", "openvino", None]  # torch records nothing
-    alone, batched, lora = (pixels(v["images"][0]) for v in views)
+    assert [v["params"].get("backend") for v in views] == ["openvino", "openvino", None, None]  # torch: nothing
+    assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 1  # the model's own size only
+    alone, batched, lora, _ = (pixels(v["images"][0]) for v in views)
     assert alone == batched  # image 0 of seed 5, alone or beside another
     req = SampleRequest(n=1, prompts=["a b"], steps=2, seed=5, cfg=3.0)
     assert library(ldm, replace(req, backend="openvino")) == alone

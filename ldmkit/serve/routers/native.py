@@ -56,7 +56,7 @@ def router():
         req = checked_request(svc, served, fields, {}, JOBS)
         svc.check(served, req, principal)
         units = native_units(svc, served, body.controls, req)  # ControlNet units: batched with any generation
-        req = svc.on_backend(req, units=units)  # recorded as it runs
+        req = svc.on_backend(req, served, units=units)  # recorded as it runs
         params = request_params(req, **used, **recorded(units))
         request.state.audit.update(model=served.name, weights_sha256=served.sha256, params=params)
         job = svc.submit(principal, served, req, params, units=units)
