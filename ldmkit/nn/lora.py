@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
@@ -134,6 +135,7 @@ class LoRASet(nn.Module):
 
 # --- unmerged: forward hooks with per-sample scales -----------------------------------------------------------------
 
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # network -> its Attached sets, in order
 # the scales of the current call, per attached set: {id(set): (B,) tensor or float}; set by `scales`
 _SCALES: contextvars.ContextVar[dict[int, torch.Tensor | float] | None] = contextvars.ContextVar(
     "lora_scales", default=None
@@ -190,10 +192,18 @@ class Attached:
             raise InputError(f"the LoRA names {len(missing)} modules the network lacks, first {missing[0]}")
         self.lora, self.default = lora, scale
         self.handles = [mods[p].register_forward_hook(self._hook(m)) for p, m in lora.items()]
+        _ATTACHED.setdefault(net, []).append(self)
+        self.net = weakref.ref(net)
+
+    def scale(self) -> torch.Tensor | float:
+        """This call's scale: the `scales` block's for this set, else the one given when attached."""
+        return (_SCALES.get() or {}).get(id(self.lora), self.default)
 
     def _hook(self, layer: LoRA):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-            s = (_SCALES.get() or {}).get(id(self.lora), self.default)
+            s = self.scale()
+            if not isinstance(s, torch.Tensor) and float(s) == 0.0:
+                return out  # what a scale of 0 adds to a finite output
             if isinstance(s, torch.Tensor) and s.ndim == 1 and not bool(s.all()):
                 return _add_where_used(layer, module, inputs[0], s, out)
             return out + _per_sample(s, out) * layer(inputs[0], module)
@@ -204,6 +214,14 @@ class Attached:
         for h in self.handles:
             h.remove()
         self.handles = []
+        net = self.net()
+        if net is not None and self in _ATTACHED.get(net, []):
+            _ATTACHED[net].remove(self)
+
+
+def attached(net: nn.Module) -> list[Attached]:
+    """The sets hooked into `net` (unmerged), in the order they were attached."""
+    return list(_ATTACHED.get(net, []))
 
 
 def attach(net: nn.Module, lora: LoRASet, scale: torch.Tensor | float = 1.0) -> Attached:

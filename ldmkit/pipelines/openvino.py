@@ -35,10 +35,12 @@ from ..data.common import cache_home
 from ..denoisers.controlnet import Controlled
 from ..errors import InputError
 from ..nn.invariant import plain_kernels, rows_per_image
+from ..nn.lora import attached, scales
 from ..runtime import sampling_dtype
 
 FIELDS = ("context", "context_mask", "labels", "concat")  # the conditioning an exported backbone takes
 EXPORT_VERSION = "2"  # bump when the exported graph's inputs change: old cache entries are then not read
+MAX_COMPILED = 16  # compiled models kept per backbone (one a LoRA combination and input signature)
 _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model's denoiser -> {precision: its copy}
 _made_lock = threading.Lock()
 
@@ -66,14 +68,21 @@ def weights_sha256(net: nn.Module) -> str:
 
 
 class _Traced(nn.Module):
-    """backbone(x, c_noise, Conditioning(names = tensors)) with plain tensor inputs, the form an export takes."""
+    """backbone(x, c_noise, Conditioning(names = tensors)) with plain tensor inputs, the form an export takes. With
+    `loras` (sets hooked into the backbone), the last input holds their scales, one each; any other set hooked into
+    the backbone is left out (scale 0 adds nothing)."""
 
-    def __init__(self, backbone: nn.Module, names: tuple[str, ...]):
+    def __init__(self, backbone: nn.Module, names: tuple[str, ...], loras: tuple = ()):
         super().__init__()
-        self.backbone, self.names = backbone, names
+        self.backbone, self.names, self.loras = backbone, names, loras
 
     def forward(self, x, c_noise, *tensors):
-        return self.backbone(x, c_noise, Conditioning(**dict(zip(self.names, tensors))))
+        if self.loras:
+            *tensors, s = tensors
+        per_set = {a.lora: 0.0 for a in attached(self.backbone)}
+        per_set |= {lora: s[j : j + 1] for j, lora in enumerate(self.loras)}
+        with scales(per_set):
+            return self.backbone(x, c_noise, Conditioning(**dict(zip(self.names, tensors))))
 
 
 class OpenVINOBackbone(nn.Module):
@@ -96,6 +105,7 @@ class OpenVINOBackbone(nn.Module):
         self.lock = threading.Lock()
         self._sha: str | None = None  # the weights' SHA-256, taken at the first export
         self._version = _weights_version(backbone)  # what the compiled models were made from
+        self._lora_shas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA set -> its SHA-256
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         fields = (cond or Conditioning()).fields()
@@ -115,19 +125,39 @@ class OpenVINOBackbone(nn.Module):
         ]
         signature = (k, names) + tuple((tuple(t.shape[1:]), str(t.dtype)) for t in inputs)
         per_image = [[_rows(t, i, k, m) for t in inputs] for i in range(m)]
+        uses = _lora_scales(attached(self.source[0]), m)  # per image: {set: its nonzero scale}
+        groups: dict[tuple, list[int]] = {}  # the sets an image uses -> its images
+        for i, mine in enumerate(uses):
+            groups.setdefault(tuple(mine), []).append(i)
+        outs: list[np.ndarray | None] = [None] * m
         with self.lock:
             version = _weights_version(self.source[0])
             if version != self._version:  # weights changed in place (a LoRA merged): export anew
                 self.compiled, self.queues, self._sha, self._version = {}, {}, None, version
-            compiled = self._compiled(signature, names, per_image[0])
-            outs = self._infer_all(compiled, per_image)
+            for loras, images in groups.items():  # each set of LoRAs is a model of its own, its images side by side
+                shas = tuple(self._lora_sha(lora) for lora in loras)
+                arrays = [
+                    per_image[i] + ([np.array([uses[i][a] for a in loras], np.float32)] if loras else [])
+                    for i in images
+                ]
+                compiled = self._compiled(signature + (shas,), names, arrays[0], loras)
+                for i, o in zip(images, self._infer_all(compiled, arrays)):
+                    outs[i] = o
         out = torch.from_numpy(np.stack(outs, 1).reshape(n, *outs[0].shape[1:]))  # back in the batch's row order
         return out.to(x.dtype)
 
+    def _lora_sha(self, lora) -> str:
+        if lora not in self._lora_shas:
+            self._lora_shas[lora] = weights_sha256(lora)
+        return self._lora_shas[lora]
+
     # --- export and compile ---------------------------------------------------------------------------------------
-    def _compiled(self, signature: tuple, names: tuple[str, ...], example: list[np.ndarray]):
+    def _compiled(self, signature: tuple, names: tuple[str, ...], example: list[np.ndarray], loras: tuple = ()):
         if signature not in self.compiled:
-            model = self._exported(signature, names, example)
+            if len(self.compiled) >= MAX_COMPILED:  # many LoRA combinations: the oldest model is compiled again later
+                oldest = next(iter(self.compiled))
+                self.queues.pop(self.compiled.pop(oldest), None)
+            model = self._exported(signature, names, example, loras)
             config = {
                 "INFERENCE_PRECISION_HINT": self.precision,
                 "PERFORMANCE_HINT": "THROUGHPUT",
@@ -137,7 +167,7 @@ class OpenVINOBackbone(nn.Module):
             self.compiled[signature] = self.core.compile_model(model, "CPU", config)
         return self.compiled[signature]
 
-    def _exported(self, signature: tuple, names: tuple[str, ...], example: list[np.ndarray]):
+    def _exported(self, signature: tuple, names: tuple[str, ...], example: list[np.ndarray], loras: tuple = ()):
         """The exported graph for `signature`: read from the cache, or exported from the backbone and cached."""
         if self._sha is None:
             self._sha = weights_sha256(self.source[0])
@@ -158,7 +188,7 @@ class OpenVINOBackbone(nn.Module):
         print(
             f"note: exporting the denoiser to OpenVINO for this input shape (once; cached in {folder})", file=sys.stderr
         )
-        traced = _Traced(self.source[0], names).eval()
+        traced = _Traced(self.source[0], names, loras).eval()
         tensors = tuple(torch.from_numpy(a) for a in example)
         with torch.no_grad(), plain_kernels(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
             # the tracer warns at every shape check (batch size, channels): the export is for this one shape
@@ -202,6 +232,22 @@ class OpenVINOBackbone(nn.Module):
             queue.start_async(arrays, i)
         queue.wait_all()
         return outs
+
+
+def _lora_scales(hooked: list, m: int) -> list[dict]:
+    """Per image of m, {LoRA set: its scale} for the sets hooked into the backbone (nn.lora.attached) that the image
+    uses (scale not 0), in the order they were hooked: one scale for all, or one per image."""
+    uses: list[dict] = [{} for _ in range(m)]
+    for a in hooked:
+        s = a.scale()
+        if isinstance(s, torch.Tensor) and s.ndim == 1 and len(s) not in (1, m):
+            raise InputError(f"{len(s)} LoRA scales do not fit {m} images; give one scale per image")
+        values = s.float().reshape(-1).tolist() if isinstance(s, torch.Tensor) else [float(s)]
+        for i in range(m):
+            v = values[i] if len(values) == m else values[0]
+            if v != 0.0:
+                uses[i][a.lora] = v
+    return uses
 
 
 def _weights_version(net: nn.Module) -> tuple[int, int]:

@@ -529,10 +529,6 @@ class SampleRequest:
                 p.check(getattr(self, p.name))  # resolve_device checks it
         object.__setattr__(self, "loras", SPEC["loras"].check(self.loras, label="--lora"))
         check_seed_count(self.seed, self.n)
-        if self.backend == "openvino" and self.loras:
-            raise InputError(
-                "--backend openvino does not take --lora yet (the export holds the weights); use --backend torch"
-            )
         check_eta_sampler(self.eta, self.sampler)
         if self.prompts is not None:
             if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):

@@ -264,13 +264,13 @@ class Service:
         return out
 
     def on_backend(self, req: SampleRequest, served, run=None, units=()) -> SampleRequest:
-        """req with the backend it runs on: the server's (serve.backend) for a plain generation at the model's own
-        size, torch for an edit (run), a request with LoRAs or ControlNets (units), which OpenVINO's export does not
-        hold, or one of another size (each size is an export of its own, on disk: clients choosing sizes would fill
-        it). The choice depends on the request alone, and requests on different backends never share a batch
+        """req with the backend it runs on: the server's (serve.backend) for a generation at the model's own size
+        (LoRAs included), torch for an edit (run), a request with ControlNets (units), which OpenVINO's export does
+        not hold, or one of another size (each size is an export of its own, on disk: clients choosing sizes would
+        fill it). The choice depends on the request alone, and requests on different backends never share a batch
         (share_key)."""
         res = served.ldm.run.data.resolution
-        plain = run is None and not req.loras and not units and {req.height, req.width} <= {0, res}
+        plain = run is None and not units and {req.height, req.width} <= {0, res}
         return replace(req, backend=self.run.serve.backend if plain else "torch")
 
     def queue(

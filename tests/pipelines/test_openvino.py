@@ -3,6 +3,7 @@ whatever the batch (each image is one inference of its own rows), is exported on
 exported again), and is refused in one line where it cannot run."""
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,9 +117,6 @@ def test_refusals_name_what_to_do(unet, cache, monkeypatch, tiny_ldm):
     hinted = Conditioning(context=cond.context, context_mask=cond.context_mask, hint=(torch.zeros(2, 3, 32, 32),))
     with pytest.raises(InputError, match="cannot run a backbone conditioned on hint.*--backend torch"):
         run(backend.OpenVINOBackbone(unet, "f32"), x, c_noise, hinted)
-    ldm = LatentDiffusion.load(tiny_ldm)
-    with pytest.raises(InputError, match="--backend openvino does not take --lora"):
-        generate(ldm, SampleRequest(n=1, steps=2, backend="openvino", loras=(LoRASpec(str(tiny_ldm), 0.5),)))
     with pytest.raises(InputError, match="--backend"):
         SampleRequest(backend="onnx")
     monkeypatch.setitem(sys.modules, "openvino", None)
@@ -190,3 +188,31 @@ def test_weights_changed_in_place_are_exported_again(cache):
     after = run(ov_net, x, c_noise, cond)
     assert not torch.equal(before, after) and (after - run(net, x, c_noise, cond)).abs().max() < 1e-4
     assert len(list(cache.iterdir())) == 2
+
+
+def test_loras_run_on_openvino_each_image_its_alone_image(tiny_ldm, cache, tmp_path):
+    """Requests with different LoRAs (and none) batched together on OpenVINO: each image is the one it gets alone
+    on OpenVINO, within 1e-3 of PyTorch's; each LoRA combination is an export of its own."""
+    from ldmkit.pipelines.batching import generate_together
+    from tests.pipelines.test_batching_loras import random_lora
+
+    ldm = LatentDiffusion.load(tiny_ldm)
+    ink = random_lora(ldm.unet, tmp_path / "ink.safetensors", 1)
+    toy = random_lora(ldm.unet, tmp_path / "toy.safetensors", 2, "attn")
+    base = SampleRequest(n=2, labels=[0, 1], steps=2, cfg=2.0, seed=4)
+    reqs = [
+        replace(base, loras=(LoRASpec(str(ink), 0.8),)),
+        base,
+        replace(base, seed=9, loras=(LoRASpec(str(ink), -0.5), LoRASpec(str(toy), 1.0))),
+    ]
+    ov_reqs = [replace(r, backend="openvino") for r in reqs]
+    together = generate_together(ldm, ov_reqs)
+    for r, ov_r, got in zip(reqs, ov_reqs, together):
+        assert torch.equal(generate_together(ldm, [ov_r])[0], got)  # alone or batched
+        assert (generate_together(ldm, [r])[0] - got).abs().max() < 1e-3  # PyTorch's image
+    assert not torch.equal(together[0], together[1])  # the LoRA acts
+    assert len(list(cache.iterdir())) == 3  # no LoRA, ink, ink + toy (the scale is an input, not an export)
+    ldm2 = LatentDiffusion.load(tiny_ldm)  # generate --lora: one request's LoRAs, hooked at one scale
+    single = generate(ldm2, replace(base, backend="openvino", loras=(LoRASpec(str(ink), 0.3),)))[0]
+    assert (single - generate(ldm2, replace(base, loras=(LoRASpec(str(ink), 0.3),)))[0]).abs().max() < 1e-3
+    assert len(list(cache.iterdir())) == 3

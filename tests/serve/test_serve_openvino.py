@@ -1,6 +1,6 @@
-"""serve.backend = openvino: plain generations run on OpenVINO (exported at start), each image the library's
-OpenVINO image alone or batched; a request with a LoRA runs in torch, as the library draws it; a server that cannot
-run OpenVINO is refused at start in one line."""
+"""serve.backend = openvino: generations run on OpenVINO (exported at start), LoRAs included, each image the
+library's OpenVINO image alone or batched; a request of another size runs in torch; a server that cannot run
+OpenVINO is refused at start in one line."""
 
 import io
 import sys
@@ -29,7 +29,7 @@ def library(ldm, req: SampleRequest) -> bytes:
     return pixels(buf.getvalue())
 
 
-def test_plain_requests_run_on_openvino_and_lora_requests_in_torch(tmp_path, tiny_text_ldm, monkeypatch):
+def test_requests_run_on_openvino_loras_included_and_other_sizes_in_torch(tmp_path, tiny_text_ldm, monkeypatch):
     monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
     ldm = LatentDiffusion.load(tiny_text_ldm)
     random_lora(ldm.unet, tmp_path / "loras" / "ink.safetensors", 1)
@@ -52,12 +52,12 @@ def test_plain_requests_run_on_openvino_and_lora_requests_in_torch(tmp_path, tin
             views = [finished(c, i) for i in ids]
     finally:
         server.close()
-    assert [v["params"].get("backend") for v in views] == ["openvino", "openvino", None, None]  # torch: nothing
-    assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 1  # the model's own size only
+    assert [v["params"].get("backend") for v in views] == ["openvino", "openvino", "openvino", None]  # torch: none
+    assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 2  # the model's own size; with ink, without
     alone, batched, lora, _ = (pixels(v["images"][0]) for v in views)
     assert alone == batched  # image 0 of seed 5, alone or beside another
-    req = SampleRequest(n=1, prompts=["a b"], steps=2, seed=5, cfg=3.0)
-    assert library(ldm, replace(req, backend="openvino")) == alone
+    req = SampleRequest(n=1, prompts=["a b"], steps=2, seed=5, cfg=3.0, backend="openvino")
+    assert library(ldm, req) == alone
     ink = LoRAFolder(tmp_path / "loras").resolve(ldm, [LoRASpec("", 0.8, "ink")])
     assert library(ldm, replace(req, loras=ink)) == lora and lora != alone
 
