@@ -265,12 +265,12 @@ class Service:
 
     def on_backend(self, req: SampleRequest, served, run=None, units=()) -> SampleRequest:
         """req with the backend it runs on: the server's (serve.backend) for a generation at the model's own size
-        (LoRAs included), torch for an edit (run), a request with ControlNets (units), which OpenVINO's export does
-        not hold, or one of another size (each size is an export of its own, on disk: clients choosing sizes would
-        fill it). The choice depends on the request alone, and requests on different backends never share a batch
-        (share_key)."""
+        with at most one LoRA, torch for an edit (run), a request with ControlNets (units), which OpenVINO's export
+        does not hold, one of another size or with several LoRAs (each size and each LoRA combination is an export of
+        its own, on disk: clients choosing sizes or combinations would fill it). The choice depends on the request
+        alone, and requests on different backends never share a batch (share_key)."""
         res = served.ldm.run.data.resolution
-        plain = run is None and not units and {req.height, req.width} <= {0, res}
+        plain = run is None and not units and len(req.loras) <= 1 and {req.height, req.width} <= {0, res}
         return replace(req, backend=self.run.serve.backend if plain else "torch")
 
     def queue(

@@ -33,6 +33,7 @@ def test_requests_run_on_openvino_loras_included_and_other_sizes_in_torch(tmp_pa
     monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
     ldm = LatentDiffusion.load(tiny_text_ldm)
     random_lora(ldm.unet, tmp_path / "loras" / "ink.safetensors", 1)
+    random_lora(ldm.unet, tmp_path / "loras" / "toy.safetensors", 2)
     server = LiveServer(
         tmp_path / "db",
         models=(str(tiny_text_ldm),),
@@ -49,12 +50,14 @@ def test_requests_run_on_openvino_loras_included_and_other_sizes_in_torch(tmp_pa
             ids = [c.post("/v1/jobs", json=body | {"n": n}).json()["id"] for n in (1, 2)]
             ids.append(c.post("/v1/jobs", json=body | {"n": 1, "loras": [{"name": "ink", "scale": 0.8}]}).json()["id"])
             ids.append(c.post("/v1/jobs", json=body | {"n": 1, "width": 24}).json()["id"])  # another size: torch
+            two = [{"name": "ink", "scale": 0.8}, {"name": "toy", "scale": 0.5}]  # a LoRA combination: torch
+            ids.append(c.post("/v1/jobs", json=body | {"n": 1, "loras": two}).json()["id"])
             views = [finished(c, i) for i in ids]
     finally:
         server.close()
-    assert [v["params"].get("backend") for v in views] == ["openvino", "openvino", "openvino", None]  # torch: none
+    assert [v["params"].get("backend") for v in views] == ["openvino"] * 3 + [None, None]  # torch records none
     assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 2  # the model's own size; with ink, without
-    alone, batched, lora, _ = (pixels(v["images"][0]) for v in views)
+    alone, batched, lora, _, _ = (pixels(v["images"][0]) for v in views)
     assert alone == batched  # image 0 of seed 5, alone or beside another
     req = SampleRequest(n=1, prompts=["a b"], steps=2, seed=5, cfg=3.0, backend="openvino")
     assert library(ldm, req) == alone
