@@ -101,7 +101,7 @@ class OpenVINOBackbone(nn.Module):
         self.streams = max(1, int(streams or torch.get_num_threads()))
         self.core = self.ov.Core()
         self.compiled: dict[tuple, object] = {}  # signature -> compiled model
-        self.queues: dict[object, object] = {}  # compiled model -> its inference queue
+        self.queues: dict[object, list] = {}  # compiled model -> its inference requests, one a stream
         self.lock = threading.Lock()
         self._sha: str | None = None  # the weights' SHA-256, taken at the first export
         self._version = _weights_version(backbone)  # what the compiled models were made from
@@ -218,19 +218,19 @@ class OpenVINOBackbone(nn.Module):
         return model
 
     def _infer_all(self, compiled, per_image: list[list[np.ndarray]]) -> list[np.ndarray]:
-        """Each image's inference, side by side on the streams (a queue of one request a stream, kept)."""
+        """Each image's inference, side by side on the streams: waves of one request a stream (kept per compiled
+        model), each waited for here. No Python callback runs on OpenVINO's threads."""
         if compiled not in self.queues:
-            self.queues[compiled] = self.ov.AsyncInferQueue(compiled, self.streams)
-        queue = self.queues[compiled]
-        outs: list[np.ndarray | None] = [None] * len(per_image)
-
-        def done(request, i):
-            outs[i] = request.get_output_tensor(0).data.copy()
-
-        queue.set_callback(done)
-        for i, arrays in enumerate(per_image):
-            queue.start_async(arrays, i)
-        queue.wait_all()
+            self.queues[compiled] = [compiled.create_infer_request() for _ in range(self.streams)]
+        requests = self.queues[compiled]
+        outs: list[np.ndarray] = []
+        for start in range(0, len(per_image), len(requests)):
+            wave = list(zip(requests, per_image[start : start + len(requests)]))
+            for request, arrays in wave:
+                request.start_async(arrays)
+            for request, _ in wave:
+                request.wait()
+                outs.append(request.get_output_tensor(0).data.copy())
         return outs
 
 
