@@ -104,7 +104,8 @@ class OpenVINOBackbone(nn.Module):
         self.queues: dict[object, list] = {}  # compiled model -> its inference requests, one a stream
         self.lock = threading.Lock()
         self._sha: str | None = None  # the weights' SHA-256, taken at the first export
-        self._version = _weights_version(backbone)  # what the compiled models were made from
+        self._tensors = list(backbone.state_dict(keep_vars=True).values())  # its weights and buffers
+        self._version = _weights_version(self._tensors)  # what the compiled models were made from
         self._lora_shas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA set -> its SHA-256
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
@@ -131,7 +132,7 @@ class OpenVINOBackbone(nn.Module):
             groups.setdefault(tuple(mine), []).append(i)
         outs: list[np.ndarray | None] = [None] * m
         with self.lock:
-            version = _weights_version(self.source[0])
+            version = _weights_version(self._tensors)
             if version != self._version:  # weights changed in place (a LoRA merged): export anew
                 self.compiled, self.queues, self._sha, self._version = {}, {}, None, version
             for loras, images in groups.items():  # each set of LoRAs is a model of its own, its images side by side
@@ -250,11 +251,10 @@ def _lora_scales(hooked: list, m: int) -> list[dict]:
     return uses
 
 
-def _weights_version(net: nn.Module) -> tuple[int, int]:
-    """Changes whenever a weight or buffer of `net` is changed in place (torch counts each tensor's in-place writes)
-    or replaced: the compiled models are then stale."""
-    tensors = list(net.state_dict(keep_vars=True).values())
-    return sum(t._version for t in tensors), hash(tuple(t.data_ptr() for t in tensors))
+def _weights_version(tensors: list[torch.Tensor]) -> int:
+    """Changes whenever one of `tensors` (a network's weights and buffers) is changed in place: torch counts each
+    tensor's in-place writes. The compiled models are then stale."""
+    return sum(t._version for t in tensors)
 
 
 def _rows(t: torch.Tensor, i: int, k: int, m: int) -> np.ndarray:
