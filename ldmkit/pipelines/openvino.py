@@ -43,6 +43,20 @@ EXPORT_VERSION = "2"  # bump when the exported graph's inputs change: old cache 
 MAX_COMPILED = 16  # compiled models kept per backbone (one a LoRA combination and input signature)
 _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model's denoiser -> {precision: its copy}
 _made_lock = threading.Lock()
+_CORE = None  # the process's OpenVINO Core (_core)
+_core_lock = threading.Lock()
+
+
+def _core(ov):
+    """The process's one OpenVINO Core, never freed. Each Core's CPU plugin installs an alternate signal stack on the
+    thread that first compiles with it and, when freed, puts back the one it found: Cores freed out of order left a
+    freed stack installed, and the next signal with a handler (a child's SIGCHLD, with torch's DataLoader handler
+    installed) killed the process with SIGSEGV."""
+    global _CORE
+    with _core_lock:
+        if _CORE is None:
+            _CORE = ov.Core()
+        return _CORE
 
 
 def load_openvino():
@@ -99,7 +113,7 @@ class OpenVINOBackbone(nn.Module):
         self.precision = precision
         self.cache = Path(cache) if cache is not None else cache_home() / "openvino"
         self.streams = max(1, int(streams or torch.get_num_threads()))
-        self.core = self.ov.Core()
+        self.core = _core(self.ov)
         self.compiled: dict[tuple, object] = {}  # signature -> compiled model
         self.queues: dict[object, list] = {}  # compiled model -> its inference requests, one a stream
         self.lock = threading.Lock()

@@ -3,8 +3,10 @@ whatever the batch (each image is one inference of its own rows), is exported on
 exported again), and is refused in one line where it cannot run."""
 
 import os
+import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +222,39 @@ def test_loras_run_on_openvino_each_image_its_alone_image(tiny_ldm, cache, tmp_p
     single = generate(ldm2, replace(base, backend="openvino", loras=(LoRASpec(str(ink), 0.3),)))[0]
     assert (single - generate(ldm2, replace(base, loras=(LoRASpec(str(ink), 0.3),)))[0]).abs().max() < 1e-3
     assert len(list(cache.iterdir())) == 3
+
+
+SIGNALS_AFTER_FREED_CORES = """
+import gc, signal, subprocess, sys, torch
+from ldmkit.pipelines import openvino as backend
+from tests.pipelines.test_openvino import inputs, run
+from tests.factory import attention_unet, normal_init
+from ldmkit.denoisers.unet import UNet
+if sys.argv[1] == "one core a backbone":  # what the backend did: each backbone its own Core
+    backend._core = lambda ov: ov.Core()
+signal.signal(signal.SIGCHLD, lambda *a: None)  # as torch's DataLoader installs one
+torch.manual_seed(0)
+net = normal_init(UNet(attention_unet(context_dim=8)), std=0.05).eval()
+x, c_noise, cond = inputs(1)
+a = backend.OpenVINOBackbone(net, "f32"); run(a, x, c_noise, cond)
+b = backend.OpenVINOBackbone(net, "bf16"); run(b, x, c_noise, cond)
+del a; gc.collect()
+del b; gc.collect()  # freed out of the order they were made
+for _ in range(5):
+    subprocess.run(["true"], check=True)  # each child's exit is a SIGCHLD to this process
+print("signals delivered")
+"""
+
+
+def test_signals_are_delivered_after_backbones_are_freed_in_any_order(cache, tmp_path):
+    """Each OpenVINO Core's CPU plugin installs an alternate signal stack and, freed, puts back the one before it:
+    with a Core per backbone, freeing them out of order left a freed stack installed, and the next SIGCHLD killed the
+    process (the full test suite died so, in the OpenAI client's `uname` subprocess). One Core per process now."""
+    script = tmp_path / "signals.py"
+    script.write_text(SIGNALS_AFTER_FREED_CORES)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run(
+        [sys.executable, str(script), "shared core"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "signals delivered" in done.stdout, done.stderr[-2000:]
