@@ -20,9 +20,6 @@ from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.request import LoRASpec, SampleRequest
 from tests.factory import attention_unet, normal_init
 
-# OpenVINO runs in a process of its own: tests/test_openvino_process.py runs this module there (see its docstring)
-if os.environ.get("LDMKIT_OPENVINO_PROCESS") != "1":
-    pytest.skip("run by tests/test_openvino_process.py in its own process", allow_module_level=True)
 ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 from ldmkit.pipelines import openvino as backend  # noqa: E402
 

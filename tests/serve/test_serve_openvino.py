@@ -3,7 +3,6 @@ library's OpenVINO image alone or batched; a request of another size runs in tor
 OpenVINO is refused at start in one line."""
 
 import io
-import os
 import sys
 from dataclasses import replace
 
@@ -20,9 +19,6 @@ from ldmkit.serve.server import build
 from tests.pipelines.test_batching_loras import random_lora
 from tests.serve_helpers import LiveServer, finished, pixels
 
-# OpenVINO runs in a process of its own: tests/test_openvino_process.py runs this module there (see its docstring)
-if os.environ.get("LDMKIT_OPENVINO_PROCESS") != "1":
-    pytest.skip("run by tests/test_openvino_process.py in its own process", allow_module_level=True)
 pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
 
