@@ -71,7 +71,7 @@ def subset_rows(n: int, k: int, m: int):
     return image_rows(k if rows_per_image(n) == k else 1, m)
 
 
-def _own(t: torch.Tensor, i: int, k: int = 1) -> torch.Tensor:
+def own_rows(t: torch.Tensor, i: int, k: int = 1) -> torch.Tensor:
     """Image i's rows of t (one row, or its k rows i, i + n / k, ...) as a fresh contiguous tensor: the same shape,
     strides and alignment in any batch."""
     rows = t[i : i + 1] if k == 1 else t[i :: t.shape[0] // k]
@@ -89,7 +89,7 @@ def _each(n: int, call, k: int = 1) -> torch.Tensor:
 def _split_mask(mask, n: int, i: int, k: int = 1):
     """An attention mask's share for image i: its own rows when it has one per row, else the shared mask."""
     if isinstance(mask, torch.Tensor) and mask.ndim >= 3 and mask.shape[0] == n:
-        return _own(mask, i, k)
+        return own_rows(mask, i, k)
     return mask
 
 
@@ -99,9 +99,9 @@ def _per_image(func, args: tuple, kwargs: dict):
     n = x.shape[0]
     k = rows_per_image(n)
     if func in _CONV and x.ndim == 4:
-        return _each(n, lambda i: func(_own(x, i, k), *args[1:], **kwargs), k)
+        return _each(n, lambda i: func(own_rows(x, i, k), *args[1:], **kwargs), k)
     if func in _LINEAR and x.ndim >= 2:
-        return _each(n, lambda i: func(_own(x, i, k), *args[1:], **kwargs), k)
+        return _each(n, lambda i: func(own_rows(x, i, k), *args[1:], **kwargs), k)
     if func in _ATTENTION and x.ndim >= 3:
         q, key, v, *rest = args
         if key.shape[0] != n or v.shape[0] != n:
@@ -111,20 +111,22 @@ def _per_image(func, args: tuple, kwargs: dict):
         tail = tuple(rest[1:])
         return _each(
             n,
-            lambda i: func(_own(q, i, k), _own(key, i, k), _own(v, i, k), _split_mask(mask, n, i, k), *tail, **kw),
+            lambda i: func(
+                own_rows(q, i, k), own_rows(key, i, k), own_rows(v, i, k), _split_mask(mask, n, i, k), *tail, **kw
+            ),
             k,
         )
     if func in _PRODUCTS and len(args) == 2 and isinstance(args[1], torch.Tensor) and not kwargs:
         a, b = args
         if a.ndim >= 3 and b.ndim >= 3 and b.shape[0] == n:
-            return _each(n, lambda i: func(_own(a, i, k), _own(b, i, k)), k)
+            return _each(n, lambda i: func(own_rows(a, i, k), own_rows(b, i, k)), k)
         if a.ndim >= 2 and b.ndim == 2:  # one shared right-hand matrix: each image's rows alone
-            return _each(n, lambda i: func(_own(a, i, k), b), k)
+            return _each(n, lambda i: func(own_rows(a, i, k), b), k)
         return None
     if func in _BADDBMM and len(args) == 3:
         c, a, b = args
         if a.ndim == 3 and c.ndim == 3 and c.shape[0] == a.shape[0] == b.shape[0]:
-            return _each(n, lambda i: func(_own(c, i, k), _own(a, i, k), _own(b, i, k), **kwargs), k)
+            return _each(n, lambda i: func(own_rows(c, i, k), own_rows(a, i, k), own_rows(b, i, k), **kwargs), k)
     return None
 
 

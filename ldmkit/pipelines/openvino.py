@@ -34,7 +34,7 @@ from ..conditioning.types import Conditioning
 from ..data.common import cache_home
 from ..denoisers.controlnet import Controlled
 from ..errors import InputError
-from ..nn.invariant import plain_kernels, rows_per_image
+from ..nn.invariant import own_rows, plain_kernels, rows_per_image
 from ..nn.lora import attached, scales
 from ..runtime import sampling_dtype
 
@@ -139,7 +139,7 @@ class OpenVINOBackbone(nn.Module):
             fields[name].float() if fields[name].is_floating_point() else fields[name] for name in names
         ]
         signature = (k, names) + tuple((tuple(t.shape[1:]), str(t.dtype)) for t in inputs)
-        per_image = [[_rows(t, i, k, m) for t in inputs] for i in range(m)]
+        per_image = [[own_rows(t, i, k).detach().cpu().numpy() for t in inputs] for i in range(m)]
         uses = _lora_scales(attached(self.source[0]), m)  # per image: {set: its nonzero scale}
         groups: dict[tuple, list[int]] = {}  # the sets an image uses -> its images
         for i, mine in enumerate(uses):
@@ -269,12 +269,6 @@ def _weights_version(tensors: list[torch.Tensor]) -> int:
     """Changes whenever one of `tensors` (a network's weights and buffers) is changed in place: torch counts each
     tensor's in-place writes. The compiled models are then stale."""
     return sum(t._version for t in tensors)
-
-
-def _rows(t: torch.Tensor, i: int, k: int, m: int) -> np.ndarray:
-    """Image i's k rows of t (rows i, i + m, ...) as a fresh contiguous array."""
-    rows = t[i : i + 1] if k == 1 else t[i::m]
-    return np.ascontiguousarray(rows.detach().cpu().numpy())
 
 
 def openvino_denoiser(ldm, denoiser, precision: str):
