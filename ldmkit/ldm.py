@@ -24,6 +24,7 @@ from .config import AutoencoderConfig, DenoiserRun, from_dict, to_dict
 from .denoisers import backbone_name, build_backbone
 from .diffusion.parameterisation import make_denoiser, use_distilled_grid
 from .errors import CheckpointError, InputError, NonFiniteError
+from .nn.construct import without_init
 from .nn.invariant import batch_invariant
 from .tasks import Task, get_task
 
@@ -213,9 +214,9 @@ class LatentDiffusion:
         f = LdmFile.read(path)
         check_finite_weights(f.tensors(), path)
         run = f.run
-        ae = build_autoencoder(f.ae_config)
+        with without_init():  # every weight is read next, and load_state refuses a missing one
+            ae, unet = build_autoencoder(f.ae_config), build_backbone(run)
         checkpoint.load_state(ae, f.autoencoder, path, "autoencoder")
-        unet = build_backbone(run)
         checkpoint.load_state(unet, f.unet, path, backbone_name(run))
         text = None
         if run.text_encoder:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InputError
+from ..nn.construct import without_init
 
 
 class _Embeddings(nn.Module):
@@ -110,10 +111,11 @@ class BertEncoder(nn.Module):
     def load(cls, folder: str | Path) -> "BertEncoder":
         """The checkpoint in `folder` (config.json and model.safetensors), in eval mode, frozen."""
         folder = Path(folder)
-        model = cls(json.loads((folder / "config.json").read_text()))
+        with without_init():  # every weight is read next (strictly)
+            model = cls(json.loads((folder / "config.json").read_text()))
         state = load_file(str(folder / "model.safetensors"))
         state = {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=True)
         return model.eval().requires_grad_(False)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path, PurePosixPath
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,6 +37,8 @@ def _grey_uint8(images: torch.Tensor) -> np.ndarray:
 
 def canny(images: torch.Tensor, low: int = 100, high: int = 200) -> torch.Tensor:
     """Canny edges of images (B, C, H, W) in [-1, 1] -> (B, 3, H, W) in {0, 1}."""
+    import cv2  # OpenCV only where an edge map is asked for: `generate` imports this module, mostly without one
+
     edges = np.stack([cv2.Canny(g, low, high) for g in _grey_uint8(images)])  # (B, H, W) in {0, 255}
     return torch.from_numpy(edges > 0).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
