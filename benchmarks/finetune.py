@@ -73,11 +73,18 @@ def write_folder(items: list[dict], folder: Path) -> list[str]:
     return [r["text"] for r in rows]
 
 
+def method_lr(method: str, args) -> float:
+    """The learning rate a method trains at: --lora-lr for the low-rank methods where given, else --lr."""
+    return args.lora_lr if method.startswith(("lora", "locon")) and args.lora_lr else args.lr
+
+
 def train(method: str, model: Path, folder: Path, out: Path, args, class_data: Path) -> tuple[Path | None, float]:
     """(the file the method wrote, seconds per step); (None, 0) for the base model."""
     if method == "base":
         return None, 0.0
-    t = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, log_every=1, ckpt_every=args.steps)
+    t = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=method_lr(method, args), log_every=1, ckpt_every=args.steps
+    )
     run = DenoiserRun(init=str(model), data=DataConfig(dataset=str(folder), holdout=0), train=t)
     if method.startswith("lora"):
         run = replace(run, lora=LoRAConfig(rank=int(method[4:]), targets="attn+ff"))
@@ -123,6 +130,7 @@ def main():
     ap.add_argument("--steps", type=int, default=500, help="training steps of every method")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lora-lr", type=float, help="learning rate of the LoRA and LoCon methods (default: --lr)")
     ap.add_argument("--samples", type=int, default=4, help="images drawn per caption")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--out", default=default_out("finetune"))
@@ -161,6 +169,7 @@ def main():
             rows.append(
                 {
                     "method": method,
+                    "lr": method_lr(method, args) if method != "base" else None,
                     "fid_new": fid(gen_new, real_new),
                     "retrieval_new": round(float((nearest == own).mean()), 3),
                     "fid_old": fid(gen_old, real_old),
