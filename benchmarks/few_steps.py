@@ -3,12 +3,14 @@ model), in the same process, on the same conditions.
 
     .venv/bin/python benchmarks/few_steps.py                                   # fashion-mnist and fashion-mnist-lcm
     .venv/bin/python benchmarks/few_steps.py --teacher MODEL --student runs/distill/lora.safetensors --fid 2000
+    .venv/bin/python benchmarks/few_steps.py --teacher emoji --student emoji-lcm --prompt "red apple"
 
 Rows: the teacher with DPM-Solver++ 2M at 25 steps (its card's setting) and at the student's steps, both with the
 teacher's guidance (one batched U-Net pass per step for both branches); the student with the lcm sampler at its
 steps and at fewer, guidance 1 (the teacher's is folded in). For each: images per second for a batch of --n,
-decoded; the warm time of one image (median of --repeats after a warm-up); with --fid N, FID against the test split
-(`ldmkit evaluate`'s protocol: TF-Inception, N images). Writes benchmarks/out/few_steps.json.
+decoded; the warm time of one image (median of --repeats after a warm-up); with --fid N, FID against --split
+(`ldmkit evaluate`'s protocol: TF-Inception, N images). A text model draws --prompt. Writes
+benchmarks/out/few_steps.json.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed calls of each row (default 5)")
     ap.add_argument("--cfg", type=float, default=3.0, help="the teacher's guidance (default 3)")
     ap.add_argument("--fid", type=int, default=0, metavar="N", help="also FID at N images (slow; default off)")
+    ap.add_argument("--split", default="test", help="the images FID compares with (emoji has only 'train')")
+    ap.add_argument("--prompt", default="red apple", help="what a text model draws (default 'red apple')")
     ap.add_argument("--out", default=default_out("few_steps"))
     args = ap.parse_args(argv)
 
@@ -68,6 +72,10 @@ def main(argv=None) -> int:
         (args.teacher, teacher, "dpmpp_2m", k, args.cfg),
         *[(args.student, student, "lcm", s, 1.0) for s in dict.fromkeys((k, max(1, k // 2), 1))],
     ]
+
+    def prompts_for(ldm) -> list[str] | None:
+        return [args.prompt] if ldm.text_encoder is not None else None
+
     torch.manual_seed(0)
     results = []
     print(f"{'model':<20} {'sampler':<9} {'steps':>5} {'cfg':>4} {'images/s':>9} {'1 image s':>9} {'FID':>7}")
@@ -75,18 +83,31 @@ def main(argv=None) -> int:
 
         def batch(ldm=ldm, sampler=sampler, steps=steps, cfg=cfg):
             n = args.n
-            req = SampleRequest(n=n, labels=labels_for(ldm, n), sampler=sampler, steps=steps, cfg=cfg, batch_size=n)
+            req = SampleRequest(
+                n=n,
+                labels=labels_for(ldm, n),
+                prompts=prompts_for(ldm),
+                sampler=sampler,
+                steps=steps,
+                cfg=cfg,
+                batch_size=n,
+            )
             return generate(ldm, req)
 
         def one(ldm=ldm, sampler=sampler, steps=steps, cfg=cfg):
-            return generate(ldm, SampleRequest(n=1, labels=labels_for(ldm, 1), sampler=sampler, steps=steps, cfg=cfg))
+            req = SampleRequest(
+                n=1, labels=labels_for(ldm, 1), prompts=prompts_for(ldm), sampler=sampler, steps=steps, cfg=cfg
+            )
+            return generate(ldm, req)
 
         best = min(timed(batch, max(1, args.repeats // 2)))
         single = statistics.median(timed(one, args.repeats))
         fid = None
         if args.fid:
             model = resolve_model(name)
-            fid = evaluate(model, n=args.fid, sampler=sampler, steps=steps, cfg=cfg, progress=False)["fid"]
+            fid = evaluate(model, split=args.split, n=args.fid, sampler=sampler, steps=steps, cfg=cfg, progress=False)[
+                "fid"
+            ]
         row = {"model": name, "sampler": sampler, "steps": steps, "cfg": cfg, "images_per_s": args.n / best}
         row |= {"one_image_s": single, "fid": fid}
         results.append(row)

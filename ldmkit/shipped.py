@@ -31,6 +31,7 @@ SHIPPED = {
     "fashion-mnist-inpaint": "class-conditional inpainting model (10 classes), 32x32 Fashion-MNIST",
     "emoji-upscale": "4x upscaler, 16x16 -> 64x64 emoji, trained on the built-in `emoji` data set",
     "fashion-mnist-lcm": "4-step LCM-LoRA of fashion-mnist (consistency-distilled; loads as its base, merged)",
+    "emoji-lcm": "4-step LCM-LoRA of emoji (consistency-distilled; loads as its base, merged)",
     "emoji-pixel": "pixel-art style LoRA of emoji, an example LoRA (LoCon, rank 4; loads as its base, merged)",
 }
 # example style LoRAs among them: loaded as a model by name (their base, merged) or applied with --lora, but not
