@@ -308,6 +308,25 @@ def test_cache_matches_direct_encode(minilm, clip_tiny):
         assert len(cache) == 5
 
 
+def test_cache_encodes_short_captions_without_the_padding_to_max_length(minilm, monkeypatch):
+    """Captions go shortest first and each encoder call is cut to its longest caption (emoji's 3,789 captions took
+    74 s padded to 77 tokens, 6 s so); the embeddings are still the direct encode's."""
+    captions = ["a cat", "an astronaut riding a horse on the moon", "a red car", "sun"]
+    lengths = sorted(len(t) for t in minilm.token_lists(["", *captions]))  # "" joins every cache
+    calls = []
+    forward = type(minilm).forward
+    monkeypatch.setattr(
+        type(minilm), "forward", lambda self, ids, mask: calls.append(ids.shape) or forward(self, ids, mask)
+    )
+    cache = EmbeddingCache(minilm, captions, batch_size=2)
+    assert [shape[1] for shape in calls] == [max(lengths[i : i + 2]) for i in range(0, len(lengths), 2)]
+    assert max(shape[1] for shape in calls) < minilm.max_length
+    monkeypatch.undo()
+    got, direct = cache.get(captions), minilm.encode(captions)
+    real = got.context_mask
+    torch.testing.assert_close(got.context[real], direct.context[:, : cache.width][real], atol=1e-5, rtol=1e-5)
+
+
 def test_cache_keeps_full_length_when_padding_is_attended():
     enc = build_text_encoder("clip", mask_padding=False, pad_with="eot")
     cache = EmbeddingCache(enc, ["a cat"])
