@@ -16,6 +16,7 @@ from . import edit, generate, governance, inversion, models, prompts, serve, syn
 from .options import Commands
 
 GROUPS = (train, generate, video, edit, inversion, models, synth, serve, prompts, governance)
+_startup_frozen = False  # main has frozen the start-up's objects in this process (see main)
 
 
 def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
@@ -44,13 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     # Parsing a command's options imports its library (torch among it): hundreds of thousands of objects that live
     # as long as the process. The collector would walk them again and again as they pile up (0.1-0.2 s of a 2 s
     # generate); instead it is off while they are made, and they are then set aside (frozen) where it never looks.
-    gc.disable()
+    # Once a process: a later call (main called in-process again) imports nothing new, and freezing again would
+    # set aside the garbage of the calls before it, never to be collected.
+    global _startup_frozen
+    first = not _startup_frozen
+    if first:
+        gc.disable()
     try:
         parser = build_parser(lazy=True)
         args = parser.parse_args(argv)
     finally:
-        gc.freeze()
-        gc.enable()
+        if first:
+            _startup_frozen = True
+            gc.freeze()
+            gc.enable()
     shown = warnings.showwarning
     if not args.debug:
         warnings.showwarning = _one_line_warning

@@ -57,3 +57,33 @@ def test_the_lazy_parser_shows_the_full_parsers_help(monkeypatch):
         with contextlib.redirect_stdout(shown), pytest.raises(SystemExit):
             main([*path, "--help"])
         assert shown.getvalue() == parser.format_help(), path
+
+
+def test_the_start_up_objects_are_frozen_once_and_later_garbage_is_still_collected():
+    """main turns the collector off while a command's library is imported and freezes what survives, once a
+    process: a second call must not freeze the garbage left by the calls before it."""
+    code = """
+import gc, weakref
+from ldmkit.cli import main
+try:
+    main(["keys", "--help"])
+except SystemExit:
+    pass
+assert gc.isenabled()
+first = gc.get_freeze_count()
+class Node: pass
+a, b = Node(), Node()
+a.other, b.other = b, a  # a cycle: only the collector frees it
+gone = weakref.ref(a)
+del a, b
+try:
+    main(["audit", "verify", "--help"])
+except SystemExit:
+    pass
+assert gc.get_freeze_count() == first, (first, gc.get_freeze_count())
+gc.collect()
+assert gone() is None
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
