@@ -265,10 +265,11 @@ def _lora_scales(hooked: list, m: int) -> list[dict]:
     return uses
 
 
-def _weights_version(tensors: list[torch.Tensor]) -> int:
-    """Changes whenever one of `tensors` (a network's weights and buffers) is changed in place: torch counts each
-    tensor's in-place writes. The compiled models are then stale."""
-    return sum(t._version for t in tensors)
+def _weights_version(tensors: list[torch.Tensor]) -> tuple[int, int]:
+    """Changes whenever one of `tensors` (a network's weights and buffers) is changed in place (torch counts each
+    tensor's in-place writes) or given new storage through `.data` (as `Module.to(dtype)` does, which counts no
+    write): the compiled models are then stale."""
+    return sum(t._version for t in tensors), hash(tuple(t.data_ptr() for t in tensors))
 
 
 def openvino_denoiser(ldm, denoiser, precision: str):

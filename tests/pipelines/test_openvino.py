@@ -191,6 +191,11 @@ def test_weights_changed_in_place_are_exported_again(cache):
     after = run(ov_net, x, c_noise, cond)
     assert not torch.equal(before, after) and (after - run(net, x, c_noise, cond)).abs().max() < 1e-4
     assert len(list(cache.iterdir())) == 2
+    weight = next(net.parameters())
+    weight.data = weight.data * 2  # swapped, not written in place (as Module.to(dtype) does): no version bump
+    swapped = run(ov_net, x, c_noise, cond)
+    assert not torch.equal(after, swapped) and (swapped - run(net, x, c_noise, cond)).abs().max() < 1e-4
+    assert len(list(cache.iterdir())) == 3
 
 
 def test_loras_run_on_openvino_each_image_its_alone_image(tiny_ldm, cache, tmp_path):
