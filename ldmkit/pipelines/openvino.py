@@ -60,7 +60,11 @@ def _core(ov):
 
 
 def load_openvino():
-    """The openvino module, or an InputError that names the extra to install."""
+    """The openvino module, its model converter's usage reports off (_no_reports), or an InputError that names the
+    extra to install."""
+    first = "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules
+    if first:  # while openvino imports, its telemetry package cannot: it binds its own stand-in (_no_reports)
+        sys.modules["openvino_telemetry"] = None
     try:
         import openvino
     except ImportError:
@@ -68,7 +72,26 @@ def load_openvino():
             "--backend openvino needs the openvino package, which is not installed: pip install 'ldmkit[openvino]' "
             "(or use --backend torch, the default)"
         ) from None
+    finally:
+        if first and sys.modules.get("openvino_telemetry", 0) is None:
+            del sys.modules["openvino_telemetry"]  # importable again by anyone who wants it
+    _no_reports()
     return openvino
+
+
+def _no_reports() -> None:
+    """Point OpenVINO's model converter (openvino.tools.ovc) at its own stand-in for the telemetry package, which it
+    binds where that package does not import (load_openvino makes it so while openvino imports; an openvino imported
+    earlier is re-pointed here). Otherwise, unless a consent file in the user's home says no, `import openvino` and
+    every convert_model write a client ID under ~/intel and send usage reports to Google Analytics, on Linux each from
+    a process forked from a worker thread: such a fork, while the main thread was in an OpenBLAS call (numpy's eigh
+    in an FID), hung the process for good, OpenBLAS's fork handler waiting for its busy threads. A model server inside
+    a company reports to no third party and writes nothing to its user's home."""
+    from openvino.tools.ovc import telemetry_stub
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("openvino.tools.ovc") and getattr(module, "tm", telemetry_stub) is not telemetry_stub:
+            module.tm = telemetry_stub
 
 
 def weights_sha256(net: nn.Module) -> str:

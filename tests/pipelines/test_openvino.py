@@ -2,6 +2,7 @@
 whatever the batch (each image is one inference of its own rows), is exported once and cached (a damaged entry is
 exported again), and is refused in one line where it cannot run."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,8 +21,11 @@ from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.request import LoRASpec, SampleRequest
 from tests.factory import attention_unet, normal_init
 
-ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+if importlib.util.find_spec("openvino") is None:
+    pytest.skip("the openvino extra is not installed", allow_module_level=True)
 from ldmkit.pipelines import openvino as backend  # noqa: E402
+
+ov = backend.load_openvino()  # as the backend imports it, without usage reports
 
 
 @pytest.fixture
@@ -260,3 +264,34 @@ def test_signals_are_delivered_after_backbones_are_freed_in_any_order(cache, tmp
         [sys.executable, str(script), "shared core"], cwd=root, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0 and "signals delivered" in done.stdout, done.stderr[-2000:]
+
+
+NO_REPORTS = """
+import os, sys, time, torch
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+from ldmkit.pipelines import openvino as backend
+from tests.pipelines.test_openvino import inputs, run
+from tests.factory import attention_unet, normal_init
+from ldmkit.denoisers.unet import UNet
+torch.manual_seed(0)
+net = backend.OpenVINOBackbone(normal_init(UNet(attention_unet(context_dim=8)), std=0.05).eval(), "f32")
+run(net, *inputs(1))  # exports the backbone with openvino.convert_model
+time.sleep(1.0)  # the converter's reports went from a worker thread
+print("forks", len(forks))
+"""
+
+
+def test_exporting_sends_no_usage_report_and_writes_nothing_to_home(cache, tmp_path):
+    """OpenVINO's converter sent a usage report to Google Analytics on every export, from a process forked off a
+    worker thread (a fork that hung the test suite when it met an OpenBLAS call in the main thread), and wrote a
+    client ID to ~/intel. In a fresh home: no fork, nothing written there."""
+    script, home = tmp_path / "reports.py", tmp_path / "home"
+    script.write_text(NO_REPORTS)
+    home.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), HOME=str(home), LDMKIT_CACHE=str(tmp_path / "cache"))
+    env.pop("CI", None)  # the converter reports nothing where CI=true
+    done = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "forks 0" in done.stdout and not any(home.iterdir()), (done.stdout, list(home.rglob("*")))
