@@ -4,6 +4,7 @@ the condition image, and the ControlNet at two scales.
     .venv/bin/python benchmarks/control.py --condition mask      # trains a ControlNet first, then measures
     .venv/bin/python benchmarks/control.py --condition canny --controlnet runs/control-canny/controlnet.safetensors
     .venv/bin/python benchmarks/control.py --n 4 --steps 2 --train-steps 2 --no-fid   # a smoke run, seconds
+    .venv/bin/python benchmarks/control.py --controlnet fashion-mnist-mask             # the shipped one
 
 On `n` held-out images (the Fashion-MNIST test split) and the shipped class-conditional model
 (weights/fashion-mnist.safetensors), each image's condition is made by the detector of --condition
@@ -51,6 +52,7 @@ from ldmkit.pipelines.generate import generate  # noqa: E402
 from ldmkit.pipelines.images import to_channels  # noqa: E402
 from ldmkit.pipelines.img2img import img2img  # noqa: E402
 from ldmkit.pipelines.request import SampleRequest  # noqa: E402
+from ldmkit.shipped import CONTROLNETS, controlnet_file  # noqa: E402
 
 STRENGTHS = (0.6, 0.8)
 SCALES = (0.5, 1.0)
@@ -197,7 +199,8 @@ def trained_controlnet(args, kind: str) -> Path:
     """The ControlNet of --controlnet, or the one trained into --run (trained now when the run has none, resumed when
     an earlier run was stopped)."""
     if args.controlnet:
-        return Path(args.controlnet)
+        shipped = args.controlnet in CONTROLNETS and not Path(args.controlnet).exists()
+        return controlnet_file(args.controlnet) if shipped else Path(args.controlnet)
     path = Path(args.run) / "controlnet.safetensors"
     if path.is_file():
         print(f"using the trained {path}")
@@ -207,6 +210,8 @@ def trained_controlnet(args, kind: str) -> Path:
     argv = ["train", "--task", "control", "--init", args.checkpoint, "--condition", kind, "--data", "fashion-mnist"]
     argv += ["--steps", str(args.train_steps), "--batch-size", str(args.train_batch), "--out", args.run]
     argv += ["--set", "train.sample_every=0", "--quiet"]
+    if args.control_rank:
+        argv += ["--control-rank", str(args.control_rank)]
     if (Path(args.run) / "train-state.safetensors").is_file():
         print(f"resuming the interrupted training in {args.run}")
         argv.append("--resume")
@@ -223,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", default=str(ROOT / "benchmarks" / "out" / "control-run"))
     ap.add_argument("--train-steps", type=int, default=2000)
     ap.add_argument("--train-batch", type=int, default=32)
+    ap.add_argument("--control-rank", type=int, default=0, help="train a low-rank ControlNet of this rank (0: full)")
     ap.add_argument("--n", type=int, default=200, help="held-out images (default 200)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=3.0)
@@ -240,7 +246,7 @@ def main(argv=None) -> int:
     if not ldm.class_names:
         ap.error(f"{args.checkpoint} is not a class-conditional model; give one such as weights/fashion-mnist")
     path = trained_controlnet(args, args.condition)
-    net, meta = load_controlnet(path, ldm.device)
+    net, meta = load_controlnet(path, ldm.device, ldm.unet)  # a low-rank one is rebuilt on the model's U-Net
     check_fits(net, ldm.unet, ldm.factor, path)
     kind, cfg = condition_settings(meta, args.condition)
     if kind != args.condition:

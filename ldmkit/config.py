@@ -313,6 +313,10 @@ class ControlConfig:
     canny_high: int = bounded(200, Bound(0, 255, integer=True))
     colour_cells: int = bounded(8, Bound(1, 64, integer=True))  # the colour layout's grid: cells per side
     hint_width: int = bounded(16, Bound(1, 256, integer=True))  # the hint encoder's first width (doubles per halving)
+    # > 0: a low-rank ControlNet (Control-LoRA): the copy stays the base model's, plus a LoRA of this rank on each of
+    # its layers; the file holds the LoRAs, the hint encoder and the zero convolutions, and loads with its model
+    rank: int = bounded(0, Bound(0, 4096, integer=True))
+    alpha: float = bounded(0.0, WEIGHT)  # the LoRAs' alpha (0: the rank, a factor 1)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,13 @@ def _train_options(p: argparse.ArgumentParser):
         "conditioning_image) (control.condition)",
     )
     p.add_argument(
+        "--control-rank",
+        type=int,
+        metavar="R",
+        help="--task control: a low-rank ControlNet, its copy trained through rank-R LoRAs on the frozen base "
+        "weights; its file holds only what differs from the base model and loads with it (control.rank)",
+    )
+    p.add_argument(
         "--lora-rank",
         type=int,
         metavar="R",
@@ -244,6 +251,8 @@ def cmd_train(args):
         extra.append(f"init={args.init}")
     if args.condition:
         extra.append(f"control.condition={args.condition}")
+    if args.control_rank is not None:
+        extra.append(f"control.rank={args.control_rank}")
     if args.textual_inversion is not None:
         extra.append(f"textual_inversion.token={args.textual_inversion}")
     for key in ("rank", "alpha", "targets", "layout"):

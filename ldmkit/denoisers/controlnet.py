@@ -14,6 +14,12 @@ A control may steer some images of a batch only (`Control.rows`): a batch of req
 residuals are those it gets alone (see `Controlled`).
 A ControlNet file is a safetensors checkpoint of kind "controlnet": the weights, the U-Net configuration it was made
 for, the hint encoder's widths, the condition it was trained on and its base model's SHA-256.
+
+A low-rank ControlNet (`ControlNet.make_low_rank`, a Control-LoRA) trains its copy as the frozen base weights plus a
+LoRA on every linear layer and convolution of it, the hint encoder and the zero convolutions whole. Its file holds
+those and the LoRA factors only (`PATH.lora.down`, `PATH.lora.up`; config `low_rank`: rank and alpha), a fraction of
+a full one's size, and it loads with the model it steers: the copy is rebuilt from that model's U-Net with each
+update merged in, so it samples exactly as fast as a full ControlNet.
 """
 
 from __future__ import annotations
@@ -29,11 +35,17 @@ from torch.nn import functional as F
 from .. import checkpoint
 from ..conditioning.types import Conditioning, backbone_inputs
 from ..config import UNetConfig, from_dict, to_dict
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..nn.invariant import subset_rows
+from ..nn.lora import LoRASet, lora_shape
 from .unet import UNet
 
 KIND = "controlnet"  # the checkpoint kind of a ControlNet file
+OWN = (
+    "hint.",
+    "zero_convs.",
+    "mid_out.",
+)  # the layers that are not in the U-Net: a low-rank ControlNet trains them whole
 
 
 def hint_widths(factor: int, first: int = 16) -> tuple[int, ...]:
@@ -92,6 +104,48 @@ class ControlNet(UNet):
         net.load_state_dict(shared, strict=False)
         return net.to(next(unet.parameters()).device)
 
+    low_rank: dict | None = None  # {"rank": r, "alpha": a} once make_low_rank has run; None: every weight trains
+
+    def copy_layers(self) -> dict[str, nn.Module]:
+        """The layers of the copy (the U-Net's own) a LoRA can adapt, by path: every linear layer and convolution
+        outside the hint encoder and the zero convolutions."""
+        out = {}
+        for path, m in self.named_modules():
+            if not path or f"{path}.".startswith(OWN) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+                continue
+            try:
+                lora_shape(m)
+            except InputError:
+                continue
+            out[path] = m
+        return out
+
+    def make_low_rank(self, rank: int, alpha: float | None = None) -> "ControlNet":
+        """Freeze the copy and give each of its layers a LoRA of `rank` (B zero, so nothing changes yet; alpha
+        default rank), held as the layer's child `lora` and added to its output by a forward hook, so a deep copy
+        (EMA) carries its own. The hint encoder and the zero convolutions stay trainable."""
+        if self.low_rank is not None:
+            raise InputError("this ControlNet is low-rank already")
+        layers = self.copy_layers()
+        loras = LoRASet.for_modules(self, list(layers), rank, alpha)
+        self.requires_grad_(False)
+        for path, lora in loras.items():
+            layer = layers[path]
+            layer.lora = lora.to(layer.weight.device)
+            layer.register_forward_hook(_low_rank_output)
+        for own in (self.hint, self.zero_convs, self.mid_out):
+            own.requires_grad_(True)
+        self.low_rank = {"rank": int(rank), "alpha": float(alpha or rank)}
+        return self
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a ControlNet file holds: every weight, or for a low-rank one the hint encoder, the zero
+        convolutions and the LoRA factors (`PATH.lora.down` / `.up`)."""
+        state = self.state_dict()
+        if self.low_rank is None:
+            return state
+        return {k: v for k, v in state.items() if k.startswith(OWN) or ".lora." in k}
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning, hint: torch.Tensor):
         """Residuals (one per skip connection, then the middle block's) for the U-Net's inputs (x, c_noise, cond)
         and the condition image hint (B, hint_channels, H, W) in [0, 1], H = x's height times the factor."""
@@ -105,6 +159,11 @@ class ControlNet(UNet):
         ctx = cond.context.to(x.dtype) if cond.context is not None else None
         h, skips = self.encode(x, emb, ctx, cond.context_mask, added=self.hint(hint.to(x.dtype)))
         return [conv(s) for conv, s in zip(self.zero_convs, skips)] + [self.mid_out(h)]
+
+
+def _low_rank_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """A low-rank ControlNet's layer: its frozen output plus its LoRA's update of its input."""
+    return out + module.lora(args[0], module)
 
 
 @dataclass
@@ -281,26 +340,66 @@ def save_controlnet(path: str | Path, net: ControlNet, state: dict | None = None
     """Write a ControlNet file: weights (`state`, default the module's), the U-Net configuration it was made for,
     the hint encoder's shape, and `extra` (condition, base_sha256, step ...) as metadata."""
     config = {"unet": to_dict(net.cfg), "hint_channels": net.hint_channels, "hint_widths": list(net.widths)}
-    return checkpoint.save(path, state if state is not None else net.state_dict(), KIND, config, **extra)
+    if net.low_rank is not None:
+        config["low_rank"] = dict(net.low_rank)
+    return checkpoint.save(path, state if state is not None else net.file_state(), KIND, config, **extra)
 
 
-def load_controlnet(path: str | Path, device="cpu") -> tuple[ControlNet, dict]:
-    """(the ControlNet in file `path`, in eval mode and frozen, the file's metadata)."""
+def is_low_rank(path: str | Path) -> bool:
+    """Whether the ControlNet file at `path` is low-rank (it loads with its model's U-Net), from its header."""
+    return bool((checkpoint.read_metadata(path).get("config") or {}).get("low_rank"))
+
+
+def load_controlnet(path: str | Path, device="cpu", unet: nn.Module | None = None) -> tuple[ControlNet, dict]:
+    """(the ControlNet in file `path`, in eval mode and frozen, the file's metadata). unet: the U-Net it steers,
+    which a low-rank ControlNet's copy is rebuilt from (InputError when it is needed and missing or of another
+    configuration); a full ControlNet ignores it."""
     tensors, meta = checkpoint.load(path, KIND)
     cfg = meta["config"]
     net = ControlNet(from_dict(UNetConfig, cfg["unet"]), cfg["hint_channels"], tuple(cfg["hint_widths"]))
+    if cfg.get("low_rank"):
+        tensors = _merged_copy(net, tensors, cfg["low_rank"], unet, path, meta.get("base"))
     checkpoint.load_state(net, tensors, path, "ControlNet")
     return net.to(device).eval().requires_grad_(False), meta
 
 
-def check_fits(net: ControlNet, unet, factor: int, source: str | Path) -> None:
-    """InputError naming the first difference when the ControlNet in `source` was made for another denoiser."""
+def _merged_copy(net: ControlNet, tensors: dict, low: dict, unet, path, base) -> dict[str, torch.Tensor]:
+    """The full weights of a low-rank ControlNet file: `unet`'s encoder and middle block with each layer's update
+    (alpha / rank) B A added, and the file's own layers."""
+    if unet is None:
+        raise InputError(
+            f"{path} is a low-rank ControlNet (rank {low.get('rank')}): its copy is rebuilt from the U-Net of the "
+            f"model it steers ({base or 'its base model'}), so load it with that model (ldmkit generate --model "
+            f"MODEL --control {path}:IMAGE)"
+        )
+    _check_config(net, unet, path)
+    factor = float(low["alpha"]) / float(low["rank"])
+    own = net.state_dict()
+    full = {k: v.detach().to("cpu", torch.float32) for k, v in unet.state_dict().items() if k in own}
+    for key in [k for k in tensors if k.endswith(".lora.down")]:
+        layer = key[: -len(".lora.down")]
+        w, up, down = full.get(f"{layer}.weight"), tensors.get(f"{layer}.lora.up"), tensors[key]
+        if w is None or up is None or up.shape != (w.shape[0], down.shape[0]) or down.shape[1] != w[0].numel():
+            raise CheckpointError(
+                f"{path}: the low-rank update of {layer} does not fit its layer (a damaged file, or one made for "
+                f"another denoiser)"
+            )
+        full[f"{layer}.weight"] = w + (up.float() @ down.float() * factor).view_as(w)
+    return full | {k: v for k, v in tensors.items() if ".lora." not in k}
+
+
+def _check_config(net: ControlNet, unet, source) -> None:
     if not isinstance(unet, UNet):
         raise InputError(f"{source} is a ControlNet for a U-Net; this model's denoiser is not a U-Net")
     mine, theirs = to_dict(net.cfg), to_dict(unet.cfg)
     diff = [f"unet.{k}={mine[k]!r} (the model has {theirs.get(k)!r})" for k in mine if mine[k] != theirs.get(k)]
     if diff:
         raise InputError(f"{source} was made for another denoiser: {'; '.join(diff[:3])}")
+
+
+def check_fits(net: ControlNet, unet, factor: int, source: str | Path) -> None:
+    """InputError naming the first difference when the ControlNet in `source` was made for another denoiser."""
+    _check_config(net, unet, source)
     if net.factor != factor:
         raise InputError(
             f"{source} takes condition images {net.factor}x the latent's size, but this model's autoencoder "

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from .. import checkpoint
 from ..checkpoint import CheckpointError, load_state
@@ -137,11 +138,18 @@ def write_single_file_controlnet(path: str | Path, net: ControlNet, about: dict[
 
 
 def read_controlnet(
-    path: str | Path, fmt: str, *, unet: UNetConfig | None = None, heads=None, unsafe_pickle: bool = False
+    path: str | Path,
+    fmt: str,
+    *,
+    unet: UNetConfig | None = None,
+    heads=None,
+    unsafe_pickle: bool = False,
+    base_unet: nn.Module | None = None,
 ) -> tuple[ControlNet, dict[str, Any]]:
-    """(the ControlNet at `path` in layout `fmt`, what its file says about it beside the weights)."""
+    """(the ControlNet at `path` in layout `fmt`, what its file says about it beside the weights). base_unet: the
+    U-Net a low-rank ldmkit ControlNet is rebuilt on."""
     if fmt == "ldm":
-        net, meta = load_controlnet(path)
+        net, meta = load_controlnet(path, unet=base_unet)
         return net, {k: v for k, v in meta.items() if k not in ("format", "kind", "config")}
     if fmt == "diffusers":
         return controlnet_from_diffusers(path, unsafe_pickle=unsafe_pickle), {}
@@ -159,12 +167,14 @@ def convert_controlnet(
     heads=None,
     unsafe_pickle: bool = False,
     base_sha256: str | None = None,
+    base_unet: nn.Module | None = None,
 ) -> Path:
     """Convert the ControlNet at `src` (layout src_fmt) to `dst` (layout dst_fmt). unet: the configuration of the
-    base model it was made for (a foreign single file's), whose SHA-256 `base_sha256` an ldmkit file records."""
+    base model it was made for (a foreign single file's), whose SHA-256 `base_sha256` an ldmkit file records;
+    base_unet: that model's U-Net, which a low-rank ldmkit ControlNet is rebuilt on (written out whole)."""
     if dst_fmt != "diffusers" and Path(dst).suffix != ".safetensors":
         raise InputError(f"{dst}: a ControlNet file is written as .safetensors; rename it")
-    net, about = read_controlnet(src, src_fmt, unet=unet, heads=heads, unsafe_pickle=unsafe_pickle)
+    net, about = read_controlnet(src, src_fmt, unet=unet, heads=heads, unsafe_pickle=unsafe_pickle, base_unet=base_unet)
     if base_sha256:
         about["base_sha256"] = base_sha256
     if dst_fmt == "diffusers":

@@ -25,6 +25,8 @@ from ..conditioning.clip import (
 from ..conditioning.text import build_text_encoder
 from ..config import DataConfig, DenoiserRun
 from ..denoisers import backbone_name
+from ..denoisers.controlnet import is_low_rank
+from ..denoisers.unet import UNet
 from ..errors import InputError, MissingFileError, OutputExistsError
 from ..ldm import KIND as LDM
 from ..ldm import LdmFile
@@ -231,11 +233,22 @@ def convert(
     if control:
         if prediction:
             raise InputError(f"{src} is a ControlNet, which has no prediction type; drop --prediction")
-        unet = read_model(base, unsafe_pickle=unsafe_pickle).run.unet if base else None
+        model = read_model(base, unsafe_pickle=unsafe_pickle) if base else None
+        unet = model.run.unet if model else None
         sha = model_sha256(base) if base else None
+        base_unet = None
+        if control == "ldm" and is_low_rank(src):  # its copy is rebuilt on the base model's U-Net
+            if model is None:
+                raise InputError(
+                    f"{src} is a low-rank ControlNet: its copy is rebuilt from the U-Net of the model it was made "
+                    f"for; pass that model with --base MODEL"
+                )
+            base_unet = UNet(model.run.unet)
+            checkpoint.load_state(base_unet, model.unet, base, "U-Net")
         return convert_controlnet(
-            src, control, dst, dst_fmt, unet=unet, heads=heads, unsafe_pickle=unsafe_pickle, base_sha256=sha
-        )
+            src, control, dst, dst_fmt, unet=unet, heads=heads, unsafe_pickle=unsafe_pickle, base_sha256=sha,
+            base_unet=base_unet,
+        )  # fmt: skip
     if base:
         raise InputError(f"--base names the model a ControlNet was made for; {src} is a model, so drop --base")
     w = read_any(src, unsafe_pickle=unsafe_pickle, prediction=prediction, heads=heads)

@@ -90,7 +90,7 @@ def apply_controls(
     controls = []
     multiple = ldm.factor * ldm.run.backbone.factor
     for spec in specs:
-        net, meta = load_controlnet(spec.model, ldm.device)
+        net, meta = load_controlnet(spec.model, ldm.device, ldm.unet)  # a low-rank one is rebuilt on it
         check_fits(net, ldm.unet, ldm.factor, spec.model)
         kind, cfg = condition_settings(meta, spec.kind)
         image, _ = pad_to_multiple(condition_image(kind, spec.image, size, cfg), multiple)  # (1, 3, H', W')

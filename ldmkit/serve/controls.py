@@ -25,7 +25,7 @@ from ..checkpoint import file_sha256
 from ..config import ServeLimits
 from ..data.conditions import KINDS, condition_of
 from ..data.images import to_pil
-from ..denoisers.controlnet import Control, ControlNet, check_control, check_fits, load_controlnet
+from ..denoisers.controlnet import Control, ControlNet, check_control, check_fits, is_low_rank, load_controlnet
 from ..errors import ConfigError, InputError
 from ..pipelines.control import condition_settings, controlled
 from ..pipelines.images import pad_to_multiple
@@ -81,7 +81,9 @@ class ServedControlNets:
         self.root = Path(folder).expanduser().resolve() if folder else None
         if self.root is not None and not self.root.is_dir():
             raise ConfigError(f"serve.controlnets = {folder!r} is not a folder; create it or leave the setting empty")
-        self._loaded: dict[str, tuple[ControlNet, dict, str]] = {}
+        # (name, None) -> a full ControlNet; (name, id of the U-Net) -> a low-rank one, rebuilt on that model's U-Net
+        self._loaded: dict[tuple[str, int | None], tuple[ControlNet, dict, str]] = {}
+        self._files: dict[str, tuple[str, bool]] = {}  # name -> (SHA-256, low-rank), read once
 
     def files(self) -> dict[str, Path]:
         """name -> file, every ControlNet of the folder (links leaving it are left out)."""
@@ -96,17 +98,25 @@ class ServedControlNets:
 
     def model_list(self) -> list[str]:
         """The folder's ControlNets as the extension lists them: "name [first 8 hex digits of the SHA-256]"."""
-        return [f"{name} [{self._load(name, path)[2][:8]}]" for name, path in self.files().items()]
+        return [f"{name} [{self._file(name, path)[0][:8]}]" for name, path in self.files().items()]
 
-    def _load(self, name: str, path: Path) -> tuple[ControlNet, dict, str]:
-        if name not in self._loaded:
-            net, meta = load_controlnet(path)
-            self._loaded[name] = (net, meta, file_sha256(path))
-        return self._loaded[name]
+    def _file(self, name: str, path: Path) -> tuple[str, bool]:
+        if name not in self._files:
+            self._files[name] = (file_sha256(path), is_low_rank(path))
+        return self._files[name]
 
-    def get(self, model: str, field: str) -> tuple[str, ControlNet, dict, str]:
-        """(name, ControlNet, its file's metadata, SHA-256) of `model` ("name" or "name [hash]"); FieldError naming
-        `field` when the folder holds no such ControlNet or the hash names another version of it."""
+    def _load(self, name: str, path: Path, unet) -> tuple[ControlNet, dict, str]:
+        sha, low_rank = self._file(name, path)
+        key = (name, id(unet) if low_rank else None)
+        if key not in self._loaded:
+            net, meta = load_controlnet(path, unet=unet if low_rank else None)
+            self._loaded[key] = (net, meta, sha)
+        return self._loaded[key]
+
+    def get(self, model: str, field: str, unet=None) -> tuple[str, ControlNet, dict, str]:
+        """(name, ControlNet, its file's metadata, SHA-256) of `model` ("name" or "name [hash]"), a low-rank one
+        rebuilt on `unet` (the U-Net of the model it steers); FieldError naming `field` when the folder holds no such
+        ControlNet, the hash names another version of it, or it does not fit `unet`."""
         name, _, tail = model.strip().partition(" [")
         files = self.files()
         if self.root is None:
@@ -115,12 +125,16 @@ class ServedControlNets:
             raise FieldError(
                 field, f"{field}: ControlNet {model[:80]!r} is not in this server's folder; GET /controlnet/model_list"
             )
-        net, meta, sha = self._load(name, files[name])
         want = tail.removesuffix("]").strip().lower()
+        sha, _ = self._file(name, files[name])
         if want and not sha.startswith(want):
             raise FieldError(
                 field, f"{field}: {model[:80]!r} names another version of {name!r}, whose hash is {sha[:8]}"
             )
+        try:
+            net, meta, sha = self._load(name, files[name], unet)
+        except InputError as err:
+            raise FieldError(field, f"{field}: {err}") from None
         return name, net, meta, sha
 
     def units(
@@ -146,7 +160,7 @@ class ServedControlNets:
         model = unit.get("model")
         if not isinstance(model, str) or not model or model.lower() == "none":
             raise FieldError(f"{at}.model", f"{at}.model must name a ControlNet; GET /controlnet/model_list lists them")
-        name, net, meta, sha = self.get(model, f"{at}.model")
+        name, net, meta, sha = self.get(model, f"{at}.model", ldm.unet)
         try:
             check_fits(net, ldm.unet, ldm.factor, name)
         except InputError as err:

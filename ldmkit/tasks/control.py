@@ -5,7 +5,8 @@ Each step encodes the step's images with the frozen autoencoder and takes their 
 `control.condition`: a built-in detector run on the images (canny, mask, colour; data/conditions.py) or the folder's
 paired condition images (folder). The base model's U-Net and text encoder stay frozen; only the ControlNet trains, and
 the run's checkpoint is a ControlNet file (controlnet.safetensors) naming its base model's SHA-256, used with the base
-model through `ldmkit generate --control`.
+model through `ldmkit generate --control`. With control.rank > 0 the copy stays frozen and trains through LoRAs of
+that rank (a low-rank ControlNet, whose file holds only what differs from the base model).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class ControlTask(Task):
         if ldm.text_encoder is not None:
             ldm.text_encoder.requires_grad_(False)
         net = ControlNet.from_unet(unet, ldm.factor, first_width=run.control.hint_width)
+        if run.control.rank:
+            net.make_low_rank(run.control.rank, run.control.alpha or None)
         ldm.denoiser.backbone = Controlled(unet, [Control(net)])
         cfg = run.control
         if cfg.condition == "folder":

@@ -150,6 +150,8 @@ def train_denoiser(
         )
     validate(run)
     check_lora_run(run)
+    if run.control.rank and run.task != "control":
+        raise InputError("--control-rank (control.rank) makes a low-rank ControlNet; add --task control or drop it")
     check_textual_inversion_run(run)
     check_dreambooth_run(run)
     check_distill_run(run)
