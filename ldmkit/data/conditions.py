@@ -58,12 +58,16 @@ def foreground_mask(images: torch.Tensor, threshold: float = 0.1) -> torch.Tenso
 
 def colour_layout(images: torch.Tensor, cells: int = 8) -> torch.Tensor:
     """The mean colour of each cell of a cells x cells grid of images (B, C, H, W) in [-1, 1] -> (B, 3, H, W)."""
+    return F.interpolate(colour_cells(images, cells), size=images.shape[-2:], mode="nearest").contiguous()
+
+
+def colour_cells(images: torch.Tensor, cells: int = 8) -> torch.Tensor:
+    """The cells of colour_layout: (B, 3, min(cells, H), min(cells, W)) in [0, 1]."""
     x = (images[:, :3].float().clamp(-1, 1) + 1) / 2
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     h, w = x.shape[-2:]
-    small = F.adaptive_avg_pool2d(x, (min(cells, h), min(cells, w)))
-    return F.interpolate(small, size=(h, w), mode="nearest").contiguous()
+    return F.adaptive_avg_pool2d(x, (min(cells, h), min(cells, w)))
 
 
 def detect(kind: str, images: torch.Tensor, cfg: ControlConfig | None = None) -> torch.Tensor:
@@ -76,6 +80,48 @@ def detect(kind: str, images: torch.Tensor, cfg: ControlConfig | None = None) ->
     if kind == "colour":
         return colour_layout(images, cfg.colour_cells)
     raise InputError(f"unknown detector {kind!r}; use {' or '.join(DETECTORS)}, or raw for a ready condition image")
+
+
+class DetectedConditions:
+    """A training run's detector conditions, each item's detected the first time the item is drawn and kept: for
+    data whose item is the same image every time it is drawn (a centre crop, no flip), later steps reuse it, bit for
+    bit what the detector gives. Kept small: an edge map or a mask as one byte a pixel, a colour layout as its grid of
+    cells; past `max_bytes` further items are detected at every draw. One cache holds one detector with one set of
+    settings (a run's)."""
+
+    def __init__(self, kind: str, cfg: ControlConfig, max_bytes: int = 2**30):
+        if kind not in DETECTORS:
+            raise InputError(f"unknown detector {kind!r}; use {' or '.join(DETECTORS)}")
+        self.kind, self.cfg, self.max_bytes = kind, cfg, max_bytes
+        self.items: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+
+    def batch(self, idx, images: torch.Tensor) -> torch.Tensor:
+        """The conditions (B, 3, H, W) in [0, 1] of items idx, whose images (B, C, H, W) in [-1, 1] are given."""
+        keys, size = [int(i) for i in idx], tuple(images.shape[-2:])
+        new = [k for k, i in enumerate(keys) if i not in self.items]
+        if new:
+            x = images[new].cpu()
+            if self.kind == "colour":
+                small = colour_cells(x, self.cfg.colour_cells)  # (N, 3, cells, cells)
+            else:
+                small = detect(self.kind, x, self.cfg)[:, 0].to(torch.uint8)  # (N, H, W): the 3 channels are one
+            for k, s in zip(new, small):
+                if self.bytes + s.numel() * s.element_size() > self.max_bytes:
+                    break
+                self.items[keys[k]] = s
+                self.bytes += s.numel() * s.element_size()
+        out = [self._expand(self.items[i], size) if i in self.items else None for i in keys]
+        missing = [k for k, c in enumerate(out) if c is None]  # past max_bytes: detected at every draw
+        if missing:
+            for k, c in zip(missing, detect(self.kind, images[missing].cpu(), self.cfg)):
+                out[k] = c
+        return torch.stack(out)
+
+    def _expand(self, small: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.kind != "colour":
+            return small.float().expand(3, -1, -1)
+        return F.interpolate(small[None], size=size, mode="nearest")[0]
 
 
 def _read(path: Path, what: str) -> Image.Image:

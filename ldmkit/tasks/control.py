@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.conditions import PairedConditions, detect
+from ..data.conditions import DetectedConditions, PairedConditions, detect
 from ..denoisers.controlnet import Control, Controlled, ControlNet, save_controlnet
 from ..denoisers.unet import UNet
 from ..errors import InputError
@@ -63,6 +63,9 @@ class ControlTask(Task):
         if cfg.condition == "folder":
             paired = PairedConditions(trainer.images)
             trainer.conditions = lambda idx, x: paired.batch(idx).to(x.device)
+        elif run.data.crop == "center" and not run.data.flip:  # an item is the same image at every draw
+            cache = DetectedConditions(cfg.condition, cfg)
+            trainer.conditions = lambda idx, x: cache.batch(idx, x).to(x.device)
         else:
             trainer.conditions = lambda idx, x: detect(cfg.condition, x.cpu(), cfg).to(x.device)
         return {"controlnet": net}

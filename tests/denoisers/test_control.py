@@ -290,3 +290,27 @@ def test_the_condition_command_shows_what_the_controlnet_sees(tmp_path, capsys):
     assert m.shape == (24, 24, 3) and m[12, 12, 0] == 255 and m[0, 0, 0] == 0
     assert main(["condition", "canny", str(tmp_path / "e.png"), "--out", str(tmp_path / "e.png")]) != 0
     assert "is the input image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["canny", "mask", "colour"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_detected_conditions_are_kept_per_item_exactly_as_detected(kind, channels, monkeypatch):
+    from ldmkit.data import conditions
+
+    g = torch.Generator().manual_seed(channels)
+    images = torch.rand(6, channels, 20, 20, generator=g) * 2 - 1
+    cfg = ControlConfig(colour_cells=3)  # cells that do not divide the side
+    cache = conditions.DetectedConditions(kind, cfg, max_bytes=10**6)
+    idx = torch.tensor([4, 1, 3])
+    first = cache.batch(idx, images[idx])
+    assert torch.equal(first, detect(kind, images[idx], cfg))
+    calls = []
+    monkeypatch.setattr(conditions, "detect", lambda *a: calls.append(a) or detect(*a))
+    again = cache.batch(torch.tensor([3, 0, 4]), images[[3, 0, 4]])  # 3 and 4 kept, 0 new
+    assert torch.equal(again, detect(kind, images[[3, 0, 4]], cfg))
+    assert len(calls) == (0 if kind == "colour" else 1) and (not calls or len(calls[0][1]) == 1)
+    full = conditions.DetectedConditions(kind, cfg, max_bytes=cache.bytes // 4)  # room for one item
+    assert torch.equal(full.batch(idx, images[idx]), first) and len(full.items) == 1
+    assert torch.equal(full.batch(idx, images[idx]), first)
+    with pytest.raises(InputError, match="unknown detector"):
+        conditions.DetectedConditions("depth", cfg)
