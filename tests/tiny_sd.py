@@ -82,10 +82,12 @@ def tiny_sd(diffusers, in_channels: int = 4, num_class_embeds: int | None = None
     return unet, vae, embeds, LatentDiffusion(ours_vae, ours_vae.cfg, ours_unet, run, FixedText(embeds))
 
 
-def sd_pipeline(pipeline_class, unet, vae, scheduler):
-    """A diffusers Stable Diffusion pipeline of `pipeline_class` around the tiny parts, without text encoder,
-    tokenizer or safety checker (prompt embeddings are passed directly), progress bar off."""
+def sd_pipeline(pipeline_class, unet, vae, scheduler, **parts):
+    """A diffusers Stable Diffusion pipeline of `pipeline_class` around the tiny parts (and `parts`, e.g. its
+    controlnet), without text encoder, tokenizer or safety checker (prompt embeddings are passed directly), progress
+    bar off."""
     pipe = pipeline_class(
+        **parts,
         vae=vae,
         text_encoder=None,
         tokenizer=None,

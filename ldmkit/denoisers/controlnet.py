@@ -25,7 +25,7 @@ update merged in, so it samples exactly as fast as a full ControlNet.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -146,18 +146,36 @@ class ControlNet(UNet):
             return state
         return {k: v for k, v in state.items() if k.startswith(OWN) or ".lora." in k}
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: Conditioning, hint: torch.Tensor):
-        """Residuals (one per skip connection, then the middle block's) for the U-Net's inputs (x, c_noise, cond)
-        and the condition image hint (B, hint_channels, H, W) in [0, 1], H = x's height times the factor."""
-        x, c_noise, cond = backbone_inputs(x, c_noise, cond, self.cfg.in_channels, "ControlNet")
-        if hint.shape[-2] != x.shape[-2] * self.factor or hint.shape[-1] != x.shape[-1] * self.factor:
+    def hint_features(self, hint: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The hint encoder's features (B, model_channels, h, w) of condition images hint (B, hint_channels, H, W) in
+        [0, 1] for latents of size (h, w): InputError unless H, W are h, w times the factor."""
+        h, w = size
+        if hint.shape[-2] != h * self.factor or hint.shape[-1] != w * self.factor:
             raise InputError(
                 f"the control image is {hint.shape[-1]}x{hint.shape[-2]}, but a ControlNet for latents of "
-                f"{x.shape[-1]}x{x.shape[-2]} takes {x.shape[-1] * self.factor}x{x.shape[-2] * self.factor}"
+                f"{w}x{h} takes {w * self.factor}x{h * self.factor}"
             )
+        return self.hint(hint.to(dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        cond: Conditioning,
+        hint: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ):
+        """Residuals (one per skip connection, then the middle block's) for the U-Net's inputs (x, c_noise, cond)
+        and the condition image hint (B, hint_channels, H, W) in [0, 1], H = x's height times the factor, or its
+        hint_features given as `features` (B, model_channels, h, w): the same numbers, the hint encoder not run."""
+        x, c_noise, cond = backbone_inputs(x, c_noise, cond, self.cfg.in_channels, "ControlNet")
+        if features is None:
+            if hint is None:
+                raise InputError("a ControlNet needs its condition image (hint) or that image's hint_features")
+            features = self.hint_features(hint, x.shape[-2:], x.dtype)
         emb = self.embed(c_noise, cond.labels)
         ctx = cond.context.to(x.dtype) if cond.context is not None else None
-        h, skips = self.encode(x, emb, ctx, cond.context_mask, added=self.hint(hint.to(x.dtype)))
+        h, skips = self.encode(x, emb, ctx, cond.context_mask, added=features.to(x.dtype))
         return [conv(s) for conv, s in zip(self.zero_convs, skips)] + [self.mid_out(h)]
 
 
@@ -179,6 +197,19 @@ class Control:
     end: float = 1.0
     window: tuple[float, float] | None = None  # the c_noise range it acts on (step_window); None: every call
     rows: tuple[int, ...] | None = None
+    _features: dict = field(default_factory=dict, repr=False, compare=False)  # (dtype, device, size) -> features
+
+    def features(self, dtype: torch.dtype, device, size: tuple[int, int]) -> torch.Tensor | None:
+        """The hint encoder's features of `image` for latents of `size` (1 or as many rows as the image), computed at
+        the first step of a sampling and reused at every later one: the hint encoder depends on the image alone, not
+        on the step (about a quarter of a small ControlNet's work). None while gradients are recorded (training),
+        where the hint encoder runs at every call."""
+        if self.image is None or torch.is_grad_enabled():
+            return None
+        key = (dtype, str(device), tuple(size))
+        if key not in self._features:
+            self._features[key] = self.net.hint_features(self.image.to(device), size, dtype)
+        return self._features[key]
 
 
 def check_control(scale: float, start: float, end: float, name: str = "--control") -> None:
@@ -259,14 +290,15 @@ class Controlled(nn.Module):
             steer = self._pass(group, x, c_noise, cond)
             if steer is None:
                 continue
-            rows, hint, w, branches = steer
+            rows, hint, w, branches, encoded = steer
+            given = {"features" if encoded else "hint": hint}
             if rows is None:  # every row of the batch: as one control alone (training, a single request)
-                res = [r * w.view(-1, 1, 1, 1) for r in self.controls[group[0]].net(x, c_noise, plain, hint)]
+                res = [r * w.view(-1, 1, 1, 1) for r in self.controls[group[0]].net(x, c_noise, plain, **given)]
                 total = res if total is None else [a + b for a, b in zip(total, res)]
                 continue
             some = plain.map(lambda t, at=rows: t[at])
             with subset_rows(x.shape[0], branches, len(rows)):  # an image's branches one call, as when alone
-                res = self.controls[group[0]].net(x[rows], c_noise[rows], some, hint)
+                res = self.controls[group[0]].net(x[rows], c_noise[rows], some, **given)
             res = [r * w.view(-1, 1, 1, 1) for r in res]  # (R, C_i, h_i, w_i)
             if total is None:
                 total = [r.new_full((x.shape[0], *r.shape[1:]), -0.0) for r in res]
@@ -278,7 +310,8 @@ class Controlled(nn.Module):
         """(the batch rows (R,) the controls `group` of one ControlNet steer at this step, None for every row; their
         condition images (R or B, C, H, W); their weights (R or B,): the scale, 0 outside the window; how many
         guidance branches of each image the rows hold, one branch after the other, for nn.invariant.subset_rows, or 1
-        where a branch is steered without the others); None when the pass steers no row at this step."""
+        where a branch is steered without the others; whether the images are their hint features already,
+        Control.features); None when the pass steers no row at this step."""
         n = x.shape[0]
         if len(group) == 1 and self.controls[group[0]].rows is None:
             k = group[0]
@@ -289,11 +322,14 @@ class Controlled(nn.Module):
             hint = cond.hint[k] if cond.hint is not None else ctl.image
             if hint is None:
                 raise InputError(f"control {k + 1} has no condition image")
+            feats = ctl.features(x.dtype, x.device, x.shape[-2:]) if cond.hint is None else None
+            encoded = feats is not None
+            hint = feats if encoded else hint
             if hint.shape[0] != n:
                 if n % hint.shape[0]:
                     raise InputError(f"{hint.shape[0]} control images for a batch of {n}")
                 hint = hint.repeat(n // hint.shape[0], 1, 1, 1)
-            return None, hint.to(x.device), (active * ctl.scale).to(x.dtype), 1
+            return None, hint.to(x.device), (active * ctl.scale).to(x.dtype), 1, encoded
         if n % self.images:
             raise InputError(f"a batch of {n} rows does not repeat {self.images} images")
         copies = n // self.images  # each guidance branch holds every image once
@@ -302,7 +338,8 @@ class Controlled(nn.Module):
             ctl = self.controls[k]
             if ctl.scale == 0:
                 continue
-            image = ctl.image.to(x.device)
+            feats = ctl.features(x.dtype, x.device, x.shape[-2:])
+            image = ctl.image.to(x.device) if feats is None else feats
             image = image if image.shape[0] == len(ctl.rows) else image.expand(len(ctl.rows), -1, -1, -1)
             at = torch.tensor(ctl.rows, device=x.device)
             ons = [_active(ctl.window, c_noise[at + copy * self.images]).bool() for copy in range(copies)]
@@ -317,7 +354,8 @@ class Controlled(nn.Module):
         if not sum(len(r) for r in rows):
             return None
         same = all(torch.equal(ons[0], on) for *_, ons in steered for on in ons)  # every branch of an image steered
-        return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype), copies if same else 1
+        encoded = not torch.is_grad_enabled()  # Control.features: kept while sampling, for every control alike
+        return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype), copies if same else 1, encoded
 
 
 def _joins(c: Control, group: list[Control]) -> bool:

@@ -81,3 +81,61 @@ def test_the_key_map_holds_both_ways(models):
             torch.utils._pytree.tree_leaves(back(x, t, ctx, image, return_dict=False)),
         ):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["one ControlNet", "two at different scales"])
+def test_sampling_with_controlnets_matches_diffusers_pipeline(two):
+    """ldmkit's guided DDIM sampling with one ControlNet, or two at different scales (the second acting on the first
+    half of the steps only), ends at StableDiffusionControlNetPipeline's latents (output_type="latent") to 1e-4.
+    Both start from the same noise (one generator per image seeded seed + i, given to diffusers as `latents` in its
+    VP space), on the trailing 8-step grid ending at sigma 0, guidance 3 with the empty prompt as the negative."""
+    diffusers = pytest.importorskip("diffusers")
+    from ldmkit.pipelines.control import controlled
+    from ldmkit.pipelines.generate import generate
+    from ldmkit.pipelines.request import SampleRequest
+    from tests.tiny_sd import SD_SCHEDULE, sd_pipeline, tiny_sd
+
+    unet, vae, embeds, ldm = tiny_sd(diffusers)
+    hint = (8, 16)  # one halving: the f=2 VAE's 8x8 latents come from 16x16 images
+    a, b = (
+        randomize(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint), s, std=0.05)
+        for s in (1, 2)
+    )
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    n, steps, seed = 2, 8, 4
+    ours_a, ours_b = controlnet_from_diffusers(a), controlnet_from_diffusers(b)
+    controls = [Control(ours_a, image, 0.7)] + ([Control(ours_b, 1 - image, 0.4, 0.0, 0.5)] if two else [])
+    captured, decode = [], ldm.decode
+    ldm.decode = lambda z: captured.append(z) or decode(z)
+    try:
+        req = SampleRequest(n=n, prompts=["a cat"], sampler="ddim", steps=steps, cfg=3.0, seed=seed, batch_size=n)
+        with controlled(ldm, controls, steps):
+            generate(ldm, req)
+        generate(ldm, req)  # without the controls
+    finally:
+        del ldm.decode
+    ours, plain = captured
+    assert (ours - plain).abs().max() > 1e-3  # the comparison is not vacuous: the controls moved the latents
+
+    sched = diffusers.DDIMScheduler(
+        **SD_SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False
+    )
+    noise = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+    # ldmkit starts at x = noise * sigma_max; in diffusers' VP space that is noise * sqrt(1 - abar) at t = 999
+    noise = noise * (1 - sched.alphas_cumprod[-1]).sqrt()
+    pipe = sd_pipeline(diffusers.StableDiffusionControlNetPipeline, unet, vae, sched, controlnet=[a, b] if two else a)
+    theirs = pipe(
+        image=[image, 1 - image] if two else image,
+        prompt_embeds=embeds["a cat"].expand(n, -1, -1),
+        negative_prompt_embeds=embeds[""].expand(n, -1, -1),
+        controlnet_conditioning_scale=[0.7, 0.4] if two else 0.7,
+        control_guidance_start=[0.0, 0.0] if two else 0.0,
+        control_guidance_end=[1.0, 0.5] if two else 1.0,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        latents=noise,
+        output_type="latent",
+    ).images
+    assert ours.shape == theirs.shape == (n, 4, 8, 8)
+    err = (ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()
+    assert err < 1e-4, f"relative difference {err:.2e}"
