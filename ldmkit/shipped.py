@@ -34,6 +34,10 @@ SHIPPED = {
     "emoji-lcm": "4-step LCM-LoRA of emoji (consistency-distilled; loads as its base, merged)",
     "emoji-pixel": "pixel-art style LoRA of emoji, an example LoRA (LoCon, rank 4; loads as its base, merged)",
 }
+# ControlNets that ship (weights/NAME.safetensors beside their card): --control takes the name for the file
+CONTROLNETS = {
+    "fashion-mnist-mask": "mask ControlNet of fashion-mnist: a garment's outline from a mask (low-rank, rank 16)",
+}
 # example style LoRAs among them: loaded as a model by name (their base, merged) or applied with --lora, but not
 # served as models of their own by default (each would hold a second copy of its base)
 STYLE_LORAS = ("emoji-pixel",)
@@ -90,6 +94,26 @@ def resolve_model(name_or_path: str) -> Path:
             f"`git checkout -- weights/` or train it with `python recipes/build.py {name_or_path}`"
         )
     return path
+
+
+def controlnet_file(name: str) -> Path:
+    """The file of the shipped ControlNet `name` (MissingFileError saying how to restore it when it is absent)."""
+    path = weights_dir() / f"{name}.safetensors"
+    if not path.is_file():
+        raise MissingFileError(
+            f"the shipped ControlNet {name!r} is missing at {path}; restore it with `git checkout -- weights/` or "
+            f"train it with `python recipes/build.py {name}`"
+        )
+    return path
+
+
+def resolve_control_spec(text: str) -> str:
+    """A --control CONTROLNET:IMAGE[...] whose CONTROLNET is a shipped ControlNet's name (and no file of that
+    name exists) with the name replaced by its file; any other spec as given."""
+    name, sep, rest = text.partition(":")
+    if name not in CONTROLNETS or Path(name).exists():
+        return text
+    return f"{controlnet_file(name)}{sep}{rest}"
 
 
 # --- a LoRA that names its base is a model of its own (an LCM-LoRA shipped as fashion-mnist-lcm) -------------------

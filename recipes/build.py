@@ -5,6 +5,7 @@
     .venv/bin/python recipes/build.py fashion-mnist --eval-n 2000   # fewer images for FID / KID
     .venv/bin/python recipes/build.py emoji-upscale                 # an editing model on a shipped autoencoder
     .venv/bin/python recipes/build.py fashion-mnist-lcm --eval-n 2000  # a few-step LCM-LoRA of a shipped model
+    .venv/bin/python recipes/build.py fashion-mnist-mask --eval-n 200  # a ControlNet of a shipped model
 
 Stages are resumable: rerunning continues a killed run in runs/recipes/NAME/ (both stages use `--resume`).
 Overrides given with --ae-set apply to the autoencoder and --set to the denoiser. `--ae-from MODEL` skips the
@@ -18,6 +19,11 @@ measured by how near its images come to the style, beside the base model's on th
 A distilled model (a recipe with only a distill.toml) trains an LCM-LoRA of the shipped model its `init` names and
 ships the LoRA alone, in half precision: it names its base, and loads as the base with the LoRA merged. Its card
 gives FID at its own steps and at half of them beside the teacher's card figures.
+
+A ControlNet (a recipe with only a control.toml) trains a ControlNet of the shipped model its `init` names, ships
+it in half precision (a low-rank one holds only what differs from its base), and is measured by
+benchmarks/control.py's condition fidelity on held-out images, with and without it; its grid shows held-out
+conditions, the base model's images of the same labels and seeds, and the controlled ones.
 
 An editing model (a recipe with `task = "inpaint"` or `"upscale"` and only a denoiser.toml) trains its denoiser
 on the autoencoder of the shipped model its recipe names (paths are relative to the repository root), and is
@@ -43,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import control as control_bench  # noqa: E402
 import editing_quality  # noqa: E402
 from common import cpu_name  # noqa: E402
 from editing_quality import box_mask, stroke_mask  # noqa: E402
@@ -52,16 +59,19 @@ from ldmkit.autoencoder.files import KIND as AE_KIND  # noqa: E402
 from ldmkit.autoencoder.files import load_autoencoder  # noqa: E402
 from ldmkit.config import AutoencoderRun, DataConfig, DenoiserRun, from_dict, load_run, to_dict  # noqa: E402
 from ldmkit.data import build_dataset  # noqa: E402
+from ldmkit.data.conditions import detect  # noqa: E402
 from ldmkit.data.images import save_grid, to_pil  # noqa: E402
+from ldmkit.denoisers.controlnet import Control, load_controlnet  # noqa: E402
 from ldmkit.diffusion.lowres import downscale  # noqa: E402
 from ldmkit.evaluation.evaluate import evaluate  # noqa: E402
 from ldmkit.ldm import LatentDiffusion  # noqa: E402
+from ldmkit.pipelines.control import condition_settings, controlled  # noqa: E402
 from ldmkit.pipelines.generate import generate, generate_to_file  # noqa: E402
 from ldmkit.pipelines.inpaint import inpaint  # noqa: E402
 from ldmkit.pipelines.request import SampleRequest  # noqa: E402
 from ldmkit.pipelines.upscale import upscale  # noqa: E402
 from ldmkit.runtime import resolve_device  # noqa: E402
-from ldmkit.shipped import SHIPPED, export_half, load_model, weights_dir  # noqa: E402
+from ldmkit.shipped import CONTROLNETS, SHIPPED, export_half, load_model, weights_dir  # noqa: E402
 from ldmkit.training.runs import train_autoencoder, train_denoiser  # noqa: E402
 
 TARGET_WORDS = {  # a LoRA's --lora-targets, as its card says them
@@ -553,9 +563,106 @@ teacher's row is its card's:
 """
 
 
+def build_controlnet(name: str, args) -> int:
+    """recipes/NAME/control.toml -> weights/NAME.safetensors (the ControlNet in half precision), NAME.md, NAME.png
+    (held-out conditions, the base model's images and the controlled ones) and NAME.json."""
+    out = ROOT / "runs" / "recipes" / name / "control"
+    run = load_run(
+        DenoiserRun, str(ROOT / "recipes" / name / "control.toml"), [f"train.device={args.device}"] + args.set
+    )
+    dn = train_denoiser(run, out, resume=(out / "train-state.safetensors").exists())
+    dst = half_lora(Path(dn["checkpoint"]), weights_dir() / f"{name}.safetensors")
+    base = weights_dir() / f"{run.init}.safetensors"
+    bench_out = ROOT / "runs" / "recipes" / name / "quality.json"
+    n = min(args.eval_n, 200)
+    bench = ["--checkpoint", str(base), "--controlnet", str(dst), "--condition", run.control.condition]
+    control_bench.main(bench + ["--n", str(n), "--out", str(bench_out)])
+    quality = json.loads(bench_out.read_text())
+    ldm = LatentDiffusion.load(base)
+    net, meta = load_controlnet(dst, ldm.device, ldm.unet)
+    kind, cfg = condition_settings(meta)
+    images, labels = control_bench.held_out(ldm, 8, seed=1)
+    conditions = detect(kind, images, cfg)
+    req = SampleRequest(n=8, labels=labels, steps=25, seed=0, device=args.device)
+    plain, _ = generate(ldm, req)
+    with controlled(ldm, [Control(net, conditions)], req.steps):
+        steered, _ = generate(ldm, req)
+    panels = torch.cat([conditions * 2 - 1, plain.expand(-1, 3, -1, -1), steered.expand(-1, 3, -1, -1)])
+    panels = F.interpolate(panels, scale_factor=max(1, 64 // panels.shape[-1]), mode="nearest")  # legible tiles
+    save_grid(panels, weights_dir() / f"{name}.png", nrow=8)
+    recipe = {"control": to_dict(run), "control_s": training_seconds(out), "command": command(name, args)}
+    card = control_card(name, recipe, dn, quality, dst.stat().st_size / 2**20, device_name(args.device))
+    (weights_dir() / f"{name}.md").write_text(card)
+    record = json.dumps({"recipe": recipe, "quality": quality}, indent=2)
+    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))
+    print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
+    return 0
+
+
+def control_card(name: str, recipe: dict, dn: dict, quality: dict, size_mb: float, dev: str) -> str:
+    d, q = recipe["control"], quality
+    base, kind = d["init"], d["control"]["condition"]
+    metric = {"canny": ("edge_f1", "edge F1 (2 px)"), "mask": ("mask_iou", "mask IoU")}.get(
+        kind, ("colour_error", "colour error")
+    )
+    rows = [
+        f"| {r['row']} | {r[metric[0]]:.3f} | {r.get('fid', float('nan')):.1f} | {r['cost_ratio']:.2f}x |"
+        for r in q["rows"]
+    ]
+    rank = d["control"]["rank"]
+    shape = (
+        f"a low-rank ControlNet (rank {rank}): its copy of `{base}`'s U-Net encoder keeps that model's weights,\n"
+        f"frozen, plus a LoRA of rank {rank} on each of its layers; the file holds the LoRAs, the hint encoder and\n"
+        f"the zero convolutions, and loads with `{base}` (the copy rebuilt from its U-Net, the updates merged in)"
+        if rank
+        else f"a full ControlNet: a trained copy of `{base}`'s U-Net encoder and middle block"
+    )
+    return f"""# {name}
+
+{CONTROLNETS[name]}.
+
+![held-out conditions (top), `{base}` alone (middle), steered (bottom), same labels and seeds]({name}.png)
+
+## Use
+
+```sh
+.venv/bin/ldmkit condition {kind} garment.png --out {kind}.png    # what the ControlNet sees
+.venv/bin/ldmkit generate --model {base} --label 0 --control {name}:garment.png
+.venv/bin/ldmkit generate --model {base} --label 0 --control {name}:{kind}.png:0.5:raw   # a ready one, half strength
+```
+
+It is {shape}.
+Its condition is the `{kind}` detector run on the image given to `--control` (KIND `raw` takes the image as the
+condition itself).
+
+## Recipe
+
+`recipes/{name}/control.toml`: `{base}`'s training images with their `{kind}` conditions, {d["train"]["steps"]}
+steps of batch {d["train"]["batch_size"]} at learning rate {d["train"]["lr"]:g} on the frozen `{base}`
+({dn.get("trained_parameters", 0) / 1e6:.2f} M trained parameters, {recipe["control_s"] / 60:.1f} min on {dev}),
+built with
+
+```sh
+{recipe["command"]}
+```
+
+Weights: half precision, {size_mb:.2f} MB.
+
+## Quality
+
+`benchmarks/control.py --condition {kind}` on {q["n"]} held-out test images, each drawn once per row with its true
+label, {q["steps"]} steps, guidance {q["cfg"]}: the detector run on each generated image against the image's
+condition, FID@{q["n"]} against the held-out images, and the seconds per image as a ratio to the uncontrolled row's.
+
+| row | {metric[1]} | FID@{q["n"]} | cost |
+| --- | --- | --- | --- |
+{chr(10).join(rows)}
+"""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", choices=sorted(SHIPPED))
+    ap.add_argument("name", choices=sorted([*SHIPPED, *CONTROLNETS]))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], help="denoiser override KEY=VALUE (repeatable)")
     ap.add_argument("--ae-set", action="append", default=[], help="autoencoder override KEY=VALUE (repeatable)")
@@ -567,6 +674,8 @@ def main(argv=None) -> int:
     os.chdir(ROOT)  # recipes name files relative to the repository root
     if (ROOT / "recipes" / name / "distill.toml").is_file():
         return build_distilled_model(name, args)
+    if (ROOT / "recipes" / name / "control.toml").is_file():
+        return build_controlnet(name, args)
     if (ROOT / "recipes" / name / "lora.toml").is_file():
         return build_lora_model(name, args)
     if not (ROOT / "recipes" / name / "autoencoder.toml").is_file():

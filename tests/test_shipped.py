@@ -21,13 +21,15 @@ from ldmkit.pipelines.generate import generate
 from ldmkit.pipelines.inpaint import inpaint
 from ldmkit.pipelines.request import SampleRequest
 from ldmkit.pipelines.upscale import upscale
-from ldmkit.shipped import SHIPPED, default_model, load_model, plan_generation, weights_dir
+from ldmkit.shipped import CONTROLNETS, SHIPPED, default_model, load_model, plan_generation, weights_dir
 
 PRESENT = [n for n in sorted(SHIPPED) if (weights_dir() / f"{n}.safetensors").exists()]
+PRESENT_CONTROLNETS = [n for n in sorted(CONTROLNETS) if (weights_dir() / f"{n}.safetensors").exists()]
 
 
 def needs(name: str):
-    return pytest.mark.skipif(name not in PRESENT, reason=f"weights/{name}.safetensors is not in this checkout")
+    present = PRESENT + PRESENT_CONTROLNETS
+    return pytest.mark.skipif(name not in present, reason=f"weights/{name}.safetensors is not in this checkout")
 
 
 @pytest.mark.skipif(not PRESENT, reason="no shipped weights in this checkout")
@@ -43,6 +45,16 @@ def test_shipped_weights_are_small_half_precision_and_documented():
         else:
             meta = checkpoint.read_metadata(path)
             assert meta["kind"] == "ldm" and meta["stored_dtype"] == "float16", name
+        for suffix in (".md", ".png", ".json"):
+            assert (weights_dir() / f"{name}{suffix}").exists(), f"{name}{suffix}"
+        assert "recipes/build.py" in (weights_dir() / f"{name}.md").read_text()
+    for name in PRESENT_CONTROLNETS:  # a ControlNet names the shipped model it steers, whose file it was made on
+        path = weights_dir() / f"{name}.safetensors"
+        total += path.stat().st_size
+        meta = checkpoint.read_metadata(path)
+        assert meta["kind"] == "controlnet" and meta["base"] in SHIPPED, name
+        assert meta["base_sha256"] == checkpoint.file_sha256(weights_dir() / f"{meta['base']}.safetensors"), name
+        assert {t.dtype for t in load_file(str(path)).values()} == {torch.float16}, name
         for suffix in (".md", ".png", ".json"):
             assert (weights_dir() / f"{name}{suffix}").exists(), f"{name}{suffix}"
         assert "recipes/build.py" in (weights_dir() / f"{name}.md").read_text()
@@ -183,3 +195,34 @@ def test_a_style_lora_named_as_a_model_is_read_as_its_base_everywhere():
     assert plan.checkpoint.name == "emoji-pixel.safetensors" and plan.prompts == ["red apple", "red apple"]
     assert checkpoint_channels(plan.checkpoint) == 3
     assert training_data("emoji-pixel").dataset == "emoji"
+
+
+@needs("fashion-mnist-mask")
+@needs("fashion-mnist")
+def test_the_mask_controlnet_gives_garments_the_outline_asked_for():
+    """fashion-mnist-mask, a low-rank ControlNet loaded on the shipped fashion-mnist: 8 held-out garments' masks,
+    each drawn with its own label with and without the ControlNet (same seeds); the drawn garments' masks overlap the
+    asked ones (IoU) more with it. Its card measures 0.68 without and about 0.9 with it on 200 images."""
+    from ldmkit.config import ControlConfig
+    from ldmkit.data.conditions import detect, foreground_mask
+    from ldmkit.data.fashion_mnist import FashionMNIST
+    from ldmkit.denoisers.controlnet import Control, load_controlnet
+    from ldmkit.pipelines.control import controlled
+    from ldmkit.shipped import controlnet_file
+
+    ds = FashionMNIST(DataConfig(dataset="fashion-mnist", resolution=32, channels=1, split="test"))
+    items = [ds[i * 37] for i in range(8)]
+    masks = detect("mask", torch.stack([it["image"] for it in items]), ControlConfig())
+    ldm = LatentDiffusion.load(weights_dir() / "fashion-mnist.safetensors")
+    net, meta = load_controlnet(controlnet_file("fashion-mnist-mask"), unet=ldm.unet)
+    assert meta["config"]["low_rank"] and meta["condition"] == "mask"
+    req = SampleRequest(n=8, labels=[int(it["label"]) for it in items], steps=15, seed=0, device="cpu")
+    plain, _ = generate(ldm, req)
+    with controlled(ldm, [Control(net, masks)], req.steps):
+        steered, _ = generate(ldm, req)
+
+    def iou(images):
+        got, want = foreground_mask(images)[:, 0] > 0.5, masks[:, 0] > 0.5
+        return float(((got & want).sum((1, 2)) / (got | want).sum((1, 2)).clamp(min=1)).mean())
+
+    assert iou(steered) > max(0.8, iou(plain) + 0.1)

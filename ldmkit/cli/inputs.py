@@ -149,10 +149,13 @@ def target(args, out):
 
 
 def controls(args) -> dict:
-    """--control CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]] (repeatable), each checked, as keyword arguments."""
+    """--control CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]] (repeatable), each checked, as keyword arguments;
+    CONTROLNET is a file or a shipped ControlNet's name."""
     from ..pipelines.control import parse_control
+    from ..shipped import resolve_control_spec
 
-    parsed = [parse_control(c, args.control_start, args.control_end) for c in args.control or []]
+    specs = [resolve_control_spec(c) for c in args.control or []]  # a shipped ControlNet by name
+    parsed = [parse_control(c, args.control_start, args.control_end) for c in specs]
     return {"controls": parsed} if parsed else {}
 
 

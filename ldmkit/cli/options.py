@@ -141,7 +141,8 @@ def control_options(p: argparse.ArgumentParser):
         "--control",
         action="append",
         metavar="CONTROLNET:IMAGE[:SCALE[:KIND[:START[:END]]]]",
-        help="steer the model with a ControlNet (from `ldmkit train --task control` or `ldmkit convert`) and a "
+        help="steer the model with a ControlNet (from `ldmkit train --task control` or `ldmkit convert`, or a "
+        "shipped one by name: fashion-mnist-mask) and a "
         "condition image, its residuals scaled by SCALE (default 1); KIND: canny, mask, colour or raw (default: the "
         "ControlNet's detector, raw for paired folders); START, END: the fraction of the steps it acts on (default "
         "--control-start, --control-end); repeat for several",
