@@ -87,21 +87,19 @@ def resolve_model(name_or_path: str) -> Path:
             f"unknown model {name_or_path!r}; shipped models: {', '.join(SHIPPED)} (or give a path to "
             f"a model.safetensors)"
         )
-    path = weights_dir() / f"{name_or_path}.safetensors"
-    if not path.is_file():
-        raise MissingFileError(
-            f"the shipped model {name_or_path!r} is missing at {path}; restore it with "
-            f"`git checkout -- weights/` or train it with `python recipes/build.py {name_or_path}`"
-        )
-    return path
+    return _shipped_file(name_or_path, "model")
 
 
 def controlnet_file(name: str) -> Path:
     """The file of the shipped ControlNet `name` (MissingFileError saying how to restore it when it is absent)."""
+    return _shipped_file(name, "ControlNet")
+
+
+def _shipped_file(name: str, what: str) -> Path:
     path = weights_dir() / f"{name}.safetensors"
     if not path.is_file():
         raise MissingFileError(
-            f"the shipped ControlNet {name!r} is missing at {path}; restore it with `git checkout -- weights/` or "
+            f"the shipped {what} {name!r} is missing at {path}; restore it with `git checkout -- weights/` or "
             f"train it with `python recipes/build.py {name}`"
         )
     return path

@@ -233,11 +233,7 @@ def build_edit_model(name: str, args) -> int:
     save_grid(panels, weights_dir() / f"{name}.png", nrow=k, labels=caps)
     quality = edit_quality(name, dst, args)
     card = edit_card(name, recipe, dn, quality, dst.stat().st_size / 2**20, device_name(args.device))
-    (weights_dir() / f"{name}.md").write_text(card)
-    record = json.dumps({"recipe": recipe, "quality": quality}, indent=2)
-    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))
-    print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
-    return 0
+    return write_card(name, dst, card, {"recipe": recipe, "quality": quality})
 
 
 def train_stages(name: str, args) -> tuple[dict, dict, dict]:
@@ -431,6 +427,14 @@ def pixel_error(images: torch.Tensor) -> float:
     return float((images - pixel_art(images)).abs().mean() / 2)
 
 
+def write_card(name: str, dst: Path, card: str, record: dict) -> int:
+    """weights/NAME.md (the card) and NAME.json (the record, paths relative to the repository) beside `dst`."""
+    (weights_dir() / f"{name}.md").write_text(card)
+    (weights_dir() / f"{name}.json").write_text(json.dumps(record, indent=2).replace(f"{ROOT}/", ""))
+    print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
+    return 0
+
+
 def build_lora_model(name: str, args) -> int:
     """recipes/NAME/lora.toml -> weights/NAME.safetensors (a style LoRA of the shipped model its `init` names, in half
     precision, naming its base), NAME.md, .png (the base and the LoRA on the same prompts and seeds) and .json."""
@@ -451,11 +455,7 @@ def build_lora_model(name: str, args) -> int:
     quality = {"n": len(prompts), "pixel_error_base": pixel_error(base), "pixel_error_lora": pixel_error(styled)}
     recipe = {"lora": to_dict(run), "lora_s": training_seconds(out / "ldm"), "command": command(name, args)}
     card = lora_card(name, recipe, dn, quality, dst.stat().st_size / 2**20, device_name(args.device))
-    (weights_dir() / f"{name}.md").write_text(card)
-    record = json.dumps({"recipe": recipe, "quality": quality}, indent=2)
-    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))
-    print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
-    return 0
+    return write_card(name, dst, card, {"recipe": recipe, "quality": quality})
 
 
 def lora_card(name: str, recipe: dict, dn: dict, quality: dict, size_mb: float, dev: str) -> str:
@@ -592,11 +592,7 @@ def build_controlnet(name: str, args) -> int:
     save_grid(panels, weights_dir() / f"{name}.png", nrow=8)
     recipe = {"control": to_dict(run), "control_s": training_seconds(out), "command": command(name, args)}
     card = control_card(name, recipe, dn, quality, dst.stat().st_size / 2**20, device_name(args.device))
-    (weights_dir() / f"{name}.md").write_text(card)
-    record = json.dumps({"recipe": recipe, "quality": quality}, indent=2)
-    (weights_dir() / f"{name}.json").write_text(record.replace(f"{ROOT}/", ""))
-    print(f"wrote {dst}, {name}.md, {name}.png and {name}.json in {weights_dir()}")
-    return 0
+    return write_card(name, dst, card, {"recipe": recipe, "quality": quality})
 
 
 def control_card(name: str, recipe: dict, dn: dict, quality: dict, size_mb: float, dev: str) -> str:

@@ -2,6 +2,7 @@
 only what differs from the base model, and it loads, converts and serves with the model it steers."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from ldmkit import checkpoint
 from ldmkit.cli import main
 from ldmkit.conditioning.types import Conditioning
-from ldmkit.config import ControlConfig, DataConfig, DenoiserRun, TrainConfig, UNetConfig
+from ldmkit.config import ControlConfig, DataConfig, DenoiserRun, TrainConfig
 from ldmkit.denoisers.controlnet import OWN, ControlNet, is_low_rank, load_controlnet, save_controlnet
 from ldmkit.denoisers.unet import UNet
 from ldmkit.errors import CheckpointError, InputError
@@ -19,18 +20,7 @@ from ldmkit.ldm import LatentDiffusion
 from ldmkit.serve.controls import ServedControlNets
 from ldmkit.serve.schemas import FieldError
 from ldmkit.training import runs
-
-CFG = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=8,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_levels=(1,),
-    num_heads=(2,),
-    norm_groups=4,
-    context_dim=16,
-)
+from tests.denoisers.test_control import CFG
 
 
 def _randomised(params, seed=0):
@@ -93,7 +83,7 @@ def test_the_file_holds_the_difference_and_loads_merged_on_its_model(tmp_path, l
     assert max(float(a.abs().max()) for a in want) > 1e-3  # the residuals are not all zero
     with pytest.raises(InputError, match=r"low-rank ControlNet \(rank 2\).*--model MODEL --control"):
         load_controlnet(path)
-    other = UNet(CFG.__class__(**{**CFG.__dict__, "model_channels": 16, "norm_groups": 8}))
+    other = UNet(replace(CFG, model_channels=16, norm_groups=8))
     with pytest.raises(InputError, match="made for another denoiser: unet.model_channels=8"):
         load_controlnet(path, unet=other)
     damaged = dict(tensors)
