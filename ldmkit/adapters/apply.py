@@ -18,25 +18,11 @@ from torch import nn
 from ..config import LORA_TARGETS, UNetConfig
 from ..errors import InputError
 from ..interop.keymaps import translate, unet_rules
-from ..nn.lora import LoRA, LoRASet, kernel, lora_shape
+from ..nn.lora import LoRA, LoRASet, kernel, lora_shape, targetable
 from .files import Factors, LoRAFile
 
 TARGETS = LORA_TARGETS  # what `ldmkit train --lora-targets` adapts
 _ATTN = ("to_q", "to_k", "to_v", "to_out")
-
-
-def targetable(net: nn.Module, kernels: bool = True) -> dict[str, nn.Module]:
-    """Every layer of `net` a LoRA can adapt, by module path: linear layers and convolutions; without `kernels`,
-    only the 1x1 convolutions (what "all" adapts; "all+conv" adds the others, LoCon)."""
-    out = {}
-    for path, m in net.named_modules():
-        try:
-            lora_shape(m)
-        except InputError:
-            continue
-        if kernels or kernel(m) == (1, 1):
-            out[path] = m
-    return out
 
 
 def target_paths(net: nn.Module, targets: str) -> list[str]:

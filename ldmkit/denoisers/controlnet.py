@@ -37,15 +37,12 @@ from ..conditioning.types import Conditioning, backbone_inputs
 from ..config import UNetConfig, from_dict, to_dict
 from ..errors import CheckpointError, InputError
 from ..nn.invariant import subset_rows
-from ..nn.lora import LoRASet, lora_shape
+from ..nn.lora import LoRASet, targetable
 from .unet import UNet
 
 KIND = "controlnet"  # the checkpoint kind of a ControlNet file
-OWN = (
-    "hint.",
-    "zero_convs.",
-    "mid_out.",
-)  # the layers that are not in the U-Net: a low-rank ControlNet trains them whole
+# the layers that are not in the U-Net: a low-rank ControlNet trains them whole
+OWN = ("hint.", "zero_convs.", "mid_out.")
 
 
 def hint_widths(factor: int, first: int = 16) -> tuple[int, ...]:
@@ -109,16 +106,7 @@ class ControlNet(UNet):
     def copy_layers(self) -> dict[str, nn.Module]:
         """The layers of the copy (the U-Net's own) a LoRA can adapt, by path: every linear layer and convolution
         outside the hint encoder and the zero convolutions."""
-        out = {}
-        for path, m in self.named_modules():
-            if not path or f"{path}.".startswith(OWN) or not isinstance(m, (nn.Linear, nn.Conv2d)):
-                continue
-            try:
-                lora_shape(m)
-            except InputError:
-                continue
-            out[path] = m
-        return out
+        return {p: m for p, m in targetable(self).items() if not f"{p}.".startswith(OWN)}
 
     def make_low_rank(self, rank: int, alpha: float | None = None) -> "ControlNet":
         """Freeze the copy and give each of its layers a LoRA of `rank` (B zero, so nothing changes yet; alpha
@@ -338,8 +326,9 @@ class Controlled(nn.Module):
             ctl = self.controls[k]
             if ctl.scale == 0:
                 continue
-            feats = ctl.features(x.dtype, x.device, x.shape[-2:])
-            image = ctl.image.to(x.device) if feats is None else feats
+            feats = ctl.features(x.dtype, x.device, x.shape[-2:])  # None for every control alike, or for none
+            encoded = feats is not None
+            image = feats if encoded else ctl.image.to(x.device)
             image = image if image.shape[0] == len(ctl.rows) else image.expand(len(ctl.rows), -1, -1, -1)
             at = torch.tensor(ctl.rows, device=x.device)
             ons = [_active(ctl.window, c_noise[at + copy * self.images]).bool() for copy in range(copies)]
@@ -354,7 +343,6 @@ class Controlled(nn.Module):
         if not sum(len(r) for r in rows):
             return None
         same = all(torch.equal(ons[0], on) for *_, ons in steered for on in ons)  # every branch of an image steered
-        encoded = not torch.is_grad_enabled()  # Control.features: kept while sampling, for every control alike
         return torch.cat(rows), torch.cat(hints), torch.cat(weights).to(x.dtype), copies if same else 1, encoded
 
 

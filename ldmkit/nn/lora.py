@@ -50,6 +50,20 @@ def kernel(module: nn.Module) -> tuple[int, int]:
     return tuple(module.kernel_size) if isinstance(module, nn.Conv2d) else (1, 1)
 
 
+def targetable(net: nn.Module, kernels: bool = True) -> dict[str, nn.Module]:
+    """Every layer of `net` a LoRA can adapt, by module path: linear layers and convolutions; without `kernels`,
+    only the 1x1 convolutions (what "all" adapts; "all+conv" adds the others, LoCon)."""
+    out = {}
+    for path, m in net.named_modules():
+        try:
+            lora_shape(m)
+        except InputError:
+            continue
+        if kernels or kernel(m) == (1, 1):
+            out[path] = m
+    return out
+
+
 class LoRA(nn.Module):
     """The update (alpha / r) * B A of one layer with weight (out, in): A (r, in) "down", B (out, r) "up"."""
 

@@ -172,6 +172,16 @@ def _control_run(init, **kw) -> DenoiserRun:
     )
 
 
+def generate_args(tmp_path, model) -> tuple[list[str], object]:
+    """(a short `ldmkit generate` of the tiny class model into tmp_path/out.png, that path); tmp_path/edges.png is a
+    16x16 condition image (a black square on white) for its --control."""
+    img = np.full((16, 16), 255, np.uint8)
+    img[2:8, 2:8] = 0
+    Image.fromarray(img, "L").save(tmp_path / "edges.png")
+    out = tmp_path / "out.png"
+    return ["generate", "--model", str(model), "--label", "0", "--n", "2", "--steps", "3", "--out", str(out)], out
+
+
 def test_training_a_controlnet_keeps_the_base_frozen_and_generate_takes_it(tmp_path, tiny_ldm, blobs, monkeypatch):
     monkeypatch.setattr(runs, "_datasets", lambda cfg, holdout: (blobs, None))
     res = runs.train_denoiser(_control_run(tiny_ldm, sample_every=2), tmp_path / "run", progress=False)
@@ -191,11 +201,7 @@ def test_training_a_controlnet_keeps_the_base_frozen_and_generate_takes_it(tmp_p
     # resume continues the same run
     runs.train_denoiser(_control_run(tiny_ldm, sample_every=2), tmp_path / "run", resume=True, progress=False)
 
-    img = np.full((16, 16), 255, np.uint8)
-    img[2:8, 2:8] = 0
-    Image.fromarray(img, "L").save(tmp_path / "edges.png")
-    out = tmp_path / "out.png"
-    args = ["generate", "--model", str(tiny_ldm), "--label", "0", "--n", "2", "--steps", "3", "--out", str(out)]
+    args, out = generate_args(tmp_path, tiny_ldm)
     assert (
         main(
             args

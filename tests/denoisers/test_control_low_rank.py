@@ -4,10 +4,8 @@ only what differs from the base model, and it loads, converts and serves with th
 import copy
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ldmkit import checkpoint
 from ldmkit.cli import main
@@ -20,7 +18,7 @@ from ldmkit.ldm import LatentDiffusion
 from ldmkit.serve.controls import ServedControlNets
 from ldmkit.serve.schemas import FieldError
 from ldmkit.training import runs
-from tests.denoisers.test_control import CFG
+from tests.denoisers.test_control import CFG, generate_args
 
 
 def _randomised(params, seed=0):
@@ -130,11 +128,7 @@ def test_training_writes_a_low_rank_file_that_generate_convert_and_serve_take(tm
     assert any(".lora.up" in k and v.abs().sum() > 0 for k, v in tensors.items()), "the LoRAs trained"
     runs.train_denoiser(_run(tiny_ldm, ema_decay=0.5), tmp_path / "run", resume=True, progress=False)
 
-    img = np.full((16, 16), 255, np.uint8)
-    img[2:8, 2:8] = 0
-    Image.fromarray(img, "L").save(tmp_path / "edges.png")
-    out = tmp_path / "out.png"
-    args = ["generate", "--model", str(tiny_ldm), "--label", "0", "--n", "2", "--steps", "3", "--out", str(out)]
+    args, out = generate_args(tmp_path, tiny_ldm)
     assert main(args + ["--control", f"{path}:{tmp_path / 'edges.png'}:0.8", "--quiet"]) == 0 and out.is_file()
 
     # convert writes it out whole, rebuilt on --base; without --base it says what is missing
